@@ -1,0 +1,2200 @@
+#!/usr/bin/env python3
+"""isconf.py: keep many machines identical by replaying one signed, ordered journal.
+
+Every host fetches its branch's journal over HTTP (or from a directory), checks the
+signed head, the hash chain and every object, and replays in order the transactions
+it has not applied yet: commands run as root, file snapshots, reboots.  The same file
+holds the author's verbs (lock, exec, snap, reboot, ci, fork) and a small static
+server.  Standard library only, CPython 3.6 to 3.13; the agent starts no program for
+its own work.  The repository format is specified in README.md.
+"""
+
+# The version guard must parse everywhere, so the file keeps to syntax an old
+# interpreter can read: no f-strings, no keyword-only arguments.
+import sys
+
+if sys.version_info < (3, 6):
+    sys.stderr.write("ERROR: isconf.py needs Python 3.6 or newer; this is %s\n"
+                     % sys.version.split()[0])
+    sys.exit(2)
+
+__version__ = "0.1.0"
+
+# ---------------------------------------------------------------------------
+# Imports: everything is imported at start, so a transaction that replaces the
+# interpreter or its standard library cannot pull modules out from under us.
+# ---------------------------------------------------------------------------
+
+import argparse
+import base64
+import binascii
+import calendar
+import configparser
+import email.utils
+import errno
+import fcntl
+import getpass
+import hashlib
+import http.client
+import http.server
+import io
+import json
+import os
+import posixpath
+import re
+import shlex
+import signal
+import socket
+import socketserver
+import ssl
+import stat
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+FORMAT = 1                      # repository format this file reads and writes
+ZERO_ID = "0" * 64              # the "previous id" of a journal's first entry
+SIGNATURE_NAMESPACE = "isconf"  # ssh-keygen -Y namespace: a head signature means nothing elsewhere
+REPO_MARKER = "isconf-repo"     # marks a directory as a repository and names its format
+HEAD_MAX = 64 * 1024            # a head is ~200 bytes; anything bigger is an attack
+SIGNATURE_MAX = 64 * 1024       # an RSA-8192 SSHSIG is under 2 KiB
+CHUNK = 64 * 1024               # read and hash size for streams
+MAX_REDIRECTS = 5               # a redirect loop must end
+MIN_RATE = 16 * 1024            # bytes/s a fetch may not fall below over its deadline
+SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
+DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
+DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
+DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
+DEFAULT_REBOOT = "/sbin/reboot"
+EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+CONFIG_PATH = "etc/isconf/isconf.conf"      # under --root
+SIGNERS_PATH = "etc/isconf/allowed_signers"  # under --root
+STATE_PATH = "var/lib/isconf"                # under --root
+
+# Exit codes: documented in README.md, stable across versions.
+EXIT_OK = 0
+EXIT_FAILED = 1       # a transaction failed; the host halts there
+EXIT_USAGE = 2        # bad command line or input
+EXIT_UNREACHABLE = 3  # no mirror answered
+EXIT_REFUSED = 4      # verification failed; nothing applied
+EXIT_REBOOT = 5       # the next transaction is a reboot; run 'up -r'
+EXIT_BUSY = 6         # another run or author holds the lock
+EXIT_STATE = 7        # local state or configuration problem
+
+# ---------------------------------------------------------------------------
+# Errors: one root, each subclass carries its exit code.
+# ---------------------------------------------------------------------------
+
+
+class IsconfError(Exception):
+    exit_code = EXIT_STATE
+
+
+class TransactionFailed(IsconfError):
+    exit_code = EXIT_FAILED
+
+
+class UsageError(IsconfError):
+    exit_code = EXIT_USAGE
+
+
+class Unreachable(IsconfError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class Refused(IsconfError):
+    exit_code = EXIT_REFUSED
+
+
+class Busy(IsconfError):
+    exit_code = EXIT_BUSY
+
+
+class StateError(IsconfError):
+    exit_code = EXIT_STATE
+
+
+# ---------------------------------------------------------------------------
+# Low-level helpers: canonical JSON, time, hashing, atomic files.
+# ---------------------------------------------------------------------------
+
+
+def canonical(obj):
+    """The one byte form of a JSON value that the format hashes and signs."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def parse_canonical(data, what):
+    """Parse bytes that must already be canonical; anything else is refused."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Refused("%s is not valid JSON (%s); the file is damaged or not an isconf file"
+                      % (what, str(e).split(":")[0]))
+    if not isinstance(obj, dict) or canonical(obj) != data:
+        raise Refused("%s is not in canonical form; it was altered after it was written" % what)
+    return obj
+
+
+def sha256_hex(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def format_time(seconds):
+    return time.strftime(TIME_FORMAT, time.gmtime(seconds))
+
+
+def parse_time(text, what="time"):
+    """Parse a UTC time as the format writes it (2026-11-25T06:30:00Z)."""
+    try:
+        return calendar.timegm(time.strptime(text, TIME_FORMAT))
+    except (TypeError, ValueError):
+        raise Refused("%s %r is not a UTC time like 2026-11-25T06:30:00Z" % (what, text))
+
+
+def parse_duration(text):
+    """'30d', '12h', '90m', '45s' -> seconds."""
+    m = re.match(r"^([0-9]+)([smhdw])$", text or "")
+    if not m:
+        raise UsageError("duration %r is not a number followed by s, m, h, d or w (e.g. 30d)" % text)
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+
+
+def fsync_dir(path_or_fd):
+    fd = path_or_fd if isinstance(path_or_fd, int) else os.open(path_or_fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        if fd is not path_or_fd:
+            os.close(fd)
+
+
+def write_all(fd, data):
+    """os.write may write less than asked (signals, pipes, full disks)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def atomic_write(path, data, mode=0o644):
+    """Replace path with data: readers see the old file or the new one, never a torn one."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + name[:64] + ".", suffix=".tmp", dir=directory)
+    try:
+        write_all(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.rename(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def durable_append(path, data):
+    """Append a record and fsync it before returning; the record is then on disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_file(path, limit=None):
+    with open(path, "rb") as f:
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise StateError("%s is larger than %d bytes" % (path, limit))
+    return data
+
+
+def makedirs(path, mode=0o755):
+    try:
+        os.makedirs(path, mode)
+    except OSError as e:
+        if e.errno != errno.EEXIST or not os.path.isdir(path):
+            raise
+
+
+class FileLock(object):
+    """An exclusive flock, held for the life of a run; the kernel drops it if we die."""
+
+    def __init__(self, path, what):
+        self.path, self.what, self.fd = path, what, None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise Busy("%s is busy (%s is locked by another process); try again when it ends"
+                           % (self.what, self.path))
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def validate_path(path, what="path"):
+    """A journaled path: absolute, normalised, no '..', no NUL (attack: traversal)."""
+    if (not isinstance(path, str) or not path.startswith("/") or "\0" in path
+            or posixpath.normpath(path) != path or path.startswith("//")
+            or ".." in path.split("/")):
+        raise Refused("%s %r is not an absolute, normalised path without '..'" % (what, path))
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Paths inside a root: resolve like a chroot would, never escaping it.
+# ---------------------------------------------------------------------------
+
+
+class RootPath(object):
+    """Resolve paths inside a root directory the way the kernel would after chroot.
+
+    Symbolic links are followed, but absolute targets and '..' are taken relative to
+    the root, so no link in the target tree, however hostile, leads out of it
+    (attack: a symlink planted in the target tree).  Every step opens a directory
+    with O_NOFOLLOW relative to the one before, so a link swapped in mid-walk makes
+    the open fail rather than escape.
+    """
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+
+    def open_dir(self, path, create=False):
+        """An O_DIRECTORY descriptor for path inside the root (the caller closes it)."""
+        fds = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)]
+        todo = [p for p in path.split("/") if p]
+        hops = 0
+        try:
+            while todo:
+                name = todo.pop(0)
+                if name == ".":
+                    continue
+                if name == "..":
+                    if len(fds) > 1:
+                        os.close(fds.pop())
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(name, 0o755, dir_fd=fds[-1])
+                    st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    hops += 1
+                    if hops > SYMLINK_HOPS:
+                        raise OSError(errno.ELOOP, "too many symbolic links", path)
+                    target = os.readlink(name, dir_fd=fds[-1])
+                    if target.startswith("/"):
+                        while len(fds) > 1:
+                            os.close(fds.pop())
+                    todo = [p for p in target.split("/") if p] + todo
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    raise OSError(errno.ENOTDIR, "not a directory", path)
+                fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                   dir_fd=fds[-1]))
+            return fds.pop()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def parent(self, path, create=False):
+        """(directory fd, final name) for path; the final name itself is not followed."""
+        head, name = posixpath.split(path)
+        if not name:
+            raise OSError(errno.EINVAL, "the root itself has no parent", path)
+        return self.open_dir(head, create), name
+
+    def open_file(self, path):
+        """A file object for reading a regular file inside the root."""
+        dfd, name = self.parent(path)
+        try:
+            return os.fdopen(os.open(name, os.O_RDONLY, dir_fd=dfd), "rb")
+        finally:
+            os.close(dfd)
+
+    def lstat(self, path):
+        dfd, name = self.parent(path)
+        try:
+            return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        finally:
+            os.close(dfd)
+
+    def readlink(self, path):
+        dfd, name = self.parent(path)
+        try:
+            return os.readlink(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
+    def host_path(self, path):
+        """For messages only: where path lives as seen from outside the root."""
+        return os.path.join(self.root, path.lstrip("/"))
+
+
+# ---------------------------------------------------------------------------
+# Fetching: one HTTP client with limits, redirects, timeouts and a deadline.
+# ---------------------------------------------------------------------------
+
+
+class Response(object):
+    def __init__(self, status, body=b"", etag=None, last_modified=None, partial=False):
+        self.status, self.body = status, body
+        self.etag, self.last_modified, self.partial = etag, last_modified, partial
+
+
+class Mirror(object):
+    """One place a repository is published: http(s)://, file:// or a plain directory."""
+
+    def __init__(self, url, timeout=DEFAULT_TIMEOUT, deadline=DEFAULT_DEADLINE):
+        self.url = url
+        self.timeout, self.deadline = timeout, deadline
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme in ("http", "https"):
+            self.directory = None
+            self.base = url if url.endswith("/") else url + "/"
+        elif parsed.scheme == "file":
+            self.directory = urllib.parse.unquote(parsed.path)
+        elif parsed.scheme == "" and url.startswith("/"):
+            self.directory = url
+        else:
+            raise UsageError("mirror %r is not an http://, https:// or file:// URL or an absolute directory"
+                             % url)
+        self._connections = {}
+
+    def __str__(self):
+        return self.url
+
+    def close(self):
+        for conn in self._connections.values():
+            conn.close()
+        self._connections.clear()
+
+    def fetch(self, relpath, limit, start=0, stop=None, etag=None, last_modified=None):
+        """GET relpath: at most `limit` body bytes, bytes [start, stop) if asked.
+
+        Returns a Response whose .partial says whether the range was honoured (else the
+        body is the whole file).  A 304 comes back as status 304 with no body.
+        """
+        what = "%s from %s" % (relpath, self.url)
+        deadline = time.monotonic() + self.deadline + limit / float(MIN_RATE)
+        if self.directory is not None:
+            return self._read_local(relpath, limit, start, stop, what)
+        url = urllib.parse.urljoin(self.base, relpath)
+        headers = {"User-Agent": "isconf/" + __version__, "Accept-Encoding": "identity"}
+        if start or stop is not None:
+            headers["Range"] = "bytes=%d-%s" % (start, "" if stop is None else stop - 1)
+        if etag:
+            headers["If-None-Match"] = etag
+        elif last_modified:
+            headers["If-Modified-Since"] = last_modified
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._request(url, headers, what)
+            try:
+                if response.status in (301, 302, 303, 307, 308):
+                    location = response.getheader("Location")
+                    if not location:
+                        raise Unreachable("%s: redirect without a Location" % what)
+                    url = urllib.parse.urljoin(url, location)
+                    response.read(HEAD_MAX)  # drain so the connection can be reused
+                    continue
+                return self._response(response, limit, start, deadline, what)
+            except (OSError, http.client.HTTPException) as e:
+                self._drop(url)
+                raise Unreachable("%s: connection failed mid-body (%s); try again later" % (what, e))
+            finally:
+                if response.will_close:
+                    self._drop(url)
+        raise Unreachable("%s: more than %d redirects (a redirect loop?); fix the mirror URL"
+                          % (what, MAX_REDIRECTS))
+
+    def _connection(self, url):
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        conn = self._connections.get(key)
+        if conn is None:
+            if parts.scheme == "https":
+                conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout,
+                                                   context=ssl.create_default_context())
+            elif parts.scheme == "http":
+                conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+            else:
+                raise Unreachable("redirect to %r: only http and https are followed" % url)
+            self._connections[key] = conn
+        return conn
+
+    def _drop(self, url):
+        parts = urllib.parse.urlsplit(url)
+        conn = self._connections.pop((parts.scheme, parts.netloc), None)
+        if conn is not None:
+            conn.close()
+
+    def _request(self, url, headers, what):
+        parts = urllib.parse.urlsplit(url)
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        # A kept-alive connection may have been closed by the server: retry once fresh.
+        for attempt in (0, 1):
+            conn = self._connection(url)
+            reused = conn.sock is not None
+            try:
+                conn.request("GET", target, headers=headers)
+                return conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                self._drop(url)
+                if not reused or attempt:
+                    raise Unreachable("%s: %s" % (what, e))
+        raise AssertionError("unreachable")
+
+    def _response(self, response, limit, start, deadline, what):
+        status = response.status
+        if status == 304:
+            response.read(HEAD_MAX)
+            return Response(304)
+        if status == 404:
+            response.read(HEAD_MAX)
+            raise Unreachable("%s: not found (404); check the URL and the branch name" % what)
+        if status not in (200, 206):
+            response.read(HEAD_MAX)
+            raise Unreachable("%s: server answered %d %s" % (what, status, response.reason))
+        partial = status == 206
+        if partial:
+            m = re.match(r"^bytes (\d+)-(\d+)/(\d+|\*)$", response.getheader("Content-Range") or "")
+            if not m or int(m.group(1)) != start:
+                raise Refused("%s: the server answered a range request with the wrong range %r"
+                              % (what, response.getheader("Content-Range")))
+        length = response.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise Refused("%s is %s bytes, more than the %d expected; the mirror is broken or hostile"
+                          % (what, length, limit))
+        body = io.BytesIO()
+        while True:
+            chunk = response.read(min(CHUNK, limit + 1 - body.tell()) or 1)
+            if not chunk:
+                break
+            body.write(chunk)
+            if body.tell() > limit:
+                raise Refused("%s is longer than the %d bytes expected; the mirror is broken or hostile"
+                              % (what, limit))
+            if time.monotonic() > deadline:
+                raise Unreachable("%s: too slow, gave up after the fetch deadline; try another mirror"
+                                  % what)
+        return Response(status, body.getvalue(), response.getheader("ETag"),
+                        response.getheader("Last-Modified"), partial)
+
+    def _read_local(self, relpath, limit, start, stop, what):
+        path = os.path.join(self.directory, *relpath.split("/"))
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                body = f.read((limit if stop is None else min(limit, stop - start)) + 1)
+        except FileNotFoundError:
+            raise Unreachable("%s: not found; check the path and the branch name" % what)
+        except OSError as e:
+            raise Unreachable("%s: %s" % (what, e.strerror))
+        if len(body) > limit:
+            raise Refused("%s is longer than the %d bytes expected" % (what, limit))
+        return Response(206 if start else 200, body, partial=bool(start or stop is not None))
+
+
+# ---------------------------------------------------------------------------
+# Signatures: OpenSSH SSHSIG over the head, Ed25519 and RSA, allowed_signers.
+# ---------------------------------------------------------------------------
+
+SIGNATURES_SECTION_PLACEHOLDER = True
+
+
+# ---------------------------------------------------------------------------
+# The journal: entries, the hash chain and the signed head.
+# ---------------------------------------------------------------------------
+
+OWNER_FIELDS = {"uid": int, "gid": int, "user": str, "group": str}
+FILE_FIELDS = {
+    "file": dict(OWNER_FIELDS, path=str, type=str, mode=int, mtime_ns=int, size=int, object=str),
+    "hardlink": {"path": str, "type": str, "target": str},
+    "symlink": dict(OWNER_FIELDS, path=str, type=str, target=str, mtime_ns=int),
+    "dir": dict(OWNER_FIELDS, path=str, type=str, mode=int),
+}
+ENTRY_FIELDS = {"seq": int, "prev": str, "time": str, "author": str, "message": str, "kind": str}
+KIND_FIELDS = {"exec": {"argv": list, "cwd": str}, "snap": {"files": list}, "reboot": {}}
+HEAD_FIELDS = {"format": int, "branch": str, "seq": int, "id": str, "length": int, "time": str}
+
+
+def check_fields(obj, fields, what, optional=()):
+    """Exact field set and types: unknown fields are refused, not ignored."""
+    if not isinstance(obj, dict):
+        raise Refused("%s is not a JSON object" % what)
+    missing = [k for k in fields if k not in obj]
+    extra = [k for k in obj if k not in fields and k not in optional]
+    if missing or extra:
+        raise Refused("%s has %s%s%s" % (what, "missing fields %s" % ", ".join(sorted(missing)) if missing else "",
+                                         "; " if missing and extra else "",
+                                         "unknown fields %s" % ", ".join(sorted(extra)) if extra else ""))
+    for key, kind in fields.items():
+        value = obj[key]
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+            raise Refused("%s: field %r has the wrong type" % (what, key))
+
+
+def check_file_record(record, seen, what):
+    kind = record.get("type") if isinstance(record, dict) else None
+    if kind not in FILE_FIELDS:
+        raise Refused("%s: file type %r is not file, hardlink, symlink or dir" % (what, kind))
+    check_fields(record, FILE_FIELDS[kind], what, optional=("extents",) if kind == "file" else ())
+    path = validate_path(record["path"], what + ": path")
+    if path == "/" and kind != "dir":
+        raise Refused("%s: only a directory may be snapped at /" % what)
+    if kind == "file":
+        if not HEX64_RE.match(record["object"]):
+            raise Refused("%s: object %r is not a SHA-256 in hex" % (what, record["object"]))
+        if record["mode"] > 0o7777:
+            raise Refused("%s: mode %o is not a permission mode" % (what, record["mode"]))
+        if "extents" in record:
+            end = 0
+            for extent in record["extents"]:
+                if (not isinstance(extent, list) or len(extent) != 2
+                        or not all(isinstance(n, int) and not isinstance(n, bool) for n in extent)
+                        or extent[0] < end or extent[1] <= 0 or extent[0] + extent[1] > record["size"]):
+                    raise Refused("%s: extents of %s are not ordered, disjoint and inside the file"
+                                  % (what, path))
+                end = extent[0] + extent[1]
+    elif kind == "hardlink":
+        validate_path(record["target"], what + ": hard link target")
+        if seen.get(record["target"]) != "file":
+            raise Refused("%s: hard link %s names %s, which is not a file earlier in the same snap"
+                          % (what, path, record["target"]))
+    elif kind == "dir" and record["mode"] > 0o7777:
+        raise Refused("%s: mode %o is not a permission mode" % (what, record["mode"]))
+    if path in seen:
+        raise Refused("%s: %s appears twice" % (what, path))
+    seen[path] = kind
+
+
+def object_size(record):
+    """Bytes stored for a file record: the data extents of a sparse file, else the file."""
+    if "extents" in record:
+        return sum(length for _, length in record["extents"])
+    return record["size"]
+
+
+class Entry(object):
+    """One journal entry (one transaction) as it stands in the journal."""
+
+    def __init__(self, fields, line):
+        self.fields = fields
+        self.line = line                      # canonical bytes, without the newline
+        self.id = sha256_hex(line)
+        self.seq = fields["seq"]
+        self.kind = fields["kind"]
+
+    @classmethod
+    def parse(cls, line, what):
+        fields = parse_canonical(line, what)
+        kind = fields.get("kind")
+        if kind not in KIND_FIELDS:
+            raise Refused("%s: kind %r is not exec, snap or reboot" % (what, kind))
+        check_fields(fields, dict(ENTRY_FIELDS, **KIND_FIELDS[kind]), what)
+        if not HEX64_RE.match(fields["prev"]):
+            raise Refused("%s: prev is not a SHA-256 in hex" % what)
+        parse_time(fields["time"], what + ": time")
+        if kind == "exec":
+            if not fields["argv"] or not all(isinstance(a, str) and "\0" not in a for a in fields["argv"]):
+                raise Refused("%s: argv must be a non-empty list of strings" % what)
+            validate_path(fields["cwd"], what + ": cwd")
+        elif kind == "snap":
+            if not fields["files"]:
+                raise Refused("%s: a snap must name at least one file" % what)
+            seen = {}
+            for record in fields["files"]:
+                check_file_record(record, seen, what)
+        return cls(fields, line)
+
+    def objects(self):
+        """(sha256, stored size) of every object this entry needs."""
+        if self.kind != "snap":
+            return []
+        return [(r["object"], object_size(r)) for r in self.fields["files"] if r["type"] == "file"]
+
+    def summary(self):
+        f = self.fields
+        if self.kind == "exec":
+            return "exec " + " ".join(shlex.quote(a) for a in f["argv"])
+        if self.kind == "snap":
+            return "snap " + " ".join(r["path"] for r in f["files"])
+        return "reboot"
+
+
+def verify_chain(data, prev_seq, prev_id, what="journal"):
+    """Parse journal bytes that must follow entry (prev_seq, prev_id); return the entries."""
+    entries = []
+    if data and not data.endswith(b"\n"):
+        raise Refused("%s does not end with a newline: it is truncated" % what)
+    offset = 0
+    for line in data.split(b"\n")[:-1] if data else []:
+        where = "%s entry %d" % (what, prev_seq + 1)
+        entry = Entry.parse(line, where)
+        if entry.fields["seq"] != prev_seq + 1:
+            raise Refused("%s: says seq %d where %d was due; the journal was reordered or spliced"
+                          % (where, entry.seq, prev_seq + 1))
+        if entry.fields["prev"] != prev_id:
+            raise Refused("%s: does not follow entry %d (hash chain broken); the journal was "
+                          "rewritten or damaged" % (where, prev_seq))
+        entries.append(entry)
+        prev_seq, prev_id = entry.seq, entry.id
+        offset += len(line) + 1
+    return entries
+
+
+class Head(object):
+    """The small signed file that commits to a branch's whole journal."""
+
+    def __init__(self, fields, data):
+        self.fields, self.data = fields, data
+        self.branch, self.seq, self.id = fields["branch"], fields["seq"], fields["id"]
+        self.length, self.time = fields["length"], fields["time"]
+        self.expires = fields.get("expires")
+
+    @classmethod
+    def build(cls, branch, seq, entry_id, length, now, expires=None):
+        fields = {"format": FORMAT, "branch": branch, "seq": seq, "id": entry_id,
+                  "length": length, "time": format_time(now)}
+        if expires is not None:
+            fields["expires"] = format_time(expires)
+        return cls(fields, canonical(fields) + b"\n")
+
+    @classmethod
+    def parse(cls, data, what="head"):
+        if not data.endswith(b"\n"):
+            raise Refused("%s does not end with a newline: it is truncated or not an isconf head" % what)
+        fields = parse_canonical(data[:-1], what)
+        check_fields(fields, HEAD_FIELDS, what, optional=("expires",))
+        if fields["format"] != FORMAT:
+            raise Refused("%s has format %d; this isconf.py reads format %d: upgrade isconf.py"
+                          % (what, fields["format"], FORMAT))
+        if not HEX64_RE.match(fields["id"]) or not BRANCH_RE.match(fields["branch"]):
+            raise Refused("%s has a malformed id or branch" % what)
+        if (fields["seq"] == 0) != (fields["id"] == ZERO_ID) or (fields["seq"] == 0) != (fields["length"] == 0):
+            raise Refused("%s: seq, id and length disagree about whether the journal is empty" % what)
+        parse_time(fields["time"], what + ": time")
+        if "expires" in fields:
+            parse_time(fields["expires"], what + ": expires")
+        return cls(fields, data)
+
+    def check_expiry(self, now):
+        if self.expires and parse_time(self.expires) < now:
+            raise Refused("head of branch %s expired at %s (it is %s): the mirror may be serving a frozen "
+                          "copy; check the mirror, or if this clock is wrong, pass --now"
+                          % (self.branch, self.expires, format_time(now)))
+
+
+# ---------------------------------------------------------------------------
+# Host state: config, the verified journal copy, history, staged objects.
+# ---------------------------------------------------------------------------
+
+
+class Config(object):
+    """ROOT/etc/isconf/isconf.conf: which branch, which mirrors, per-host variables."""
+
+    def __init__(self, path):
+        self.path = path
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str  # variable names keep their case
+        try:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f)
+        except FileNotFoundError:
+            raise StateError("no config at %s; run 'isconf init URL --branch NAME' first" % path)
+        except (OSError, UnicodeDecodeError, configparser.Error) as e:
+            raise StateError("cannot read config %s: %s" % (path, str(e).splitlines()[0]))
+        if not parser.has_section("isconf"):
+            raise StateError("config %s has no [isconf] section; rerun 'isconf init'" % path)
+        main = parser["isconf"]
+        self.branch = main.get("branch", "")
+        self.urls = main.get("urls", "").split()
+        self.insecure = main.get("insecure", "no").lower() in ("yes", "true", "1")
+        self.reboot_command = main.get("reboot_command", DEFAULT_REBOOT)
+        try:
+            self.timeout = float(main.get("timeout", DEFAULT_TIMEOUT))
+            self.deadline = float(main.get("deadline", DEFAULT_DEADLINE))
+            self.retries = int(main.get("retries", DEFAULT_RETRIES))
+        except ValueError as e:
+            raise StateError("config %s: %s" % (path, e))
+        self.env = dict(parser["env"]) if parser.has_section("env") else {}
+        if not BRANCH_RE.match(self.branch) or not self.urls:
+            raise StateError("config %s needs a valid branch and at least one URL; rerun 'isconf init'" % path)
+
+    @staticmethod
+    def render(branch, urls, insecure, env, extra=None):
+        lines = ["# isconf host configuration; see 'isconf init --help'", "[isconf]",
+                 "branch = " + branch, "urls = " + "\n    ".join(urls),
+                 "insecure = " + ("yes" if insecure else "no")]
+        for key, value in sorted((extra or {}).items()):
+            lines.append("%s = %s" % (key, value))
+        lines += ["", "# Per-host variables, given to every exec as environment variables.", "[env]"]
+        lines += ["%s = %s" % item for item in sorted(env.items())]
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+class History(object):
+    """Append-only record of what this host did: started before, done or failed after."""
+
+    def __init__(self, path):
+        self.path = path
+        self.events = []
+        try:
+            data = read_file(path)
+        except FileNotFoundError:
+            data = b""
+        for number, line in enumerate(data.split(b"\n"), 1):
+            if not line:
+                continue
+            try:
+                self.events.append(json.loads(line.decode("utf-8")))
+            except ValueError:
+                # A power cut during an append leaves at most a torn last line.
+                if number != data.count(b"\n") + 1:
+                    raise StateError("history %s line %d is damaged; move it aside and reinit"
+                                     % (path, number))
+
+    def record(self, event, entry, **extra):
+        fields = dict(extra, event=event, seq=entry.seq, id=entry.id, time=format_time(time.time()))
+        self.events.append(fields)
+        durable_append(self.path, canonical(fields) + b"\n")
+
+    def applied(self):
+        """(seq, id) of the last transaction done or skipped: the applied prefix."""
+        for event in reversed(self.events):
+            if event["event"] in ("done", "skipped"):
+                return event["seq"], event["id"]
+        return 0, ZERO_ID
+
+    def last(self, seq):
+        """The last event recorded for seq, or None."""
+        for event in reversed(self.events):
+            if event["seq"] == seq:
+                return event
+        return None
+
+
+class Host(object):
+    """The state of one host (or one mounted target disk) under --root."""
+
+    def __init__(self, root="/", config_path=None):
+        self.root = os.path.abspath(root)
+        self.config_path = config_path or os.path.join(self.root, CONFIG_PATH)
+        self.state = os.path.join(self.root, STATE_PATH)
+        self.signers_path = os.path.join(self.root, SIGNERS_PATH)
+        self.rootpath = RootPath(self.root)
+        self._config = None
+
+    def path(self, *parts):
+        return os.path.join(self.state, *parts)
+
+    @property
+    def config(self):
+        if self._config is None:
+            self._config = Config(self.config_path)
+        return self._config
+
+    def ensure_state(self):
+        for sub in ("", "objects", "logs", "incoming"):
+            makedirs(self.path(sub), 0o700)
+
+    def lock(self):
+        if not os.path.isdir(self.state):
+            raise StateError("no state directory %s; run 'isconf init' first" % self.state)
+        return FileLock(self.path("lock"), "this host")
+
+    def history(self):
+        return History(self.path("history"))
+
+    def local_head(self):
+        """The last head this host verified, or None before the first fetch."""
+        try:
+            data = read_file(self.path("head"), HEAD_MAX)
+        except FileNotFoundError:
+            return None
+        try:
+            return Head.parse(data, "local head %s" % self.path("head"))
+        except Refused as e:
+            raise StateError(str(e))
+
+    def local_journal(self, head):
+        """The verified local journal copy, checked again against the local head."""
+        if head is None:
+            return []
+        try:
+            with open(self.path("journal"), "rb") as f:
+                data = f.read(head.length)
+        except FileNotFoundError:
+            data = b""
+        if len(data) != head.length:
+            raise StateError("local journal %s is shorter than its head says; remove %s and %s and run "
+                             "'isconf up' to fetch again" % (self.path("journal"), self.path("journal"),
+                                                            self.path("head")))
+        try:
+            entries = verify_chain(data, 0, ZERO_ID, "local journal")
+        except Refused as e:
+            raise StateError("%s; remove %s and %s and run 'isconf up'" % (e, self.path("journal"),
+                                                                           self.path("head")))
+        if (entries[-1].id if entries else ZERO_ID) != head.id:
+            raise StateError("local journal does not end at the local head's id; remove %s and %s "
+                             "and run 'isconf up'" % (self.path("journal"), self.path("head")))
+        return entries
+
+    def commit(self, head, signature, tail, etags):
+        """Make a newly verified head and journal tail this host's local copy.
+
+        The journal grows first and the head second: a crash in between leaves a
+        journal longer than the old head, and readers only ever read head.length bytes.
+        """
+        journal = self.path("journal")
+        old = self.local_head()
+        keep = old.length if old else 0
+        with open(journal, "ab") as f:
+            f.truncate(keep)
+        durable_append(journal, tail)
+        if signature is not None:
+            atomic_write(self.path("head.sig"), signature)
+        atomic_write(self.path("head"), head.data)
+        self.save_etags(etags)
+
+    def replace_journal(self, head, signature, data):
+        atomic_write(self.path("journal"), data)
+        if signature is not None:
+            atomic_write(self.path("head.sig"), signature)
+        atomic_write(self.path("head"), head.data)
+        self.save_etags({})
+
+    def etags(self):
+        try:
+            return json.loads(read_file(self.path("etags.json"), HEAD_MAX).decode("utf-8"))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def save_etags(self, etags):
+        atomic_write(self.path("etags.json"), canonical(etags) + b"\n")
+
+    def object_path(self, sha):
+        return self.path("objects", sha)
+
+    def log_path(self, entry):
+        return self.path("logs", "%06d.log" % entry.seq)
+
+    def last_success(self):
+        try:
+            return parse_time(read_file(self.path("last-success"), 64).decode().strip())
+        except (FileNotFoundError, Refused, UnicodeDecodeError):
+            return None
+
+
+# ---------------------------------------------------------------------------
+# Applying transactions: exec in a chroot, snap installed atomically.
+# ---------------------------------------------------------------------------
+
+
+def exec_environment(branch, seq, entry_id, variables):
+    """The whole environment an exec gets: documented, nothing inherited."""
+    env = {"PATH": EXEC_PATH, "HOME": "/root", "LC_ALL": "C",
+           "ISCONF_BRANCH": branch, "ISCONF_SEQ": str(seq), "ISCONF_ID": entry_id}
+    env.update(variables)
+    return env
+
+
+def run_command(root, argv, cwd, env, log_path, echo=True):
+    """Start a transaction's process, chrooted into root: the one place isconf runs a program.
+
+    stdin is /dev/null (a prompt would hang a host for ever); output goes to the
+    per-transaction log and, when echo is set, to our stdout.  Returns the exit status.
+    """
+    chroot = os.path.abspath(root) != "/"
+
+    def enter_root():
+        if chroot:
+            os.chroot(root)
+        os.chdir(cwd)
+
+    with open(log_path, "ab") as log:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, env=env, preexec_fn=enter_root,
+                                    close_fds=True)
+        except (OSError, subprocess.SubprocessError) as e:
+            message = "cannot start %s in %s (cwd %s): %s\n" % (argv[0], root, cwd, e)
+            log.write(message.encode())
+            raise TransactionFailed(message.strip())
+        out = getattr(sys.stdout, "buffer", None)
+        for chunk in iter(lambda: proc.stdout.read1(CHUNK) if hasattr(proc.stdout, "read1")
+                          else proc.stdout.read(CHUNK), b""):
+            log.write(chunk)
+            if echo and out is not None:
+                out.write(chunk)
+                out.flush()
+        proc.stdout.close()
+        status = proc.wait()
+        log.write(("[isconf] exit status %d\n" % status).encode())
+        log.flush()
+        os.fsync(log.fileno())
+    return status
+
+
+class Owners(object):
+    """Map user and group names to ids through the target's own passwd and group."""
+
+    def __init__(self, rootpath):
+        self.users = self._table(rootpath, "/etc/passwd")
+        self.groups = self._table(rootpath, "/etc/group")
+
+    @staticmethod
+    def _table(rootpath, path):
+        try:
+            with rootpath.open_file(path) as f:
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return {}
+        table = {}
+        for line in lines:
+            fields = line.split(":")
+            if len(fields) >= 3 and fields[2].isdigit():
+                table.setdefault(fields[0], int(fields[2]))
+        return table
+
+    def ids(self, record):
+        """Names win where the target knows them; otherwise the recorded numbers."""
+        return self.users.get(record["user"], record["uid"]), self.groups.get(record["group"], record["gid"])
+
+
+def temp_name(name):
+    return ".%s.isconf-%d" % (name[:200], os.getpid())
+
+
+def install_file(dfd, name, record, source, uid, gid):
+    """Write a regular file from its object: temp file, owner, mode, mtime, fsync, rename."""
+    tmp = temp_name(name)
+    try:
+        os.unlink(tmp, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+    try:
+        digest = hashlib.sha256()
+        extents = record.get("extents", [[0, record["size"]]])
+        os.ftruncate(fd, record["size"])  # holes stay holes: only data extents are written
+        for offset, length in extents:
+            os.lseek(fd, offset, os.SEEK_SET)
+            while length:
+                chunk = source.read(min(CHUNK, length))
+                if not chunk:
+                    raise StateError("staged object %s is short; run 'isconf up' again" % record["object"])
+                digest.update(chunk)
+                write_all(fd, chunk)
+                length -= len(chunk)
+        if source.read(1) or digest.hexdigest() != record["object"]:
+            raise StateError("staged object %s is damaged; run 'isconf up' again" % record["object"])
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, record["mode"])  # after chown, which clears set-id bits
+        os.utime(fd, ns=(record["mtime_ns"], record["mtime_ns"]))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp, dir_fd=dfd)
+        raise
+    os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+
+
+def install_link(dfd, name, make):
+    """Create a link under a temporary name with make(tmp), then rename it into place."""
+    tmp = temp_name(name)
+    try:
+        os.unlink(tmp, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    make(tmp)
+    try:
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except OSError:
+        os.unlink(tmp, dir_fd=dfd)
+        raise
+
+
+def install_dir(dfd, name, record, uid, gid):
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dfd)  # a file or link where a directory belongs
+        st = None
+    if st is None:
+        os.mkdir(name, 0o700, dir_fd=dfd)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, record["mode"])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def apply_snap(rootpath, entry, object_path):
+    """Install every file of a snap entry under the root, each one atomically."""
+    owners = Owners(rootpath)
+    for record in entry.fields["files"]:
+        path, kind = record["path"], record["type"]
+        if path == "/":
+            dfd, name = rootpath.open_dir("/"), "."
+        else:
+            dfd, name = rootpath.parent(path, create=True)
+        try:
+            if kind == "file":
+                with open(object_path(record["object"]), "rb") as source:
+                    install_file(dfd, name, record, source, *owners.ids(record))
+            elif kind == "hardlink":
+                tdfd, tname = rootpath.parent(record["target"])
+                try:
+                    install_link(dfd, name, lambda tmp: os.link(tname, tmp, src_dir_fd=tdfd, dst_dir_fd=dfd,
+                                                                follow_symlinks=False))
+                finally:
+                    os.close(tdfd)
+            elif kind == "symlink":
+                uid, gid = owners.ids(record)
+
+                def make_symlink(tmp):
+                    os.symlink(record["target"], tmp, dir_fd=dfd)
+                    os.chown(tmp, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                    os.utime(tmp, ns=(record["mtime_ns"], record["mtime_ns"]), dir_fd=dfd,
+                             follow_symlinks=False)
+                install_link(dfd, name, make_symlink)
+            else:
+                install_dir(dfd, name, record, *owners.ids(record))
+            os.fsync(dfd)
+        except OSError as e:
+            raise TransactionFailed("snap %s: cannot install %s: %s" % (entry.seq, path, e.strerror or e))
+        finally:
+            os.close(dfd)
+
+
+# ---------------------------------------------------------------------------
+# The agent: fetch, verify, stage, apply.
+# ---------------------------------------------------------------------------
+
+
+class Plan(object):
+    """The outcome of a sync: the verified journal and what is left to apply."""
+
+    def __init__(self, head, entries, applied_seq, fetched):
+        self.head, self.entries, self.fetched = head, entries, fetched
+        self.pending = [e for e in entries if e.seq > applied_seq]
+
+
+class Agent(object):
+    def __init__(self, host, now=None, out=sys.stdout):
+        self.host, self.config = host, host.config
+        self.now_override = now
+        self.out = out
+        self.signers = None
+        if self.config.insecure:
+            self.say("WARNING: insecure mode: heads are not signature-checked; anyone on the network "
+                     "can run commands as root here. Run 'isconf init --signers FILE' to fix.", sys.stderr)
+        else:
+            self.signers = load_signers(host.signers_path)
+
+    def say(self, message, stream=None):
+        stream = stream or self.out
+        stream.write("isconf: %s\n" % message)
+        stream.flush()
+
+    def now(self):
+        """The time used for expiry and key validity: never earlier than the last verified head,
+        so a host whose clock was reset cannot be fed heads older than what it has seen."""
+        if self.now_override is not None:
+            return self.now_override
+        local = self.host.local_head()
+        return max(time.time(), parse_time(local.time) if local else 0)
+
+    def mirrors(self):
+        return [Mirror(url, self.config.timeout, self.config.deadline) for url in self.config.urls]
+
+    def sync(self, stage=True, branch=None):
+        """Fetch and verify from the first mirror that gives a good answer; returns a Plan.
+
+        Network trouble moves on to the next mirror and, after a round, backs off and
+        tries again; a refusal moves on too, but is what gets reported if no mirror is good.
+        """
+        refusals, failures = [], []
+        for attempt in range(max(1, self.config.retries)):
+            if attempt:
+                time.sleep(min(2 ** (attempt - 1), 30))
+            for mirror in self.mirrors():
+                try:
+                    return self._sync_from(mirror, stage, branch)
+                except Refused as e:
+                    refusals.append(e)
+                except Unreachable as e:
+                    failures.append(e)
+                finally:
+                    mirror.close()
+            if refusals:
+                break  # a hostile answer is not cured by asking again
+        raise refusals[0] if refusals else Unreachable(
+            "no mirror could be reached (%s); check the network and the URLs in %s"
+            % (failures[-1], self.config.path))
+
+    def _sync_from(self, mirror, stage, branch):
+        host = self.host
+        branch = branch or self.config.branch
+        migrating = branch != self.config.branch
+        local = None if migrating else host.local_head()
+        local_entries = host.local_journal(host.local_head())
+        applied_seq, applied_id = host.history().applied()
+        etags = {} if migrating else host.etags()
+        cached = etags.get(mirror.url, {}) if local else {}
+        prefix = "branches/%s/" % branch
+
+        response = mirror.fetch(prefix + "head", HEAD_MAX, etag=cached.get("etag"),
+                                last_modified=cached.get("last_modified"))
+        if response.status == 304:
+            local.check_expiry(self.now())
+            return Plan(local, local_entries, applied_seq, fetched=False)
+        signature = None
+        if self.signers is not None:
+            signature = mirror.fetch(prefix + "head.sig", SIGNATURE_MAX).body
+            verify_signature(response.body, signature, self.signers, now=self.now())
+        head = Head.parse(response.body, "head from %s" % mirror)
+        if head.branch != branch:
+            raise Refused("head from %s is for branch %r, but this host follows %r; the mirror is "
+                          "misconfigured or replaying another branch" % (mirror, head.branch, branch))
+        head.check_expiry(self.now())
+        if head.seq < applied_seq:
+            raise Refused("head from %s is at seq %d, older than the %d this host has applied (rollback); "
+                          "the mirror is stale or replaying an old head" % (mirror, head.seq, applied_seq))
+        if local is not None:
+            if head.seq < local.seq:
+                raise Refused("head from %s is at seq %d, older than the %d this host has verified "
+                              "(rollback); the mirror is stale or replaying an old head"
+                              % (mirror, head.seq, local.seq))
+            if head.seq == local.seq and head.id != local.id:
+                raise Refused("head from %s names a different entry %d than this host verified (fork); "
+                              "the journal was rewritten: reinstall or migrate" % (mirror, head.seq))
+
+        start = local.length if local is not None else 0
+        if head.length < start:
+            raise Refused("head from %s says the journal is %d bytes, shorter than the %d verified here "
+                          "(truncation)" % (mirror, head.length, start))
+        tail = b""
+        if head.length > start:
+            got = mirror.fetch(prefix + "journal", head.length, start=start, stop=head.length)
+            tail = got.body
+            if not got.partial:
+                # The server ignored Range: the old prefix must be unchanged (rule 2).
+                if tail[:start] != self._local_journal_bytes(start):
+                    raise Refused("journal from %s does not begin with the journal this host verified; it "
+                                  "was rewritten" % mirror)
+                tail = tail[start:]
+            if len(tail) != head.length - start:
+                raise Refused("journal from %s is %d bytes where the signed head says %d (truncated or "
+                              "padded)" % (mirror, start + len(tail), head.length))
+        base = local_entries if local is not None else []
+        tail_entries = verify_chain(tail, base[-1].seq if base else 0, base[-1].id if base else ZERO_ID,
+                                    "journal from %s" % mirror)
+        entries = base + tail_entries
+        if (entries[-1].id if entries else ZERO_ID) != head.id or len(entries) != head.seq:
+            raise Refused("journal from %s does not end at the entry the signed head names (seq %d); "
+                          "head and journal are from different times" % (mirror, head.seq))
+        if migrating:
+            self._check_extends(entries, applied_seq, applied_id, branch)
+        plan = Plan(head, entries, applied_seq, fetched=True)
+        if stage:
+            self.stage_objects(mirror, plan.pending)
+        new_etags = {mirror.url: {"etag": response.etag, "last_modified": response.last_modified,
+                                  "id": head.id}}
+        plan.commit = lambda: host.commit(head, signature, tail, new_etags)
+        if migrating:
+            data = b"".join(e.line + b"\n" for e in entries)
+            plan.commit = lambda: host.replace_journal(head, signature, data)
+        return plan
+
+    def _local_journal_bytes(self, length):
+        with open(self.host.path("journal"), "rb") as f:
+            return f.read(length)
+
+    def _check_extends(self, entries, applied_seq, applied_id, branch):
+        have = self.host.local_journal(self.host.local_head())
+        if len(entries) < applied_seq or (applied_seq and entries[applied_seq - 1].id != applied_id) or any(
+                a.id != b.id for a, b in zip(entries, have[:applied_seq])):
+            raise Refused("branch %s does not extend what this host has applied (seq %d); migrating "
+                          "would rewrite history: reinstall the host instead" % (branch, applied_seq))
+
+    def stage_objects(self, mirror, pending):
+        """Download every object pending transactions need, checking size and hash as it streams."""
+        needed = {}
+        for entry in pending:
+            for sha, size in entry.objects():
+                needed[sha] = size
+        for sha, size in sorted(needed.items()):
+            final = self.host.object_path(sha)
+            if os.path.exists(final):
+                continue
+            body = mirror.fetch("objects/" + sha, size).body
+            if len(body) != size or sha256_hex(body) != sha:
+                raise Refused("object %s from %s does not match the signed journal (size %d, expected %d); "
+                              "the mirror holds a damaged or swapped file" % (sha[:16], mirror, len(body), size))
+            atomic_write(final, body, 0o600)
+
+    def apply(self, plan, allow_reboot=False):
+        """Apply pending transactions in order, halting at the first failure."""
+        host, history = self.host, self.host.history()
+        for entry in plan.pending:
+            if entry.kind == "reboot" and not allow_reboot:
+                self.say("transaction %d is a reboot: run 'isconf up -r' to record it and reboot" % entry.seq)
+                return EXIT_REBOOT
+            self.say("applying %d %s" % (entry.seq, entry.summary()))
+            history.record("started", entry)
+            try:
+                self.apply_one(entry)
+            except TransactionFailed as e:
+                history.record("failed", entry, error=str(e))
+                raise TransactionFailed("transaction %d failed: %s; log in %s. Fix the cause and run 'isconf up' "
+                                        "again, or 'isconf skip %d -m WHY'"
+                                        % (entry.seq, e, host.log_path(entry), entry.seq))
+            history.record("done", entry)
+            if entry.kind == "reboot":
+                self.say("rebooting: %s" % self.config.reboot_command)
+                self.release_objects(plan)
+                subprocess.call(shlex.split(self.config.reboot_command))
+                return EXIT_OK
+        self.release_objects(plan)
+        atomic_write(host.path("last-success"), (format_time(time.time()) + "\n").encode())
+        return EXIT_OK
+
+    def apply_one(self, entry):
+        host = self.host
+        log_path = host.log_path(entry)
+        with open(log_path, "ab") as log:
+            log.write(("[isconf] %s transaction %d %s %s\n" % (format_time(time.time()), entry.seq,
+                                                             entry.id, entry.summary())).encode())
+        if entry.kind == "exec":
+            env = exec_environment(self.config.branch, entry.seq, entry.id, self.config.env)
+            status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log_path)
+            if status != 0:
+                raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
+        elif entry.kind == "snap":
+            apply_snap(host.rootpath, entry, host.object_path)
+
+    def release_objects(self, plan):
+        """Drop staged objects no pending transaction still needs."""
+        applied_seq = self.host.history().applied()[0]
+        keep = set(sha for e in plan.entries if e.seq > applied_seq for sha, _ in e.objects())
+        for name in os.listdir(self.host.path("objects")):
+            if name not in keep:
+                os.unlink(self.host.object_path(name))
+
+
+# ---------------------------------------------------------------------------
+# The author's side: a repository directory, the branch lock, staging, ci.
+# ---------------------------------------------------------------------------
+
+
+def author_name():
+    """Who is authoring: ISCONF_AUTHOR, else the human behind sudo, at this host."""
+    who = os.environ.get("ISCONF_AUTHOR")
+    if who:
+        return who
+    try:
+        user = os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return "%s@%s" % (user, socket.gethostname())
+
+
+class Repository(object):
+    """A repository directory: what a web server publishes, plus the authors' work area."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        marker = os.path.join(self.path, REPO_MARKER)
+        try:
+            fields = json.loads(read_file(marker, HEAD_MAX).decode("utf-8"))
+        except FileNotFoundError:
+            raise StateError("%s is not an isconf repository (no %s); create one with 'isconf init-repo DIR'"
+                             % (self.path, REPO_MARKER))
+        except ValueError:
+            raise StateError("%s is damaged" % marker)
+        if fields.get("format") != FORMAT:
+            raise StateError("%s has format %r; this isconf.py writes format %d" % (self.path, fields.get("format"),
+                                                                                    FORMAT))
+
+    @staticmethod
+    def create(path):
+        makedirs(path)
+        if os.path.exists(os.path.join(path, REPO_MARKER)):
+            raise StateError("%s is already an isconf repository" % path)
+        for sub in ("branches", "objects", "authoring"):
+            makedirs(os.path.join(path, sub))
+        atomic_write(os.path.join(path, REPO_MARKER), canonical({"format": FORMAT}) + b"\n")
+        return Repository(path)
+
+    def branch_dir(self, branch):
+        check_branch(branch)
+        return os.path.join(self.path, "branches", branch)
+
+    def work_dir(self, branch):
+        path = os.path.join(self.path, "authoring", check_branch(branch))
+        makedirs(path)
+        return path
+
+    def head(self, branch):
+        try:
+            return Head.parse(read_file(os.path.join(self.branch_dir(branch), "head"), HEAD_MAX),
+                              "head of branch %s" % branch)
+        except FileNotFoundError:
+            return None
+
+    def journal_bytes(self, branch, head):
+        if head is None:
+            return b""
+        with open(os.path.join(self.branch_dir(branch), "journal"), "rb") as f:
+            data = f.read(head.length)
+        if len(data) != head.length:
+            raise StateError("journal of branch %s is shorter than its head says; the repository is damaged"
+                             % branch)
+        return data
+
+    def store_object(self, source, sha):
+        final = os.path.join(self.path, "objects", sha)
+        if not os.path.exists(final):
+            atomic_write(final, source, 0o644)
+
+    # The author lock: who holds the branch, why and since when.
+
+    def lock_path(self, branch):
+        return os.path.join(self.work_dir(branch), "lock")
+
+    def lock_holder(self, branch):
+        try:
+            return json.loads(read_file(self.lock_path(branch), HEAD_MAX).decode("utf-8"))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise StateError("lock %s is damaged; 'isconf unlock --force' clears it" % self.lock_path(branch))
+
+    def lock(self, branch, why):
+        me = author_name()
+        fields = canonical({"who": me, "why": why, "time": format_time(time.time())}) + b"\n"
+        try:
+            fd = os.open(self.lock_path(branch), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = self.lock_holder(branch)
+            if holder and holder.get("who") != me:
+                raise Busy("branch %s is locked by %s since %s: %s; ask them, or 'isconf unlock --force'"
+                           % (branch, holder.get("who"), holder.get("time"), holder.get("why")))
+            atomic_write(self.lock_path(branch), fields)  # our own lock: refresh the reason
+            return
+        try:
+            write_all(fd, fields)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def require_lock(self, branch):
+        holder = self.lock_holder(branch)
+        if holder is None:
+            raise UsageError("branch %s is not locked; run 'isconf lock -m WHY' first" % branch)
+        if holder.get("who") != author_name():
+            raise Busy("branch %s is locked by %s: %s" % (branch, holder.get("who"), holder.get("why")))
+        return holder
+
+    def unlock(self, branch, force=False):
+        holder = self.lock_holder(branch)
+        if holder is None:
+            raise UsageError("branch %s is not locked" % branch)
+        staged = self.staged(branch)
+        if holder.get("who") != author_name():
+            if not force:
+                raise Busy("branch %s is locked by %s; use 'isconf unlock --force' to break the lock and "
+                           "discard their staged work" % (branch, holder.get("who")))
+            sys.stderr.write("isconf: WARNING: breaking %s's lock on branch %s (%s) and DISCARDING %d staged "
+                             "transaction(s)\n" % (holder.get("who"), branch, holder.get("why"), len(staged)))
+        elif staged:
+            sys.stderr.write("isconf: WARNING: discarding %d staged transaction(s)\n" % len(staged))
+        for name in ("staged", "lock"):
+            try:
+                os.unlink(os.path.join(self.work_dir(branch), name))
+            except FileNotFoundError:
+                pass
+
+    # Staging: entries waiting for ci, one canonical JSON object per line.
+
+    def staged(self, branch):
+        try:
+            data = read_file(os.path.join(self.work_dir(branch), "staged"))
+        except FileNotFoundError:
+            return []
+        return [json.loads(line.decode("utf-8")) for line in data.splitlines() if line]
+
+    def stage(self, branch, fields):
+        self.require_lock(branch)
+        durable_append(os.path.join(self.work_dir(branch), "staged"), canonical(fields) + b"\n")
+
+    def checkin(self, branch, message, sign_key=None, expires=None):
+        """Append the staged entries to the journal, write and sign the head, unlock.
+
+        The branch mutex keeps two authors' ci apart.  The journal is appended first and
+        the head replaced second, so a crash leaves the old head (and bytes past its
+        length, which the next ci cuts off) or the complete new state.
+        """
+        holder = self.require_lock(branch)
+        with FileLock(os.path.join(self.work_dir(branch), "ci.lock"), "branch " + branch):
+            staged = self.staged(branch)
+            if not staged:
+                raise UsageError("nothing staged on branch %s; use exec, snap or reboot first" % branch)
+            head = self.head(branch)
+            data = self.journal_bytes(branch, head)
+            entries = verify_chain(data, 0, ZERO_ID, "journal of branch %s" % branch)
+            seq, prev = (entries[-1].seq, entries[-1].id) if entries else (0, ZERO_ID)
+            now = time.time()
+            lines = []
+            for fields in staged:
+                fields = dict(fields, seq=seq + 1, prev=prev, time=format_time(now), author=holder["who"],
+                              message=fields.get("message") or message or holder.get("why", ""))
+                entry = Entry.parse(canonical(fields), "staged entry")
+                lines.append(entry.line + b"\n")
+                seq, prev = entry.seq, entry.id
+            directory = self.branch_dir(branch)
+            makedirs(directory)
+            journal = os.path.join(directory, "journal")
+            with open(journal, "ab") as f:
+                f.truncate(len(data))  # bytes a crashed ci left past the head
+            durable_append(journal, b"".join(lines))
+            new = Head.build(branch, seq, prev, len(data) + sum(len(l) for l in lines), now,
+                             now + expires if expires else None)
+            self.publish_head(branch, new, sign_key)
+            os.unlink(os.path.join(self.work_dir(branch), "staged"))
+        os.unlink(self.lock_path(branch))
+        return new, len(lines)
+
+    def publish_head(self, branch, head, sign_key):
+        directory = self.branch_dir(branch)
+        sig_path = os.path.join(directory, "head.sig")
+        if sign_key:
+            signature = sign_head(head.data, sign_key)
+            atomic_write(sig_path, signature)
+        else:
+            try:
+                os.unlink(sig_path)
+            except FileNotFoundError:
+                pass
+        atomic_write(os.path.join(directory, "head"), head.data)
+
+    def fork(self, branch, new_branch, sign_key=None, expires=None):
+        if self.head(new_branch) is not None:
+            raise UsageError("branch %s already exists" % new_branch)
+        with FileLock(os.path.join(self.work_dir(branch), "ci.lock"), "branch " + branch):
+            head = self.head(branch)
+            data = self.journal_bytes(branch, head)
+            makedirs(self.branch_dir(new_branch))
+            atomic_write(os.path.join(self.branch_dir(new_branch), "journal"), data)
+            now = time.time()
+            new = Head.build(new_branch, head.seq if head else 0, head.id if head else ZERO_ID, len(data), now,
+                             now + expires if expires else None)
+            self.publish_head(new_branch, new, sign_key)
+        return new
+
+
+def check_branch(branch):
+    if not branch or not BRANCH_RE.match(branch):
+        raise UsageError("branch name %r must be letters, digits, '.', '_' or '-' (at most 64), starting "
+                         "with a letter or digit" % branch)
+    return branch
+
+
+def sign_head(data, key):
+    """Sign a head with the author's SSH key via ssh-keygen (authoring may use it; hosts never do)."""
+    with tempfile.TemporaryDirectory(prefix="isconf-sign-") as tmp:
+        path = os.path.join(tmp, "head")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            proc = subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", key, "-n", SIGNATURE_NAMESPACE, path],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as e:
+            raise StateError("cannot run ssh-keygen to sign the head: %s; install openssh-client" % e)
+        if proc.returncode != 0:
+            raise StateError("ssh-keygen could not sign with %s: %s" % (key, proc.stderr.decode(
+                "utf-8", "replace").strip().splitlines()[-1:] or "no reason given"))
+        return read_file(path + ".sig", SIGNATURE_MAX)
+
+
+def snap_record(rootpath, path, links):
+    """Describe one path under the root as a snap file record (storing nothing yet)."""
+    st = rootpath.lstat(path)
+    owner = {"uid": st.st_uid, "gid": st.st_gid, "user": user_name(rootpath, st.st_uid, "/etc/passwd"),
+             "group": user_name(rootpath, st.st_gid, "/etc/group")}
+    if stat.S_ISLNK(st.st_mode):
+        return dict(owner, path=path, type="symlink", target=rootpath.readlink(path), mtime_ns=st.st_mtime_ns)
+    if stat.S_ISDIR(st.st_mode):
+        return dict(owner, path=path, type="dir", mode=stat.S_IMODE(st.st_mode))
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError("%s is not a regular file, symlink or directory; isconf snaps only those" % path)
+    if st.st_nlink > 1:
+        first = links.get((st.st_dev, st.st_ino))
+        if first:
+            return {"path": path, "type": "hardlink", "target": first}
+        links[(st.st_dev, st.st_ino)] = path
+    return dict(owner, path=path, type="file", mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns,
+                size=st.st_size)
+
+
+def data_extents(f, size):
+    """The data extents of an open file, from SEEK_DATA/SEEK_HOLE: [[offset, length], ...]."""
+    fd, extents, offset = f.fileno(), [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole remains
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append([start, end - start])
+        offset = end
+    return extents
+
+
+def read_object(rootpath, record):
+    """Content of a file record: the data extents of a sparse file, all of any other."""
+    with rootpath.open_file(record["path"]) as f:
+        extents = data_extents(f, record["size"])
+        if extents != [[0, record["size"]]] and record["size"]:
+            record["extents"] = extents
+        else:
+            extents = [[0, record["size"]]] if record["size"] else []
+        chunks = []
+        for offset, length in extents:
+            f.seek(offset)
+            chunk = f.read(length)
+            if len(chunk) != length:
+                raise StateError("%s changed while it was being snapped; snap it again" % record["path"])
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def user_name(rootpath, number, table):
+    for name, uid in Owners._table(rootpath, table).items():
+        if uid == number:
+            return name
+    return str(number)
+
+
+# ---------------------------------------------------------------------------
+# The server: a small threaded static server for trying it out and for tests.
+# ---------------------------------------------------------------------------
+
+
+class ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class StaticHandler(http.server.BaseHTTPRequestHandler):
+    """GET and HEAD of plain files with Range, ETag and Last-Modified; nothing else."""
+
+    protocol_version = "HTTP/1.1"   # keep-alive
+    server_version = "isconf/" + __version__
+    directory = "."
+
+    def do_GET(self):
+        self.serve(body=True)
+
+    def do_HEAD(self):
+        self.serve(body=False)
+
+    def resolve(self):
+        """The file for the request path, or None: no listing, no escaping the directory."""
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        if "\0" in path or not path.startswith("/") or ".." in path.split("/"):
+            return None
+        full = os.path.realpath(os.path.join(self.directory, path.lstrip("/")))
+        top = os.path.realpath(self.directory)
+        if not full.startswith(top + os.sep) or not os.path.isfile(full):
+            return None
+        return full
+
+    def serve(self, body):
+        path = self.resolve()
+        if path is None:
+            return self.send_status(404, "Not Found")
+        try:
+            f = open(path, "rb")
+        except OSError:
+            return self.send_status(404, "Not Found")
+        with f:
+            st = os.fstat(f.fileno())
+            etag = '"%x-%x"' % (st.st_mtime_ns, st.st_size)
+            if etag in [t.strip() for t in (self.headers.get("If-None-Match") or "").split(",")]:
+                return self.send_status(304, "Not Modified", etag=etag)
+            start, stop, status = 0, st.st_size, 200
+            wanted = self.headers.get("Range")
+            if wanted:
+                span = parse_range(wanted, st.st_size)
+                if span is None:
+                    return self.send_status(416, "Range Not Satisfiable", extra={
+                        "Content-Range": "bytes */%d" % st.st_size})
+                if span != (0, st.st_size) or wanted:
+                    start, stop, status = span[0], span[1], 206
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(stop - start))
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
+            self.send_header("Accept-Ranges", "bytes")
+            if status == 206:
+                self.send_header("Content-Range", "bytes %d-%d/%d" % (start, stop - 1, st.st_size))
+            self.end_headers()
+            if body:
+                f.seek(start)
+                left = stop - start
+                while left:
+                    chunk = f.read(min(CHUNK, left))
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+
+    def send_status(self, code, reason, etag=None, extra=None):
+        self.send_response(code, reason)
+        if etag:
+            self.send_header("ETag", etag)
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_request(self, code="-", size="-"):
+        wanted = self.headers.get("Range") if self.headers else None
+        self.log_message('"%s" %s%s', self.requestline, code, " range=" + wanted if wanted else "")
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write("%s - [%s] %s\n" % (self.client_address[0], self.log_date_time_string(), fmt % args))
+        sys.stderr.flush()
+
+
+def parse_range(header, size):
+    """A single 'bytes=' range -> (start, stop), or None if it cannot be satisfied."""
+    m = re.match(r"^bytes=(\d*)-(\d*)$", header.strip())
+    if not m or m.group(1) == m.group(2) == "":
+        return None
+    if m.group(1) == "":
+        length = int(m.group(2))
+        return (max(0, size - length), size) if length else None
+    start = int(m.group(1))
+    stop = min(int(m.group(2)) + 1, size) if m.group(2) else size
+    if start >= size or stop <= start:
+        return None
+    return start, stop
+
+
+def serve(directory, bind, port, ready=None):
+    handler = type("Handler", (StaticHandler,), {"directory": os.path.abspath(directory)})
+    server = ThreadingServer((bind, port), handler)
+    sys.stderr.write("isconf: serving %s on http://%s:%d/\n" % (directory, bind, server.server_address[1]))
+    sys.stderr.flush()
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def load_signers(path):
+    try:
+        text = read_file(path, 1024 * 1024).decode("utf-8")
+    except FileNotFoundError:
+        raise StateError("no trusted keys at %s; run 'isconf init --signers FILE' (or --insecure)" % path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise StateError("cannot read trusted keys %s: %s" % (path, e))
+    signers = parse_allowed_signers(text, path)
+    if not signers:
+        raise StateError("%s lists no keys; add the authors' public keys in allowed_signers format" % path)
+    return signers
+
+
+def author_branch(args):
+    """--branch, else ISCONF_BRANCH, else the branch this host follows."""
+    if args.branch:
+        return check_branch(args.branch)
+    host = Host(args.root, args.config)
+    if os.path.exists(host.config_path):
+        return host.config.branch
+    raise UsageError("no branch given: use --branch NAME or set ISCONF_BRANCH")
+
+
+def author_repo(args):
+    if not args.repo:
+        raise UsageError("no repository given: use --repo DIR or set ISCONF_REPO")
+    return Repository(args.repo)
+
+
+def cmd_init_repo(args):
+    Repository.create(args.dir)
+    print("isconf: created an empty repository in %s" % args.dir)
+
+
+def cmd_lock(args):
+    repo, branch = author_repo(args), author_branch(args)
+    repo.lock(branch, args.message)
+    print("isconf: locked branch %s: %s" % (branch, args.message))
+
+
+def cmd_unlock(args):
+    repo, branch = author_repo(args), author_branch(args)
+    repo.unlock(branch, args.force)
+    print("isconf: unlocked branch %s" % branch)
+
+
+def cmd_exec(args):
+    repo, branch = author_repo(args), author_branch(args)
+    repo.require_lock(branch)
+    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not argv:
+        raise UsageError("exec needs a command: isconf exec -- CMD [ARG...]")
+    cwd = validate_path_arg(args.cwd, "--cwd")
+    if not args.no_run:
+        with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log:
+            env = exec_environment(branch, 0, "", Host(args.root, args.config).config.env
+                                   if os.path.exists(Host(args.root, args.config).config_path) else {})
+            status = run_command(args.root, argv, cwd, env, log.name)
+        if status != 0:
+            raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
+    repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
+    print("isconf: staged exec %s" % " ".join(shlex.quote(a) for a in argv))
+
+
+def validate_path_arg(path, what):
+    try:
+        return validate_path(path, what)
+    except Refused as e:
+        raise UsageError(str(e))
+
+
+def cmd_snap(args):
+    repo, branch = author_repo(args), author_branch(args)
+    repo.require_lock(branch)
+    rootpath, links, records = RootPath(args.root), {}, []
+    for path in args.paths:
+        path = validate_path_arg(posixpath.normpath(path) if path.startswith("/") else path, "snap path")
+        try:
+            record = snap_record(rootpath, path, links)
+            if record["type"] == "file":
+                content = read_object(rootpath, record)
+                record["object"] = sha256_hex(content)
+                repo.store_object(content, record["object"])
+        except OSError as e:
+            raise UsageError("cannot snap %s: %s" % (path, e.strerror or e))
+        records.append(record)
+    repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
+    print("isconf: staged snap %s" % " ".join(r["path"] for r in records))
+
+
+def cmd_reboot(args):
+    repo, branch = author_repo(args), author_branch(args)
+    repo.stage(branch, {"kind": "reboot", "message": args.message or ""})
+    print("isconf: staged reboot")
+
+
+def signing_key(args):
+    return args.sign or os.environ.get("ISCONF_SIGN_KEY") or None
+
+
+def cmd_ci(args):
+    repo, branch = author_repo(args), author_branch(args)
+    expires = parse_duration(args.expires) if args.expires else None
+    head, count = repo.checkin(branch, args.message, signing_key(args), expires)
+    print("isconf: branch %s now at seq %d (%d new), head %s%s" % (
+        branch, head.seq, count, head.id[:16], "" if signing_key(args) else " (unsigned)"))
+
+
+def cmd_fork(args):
+    repo, branch = author_repo(args), author_branch(args)
+    check_branch(args.new)
+    expires = parse_duration(args.expires) if args.expires else None
+    head = repo.fork(branch, args.new, signing_key(args), expires)
+    print("isconf: branch %s forked from %s at seq %d" % (args.new, branch, head.seq))
+
+
+def cmd_init(args):
+    host = Host(args.root, args.config)
+    check_branch(args.branch)
+    for url in args.urls:
+        Mirror(url)
+    if not args.signers and not args.insecure:
+        raise UsageError("init needs --signers FILE (the authors' keys, allowed_signers format) or an explicit "
+                         "--insecure")
+    if os.path.exists(host.config_path) and not args.force:
+        raise UsageError("%s exists; use --force to overwrite it (the applied history is kept)" % host.config_path)
+    variables = {}
+    for item in args.var:
+        name, sep, value = item.partition("=")
+        if not sep or not ENV_NAME_RE.match(name):
+            raise UsageError("--var %r is not NAME=VALUE with a shell-style NAME" % item)
+        variables[name] = value
+    if args.signers:
+        try:
+            text = read_file(args.signers, 1024 * 1024)
+        except OSError as e:
+            raise UsageError("cannot read --signers %s: %s" % (args.signers, e.strerror))
+        parse_allowed_signers(text.decode("utf-8", "replace"), args.signers)
+        makedirs(os.path.dirname(host.signers_path))
+        atomic_write(host.signers_path, text)
+    makedirs(os.path.dirname(host.config_path))
+    extra = {}
+    if args.reboot_command:
+        extra["reboot_command"] = args.reboot_command
+    atomic_write(host.config_path, Config.render(args.branch, args.urls, args.insecure, variables, extra))
+    host.ensure_state()
+    print("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
+
+
+def parse_now(text):
+    if text is None:
+        return None
+    try:
+        return parse_time(text, "--now")
+    except Refused as e:
+        raise UsageError(str(e))
+
+
+def cmd_up(args):
+    host = Host(args.root, args.config)
+    with host.lock():
+        host.ensure_state()
+        agent = Agent(host, parse_now(args.now))
+        plan = agent.sync(stage=not args.dry_run)
+        if args.dry_run:
+            for entry in plan.pending:
+                print("would apply %d %s" % (entry.seq, entry.summary()))
+            print("isconf: %d pending on branch %s (dry run: nothing applied)" % (len(plan.pending), plan.head.branch))
+            return EXIT_OK
+        if plan.fetched:
+            plan.commit()
+        if not plan.pending:
+            agent.say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
+        code = agent.apply(plan, allow_reboot=args.reboot)
+        if code == EXIT_OK and plan.pending:
+            agent.say("applied through seq %d" % host.history().applied()[0])
+        return code
+
+
+def host_report(host):
+    """What status and log show: the journal entries with their state on this host."""
+    head = host.local_head()
+    entries = host.local_journal(head)
+    history = host.history()
+    applied_seq, applied_id = history.applied()
+    marks = {}
+    for event in history.events:
+        if event["event"] in ("done", "skipped", "failed"):
+            marks[event["seq"]] = event
+    rows = []
+    for entry in entries:
+        event = marks.get(entry.seq)
+        if entry.seq <= applied_seq:
+            mark = "skipped" if event and event["event"] == "skipped" else "applied"
+        elif event and event["event"] == "failed":
+            mark = "failed"
+        else:
+            mark = "pending"
+        rows.append((entry, mark, event))
+    return head, rows, applied_seq, applied_id
+
+
+def cmd_status(args):
+    host = Host(args.root, args.config)
+    config = host.config
+    head, rows, applied_seq, applied_id = host_report(host)
+    failed = [(e, ev) for e, mark, ev in rows if mark == "failed"]
+    last = host.last_success()
+    report = {
+        "branch": config.branch, "applied_seq": applied_seq, "applied_id": applied_id,
+        "head_seq": head.seq if head else 0, "pending": sum(1 for _, mark, _ in rows if mark != "applied"
+                                                           and mark != "skipped"),
+        "skipped": [{"seq": e.seq, "why": ev.get("why"), "who": ev.get("who")} for e, mark, ev in rows
+                    if mark == "skipped"],
+        "failed": None, "last_success": format_time(last) if last else None,
+        "last_success_age": int(time.time() - last) if last else None, "insecure": config.insecure,
+    }
+    if failed:
+        entry, event = failed[0]
+        log = host.log_path(entry)
+        try:
+            tail = read_file(log).decode("utf-8", "replace").splitlines()[-20:]
+        except FileNotFoundError:
+            tail = []
+        report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
+                            "error": event.get("error"), "log": log, "log_tail": tail}
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return
+    print("branch:       %s%s" % (config.branch, "  (INSECURE: signatures not checked)" if config.insecure else ""))
+    print("applied:      seq %d  %s" % (applied_seq, applied_id[:16]))
+    print("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
+    print("last success: %s" % ("%s (%s ago)" % (report["last_success"], age(report["last_success_age"]))
+                                if last else "never"))
+    for item in report["skipped"]:
+        print("skipped:      seq %d by %s: %s" % (item["seq"], item["who"], item["why"]))
+    if report["failed"]:
+        failure = report["failed"]
+        print("FAILED:       seq %d %s" % (failure["seq"], failure["summary"]))
+        print("              %s" % failure["error"])
+        print("log %s:" % failure["log"])
+        for line in failure["log_tail"]:
+            print("    " + line)
+
+
+def age(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s" % (seconds // size, unit)
+    return "%ds" % seconds
+
+
+def cmd_log(args):
+    host = Host(args.root, args.config)
+    head, rows, _, _ = host_report(host)
+    rows = list(reversed(rows))[:args.n] if args.n else list(reversed(rows))
+    if args.json:
+        print(json.dumps([dict(entry.fields, id=entry.id, state=mark) for entry, mark, _ in rows],
+                         indent=2, sort_keys=True))
+        return
+    for entry, mark, event in rows:
+        f = entry.fields
+        print("%-7s %4d %s %s %s" % (mark, entry.seq, entry.id[:12], f["time"], f["author"]))
+        print("             %s" % entry.summary())
+        if f["message"]:
+            print("             # %s" % f["message"])
+        if mark == "skipped":
+            print("             skipped by %s: %s" % (event.get("who"), event.get("why")))
+
+
+def cmd_migrate(args):
+    host = Host(args.root, args.config)
+    check_branch(args.new_branch)
+    with host.lock():
+        config = host.config
+        if args.new_branch == config.branch:
+            raise UsageError("this host already follows branch %s" % config.branch)
+        agent = Agent(host, parse_now(args.now))
+        plan = agent.sync(stage=True, branch=args.new_branch)
+        plan.commit()
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str
+        parser.read(config.path, encoding="utf-8")
+        parser["isconf"]["branch"] = args.new_branch
+        text = io.StringIO()
+        parser.write(text)
+        atomic_write(config.path, text.getvalue().encode("utf-8"))
+    print("isconf: now following branch %s (%d pending); run 'isconf up'" % (args.new_branch, len(plan.pending)))
+
+
+def cmd_skip(args):
+    host = Host(args.root, args.config)
+    with host.lock():
+        head = host.local_head()
+        entries = host.local_journal(head)
+        history = host.history()
+        applied_seq = history.applied()[0]
+        if args.seq != applied_seq + 1 or args.seq > len(entries):
+            raise UsageError("only the next transaction (seq %d) can be skipped, and only after it failed"
+                             % (applied_seq + 1))
+        last = history.last(args.seq)
+        if not last or last["event"] != "failed":
+            raise UsageError("transaction %d has not failed here; only a failed transaction can be skipped"
+                             % args.seq)
+        history.record("skipped", entries[args.seq - 1], why=args.message, who=author_name())
+    print("isconf: transaction %d marked skipped on this host: %s" % (args.seq, args.message))
+
+
+def cmd_verify_sig(args):
+    signers = load_signers(args.signers)
+    try:
+        data = read_file(args.file)
+        signature = read_file(args.signature, SIGNATURE_MAX)
+    except OSError as e:
+        raise UsageError("cannot read %s: %s" % (e.filename, e.strerror))
+    signer = verify_signature(data, signature, signers, namespace=args.namespace, now=parse_now(args.now))
+    print("isconf: good signature by %s (%s)" % (",".join(signer.principals), key_fingerprint(signer.key_blob)))
+
+
+def cmd_serve(args):
+    if not os.path.isdir(args.dir):
+        raise UsageError("%s is not a directory" % args.dir)
+    serve(args.dir, args.bind, args.port)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, as every other error is."""
+
+    def error(self, message):
+        raise UsageError("%s (see '%s --help')" % (message, self.prog))
+
+
+HELP = """\
+isconf keeps hosts identical by replaying one signed, ordered journal.
+
+On every host (the agent):
+  isconf init http://repo.example/isconf/ --branch web --signers keys.txt
+  isconf up            fetch, verify and apply pending transactions
+  isconf status        where this host stands; isconf log: the journal
+
+As an author (working on a repository directory, --repo or ISCONF_REPO):
+  isconf lock -m 'upgrade nginx'
+  isconf exec -- apt-get install -y nginx
+  isconf snap /etc/nginx/nginx.conf
+  isconf ci --sign ~/.ssh/id_ed25519
+
+Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
+4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem.
+"""
+
+
+def global_options(suppress):
+    """--root, --config, --repo, --branch: accepted before or after the verb."""
+    options = argparse.ArgumentParser(add_help=False)
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+    options.add_argument("--root", default=default(os.environ.get("ISCONF_ROOT", "/")),
+                         help="the host's root directory, e.g. a mounted target disk (default /)")
+    options.add_argument("--config", default=default(None),
+                         help="host config file (default ROOT/%s)" % CONFIG_PATH)
+    options.add_argument("--repo", default=default(os.environ.get("ISCONF_REPO")),
+                         help="repository directory, for author verbs (or ISCONF_REPO)")
+    options.add_argument("--branch", default=default(os.environ.get("ISCONF_BRANCH")),
+                         help="branch, for author verbs (or ISCONF_BRANCH, else the host's branch)")
+    return options
+
+
+def build_parser():
+    common = global_options(suppress=True)
+    parser = Parser(prog="isconf", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[global_options(suppress=False)])
+    parser.add_argument("--version", action="version", version="isconf " + __version__)
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
+
+    def verb(name, func, help_text, **kw):
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("init", cmd_init, "configure this host to follow a branch")
+    p.add_argument("urls", nargs="+", metavar="URL", help="repository mirrors, tried in order (http(s)://, "
+                   "file://, or a directory)")
+    p.add_argument("--signers", help="trusted authors' keys, OpenSSH allowed_signers format")
+    p.add_argument("--insecure", action="store_true", help="accept unsigned heads (warned about on every run)")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                   help="per-host variable for every exec (repeatable)")
+    p.add_argument("--reboot-command", help="what 'up -r' runs to reboot (default %s)" % DEFAULT_REBOOT)
+    p.add_argument("--force", action="store_true", help="overwrite an existing config")
+    p = verb("up", cmd_up, "fetch, verify and apply every pending transaction")
+    p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and reboot")
+    p.add_argument("--dry-run", action="store_true", help="fetch and verify, show what would run, apply nothing")
+    p.add_argument("--now", metavar="TIME", help="verify as if the UTC time were TIME (a miniroot with no clock)")
+    p = verb("status", cmd_status, "show branch, applied position, pending work and any failure")
+    p.add_argument("--json", action="store_true")
+    p = verb("log", cmd_log, "show the journal, newest first, with each entry's state here")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-n", type=int, metavar="N", help="show only the newest N entries")
+    p = verb("migrate", cmd_migrate, "follow another branch that extends what this host applied")
+    p.add_argument("new_branch", metavar="BRANCH")
+    p.add_argument("--now", metavar="TIME", help="verify as if the UTC time were TIME")
+    p = verb("skip", cmd_skip, "mark the failed transaction SEQ as skipped on this host, for good")
+    p.add_argument("seq", type=int, metavar="SEQ")
+    p.add_argument("-m", dest="message", required=True, metavar="WHY")
+    p = verb("verify-sig", cmd_verify_sig, "check an SSH signature of FILE the way hosts check heads")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--signature", required=True, metavar="SIG")
+    p.add_argument("--signers", required=True, metavar="ALLOWED_SIGNERS")
+    p.add_argument("--namespace", default=SIGNATURE_NAMESPACE)
+    p.add_argument("--now", metavar="TIME")
+
+    p = verb("init-repo", cmd_init_repo, "create an empty repository directory")
+    p.add_argument("dir", metavar="DIR")
+    p = verb("lock", cmd_lock, "take the branch's author lock")
+    p.add_argument("-m", dest="message", required=True, metavar="WHY")
+    p = verb("unlock", cmd_unlock, "release your lock (--force: break another's, discarding their work)")
+    p.add_argument("--force", action="store_true")
+    p = verb("exec", cmd_exec, "run a command now (inside --root) and stage it if it exits 0")
+    p.add_argument("--no-run", action="store_true", help="stage without running")
+    p.add_argument("--cwd", default="/", help="working directory inside the root (default /)")
+    p.add_argument("-m", dest="message", metavar="WHY")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    p = verb("snap", cmd_snap, "stage the current content and metadata of files")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("-m", dest="message", metavar="WHY")
+    p = verb("reboot", cmd_reboot, "stage a reboot")
+    p.add_argument("-m", dest="message", metavar="WHY")
+    p = verb("ci", cmd_ci, "append staged entries to the journal, sign the head, unlock")
+    p.add_argument("-m", dest="message", metavar="WHY")
+    p.add_argument("--sign", metavar="KEY", help="SSH private key, or public key held by ssh-agent "
+                   "(or ISCONF_SIGN_KEY)")
+    p.add_argument("--expires", metavar="DURATION", help="head expires after DURATION, e.g. 30d")
+    p = verb("fork", cmd_fork, "create branch NEW starting as a copy of this branch")
+    p.add_argument("new", metavar="NEW")
+    p.add_argument("--sign", metavar="KEY")
+    p.add_argument("--expires", metavar="DURATION")
+
+    p = verb("serve", cmd_serve, "serve a repository directory over HTTP (for trying out and tests)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--bind", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    return parser
+
+
+def main(argv=None):
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_USAGE
+        code = args.func(args)
+        return EXIT_OK if code is None else code
+    except IsconfError as e:
+        sys.stderr.write("isconf: error: %s\n" % e)
+        return e.exit_code
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
