@@ -29,6 +29,7 @@ import argparse
 import base64
 import binascii
 import calendar
+import collections
 import configparser
 import email.utils
 import errno
@@ -526,7 +527,446 @@ class Mirror(object):
 # Signatures: OpenSSH SSHSIG over the head, Ed25519 and RSA, allowed_signers.
 # ---------------------------------------------------------------------------
 
-SIGNATURES_SECTION_PLACEHOLDER = True
+AllowedSigner = collections.namedtuple("AllowedSigner", [
+    "principals", "key_type", "key_blob", "namespaces",
+    "valid_after", "valid_before", "cert_authority", "source"])
+
+SUPPORTED_KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
+_KEY_LABELS = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA"}
+_HASHES = ("sha256", "sha512")
+_RSA_DIGEST_INFO = {   # DER prefixes of DigestInfo, RFC 8017 section 9.2 note 1
+    "rsa-sha2-256": ("sha256", bytes.fromhex("3031300d060960864801650304020105000420")),
+    "rsa-sha2-512": ("sha512", bytes.fromhex("3051300d060960864801650304020305000440")),
+}
+_RSA_MIN_BITS, _RSA_MAX_BITS = 2048, 16384   # OpenSSH itself refuses over 16384
+_SSHSIG_MAGIC = b"SSHSIG"
+
+
+def key_fingerprint(key_blob):
+    """The SHA256:... form that `ssh-keygen -l` prints, so users can grep for it."""
+    digest = base64.b64encode(hashlib.sha256(key_blob).digest()).decode()
+    return "SHA256:" + digest.rstrip("=")
+
+
+def _key_name(key_blob):
+    try:
+        key_type = _Wire(key_blob, "key").text()
+    except Refused:
+        key_type = "unreadable key"
+    return "%s (%s)" % (key_fingerprint(key_blob), _KEY_LABELS.get(key_type, key_type))
+
+
+class _Wire:
+    """Reader for the SSH wire encoding (RFC 4251 section 5)."""
+
+    def __init__(self, data, what):
+        self.data, self.pos, self.what = data, 0, what
+
+    def _take(self, n):
+        if self.pos + n > len(self.data):
+            raise Refused("%s is malformed (a field runs past its end): it was "
+                          "truncated or altered; fetch it again" % self.what)
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def uint32(self):
+        return struct.unpack(">I", self._take(4))[0]
+
+    def string(self):
+        return self._take(self.uint32())
+
+    def text(self):
+        return self.string().decode("ascii", "replace")
+
+    def mpint(self):
+        raw = self.string()
+        # Negative or padded encodings would let one key have several blobs,
+        # and trust decisions compare blobs byte for byte.
+        if raw and (raw[0] & 0x80 or (raw[0] == 0 and (len(raw) == 1 or not raw[1] & 0x80))):
+            raise Refused("%s has a badly encoded number: the key is corrupt; "
+                          "copy it again from the .pub file" % self.what)
+        return int.from_bytes(raw, "big")
+
+    def end(self):
+        if self.pos != len(self.data):
+            raise Refused("%s has %d unexpected trailing bytes: it was altered; "
+                          "fetch it again" % (self.what, len(self.data) - self.pos))
+
+
+def _ssh_string(data):
+    return struct.pack(">I", len(data)) + data
+
+
+# --- Ed25519 (RFC 8032 section 5.1) ------------------------------------------
+#
+# Points are extended twisted Edwards coordinates (X, Y, Z, T) with x = X/Z,
+# y = Y/Z, x*y = T/Z, so additions need no inversion; the one inversion comes
+# when the result is encoded.
+
+_P = 2 ** 255 - 19
+_L = 2 ** 252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_D2 = 2 * _D % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+_IDENTITY = (0, 1, 1, 0)
+
+
+def _add(p, q):   # add-2008-hwcd-3, complete for a = -1
+    x1, y1, z1, t1 = p
+    x2, y2, z2, t2 = q
+    a = (y1 - x1) * (y2 - x2) % _P
+    b = (y1 + x1) * (y2 + x2) % _P
+    c = t1 * _D2 * t2 % _P
+    d = 2 * z1 * z2 % _P
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return e * f % _P, g * h % _P, f * g % _P, e * h % _P
+
+
+def _double(p):   # dbl-2008-hwcd with a = -1
+    x1, y1, z1, _ = p
+    a, b = x1 * x1 % _P, y1 * y1 % _P
+    c = 2 * z1 * z1 % _P
+    e = ((x1 + y1) * (x1 + y1) - a - b) % _P
+    g = b - a
+    f, h = g - c, -a - b
+    return e * f % _P, g * h % _P, f * g % _P, e * h % _P
+
+
+def _decode_point(s):
+    """RFC 8032 section 5.1.3, refusing non-canonical y and x = 0 with sign 1."""
+    y = int.from_bytes(s, "little")
+    sign, y = y >> 255, y & ((1 << 255) - 1)
+    if y >= _P:
+        return None
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if v * x * x % _P == (-u) % _P:
+        x = x * _SQRT_M1 % _P
+    if v * x * x % _P != u or (x == 0 and sign):
+        return None
+    if x & 1 != sign:
+        x = _P - x
+    return x, y, 1, x * y % _P
+
+
+def _encode_point(p):
+    x, y, z, _ = p
+    zi = pow(z, _P - 2, _P)
+    x, y = x * zi % _P, y * zi % _P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _window_table(p):
+    """0P .. 15P, for 4-bit fixed-window scalar multiplication."""
+    table = [_IDENTITY, p]
+    for _ in range(14):
+        table.append(_add(table[-1], p))
+    return table
+
+
+_BASE = _decode_point(bytes.fromhex(
+    "5866666666666666666666666666666666666666666666666666666666666666"))
+_BASE_TABLE = _window_table(_BASE)   # built once: B never changes
+
+
+def _ed25519_verify(public, message, signature):
+    """RFC 8032 section 5.1.7 with the cofactorless equation [S]B = R + [k]A.
+
+    OpenSSH (SUPERCOP ref code) checks exactly that: it computes
+    [S]B - [k]A and compares its encoding with R byte for byte, so we do the
+    same, which also refuses non-canonical encodings of R.  Unlike OpenSSH we
+    refuse S >= L (RFC 8032), which only a forger of a malleated copy produces.
+    """
+    if len(signature) != 64:
+        return False
+    a = _decode_point(public)
+    s = int.from_bytes(signature[32:], "little")
+    if a is None or s >= _L:
+        return False
+    k = int.from_bytes(hashlib.sha512(signature[:32] + public + message).digest(), "little") % _L
+    minus_a = (_P - a[0], a[1], 1, _P - a[3])
+    a_table = _window_table(minus_a)
+    acc = _IDENTITY
+    # Straus: one shared chain of doublings for both scalars, 4 bits at a time.
+    for shift in range(252, -1, -4):
+        acc = _double(_double(_double(_double(acc))))
+        ks, ss = (k >> shift) & 15, (s >> shift) & 15
+        if ks:
+            acc = _add(acc, a_table[ks])
+        if ss:
+            acc = _add(acc, _BASE_TABLE[ss])
+    return _encode_point(acc) == signature[:32]
+
+
+# --- RSA (RFC 8017 RSASSA-PKCS1-v1_5) ----------------------------------------
+
+def _rsa_verify(e, n, algorithm, message, signature):
+    hash_name, digest_info = _RSA_DIGEST_INFO[algorithm]
+    size = (n.bit_length() + 7) // 8
+    s = int.from_bytes(signature, "big")
+    if len(signature) != size or s >= n:
+        return False
+    digest = digest_info + hashlib.new(hash_name, message).digest()
+    expected = b"\x00\x01" + b"\xff" * (size - 3 - len(digest)) + b"\x00" + digest
+    return pow(s, e, n).to_bytes(size, "big") == expected
+
+
+# --- public keys ---------------------------------------------------------------
+
+def _check_public_key(key_blob, where):
+    """Refuse key types and sizes we cannot or will not verify."""
+    wire = _Wire(key_blob, "%s: the key" % where)
+    key_type = wire.text()
+    if key_type not in SUPPORTED_KEY_TYPES:
+        raise Refused("%s: key type %s is not supported (only %s); list an Ed25519 "
+                      "or RSA key" % (where, key_type, " and ".join(SUPPORTED_KEY_TYPES)))
+    if key_type == "ssh-ed25519":
+        if len(wire.string()) != 32:
+            raise Refused("%s: Ed25519 key is not 32 bytes: copy it again from the "
+                          ".pub file" % where)
+    else:
+        e, n = wire.mpint(), wire.mpint()
+        if not _RSA_MIN_BITS <= n.bit_length() <= _RSA_MAX_BITS:
+            raise Refused("%s: RSA key has %d bits, outside %d..%d; use an Ed25519 "
+                          "or a larger RSA key" % (where, n.bit_length(), _RSA_MIN_BITS, _RSA_MAX_BITS))
+        if e < 3 or e % 2 == 0:
+            raise Refused("%s: RSA key has an invalid public exponent: copy it again "
+                          "from the .pub file" % where)
+    wire.end()
+    return key_type
+
+
+# --- allowed_signers -----------------------------------------------------------
+
+_COMMENT_OR_BLANK = re.compile(r"[ \t]*(#|$)")
+_PRINCIPALS = re.compile(r'[ \t]*(?:"([^"]*)"|([^\s"]+))[ \t]+')
+# Any OpenSSH key type name; anything else in that position is an option list.
+_KEY_TYPE_NAME = re.compile(r"(?:ssh|ecdsa|sk)-[\w@.-]+(?:[ \t]|$)")
+_OPTION = re.compile(r'(cert-authority)|(namespaces|valid-after|valid-before)="((?:\\"|[^"])*)"', re.I)
+_TIMESTAMP = re.compile(r"(\d{4})(\d\d)(\d\d)(?:(\d\d)(\d\d)(\d\d)?)?(z|utc)?\Z", re.I)
+
+
+def _parse_timestamp(value, where):
+    """YYYYMMDD[HHMM[SS]][Z], read as ssh-keygen's parse_absolute_time does.
+
+    Without Z (or UTC) the time is local and fed to mktime() with tm_isdst = 0,
+    exactly like OpenSSH, so both tools agree to the second even across DST.
+    """
+    m = _TIMESTAMP.match(value)
+    bad = Refused("%s: timestamp %r is not YYYYMMDD[HHMM[SS]][Z]; fix the "
+                  "allowed_signers line" % (where, value))
+    if not m:
+        raise bad
+    year, month, day, hour, minute, second = (int(g or 0) for g in m.groups()[:6])
+    if not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]
+            and hour < 24 and minute < 60 and second < 60):
+        raise bad
+    fields = (year, month, day, hour, minute, second, 0, 0, 0)
+    try:
+        epoch = calendar.timegm(fields) if m.group(7) else int(time.mktime(fields))
+    except (OverflowError, ValueError):
+        raise bad
+    if epoch <= 0:   # OpenSSH treats 0 as "unset" and refuses earlier times
+        raise bad
+    return epoch
+
+
+def _parse_options(text, where):
+    """The option list, following OpenSSH's sshsigopt_parse(); returns the rest."""
+    options, pos = {}, 0
+    while True:
+        m = _OPTION.match(text, pos)
+        if not m:
+            raise Refused("%s: unknown or malformed option at %r; allowed are "
+                          "cert-authority, namespaces=\"...\", valid-after=\"...\", "
+                          "valid-before=\"...\"" % (where, text[pos:pos + 30]))
+        name = (m.group(1) or m.group(2)).lower()
+        if name in options:
+            raise Refused("%s: option %s is given twice; keep one" % (where, name))
+        options[name] = m.group(3).replace('\\"', '"') if m.group(2) else True
+        pos = m.end()
+        if text[pos:pos + 1] in ("", " ", "\t"):
+            return options, text[pos:]
+        if text[pos] != "," or text[pos + 1:pos + 2] in ("", " ", "\t"):
+            raise Refused("%s: options must be separated by single commas with no "
+                          "spaces; fix the allowed_signers line" % where)
+        pos += 1
+
+
+def _parse_line(line, where):
+    m = _PRINCIPALS.match(line)
+    if not m or m.group(1) == "":
+        raise Refused("%s: expected principals, then optional options, then a key; "
+                      "fix the allowed_signers line" % where)
+    principals, rest = (m.group(1) or m.group(2)).split(","), line[m.end():]
+    options = {}
+    if not _KEY_TYPE_NAME.match(rest):
+        options, rest = _parse_options(rest, where)
+    # cert-authority is refused while parsing: SSHSIG signatures made with a
+    # certificate are not supported, so such a line could never vouch for
+    # anything and would only hide a misconfiguration until a signature fails.
+    if "cert-authority" in options:
+        raise Refused("%s: certificate authorities (cert-authority) are not supported; "
+                      "list the signing key itself" % where)
+    fields = rest.split(None, 2)
+    if len(fields) < 2:
+        raise Refused("%s: missing key type or base64 key; paste the whole line of "
+                      "the signer's .pub file" % where)
+    key_type, key_text = fields[0], fields[1]
+    if key_type not in SUPPORTED_KEY_TYPES:
+        raise Refused("%s: key type %s is not supported (only %s); list an Ed25519 "
+                      "or RSA key" % (where, key_type, " and ".join(SUPPORTED_KEY_TYPES)))
+    try:
+        key_blob = base64.b64decode(key_text, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refused("%s: the key is not valid base64; copy it again from the .pub "
+                      "file" % where)
+    inner_type = _check_public_key(key_blob, where)
+    if inner_type != key_type:
+        raise Refused("%s: line says %s but the key is %s; copy the line again from "
+                      "the .pub file" % (where, key_type, inner_type))
+    valid_after = valid_before = None
+    if "valid-after" in options:
+        valid_after = _parse_timestamp(options["valid-after"], where)
+    if "valid-before" in options:
+        valid_before = _parse_timestamp(options["valid-before"], where)
+    if valid_after and valid_before and valid_before <= valid_after:
+        raise Refused("%s: valid-before is not after valid-after; fix the dates" % where)
+    namespaces = options.get("namespaces")
+    return AllowedSigner(principals, key_type, key_blob,
+                         None if namespaces is None else namespaces.split(","),
+                         valid_after, valid_before, False, where)
+
+
+def parse_allowed_signers(text, source="allowed_signers"):
+    """Every line must parse: a line we skipped could be a key the admin revoked."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Refused("%s is not UTF-8 text; fix its encoding" % source)
+    signers = []
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if not _COMMENT_OR_BLANK.match(line):
+            signers.append(_parse_line(line, "%s:%d" % (source, number)))
+    return signers
+
+
+def _pattern_list_matches(name, patterns):
+    """OpenSSH match_pattern_list(): * and ? wildcards; a matching !pattern vetoes."""
+    matched = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        glob = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                       for c in pattern[negated:])
+        if re.match(glob + r"\Z", name, re.S):
+            if negated:
+                return False
+            matched = True
+    return matched
+
+
+# --- SSHSIG ----------------------------------------------------------------------
+
+_ARMOUR = re.compile(rb"-----BEGIN SSH SIGNATURE-----\r?\n([A-Za-z0-9+/=\r\n]+?)\r?\n"
+                     rb"-----END SSH SIGNATURE-----(?:\r?\n)?\Z")
+
+
+def _dearmour(armored):
+    if isinstance(armored, str):
+        armored = armored.encode("ascii", "replace")
+    m = _ARMOUR.match(armored)
+    if not m:
+        raise Refused("signature is not a complete -----BEGIN/END SSH SIGNATURE----- "
+                      "block with nothing around it: it was truncated or altered; fetch it again")
+    try:
+        return base64.b64decode(re.sub(rb"\r?\n", b"", m.group(1)), validate=True)
+    except (binascii.Error, ValueError):
+        raise Refused("signature armour holds invalid base64: it was altered; fetch it again")
+
+
+def _unusable(signer, namespace, now):
+    """Why this allowed_signers line may not vouch for the signature, or None."""
+    key = "key %s at %s" % (_key_name(signer.key_blob), signer.source)
+    utc = lambda t: time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    # Same bounds as ssh-keygen: both ends of the window are inclusive.
+    if signer.valid_after is not None and now < signer.valid_after:
+        return ("%s is not valid before %s (it is now %s); wait, or fix valid-after"
+                % (key, utc(signer.valid_after), utc(now)))
+    if signer.valid_before is not None and now > signer.valid_before:
+        return ("%s expired at %s (it is now %s); sign with a current key or renew "
+                "its valid-before" % (key, utc(signer.valid_before), utc(now)))
+    if signer.namespaces is not None and not _pattern_list_matches(namespace, signer.namespaces):
+        return ("%s may sign only namespaces %s, not %r; sign with another key or add "
+                "the namespace" % (key, ",".join(signer.namespaces), namespace))
+    return None
+
+
+def verify_signature(message, armored, signers, namespace=SIGNATURE_NAMESPACE, now=None):
+    """Check an `ssh-keygen -Y sign` signature; return the AllowedSigner vouching for it."""
+    blob = _dearmour(armored)
+    if not blob.startswith(_SSHSIG_MAGIC):
+        raise Refused("signature does not start with SSHSIG: it is not an ssh-keygen "
+                      "-Y sign signature or was altered; fetch it again")
+    wire = _Wire(blob[len(_SSHSIG_MAGIC):], "signature")
+    version = wire.uint32()
+    if version != 1:
+        raise Refused("signature format version %d is not supported (only 1); sign "
+                      "again with a current ssh-keygen" % version)
+    key_blob = wire.string()
+    signed_namespace = wire.string().decode("utf-8", "replace")
+    reserved = wire.string()
+    hash_name = wire.text()
+    inner = wire.string()
+    wire.end()
+    if reserved:
+        raise Refused("signature has a non-empty reserved field: it was altered or "
+                      "made by an unknown tool; sign again with ssh-keygen -Y sign")
+    if signed_namespace != namespace:
+        raise Refused("signature is for namespace %r, not %r: it was made for another "
+                      "purpose; sign again with -n %s" % (signed_namespace, namespace, namespace))
+    if hash_name not in _HASHES:
+        raise Refused("signature uses hash %r (only sha256 and sha512 are supported); "
+                      "sign again with -O hashalg=sha512" % hash_name)
+
+    # Certificate-authority entries never match a plain key, as in ssh-keygen.
+    candidates = [s for s in signers if s.key_blob == key_blob and not s.cert_authority]
+    if not candidates:
+        raise Refused("signature was made with key %s, which is not in allowed_signers: "
+                      "add it there if it is trusted" % _key_name(key_blob))
+    reasons = [_unusable(s, namespace, time.time() if now is None else now) for s in candidates]
+    if None not in reasons:
+        raise Refused(reasons[0])
+    signer = candidates[reasons.index(None)]
+
+    signed = (_SSHSIG_MAGIC + _ssh_string(namespace.encode("utf-8")) + _ssh_string(b"")
+              + _ssh_string(hash_name.encode()) + _ssh_string(hashlib.new(hash_name, message).digest()))
+    wire = _Wire(inner, "signature value")
+    algorithm, raw = wire.text(), wire.string()
+    wire.end()
+    key = _Wire(key_blob, "signature key")
+    key.text()
+    if signer.key_type == "ssh-ed25519":
+        if algorithm != "ssh-ed25519":
+            raise Refused("signature algorithm %s does not match Ed25519 key %s: it was "
+                          "altered; fetch it again" % (algorithm, _key_name(key_blob)))
+        good = _ed25519_verify(key.string(), signed, raw)
+    else:
+        if algorithm == "ssh-rsa":
+            raise Refused("signature uses RSA with SHA-1 (ssh-rsa), which is refused; "
+                          "sign again with a current ssh-keygen (rsa-sha2-512)")
+        if algorithm not in _RSA_DIGEST_INFO:
+            raise Refused("signature algorithm %s does not match RSA key %s: it was "
+                          "altered; fetch it again" % (algorithm, _key_name(key_blob)))
+        e = key.mpint()
+        good = _rsa_verify(e, key.mpint(), algorithm, signed, raw)
+    if not good:
+        raise Refused("signature does not verify with key %s: the signed data or its "
+                      "signature was altered; fetch both again or check the mirror"
+                      % _key_name(key_blob))
+    return signer
 
 
 # ---------------------------------------------------------------------------
@@ -822,8 +1262,9 @@ class Host(object):
         return self._config
 
     def ensure_state(self):
-        for sub in ("", "objects", "logs", "incoming"):
+        for sub in ("", "objects", "logs"):
             makedirs(self.path(sub), 0o700)
+        os.close(os.open(self.path("lock"), os.O_WRONLY | os.O_CREAT, 0o600))
 
     def lock(self):
         if not os.path.isdir(self.state):

@@ -1,0 +1,241 @@
+"""Fixtures: the real script as a subprocess, a real server, real keys, real roots."""
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ISCONF = os.path.join(TOP, "isconf.py")
+AUTHOR = "alice@example"
+PRINCIPAL = "admin@example"
+
+
+def interpreter_version(path):
+    m = re.search(r"/versions/(\d+)\.(\d+)\.(\d+)/", path)
+    return tuple(int(x) for x in m.groups()) if m else (0,)
+
+
+# Every CPython 3.6 to 3.13 on this machine; the default interpreter if there are none.
+PYTHONS = sorted((p for p in glob.glob("/root/.pyenv/versions/3.*/bin/python3")
+                  if (3, 6) <= interpreter_version(p)[:2] <= (3, 13)), key=interpreter_version) or [sys.executable]
+EXIT = {"ok": 0, "failed": 1, "usage": 2, "unreachable": 3, "refused": 4, "reboot": 5, "busy": 6, "state": 7}
+
+
+def run_isconf(*args, python=None, env=None, expect=None, timeout=120, input=None):
+    """Run isconf.py in isolated mode; check the exit code when `expect` names one."""
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ISCONF_AUTHOR": AUTHOR, "LC_ALL": "C.UTF-8"}
+    base.update(env or {})
+    proc = subprocess.run([python or sys.executable, "-I", ISCONF] + [str(a) for a in args],
+                          env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                          input=input, stdin=None if input is not None else subprocess.DEVNULL)
+    proc.out = proc.stdout.decode("utf-8", "replace")
+    proc.err = proc.stderr.decode("utf-8", "replace")
+    if expect is not None:
+        assert proc.returncode == EXIT[expect], "isconf %s -> %d, wanted %s\nstdout:\n%s\nstderr:\n%s" % (
+            " ".join(map(str, args)), proc.returncode, expect, proc.out, proc.err)
+    return proc
+
+
+def error_line(proc):
+    """The one 'isconf: error:' line of a failed run (and check there is exactly one)."""
+    lines = [l for l in proc.err.splitlines() if l.startswith("isconf: error:")]
+    assert len(lines) == 1, proc.err
+    return lines[0]
+
+
+class Keys(object):
+    """A real ssh-keygen key pair and an allowed_signers file that trusts it."""
+
+    def __init__(self, directory, kind="ed25519", principal=PRINCIPAL, options=""):
+        os.makedirs(directory, exist_ok=True)
+        self.private = os.path.join(directory, "id_" + kind)
+        bits = ["-b", "3072"] if kind == "rsa" else []
+        subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", principal, "-f", self.private] + bits,
+                       check=True, stdin=subprocess.DEVNULL)
+        self.public = self.private + ".pub"
+        with open(self.public) as f:
+            self.public_line = f.read().strip()
+        self.signers = os.path.join(directory, "allowed_signers_" + kind)
+        self.write_signers(principal, options)
+
+    def write_signers(self, principal=PRINCIPAL, options="", path=None):
+        key = " ".join(self.public_line.split()[:2])
+        with open(path or self.signers, "w") as f:
+            f.write("%s %s%s\n" % (principal, options + " " if options else "", key))
+        return path or self.signers
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory):
+    return Keys(str(tmp_path_factory.mktemp("keys")))
+
+
+@pytest.fixture(scope="session")
+def rsa_keys(tmp_path_factory):
+    return Keys(str(tmp_path_factory.mktemp("rsakeys")), kind="rsa")
+
+
+class Author(object):
+    """An author working on a repository directory, on one branch, with one key."""
+
+    def __init__(self, repo, branch="web", keys=None):
+        self.repo, self.branch, self.keys = repo, branch, keys
+        if not os.path.exists(os.path.join(repo, "isconf-repo")):
+            run_isconf("init-repo", repo, expect="ok")
+
+    def __call__(self, *args, **kw):
+        kw.setdefault("expect", "ok")
+        return run_isconf("--repo", self.repo, "--branch", self.branch, *args, **kw)
+
+    def ci(self, *args, **kw):
+        sign = ["--sign", self.keys.private] if self.keys else []
+        return self("ci", *(sign + list(args)), **kw)
+
+    def commit(self, *steps, **kw):
+        """lock, each step (a list of args), ci: one call per published change."""
+        self("lock", "-m", kw.get("why", "test change"))
+        for step in steps:
+            self(*step)
+        return self.ci()
+
+    def journal(self):
+        with open(os.path.join(self.repo, "branches", self.branch, "journal"), "rb") as f:
+            return f.read()
+
+    def path(self, *parts):
+        return os.path.join(self.repo, "branches", self.branch, *parts)
+
+
+@pytest.fixture
+def author(tmp_path, keys):
+    return Author(str(tmp_path / "repo"), keys=keys)
+
+
+class Server(object):
+    """`isconf serve` as a real process on 127.0.0.1, with its access log."""
+
+    def __init__(self, directory, log):
+        self.log_path = log
+        self.logf = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-I", ISCONF, "serve", directory, "--port", "0"],
+                                     stdout=subprocess.DEVNULL, stderr=self.logf, stdin=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            m = re.search(r"serving .* on (http://\S+)", self.log_text())
+            if m:
+                self.url = m.group(1)
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("server did not start: " + self.log_text())
+
+    def log_text(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def requests(self):
+        """Access-log lines of requests (not the start-up line)."""
+        return [l for l in self.log_text().splitlines() if '"GET ' in l or '"HEAD ' in l]
+
+    def mark(self):
+        """Number of requests so far, to count those made after this point."""
+        return len(self.requests())
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.logf.close()
+
+
+@pytest.fixture
+def server(author, tmp_path):
+    s = Server(author.repo, str(tmp_path / "access.log"))
+    yield s
+    s.stop()
+
+
+class Host(object):
+    """A host root directory driven through the real script."""
+
+    def __init__(self, root, python=None):
+        self.root, self.python = root, python
+        os.makedirs(root, exist_ok=True)
+
+    def __call__(self, *args, **kw):
+        kw.setdefault("python", self.python)
+        return run_isconf("--root", self.root, *args, **kw)
+
+    def init(self, urls, keys=None, *extra):
+        """isconf init: one URL or a list of mirrors, trusting `keys` (None: --insecure)."""
+        urls = [urls] if isinstance(urls, str) else urls
+        signers = ["--signers", keys.signers] if keys else ["--insecure"]
+        return self("init", *(urls + ["--branch", "web"] + signers + list(extra)), expect="ok")
+
+    def path(self, path):
+        return os.path.join(self.root, path.lstrip("/"))
+
+    def state(self, *parts):
+        return os.path.join(self.root, "var/lib/isconf", *parts)
+
+    def status(self):
+        return json.loads(self("status", "--json", expect="ok").out)
+
+    def snapshot(self):
+        """Every file under the root with its bytes and metadata: to prove nothing changed.
+
+        The time of the last successful run is left out: recording it is not applying anything."""
+        seen = {}
+        for top, dirs, files in os.walk(self.root):
+            for name in dirs + files:
+                p = os.path.join(top, name)
+                if p == self.state("last-success"):
+                    continue
+                st = os.lstat(p)
+                content = None
+                if os.path.isfile(p) and not os.path.islink(p):
+                    with open(p, "rb") as f:
+                        content = f.read()
+                seen[os.path.relpath(p, self.root)] = (st.st_mode, st.st_uid, st.st_gid, content)
+        return seen
+
+
+@pytest.fixture
+def host(tmp_path):
+    return Host(str(tmp_path / "host"))
+
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+APPLETS = ["sh", "cat", "echo", "touch", "mkdir", "rm", "ls", "sleep", "false", "true", "test", "env", "pwd"]
+
+
+def install_busybox(root):
+    """A minimal chroot: Debian's static busybox and a few applet links."""
+    bindir = os.path.join(root, "bin")
+    os.makedirs(bindir, exist_ok=True)
+    shutil.copy2(BUSYBOX, os.path.join(bindir, "busybox"))
+    for applet in APPLETS:
+        link = os.path.join(bindir, applet)
+        if not os.path.lexists(link):
+            os.symlink("busybox", link)
+    os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+    for p in ("etc/passwd", "etc/group"):
+        os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+    with open(os.path.join(root, "etc/passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\ndaemon:x:1:1:daemon:/:/bin/false\nwww:x:33:33:www:/var/www:/bin/false\n")
+    with open(os.path.join(root, "etc/group"), "w") as f:
+        f.write("root:x:0:\ndaemon:x:1:\nwww:x:33:\n")
+
+
+@pytest.fixture
+def busybox_root():
+    """A function that makes a directory into a runnable chroot."""
+    if not os.path.exists(BUSYBOX):
+        pytest.fail("busybox-static is not installed; .ci/run installs it")
+    return install_busybox
