@@ -551,7 +551,7 @@ def key_fingerprint(key_blob):
 def _key_name(key_blob):
     try:
         key_type = _Wire(key_blob, "key").text()
-    except Refused:
+    except Refused:   # only naming the key here; the caller is already refusing
         key_type = "unreadable key"
     return "%s (%s)" % (key_fingerprint(key_blob), _KEY_LABELS.get(key_type, key_type))
 
@@ -559,13 +559,13 @@ def _key_name(key_blob):
 class _Wire:
     """Reader for the SSH wire encoding (RFC 4251 section 5)."""
 
-    def __init__(self, data, what):
-        self.data, self.pos, self.what = data, 0, what
+    def __init__(self, data, what, advice="fetch it again"):
+        self.data, self.pos, self.what, self.advice = data, 0, what, advice
 
     def _take(self, n):
         if self.pos + n > len(self.data):
             raise Refused("%s is malformed (a field runs past its end): it was "
-                          "truncated or altered; fetch it again" % self.what)
+                          "truncated or altered; %s" % (self.what, self.advice))
         chunk = self.data[self.pos:self.pos + n]
         self.pos += n
         return chunk
@@ -584,14 +584,14 @@ class _Wire:
         # Negative or padded encodings would let one key have several blobs,
         # and trust decisions compare blobs byte for byte.
         if raw and (raw[0] & 0x80 or (raw[0] == 0 and (len(raw) == 1 or not raw[1] & 0x80))):
-            raise Refused("%s has a badly encoded number: the key is corrupt; "
-                          "copy it again from the .pub file" % self.what)
+            raise Refused("%s has a badly encoded number: it was altered; %s"
+                          % (self.what, self.advice))
         return int.from_bytes(raw, "big")
 
     def end(self):
         if self.pos != len(self.data):
-            raise Refused("%s has %d unexpected trailing bytes: it was altered; "
-                          "fetch it again" % (self.what, len(self.data) - self.pos))
+            raise Refused("%s has %d unexpected trailing bytes: it was altered; %s"
+                          % (self.what, len(self.data) - self.pos, self.advice))
 
 
 def _ssh_string(data):
@@ -714,27 +714,30 @@ def _rsa_verify(e, n, algorithm, message, signature):
 
 # --- public keys ---------------------------------------------------------------
 
-def _check_public_key(key_blob, where):
-    """Refuse key types and sizes we cannot or will not verify."""
-    wire = _Wire(key_blob, "%s: the key" % where)
+def _read_public_key(key_blob, where):
+    """(key type, parameters), refusing key types and sizes we will not verify."""
+    wire = _Wire(key_blob, "%s: the key" % where, "copy it again from the .pub file")
     key_type = wire.text()
     if key_type not in SUPPORTED_KEY_TYPES:
         raise Refused("%s: key type %s is not supported (only %s); list an Ed25519 "
                       "or RSA key" % (where, key_type, " and ".join(SUPPORTED_KEY_TYPES)))
     if key_type == "ssh-ed25519":
-        if len(wire.string()) != 32:
+        params = (wire.string(),)
+        if len(params[0]) != 32:
             raise Refused("%s: Ed25519 key is not 32 bytes: copy it again from the "
                           ".pub file" % where)
     else:
-        e, n = wire.mpint(), wire.mpint()
+        e = wire.mpint()
+        n = wire.mpint()
         if not _RSA_MIN_BITS <= n.bit_length() <= _RSA_MAX_BITS:
             raise Refused("%s: RSA key has %d bits, outside %d..%d; use an Ed25519 "
                           "or a larger RSA key" % (where, n.bit_length(), _RSA_MIN_BITS, _RSA_MAX_BITS))
         if e < 3 or e % 2 == 0:
             raise Refused("%s: RSA key has an invalid public exponent: copy it again "
                           "from the .pub file" % where)
+        params = (e, n)
     wire.end()
-    return key_type
+    return key_type, params
 
 
 # --- allowed_signers -----------------------------------------------------------
@@ -754,8 +757,8 @@ def _parse_timestamp(value, where):
     exactly like OpenSSH, so both tools agree to the second even across DST.
     """
     m = _TIMESTAMP.match(value)
-    bad = Refused("%s: timestamp %r is not YYYYMMDD[HHMM[SS]][Z]; fix the "
-                  "allowed_signers line" % (where, value))
+    bad = Refused("%s: timestamp %r is not a YYYYMMDD[HHMM[SS]][Z] time after 1970; "
+                  "fix the allowed_signers line" % (where, value))
     if not m:
         raise bad
     year, month, day, hour, minute, second = (int(g or 0) for g in m.groups()[:6])
@@ -822,7 +825,7 @@ def _parse_line(line, where):
     except (binascii.Error, ValueError):
         raise Refused("%s: the key is not valid base64; copy it again from the .pub "
                       "file" % where)
-    inner_type = _check_public_key(key_blob, where)
+    inner_type = _read_public_key(key_blob, where)[0]
     if inner_type != key_type:
         raise Refused("%s: line says %s but the key is %s; copy the line again from "
                       "the .pub file" % (where, key_type, inner_type))
@@ -870,8 +873,8 @@ def _pattern_list_matches(name, patterns):
 
 # --- SSHSIG ----------------------------------------------------------------------
 
-_ARMOUR = re.compile(rb"-----BEGIN SSH SIGNATURE-----\r?\n([A-Za-z0-9+/=\r\n]+?)\r?\n"
-                     rb"-----END SSH SIGNATURE-----(?:\r?\n)?\Z")
+_ARMOUR = re.compile(br"-----BEGIN SSH SIGNATURE-----\r?\n([A-Za-z0-9+/=\r\n]+?)\r?\n"
+                     br"-----END SSH SIGNATURE-----(?:\r?\n)?\Z")
 
 
 def _dearmour(armored):
@@ -882,7 +885,7 @@ def _dearmour(armored):
         raise Refused("signature is not a complete -----BEGIN/END SSH SIGNATURE----- "
                       "block with nothing around it: it was truncated or altered; fetch it again")
     try:
-        return base64.b64decode(re.sub(rb"\r?\n", b"", m.group(1)), validate=True)
+        return base64.b64decode(re.sub(br"\r?\n", b"", m.group(1)), validate=True)
     except (binascii.Error, ValueError):
         raise Refused("signature armour holds invalid base64: it was altered; fetch it again")
 
@@ -916,7 +919,7 @@ def verify_signature(message, armored, signers, namespace=SIGNATURE_NAMESPACE, n
         raise Refused("signature format version %d is not supported (only 1); sign "
                       "again with a current ssh-keygen" % version)
     key_blob = wire.string()
-    signed_namespace = wire.string().decode("utf-8", "replace")
+    signed_namespace = wire.string()
     reserved = wire.string()
     hash_name = wire.text()
     inner = wire.string()
@@ -924,9 +927,10 @@ def verify_signature(message, armored, signers, namespace=SIGNATURE_NAMESPACE, n
     if reserved:
         raise Refused("signature has a non-empty reserved field: it was altered or "
                       "made by an unknown tool; sign again with ssh-keygen -Y sign")
-    if signed_namespace != namespace:
+    if signed_namespace != namespace.encode("utf-8"):
         raise Refused("signature is for namespace %r, not %r: it was made for another "
-                      "purpose; sign again with -n %s" % (signed_namespace, namespace, namespace))
+                      "purpose; sign again with -n %s"
+                      % (signed_namespace.decode("utf-8", "replace"), namespace, namespace))
     if hash_name not in _HASHES:
         raise Refused("signature uses hash %r (only sha256 and sha512 are supported); "
                       "sign again with -O hashalg=sha512" % hash_name)
@@ -936,7 +940,8 @@ def verify_signature(message, armored, signers, namespace=SIGNATURE_NAMESPACE, n
     if not candidates:
         raise Refused("signature was made with key %s, which is not in allowed_signers: "
                       "add it there if it is trusted" % _key_name(key_blob))
-    reasons = [_unusable(s, namespace, time.time() if now is None else now) for s in candidates]
+    now = time.time() if now is None else now
+    reasons = [_unusable(s, namespace, now) for s in candidates]
     if None not in reasons:
         raise Refused(reasons[0])
     signer = candidates[reasons.index(None)]
@@ -946,13 +951,12 @@ def verify_signature(message, armored, signers, namespace=SIGNATURE_NAMESPACE, n
     wire = _Wire(inner, "signature value")
     algorithm, raw = wire.text(), wire.string()
     wire.end()
-    key = _Wire(key_blob, "signature key")
-    key.text()
-    if signer.key_type == "ssh-ed25519":
+    key_type, params = _read_public_key(key_blob, signer.source)
+    if key_type == "ssh-ed25519":
         if algorithm != "ssh-ed25519":
             raise Refused("signature algorithm %s does not match Ed25519 key %s: it was "
                           "altered; fetch it again" % (algorithm, _key_name(key_blob)))
-        good = _ed25519_verify(key.string(), signed, raw)
+        good = _ed25519_verify(params[0], signed, raw)
     else:
         if algorithm == "ssh-rsa":
             raise Refused("signature uses RSA with SHA-1 (ssh-rsa), which is refused; "
@@ -960,8 +964,7 @@ def verify_signature(message, armored, signers, namespace=SIGNATURE_NAMESPACE, n
         if algorithm not in _RSA_DIGEST_INFO:
             raise Refused("signature algorithm %s does not match RSA key %s: it was "
                           "altered; fetch it again" % (algorithm, _key_name(key_blob)))
-        e = key.mpint()
-        good = _rsa_verify(e, key.mpint(), algorithm, signed, raw)
+        good = _rsa_verify(params[0], params[1], algorithm, signed, raw)
     if not good:
         raise Refused("signature does not verify with key %s: the signed data or its "
                       "signature was altered; fetch both again or check the mirror"
@@ -2319,8 +2322,9 @@ def cmd_init(args):
         atomic_write(host.signers_path, text)
     makedirs(os.path.dirname(host.config_path))
     extra = {}
-    if args.reboot_command:
-        extra["reboot_command"] = args.reboot_command
+    for key in ("reboot_command", "timeout", "deadline", "retries"):
+        if getattr(args, key) is not None:
+            extra[key] = getattr(args, key)
     atomic_write(host.config_path, Config.render(args.branch, args.urls, args.insecure, variables, extra))
     host.ensure_state()
     print("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
@@ -2565,6 +2569,12 @@ def build_parser():
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
                    help="per-host variable for every exec (repeatable)")
     p.add_argument("--reboot-command", help="what 'up -r' runs to reboot (default %s)" % DEFAULT_REBOOT)
+    p.add_argument("--timeout", type=float, help="seconds a connection may stay silent (default %d)"
+                   % DEFAULT_TIMEOUT)
+    p.add_argument("--deadline", type=float, help="seconds one fetch may take, plus 1 s per %d KiB (default %d)"
+                   % (MIN_RATE // 1024, DEFAULT_DEADLINE))
+    p.add_argument("--retries", type=int, help="rounds over all mirrors before giving up (default %d)"
+                   % DEFAULT_RETRIES)
     p.add_argument("--force", action="store_true", help="overwrite an existing config")
     p = verb("up", cmd_up, "fetch, verify and apply every pending transaction")
     p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and reboot")
