@@ -115,6 +115,10 @@ class Unreachable(IsconfError):
     exit_code = EXIT_UNREACHABLE
 
 
+class NotFound(Unreachable):
+    """A mirror answered, but has no such file."""
+
+
 class Refused(IsconfError):
     exit_code = EXIT_REFUSED
 
@@ -479,7 +483,7 @@ class Mirror(object):
             return Response(304)
         if status == 404:
             response.read(HEAD_MAX)
-            raise Unreachable("%s: not found (404); check the URL and the branch name" % what)
+            raise NotFound("%s: not found (404); check the URL and the branch name" % what)
         if status not in (200, 206):
             response.read(HEAD_MAX)
             raise Unreachable("%s: server answered %d %s" % (what, status, response.reason))
@@ -515,7 +519,7 @@ class Mirror(object):
                 f.seek(start)
                 body = f.read((limit if stop is None else min(limit, stop - start)) + 1)
         except FileNotFoundError:
-            raise Unreachable("%s: not found; check the path and the branch name" % what)
+            raise NotFound("%s: not found; check the path and the branch name" % what)
         except OSError as e:
             raise Unreachable("%s: %s" % (what, e.strerror))
         if len(body) > limit:
@@ -884,10 +888,16 @@ def _dearmour(armored):
     if not m:
         raise Refused("signature is not a complete -----BEGIN/END SSH SIGNATURE----- "
                       "block with nothing around it: it was truncated or altered; fetch it again")
+    body = re.sub(br"\r?\n", b"", m.group(1))
     try:
-        return base64.b64decode(re.sub(br"\r?\n", b"", m.group(1)), validate=True)
+        blob = base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
         raise Refused("signature armour holds invalid base64: it was altered; fetch it again")
+    # Unused low bits in the last base64 digit decode the same: refuse them, so that
+    # every flipped byte of a signature file is noticed.
+    if base64.b64encode(blob) != body:
+        raise Refused("signature armour's base64 is not in canonical form: it was altered; fetch it again")
+    return blob
 
 
 def _unusable(signer, namespace, now):
@@ -939,7 +949,8 @@ def verify_signature(message, armored, signers, namespace=SIGNATURE_NAMESPACE, n
     candidates = [s for s in signers if s.key_blob == key_blob and not s.cert_authority]
     if not candidates:
         raise Refused("signature was made with key %s, which is not in allowed_signers: "
-                      "add it there if it is trusted" % _key_name(key_blob))
+                      "add it there if it is trusted (after a key rotation, a host that missed "
+                      "the change adding the new key needs it added by hand)" % _key_name(key_blob))
     now = time.time() if now is None else now
     reasons = [_unusable(s, namespace, now) for s in candidates]
     if None not in reasons:
@@ -1628,8 +1639,14 @@ class Agent(object):
             return Plan(local, local_entries, applied_seq, fetched=False)
         signature = None
         if self.signers is not None:
-            signature = mirror.fetch(prefix + "head.sig", SIGNATURE_MAX).body
-            verify_signature(response.body, signature, self.signers, now=self.now())
+            try:
+                signature = mirror.fetch(prefix + "head.sig", SIGNATURE_MAX).body
+                verify_signature(response.body, signature, self.signers, now=self.now())
+            except NotFound:
+                raise Refused("head of branch %s from %s has no head.sig: this host accepts only signed "
+                              "heads; the author must 'ci --sign KEY'" % (branch, mirror))
+            except Refused as e:
+                raise Refused("head of branch %s from %s: %s" % (branch, mirror, e))
         head = Head.parse(response.body, "head from %s" % mirror)
         if head.branch != branch:
             raise Refused("head from %s is for branch %r, but this host follows %r; the mirror is "
@@ -2643,6 +2660,13 @@ def main(argv=None):
     except IsconfError as e:
         sys.stderr.write("isconf: error: %s\n" % e)
         return e.exit_code
+    except OSError as e:
+        # The last net for a system call no step above expected to fail (a full disk, a
+        # read-only root): still one line, and the local-state exit code.
+        where = " (%s)" % e.filename if e.filename else ""
+        sys.stderr.write("isconf: error: %s%s; check the disk and permissions, then run again\n"
+                         % (e.strerror or e, where))
+        return EXIT_STATE
     except BrokenPipeError:
         return EXIT_OK
 
