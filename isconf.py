@@ -31,6 +31,7 @@ import binascii
 import calendar
 import collections
 import configparser
+import contextlib
 import email.utils
 import errno
 import fcntl
@@ -1866,6 +1867,10 @@ class Repository(object):
             raise StateError("lock %s is damaged; 'isconf unlock --force' clears it" % self.lock_path(branch))
 
     def lock(self, branch, why):
+        with self.branch_mutex(branch):
+            self._lock(branch, why)
+
+    def _lock(self, branch, why):
         me = author_name()
         fields = canonical({"who": me, "why": why, "time": format_time(time.time())}) + b"\n"
         try:
@@ -1926,12 +1931,13 @@ class Repository(object):
     def checkin(self, branch, message, sign_key=None, expires=None):
         """Append the staged entries to the journal, write and sign the head, unlock.
 
-        The branch mutex keeps two authors' ci apart.  The journal is appended first and
-        the head replaced second, so a crash leaves the old head (and bytes past its
-        length, which the next ci cuts off) or the complete new state.
+        The branch mutex keeps two authors' ci apart.  The head is signed before anything
+        is written, so a signing failure changes nothing; then the journal grows, then
+        the head is published (see publish_head).  A crash leaves the old head (and bytes
+        past its length, which readers never read and the next ci cuts off) or the new.
         """
         holder = self.require_lock(branch)
-        with FileLock(os.path.join(self.work_dir(branch), "ci.lock"), "branch " + branch):
+        with self.branch_mutex(branch):
             staged = self.staged(branch)
             if not staged:
                 raise UsageError("nothing staged on branch %s; use exec, snap or reboot first" % branch)
@@ -1947,44 +1953,69 @@ class Repository(object):
                 entry = Entry.parse(canonical(fields), "staged entry")
                 lines.append(entry.line + b"\n")
                 seq, prev = entry.seq, entry.id
-            directory = self.branch_dir(branch)
-            makedirs(directory)
-            journal = os.path.join(directory, "journal")
+            new = Head.build(branch, seq, prev, len(data) + sum(len(l) for l in lines), now,
+                             now + expires if expires else None)
+            signature = sign_head(new.data, sign_key) if sign_key else None
+            makedirs(self.branch_dir(branch))
+            journal = os.path.join(self.branch_dir(branch), "journal")
             with open(journal, "ab") as f:
                 f.truncate(len(data))  # bytes a crashed ci left past the head
             durable_append(journal, b"".join(lines))
-            new = Head.build(branch, seq, prev, len(data) + sum(len(l) for l in lines), now,
-                             now + expires if expires else None)
-            self.publish_head(branch, new, sign_key)
+            self.publish_head(branch, new, signature)
             os.unlink(os.path.join(self.work_dir(branch), "staged"))
         os.unlink(self.lock_path(branch))
         return new, len(lines)
 
-    def publish_head(self, branch, head, sign_key):
+    @contextlib.contextmanager
+    def branch_mutex(self, branch):
+        """Held while a branch's files change; finishes a publication a crash interrupted."""
+        with FileLock(os.path.join(self.work_dir(branch), "ci.lock"), "branch " + branch):
+            self.finish_publication(branch)
+            yield
+
+    def publish_head(self, branch, head, signature):
+        """Replace head.sig and head, which cannot change in one rename.
+
+        The pair is recorded first under authoring/, so that if we die between the two
+        renames (hosts would see a head and a signature that disagree, and refuse), the
+        next author command on the branch finishes the job.
+        """
+        record = os.path.join(self.work_dir(branch), "publishing")
+        atomic_write(record, canonical({"head": head.data.decode("utf-8"),
+                                        "sig": signature.decode("ascii") if signature else None}) + b"\n")
+        self.finish_publication(branch)
+
+    def finish_publication(self, branch):
+        record = os.path.join(self.work_dir(branch), "publishing")
+        try:
+            pending = json.loads(read_file(record, HEAD_MAX + SIGNATURE_MAX).decode("utf-8"))
+        except FileNotFoundError:
+            return
         directory = self.branch_dir(branch)
         sig_path = os.path.join(directory, "head.sig")
-        if sign_key:
-            signature = sign_head(head.data, sign_key)
-            atomic_write(sig_path, signature)
+        if pending["sig"] is not None:
+            atomic_write(sig_path, pending["sig"].encode("ascii"))
         else:
             try:
                 os.unlink(sig_path)
             except FileNotFoundError:
                 pass
-        atomic_write(os.path.join(directory, "head"), head.data)
+        atomic_write(os.path.join(directory, "head"), pending["head"].encode("utf-8"))
+        os.unlink(record)
 
     def fork(self, branch, new_branch, sign_key=None, expires=None):
         if self.head(new_branch) is not None:
             raise UsageError("branch %s already exists" % new_branch)
-        with FileLock(os.path.join(self.work_dir(branch), "ci.lock"), "branch " + branch):
+        with self.branch_mutex(branch):
             head = self.head(branch)
             data = self.journal_bytes(branch, head)
-            makedirs(self.branch_dir(new_branch))
-            atomic_write(os.path.join(self.branch_dir(new_branch), "journal"), data)
             now = time.time()
             new = Head.build(new_branch, head.seq if head else 0, head.id if head else ZERO_ID, len(data), now,
                              now + expires if expires else None)
-            self.publish_head(new_branch, new, sign_key)
+            signature = sign_head(new.data, sign_key) if sign_key else None
+            makedirs(self.branch_dir(new_branch))
+            atomic_write(os.path.join(self.branch_dir(new_branch), "journal"), data)
+            self.publish_head(new_branch, new, signature)
         return new
 
 
