@@ -2304,7 +2304,7 @@ def cmd_snap(args):
     repo.require_lock(branch)
     rootpath, links, records = RootPath(args.root), {}, []
     for path in args.paths:
-        path = validate_path_arg(posixpath.normpath(path) if path.startswith("/") else path, "snap path")
+        path = validate_path_arg(path.rstrip("/") or "/", "snap path")
         try:
             record = snap_record(rootpath, path, links)
             if record["type"] == "file":
