@@ -1,0 +1,158 @@
+"""`isconf serve`, and replaying from a real nginx."""
+
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+
+import pytest
+
+from conftest import Server
+
+
+@pytest.fixture
+def site(tmp_path):
+    top = tmp_path / "site"
+    (top / "dir").mkdir(parents=True)
+    (top / "file").write_bytes(b"0123456789")
+    (top / "dir" / "inner").write_bytes(b"inner")
+    (tmp_path / "secret").write_bytes(b"outside")
+    os.symlink(str(tmp_path / "secret"), str(top / "escape"))
+    s = Server(str(top), str(tmp_path / "site.log"))
+    yield s
+    s.stop()
+
+
+def request(server, path, headers=None, method="GET", conn=None):
+    url = urllib.parse.urlsplit(server.url)
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        if own:
+            conn.close()
+
+
+def test_get_sends_the_file_with_validators(site):
+    status, headers, body = request(site, "/file")
+    assert (status, body) == (200, b"0123456789")
+    assert headers["Content-Length"] == "10" and headers["ETag"] and headers["Last-Modified"]
+
+
+@pytest.mark.parametrize("wanted,status,body,content_range", [
+    ("bytes=2-5", 206, b"2345", "bytes 2-5/10"),
+    ("bytes=7-", 206, b"789", "bytes 7-9/10"),
+    ("bytes=-3", 206, b"789", "bytes 7-9/10"),
+    ("bytes=8-100", 206, b"89", "bytes 8-9/10"),
+    ("bytes=10-", 416, b"", "bytes */10"),
+    ("bytes=5-2", 416, b"", "bytes */10"),
+])
+def test_range_requests(site, wanted, status, body, content_range):
+    got_status, headers, got_body = request(site, "/file", {"Range": wanted})
+    assert (got_status, got_body, headers["Content-Range"]) == (status, body, content_range)
+
+
+def test_if_none_match_gives_304(site):
+    etag = request(site, "/file")[1]["ETag"]
+    status, _, body = request(site, "/file", {"If-None-Match": etag})
+    assert (status, body) == (304, b"")
+    assert request(site, "/file", {"If-None-Match": '"other"'})[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/", "/dir", "/dir/", "/../secret", "/dir/../../secret", "/escape",
+                                  "/missing", "/%2e%2e/secret"])
+def test_no_listing_and_no_escape(site, path):
+    status, _, body = request(site, path)
+    assert status == 404 and b"outside" not in body
+
+
+def test_head_has_headers_and_no_body(site):
+    status, headers, body = request(site, "/file", method="HEAD")
+    assert (status, headers["Content-Length"], body) == (200, "10", b"")
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(site):
+    url = urllib.parse.urlsplit(site.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        assert request(site, "/file", conn=conn)[2] == b"0123456789"
+        sock = conn.sock
+        assert request(site, "/dir/inner", conn=conn)[2] == b"inner"
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_one_access_log_line_per_request(site):
+    request(site, "/file", {"Range": "bytes=1-2"})
+    request(site, "/missing")
+    lines = site.requests()
+    assert len(lines) == 2
+    assert '"GET /file HTTP/1.1" 206 range=bytes=1-2' in lines[0] and '"GET /missing HTTP/1.1" 404' in lines[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def nginx(author, tmp_path):
+    """Debian's nginx serving the repository as plain static files."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        pytest.fail("nginx is not installed; .ci/run installs nginx-light")
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text("""
+daemon off;
+user root;  # the repository lives in a private pytest directory
+pid %(tmp)s/nginx.pid;
+error_log %(tmp)s/nginx-error.log;
+events {}
+http {
+    access_log %(tmp)s/nginx-access.log;
+    client_body_temp_path %(tmp)s; proxy_temp_path %(tmp)s; fastcgi_temp_path %(tmp)s;
+    uwsgi_temp_path %(tmp)s; scgi_temp_path %(tmp)s;
+    server {
+        listen 127.0.0.1:%(port)d;
+        root %(repo)s;
+        location /authoring/ { deny all; }
+    }
+}
+""" % {"tmp": tmp_path, "port": port, "repo": author.repo})
+    proc = subprocess.Popen([binary, "-c", str(conf), "-e", str(tmp_path / "nginx-error.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield "http://127.0.0.1:%d/" % port, tmp_path / "nginx-access.log"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_replays_from_nginx_with_range_and_304(author, keys, host, nginx, busybox_root):
+    url, log = nginx
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/one"])
+    host.init(url, keys)
+    host("up", expect="ok")
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/two"])
+    host("up", expect="ok")
+    assert os.path.exists(host.path("/tmp/two"))
+    host("up", expect="ok")
+    statuses = [line.split('"')[2].split()[0] for line in log.read_text().splitlines()]
+    paths = [line.split('"')[1].split()[1] for line in log.read_text().splitlines()]
+    journal = [s for s, p in zip(statuses, paths) if p.endswith("/journal")]
+    assert journal == ["206", "206"] and statuses[-1] == "304"
