@@ -150,13 +150,32 @@ def parse_canonical(data, what):
     except (UnicodeDecodeError, ValueError) as e:
         raise Refused("%s is not valid JSON (%s); the file is damaged or not an isconf file"
                       % (what, str(e).split(":")[0]))
-    if not isinstance(obj, dict) or canonical(obj) != data:
+    try:
+        same = isinstance(obj, dict) and canonical(obj) == data
+    except ValueError:  # NaN, Infinity, or a lone surrogate: valid to json, never canonical
+        same = False
+    if not same:
         raise Refused("%s is not in canonical form; it was altered after it was written" % what)
     return obj
 
 
 def sha256_hex(data):
     return hashlib.sha256(data).hexdigest()
+
+
+class HashingWriter(object):
+    """A file wrapper that hashes and counts what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.length, self.sha256 = f, 0, hashlib.sha256()
+
+    def write(self, data):
+        self.f.write(data)
+        self.sha256.update(data)
+        self.length += len(data)
+
+    def hexdigest(self):
+        return self.sha256.hexdigest()
 
 
 def format_time(seconds):
@@ -269,6 +288,10 @@ def validate_path(path, what="path"):
             or posixpath.normpath(path) != path or path.startswith("//")
             or ".." in path.split("/")):
         raise Refused("%s %r is not an absolute, normalised path without '..'" % (what, path))
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused("%s %r is not valid UTF-8; the journal holds UTF-8 paths only" % (what, path))
     return path
 
 
@@ -370,8 +393,8 @@ class RootPath(object):
 
 
 class Response(object):
-    def __init__(self, status, body=b"", etag=None, last_modified=None, partial=False):
-        self.status, self.body = status, body
+    def __init__(self, status, body=b"", etag=None, last_modified=None, partial=False, length=0):
+        self.status, self.body, self.length = status, body, length
         self.etag, self.last_modified, self.partial = etag, last_modified, partial
 
 
@@ -402,16 +425,17 @@ class Mirror(object):
             conn.close()
         self._connections.clear()
 
-    def fetch(self, relpath, limit, start=0, stop=None, etag=None, last_modified=None):
+    def fetch(self, relpath, limit, start=0, stop=None, etag=None, last_modified=None, sink=None):
         """GET relpath: at most `limit` body bytes, bytes [start, stop) if asked.
 
         Returns a Response whose .partial says whether the range was honoured (else the
-        body is the whole file).  A 304 comes back as status 304 with no body.
+        body is the whole file).  A 304 comes back as status 304 with no body.  With a
+        sink, the body is streamed into it instead of being kept in memory.
         """
         what = "%s from %s" % (relpath, self.url)
         deadline = time.monotonic() + self.deadline + limit / float(MIN_RATE)
         if self.directory is not None:
-            return self._read_local(relpath, limit, start, stop, what)
+            return self._read_local(relpath, limit, start, stop, deadline, what, sink)
         url = urllib.parse.urljoin(self.base, relpath)
         headers = {"User-Agent": "isconf/" + __version__, "Accept-Encoding": "identity"}
         if start or stop is not None:
@@ -430,7 +454,7 @@ class Mirror(object):
                     url = urllib.parse.urljoin(url, location)
                     response.read(HEAD_MAX)  # drain so the connection can be reused
                     continue
-                return self._response(response, limit, start, deadline, what)
+                return self._response(response, limit, start, deadline, what, sink)
             except (OSError, http.client.HTTPException) as e:
                 self._drop(url)
                 raise Unreachable("%s: connection failed mid-body (%s); try again later" % (what, e))
@@ -477,7 +501,7 @@ class Mirror(object):
                     raise Unreachable("%s: %s" % (what, e))
         raise AssertionError("unreachable")
 
-    def _response(self, response, limit, start, deadline, what):
+    def _response(self, response, limit, start, deadline, what, sink):
         status = response.status
         if status == 304:
             response.read(HEAD_MAX)
@@ -498,34 +522,48 @@ class Mirror(object):
         if length is not None and length.isdigit() and int(length) > limit:
             raise Refused("%s is %s bytes, more than the %d expected; the mirror is broken or hostile"
                           % (what, length, limit))
-        body = io.BytesIO()
+        body = io.BytesIO() if sink is None else sink
+        length = self._stream(response.read, limit, deadline, what, body)
+        return Response(status, body.getvalue() if sink is None else None, response.getheader("ETag"),
+                        response.getheader("Last-Modified"), partial, length)
+
+    @staticmethod
+    def _stream(read, limit, deadline, what, sink):
+        """Copy a body into sink: never more than limit bytes, never past the deadline
+        (attacks: endless data, and a server that trickles a byte at a time)."""
+        total = 0
         while True:
-            chunk = response.read(min(CHUNK, limit + 1 - body.tell()) or 1)
+            chunk = read(min(CHUNK, limit + 1 - total))
             if not chunk:
-                break
-            body.write(chunk)
-            if body.tell() > limit:
+                return total
+            total += len(chunk)
+            if total > limit:
                 raise Refused("%s is longer than the %d bytes expected; the mirror is broken or hostile"
                               % (what, limit))
+            sink.write(chunk)
             if time.monotonic() > deadline:
                 raise Unreachable("%s: too slow, gave up after the fetch deadline; try another mirror"
                                   % what)
-        return Response(status, body.getvalue(), response.getheader("ETag"),
-                        response.getheader("Last-Modified"), partial)
 
-    def _read_local(self, relpath, limit, start, stop, what):
+    def _read_local(self, relpath, limit, start, stop, deadline, what, sink):
         path = os.path.join(self.directory, *relpath.split("/"))
+        body = io.BytesIO() if sink is None else sink
         try:
             with open(path, "rb") as f:
                 f.seek(start)
-                body = f.read((limit if stop is None else min(limit, stop - start)) + 1)
+                left = [limit + 1 if stop is None else min(limit + 1, stop - start)]
+
+                def read(n):
+                    chunk = f.read(min(n, left[0]))
+                    left[0] -= len(chunk)
+                    return chunk
+                length = self._stream(read, limit, deadline, what, body)
         except FileNotFoundError:
             raise NotFound("%s: not found; check the path and the branch name" % what)
         except OSError as e:
             raise Unreachable("%s: %s" % (what, e.strerror))
-        if len(body) > limit:
-            raise Refused("%s is longer than the %d bytes expected" % (what, limit))
-        return Response(206 if start else 200, body, partial=bool(start or stop is not None))
+        return Response(206 if start else 200, body.getvalue() if sink is None else None,
+                        partial=bool(start or stop is not None), length=length)
 
 
 # ---------------------------------------------------------------------------
@@ -1038,6 +1076,8 @@ def check_file_record(record, seen, what):
                     raise Refused("%s: extents of %s are not ordered, disjoint and inside the file"
                                   % (what, path))
                 end = extent[0] + extent[1]
+    elif kind == "symlink" and (not record["target"] or "\0" in record["target"]):
+        raise Refused("%s: symlink %s has an empty target or one with NUL" % (what, path))
     elif kind == "hardlink":
         validate_path(record["target"], what + ": hard link target")
         if seen.get(record["target"]) != "file":
@@ -1376,9 +1416,9 @@ class Host(object):
 
 def exec_environment(branch, seq, entry_id, variables):
     """The whole environment an exec gets: documented, nothing inherited."""
-    env = {"PATH": EXEC_PATH, "HOME": "/root", "LC_ALL": "C",
-           "ISCONF_BRANCH": branch, "ISCONF_SEQ": str(seq), "ISCONF_ID": entry_id}
-    env.update(variables)
+    env = {"PATH": EXEC_PATH, "HOME": "/root", "LC_ALL": "C"}
+    env.update(variables)  # a host may set its own PATH or locale
+    env.update(ISCONF_BRANCH=branch, ISCONF_SEQ=str(seq), ISCONF_ID=entry_id)
     return env
 
 
@@ -1530,7 +1570,11 @@ def apply_snap(rootpath, entry, object_path):
         try:
             if kind == "file":
                 with open(object_path(record["object"]), "rb") as source:
-                    install_file(dfd, name, record, source, *owners.ids(record))
+                    try:
+                        install_file(dfd, name, record, source, *owners.ids(record))
+                    except StateError:
+                        os.unlink(object_path(record["object"]))  # the next run fetches it again
+                        raise
             elif kind == "hardlink":
                 tdfd, tname = rootpath.parent(record["target"])
                 try:
@@ -1721,13 +1765,23 @@ class Agent(object):
                 needed[sha] = size
         for sha, size in sorted(needed.items()):
             final = self.host.object_path(sha)
-            if os.path.exists(final):
+            if os.path.exists(final) and os.path.getsize(final) == size:
                 continue
-            body = mirror.fetch("objects/" + sha, size).body
-            if len(body) != size or sha256_hex(body) != sha:
-                raise Refused("object %s from %s does not match the signed journal (size %d, expected %d); "
-                              "the mirror holds a damaged or swapped file" % (sha[:16], mirror, len(body), size))
-            atomic_write(final, body, 0o600)
+            part = final + ".part"
+            with open(part, "wb") as f:
+                sink = HashingWriter(f)
+                try:
+                    mirror.fetch("objects/" + sha, size, sink=sink)
+                    if sink.length != size or sink.hexdigest() != sha:
+                        raise Refused("object %s from %s does not match the signed journal (%d bytes, %d "
+                                      "expected, or another hash); the mirror holds a damaged or swapped file"
+                                      % (sha[:16], mirror, sink.length, size))
+                    f.flush()
+                    os.fsync(f.fileno())
+                except BaseException:
+                    os.unlink(part)
+                    raise
+            os.rename(part, final)
 
     def apply(self, plan, allow_reboot=False):
         """Apply pending transactions in order, halting at the first failure."""
@@ -1747,12 +1801,26 @@ class Agent(object):
                                         % (entry.seq, e, host.log_path(entry), entry.seq))
             history.record("done", entry)
             if entry.kind == "reboot":
-                self.say("rebooting: %s" % self.config.reboot_command)
-                self.release_objects(plan)
-                subprocess.call(shlex.split(self.config.reboot_command))
-                return EXIT_OK
+                self.finish(plan)
+                return self.reboot()
+        self.finish(plan)
+        return EXIT_OK
+
+    def finish(self, plan):
         self.release_objects(plan)
-        atomic_write(host.path("last-success"), (format_time(time.time()) + "\n").encode())
+        atomic_write(self.host.path("last-success"), (format_time(time.time()) + "\n").encode())
+
+    def reboot(self):
+        """Run the configured reboot command on the machine running the agent (not chrooted)."""
+        command = shlex.split(self.config.reboot_command)
+        self.say("rebooting: %s" % self.config.reboot_command)
+        try:
+            status = subprocess.call(command, stdin=subprocess.DEVNULL)
+        except OSError as e:
+            status = e.strerror
+        if status != 0:
+            raise StateError("the reboot is recorded as done, but reboot command %r failed (%s): reboot by hand"
+                             % (self.config.reboot_command, status))
         return EXIT_OK
 
     def apply_one(self, entry):
@@ -1925,8 +1993,17 @@ class Repository(object):
         return [json.loads(line.decode("utf-8")) for line in data.splitlines() if line]
 
     def stage(self, branch, fields):
+        """Stage an entry, checked now as ci will check it, so a bad one fails at once."""
         self.require_lock(branch)
-        durable_append(os.path.join(self.work_dir(branch), "staged"), canonical(fields) + b"\n")
+        try:
+            line = canonical(fields)
+            Entry.parse(canonical(dict(fields, seq=1, prev=ZERO_ID, time=format_time(0), author="-",
+                                       message="")), "entry")
+        except UnicodeEncodeError:
+            raise UsageError("a path or argument is not valid UTF-8; isconf journals UTF-8 text only")
+        except Refused as e:
+            raise UsageError(str(e))
+        durable_append(os.path.join(self.work_dir(branch), "staged"), line + b"\n")
 
     def checkin(self, branch, message, sign_key=None, expires=None):
         """Append the staged entries to the journal, write and sign the head, unlock.
@@ -2006,6 +2083,8 @@ class Repository(object):
     def fork(self, branch, new_branch, sign_key=None, expires=None):
         if self.head(new_branch) is not None:
             raise UsageError("branch %s already exists" % new_branch)
+        if self.head(branch) is None:
+            raise UsageError("branch %s does not exist (nothing was ever checked in there)" % branch)
         with self.branch_mutex(branch):
             head = self.head(branch)
             data = self.journal_bytes(branch, head)
@@ -2038,8 +2117,8 @@ def sign_head(data, key):
         except OSError as e:
             raise StateError("cannot run ssh-keygen to sign the head: %s; install openssh-client" % e)
         if proc.returncode != 0:
-            raise StateError("ssh-keygen could not sign with %s: %s" % (key, proc.stderr.decode(
-                "utf-8", "replace").strip().splitlines()[-1:] or "no reason given"))
+            reason = proc.stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"]
+            raise StateError("ssh-keygen could not sign with %s: %s" % (key, reason[-1]))
         return read_file(path + ".sig", SIGNATURE_MAX)
 
 
@@ -2251,10 +2330,12 @@ def author_branch(args):
     raise UsageError("no branch given: use --branch NAME or set ISCONF_BRANCH")
 
 
-def author_repo(args):
+def author_context(args):
+    """(Repository, branch) for an author verb; the branch name is checked first."""
+    branch = author_branch(args)
     if not args.repo:
         raise UsageError("no repository given: use --repo DIR or set ISCONF_REPO")
-    return Repository(args.repo)
+    return Repository(args.repo), branch
 
 
 def cmd_init_repo(args):
@@ -2263,19 +2344,19 @@ def cmd_init_repo(args):
 
 
 def cmd_lock(args):
-    repo, branch = author_repo(args), author_branch(args)
+    repo, branch = author_context(args)
     repo.lock(branch, args.message)
     print("isconf: locked branch %s: %s" % (branch, args.message))
 
 
 def cmd_unlock(args):
-    repo, branch = author_repo(args), author_branch(args)
+    repo, branch = author_context(args)
     repo.unlock(branch, args.force)
     print("isconf: unlocked branch %s" % branch)
 
 
 def cmd_exec(args):
-    repo, branch = author_repo(args), author_branch(args)
+    repo, branch = author_context(args)
     repo.require_lock(branch)
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
@@ -2300,7 +2381,7 @@ def validate_path_arg(path, what):
 
 
 def cmd_snap(args):
-    repo, branch = author_repo(args), author_branch(args)
+    repo, branch = author_context(args)
     repo.require_lock(branch)
     rootpath, links, records = RootPath(args.root), {}, []
     for path in args.paths:
@@ -2319,7 +2400,7 @@ def cmd_snap(args):
 
 
 def cmd_reboot(args):
-    repo, branch = author_repo(args), author_branch(args)
+    repo, branch = author_context(args)
     repo.stage(branch, {"kind": "reboot", "message": args.message or ""})
     print("isconf: staged reboot")
 
@@ -2329,7 +2410,7 @@ def signing_key(args):
 
 
 def cmd_ci(args):
-    repo, branch = author_repo(args), author_branch(args)
+    repo, branch = author_context(args)
     expires = parse_duration(args.expires) if args.expires else None
     head, count = repo.checkin(branch, args.message, signing_key(args), expires)
     print("isconf: branch %s now at seq %d (%d new), head %s%s" % (
@@ -2337,7 +2418,7 @@ def cmd_ci(args):
 
 
 def cmd_fork(args):
-    repo, branch = author_repo(args), author_branch(args)
+    repo, branch = author_context(args)
     check_branch(args.new)
     expires = parse_duration(args.expires) if args.expires else None
     head = repo.fork(branch, args.new, signing_key(args), expires)
@@ -2352,14 +2433,14 @@ def cmd_init(args):
     if not args.signers and not args.insecure:
         raise UsageError("init needs --signers FILE (the authors' keys, allowed_signers format) or an explicit "
                          "--insecure")
-    if os.path.exists(host.config_path) and not args.force:
-        raise UsageError("%s exists; use --force to overwrite it (the applied history is kept)" % host.config_path)
     variables = {}
     for item in args.var:
         name, sep, value = item.partition("=")
-        if not sep or not ENV_NAME_RE.match(name):
-            raise UsageError("--var %r is not NAME=VALUE with a shell-style NAME" % item)
+        if not sep or not ENV_NAME_RE.match(name) or name.startswith("ISCONF_"):
+            raise UsageError("--var %r is not NAME=VALUE with a shell-style NAME (ISCONF_* are reserved)" % item)
         variables[name] = value
+    if os.path.exists(host.config_path) and not args.force:
+        raise UsageError("%s exists; use --force to overwrite it (the applied history is kept)" % host.config_path)
     if args.signers:
         try:
             text = read_file(args.signers, 1024 * 1024)
@@ -2455,9 +2536,10 @@ def cmd_status(args):
             tail = []
         report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
                             "error": event.get("error"), "log": log, "log_tail": tail}
+    code = EXIT_FAILED if failed else EXIT_OK  # monitoring: non-zero while the host is halted
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
-        return
+        return code
     print("branch:       %s%s" % (config.branch, "  (INSECURE: signatures not checked)" if config.insecure else ""))
     print("applied:      seq %d  %s" % (applied_seq, applied_id[:16]))
     print("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
@@ -2472,6 +2554,7 @@ def cmd_status(args):
         print("log %s:" % failure["log"])
         for line in failure["log_tail"]:
             print("    " + line)
+    return code
 
 
 def age(seconds):
@@ -2483,6 +2566,7 @@ def age(seconds):
 
 def cmd_log(args):
     host = Host(args.root, args.config)
+    host.config  # an uninitialised host is told to run init
     head, rows, _, _ = host_report(host)
     rows = list(reversed(rows))[:args.n] if args.n else list(reversed(rows))
     if args.json:
@@ -2509,13 +2593,10 @@ def cmd_migrate(args):
         agent = Agent(host, parse_now(args.now))
         plan = agent.sync(stage=True, branch=args.new_branch)
         plan.commit()
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.optionxform = str
-        parser.read(config.path, encoding="utf-8")
-        parser["isconf"]["branch"] = args.new_branch
-        text = io.StringIO()
-        parser.write(text)
-        atomic_write(config.path, text.getvalue().encode("utf-8"))
+        # Change the one line, so the admin's comments and layout survive.
+        text = read_file(config.path).decode("utf-8")
+        text = re.sub(r"(?m)^branch\s*[=:].*$", "branch = " + args.new_branch, text, count=1)
+        atomic_write(config.path, text.encode("utf-8"))
     print("isconf: now following branch %s (%d pending); run 'isconf up'" % (args.new_branch, len(plan.pending)))
 
 
@@ -2691,6 +2772,8 @@ def main(argv=None):
     except IsconfError as e:
         sys.stderr.write("isconf: error: %s\n" % e)
         return e.exit_code
+    except BrokenPipeError:  # 'isconf log | head' is not an error
+        return EXIT_OK
     except OSError as e:
         # The last net for a system call no step above expected to fail (a full disk, a
         # read-only root): still one line, and the local-state exit code.
@@ -2698,8 +2781,6 @@ def main(argv=None):
         sys.stderr.write("isconf: error: %s%s; check the disk and permissions, then run again\n"
                          % (e.strerror or e, where))
         return EXIT_STATE
-    except BrokenPipeError:
-        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -185,7 +185,11 @@ class Host(object):
         return os.path.join(self.root, "var/lib/isconf", *parts)
 
     def status(self):
-        return json.loads(self("status", "--json", expect="ok").out)
+        """status --json; it exits 1 while the host is halted at a failure, else 0."""
+        proc = self("status", "--json")
+        report = json.loads(proc.out)
+        assert proc.returncode == (1 if report["failed"] else 0), proc.err
+        return report
 
     def snapshot(self):
         """Every file under the root with its bytes and metadata: to prove nothing changed.

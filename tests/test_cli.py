@@ -1,0 +1,115 @@
+"""The command line: help that teaches, one-line errors, documented exit codes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import AUTHOR, ISCONF, error_line, run_isconf
+
+VERBS = ["init", "up", "status", "log", "migrate", "skip", "verify-sig", "init-repo", "lock", "unlock", "exec",
+         "snap", "reboot", "ci", "fork", "serve"]
+
+
+def test_help_lists_every_verb_and_the_exit_codes():
+    out = run_isconf("--help", expect="ok").out
+    assert all(verb in out for verb in VERBS)
+    assert "4 refused" in out and "6 busy" in out
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb):
+    assert "usage: isconf %s" % verb in run_isconf(verb, "--help", expect="ok").out
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["frobnicate"], "invalid choice"),
+    (["up", "--bogus"], "unrecognized arguments"),
+    (["skip", "notanumber", "-m", "x"], "invalid int value"),
+    (["skip", "1"], "-m"),
+    (["lock"], "-m"),
+    (["--repo", "/nonexistent", "--branch", "web", "lock", "-m", "x"], "not an isconf repository"),
+    (["--repo", "/tmp", "--branch", "bad/name", "lock", "-m", "x"], "branch name"),
+    (["init", "ftp://example/", "--branch", "web", "--insecure"], "not an http://"),
+    (["init", "http://example/", "--branch", "web", "--insecure", "--var", "1BAD=x"], "NAME=VALUE"),
+    (["init", "http://example/", "--branch", "web", "--insecure", "--var", "ISCONF_SEQ=9"], "reserved"),
+    (["up", "--now", "yesterday"], "not a UTC time"),
+    (["ci", "--expires", "soon"], "duration"),
+])
+def test_bad_input_gets_one_line_and_exit_2(args, fragment, tmp_path):
+    # A host root exists with a config, so only the argument itself can be wrong.
+    root = str(tmp_path / "root")
+    run_isconf("--root", root, "init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
+    repo = str(tmp_path / "repo")
+    run_isconf("init-repo", repo, expect="ok")
+    env = {"ISCONF_REPO": repo, "ISCONF_BRANCH": "web"}
+    proc = run_isconf("--root", root, *args, env=env)
+    assert proc.returncode in (2, 7), proc.err
+    assert fragment in error_line(proc) and len(proc.err.strip().splitlines()) <= 2
+
+
+def test_commands_on_an_uninitialised_host_say_to_run_init(tmp_path):
+    for verb in ("up", "status", "log"):
+        proc = run_isconf("--root", str(tmp_path), verb, expect="state")
+        assert "isconf init" in error_line(proc)
+
+
+def test_unreachable_repository_exits_3(tmp_path):
+    root = str(tmp_path)
+    run_isconf("--root", root, "init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", "--retries", "1",
+               expect="ok")
+    assert "no mirror could be reached" in error_line(run_isconf("--root", root, "up", expect="unreachable"))
+
+
+def test_status_exits_1_while_the_host_is_halted(author, server, keys, host, busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/false"])
+    host.init(server.url, keys)
+    host("status", expect="ok")
+    host("up", expect="failed")
+    assert "FAILED:       seq 1 exec /bin/false" in host("status", expect="failed").out
+
+
+def test_a_failing_reboot_command_is_reported(author, server, keys, host):
+    author.commit(["reboot"])
+    host.init(server.url, keys, "--reboot-command", "/bin/false")
+    assert "reboot by hand" in error_line(host("up", "-r", expect="state"))
+
+
+def test_migrate_keeps_the_comments_of_the_config(author, server, keys, host, busybox_root):
+    author.commit(["reboot"])
+    author("fork", "canary", "--sign", keys.private)
+    host.init(server.url, keys)
+    with open(host.path("/etc/isconf/isconf.conf"), "a") as f:
+        f.write("# rack 12, ask Dana before changing\n")
+    host("migrate", "canary", expect="ok")
+    text = open(host.path("/etc/isconf/isconf.conf")).read()
+    assert "branch = canary" in text and "# rack 12, ask Dana" in text
+
+
+def test_fork_of_a_branch_that_does_not_exist_is_refused(author):
+    assert "does not exist" in error_line(author("fork", "new", expect="usage"))
+
+
+def test_snap_of_a_name_that_is_not_utf8_is_refused(author, tmp_path):
+    root = tmp_path / "src"
+    os.makedirs(str(root / "etc"))
+    with open(os.path.join(os.fsencode(str(root)), b"etc/caf\xe9"), "w") as f:
+        f.write("x")
+    author("lock", "-m", "x")
+    proc = subprocess.run([sys.executable, "-I", ISCONF, "--repo", author.repo, "--branch", "web", "--root",
+                           str(root), "snap", b"/etc/caf\xe9"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={"ISCONF_AUTHOR": AUTHOR, "PATH": os.environ["PATH"]})
+    assert proc.returncode == 2 and b"not valid UTF-8" in proc.stderr
+
+
+def test_log_into_a_closed_pipe_is_not_an_error(author, server, keys, host):
+    author.commit(*[["reboot"]] * 30)
+    host.init(server.url, keys)
+    host("up", "--dry-run", expect="ok")
+    host("up", expect="reboot")
+    pipeline = subprocess.run("%s -I %s --root %s log | head -1" % (sys.executable, ISCONF, host.root), shell=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, executable="/bin/bash",
+                              env={"PATH": os.environ["PATH"], "PIPESTATUS": ""})
+    assert pipeline.stdout.count(b"\n") == 1 and b"Traceback" not in pipeline.stderr
