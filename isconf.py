@@ -1733,8 +1733,13 @@ class Agent(object):
         if (entries[-1].id if entries else ZERO_ID) != head.id or len(entries) != head.seq:
             raise Refused("journal from %s does not end at the entry the signed head names (seq %d); "
                           "head and journal are from different times" % (mirror, head.seq))
-        if migrating:
-            self._check_extends(entries, applied_seq, applied_id, branch)
+        # Rule 2: what this host applied must be a prefix of what it fetched.  The chain
+        # makes one id comparison enough: equal ids at applied_seq mean equal prefixes.
+        if applied_seq and (len(entries) < applied_seq or entries[applied_seq - 1].id != applied_id):
+            raise Refused("branch %s from %s does not extend what this host has applied (seq %d, %s): the "
+                          "journal was rewritten; %s" % (branch, mirror, applied_seq, applied_id[:16],
+                                                         "reinstall the host instead" if migrating else
+                                                         "reinstall the host and replay"))
         plan = Plan(head, entries, applied_seq, fetched=True)
         if stage:
             self.stage_objects(mirror, plan.pending)
@@ -1749,13 +1754,6 @@ class Agent(object):
     def _local_journal_bytes(self, length):
         with open(self.host.path("journal"), "rb") as f:
             return f.read(length)
-
-    def _check_extends(self, entries, applied_seq, applied_id, branch):
-        have = self.host.local_journal(self.host.local_head())
-        if len(entries) < applied_seq or (applied_seq and entries[applied_seq - 1].id != applied_id) or any(
-                a.id != b.id for a, b in zip(entries, have[:applied_seq])):
-            raise Refused("branch %s does not extend what this host has applied (seq %d); migrating "
-                          "would rewrite history: reinstall the host instead" % (branch, applied_seq))
 
     def stage_objects(self, mirror, pending):
         """Download every object pending transactions need, checking size and hash as it streams."""

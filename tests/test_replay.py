@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -308,3 +309,18 @@ def test_a_crashed_ci_leaves_bytes_hosts_ignore_and_the_next_ci_cuts(author, ser
     host("up", expect="ok")
     assert os.path.exists(host.path("/tmp/two"))
     assert b"half an entry" not in author.journal()
+
+
+def test_a_rewritten_journal_is_refused_even_when_the_local_copy_is_lost(author, server, keys, host, busybox_root):
+    # The history of what was applied, not the journal copy, is what the host holds to.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/a"])
+    host.init(server.url, keys)
+    host("up", expect="ok")
+    shutil.rmtree(author.path())
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/b"], ["exec", "--no-run", "--", "/bin/true"])
+    for name in ("journal", "head", "head.sig", "etags.json"):
+        os.unlink(host.state(name))
+    refused = host("up", expect="refused")
+    assert "does not extend what this host has applied" in error_line(refused)
+    assert not os.path.exists(host.path("/tmp/b"))
