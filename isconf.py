@@ -523,9 +523,15 @@ class Mirror(object):
             raise Refused("%s is %s bytes, more than the %d expected; the mirror is broken or hostile"
                           % (what, length, limit))
         body = io.BytesIO() if sink is None else sink
-        length = self._stream(response.read, limit, deadline, what, body)
+        # read1 returns what has arrived; read(n) would wait for all n bytes, and a server
+        # trickling a byte at a time would never reach the deadline check.
+        got = self._stream(response.read1, limit, deadline, what, body)
+        if length is not None and length.isdigit() and got != int(length):
+            # http.client returns a short body quietly when the connection closes early.
+            raise Unreachable("%s: the connection closed after %d of %s bytes; try again later"
+                              % (what, got, length))
         return Response(status, body.getvalue() if sink is None else None, response.getheader("ETag"),
-                        response.getheader("Last-Modified"), partial, length)
+                        response.getheader("Last-Modified"), partial, got)
 
     @staticmethod
     def _stream(read, limit, deadline, what, sink):
@@ -1756,19 +1762,24 @@ class Agent(object):
             return f.read(length)
 
     def stage_objects(self, mirror, pending):
-        """Download every object pending transactions need, checking size and hash as it streams."""
+        """Download every object pending transactions need, checking size and hash as it streams.
+
+        Each goes to a .part file first; they are renamed into the staging area only when
+        all of them verified, so a refused run leaves the host's state as it was.
+        """
         needed = {}
         for entry in pending:
             for sha, size in entry.objects():
                 needed[sha] = size
-        for sha, size in sorted(needed.items()):
-            final = self.host.object_path(sha)
-            if os.path.exists(final) and os.path.getsize(final) == size:
-                continue
-            part = final + ".part"
-            with open(part, "wb") as f:
-                sink = HashingWriter(f)
-                try:
+        parts = []
+        try:
+            for sha, size in sorted(needed.items()):
+                final = self.host.object_path(sha)
+                if os.path.exists(final) and os.path.getsize(final) == size:
+                    continue
+                parts.append(final + ".part")
+                with open(parts[-1], "wb") as f:
+                    sink = HashingWriter(f)
                     mirror.fetch("objects/" + sha, size, sink=sink)
                     if sink.length != size or sink.hexdigest() != sha:
                         raise Refused("object %s from %s does not match the signed journal (%d bytes, %d "
@@ -1776,10 +1787,14 @@ class Agent(object):
                                       % (sha[:16], mirror, sink.length, size))
                     f.flush()
                     os.fsync(f.fileno())
-                except BaseException:
-                    os.unlink(part)
-                    raise
-            os.rename(part, final)
+        except BaseException:
+            for part in parts:
+                os.unlink(part)
+            raise
+        for part in parts:
+            os.rename(part, part[:-len(".part")])
+        if parts:
+            fsync_dir(self.host.path("objects"))
 
     def apply(self, plan, allow_reboot=False):
         """Apply pending transactions in order, halting at the first failure."""
