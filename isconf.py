@@ -526,6 +526,7 @@ class Mirror(object):
         # read1 returns what has arrived; read(n) would wait for all n bytes, and a server
         # trickling a byte at a time would never reach the deadline check.
         got = self._stream(response.read1, limit, deadline, what, body)
+        response.read()  # at the end of the body: marks the response done, so the connection is reused
         if length is not None and length.isdigit() and got != int(length):
             # http.client returns a short body quietly when the connection closes early.
             raise Unreachable("%s: the connection closed after %d of %s bytes; try again later"

@@ -4,11 +4,13 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 import stat
 
 import pytest
 
-from conftest import PYTHONS, Host, error_line, run_isconf
+from conftest import ISCONF, PYTHONS, Host, error_line, run_isconf
 
 MTIME = 1700000000123456789
 
@@ -324,3 +326,17 @@ def test_a_rewritten_journal_is_refused_even_when_the_local_copy_is_lost(author,
     refused = host("up", expect="refused")
     assert "does not extend what this host has applied" in error_line(refused)
     assert not os.path.exists(host.path("/tmp/b"))
+
+
+def test_two_ups_started_together_one_runs_the_other_is_busy(author, server, keys, host, busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "sleep 2; echo ran >> /tmp/runs"])
+    host.init(server.url, keys)
+    procs = [subprocess.Popen([sys.executable, "-I", ISCONF, "--root", host.root, "up"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    results = sorted((p.wait(60), p.stderr.read().decode()) for p in procs)
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert [code for code, _ in results] == [0, 6] and "busy" in results[1][1]
+    assert open(host.path("/tmp/runs")).read() == "ran\n"
