@@ -45,7 +45,6 @@ import os
 import posixpath
 import re
 import shlex
-import signal
 import socket
 import socketserver
 import ssl
@@ -53,7 +52,6 @@ import stat
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.parse
 

@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from conftest import ISCONF, PYTHONS, Host, error_line, run_isconf
+from conftest import ISCONF, PYTHONS, Host, error_line
 
 MTIME = 1700000000123456789
 

@@ -1,6 +1,5 @@
 """Signature checks: RFC 8032 vectors, and ssh-keygen -Y verify as the reference, case by case."""
 import base64
-import glob
 import hashlib
 import os
 import struct
