@@ -1611,11 +1611,22 @@ def apply_snap(rootpath, entry, object_path):
 
 
 class Plan(object):
-    """The outcome of a sync: the verified journal and what is left to apply."""
+    """The outcome of a sync: the verified journal, what is left to apply, and what to
+    record locally before applying (nothing when the head was unchanged)."""
 
-    def __init__(self, head, entries, applied_seq, fetched):
-        self.head, self.entries, self.fetched = head, entries, fetched
+    def __init__(self, head, entries, applied_seq, signature=None, tail=None, etags=None, replace=False):
+        self.head, self.entries = head, entries
         self.pending = [e for e in entries if e.seq > applied_seq]
+        self.signature, self.tail, self.etags, self.replace = signature, tail, etags, replace
+
+    def commit(self, host):
+        """Make the newly verified head and journal this host's local copy."""
+        if self.tail is None:
+            return
+        if self.replace:
+            host.replace_journal(self.head, self.signature, b"".join(e.line + b"\n" for e in self.entries))
+        else:
+            host.commit(self.head, self.signature, self.tail, self.etags)
 
 
 class Agent(object):
@@ -1672,69 +1683,31 @@ class Agent(object):
             % (failures[-1], self.config.path))
 
     def _sync_from(self, mirror, stage, branch):
+        """Fetch and verify one mirror's head and journal tail, then stage what pending
+        transactions need.  Nothing local changes here: the Plan commits it later."""
         host = self.host
         branch = branch or self.config.branch
         migrating = branch != self.config.branch
         local = None if migrating else host.local_head()
         local_entries = host.local_journal(host.local_head())
         applied_seq, applied_id = host.history().applied()
-        etags = {} if migrating else host.etags()
-        cached = etags.get(mirror.url, {}) if local else {}
+        cached = host.etags().get(mirror.url, {}) if local else {}
         prefix = "branches/%s/" % branch
 
         response = mirror.fetch(prefix + "head", HEAD_MAX, etag=cached.get("etag"),
                                 last_modified=cached.get("last_modified"))
         if response.status == 304:
-            local.check_expiry(self.now())
-            return Plan(local, local_entries, applied_seq, fetched=False)
-        signature = None
-        if self.signers is not None:
-            try:
-                signature = mirror.fetch(prefix + "head.sig", SIGNATURE_MAX).body
-                verify_signature(response.body, signature, self.signers, now=self.now())
-            except NotFound:
-                raise Refused("head of branch %s from %s has no head.sig: this host accepts only signed "
-                              "heads; the author must 'ci --sign KEY'" % (branch, mirror))
-            except Refused as e:
-                raise Refused("head of branch %s from %s: %s" % (branch, mirror, e))
+            local.check_expiry(self.now())  # a mirror answering 304 for ever is a freeze attack
+            return Plan(local, local_entries, applied_seq)
+        signature = self.check_signature(mirror, prefix, branch, response.body)
         head = Head.parse(response.body, "head from %s" % mirror)
-        if head.branch != branch:
-            raise Refused("head from %s is for branch %r, but this host follows %r; the mirror is "
-                          "misconfigured or replaying another branch" % (mirror, head.branch, branch))
-        head.check_expiry(self.now())
-        if head.seq < applied_seq:
-            raise Refused("head from %s is at seq %d, older than the %d this host has applied (rollback); "
-                          "the mirror is stale or replaying an old head" % (mirror, head.seq, applied_seq))
-        if local is not None:
-            if head.seq < local.seq:
-                raise Refused("head from %s is at seq %d, older than the %d this host has verified "
-                              "(rollback); the mirror is stale or replaying an old head"
-                              % (mirror, head.seq, local.seq))
-            if head.seq == local.seq and head.id != local.id:
-                raise Refused("head from %s names a different entry %d than this host verified (fork); "
-                              "the journal was rewritten: reinstall or migrate" % (mirror, head.seq))
+        self.check_head(mirror, head, branch, local, applied_seq)
 
-        start = local.length if local is not None else 0
-        if head.length < start:
-            raise Refused("head from %s says the journal is %d bytes, shorter than the %d verified here "
-                          "(truncation)" % (mirror, head.length, start))
-        tail = b""
-        if head.length > start:
-            got = mirror.fetch(prefix + "journal", head.length, start=start, stop=head.length)
-            tail = got.body
-            if not got.partial:
-                # The server ignored Range: the old prefix must be unchanged (rule 2).
-                if tail[:start] != self._local_journal_bytes(start):
-                    raise Refused("journal from %s does not begin with the journal this host verified; it "
-                                  "was rewritten" % mirror)
-                tail = tail[start:]
-            if len(tail) != head.length - start:
-                raise Refused("journal from %s is %d bytes where the signed head says %d (truncated or "
-                              "padded)" % (mirror, start + len(tail), head.length))
         base = local_entries if local is not None else []
-        tail_entries = verify_chain(tail, base[-1].seq if base else 0, base[-1].id if base else ZERO_ID,
-                                    "journal from %s" % mirror)
-        entries = base + tail_entries
+        start = local.length if local is not None else 0
+        tail = self.fetch_tail(mirror, prefix + "journal", start, head.length)
+        entries = base + verify_chain(tail, base[-1].seq if base else 0, base[-1].id if base else ZERO_ID,
+                                      "journal from %s" % mirror)
         if (entries[-1].id if entries else ZERO_ID) != head.id or len(entries) != head.seq:
             raise Refused("journal from %s does not end at the entry the signed head names (seq %d); "
                           "head and journal are from different times" % (mirror, head.seq))
@@ -1742,23 +1715,65 @@ class Agent(object):
         # makes one id comparison enough: equal ids at applied_seq mean equal prefixes.
         if applied_seq and (len(entries) < applied_seq or entries[applied_seq - 1].id != applied_id):
             raise Refused("branch %s from %s does not extend what this host has applied (seq %d, %s): the "
-                          "journal was rewritten; %s" % (branch, mirror, applied_seq, applied_id[:16],
-                                                         "reinstall the host instead" if migrating else
-                                                         "reinstall the host and replay"))
-        plan = Plan(head, entries, applied_seq, fetched=True)
+                          "journal was rewritten; reinstall the host and replay"
+                          % (branch, mirror, applied_seq, applied_id[:16]))
+        etags = {mirror.url: {"etag": response.etag, "last_modified": response.last_modified, "id": head.id}}
+        plan = Plan(head, entries, applied_seq, signature, tail, etags, replace=migrating)
         if stage:
             self.stage_objects(mirror, plan.pending)
-        new_etags = {mirror.url: {"etag": response.etag, "last_modified": response.last_modified,
-                                  "id": head.id}}
-        plan.commit = lambda: host.commit(head, signature, tail, new_etags)
-        if migrating:
-            data = b"".join(e.line + b"\n" for e in entries)
-            plan.commit = lambda: host.replace_journal(head, signature, data)
         return plan
 
-    def _local_journal_bytes(self, length):
-        with open(self.host.path("journal"), "rb") as f:
-            return f.read(length)
+    def check_signature(self, mirror, prefix, branch, head_bytes):
+        """Fetch head.sig and verify it over the head's exact bytes; None in insecure mode."""
+        if self.signers is None:
+            return None
+        try:
+            signature = mirror.fetch(prefix + "head.sig", SIGNATURE_MAX).body
+            verify_signature(head_bytes, signature, self.signers, now=self.now())
+        except NotFound:
+            raise Refused("head of branch %s from %s has no head.sig: this host accepts only signed "
+                          "heads; the author must 'ci --sign KEY'" % (branch, mirror))
+        except Refused as e:
+            raise Refused("head of branch %s from %s: %s" % (branch, mirror, e))
+        return signature
+
+    def check_head(self, mirror, head, branch, local, applied_seq):
+        """A signed head can still be the wrong one: another branch, too old, a fork, expired."""
+        if head.branch != branch:
+            raise Refused("head from %s is for branch %r, but this host follows %r; the mirror is "
+                          "misconfigured or replaying another branch" % (mirror, head.branch, branch))
+        head.check_expiry(self.now())
+        known = max(applied_seq, local.seq if local else 0)
+        if head.seq < known:
+            raise Refused("head from %s is at seq %d, older than the %d this host has verified (rollback); "
+                          "the mirror is stale or replaying an old head" % (mirror, head.seq, known))
+        if local is not None and head.seq == local.seq and head.id != local.id:
+            raise Refused("head from %s names a different entry %d than this host verified (fork); "
+                          "the journal was rewritten: reinstall or migrate" % (mirror, head.seq))
+        if local is not None and head.length < local.length:
+            raise Refused("head from %s says the journal is %d bytes, shorter than the %d verified here "
+                          "(truncation)" % (mirror, head.length, local.length))
+
+    def fetch_tail(self, mirror, relpath, start, length):
+        """The journal's bytes [start, length): by Range, or from a whole file whose first
+        start bytes must be the ones this host verified (a server that ignores Range)."""
+        if length == start:
+            return b""
+        got = mirror.fetch(relpath, length, start=start, stop=length)
+        tail = got.body
+        if not got.partial:
+            verified = b""
+            if start:
+                with open(self.host.path("journal"), "rb") as f:
+                    verified = f.read(start)
+            if tail[:start] != verified:
+                raise Refused("journal from %s does not begin with the journal this host verified; it was "
+                              "rewritten" % mirror)
+            tail = tail[start:]
+        if len(tail) != length - start:
+            raise Refused("journal from %s is %d bytes where the signed head says %d (truncated or padded)"
+                          % (mirror, start + len(tail), length))
+        return tail
 
     def stage_objects(self, mirror, pending):
         """Download every object pending transactions need, checking size and hash as it streams.
@@ -2491,8 +2506,7 @@ def cmd_up(args):
                 print("would apply %d %s" % (entry.seq, entry.summary()))
             print("isconf: %d pending on branch %s (dry run: nothing applied)" % (len(plan.pending), plan.head.branch))
             return EXIT_OK
-        if plan.fetched:
-            plan.commit()
+        plan.commit(host)
         if not plan.pending:
             agent.say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
         code = agent.apply(plan, allow_reboot=args.reboot)
@@ -2604,7 +2618,7 @@ def cmd_migrate(args):
             raise UsageError("this host already follows branch %s" % config.branch)
         agent = Agent(host, parse_now(args.now))
         plan = agent.sync(stage=True, branch=args.new_branch)
-        plan.commit()
+        plan.commit(host)
         # Change the one line, so the admin's comments and layout survive.
         text = read_file(config.path).decode("utf-8")
         text = re.sub(r"(?m)^branch\s*[=:].*$", "branch = " + args.new_branch, text, count=1)
