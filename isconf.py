@@ -1465,11 +1465,16 @@ def run_command(root, argv, cwd, env, log_path, echo=True):
 
 
 class Owners(object):
-    """Map user and group names to ids through the target's own passwd and group."""
+    """User and group names and ids, from a root's own /etc/passwd and /etc/group (never
+    the running system's: the target disk may know other users)."""
 
     def __init__(self, rootpath):
         self.users = self._table(rootpath, "/etc/passwd")
         self.groups = self._table(rootpath, "/etc/group")
+        self.user_names, self.group_names = {}, {}
+        for names, table in ((self.user_names, self.users), (self.group_names, self.groups)):
+            for name, number in table.items():
+                names.setdefault(number, name)  # the first line wins, as with getpwuid
 
     @staticmethod
     def _table(rootpath, path):
@@ -1488,6 +1493,11 @@ class Owners(object):
     def ids(self, record):
         """Names win where the target knows them; otherwise the recorded numbers."""
         return self.users.get(record["user"], record["uid"]), self.groups.get(record["group"], record["gid"])
+
+    def record(self, st):
+        """The owner fields of a snap record for a stat result."""
+        return {"uid": st.st_uid, "gid": st.st_gid, "user": self.user_names.get(st.st_uid, str(st.st_uid)),
+                "group": self.group_names.get(st.st_gid, str(st.st_gid))}
 
 
 def temp_name(name):
@@ -1943,11 +1953,6 @@ class Repository(object):
                              % branch)
         return data
 
-    def store_object(self, source, sha):
-        final = os.path.join(self.path, "objects", sha)
-        if not os.path.exists(final):
-            atomic_write(final, source, 0o644)
-
     # The author lock: who holds the branch, why and since when.
 
     def lock_path(self, branch):
@@ -2149,11 +2154,10 @@ def sign_head(data, key):
         return read_file(path + ".sig", SIGNATURE_MAX)
 
 
-def snap_record(rootpath, path, links):
+def snap_record(rootpath, path, links, owners):
     """Describe one path under the root as a snap file record (storing nothing yet)."""
     st = rootpath.lstat(path)
-    owner = {"uid": st.st_uid, "gid": st.st_gid, "user": user_name(rootpath, st.st_uid, "/etc/passwd"),
-             "group": user_name(rootpath, st.st_gid, "/etc/group")}
+    owner = owners.record(st)
     if stat.S_ISLNK(st.st_mode):
         return dict(owner, path=path, type="symlink", target=rootpath.readlink(path), mtime_ns=st.st_mtime_ns)
     if stat.S_ISDIR(st.st_mode):
@@ -2185,29 +2189,41 @@ def data_extents(f, size):
     return extents
 
 
-def read_object(rootpath, record):
-    """Content of a file record: the data extents of a sparse file, all of any other."""
+def store_content(rootpath, record, objects):
+    """Copy a file's content into the objects directory, named by its SHA-256.
+
+    A sparse file stores only its data extents, listed in the record; the copy is
+    streamed and hashed on the way, so a large file never sits in memory.
+    """
     with rootpath.open_file(record["path"]) as f:
-        extents = data_extents(f, record["size"])
-        if extents != [[0, record["size"]]] and record["size"]:
+        size = record["size"]
+        extents = data_extents(f, size)
+        if size and extents != [[0, size]]:
             record["extents"] = extents
         else:
-            extents = [[0, record["size"]]] if record["size"] else []
-        chunks = []
-        for offset, length in extents:
-            f.seek(offset)
-            chunk = f.read(length)
-            if len(chunk) != length:
-                raise StateError("%s changed while it was being snapped; snap it again" % record["path"])
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def user_name(rootpath, number, table):
-    for name, uid in Owners._table(rootpath, table).items():
-        if uid == number:
-            return name
-    return str(number)
+            extents = [[0, size]] if size else []
+        fd, tmp = tempfile.mkstemp(prefix=".snap-", dir=objects)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                sink = HashingWriter(out)
+                for offset, length in extents:
+                    f.seek(offset)
+                    while length:
+                        chunk = f.read(min(CHUNK, length))
+                        if not chunk:
+                            raise StateError("%s changed while it was being snapped; snap it again"
+                                             % record["path"])
+                        sink.write(chunk)
+                        length -= len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)
+            record["object"] = sink.hexdigest()
+            os.rename(tmp, os.path.join(objects, record["object"]))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 # ---------------------------------------------------------------------------
@@ -2264,8 +2280,7 @@ class StaticHandler(http.server.BaseHTTPRequestHandler):
                 if span is None:
                     return self.send_status(416, "Range Not Satisfiable", extra={
                         "Content-Range": "bytes */%d" % st.st_size})
-                if span != (0, st.st_size) or wanted:
-                    start, stop, status = span[0], span[1], 206
+                start, stop, status = span[0], span[1], 206
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(stop - start))
@@ -2318,7 +2333,7 @@ def parse_range(header, size):
     return start, stop
 
 
-def serve(directory, bind, port, ready=None):
+def serve(directory, bind, port):
     handler = type("Handler", (StaticHandler,), {"directory": os.path.abspath(directory)})
     server = ThreadingServer((bind, port), handler)
     sys.stderr.write("isconf: serving %s on http://%s:%d/\n" % (directory, bind, server.server_address[1]))
@@ -2390,10 +2405,10 @@ def cmd_exec(args):
         raise UsageError("exec needs a command: isconf exec -- CMD [ARG...]")
     cwd = validate_path_arg(args.cwd, "--cwd")
     if not args.no_run:
+        host = Host(args.root, args.config)
+        variables = host.config.env if os.path.exists(host.config_path) else {}
         with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log:
-            env = exec_environment(branch, 0, "", Host(args.root, args.config).config.env
-                                   if os.path.exists(Host(args.root, args.config).config_path) else {})
-            status = run_command(args.root, argv, cwd, env, log.name)
+            status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.name)
         if status != 0:
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
     repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
@@ -2411,14 +2426,13 @@ def cmd_snap(args):
     repo, branch = author_context(args)
     repo.require_lock(branch)
     rootpath, links, records = RootPath(args.root), {}, []
+    owners = Owners(rootpath)
     for path in args.paths:
         path = validate_path_arg(path.rstrip("/") or "/", "snap path")
         try:
-            record = snap_record(rootpath, path, links)
+            record = snap_record(rootpath, path, links, owners)
             if record["type"] == "file":
-                content = read_object(rootpath, record)
-                record["object"] = sha256_hex(content)
-                repo.store_object(content, record["object"])
+                store_content(rootpath, record, os.path.join(repo.path, "objects"))
         except OSError as e:
             raise UsageError("cannot snap %s: %s" % (path, e.strerror or e))
         records.append(record)
