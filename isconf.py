@@ -45,6 +45,7 @@ import os
 import posixpath
 import re
 import shlex
+import signal
 import socket
 import socketserver
 import ssl
@@ -52,6 +53,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 
@@ -78,6 +80,9 @@ BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# What a network read can raise: ValueError covers malformed URLs and, on 3.6,
+# ssl.CertificateError; UnicodeError (a ValueError) covers bad host names.
+NETWORK_ERRORS = (OSError, http.client.HTTPException, ValueError)
 
 CONFIG_PATH = "etc/isconf/isconf.conf"      # under --root
 SIGNERS_PATH = "etc/isconf/allowed_signers"  # under --root
@@ -391,9 +396,34 @@ class RootPath(object):
 
 
 class Response(object):
-    def __init__(self, status, body=b"", etag=None, last_modified=None, partial=False, length=0):
-        self.status, self.body, self.length = status, body, length
+    def __init__(self, status, body=b"", etag=None, last_modified=None, partial=False):
+        self.status, self.body = status, body
         self.etag, self.last_modified, self.partial = etag, last_modified, partial
+
+
+class FetchDeadline(object):
+    """Bound a whole fetch in time, headers included (attack: a server that trickles a
+    byte at a time, each within the socket timeout, for ever).  SIGALRM interrupts any
+    blocking read; the agent is single-threaded, and elsewhere the socket timeout and
+    the per-chunk check in Mirror._stream remain."""
+
+    def __init__(self, seconds, what):
+        self.seconds, self.what, self.previous = seconds, what, None
+
+    def expired(self, signum, frame):
+        raise Unreachable("%s: too slow, gave up after %d seconds; try another mirror or raise deadline"
+                          % (self.what, self.seconds))
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGALRM, self.expired)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
 
 
 class Mirror(object):
@@ -402,8 +432,12 @@ class Mirror(object):
     def __init__(self, url, timeout=DEFAULT_TIMEOUT, deadline=DEFAULT_DEADLINE):
         self.url = url
         self.timeout, self.deadline = timeout, deadline
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme in ("http", "https"):
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            parsed.port  # a malformed port is an error here, not at the first fetch
+        except ValueError as e:
+            raise UsageError("mirror %r is not a valid URL: %s" % (url, e))
+        if parsed.scheme in ("http", "https") and parsed.hostname:
             self.directory = None
             self.base = url if url.endswith("/") else url + "/"
         elif parsed.scheme == "file":
@@ -424,16 +458,24 @@ class Mirror(object):
         self._connections.clear()
 
     def fetch(self, relpath, limit, start=0, stop=None, etag=None, last_modified=None, sink=None):
-        """GET relpath: at most `limit` body bytes, bytes [start, stop) if asked.
+        """GET relpath, a file of at most `limit` bytes, or its bytes [start, stop).
 
-        Returns a Response whose .partial says whether the range was honoured (else the
-        body is the whole file).  A 304 comes back as status 304 with no body.  With a
-        sink, the body is streamed into it instead of being kept in memory.
+        Returns a Response whose .partial says whether the range was honoured; if it was
+        not, the body is the file from its start, cut at `stop`.  A 304 comes back as
+        status 304 with no body.  With a sink, the body is streamed into it instead of
+        being kept in memory.
         """
         what = "%s from %s" % (relpath, self.url)
-        deadline = time.monotonic() + self.deadline + limit / float(MIN_RATE)
-        if self.directory is not None:
-            return self._read_local(relpath, limit, start, stop, deadline, what, sink)
+        with FetchDeadline(self.deadline + limit / float(MIN_RATE), what):
+            if self.directory is not None:
+                return self._read_local(relpath, limit, start, stop, what, sink)
+            try:
+                return self._fetch_http(relpath, limit, start, stop, etag, last_modified, sink, what)
+            except NETWORK_ERRORS as e:
+                self.close()
+                raise Unreachable("%s: %s; try again later" % (what, e or type(e).__name__))
+
+    def _fetch_http(self, relpath, limit, start, stop, etag, last_modified, sink, what):
         url = urllib.parse.urljoin(self.base, relpath)
         headers = {"User-Agent": "isconf/" + __version__, "Accept-Encoding": "identity"}
         if start or stop is not None:
@@ -443,72 +485,58 @@ class Mirror(object):
         elif last_modified:
             headers["If-Modified-Since"] = last_modified
         for _ in range(MAX_REDIRECTS + 1):
-            response = self._request(url, headers, what)
-            try:
-                if response.status in (301, 302, 303, 307, 308):
-                    location = response.getheader("Location")
-                    if not location:
-                        raise Unreachable("%s: redirect without a Location" % what)
-                    url = urllib.parse.urljoin(url, location)
-                    response.read(HEAD_MAX)  # drain so the connection can be reused
-                    continue
-                return self._response(response, limit, start, deadline, what, sink)
-            except (OSError, http.client.HTTPException) as e:
-                self._drop(url)
-                raise Unreachable("%s: connection failed mid-body (%s); try again later" % (what, e))
-            finally:
-                if response.will_close:
-                    self._drop(url)
+            response = self._request(url, headers)
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.getheader("Location")
+                if not location:
+                    raise Unreachable("%s: redirect without a Location" % what)
+                response.read(HEAD_MAX)  # drain so the connection can be reused
+                url = urllib.parse.urljoin(url, location)
+                continue
+            return self._response(response, limit, start, stop, what, sink, bool(etag or last_modified))
         raise Unreachable("%s: more than %d redirects (a redirect loop?); fix the mirror URL"
                           % (what, MAX_REDIRECTS))
 
-    def _connection(self, url):
+    def _request(self, url, headers):
+        """Send a GET on a kept-alive connection to the URL's server, or a new one."""
         parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise Unreachable("redirect to %r: only http and https URLs are followed" % url)
         key = (parts.scheme, parts.netloc)
-        conn = self._connections.get(key)
-        if conn is None:
-            if parts.scheme == "https":
-                conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout,
-                                                   context=ssl.create_default_context())
-            elif parts.scheme == "http":
-                conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
-            else:
-                raise Unreachable("redirect to %r: only http and https are followed" % url)
-            self._connections[key] = conn
-        return conn
-
-    def _drop(self, url):
-        parts = urllib.parse.urlsplit(url)
-        conn = self._connections.pop((parts.scheme, parts.netloc), None)
-        if conn is not None:
-            conn.close()
-
-    def _request(self, url, headers, what):
-        parts = urllib.parse.urlsplit(url)
         target = parts.path + ("?" + parts.query if parts.query else "")
-        # A kept-alive connection may have been closed by the server: retry once fresh.
+        # A kept-alive connection may have been closed by the server: retry once, fresh.
         for attempt in (0, 1):
-            conn = self._connection(url)
-            reused = conn.sock is not None
+            conn = self._connections.get(key)
+            reused = conn is not None
+            if conn is None:
+                if parts.scheme == "https":
+                    conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout,
+                                                       context=ssl.create_default_context())
+                else:
+                    conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+                self._connections[key] = conn
             try:
                 conn.request("GET", target, headers=headers)
                 return conn.getresponse()
-            except (OSError, http.client.HTTPException) as e:
-                self._drop(url)
+            except NETWORK_ERRORS:
+                conn.close()
+                del self._connections[key]
                 if not reused or attempt:
-                    raise Unreachable("%s: %s" % (what, e))
-        raise AssertionError("unreachable")
+                    raise
+        raise AssertionError("not reached")
 
-    def _response(self, response, limit, start, deadline, what, sink):
+    def _response(self, response, limit, start, stop, what, sink, conditional):
         status = response.status
-        if status == 304:
+        if status in (304, 404) or status not in (200, 206):
             response.read(HEAD_MAX)
+        if status == 304:
+            if not conditional:
+                raise Refused("%s: the server answered 304 Not Modified to a request that was not "
+                              "conditional; the mirror is broken" % what)
             return Response(304)
         if status == 404:
-            response.read(HEAD_MAX)
             raise NotFound("%s: not found (404); check the URL and the branch name" % what)
         if status not in (200, 206):
-            response.read(HEAD_MAX)
             raise Unreachable("%s: server answered %d %s" % (what, status, response.reason))
         partial = status == 206
         if partial:
@@ -516,29 +544,35 @@ class Mirror(object):
             if not m or int(m.group(1)) != start:
                 raise Refused("%s: the server answered a range request with the wrong range %r"
                               % (what, response.getheader("Content-Range")))
+            limit = limit - start if stop is None else stop - start
+        elif stop is not None:
+            limit = stop  # the server ignored Range: read the file up to stop, no further
         length = response.getheader("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise Refused("%s is %s bytes, more than the %d expected; the mirror is broken or hostile"
+        length = int(length) if length is not None and length.isdigit() else None
+        if length is not None and length > limit and (partial or stop is None):
+            raise Refused("%s is %d bytes, more than the %d expected; the mirror is broken or hostile"
                           % (what, length, limit))
         body = io.BytesIO() if sink is None else sink
-        # read1 returns what has arrived; read(n) would wait for all n bytes, and a server
-        # trickling a byte at a time would never reach the deadline check.
-        got = self._stream(response.read1, limit, deadline, what, body)
-        response.read()  # at the end of the body: marks the response done, so the connection is reused
-        if length is not None and length.isdigit() and got != int(length):
+        # read1 returns what has arrived; read(n) would wait for all n bytes.
+        got = self._stream(response.read1, limit, what, body, cut=not partial and stop is not None)
+        if got == limit and length is not None and length > limit:
+            self.close()  # the rest of a whole file we did not want: the connection is not reusable
+        elif length is not None and got != length:
             # http.client returns a short body quietly when the connection closes early.
-            raise Unreachable("%s: the connection closed after %d of %s bytes; try again later"
+            raise Unreachable("%s: the connection closed after %d of %d bytes; try again later"
                               % (what, got, length))
+        else:
+            response.read()  # at the end of the body: marks the response done, so the connection is reused
         return Response(status, body.getvalue() if sink is None else None, response.getheader("ETag"),
-                        response.getheader("Last-Modified"), partial, got)
+                        response.getheader("Last-Modified"), partial)
 
     @staticmethod
-    def _stream(read, limit, deadline, what, sink):
-        """Copy a body into sink: never more than limit bytes, never past the deadline
-        (attacks: endless data, and a server that trickles a byte at a time)."""
+    def _stream(read, limit, what, sink, cut=False):
+        """Copy a body into sink: never more than limit bytes (attack: endless data).
+        With cut, stop quietly at limit instead of refusing what lies beyond."""
         total = 0
         while True:
-            chunk = read(min(CHUNK, limit + 1 - total))
+            chunk = read(min(CHUNK, limit + 1 - total) if not cut else min(CHUNK, limit - total))
             if not chunk:
                 return total
             total += len(chunk)
@@ -546,29 +580,25 @@ class Mirror(object):
                 raise Refused("%s is longer than the %d bytes expected; the mirror is broken or hostile"
                               % (what, limit))
             sink.write(chunk)
-            if time.monotonic() > deadline:
-                raise Unreachable("%s: too slow, gave up after the fetch deadline; try another mirror"
-                                  % what)
+            if cut and total == limit:
+                return total
 
-    def _read_local(self, relpath, limit, start, stop, deadline, what, sink):
+    def _read_local(self, relpath, limit, start, stop, what, sink):
         path = os.path.join(self.directory, *relpath.split("/"))
         body = io.BytesIO() if sink is None else sink
         try:
             with open(path, "rb") as f:
                 f.seek(start)
-                left = [limit + 1 if stop is None else min(limit + 1, stop - start)]
-
-                def read(n):
-                    chunk = f.read(min(n, left[0]))
-                    left[0] -= len(chunk)
-                    return chunk
-                length = self._stream(read, limit, deadline, what, body)
+                if stop is None:
+                    self._stream(f.read, limit - start, what, body)
+                else:
+                    self._stream(f.read, stop - start, what, body, cut=True)
         except FileNotFoundError:
             raise NotFound("%s: not found; check the path and the branch name" % what)
         except OSError as e:
             raise Unreachable("%s: %s" % (what, e.strerror))
         return Response(206 if start else 200, body.getvalue() if sink is None else None,
-                        partial=bool(start or stop is not None), length=length)
+                        partial=bool(start or stop is not None))
 
 
 # ---------------------------------------------------------------------------

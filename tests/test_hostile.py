@@ -157,6 +157,13 @@ class HostileMirror(object):
             self._send(conn, status, body[:len(body) // 2], extra, length=len(body))
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return None
+        if name == "trickle-headers":   # the status line and headers, one byte every half second
+            give_up = time.monotonic() + TRICKLE_FOR
+            for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 200:
+                if self.stopping.wait(0.5) or time.monotonic() > give_up:
+                    return None
+                conn.sendall(bytes([byte]))
+            return None
         if name == "trickle":           # one byte every half second, for a bounded time
             self._send(conn, status, b"", extra, length=len(body))
             give_up = time.monotonic() + TRICKLE_FOR
@@ -359,6 +366,9 @@ UNREACHABLE = [
     case("journal 500", 2, JOURNAL, ("status", 500), "500"),
     case("object 503", 2, O2, ("status", 503), "503"),
     case("head redirect loop", 0, HEAD, ("redirect", None), "redirects"),
+    case("head headers trickled", 0, HEAD, "trickle-headers", "too slow"),
+    case("head redirect to a malformed URL", 0, HEAD, ("redirect", "http://[::1/x"), "branches/web/head from"),
+    case("head redirect to another scheme", 0, HEAD, ("redirect", "ftp://127.0.0.1/head"), "only http"),
 ]
 
 
@@ -630,3 +640,18 @@ def test_mirror_leaves_no_thread_or_socket_behind(template):
     server.stop()
     assert set(threading.enumerate()) <= before
     assert server.listener.fileno() == -1
+
+
+def test_304_to_an_unconditional_request_is_refused(world):
+    # A fresh host sends no validator, so "not modified" can only be a broken or lying mirror.
+    world.mirror.behave[HEAD] = ("status", 304)
+    up_applies_nothing(world, "refused", "not conditional", Template.MARKERS[0])
+
+
+def test_server_ignoring_range_on_a_journal_longer_than_signed_is_accepted(world):
+    # A ci that died after appending leaves bytes past the head: a host reads the signed bytes only.
+    world.bring_to_seq_2()
+    world.mirror.replace[JOURNAL] = world.t.versions[4][JOURNAL] + b'{"half an entry'
+    world.mirror.behave[JOURNAL] = "ignore-range"
+    world.host("up", expect="ok")
+    assert os.path.exists(world.host.path("/tmp/four"))
