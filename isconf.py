@@ -71,6 +71,7 @@ CHUNK = 64 * 1024               # read and hash size for streams
 MAX_REDIRECTS = 5               # a redirect loop must end
 MIN_RATE = 16 * 1024            # bytes/s a fetch may not fall below over its deadline
 SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
+OWNERS_MAX = 16 * 1024 * 1024   # a target's passwd or group file; larger is not a passwd file
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
@@ -84,9 +85,9 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # ssl.CertificateError; UnicodeError (a ValueError) covers bad host names.
 NETWORK_ERRORS = (OSError, http.client.HTTPException, ValueError)
 
-CONFIG_PATH = "etc/isconf/isconf.conf"      # under --root
-SIGNERS_PATH = "etc/isconf/allowed_signers"  # under --root
-STATE_PATH = "var/lib/isconf"                # under --root
+CONFIG_PATH = "/etc/isconf/isconf.conf"      # inside --root
+SIGNERS_PATH = "/etc/isconf/allowed_signers"  # inside --root
+STATE_PATH = "/var/lib/isconf"                # inside --root
 
 # Exit codes: documented in README.md, stable across versions.
 EXIT_OK = 0
@@ -316,9 +317,14 @@ class RootPath(object):
     def __init__(self, root):
         self.root = os.path.abspath(root)
 
-    def open_dir(self, path, create=False):
-        """An O_DIRECTORY descriptor for path inside the root (the caller closes it)."""
-        fds = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)]
+    def _walk(self, path, create=False):
+        """Walk path's components as directories inside the root.
+
+        Returns (descriptor of the last directory reached, the real names leading to
+        it from the root, the components left over where one does not exist).  With
+        create, missing directories are made (and made durable) instead.
+        """
+        fds, names = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)], []
         todo = [p for p in path.split("/") if p]
         hops = 0
         try:
@@ -329,32 +335,43 @@ class RootPath(object):
                 if name == "..":
                     if len(fds) > 1:
                         os.close(fds.pop())
+                        names.pop()
                     continue
                 try:
                     st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
                 except FileNotFoundError:
                     if not create:
-                        raise
+                        return fds.pop(), names, [name] + todo
                     os.mkdir(name, 0o755, dir_fd=fds[-1])
+                    os.fsync(fds[-1])  # a done transaction must not lose its directory to a power cut
                     st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
                     hops += 1
                     if hops > SYMLINK_HOPS:
-                        raise OSError(errno.ELOOP, "too many symbolic links", path)
+                        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
                     target = os.readlink(name, dir_fd=fds[-1])
                     if target.startswith("/"):
                         while len(fds) > 1:
                             os.close(fds.pop())
+                        names = []
                     todo = [p for p in target.split("/") if p] + todo
                     continue
                 if not stat.S_ISDIR(st.st_mode):
-                    raise OSError(errno.ENOTDIR, "not a directory", path)
-                fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                                   dir_fd=fds[-1]))
-            return fds.pop()
+                    raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+                fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+                names.append(name)
+            return fds.pop(), names, []
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def open_dir(self, path, create=False):
+        """An O_DIRECTORY descriptor for path inside the root (the caller closes it)."""
+        fd, _, missing = self._walk(path, create)
+        if missing:
+            os.close(fd)
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return fd
 
     def parent(self, path, create=False):
         """(directory fd, final name) for path; the final name itself is not followed."""
@@ -363,15 +380,59 @@ class RootPath(object):
             raise OSError(errno.EINVAL, "the root itself has no parent", path)
         return self.open_dir(head, create), name
 
+    def resolve(self, path, hops=0):
+        """Where path lives as seen from outside the root, every link followed inside it;
+        parts that do not exist yet are kept as written.  For the host's own state and
+        config, so that a target whose /var is a link keeps its state inside the target."""
+        head, name = posixpath.split(path)
+        if name in ("", ".", ".."):
+            fd, names, missing = self._walk(path)
+            os.close(fd)
+            return os.path.join(self.root, *(names + missing))
+        fd, names, missing = self._walk(head)
+        try:
+            if not missing:
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and stat.S_ISLNK(st.st_mode):
+                    if hops >= SYMLINK_HOPS:
+                        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+                    target = os.readlink(name, dir_fd=fd)
+                    return self.resolve(posixpath.join("/" + "/".join(names), target), hops + 1)
+        finally:
+            os.close(fd)
+        return os.path.join(self.root, *(names + missing + [name]))
+
+    def read_file(self, path, limit):
+        """The bytes of a small regular file inside the root: never a device, a FIFO or
+        anything outside the root (attack: /etc/passwd linked to /dev/zero)."""
+        fd = os.open(self.resolve(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", path)
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, "larger than %d bytes" % limit, path)
+        return data
+
     def open_file(self, path):
-        """A file object for reading a regular file inside the root."""
+        """A file object for reading a regular file inside the root; the final name is not followed."""
         dfd, name = self.parent(path)
         try:
-            return os.fdopen(os.open(name, os.O_RDONLY, dir_fd=dfd), "rb")
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
         finally:
             os.close(dfd)
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return f
 
     def lstat(self, path):
+        if path == "/":
+            return os.lstat(self.root)
         dfd, name = self.parent(path)
         try:
             return os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -384,10 +445,6 @@ class RootPath(object):
             return os.readlink(name, dir_fd=dfd)
         finally:
             os.close(dfd)
-
-    def host_path(self, path):
-        """For messages only: where path lives as seen from outside the root."""
-        return os.path.join(self.root, path.lstrip("/"))
 
 
 # ---------------------------------------------------------------------------
@@ -1336,10 +1393,13 @@ class Host(object):
 
     def __init__(self, root="/", config_path=None):
         self.root = os.path.abspath(root)
-        self.config_path = config_path or os.path.join(self.root, CONFIG_PATH)
-        self.state = os.path.join(self.root, STATE_PATH)
-        self.signers_path = os.path.join(self.root, SIGNERS_PATH)
+        if not os.path.isdir(self.root):
+            raise StateError("root %s is not a directory; mount the target disk there, or create it" % self.root)
         self.rootpath = RootPath(self.root)
+        # Resolved inside the root: a target whose /var or /etc is a link keeps its state there.
+        self.config_path = config_path or self.rootpath.resolve(CONFIG_PATH)
+        self.state = self.rootpath.resolve(STATE_PATH)
+        self.signers_path = self.rootpath.resolve(SIGNERS_PATH)
         self._config = None
 
     def path(self, *parts):
@@ -1509,8 +1569,7 @@ class Owners(object):
     @staticmethod
     def _table(rootpath, path):
         try:
-            with rootpath.open_file(path) as f:
-                lines = f.read().decode("utf-8", "replace").splitlines()
+            lines = rootpath.read_file(path, OWNERS_MAX).decode("utf-8", "replace").splitlines()
         except OSError:
             return {}
         table = {}
@@ -2740,7 +2799,7 @@ def global_options(suppress):
     options.add_argument("--root", default=default(os.environ.get("ISCONF_ROOT", "/")),
                          help="the host's root directory, e.g. a mounted target disk (default /)")
     options.add_argument("--config", default=default(None),
-                         help="host config file (default ROOT/%s)" % CONFIG_PATH)
+                         help="host config file (default ROOT%s)" % CONFIG_PATH)
     options.add_argument("--repo", default=default(os.environ.get("ISCONF_REPO")),
                          help="repository directory, for author verbs (or ISCONF_REPO)")
     options.add_argument("--branch", default=default(os.environ.get("ISCONF_BRANCH")),

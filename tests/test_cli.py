@@ -40,6 +40,7 @@ def test_every_verb_has_help(verb):
 def test_bad_input_gets_one_line_and_exit_2(args, fragment, tmp_path):
     # A host root exists with a config, so only the argument itself can be wrong.
     root = str(tmp_path / "root")
+    os.makedirs(root)
     run_isconf("--root", root, "init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
     repo = str(tmp_path / "repo")
     run_isconf("init-repo", repo, expect="ok")

@@ -655,3 +655,31 @@ def test_server_ignoring_range_on_a_journal_longer_than_signed_is_accepted(world
     world.mirror.behave[JOURNAL] = "ignore-range"
     world.host("up", expect="ok")
     assert os.path.exists(world.host.path("/tmp/four"))
+
+
+def test_state_directory_linked_outside_the_root_stays_inside(template, mirror, keys, tmp_path, busybox_root):
+    from conftest import Host
+    outside = str(tmp_path / "outside")
+    os.makedirs(outside)
+    host = Host(str(tmp_path / "linked-host"))
+    busybox_root(host.root)
+    os.symlink(outside, host.path("/var"))
+    host.init(mirror.url, keys, *SLOW)
+    host("up", expect="ok")
+    assert os.listdir(outside) == []
+    assert os.path.exists(host.path(outside + "/lib/isconf/history"))
+
+
+@pytest.mark.parametrize("plant", ["/dev/zero", "fifo", "/etc/passwd"])
+def test_a_planted_passwd_file_is_not_followed_out_of_the_root(world, plant):
+    # Owner names are looked up in the target's own /etc/passwd: never a device, a FIFO or the host's file.
+    passwd = world.host.path("/etc/passwd")
+    os.unlink(passwd)
+    if plant == "fifo":
+        os.mkfifo(passwd)
+    else:
+        os.symlink(plant, passwd)
+    world.publish([entry(None, "snap", files=[dict(file_record("/etc/x", b"owned\n"), user="nobody", uid=1234)])],
+                  objects=[b"owned\n"])
+    world.host("up", expect="ok", timeout=RUN_TIMEOUT)
+    assert os.stat(world.host.path("/etc/x")).st_uid == 1234
