@@ -72,6 +72,7 @@ MAX_REDIRECTS = 5               # a redirect loop must end
 MIN_RATE = 16 * 1024            # bytes/s a fetch may not fall below over its deadline
 SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
 OWNERS_MAX = 16 * 1024 * 1024   # a target's passwd or group file; larger is not a passwd file
+SIGNERS_MAX = 1024 * 1024       # an allowed_signers file of a few thousand keys
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
@@ -246,6 +247,45 @@ def durable_append(path, data):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def append_record(path, fields):
+    """Append one canonical JSON line and fsync it.  A power cut during an earlier
+    append leaves at most a torn last line: it is cut off first, so this record
+    starts on a line of its own and the file stays readable."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            tail = os.pread(fd, min(end, 1 << 20), end - min(end, 1 << 20))
+            cut = tail.rfind(b"\n")
+            if cut < 0 and len(tail) < end:
+                raise StateError("%s ends in a damaged record over 1 MiB long; the disk may be failing" % path)
+            os.ftruncate(fd, end - len(tail) + cut + 1)
+        os.lseek(fd, 0, os.SEEK_END)
+        write_all(fd, canonical(fields) + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(path, what):
+    """The JSON objects of a file written by append_record; a torn last line is ignored."""
+    try:
+        data = read_file(path)
+    except FileNotFoundError:
+        return []
+    lines = data.split(b"\n")[:-1]  # whatever follows the last newline is a torn append
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            record = None
+        if not isinstance(record, dict):
+            raise StateError("%s %s is damaged at line %d; it was edited or the disk is failing" % (what, path, number))
+        records.append(record)
+    return records
 
 
 def read_file(path, limit=None):
@@ -1326,11 +1366,12 @@ class Config(object):
         self.insecure = main.get("insecure", "no").lower() in ("yes", "true", "1")
         self.reboot_command = main.get("reboot_command", DEFAULT_REBOOT)
         try:
-            self.timeout = float(main.get("timeout", DEFAULT_TIMEOUT))
-            self.deadline = float(main.get("deadline", DEFAULT_DEADLINE))
-            self.retries = int(main.get("retries", DEFAULT_RETRIES))
+            self.reboot_argv = parse_command(self.reboot_command)
+            self.timeout = parse_positive(main.get("timeout", str(DEFAULT_TIMEOUT)), float, "timeout")
+            self.deadline = parse_positive(main.get("deadline", str(DEFAULT_DEADLINE)), float, "deadline")
+            self.retries = parse_positive(main.get("retries", str(DEFAULT_RETRIES)), int, "retries")
         except ValueError as e:
-            raise StateError("config %s: %s" % (path, e))
+            raise StateError("config %s: %s; fix it or rerun 'isconf init --force'" % (path, e))
         self.env = dict(parser["env"]) if parser.has_section("env") else {}
         if not BRANCH_RE.match(self.branch) or not self.urls:
             raise StateError("config %s needs a valid branch and at least one URL; rerun 'isconf init'" % path)
@@ -1347,31 +1388,42 @@ class Config(object):
         return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+def parse_command(text):
+    """A command line from the config, split as a shell would, never run by one."""
+    try:
+        argv = shlex.split(text)
+    except ValueError as e:
+        raise ValueError("command %r: %s" % (text, e))
+    if not argv:
+        raise ValueError("the command is empty")
+    return argv
+
+
+def parse_positive(text, kind, what):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError("%s must be a number above 0, not %r" % (what, text))
+    return value
+
+
 class History(object):
     """Append-only record of what this host did: started before, done or failed after."""
 
     def __init__(self, path):
         self.path = path
-        self.events = []
-        try:
-            data = read_file(path)
-        except FileNotFoundError:
-            data = b""
-        for number, line in enumerate(data.split(b"\n"), 1):
-            if not line:
-                continue
-            try:
-                self.events.append(json.loads(line.decode("utf-8")))
-            except ValueError:
-                # A power cut during an append leaves at most a torn last line.
-                if number != data.count(b"\n") + 1:
-                    raise StateError("history %s line %d is damaged; move it aside and reinit"
-                                     % (path, number))
+        self.events = read_records(path, "history")
+        for event in self.events:
+            if not (isinstance(event.get("event"), str) and isinstance(event.get("seq"), int)
+                    and isinstance(event.get("id"), str)):
+                raise StateError("history %s holds an event without event, seq and id; it was edited" % path)
 
     def record(self, event, entry, **extra):
         fields = dict(extra, event=event, seq=entry.seq, id=entry.id, time=format_time(time.time()))
         self.events.append(fields)
-        durable_append(self.path, canonical(fields) + b"\n")
+        append_record(self.path, fields)
 
     def applied(self):
         """(seq, id) of the last transaction done or skipped: the applied prefix."""
@@ -1504,6 +1556,22 @@ class Host(object):
             return None
 
 
+def load_signers(path):
+    """The keys a host trusts; a missing, damaged or empty file is a local problem."""
+    try:
+        text = read_file(path, SIGNERS_MAX).decode("utf-8")
+        signers = parse_allowed_signers(text, path)
+    except FileNotFoundError:
+        raise StateError("no trusted keys at %s; run 'isconf init --signers FILE' (or --insecure)" % path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise StateError("cannot read trusted keys %s: %s" % (path, e))
+    except Refused as e:
+        raise StateError(str(e))
+    if not signers:
+        raise StateError("%s lists no keys; add the authors' public keys in allowed_signers format" % path)
+    return signers
+
+
 # ---------------------------------------------------------------------------
 # Applying transactions: exec in a chroot, snap installed atomically.
 # ---------------------------------------------------------------------------
@@ -1590,7 +1658,8 @@ class Owners(object):
 
 
 def temp_name(name):
-    return ".%s.isconf-%d" % (name[:200], os.getpid())
+    """A temporary name beside name, short whatever name's length in bytes."""
+    return ".isconf-%d-%s" % (os.getpid(), sha256_hex(name.encode("utf-8", "surrogateescape"))[:16])
 
 
 def install_file(dfd, name, record, source, uid, gid):
@@ -1666,42 +1735,46 @@ def apply_snap(rootpath, entry, object_path):
     """Install every file of a snap entry under the root, each one atomically."""
     owners = Owners(rootpath)
     for record in entry.fields["files"]:
-        path, kind = record["path"], record["type"]
-        if path == "/":
-            dfd, name = rootpath.open_dir("/"), "."
-        else:
-            dfd, name = rootpath.parent(path, create=True)
         try:
-            if kind == "file":
-                with open(object_path(record["object"]), "rb") as source:
-                    try:
-                        install_file(dfd, name, record, source, *owners.ids(record))
-                    except StateError:
-                        os.unlink(object_path(record["object"]))  # the next run fetches it again
-                        raise
-            elif kind == "hardlink":
-                tdfd, tname = rootpath.parent(record["target"])
-                try:
-                    install_link(dfd, name, lambda tmp: os.link(tname, tmp, src_dir_fd=tdfd, dst_dir_fd=dfd,
-                                                                follow_symlinks=False))
-                finally:
-                    os.close(tdfd)
-            elif kind == "symlink":
-                uid, gid = owners.ids(record)
-
-                def make_symlink(tmp):
-                    os.symlink(record["target"], tmp, dir_fd=dfd)
-                    os.chown(tmp, uid, gid, dir_fd=dfd, follow_symlinks=False)
-                    os.utime(tmp, ns=(record["mtime_ns"], record["mtime_ns"]), dir_fd=dfd,
-                             follow_symlinks=False)
-                install_link(dfd, name, make_symlink)
-            else:
-                install_dir(dfd, name, record, *owners.ids(record))
-            os.fsync(dfd)
+            install_record(rootpath, record, owners, object_path)
         except OSError as e:
-            raise TransactionFailed("snap %s: cannot install %s: %s" % (entry.seq, path, e.strerror or e))
-        finally:
-            os.close(dfd)
+            raise TransactionFailed("cannot install %s: %s" % (record["path"], e.strerror or e))
+
+
+def install_record(rootpath, record, owners, object_path):
+    path, kind = record["path"], record["type"]
+    if path == "/":
+        dfd, name = rootpath.open_dir("/"), "."
+    else:
+        dfd, name = rootpath.parent(path, create=True)
+    try:
+        if kind == "file":
+            with open(object_path(record["object"]), "rb") as source:
+                try:
+                    install_file(dfd, name, record, source, *owners.ids(record))
+                except StateError:
+                    os.unlink(object_path(record["object"]))  # the next run fetches it again
+                    raise
+        elif kind == "hardlink":
+            tdfd, tname = rootpath.parent(record["target"])
+            try:
+                install_link(dfd, name, lambda tmp: os.link(tname, tmp, src_dir_fd=tdfd, dst_dir_fd=dfd,
+                                                            follow_symlinks=False))
+            finally:
+                os.close(tdfd)
+        elif kind == "symlink":
+            uid, gid = owners.ids(record)
+
+            def make_symlink(tmp):
+                os.symlink(record["target"], tmp, dir_fd=dfd)
+                os.chown(tmp, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                os.utime(tmp, ns=(record["mtime_ns"], record["mtime_ns"]), dir_fd=dfd, follow_symlinks=False)
+            install_link(dfd, name, make_symlink)
+        else:
+            install_dir(dfd, name, record, *owners.ids(record))
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 # ---------------------------------------------------------------------------
@@ -1786,9 +1859,13 @@ class Agent(object):
         transactions need.  Nothing local changes here: the Plan commits it later."""
         host = self.host
         branch = branch or self.config.branch
-        migrating = branch != self.config.branch
-        local = None if migrating else host.local_head()
-        local_entries = host.local_journal(host.local_head())
+        local = host.local_head()
+        local_entries = host.local_journal(local)
+        # Moving to another branch (or finishing a move a crash interrupted): the new
+        # journal is fetched whole and replaces the local copy, once it has verified.
+        migrating = local is not None and local.branch != branch
+        if migrating:
+            local = None
         applied_seq, applied_id = host.history().applied()
         cached = host.etags().get(mirror.url, {}) if local else {}
         prefix = "branches/%s/" % branch
@@ -1797,7 +1874,10 @@ class Agent(object):
                                 last_modified=cached.get("last_modified"))
         if response.status == 304:
             local.check_expiry(self.now())  # a mirror answering 304 for ever is a freeze attack
-            return Plan(local, local_entries, applied_seq)
+            plan = Plan(local, local_entries, applied_seq)
+            if stage:
+                self.stage_objects(mirror, plan.pending)  # one lost since the last run (a damaged copy)
+            return plan
         signature = self.check_signature(mirror, prefix, branch, response.body)
         head = Head.parse(response.body, "head from %s" % mirror)
         self.check_head(mirror, head, branch, local, applied_seq)
@@ -1920,8 +2000,12 @@ class Agent(object):
             history.record("started", entry)
             try:
                 self.apply_one(entry)
-            except TransactionFailed as e:
+            except (TransactionFailed, StateError) as e:
                 history.record("failed", entry, error=str(e))
+                with open(host.log_path(entry), "ab") as log:
+                    log.write(("[isconf] failed: %s\n" % e).encode("utf-8", "replace"))
+                if isinstance(e, StateError):
+                    raise
                 raise TransactionFailed("transaction %d failed: %s; log in %s. Fix the cause and run 'isconf up' "
                                         "again, or 'isconf skip %d -m WHY'"
                                         % (entry.seq, e, host.log_path(entry), entry.seq))
@@ -1938,7 +2022,7 @@ class Agent(object):
 
     def reboot(self):
         """Run the configured reboot command on the machine running the agent (not chrooted)."""
-        command = shlex.split(self.config.reboot_command)
+        command = self.config.reboot_argv
         self.say("rebooting: %s" % self.config.reboot_command)
         try:
             status = subprocess.call(command, stdin=subprocess.DEVNULL)
@@ -2086,18 +2170,27 @@ class Repository(object):
         return holder
 
     def unlock(self, branch, force=False):
-        holder = self.lock_holder(branch)
+        """Release our lock; with force, anyone's, even a damaged one (said loudly)."""
+        try:
+            holder = self.lock_holder(branch)
+        except StateError:
+            if not force:
+                raise
+            holder = {"who": "nobody known (the lock file is damaged)", "why": "?"}
         if holder is None:
             raise UsageError("branch %s is not locked" % branch)
-        staged = self.staged(branch)
+        try:
+            count = "%d" % len(self.staged(branch))
+        except StateError:
+            count = "all (damaged)"
         if holder.get("who") != author_name():
             if not force:
                 raise Busy("branch %s is locked by %s; use 'isconf unlock --force' to break the lock and "
                            "discard their staged work" % (branch, holder.get("who")))
-            sys.stderr.write("isconf: WARNING: breaking %s's lock on branch %s (%s) and DISCARDING %d staged "
-                             "transaction(s)\n" % (holder.get("who"), branch, holder.get("why"), len(staged)))
-        elif staged:
-            sys.stderr.write("isconf: WARNING: discarding %d staged transaction(s)\n" % len(staged))
+            sys.stderr.write("isconf: WARNING: breaking %s's lock on branch %s (%s) and DISCARDING %s staged "
+                             "transaction(s)\n" % (holder.get("who"), branch, holder.get("why"), count))
+        elif count != "0":
+            sys.stderr.write("isconf: WARNING: discarding %s staged transaction(s)\n" % count)
         for name in ("staged", "lock"):
             try:
                 os.unlink(os.path.join(self.work_dir(branch), name))
@@ -2107,24 +2200,19 @@ class Repository(object):
     # Staging: entries waiting for ci, one canonical JSON object per line.
 
     def staged(self, branch):
-        try:
-            data = read_file(os.path.join(self.work_dir(branch), "staged"))
-        except FileNotFoundError:
-            return []
-        return [json.loads(line.decode("utf-8")) for line in data.splitlines() if line]
+        return read_records(os.path.join(self.work_dir(branch), "staged"), "staged work")
 
     def stage(self, branch, fields):
         """Stage an entry, checked now as ci will check it, so a bad one fails at once."""
         self.require_lock(branch)
         try:
-            line = canonical(fields)
             Entry.parse(canonical(dict(fields, seq=1, prev=ZERO_ID, time=format_time(0), author="-",
                                        message="")), "entry")
         except UnicodeEncodeError:
             raise UsageError("a path or argument is not valid UTF-8; isconf journals UTF-8 text only")
         except Refused as e:
             raise UsageError(str(e))
-        durable_append(os.path.join(self.work_dir(branch), "staged"), line + b"\n")
+        append_record(os.path.join(self.work_dir(branch), "staged"), fields)
 
     def checkin(self, branch, message, sign_key=None, expires=None):
         """Append the staged entries to the journal, write and sign the head, unlock.
@@ -2159,9 +2247,7 @@ class Repository(object):
             with open(journal, "ab") as f:
                 f.truncate(len(data))  # bytes a crashed ci left past the head
             durable_append(journal, b"".join(lines))
-            self.publish_head(branch, new, signature)
-            os.unlink(os.path.join(self.work_dir(branch), "staged"))
-        os.unlink(self.lock_path(branch))
+            self.publish_head(branch, new, signature, checkin=True)
         return new, len(lines)
 
     @contextlib.contextmanager
@@ -2171,15 +2257,17 @@ class Repository(object):
             self.finish_publication(branch)
             yield
 
-    def publish_head(self, branch, head, signature):
+    def publish_head(self, branch, head, signature, checkin=False):
         """Replace head.sig and head, which cannot change in one rename.
 
         The pair is recorded first under authoring/, so that if we die between the two
         renames (hosts would see a head and a signature that disagree, and refuse), the
-        next author command on the branch finishes the job.
+        next author command on the branch finishes the job.  For a ci, the record also
+        says the staged work and the lock are spent: once it exists, a retried ci cannot
+        append the same entries twice.
         """
         record = os.path.join(self.work_dir(branch), "publishing")
-        atomic_write(record, canonical({"head": head.data.decode("utf-8"),
+        atomic_write(record, canonical({"head": head.data.decode("utf-8"), "checkin": checkin,
                                         "sig": signature.decode("ascii") if signature else None}) + b"\n")
         self.finish_publication(branch)
 
@@ -2199,6 +2287,12 @@ class Repository(object):
             except FileNotFoundError:
                 pass
         atomic_write(os.path.join(directory, "head"), pending["head"].encode("utf-8"))
+        if pending.get("checkin"):
+            for name in ("staged", "lock"):
+                try:
+                    os.unlink(os.path.join(self.work_dir(branch), name))
+                except FileNotFoundError:
+                    pass
         os.unlink(record)
 
     def fork(self, branch, new_branch, sign_key=None, expires=None):
@@ -2438,19 +2532,6 @@ def serve(directory, bind, port):
 # ---------------------------------------------------------------------------
 
 
-def load_signers(path):
-    try:
-        text = read_file(path, 1024 * 1024).decode("utf-8")
-    except FileNotFoundError:
-        raise StateError("no trusted keys at %s; run 'isconf init --signers FILE' (or --insecure)" % path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise StateError("cannot read trusted keys %s: %s" % (path, e))
-    signers = parse_allowed_signers(text, path)
-    if not signers:
-        raise StateError("%s lists no keys; add the authors' public keys in allowed_signers format" % path)
-    return signers
-
-
 def author_branch(args):
     """--branch, else ISCONF_BRANCH, else the branch this host follows."""
     if args.branch:
@@ -2571,19 +2652,25 @@ def cmd_init(args):
         variables[name] = value
     if os.path.exists(host.config_path) and not args.force:
         raise UsageError("%s exists; use --force to overwrite it (the applied history is kept)" % host.config_path)
+    extra = {}
+    try:
+        if args.reboot_command is not None:
+            parse_command(args.reboot_command)
+            extra["reboot_command"] = args.reboot_command
+        for key, kind in (("timeout", float), ("deadline", float), ("retries", int)):
+            if getattr(args, key) is not None:
+                extra[key] = parse_positive(str(getattr(args, key)), kind, "--" + key)
+    except ValueError as e:
+        raise UsageError(str(e))
     if args.signers:
         try:
-            text = read_file(args.signers, 1024 * 1024)
-        except OSError as e:
-            raise UsageError("cannot read --signers %s: %s" % (args.signers, e.strerror))
-        parse_allowed_signers(text.decode("utf-8", "replace"), args.signers)
+            text = read_file(args.signers, SIGNERS_MAX)
+            load_signers(args.signers)  # the very checks every 'up' makes
+        except (OSError, StateError) as e:
+            raise UsageError("--signers: %s" % (e if isinstance(e, StateError) else e.strerror))
         makedirs(os.path.dirname(host.signers_path))
         atomic_write(host.signers_path, text)
     makedirs(os.path.dirname(host.config_path))
-    extra = {}
-    for key in ("reboot_command", "timeout", "deadline", "retries"):
-        if getattr(args, key) is not None:
-            extra[key] = getattr(args, key)
     atomic_write(host.config_path, Config.render(args.branch, args.urls, args.insecure, variables, extra))
     host.ensure_state()
     print("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
@@ -2721,11 +2808,15 @@ def cmd_migrate(args):
             raise UsageError("this host already follows branch %s" % config.branch)
         agent = Agent(host, parse_now(args.now))
         plan = agent.sync(stage=True, branch=args.new_branch)
-        plan.commit(host)
-        # Change the one line, so the admin's comments and layout survive.
-        text = read_file(config.path).decode("utf-8")
-        text = re.sub(r"(?m)^branch\s*[=:].*$", "branch = " + args.new_branch, text, count=1)
+        # The config first: if we die before the commit, the next 'up' sees a local copy
+        # of the old branch and finishes the move.  One line changes, so comments survive.
+        text, found = re.subn(r"(?m)^branch\s*[=:].*$", "branch = " + args.new_branch,
+                              read_file(config.path).decode("utf-8"), count=1)
+        if not found:
+            raise StateError("cannot find the 'branch =' line in %s; set it to %s by hand" % (config.path,
+                                                                                           args.new_branch))
         atomic_write(config.path, text.encode("utf-8"))
+        plan.commit(host)
     print("isconf: now following branch %s (%d pending); run 'isconf up'" % (args.new_branch, len(plan.pending)))
 
 
