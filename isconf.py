@@ -197,10 +197,12 @@ def parse_time(text, what="time"):
 
 def parse_duration(text):
     """'30d', '12h', '90m', '45s' -> seconds."""
-    m = re.match(r"^([0-9]+)([smhdw])$", text or "")
-    if not m:
-        raise UsageError("duration %r is not a number followed by s, m, h, d or w (e.g. 30d)" % text)
-    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    m = re.match(r"^([0-9]{1,9})([smhdw])$", text or "")
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)] if m else 0
+    if not 0 < seconds <= 100 * 366 * 86400:
+        raise UsageError("duration %r is not a number followed by s, m, h, d or w, between 1s and 100 years "
+                         "(e.g. 30d)" % text)
+    return seconds
 
 
 def fsync_dir(path_or_fd):
@@ -237,6 +239,14 @@ def atomic_write(path, data, mode=0o644):
         os.unlink(tmp)
         raise
     fsync_dir(directory)
+
+
+def append_at(path, keep, data):
+    """Cut an append-only file back to its first keep bytes (what a crashed writer added
+    past them is not part of it), then append data durably."""
+    with open(path, "ab") as f:
+        f.truncate(keep)
+    durable_append(path, data)
 
 
 def durable_append(path, data):
@@ -286,6 +296,26 @@ def read_records(path, what):
             raise StateError("%s %s is damaged at line %d; it was edited or the disk is failing" % (what, path, number))
         records.append(record)
     return records
+
+
+def emit(data, stream=None):
+    """Write to the terminal.  A closed pipe ('isconf up | head') must not stop a
+    transaction half-way: later output goes to /dev/null, and the logs keep it all."""
+    stream = stream or sys.stdout
+    try:
+        if isinstance(data, bytes):
+            stream.buffer.write(data)
+        else:
+            stream.write(data)
+        stream.flush()
+    except BrokenPipeError:
+        silence(stream)
+
+
+def silence(stream):
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def read_file(path, limit=None):
@@ -1281,7 +1311,6 @@ def verify_chain(data, prev_seq, prev_id, what="journal"):
     entries = []
     if data and not data.endswith(b"\n"):
         raise Refused("%s does not end with a newline: it is truncated" % what)
-    offset = 0
     for line in data.split(b"\n")[:-1] if data else []:
         where = "%s entry %d" % (what, prev_seq + 1)
         entry = Entry.parse(line, where)
@@ -1293,7 +1322,6 @@ def verify_chain(data, prev_seq, prev_id, what="journal"):
                           "rewritten or damaged" % (where, prev_seq))
         entries.append(entry)
         prev_seq, prev_id = entry.seq, entry.id
-        offset += len(line) + 1
     return entries
 
 
@@ -1510,35 +1538,26 @@ class Host(object):
                              "and run 'isconf up'" % (self.path("journal"), self.path("head")))
         return entries
 
-    def commit(self, head, signature, tail, etags):
-        """Make a newly verified head and journal tail this host's local copy.
+    def commit(self, head, signature, keep, tail, etags):
+        """Make a newly verified head and journal this host's local copy: the first keep
+        bytes of the old copy, then tail (keep is 0 when moving to another branch).
 
         The journal grows first and the head second: a crash in between leaves a
         journal longer than the old head, and readers only ever read head.length bytes.
         """
-        journal = self.path("journal")
-        old = self.local_head()
-        keep = old.length if old else 0
-        with open(journal, "ab") as f:
-            f.truncate(keep)
-        durable_append(journal, tail)
+        append_at(self.path("journal"), keep, tail)
         if signature is not None:
             atomic_write(self.path("head.sig"), signature)
         atomic_write(self.path("head"), head.data)
         self.save_etags(etags)
 
-    def replace_journal(self, head, signature, data):
-        atomic_write(self.path("journal"), data)
-        if signature is not None:
-            atomic_write(self.path("head.sig"), signature)
-        atomic_write(self.path("head"), head.data)
-        self.save_etags({})
-
     def etags(self):
+        """Validators of the local head, per mirror: what makes an up-to-date run one 304."""
         try:
-            return json.loads(read_file(self.path("etags.json"), HEAD_MAX).decode("utf-8"))
+            etags = json.loads(read_file(self.path("etags.json"), HEAD_MAX).decode("utf-8"))
         except (FileNotFoundError, ValueError):
             return {}
+        return etags if isinstance(etags, dict) else {}
 
     def save_etags(self, etags):
         atomic_write(self.path("etags.json"), canonical(etags) + b"\n")
@@ -1592,6 +1611,10 @@ def run_command(root, argv, cwd, env, log_path, echo=True):
     per-transaction log and, when echo is set, to our stdout.  Returns the exit status.
     """
     chroot = os.path.abspath(root) != "/"
+    try:
+        os.close(RootPath(root).open_dir(cwd))
+    except OSError as e:
+        raise TransactionFailed("working directory %s cannot be entered inside %s: %s" % (cwd, root, e.strerror))
 
     def enter_root():
         if chroot:
@@ -1607,13 +1630,10 @@ def run_command(root, argv, cwd, env, log_path, echo=True):
             message = "cannot start %s in %s (cwd %s): %s\n" % (argv[0], root, cwd, e)
             log.write(message.encode())
             raise TransactionFailed(message.strip())
-        out = getattr(sys.stdout, "buffer", None)
-        for chunk in iter(lambda: proc.stdout.read1(CHUNK) if hasattr(proc.stdout, "read1")
-                          else proc.stdout.read(CHUNK), b""):
+        for chunk in iter(lambda: proc.stdout.read1(CHUNK), b""):
             log.write(chunk)
-            if echo and out is not None:
-                out.write(chunk)
-                out.flush()
+            if echo:
+                emit(chunk)
         proc.stdout.close()
         status = proc.wait()
         log.write(("[isconf] exit status %d\n" % status).encode())
@@ -1786,25 +1806,23 @@ class Plan(object):
     """The outcome of a sync: the verified journal, what is left to apply, and what to
     record locally before applying (nothing when the head was unchanged)."""
 
-    def __init__(self, head, entries, applied_seq, signature=None, tail=None, etags=None, replace=False):
+    def __init__(self, head, entries, applied_seq, signature=None, keep=0, tail=None, etags=None):
         self.head, self.entries = head, entries
         self.pending = [e for e in entries if e.seq > applied_seq]
-        self.signature, self.tail, self.etags, self.replace = signature, tail, etags, replace
+        self.signature, self.keep, self.tail, self.etags = signature, keep, tail, etags
 
     def commit(self, host):
         """Make the newly verified head and journal this host's local copy."""
-        if self.tail is None:
-            return
-        if self.replace:
-            host.replace_journal(self.head, self.signature, b"".join(e.line + b"\n" for e in self.entries))
-        else:
-            host.commit(self.head, self.signature, self.tail, self.etags)
+        if self.tail is not None:
+            host.commit(self.head, self.signature, self.keep, self.tail, self.etags)
 
 
 class Agent(object):
     def __init__(self, host, now=None, out=sys.stdout):
         self.host, self.config = host, host.config
         self.now_override = now
+        local = host.local_head()
+        self.clock_floor = parse_time(local.time) if local else 0
         self.out = out
         self.signers = None
         if self.config.insecure:
@@ -1814,17 +1832,14 @@ class Agent(object):
             self.signers = load_signers(host.signers_path)
 
     def say(self, message, stream=None):
-        stream = stream or self.out
-        stream.write("isconf: %s\n" % message)
-        stream.flush()
+        emit("isconf: %s\n" % message, stream or self.out)
 
     def now(self):
         """The time used for expiry and key validity: never earlier than the last verified head,
         so a host whose clock was reset cannot be fed heads older than what it has seen."""
         if self.now_override is not None:
             return self.now_override
-        local = self.host.local_head()
-        return max(time.time(), parse_time(local.time) if local else 0)
+        return max(time.time(), self.clock_floor)
 
     def mirrors(self):
         return [Mirror(url, self.config.timeout, self.config.deadline) for url in self.config.urls]
@@ -1861,11 +1876,10 @@ class Agent(object):
         branch = branch or self.config.branch
         local = host.local_head()
         local_entries = host.local_journal(local)
-        # Moving to another branch (or finishing a move a crash interrupted): the new
-        # journal is fetched whole and replaces the local copy, once it has verified.
-        migrating = local is not None and local.branch != branch
-        if migrating:
-            local = None
+        if local is not None and local.branch != branch:
+            # Moving to another branch (or finishing a move a crash interrupted): its
+            # journal is fetched whole and replaces the local copy once it verified.
+            local, local_entries = None, []
         applied_seq, applied_id = host.history().applied()
         cached = host.etags().get(mirror.url, {}) if local else {}
         prefix = "branches/%s/" % branch
@@ -1882,7 +1896,7 @@ class Agent(object):
         head = Head.parse(response.body, "head from %s" % mirror)
         self.check_head(mirror, head, branch, local, applied_seq)
 
-        base = local_entries if local is not None else []
+        base = local_entries
         start = local.length if local is not None else 0
         tail = self.fetch_tail(mirror, prefix + "journal", start, head.length)
         entries = base + verify_chain(tail, base[-1].seq if base else 0, base[-1].id if base else ZERO_ID,
@@ -1897,7 +1911,7 @@ class Agent(object):
                           "journal was rewritten; reinstall the host and replay"
                           % (branch, mirror, applied_seq, applied_id[:16]))
         etags = {mirror.url: {"etag": response.etag, "last_modified": response.last_modified, "id": head.id}}
-        plan = Plan(head, entries, applied_seq, signature, tail, etags, replace=migrating)
+        plan = Plan(head, entries, applied_seq, signature, start, tail, etags)
         if stage:
             self.stage_objects(mirror, plan.pending)
         return plan
@@ -2085,7 +2099,9 @@ class Repository(object):
             raise StateError("%s is not an isconf repository (no %s); create one with 'isconf init-repo DIR'"
                              % (self.path, REPO_MARKER))
         except ValueError:
-            raise StateError("%s is damaged" % marker)
+            fields = None
+        if not isinstance(fields, dict):
+            raise StateError("%s is damaged: it should hold {\"format\":%d}" % (marker, FORMAT))
         if fields.get("format") != FORMAT:
             raise StateError("%s has format %r; this isconf.py writes format %d" % (self.path, fields.get("format"),
                                                                                     FORMAT))
@@ -2243,10 +2259,7 @@ class Repository(object):
                              now + expires if expires else None)
             signature = sign_head(new.data, sign_key) if sign_key else None
             makedirs(self.branch_dir(branch))
-            journal = os.path.join(self.branch_dir(branch), "journal")
-            with open(journal, "ab") as f:
-                f.truncate(len(data))  # bytes a crashed ci left past the head
-            durable_append(journal, b"".join(lines))
+            append_at(os.path.join(self.branch_dir(branch), "journal"), len(data), b"".join(lines))
             self.publish_head(branch, new, signature, checkin=True)
         return new, len(lines)
 
@@ -2304,7 +2317,7 @@ class Repository(object):
             head = self.head(branch)
             data = self.journal_bytes(branch, head)
             now = time.time()
-            new = Head.build(new_branch, head.seq if head else 0, head.id if head else ZERO_ID, len(data), now,
+            new = Head.build(new_branch, head.seq, head.id, len(data), now,
                              now + expires if expires else None)
             signature = sign_head(new.data, sign_key) if sign_key else None
             makedirs(self.branch_dir(new_branch))
@@ -2747,7 +2760,9 @@ def cmd_status(args):
         entry, event = failed[0]
         log = host.log_path(entry)
         try:
-            tail = read_file(log).decode("utf-8", "replace").splitlines()[-20:]
+            with open(log, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 64 * 1024))  # a chatty command's log can be huge
+                tail = f.read().decode("utf-8", "replace").splitlines()[-20:]
         except FileNotFoundError:
             tail = []
         report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
@@ -2784,7 +2799,7 @@ def cmd_log(args):
     host = Host(args.root, args.config)
     host.config  # an uninitialised host is told to run init
     head, rows, _, _ = host_report(host)
-    rows = list(reversed(rows))[:args.n] if args.n else list(reversed(rows))
+    rows = list(reversed(rows))[:args.n] if args.n is not None else list(reversed(rows))
     if args.json:
         print(json.dumps([dict(entry.fields, id=entry.id, state=mark) for entry, mark, _ in rows],
                          indent=2, sort_keys=True))
@@ -2993,6 +3008,7 @@ def main(argv=None):
         sys.stderr.write("isconf: error: %s\n" % e)
         return e.exit_code
     except BrokenPipeError:  # 'isconf log | head' is not an error
+        silence(sys.stdout)
         return EXIT_OK
     except OSError as e:
         # The last net for a system call no step above expected to fail (a full disk, a
