@@ -73,6 +73,7 @@ MIN_RATE = 16 * 1024            # bytes/s a fetch may not fall below over its de
 SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
 OWNERS_MAX = 16 * 1024 * 1024   # a target's passwd or group file; larger is not a passwd file
 SIGNERS_MAX = 1024 * 1024       # an allowed_signers file of a few thousand keys
+RECENT_HISTORY = 64 * 1024      # the end of the history a run reads to find where the host stands
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
@@ -279,13 +280,20 @@ def append_record(path, fields):
         os.close(fd)
 
 
-def read_records(path, what):
-    """The JSON objects of a file written by append_record; a torn last line is ignored."""
+def read_records(path, what, tail=None):
+    """The JSON objects of a file written by append_record; a torn last line is ignored.
+    With tail, only the records in (about) its last tail bytes."""
     try:
-        data = read_file(path)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start = max(0, size - tail) if tail else 0
+            f.seek(start)
+            data = f.read()
     except FileNotFoundError:
         return []
     lines = data.split(b"\n")[:-1]  # whatever follows the last newline is a torn append
+    if start:
+        lines = lines[1:]  # the first is most likely cut
     records = []
     for number, line in enumerate(lines, 1):
         try:
@@ -1262,12 +1270,12 @@ def object_size(record):
 class Entry(object):
     """One journal entry (one transaction) as it stands in the journal."""
 
-    def __init__(self, fields, line):
-        self.fields = fields
+    def __init__(self, fields, line, seq=None):
+        self.fields = fields                  # None for an applied entry not parsed again
         self.line = line                      # canonical bytes, without the newline
         self.id = sha256_hex(line)
-        self.seq = fields["seq"]
-        self.kind = fields["kind"]
+        self.seq = fields["seq"] if fields else seq
+        self.kind = fields["kind"] if fields else None
 
     @classmethod
     def parse(cls, line, what):
@@ -1438,11 +1446,17 @@ def parse_positive(text, kind, what):
 
 
 class History(object):
-    """Append-only record of what this host did: started before, done or failed after."""
+    """Append-only record of what this host did: started before, done or failed after.
 
-    def __init__(self, path):
+    It grows with every transaction for the life of the host, so a run that only needs
+    the applied position reads its recent end (recent=True), and all of it only if the
+    last done or skipped event is not there."""
+
+    def __init__(self, path, recent=False):
         self.path = path
-        self.events = read_records(path, "history")
+        self.events = read_records(path, "history", tail=RECENT_HISTORY if recent else None)
+        if recent and not any(e.get("event") in ("done", "skipped") for e in self.events):
+            self.events = read_records(path, "history")
         for event in self.events:
             if not (isinstance(event.get("event"), str) and isinstance(event.get("seq"), int)
                     and isinstance(event.get("id"), str)):
@@ -1501,8 +1515,8 @@ class Host(object):
             raise StateError("no state directory %s; run 'isconf init' first" % self.state)
         return FileLock(self.path("lock"), "this host")
 
-    def history(self):
-        return History(self.path("history"))
+    def history(self, recent=False):
+        return History(self.path("history"), recent)
 
     def local_head(self):
         """The last head this host verified, or None before the first fetch."""
@@ -1515,27 +1529,35 @@ class Host(object):
         except Refused as e:
             raise StateError(str(e))
 
-    def local_journal(self, head):
-        """The verified local journal copy, checked again against the local head."""
+    def local_journal(self, head, parse_after=0):
+        """The verified local journal copy, checked again against the local head.
+
+        Entries up to parse_after (what is applied) are only hashed, not parsed again:
+        an up-to-date run then costs what is pending, not the journal's length.  The
+        last of them is still tied to the head by the chain of those that are parsed;
+        'status' and 'log' parse them all.
+        """
         if head is None:
             return []
+        fix = ("; remove %s and %s and run 'isconf up' to fetch the journal again"
+               % (self.path("journal"), self.path("head")))
         try:
             with open(self.path("journal"), "rb") as f:
                 data = f.read(head.length)
         except FileNotFoundError:
             data = b""
-        if len(data) != head.length:
-            raise StateError("local journal %s is shorter than its head says; remove %s and %s and run "
-                             "'isconf up' to fetch again" % (self.path("journal"), self.path("journal"),
-                                                            self.path("head")))
+        lines = data.split(b"\n")
+        if len(data) != head.length or lines[-1] or len(lines) - 1 != head.seq:
+            raise StateError("local journal %s does not match its head%s" % (self.path("journal"), fix))
+        known = min(parse_after, head.seq)
+        entries = [Entry(None, line, seq) for seq, line in enumerate(lines[:known], 1)]
         try:
-            entries = verify_chain(data, 0, ZERO_ID, "local journal")
+            entries += verify_chain(b"".join(l + b"\n" for l in lines[known:-1]), known,
+                                    entries[-1].id if entries else ZERO_ID, "local journal")
         except Refused as e:
-            raise StateError("%s; remove %s and %s and run 'isconf up'" % (e, self.path("journal"),
-                                                                           self.path("head")))
+            raise StateError(str(e) + fix)
         if (entries[-1].id if entries else ZERO_ID) != head.id:
-            raise StateError("local journal does not end at the local head's id; remove %s and %s "
-                             "and run 'isconf up'" % (self.path("journal"), self.path("head")))
+            raise StateError("local journal does not end at the local head's id" + fix)
         return entries
 
     def commit(self, head, signature, keep, tail, etags):
@@ -1823,6 +1845,7 @@ class Agent(object):
         self.now_override = now
         local = host.local_head()
         self.clock_floor = parse_time(local.time) if local else 0
+        self.history = host.history(recent=True)  # read once a run, under the host's lock
         self.out = out
         self.signers = None
         if self.config.insecure:
@@ -1874,13 +1897,13 @@ class Agent(object):
         transactions need.  Nothing local changes here: the Plan commits it later."""
         host = self.host
         branch = branch or self.config.branch
+        applied_seq, applied_id = self.history.applied()
         local = host.local_head()
-        local_entries = host.local_journal(local)
+        local_entries = host.local_journal(local, parse_after=applied_seq)
         if local is not None and local.branch != branch:
             # Moving to another branch (or finishing a move a crash interrupted): its
             # journal is fetched whole and replaces the local copy once it verified.
             local, local_entries = None, []
-        applied_seq, applied_id = host.history().applied()
         cached = host.etags().get(mirror.url, {}) if local else {}
         prefix = "branches/%s/" % branch
 
@@ -2005,7 +2028,7 @@ class Agent(object):
 
     def apply(self, plan, allow_reboot=False):
         """Apply pending transactions in order, halting at the first failure."""
-        host, history = self.host, self.host.history()
+        host, history = self.host, self.history
         for entry in plan.pending:
             if entry.kind == "reboot" and not allow_reboot:
                 self.say("transaction %d is a reboot: run 'isconf up -r' to record it and reboot" % entry.seq)
@@ -2063,7 +2086,7 @@ class Agent(object):
 
     def release_objects(self, plan):
         """Drop staged objects no pending transaction still needs."""
-        applied_seq = self.host.history().applied()[0]
+        applied_seq = self.history.applied()[0]
         keep = set(sha for e in plan.entries if e.seq > applied_seq for sha, _ in e.objects())
         for name in os.listdir(self.host.path("objects")):
             if name not in keep:
@@ -2714,7 +2737,7 @@ def cmd_up(args):
             agent.say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
         code = agent.apply(plan, allow_reboot=args.reboot)
         if code == EXIT_OK and plan.pending:
-            agent.say("applied through seq %d" % host.history().applied()[0])
+            agent.say("applied through seq %d" % agent.history.applied()[0])
         return code
 
 

@@ -122,6 +122,51 @@ def bench_up(tmp, count, more):
     row("journal size on the server", os.path.getsize(author.path("journal")), "bytes")
 
 
+def build_journal(repo, count, keys):
+    """A signed branch of `count` snap entries (each re-stating the root directory), written directly."""
+    os.makedirs(os.path.join(repo, "branches", "web"))
+    os.makedirs(os.path.join(repo, "objects"))
+    with open(os.path.join(repo, "isconf-repo"), "wb") as f:
+        f.write(isconf.canonical({"format": 1}) + b"\n")
+    lines, prev = [], isconf.ZERO_ID
+    for seq in range(1, count + 1):
+        fields = {"seq": seq, "prev": prev, "time": "2026-01-01T00:00:00Z", "author": "a@b", "message": "m",
+                  "kind": "snap", "files": [{"path": "/srv", "type": "dir", "mode": 0o755, "uid": 0, "gid": 0,
+                                             "user": "root", "group": "root"}]}
+        line = isconf.canonical(fields)
+        prev = isconf.sha256_hex(line)
+        lines.append(line + b"\n")
+    data = b"".join(lines)
+    with open(os.path.join(repo, "branches/web/journal"), "wb") as f:
+        f.write(data)
+    head = isconf.Head.build("web", count, prev, len(data), time.time())
+    path = os.path.join(repo, "branches/web/head")
+    with open(path, "wb") as f:
+        f.write(head.data)
+    sign(keys, path)
+
+
+def bench_journal_length(tmp, sizes):
+    print("An up-to-date up against the length of the journal already applied:")
+    keys = Keys(os.path.join(tmp, "length-keys"))
+    times = {}
+    for count in sizes:
+        repo = os.path.join(tmp, "repo-%d" % count)
+        build_journal(repo, count, keys)
+        server = Server(repo, os.path.join(tmp, "access-%d.log" % count))
+        try:
+            host = Host(os.path.join(tmp, "host-%d" % count))
+            host.init(server.url, keys)
+            catch_up = timed(host, "up")
+            times[count] = min(timed(host, "up") for _ in range(3))
+        finally:
+            server.stop()
+        row("catch-up of %d snap transactions" % count, "%.0f" % (catch_up * 1000), "ms")
+        row("up-to-date up, %d applied (best of 3)" % count, "%.0f" % (times[count] * 1000), "ms")
+    small, large = min(sizes), max(sizes)
+    row("ratio up-to-date %d / %d" % (large, small), "%.2f" % (times[large] / times[small]))
+
+
 def main():
     if not shutil.which("ssh-keygen"):
         sys.exit("bench: needs ssh-keygen")
@@ -131,6 +176,7 @@ def main():
         bench_head_verification(tmp)
         bench_chain(10000)
         bench_up(tmp, 200, 10)
+        bench_journal_length(tmp, (100, 5000))
     finally:
         shutil.rmtree(tmp)
 

@@ -145,3 +145,19 @@ def test_up_into_a_closed_pipe_still_finishes_its_transaction(author, server, ke
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert pipeline.returncode == 0, pipeline.stderr
     assert os.path.exists(host.path("/tmp/finished")) and host.status()["applied_seq"] == 1
+
+
+def test_the_applied_position_is_found_far_back_in_a_long_history(author, server, keys, host, busybox_root):
+    # A run reads the recent end of the history; a host that failed for months must still know what it applied.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo x >> /tmp/once"],
+                  ["exec", "--no-run", "--", "/bin/sh", "-c", "test -e /tmp/fixed"])
+    host.init(server.url, keys)
+    host("up", expect="failed")
+    with open(host.state("history"), "rb") as f:
+        failed = f.read().splitlines()[-2:]  # the started and failed events of seq 2
+    with open(host.state("history"), "ab") as f:
+        f.write(b"\n".join(failed * 400) + b"\n")  # far more than the end a run reads first
+    open(host.path("/tmp/fixed"), "w").close()
+    host("up", expect="ok")
+    assert open(host.path("/tmp/once")).read() == "x\n" and host.status()["applied_seq"] == 2
