@@ -268,10 +268,11 @@ def test_exec_gets_the_documented_environment_and_host_variables(author, server,
     assert "SECRET_FROM_CALLER" not in env
 
 
-def test_mirrors_are_tried_in_order_and_directories_work(author, keys, host):
+@pytest.mark.parametrize("scheme", ["file://", ""])
+def test_mirrors_are_tried_in_order_and_directories_work(scheme, author, keys, host):
+    # The first mirror refuses connections; the second is a file:// URL or a plain directory (a mounted disc).
     author.commit(["reboot"])
-    # The first mirror refuses connections; the second is a plain file:// URL.
-    host.init(["http://127.0.0.1:9/", "file://" + author.repo], keys)
+    host.init(["http://127.0.0.1:9/", scheme + author.repo], keys)
     host("up", expect="reboot")
     assert host.status()["head_seq"] == 1
 
