@@ -69,6 +69,10 @@ HEAD_MAX = 64 * 1024            # a head is ~200 bytes; anything bigger is an at
 SIGNATURE_MAX = 64 * 1024       # an RSA-8192 SSHSIG is under 2 KiB
 CHUNK = 64 * 1024               # read and hash size for streams
 MAX_REDIRECTS = 5               # a redirect loop must end
+MAX_DEADLINE = 7 * 86400        # no one fetch may take longer, whatever its size
+VALIDATOR_MAX = 1024            # an ETag or Last-Modified worth keeping is tens of bytes
+INT_MAX = 2 ** 63 - 1           # every integer in the format fits a signed 64-bit field
+ID_MAX = 2 ** 32 - 2            # the largest uid or gid; 2**32-1 means "unchanged" to chown
 MIN_RATE = 16 * 1024            # bytes/s a fetch may not fall below over its deadline
 SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
 OWNERS_MAX = 16 * 1024 * 1024   # a target's passwd or group file; larger is not a passwd file
@@ -310,6 +314,8 @@ def emit(data, stream=None):
     """Write to the terminal.  A closed pipe ('isconf up | head') must not stop a
     transaction half-way: later output goes to /dev/null, and the logs keep it all."""
     stream = stream or sys.stdout
+    if stream is None:  # started with the descriptor closed
+        return
     try:
         if isinstance(data, bytes):
             stream.buffer.write(data)
@@ -464,12 +470,13 @@ class RootPath(object):
         config, so that a target whose /var is a link keeps its state inside the target."""
         head, name = posixpath.split(path)
         if name in ("", ".", ".."):
-            fd, names, missing = self._walk(path)
-            os.close(fd)
-            return os.path.join(self.root, *(names + missing))
+            head, name = path, ""
         fd, names, missing = self._walk(head)
+        if ".." in missing:  # as the kernel: '..' below a directory that does not exist does not exist
+            os.close(fd)
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         try:
-            if not missing:
+            if name and not missing:
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
@@ -481,7 +488,7 @@ class RootPath(object):
                     return self.resolve(posixpath.join("/" + "/".join(names), target), hops + 1)
         finally:
             os.close(fd)
-        return os.path.join(self.root, *(names + missing + [name]))
+        return os.path.join(self.root, *(names + missing + ([name] if name else [])))
 
     def read_file(self, path, limit):
         """The bytes of a small regular file inside the root: never a device, a FIFO or
@@ -543,7 +550,8 @@ class FetchDeadline(object):
     the per-chunk check in Mirror._stream remain."""
 
     def __init__(self, seconds, what):
-        self.seconds, self.what, self.previous = seconds, what, None
+        self.seconds, self.what = min(seconds, MAX_DEADLINE), what
+        self.installed, self.previous = False, None
 
     def expired(self, signum, frame):
         raise Unreachable("%s: too slow, gave up after %d seconds; try another mirror or raise deadline"
@@ -552,13 +560,17 @@ class FetchDeadline(object):
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGALRM, self.expired)
+            self.installed = True
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGALRM])  # a parent may have blocked it
             signal.setitimer(signal.ITIMER_REAL, self.seconds)
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self.previous)
+        if self.installed:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            finally:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL if self.previous is None else self.previous)
 
 
 class Mirror(object):
@@ -575,7 +587,7 @@ class Mirror(object):
         if parsed.scheme in ("http", "https") and parsed.hostname:
             self.directory = None
             self.base = url if url.endswith("/") else url + "/"
-        elif parsed.scheme == "file":
+        elif parsed.scheme == "file" and parsed.path.startswith("/"):
             self.directory = urllib.parse.unquote(parsed.path)
         elif parsed.scheme == "" and url.startswith("/"):
             self.directory = url
@@ -672,7 +684,7 @@ class Mirror(object):
         if status == 404:
             raise NotFound("%s: not found (404); check the URL and the branch name" % what)
         if status not in (200, 206):
-            raise Unreachable("%s: server answered %d %s" % (what, status, response.reason))
+            raise Unreachable("%s: server answered %d %r" % (what, status, response.reason[:80]))
         partial = status == 206
         if partial:
             m = re.match(r"^bytes (\d+)-(\d+)/(\d+|\*)$", response.getheader("Content-Range") or "")
@@ -689,15 +701,17 @@ class Mirror(object):
                           % (what, length, limit))
         body = io.BytesIO() if sink is None else sink
         # read1 returns what has arrived; read(n) would wait for all n bytes.
-        got = self._stream(response.read1, limit, what, body, cut=not partial and stop is not None)
-        if got == limit and length is not None and length > limit:
-            self.close()  # the rest of a whole file we did not want: the connection is not reusable
-        elif length is not None and got != length:
+        cut = not partial and stop is not None
+        got = self._stream(response.read1, limit, what, body, cut)
+        more = cut and got == limit  # a whole file cut at the signed length: the rest is not read
+        if length is not None and got < length and not more:
             # http.client returns a short body quietly when the connection closes early.
             raise Unreachable("%s: the connection closed after %d of %d bytes; try again later"
                               % (what, got, length))
+        if more and length != got:
+            self.close()  # never read what was not asked for: the connection cannot be reused
         else:
-            response.read()  # at the end of the body: marks the response done, so the connection is reused
+            response.read()  # the body is over: this returns nothing and frees the connection
         return Response(status, body.getvalue() if sink is None else None, response.getheader("ETag"),
                         response.getheader("Last-Modified"), partial)
 
@@ -714,7 +728,10 @@ class Mirror(object):
             if total > limit:
                 raise Refused("%s is longer than the %d bytes expected; the mirror is broken or hostile"
                               % (what, limit))
-            sink.write(chunk)
+            try:
+                sink.write(chunk)
+            except OSError as e:  # a full or failing local disk is not the mirror's fault
+                raise StateError("cannot store %s: %s; free some space and run again" % (what, e.strerror))
             if cut and total == limit:
                 return total
 
@@ -1220,8 +1237,8 @@ def check_fields(obj, fields, what, optional=()):
                                          "unknown fields %s" % ", ".join(sorted(extra)) if extra else ""))
     for key, kind in fields.items():
         value = obj[key]
-        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
-            raise Refused("%s: field %r has the wrong type" % (what, key))
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or not 0 <= value <= INT_MAX)):
+            raise Refused("%s: field %r has the wrong type or is out of range" % (what, key))
 
 
 def check_file_record(record, seen, what):
@@ -1230,6 +1247,8 @@ def check_file_record(record, seen, what):
         raise Refused("%s: file type %r is not file, hardlink, symlink or dir" % (what, kind))
     check_fields(record, FILE_FIELDS[kind], what, optional=("extents",) if kind == "file" else ())
     path = validate_path(record["path"], what + ": path")
+    if record.get("uid", 0) > ID_MAX or record.get("gid", 0) > ID_MAX:
+        raise Refused("%s: %s has a uid or gid above %d" % (what, path, ID_MAX))
     if path == "/" and kind != "dir":
         raise Refused("%s: only a directory may be snapped at /" % what)
     if kind == "file":
@@ -1403,12 +1422,15 @@ class Config(object):
         self.reboot_command = main.get("reboot_command", DEFAULT_REBOOT)
         try:
             self.reboot_argv = parse_command(self.reboot_command)
-            self.timeout = parse_positive(main.get("timeout", str(DEFAULT_TIMEOUT)), float, "timeout")
-            self.deadline = parse_positive(main.get("deadline", str(DEFAULT_DEADLINE)), float, "deadline")
-            self.retries = parse_positive(main.get("retries", str(DEFAULT_RETRIES)), int, "retries")
+            self.timeout = parse_positive(main.get("timeout", str(DEFAULT_TIMEOUT)), float, "timeout", 3600)
+            self.deadline = parse_positive(main.get("deadline", str(DEFAULT_DEADLINE)), float, "deadline",
+                                           MAX_DEADLINE)
+            self.retries = parse_positive(main.get("retries", str(DEFAULT_RETRIES)), int, "retries", 100)
+            self.env = dict(parser["env"]) if parser.has_section("env") else {}
+            for name, value in self.env.items():
+                check_variable(name, value)
         except ValueError as e:
             raise StateError("config %s: %s; fix it or rerun 'isconf init --force'" % (path, e))
-        self.env = dict(parser["env"]) if parser.has_section("env") else {}
         if not BRANCH_RE.match(self.branch) or not self.urls:
             raise StateError("config %s needs a valid branch and at least one URL; rerun 'isconf init'" % path)
 
@@ -1430,18 +1452,24 @@ def parse_command(text):
         argv = shlex.split(text)
     except ValueError as e:
         raise ValueError("command %r: %s" % (text, e))
-    if not argv:
-        raise ValueError("the command is empty")
+    if not argv or "\0" in text:
+        raise ValueError("command %r is empty or holds a NUL" % text)
     return argv
 
 
-def parse_positive(text, kind, what):
+def check_variable(name, value):
+    """A per-host variable for every exec: a shell-style name, not ISCONF_*, no NUL."""
+    if not ENV_NAME_RE.match(name) or name.startswith("ISCONF_") or "\0" in value:
+        raise ValueError("variable %r must have a shell-style name, not ISCONF_*, and a value without NUL" % name)
+
+
+def parse_positive(text, kind, what, most):
     try:
         value = kind(text)
     except ValueError:
         value = 0
-    if value <= 0:
-        raise ValueError("%s must be a number above 0, not %r" % (what, text))
+    if not (0 < value <= most):  # also false for NaN
+        raise ValueError("%s must be a number above 0 and at most %d, not %r" % (what, most, text))
     return value
 
 
@@ -1574,14 +1602,23 @@ class Host(object):
         self.save_etags(etags)
 
     def etags(self):
-        """Validators of the local head, per mirror: what makes an up-to-date run one 304."""
+        """Validators of the local head, per mirror: what makes an up-to-date run one 304.
+        Only a cache: anything odd in it (damage, or a hostile server's giant ETag)
+        costs one unconditional fetch, never a failed run."""
         try:
             etags = json.loads(read_file(self.path("etags.json"), HEAD_MAX).decode("utf-8"))
-        except (FileNotFoundError, ValueError):
+        except (OSError, IsconfError, ValueError, RecursionError):
             return {}
-        return etags if isinstance(etags, dict) else {}
+        if not isinstance(etags, dict):
+            return {}
+        return dict((url, v) for url, v in etags.items() if isinstance(v, dict) and all(
+            isinstance(v.get(k), (str, type(None))) for k in ("etag", "last_modified", "id")))
 
     def save_etags(self, etags):
+        for validators in etags.values():
+            for key in ("etag", "last_modified"):
+                if len(validators.get(key) or "") > VALIDATOR_MAX:
+                    validators[key] = None
         atomic_write(self.path("etags.json"), canonical(etags) + b"\n")
 
     def object_path(self, sha):
@@ -1648,7 +1685,7 @@ def run_command(root, argv, cwd, env, log_path, echo=True):
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env=env, preexec_fn=enter_root,
                                     close_fds=True)
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
             message = "cannot start %s in %s (cwd %s): %s\n" % (argv[0], root, cwd, e)
             log.write(message.encode())
             raise TransactionFailed(message.strip())
@@ -1779,8 +1816,8 @@ def apply_snap(rootpath, entry, object_path):
     for record in entry.fields["files"]:
         try:
             install_record(rootpath, record, owners, object_path)
-        except OSError as e:
-            raise TransactionFailed("cannot install %s: %s" % (record["path"], e.strerror or e))
+        except (OSError, OverflowError) as e:
+            raise TransactionFailed("cannot install %s: %s" % (record["path"], getattr(e, "strerror", None) or e))
 
 
 def install_record(rootpath, record, owners, object_path):
@@ -1865,7 +1902,10 @@ class Agent(object):
         return max(time.time(), self.clock_floor)
 
     def mirrors(self):
-        return [Mirror(url, self.config.timeout, self.config.deadline) for url in self.config.urls]
+        try:
+            return [Mirror(url, self.config.timeout, self.config.deadline) for url in self.config.urls]
+        except UsageError as e:
+            raise StateError("config %s: %s" % (self.config.path, e))
 
     def sync(self, stage=True, branch=None):
         """Fetch and verify from the first mirror that gives a good answer; returns a Plan.
@@ -1904,7 +1944,11 @@ class Agent(object):
             # Moving to another branch (or finishing a move a crash interrupted): its
             # journal is fetched whole and replaces the local copy once it verified.
             local, local_entries = None, []
-        cached = host.etags().get(mirror.url, {}) if local else {}
+        cached = {}
+        if local is not None and self.local_head_trusted(local):
+            cached = host.etags().get(mirror.url, {})
+            if cached.get("id") != local.id:
+                cached = {}
         prefix = "branches/%s/" % branch
 
         response = mirror.fetch(prefix + "head", HEAD_MAX, etag=cached.get("etag"),
@@ -1938,6 +1982,19 @@ class Agent(object):
         if stage:
             self.stage_objects(mirror, plan.pending)
         return plan
+
+    def local_head_trusted(self, local):
+        """Whether the local head's signature still verifies with the keys trusted now.
+        If a key was removed, a 304 must not let the pending entries it signed through:
+        the head is then fetched and checked again, as on a first run."""
+        if self.signers is None:
+            return True
+        try:
+            verify_signature(local.data, read_file(self.host.path("head.sig"), SIGNATURE_MAX), self.signers,
+                             now=self.now())
+        except (Refused, OSError, StateError):
+            return False
+        return True
 
     def check_signature(self, mirror, prefix, branch, head_bytes):
         """Fetch head.sig and verify it over the head's exact bytes; None in insecure mode."""
@@ -2683,7 +2740,11 @@ def cmd_init(args):
     variables = {}
     for item in args.var:
         name, sep, value = item.partition("=")
-        if not sep or not ENV_NAME_RE.match(name) or name.startswith("ISCONF_"):
+        try:
+            if not sep:
+                raise ValueError("not NAME=VALUE")
+            check_variable(name, value)
+        except ValueError:
             raise UsageError("--var %r is not NAME=VALUE with a shell-style NAME (ISCONF_* are reserved)" % item)
         variables[name] = value
     if os.path.exists(host.config_path) and not args.force:
@@ -2693,9 +2754,9 @@ def cmd_init(args):
         if args.reboot_command is not None:
             parse_command(args.reboot_command)
             extra["reboot_command"] = args.reboot_command
-        for key, kind in (("timeout", float), ("deadline", float), ("retries", int)):
+        for key, kind, most in (("timeout", float, 3600), ("deadline", float, MAX_DEADLINE), ("retries", int, 100)):
             if getattr(args, key) is not None:
-                extra[key] = parse_positive(str(getattr(args, key)), kind, "--" + key)
+                extra[key] = parse_positive(str(getattr(args, key)), kind, "--" + key, most)
     except ValueError as e:
         raise UsageError(str(e))
     if args.signers:
@@ -2890,6 +2951,8 @@ def cmd_verify_sig(args):
 def cmd_serve(args):
     if not os.path.isdir(args.dir):
         raise UsageError("%s is not a directory" % args.dir)
+    if not 0 <= args.port <= 65535:
+        raise UsageError("--port %d is not a TCP port (0 to 65535; 0 picks a free one)" % args.port)
     serve(args.dir, args.bind, args.port)
 
 
@@ -3028,7 +3091,7 @@ def main(argv=None):
         code = args.func(args)
         return EXIT_OK if code is None else code
     except IsconfError as e:
-        sys.stderr.write("isconf: error: %s\n" % e)
+        emit("isconf: error: %s\n" % e, sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # 'isconf log | head' is not an error
         silence(sys.stdout)
@@ -3037,8 +3100,8 @@ def main(argv=None):
         # The last net for a system call no step above expected to fail (a full disk, a
         # read-only root): still one line, and the local-state exit code.
         where = " (%s)" % e.filename if e.filename else ""
-        sys.stderr.write("isconf: error: %s%s; check the disk and permissions, then run again\n"
-                         % (e.strerror or e, where))
+        emit("isconf: error: %s%s; check the disk and permissions, then run again\n" % (e.strerror or e, where),
+             sys.stderr)
         return EXIT_STATE
 
 

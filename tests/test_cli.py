@@ -114,3 +114,17 @@ def test_log_into_a_closed_pipe_is_not_an_error(author, server, keys, host):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, executable="/bin/bash",
                               env={"PATH": os.environ["PATH"], "PIPESTATUS": ""})
     assert pipeline.stdout.count(b"\n") == 1 and b"Traceback" not in pipeline.stderr
+
+
+@pytest.mark.parametrize("line", ["deadline = inf", "timeout = nan", "retries = 0", "reboot_command = 'unclosed",
+                                  "BAD NAME = x"])
+def test_a_bad_config_value_is_one_line_and_exit_7(line, tmp_path):
+    root = str(tmp_path)
+    run_isconf("--root", root, "init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
+    conf = os.path.join(root, "etc/isconf/isconf.conf")
+    with open(conf) as f:
+        text = f.read()
+    section = "[env]" if line.startswith("BAD") else "[isconf]"
+    with open(conf, "w") as f:
+        f.write(text.replace(section, section + "\n" + line, 1))
+    assert "config" in error_line(run_isconf("--root", root, "up", expect="state"))

@@ -157,6 +157,16 @@ class HostileMirror(object):
             self._send(conn, status, body[:len(body) // 2], extra, length=len(body))
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return None
+        if name == "chunked-endless":   # the file, then junk without end, chunked (no Content-Length)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            conn.sendall(b"%x\r\n%s\r\n" % (len(body), body))
+            junk = b"x" * 65536
+            give_up = time.monotonic() + TRICKLE_FOR
+            while not self.stopping.is_set() and time.monotonic() < give_up:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(junk), junk))  # raises once the client hangs up
+            return None
+        if name == "giant-etag":        # a validator far too long to be worth keeping
+            return self._send(conn, status, body, [("ETag", '"%s"' % ("e" * 5000))])
         if name == "trickle-headers":   # the status line and headers, one byte every half second
             give_up = time.monotonic() + TRICKLE_FOR
             for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 200:
@@ -683,3 +693,30 @@ def test_a_planted_passwd_file_is_not_followed_out_of_the_root(world, plant):
                   objects=[b"owned\n"])
     world.host("up", expect="ok", timeout=RUN_TIMEOUT)
     assert os.stat(world.host.path("/etc/x")).st_uid == 1234
+
+
+def test_endless_chunked_answer_to_a_range_request_is_cut_at_the_signed_length(world):
+    # A server that ignores Range and streams for ever: the host reads the signed bytes and hangs up.
+    world.mirror.behave[JOURNAL] = "chunked-endless"
+    world.host("up", expect="ok", timeout=RUN_TIMEOUT)
+    assert os.path.exists(world.host.path("/tmp/four"))
+
+
+def test_a_giant_etag_is_not_kept_and_costs_nothing_later(world):
+    world.mirror.behave[HEAD] = "giant-etag"
+    world.host("up", expect="ok")
+    world.host("up", expect="ok")
+    with open(world.host.state("etags.json")) as f:
+        assert len(f.read()) < 2048
+
+
+def test_a_link_with_dotdot_below_a_missing_directory_cannot_place_state_outside(template, mirror, keys,
+                                                                                  tmp_path, busybox_root):
+    from conftest import Host
+    host = Host(str(tmp_path / "dotdot-host"))
+    busybox_root(host.root)
+    escape = str(tmp_path / "escaped")
+    os.symlink("missing/" + "../" * 20 + escape.lstrip("/"), host.path("/var"))
+    proc = host("init", mirror.url, "--branch", "web", "--signers", keys.signers)
+    assert proc.returncode == 7 and "No such file" in error_line(proc)
+    assert not os.path.exists(escape)

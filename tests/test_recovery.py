@@ -161,3 +161,20 @@ def test_the_applied_position_is_found_far_back_in_a_long_history(author, server
     open(host.path("/tmp/fixed"), "w").close()
     host("up", expect="ok")
     assert open(host.path("/tmp/once")).read() == "x\n" and host.status()["applied_seq"] == 2
+
+
+def test_a_full_disk_while_staging_is_a_local_problem_not_the_mirror(author, server, keys, host, tmp_path):
+    src = str(tmp_path / "src")
+    os.makedirs(os.path.join(src, "srv"))
+    with open(os.path.join(src, "srv/big"), "wb") as f:
+        f.write(os.urandom(3 * 1024 * 1024))
+    author.commit(["--root", src, "snap", "/srv/big"])
+    host.init(server.url, keys)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", host.state("objects")], check=True)
+    try:
+        full = host("up", expect="state")
+    finally:
+        subprocess.run(["umount", host.state("objects")], check=True)
+    assert "No space left on device" in error_line(full) and not os.path.exists(host.path("/srv/big"))
+    host("up", expect="ok")
+    assert os.path.getsize(host.path("/srv/big")) == 3 * 1024 * 1024

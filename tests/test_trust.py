@@ -174,3 +174,17 @@ def test_python2_gets_one_clear_line(tmp_path):
         pytest.skip("no Python 2.7 on this machine")
     proc = subprocess.run([python2, ISCONF, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 2 and proc.stderr.startswith(b"ERROR: isconf.py needs Python 3.6")
+
+
+def test_entries_signed_by_a_key_removed_since_are_not_applied(author, server, keys, host, tmp_path, busybox_root):
+    # The host halted with entries pending under the old head; then its trusted keys were replaced by hand.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/false"], ["exec", "--no-run", "--", "/bin/touch", "/tmp/pwned"])
+    host.init(server.url, keys)
+    host("up", expect="failed")
+    other = Keys(str(tmp_path / "replacement"))
+    with open(host.path("/etc/isconf/allowed_signers"), "w") as f, open(other.signers) as new:
+        f.write(new.read())
+    host("skip", "1", "-m", "moving on", expect="ok")
+    assert "not in allowed_signers" in error_line(host("up", expect="refused"))
+    assert not os.path.exists(host.path("/tmp/pwned"))
