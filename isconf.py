@@ -57,6 +57,10 @@ import threading
 import time
 import urllib.parse
 
+# Modules the standard library would import on first use, in the middle of a run:
+import _strptime        # noqa: F401  (by time.strptime)
+import encodings.idna   # noqa: F401  (by socket, for host names)
+
 # ---------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------

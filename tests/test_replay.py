@@ -341,3 +341,26 @@ def test_two_ups_started_together_one_runs_the_other_is_busy(author, server, key
         p.stderr.close()
     assert [code for code, _ in results] == [0, 6] and "busy" in results[1][1]
     assert open(host.path("/tmp/runs")).read() == "ran\n"
+
+
+IMPORTS_AFTER_START = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import isconf
+before = set(sys.modules)
+code = isconf.main(["--root", sys.argv[2], "up"])
+print(code, sorted(set(sys.modules) - before))
+"""
+
+
+def test_a_run_imports_nothing_after_it_starts(author, server, keys, host, tmp_path):
+    # A transaction may replace the standard library under a running agent: it must already hold all it needs.
+    src = str(tmp_path / "src")
+    os.makedirs(os.path.join(src, "etc"))
+    with open(os.path.join(src, "etc/motd"), "w") as f:
+        f.write("x\n")
+    author.commit(["--root", src, "snap", "/etc/motd"], ["exec", "--no-run", "--", "/bin/true"])
+    host.init(server.url.replace("127.0.0.1", "localhost"), keys)
+    out = subprocess.run([sys.executable, "-I", "-c", IMPORTS_AFTER_START, os.path.dirname(ISCONF), host.root],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout.decode().strip().splitlines()
+    assert out[-1] == "1 []"  # /bin/true is not in this empty root: the exec fails, after the fetch and the snap
