@@ -113,6 +113,16 @@ class Author(object):
         return os.path.join(self.repo, "branches", self.branch, *parts)
 
 
+def canary_ahead(author, keys, host):
+    """A host that applied branch web's one entry, and branch canary forked from web with one entry more."""
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/base"])
+    host("up", expect="ok")
+    author("fork", "canary", "--sign", keys.private)
+    canary = Author(author.repo, branch="canary", keys=keys)
+    canary.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/canary"])
+    return canary
+
+
 @pytest.fixture
 def author(tmp_path, keys):
     return Author(str(tmp_path / "repo"), keys=keys)

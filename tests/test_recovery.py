@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ISCONF, error_line
+from conftest import ISCONF, canary_ahead, error_line
 
 
 def test_a_torn_history_line_is_cut_and_the_run_goes_on(author, server, keys, host, busybox_root):
@@ -106,12 +106,8 @@ def test_a_torn_staged_line_can_be_discarded(author):
 
 def test_up_finishes_a_migration_a_crash_interrupted(author, server, keys, host, busybox_root):
     busybox_root(host.root)
-    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/base"])
     host.init(server.url, keys)
-    host("up", expect="ok")
-    author("fork", "canary", "--sign", keys.private)
-    canary = type(author)(author.repo, branch="canary", keys=keys)
-    canary.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/canary"])
+    canary_ahead(author, keys, host)
     # migrate rewrote the config, then died before replacing the local journal copy.
     conf = host.path("/etc/isconf/isconf.conf")
     with open(conf) as f:

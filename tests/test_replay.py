@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from conftest import ISCONF, PYTHONS, Host, error_line
+from conftest import ISCONF, PYTHONS, Host, canary_ahead, error_line
 
 MTIME = 1700000000123456789
 
@@ -279,12 +279,8 @@ def test_mirrors_are_tried_in_order_and_directories_work(scheme, author, keys, h
 
 def test_fork_and_migrate_follow_a_branch_that_extends_the_host(author, server, keys, host, busybox_root):
     busybox_root(host.root)
-    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/base"])
     host.init(server.url, keys)
-    host("up", expect="ok")
-    author("fork", "canary", "--sign", keys.private)
-    canary = type(author)(author.repo, branch="canary", keys=keys)
-    canary.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/canary"])
+    canary_ahead(author, keys, host)
     host("migrate", "canary", expect="ok")
     host("up", expect="ok")
     assert os.path.exists(host.path("/tmp/canary")) and host.status()["branch"] == "canary"
