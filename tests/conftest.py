@@ -123,6 +123,16 @@ def canary_ahead(author, keys, host):
     return canary
 
 
+def source_tree(tmp_path, path, content):
+    """A directory holding one file at path (relative to it as a root), to snap from; returns it."""
+    src = os.path.join(str(tmp_path), "src")
+    full = os.path.join(src, path.lstrip("/"))
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
+    return src
+
+
 @pytest.fixture
 def author(tmp_path, keys):
     return Author(str(tmp_path / "repo"), keys=keys)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ISCONF, canary_ahead, error_line
+from conftest import ISCONF, canary_ahead, error_line, source_tree
 
 
 def test_a_torn_history_line_is_cut_and_the_run_goes_on(author, server, keys, host, busybox_root):
@@ -45,10 +45,7 @@ def test_a_transaction_interrupted_mid_way_runs_again(author, server, keys, host
 
 def test_a_lost_staged_object_is_fetched_again_after_a_304(author, server, keys, host, tmp_path, busybox_root):
     busybox_root(host.root)
-    src = str(tmp_path / "src")
-    os.makedirs(os.path.join(src, "etc"))
-    with open(os.path.join(src, "etc/motd"), "w") as f:
-        f.write("hello\n")
+    src = source_tree(tmp_path, "/etc/motd", "hello\n")
     author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "test -e /tmp/ready"], ["--root", src, "snap", "/etc/motd"])
     host.init(server.url, keys)
     host("up", expect="failed")
@@ -61,10 +58,7 @@ def test_a_lost_staged_object_is_fetched_again_after_a_304(author, server, keys,
 
 
 def test_a_snap_that_cannot_be_installed_fails_the_transaction(author, server, keys, host, tmp_path):
-    src = str(tmp_path / "src")
-    os.makedirs(os.path.join(src, "etc/app"))
-    with open(os.path.join(src, "etc/app/app.conf"), "w") as f:
-        f.write("x\n")
+    src = source_tree(tmp_path, "/etc/app/app.conf", "x\n")
     author.commit(["--root", src, "snap", "/etc/app/app.conf"])
     os.makedirs(host.path("/etc"))
     with open(host.path("/etc/app"), "w") as f:
@@ -121,10 +115,7 @@ def test_up_finishes_a_migration_a_crash_interrupted(author, server, keys, host,
 
 def test_long_utf8_names_install(author, server, keys, host, tmp_path):
     name = "\u00e9" * 127  # 254 bytes: a temporary name must not grow it past 255
-    src = str(tmp_path / "src")
-    os.makedirs(os.path.join(src, "srv"))
-    with open(os.path.join(src, "srv", name), "w") as f:
-        f.write("long\n")
+    src = source_tree(tmp_path, "/srv/" + name, "long\n")
     author.commit(["--root", src, "snap", "/srv/" + name])
     host.init(server.url, keys)
     host("up", expect="ok")
@@ -160,10 +151,7 @@ def test_the_applied_position_is_found_far_back_in_a_long_history(author, server
 
 
 def test_a_full_disk_while_staging_is_a_local_problem_not_the_mirror(author, server, keys, host, tmp_path):
-    src = str(tmp_path / "src")
-    os.makedirs(os.path.join(src, "srv"))
-    with open(os.path.join(src, "srv/big"), "wb") as f:
-        f.write(os.urandom(3 * 1024 * 1024))
+    src = source_tree(tmp_path, "/srv/big", os.urandom(3 * 1024 * 1024))
     author.commit(["--root", src, "snap", "/srv/big"])
     host.init(server.url, keys)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", host.state("objects")], check=True)

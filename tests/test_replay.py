@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from conftest import ISCONF, PYTHONS, Host, canary_ahead, error_line
+from conftest import ISCONF, PYTHONS, Host, canary_ahead, error_line, source_tree
 
 MTIME = 1700000000123456789
 
@@ -131,10 +131,7 @@ def test_new_entries_are_fetched_with_a_range_request(author, server, keys, host
 
 def test_snaps_apply_with_an_empty_path(author, server, keys, host, tmp_path):
     # The agent starts no program of its own: with no PATH at all, snaps still apply.
-    src = str(tmp_path / "src")
-    os.makedirs(os.path.join(src, "etc"))
-    with open(os.path.join(src, "etc/motd"), "w") as f:
-        f.write("welcome\n")
+    src = source_tree(tmp_path, "/etc/motd", "welcome\n")
     author.commit(["--root", src, "snap", "/etc/motd"])
     host.init(server.url, keys)
     host("up", env={"PATH": ""}, expect="ok")
@@ -183,10 +180,7 @@ def test_tampered_repository_is_refused_and_nothing_applied(tamper, author, serv
     # Unsigned here, so the chain, length and hashes alone must catch it; signatures are tested apart.
     author.keys = None
     busybox_root(host.root)
-    src = str(tmp_path / "src")
-    os.makedirs(os.path.join(src, "etc"))
-    with open(os.path.join(src, "etc/motd"), "w") as f:
-        f.write("welcome\n")
+    src = source_tree(tmp_path, "/etc/motd", "welcome\n")
     author.commit(["--root", src, "snap", "/etc/motd"], ["exec", "--no-run", "--", "/bin/touch", "/tmp/ran"])
     TAMPERS[tamper](author)
     host.init(server.url, None)
@@ -351,10 +345,7 @@ print(code, sorted(set(sys.modules) - before))
 
 def test_a_run_imports_nothing_after_it_starts(author, server, keys, host, tmp_path):
     # A transaction may replace the standard library under a running agent: it must already hold all it needs.
-    src = str(tmp_path / "src")
-    os.makedirs(os.path.join(src, "etc"))
-    with open(os.path.join(src, "etc/motd"), "w") as f:
-        f.write("x\n")
+    src = source_tree(tmp_path, "/etc/motd", "x\n")
     author.commit(["--root", src, "snap", "/etc/motd"], ["exec", "--no-run", "--", "/bin/true"])
     host.init(server.url.replace("127.0.0.1", "localhost"), keys)
     out = subprocess.run([sys.executable, "-I", "-c", IMPORTS_AFTER_START, os.path.dirname(ISCONF), host.root],

@@ -6,15 +6,12 @@ import subprocess
 
 import pytest
 
-from conftest import ISCONF, Keys, error_line
+from conftest import ISCONF, Keys, error_line, source_tree
 
 
 def small_journal(author, tmp_path):
     """One snap and one exec, so that a journal, an object and a command are all at stake."""
-    src = str(tmp_path / "src")
-    os.makedirs(os.path.join(src, "etc"), exist_ok=True)
-    with open(os.path.join(src, "etc/motd"), "w") as f:
-        f.write("signed content\n")
+    src = source_tree(tmp_path, "/etc/motd", "signed content\n")
     author.commit(["--root", src, "snap", "/etc/motd"], ["exec", "--no-run", "--", "/bin/touch", "/tmp/ran"])
 
 
