@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PYTEST_REQ = pytest==8.3.4
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean tools
 
 demo:
 	$(PYTHON) tests/demo.py
@@ -13,10 +13,22 @@ $(VENV)/.ok:
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check $(PYTEST_REQ)
 	touch $@
 
-test: $(VENV)/.ok
+# The tests use the real tools a sysadmin has; say at once which package is missing.
+tools:
+	@missing=""; \
+	command -v ssh-keygen >/dev/null 2>&1 || missing="$$missing openssh-client"; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	command -v busybox >/dev/null 2>&1 || [ -x /bin/busybox ] || missing="$$missing busybox-static"; \
+	if [ -n "$$missing" ]; then \
+		echo "make test: missing packages:$$missing"; \
+		echo "make test: install them with 'apt-get install -y$$missing' (.ci/run does this), then run make test again"; \
+		exit 1; \
+	fi
+
+test: tools $(VENV)/.ok
 	$(VENV)/bin/python -m pytest -q tests
 
-bench: $(VENV)/.ok
+bench: tools $(VENV)/.ok
 	$(VENV)/bin/python tests/bench.py
 
 clean:

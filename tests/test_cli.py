@@ -128,3 +128,11 @@ def test_a_bad_config_value_is_one_line_and_exit_7(line, tmp_path):
     with open(conf, "w") as f:
         f.write(text.replace(section, section + "\n" + line, 1))
     assert "config" in error_line(run_isconf("--root", root, "up", expect="state"))
+
+
+def test_make_test_names_a_missing_package_first(tmp_path):
+    # With nothing on PATH, ssh-keygen cannot be found: make says which package to install, before any test.
+    proc = subprocess.run(["/usr/bin/make", "-s", "-C", os.path.dirname(ISCONF), "tools"],
+                          env={"PATH": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.returncode != 0
+    assert proc.stdout.decode().splitlines()[0] == "make test: missing packages: openssh-client"
