@@ -1032,6 +1032,12 @@ def _parse_options(text, where):
 
 
 def _parse_line(line, where):
+    if _KEY_TYPE_NAME.match(line.lstrip()):
+        # The commonest slip: the signer's .pub file given as allowed_signers.
+        fields = line.split()
+        principal = fields[2] if len(fields) > 2 and "@" in fields[2] else "admin@example"
+        raise Refused("%s: this is a public key (.pub) line, not an allowed_signers line; put the signer's "
+                      "principal first: '%s %s'" % (where, principal, " ".join(fields[:2])[:120]))
     m = _PRINCIPALS.match(line)
     if not m or m.group(1) == "":
         raise Refused("%s: expected principals, then optional options, then a key; "
@@ -2410,6 +2416,20 @@ class Repository(object):
         return new
 
 
+    def resign(self, branch, sign_key, expires=None):
+        """Sign the branch's current head again, with a new time and expiry and no new entry:
+        to renew an expiry, or to sign a publication that went out unsigned."""
+        with self.branch_mutex(branch):
+            head = self.head(branch)
+            if head is None:
+                raise UsageError("branch %s does not exist (nothing was ever checked in there)" % branch)
+            now = time.time()
+            new = Head.build(branch, head.seq, head.id, head.length, max(now, parse_time(head.time)),
+                             now + expires if expires else None)
+            self.publish_head(branch, new, sign_head(new.data, sign_key))
+        return new
+
+
 def check_branch(branch):
     if not branch or not BRANCH_RE.match(branch):
         raise UsageError("branch name %r must be letters, digits, '.', '_' or '-' (at most 64), starting "
@@ -2532,8 +2552,11 @@ class StaticHandler(http.server.BaseHTTPRequestHandler):
     def resolve(self):
         """The file for the request path, or None: no listing, no escaping the directory."""
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        if "\0" in path or not path.startswith("/") or ".." in path.split("/"):
+        parts = path.split("/")
+        if "\0" in path or not path.startswith("/") or ".." in parts:
             return None
+        if parts[1:2] in (["authoring"], [REPO_MARKER]):
+            return None  # the authors' locks and staged work, and the marker: not for hosts
         full = os.path.realpath(os.path.join(self.directory, path.lstrip("/")))
         top = os.path.realpath(self.directory)
         if not full.startswith(top + os.sep) or not os.path.isfile(full):
@@ -2615,7 +2638,13 @@ def parse_range(header, size):
 
 def serve(directory, bind, port):
     handler = type("Handler", (StaticHandler,), {"directory": os.path.abspath(directory)})
-    server = ThreadingServer((bind, port), handler)
+    try:
+        server = ThreadingServer((bind, port), handler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError("port %d on %s is in use; pick another with --port N (0 picks a free one)"
+                             % (port, bind))
+        raise UsageError("cannot listen on %s port %d: %s" % (bind, port, e.strerror or e))
     sys.stderr.write("isconf: serving %s on http://%s:%d/\n" % (directory, bind, server.server_address[1]))
     sys.stderr.flush()
     try:
@@ -2631,8 +2660,8 @@ def serve(directory, bind, port):
 
 def author_branch(args):
     """--branch, else ISCONF_BRANCH, else the branch this host follows."""
-    if args.branch:
-        return check_branch(args.branch)
+    if args.branch or os.environ.get("ISCONF_BRANCH"):
+        return check_branch(args.branch or os.environ.get("ISCONF_BRANCH"))
     host = Host(args.root, args.config)
     if os.path.exists(host.config_path):
         return host.config.branch
@@ -2714,33 +2743,61 @@ def cmd_reboot(args):
 
 
 def signing_key(args):
-    return args.sign or os.environ.get("ISCONF_SIGN_KEY") or None
+    """The key a publication is signed with; publishing unsigned takes an explicit --unsigned,
+    since every host that checks signatures refuses an unsigned head."""
+    key = args.sign or os.environ.get("ISCONF_SIGN_KEY") or None
+    if getattr(args, "unsigned", False):
+        if key:
+            raise UsageError("--unsigned and a signing key (--sign or ISCONF_SIGN_KEY) contradict each other; "
+                             "give one")
+        return None
+    if not key:
+        raise UsageError("%s needs a signing key: --sign KEY or ISCONF_SIGN_KEY (hosts that check signatures "
+                         "refuse an unsigned head); --unsigned publishes one for --insecure hosts only" % args.verb)
+    return key
 
 
 def cmd_ci(args):
     repo, branch = author_context(args)
+    key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
-    head, count = repo.checkin(branch, args.message, signing_key(args), expires)
+    head, count = repo.checkin(branch, args.message, key, expires)
     print("isconf: branch %s now at seq %d (%d new), head %s%s" % (
-        branch, head.seq, count, head.id[:16], "" if signing_key(args) else " (unsigned)"))
+        branch, head.seq, count, head.id[:16], "" if key else " (UNSIGNED)"))
 
 
 def cmd_fork(args):
     repo, branch = author_context(args)
     check_branch(args.new)
+    key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
-    head = repo.fork(branch, args.new, signing_key(args), expires)
-    print("isconf: branch %s forked from %s at seq %d" % (args.new, branch, head.seq))
+    head = repo.fork(branch, args.new, key, expires)
+    print("isconf: branch %s forked from %s at seq %d%s" % (args.new, branch, head.seq, "" if key else " (UNSIGNED)"))
+
+
+def cmd_sign(args):
+    repo, branch = author_context(args)
+    key = signing_key(args)
+    expires = parse_duration(args.expires) if args.expires else None
+    head = repo.resign(branch, key, expires)
+    print("isconf: head of branch %s at seq %d signed again%s" % (
+        branch, head.seq, ", expires " + head.expires if head.expires else ""))
 
 
 def cmd_init(args):
-    host = Host(args.root, args.config)
+    if not args.branch:
+        # Not taken from ISCONF_BRANCH: an author's shell setting must not pick a host's branch.
+        raise UsageError("init needs --branch NAME, the branch this host follows")
     check_branch(args.branch)
+    host = Host(args.root, args.config)
     for url in args.urls:
         Mirror(url)
     if not args.signers and not args.insecure:
         raise UsageError("init needs --signers FILE (the authors' keys, allowed_signers format) or an explicit "
                          "--insecure")
+    if args.signers and args.insecure:
+        raise UsageError("--insecure and --signers contradict each other: give --signers FILE alone to check "
+                         "signatures, or --insecure alone not to")
     variables = {}
     for item in args.var:
         name, sep, value = item.partition("=")
@@ -2767,8 +2824,10 @@ def cmd_init(args):
         try:
             text = read_file(args.signers, SIGNERS_MAX)
             load_signers(args.signers)  # the very checks every 'up' makes
-        except (OSError, StateError) as e:
-            raise UsageError("--signers: %s" % (e if isinstance(e, StateError) else e.strerror))
+        except OSError as e:
+            raise UsageError("--signers %s: %s" % (args.signers, e.strerror))
+        except StateError as e:
+            raise UsageError("--signers: %s" % e)
         makedirs(os.path.dirname(host.signers_path))
         atomic_write(host.signers_path, text)
     makedirs(os.path.dirname(host.config_path))
@@ -2924,6 +2983,8 @@ def cmd_migrate(args):
 
 
 def cmd_skip(args):
+    if not args.message.strip():
+        raise UsageError("skip needs a reason: -m WHY is kept in the history for whoever looks next")
     host = Host(args.root, args.config)
     with host.lock():
         head = host.local_head()
@@ -2980,6 +3041,7 @@ As an author (working on a repository directory, --repo or ISCONF_REPO):
   isconf exec -- apt-get install -y nginx
   isconf snap /etc/nginx/nginx.conf
   isconf ci --sign ~/.ssh/id_ed25519
+  isconf sign --sign ~/.ssh/id_ed25519 --expires 30d   renew the head's expiry
 
 Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
 4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem.
@@ -2998,8 +3060,9 @@ def global_options(suppress):
                          help="host config file (default ROOT%s)" % CONFIG_PATH)
     options.add_argument("--repo", default=default(os.environ.get("ISCONF_REPO")),
                          help="repository directory, for author verbs (or ISCONF_REPO)")
-    options.add_argument("--branch", default=default(os.environ.get("ISCONF_BRANCH")),
-                         help="branch, for author verbs (or ISCONF_BRANCH, else the host's branch)")
+    options.add_argument("--branch", default=default(None),
+                         help="branch: for 'init', the one this host follows (required); for author verbs, "
+                         "the one to work on (or ISCONF_BRANCH, else the host's branch)")
     return options
 
 
@@ -3073,10 +3136,15 @@ def build_parser():
     p.add_argument("--sign", metavar="KEY", help="SSH private key, or public key held by ssh-agent "
                    "(or ISCONF_SIGN_KEY)")
     p.add_argument("--expires", metavar="DURATION", help="head expires after DURATION, e.g. 30d")
+    p.add_argument("--unsigned", action="store_true", help="publish an unsigned head (for --insecure hosts only)")
     p = verb("fork", cmd_fork, "create branch NEW starting as a copy of this branch")
     p.add_argument("new", metavar="NEW")
-    p.add_argument("--sign", metavar="KEY")
+    p.add_argument("--sign", metavar="KEY", help="as for ci")
     p.add_argument("--expires", metavar="DURATION")
+    p.add_argument("--unsigned", action="store_true", help="publish an unsigned head (for --insecure hosts only)")
+    p = verb("sign", cmd_sign, "sign the branch's current head again (renew its expiry, or sign an unsigned one)")
+    p.add_argument("--sign", metavar="KEY", help="as for ci")
+    p.add_argument("--expires", metavar="DURATION", help="the new head expires after DURATION, e.g. 30d")
 
     p = verb("serve", cmd_serve, "serve a repository directory over HTTP (for trying out and tests)")
     p.add_argument("dir", metavar="DIR")

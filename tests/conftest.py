@@ -95,7 +95,7 @@ class Author(object):
         return run_isconf("--repo", self.repo, "--branch", self.branch, *args, **kw)
 
     def ci(self, *args, **kw):
-        sign = ["--sign", self.keys.private] if self.keys else []
+        sign = ["--sign", self.keys.private] if self.keys else ["--unsigned"]
         return self("ci", *(sign + list(args)), **kw)
 
     def commit(self, *steps, **kw):

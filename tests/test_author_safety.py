@@ -1,0 +1,127 @@
+"""The author's easy path is the safe one: nothing unsigned by accident, clear hints for slips."""
+
+import json
+import os
+import socket
+
+import pytest
+
+from conftest import Author, Server, error_line, run_isconf
+
+
+def test_ci_without_a_key_is_refused_and_publishes_nothing(author):
+    author("lock", "-m", "x")
+    author("reboot")
+    line = error_line(author("ci", expect="usage"))
+    assert "needs a signing key" in line and "--unsigned" in line
+    assert not os.path.exists(author.path("head")) and not os.path.exists(author.path("journal"))
+    assert "(UNSIGNED)" in author("ci", "--unsigned").out
+    assert os.path.exists(author.path("head")) and not os.path.exists(author.path("head.sig"))
+
+
+def test_ci_takes_its_key_from_the_environment(author, keys):
+    author("lock", "-m", "x")
+    author("reboot")
+    author("ci", env={"ISCONF_SIGN_KEY": keys.private})
+    assert os.path.exists(author.path("head.sig"))
+
+
+def test_unsigned_and_a_key_together_are_a_usage_error(author, keys):
+    author("lock", "-m", "x")
+    author("reboot")
+    assert "contradict" in error_line(author("ci", "--unsigned", "--sign", keys.private, expect="usage"))
+
+
+def test_fork_without_a_key_is_refused(author):
+    author.commit(["reboot"])
+    assert "needs a signing key" in error_line(author("fork", "canary", expect="usage"))
+    assert not os.path.exists(os.path.join(author.repo, "branches", "canary"))
+    author("fork", "canary", "--unsigned")
+    assert os.path.exists(os.path.join(author.repo, "branches", "canary", "head"))
+
+
+def test_sign_renews_the_expiry_without_a_new_entry(author, server, keys, host):
+    author.commit(["reboot"], why="first")
+    journal = author.journal()
+    old = json.loads(open(author.path("head")).read())
+    author("sign", "--sign", keys.private, "--expires", "30d")
+    new = json.loads(open(author.path("head")).read())
+    assert (new["seq"], new["id"], new["length"]) == (old["seq"], old["id"], old["length"])
+    assert "expires" in new and "expires" not in old
+    assert author.journal() == journal
+    host.init(server.url, keys)
+    host("up", expect="reboot")  # the renewed head verifies on a host
+
+
+def test_sign_repairs_an_unsigned_publication(tmp_path, keys, host):
+    unsigned = Author(str(tmp_path / "repo"))  # no keys: commits with --unsigned
+    unsigned.commit(["exec", "--no-run", "--", "/bin/true"])
+    s = Server(unsigned.repo, str(tmp_path / "access.log"))
+    try:
+        host.init(s.url, keys, "--retries", "1")
+        assert "no head.sig" in error_line(host("up", expect="refused"))
+        unsigned("sign", "--sign", keys.private)
+        assert host("up").returncode in (0, 1)  # verified now; /bin/true may not exist in this root
+        assert host.status()["head_seq"] == 1
+    finally:
+        s.stop()
+
+
+def test_sign_of_a_branch_that_does_not_exist_is_refused(author, keys):
+    assert "does not exist" in error_line(author("sign", "--sign", keys.private, expect="usage"))
+
+
+def test_init_requires_branch_even_with_isconf_branch_set(tmp_path):
+    proc = run_isconf("--root", str(tmp_path), "init", "http://127.0.0.1:1/", "--insecure",
+                      env={"ISCONF_BRANCH": "web"}, expect="usage")
+    assert "init needs --branch NAME" in error_line(proc)
+    assert not os.path.exists(str(tmp_path / "etc/isconf/isconf.conf"))
+
+
+def test_insecure_with_signers_is_a_usage_error(tmp_path, keys):
+    proc = run_isconf("--root", str(tmp_path), "init", "http://127.0.0.1:1/", "--branch", "web", "--insecure",
+                      "--signers", keys.signers, expect="usage")
+    assert "contradict" in error_line(proc)
+
+
+def test_a_pub_file_given_as_signers_gets_the_line_to_write(tmp_path, keys):
+    proc = run_isconf("--root", str(tmp_path), "init", "http://127.0.0.1:1/", "--branch", "web",
+                      "--signers", keys.public, expect="usage")
+    line = error_line(proc)
+    key = " ".join(keys.public_line.split()[:2])
+    assert keys.public in line and "not an allowed_signers line" in line and "admin@example " + key in line
+
+
+def test_a_missing_signers_file_is_named(tmp_path):
+    missing = str(tmp_path / "no-such-signers")
+    proc = run_isconf("--root", str(tmp_path), "init", "http://127.0.0.1:1/", "--branch", "web",
+                      "--signers", missing, expect="usage")
+    assert missing in error_line(proc)
+
+
+def test_skip_with_an_empty_reason_is_refused(tmp_path):
+    run_isconf("--root", str(tmp_path), "init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
+    assert "needs a reason" in error_line(run_isconf("--root", str(tmp_path), "skip", "1", "-m", " ",
+                                                      expect="usage"))
+
+
+@pytest.mark.parametrize("path", ["/authoring/web/lock", "/authoring/web/staged", "/isconf-repo"])
+def test_serve_keeps_the_authoring_area_and_marker_private(author, server, path):
+    author("lock", "-m", "secret plans")
+    author("reboot")
+    import urllib.request
+    import urllib.error
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(server.url.rstrip("/") + path, timeout=10)
+    assert e.value.code == 404
+
+
+def test_serve_on_a_port_in_use_says_so(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        proc = run_isconf("serve", str(tmp_path), "--port", str(taken.getsockname()[1]), expect="usage")
+        assert "in use" in error_line(proc)
+    finally:
+        taken.close()
