@@ -55,6 +55,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 
 # Modules the standard library would import on first use, in the middle of a run:
@@ -108,6 +109,8 @@ EXIT_REFUSED = 4      # verification failed; nothing applied
 EXIT_REBOOT = 5       # the next transaction is a reboot; run 'up -r'
 EXIT_BUSY = 6         # another run or author holds the lock
 EXIT_STATE = 7        # local state or configuration problem
+EXIT_SOFTWARE = 70    # a bug in isconf itself (sysexits' EX_SOFTWARE), never a failed transaction
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 
 # ---------------------------------------------------------------------------
 # Errors: one root, each subclass carries its exit code.
@@ -328,6 +331,23 @@ def emit(data, stream=None):
         stream.flush()
     except BrokenPipeError:
         silence(stream)
+
+
+# C0 and C1 controls, DEL, and the bidirectional overrides that make text display
+# other than it reads (attack: a journal message that rewrites the admin's screen).
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text):
+    """Text from the network or the journal, made safe to print: every control character
+    escaped, so it is always one line and never a terminal escape sequence."""
+    return CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 0x100
+                          else "\\u%04x" % ord(m.group()), text)
+
+
+def show(text, stream=None):
+    """Print one line of a report: escaped, and quiet about a closed pipe."""
+    emit(printable(text) + "\n", stream)
 
 
 def silence(stream):
@@ -1436,6 +1456,8 @@ class Config(object):
             self.deadline = parse_positive(main.get("deadline", str(DEFAULT_DEADLINE)), float, "deadline",
                                            MAX_DEADLINE)
             self.retries = parse_positive(main.get("retries", str(DEFAULT_RETRIES)), int, "retries", 100)
+            self.exec_timeout = (parse_positive(main["exec_timeout"], float, "exec_timeout", MAX_DEADLINE)
+                                 if "exec_timeout" in main else None)
             self.env = dict(parser["env"]) if parser.has_section("env") else {}
             for name, value in self.env.items():
                 check_variable(name, value)
@@ -1673,11 +1695,16 @@ def exec_environment(branch, seq, entry_id, variables):
     return env
 
 
-def run_command(root, argv, cwd, env, log_path, echo=True):
+def run_command(root, argv, cwd, env, log_path, echo=True, timeout=None):
     """Start a transaction's process, chrooted into root: the one place isconf runs a program.
 
-    stdin is /dev/null (a prompt would hang a host for ever); output goes to the
-    per-transaction log and, when echo is set, to our stdout.  Returns the exit status.
+    stdin is /dev/null (a prompt would hang a host for ever).  Output goes straight
+    into the per-transaction log, not through a pipe: an init script that leaves a
+    daemon holding its output must not keep the transaction open, and the daemon must
+    not die of SIGPIPE when we stop reading.  The transaction ends when the command
+    exits; with echo, what it wrote so far is copied to our stdout as it comes.  The
+    command leads a process group of its own, which a timeout kills whole.  Returns
+    the exit status.
     """
     chroot = os.path.abspath(root) != "/"
     try:
@@ -1690,25 +1717,59 @@ def run_command(root, argv, cwd, env, log_path, echo=True):
             os.chroot(root)
         os.chdir(cwd)
 
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab") as log, open(log_path, "rb") as echoed:
+        echoed.seek(0, os.SEEK_END)
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, env=env, preexec_fn=enter_root,
-                                    close_fds=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, preexec_fn=enter_root, close_fds=True, start_new_session=True)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             message = "cannot start %s in %s (cwd %s): %s\n" % (argv[0], root, cwd, e)
             log.write(message.encode())
             raise TransactionFailed(message.strip())
-        for chunk in iter(lambda: proc.stdout.read1(CHUNK), b""):
-            log.write(chunk)
-            if echo:
-                emit(chunk)
-        proc.stdout.close()
-        status = proc.wait()
+        started = time.monotonic()
+        try:
+            status = None
+            while status is None:
+                try:
+                    status = proc.wait(0.1)
+                except subprocess.TimeoutExpired:
+                    if timeout is not None and time.monotonic() - started > timeout:
+                        kill_group(proc, signal.SIGKILL)
+                        log.write(("\n[isconf] killed: still running after exec_timeout %g s\n" % timeout).encode())
+                        raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
+                                                "command, or raise exec_timeout in the host config"
+                                                % (argv[0], timeout))
+                if echo:
+                    copy_output(echoed)
+        except BaseException:
+            if proc.returncode is None:  # Ctrl-C or an error of ours: the command must not outlive the run
+                kill_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    kill_group(proc, signal.SIGKILL)
+                    proc.wait()
+            raise
+        if echo:
+            copy_output(echoed)
         log.write(("[isconf] exit status %d\n" % status).encode())
         log.flush()
         os.fsync(log.fileno())
     return status
+
+
+def copy_output(log):
+    """Echo what a command added to its log since the last call."""
+    for chunk in iter(lambda: log.read(CHUNK), b""):
+        emit(chunk)
+
+
+def kill_group(proc, sig):
+    """Signal a command's whole process group (it leads one: start_new_session)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 class Owners(object):
@@ -1902,7 +1963,7 @@ class Agent(object):
             self.signers = load_signers(host.signers_path)
 
     def say(self, message, stream=None):
-        emit("isconf: %s\n" % message, stream or self.out)
+        show("isconf: %s" % message, stream or self.out)
 
     def now(self):
         """The time used for expiry and key validity: never earlier than the last verified head,
@@ -2145,7 +2206,8 @@ class Agent(object):
                                                              entry.id, entry.summary())).encode())
         if entry.kind == "exec":
             env = exec_environment(self.config.branch, entry.seq, entry.id, self.config.env)
-            status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log_path)
+            status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log_path,
+                                 timeout=self.config.exec_timeout)
             if status != 0:
                 raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
         elif entry.kind == "snap":
@@ -2239,11 +2301,14 @@ class Repository(object):
 
     def lock_holder(self, branch):
         try:
-            return json.loads(read_file(self.lock_path(branch), HEAD_MAX).decode("utf-8"))
+            holder = json.loads(read_file(self.lock_path(branch), HEAD_MAX).decode("utf-8"))
         except FileNotFoundError:
             return None
-        except ValueError:
+        except (ValueError, StateError):
+            holder = None
+        if not (isinstance(holder, dict) and all(isinstance(holder.get(k), str) for k in ("who", "why", "time"))):
             raise StateError("lock %s is damaged; 'isconf unlock --force' clears it" % self.lock_path(branch))
+        return holder
 
     def lock(self, branch, why):
         with self.branch_mutex(branch):
@@ -2339,10 +2404,14 @@ class Repository(object):
             seq, prev = (entries[-1].seq, entries[-1].id) if entries else (0, ZERO_ID)
             now = time.time()
             lines = []
-            for fields in staged:
+            for number, fields in enumerate(staged, 1):
                 fields = dict(fields, seq=seq + 1, prev=prev, time=format_time(now), author=holder["who"],
                               message=fields.get("message") or message or holder.get("why", ""))
-                entry = Entry.parse(canonical(fields), "staged entry")
+                try:
+                    entry = Entry.parse(canonical(fields), "staged entry %d" % number)
+                except (Refused, ValueError, TypeError) as e:
+                    raise StateError("staged work of branch %s is damaged (%s); 'isconf unlock' discards it, "
+                                     "then stage again" % (branch, e))
                 lines.append(entry.line + b"\n")
                 seq, prev = entry.seq, entry.id
             new = Head.build(branch, seq, prev, len(data) + sum(len(l) for l in lines), now,
@@ -2380,6 +2449,13 @@ class Repository(object):
             pending = json.loads(read_file(record, HEAD_MAX + SIGNATURE_MAX).decode("utf-8"))
         except FileNotFoundError:
             return
+        except (ValueError, StateError):
+            pending = None
+        if not (isinstance(pending, dict) and isinstance(pending.get("head"), str)
+                and isinstance(pending.get("sig"), (str, type(None))) and isinstance(pending.get("checkin", False), bool)):
+            raise StateError("publication record %s is damaged; check that branch %s's head and head.sig agree "
+                             "('isconf verify-sig'), re-sign with 'isconf sign' if not, then remove the record"
+                             % (record, branch))
         directory = self.branch_dir(branch)
         sig_path = os.path.join(directory, "head.sig")
         if pending["sig"] is not None:
@@ -2678,19 +2754,19 @@ def author_context(args):
 
 def cmd_init_repo(args):
     Repository.create(args.dir)
-    print("isconf: created an empty repository in %s" % args.dir)
+    show("isconf: created an empty repository in %s" % args.dir)
 
 
 def cmd_lock(args):
     repo, branch = author_context(args)
     repo.lock(branch, args.message)
-    print("isconf: locked branch %s: %s" % (branch, args.message))
+    show("isconf: locked branch %s: %s" % (branch, args.message))
 
 
 def cmd_unlock(args):
     repo, branch = author_context(args)
     repo.unlock(branch, args.force)
-    print("isconf: unlocked branch %s" % branch)
+    show("isconf: unlocked branch %s" % branch)
 
 
 def cmd_exec(args):
@@ -2708,7 +2784,7 @@ def cmd_exec(args):
         if status != 0:
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
     repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
-    print("isconf: staged exec %s" % " ".join(shlex.quote(a) for a in argv))
+    show("isconf: staged exec %s" % " ".join(shlex.quote(a) for a in argv))
 
 
 def validate_path_arg(path, what):
@@ -2733,13 +2809,13 @@ def cmd_snap(args):
             raise UsageError("cannot snap %s: %s" % (path, e.strerror or e))
         records.append(record)
     repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
-    print("isconf: staged snap %s" % " ".join(r["path"] for r in records))
+    show("isconf: staged snap %s" % " ".join(r["path"] for r in records))
 
 
 def cmd_reboot(args):
     repo, branch = author_context(args)
     repo.stage(branch, {"kind": "reboot", "message": args.message or ""})
-    print("isconf: staged reboot")
+    show("isconf: staged reboot")
 
 
 def signing_key(args):
@@ -2762,7 +2838,7 @@ def cmd_ci(args):
     key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
     head, count = repo.checkin(branch, args.message, key, expires)
-    print("isconf: branch %s now at seq %d (%d new), head %s%s" % (
+    show("isconf: branch %s now at seq %d (%d new), head %s%s" % (
         branch, head.seq, count, head.id[:16], "" if key else " (UNSIGNED)"))
 
 
@@ -2772,7 +2848,7 @@ def cmd_fork(args):
     key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
     head = repo.fork(branch, args.new, key, expires)
-    print("isconf: branch %s forked from %s at seq %d%s" % (args.new, branch, head.seq, "" if key else " (UNSIGNED)"))
+    show("isconf: branch %s forked from %s at seq %d%s" % (args.new, branch, head.seq, "" if key else " (UNSIGNED)"))
 
 
 def cmd_sign(args):
@@ -2780,7 +2856,7 @@ def cmd_sign(args):
     key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
     head = repo.resign(branch, key, expires)
-    print("isconf: head of branch %s at seq %d signed again%s" % (
+    show("isconf: head of branch %s at seq %d signed again%s" % (
         branch, head.seq, ", expires " + head.expires if head.expires else ""))
 
 
@@ -2815,7 +2891,8 @@ def cmd_init(args):
         if args.reboot_command is not None:
             parse_command(args.reboot_command)
             extra["reboot_command"] = args.reboot_command
-        for key, kind, most in (("timeout", float, 3600), ("deadline", float, MAX_DEADLINE), ("retries", int, 100)):
+        for key, kind, most in (("timeout", float, 3600), ("deadline", float, MAX_DEADLINE), ("retries", int, 100),
+                                ("exec_timeout", float, MAX_DEADLINE)):
             if getattr(args, key) is not None:
                 extra[key] = parse_positive(str(getattr(args, key)), kind, "--" + key, most)
     except ValueError as e:
@@ -2833,7 +2910,7 @@ def cmd_init(args):
     makedirs(os.path.dirname(host.config_path))
     atomic_write(host.config_path, Config.render(args.branch, args.urls, args.insecure, variables, extra))
     host.ensure_state()
-    print("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
+    show("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
 
 
 def parse_now(text):
@@ -2853,8 +2930,8 @@ def cmd_up(args):
         plan = agent.sync(stage=not args.dry_run)
         if args.dry_run:
             for entry in plan.pending:
-                print("would apply %d %s" % (entry.seq, entry.summary()))
-            print("isconf: %d pending on branch %s (dry run: nothing applied)" % (len(plan.pending), plan.head.branch))
+                show("would apply %d %s" % (entry.seq, entry.summary()))
+            show("isconf: %d pending on branch %s (dry run: nothing applied)" % (len(plan.pending), plan.head.branch))
             return EXIT_OK
         plan.commit(host)
         if not plan.pending:
@@ -2916,22 +2993,22 @@ def cmd_status(args):
                             "error": event.get("error"), "log": log, "log_tail": tail}
     code = EXIT_FAILED if failed else EXIT_OK  # monitoring: non-zero while the host is halted
     if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+        emit(json.dumps(report, indent=2, sort_keys=True) + "\n")
         return code
-    print("branch:       %s%s" % (config.branch, "  (INSECURE: signatures not checked)" if config.insecure else ""))
-    print("applied:      seq %d  %s" % (applied_seq, applied_id[:16]))
-    print("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
-    print("last success: %s" % ("%s (%s ago)" % (report["last_success"], age(report["last_success_age"]))
+    show("branch:       %s%s" % (config.branch, "  (INSECURE: signatures not checked)" if config.insecure else ""))
+    show("applied:      seq %d  %s" % (applied_seq, applied_id[:16]))
+    show("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
+    show("last success: %s" % ("%s (%s ago)" % (report["last_success"], age(report["last_success_age"]))
                                 if last else "never"))
     for item in report["skipped"]:
-        print("skipped:      seq %d by %s: %s" % (item["seq"], item["who"], item["why"]))
+        show("skipped:      seq %d by %s: %s" % (item["seq"], item["who"], item["why"]))
     if report["failed"]:
         failure = report["failed"]
-        print("FAILED:       seq %d %s" % (failure["seq"], failure["summary"]))
-        print("              %s" % failure["error"])
-        print("log %s:" % failure["log"])
+        show("FAILED:       seq %d %s" % (failure["seq"], failure["summary"]))
+        show("              %s" % failure["error"])
+        show("log %s:" % failure["log"])
         for line in failure["log_tail"]:
-            print("    " + line)
+            show("    " + line)
     return code
 
 
@@ -2948,17 +3025,17 @@ def cmd_log(args):
     head, rows, _, _ = host_report(host)
     rows = list(reversed(rows))[:args.n] if args.n is not None else list(reversed(rows))
     if args.json:
-        print(json.dumps([dict(entry.fields, id=entry.id, state=mark) for entry, mark, _ in rows],
-                         indent=2, sort_keys=True))
+        emit(json.dumps([dict(entry.fields, id=entry.id, state=mark) for entry, mark, _ in rows],
+                        indent=2, sort_keys=True) + "\n")
         return
     for entry, mark, event in rows:
         f = entry.fields
-        print("%-7s %4d %s %s %s" % (mark, entry.seq, entry.id[:12], f["time"], f["author"]))
-        print("             %s" % entry.summary())
+        show("%-7s %4d %s %s %s" % (mark, entry.seq, entry.id[:12], f["time"], f["author"]))
+        show("             %s" % entry.summary())
         if f["message"]:
-            print("             # %s" % f["message"])
+            show("             # %s" % f["message"])
         if mark == "skipped":
-            print("             skipped by %s: %s" % (event.get("who"), event.get("why")))
+            show("             skipped by %s: %s" % (event.get("who"), event.get("why")))
 
 
 def cmd_migrate(args):
@@ -2979,7 +3056,7 @@ def cmd_migrate(args):
                                                                                            args.new_branch))
         atomic_write(config.path, text.encode("utf-8"))
         plan.commit(host)
-    print("isconf: now following branch %s (%d pending); run 'isconf up'" % (args.new_branch, len(plan.pending)))
+    show("isconf: now following branch %s (%d pending); run 'isconf up'" % (args.new_branch, len(plan.pending)))
 
 
 def cmd_skip(args):
@@ -2999,7 +3076,7 @@ def cmd_skip(args):
             raise UsageError("transaction %d has not failed here; only a failed transaction can be skipped"
                              % args.seq)
         history.record("skipped", entries[args.seq - 1], why=args.message, who=author_name())
-    print("isconf: transaction %d marked skipped on this host: %s" % (args.seq, args.message))
+    show("isconf: transaction %d marked skipped on this host: %s" % (args.seq, args.message))
 
 
 def cmd_verify_sig(args):
@@ -3010,7 +3087,7 @@ def cmd_verify_sig(args):
     except OSError as e:
         raise UsageError("cannot read %s: %s" % (e.filename, e.strerror))
     signer = verify_signature(data, signature, signers, namespace=args.namespace, now=parse_now(args.now))
-    print("isconf: good signature by %s (%s)" % (",".join(signer.principals), key_fingerprint(signer.key_blob)))
+    show("isconf: good signature by %s (%s)" % (",".join(signer.principals), key_fingerprint(signer.key_blob)))
 
 
 def cmd_serve(args):
@@ -3060,6 +3137,8 @@ def global_options(suppress):
                          help="host config file (default ROOT%s)" % CONFIG_PATH)
     options.add_argument("--repo", default=default(os.environ.get("ISCONF_REPO")),
                          help="repository directory, for author verbs (or ISCONF_REPO)")
+    options.add_argument("--debug", action="store_true", default=default(False),
+                         help="show the traceback of an internal error")
     options.add_argument("--branch", default=default(None),
                          help="branch: for 'init', the one this host follows (required); for author verbs, "
                          "the one to work on (or ISCONF_BRANCH, else the host's branch)")
@@ -3092,6 +3171,8 @@ def build_parser():
                    % (MIN_RATE // 1024, DEFAULT_DEADLINE))
     p.add_argument("--retries", type=int, help="rounds over all mirrors before giving up (default %d)"
                    % DEFAULT_RETRIES)
+    p.add_argument("--exec-timeout", type=float, metavar="SECONDS", help="kill an exec still running after "
+                   "SECONDS, with its whole process group, and fail the transaction (default: no limit)")
     p.add_argument("--force", action="store_true", help="overwrite an existing config")
     p = verb("up", cmd_up, "fetch, verify and apply every pending transaction")
     p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and reboot")
@@ -3153,7 +3234,47 @@ def build_parser():
     return parser
 
 
+def internal_error(error, argv, args):
+    """One line for the user, the whole traceback for whoever fixes it: shown with --debug,
+    else kept in the host's state directory when there is one."""
+    report = "isconf %s on Python %s, argv %r\n%s" % (__version__, sys.version.split()[0],
+                                                      sys.argv[1:] if argv is None else argv,
+                                                      traceback.format_exc())
+    where = "run again with --debug to see the traceback"
+    if getattr(args, "debug", False):
+        emit(report, sys.stderr)
+        where = "traceback above"
+    else:
+        try:
+            where = "traceback in %s" % save_crash_report(getattr(args, "root", None) or "/", report)
+        except (OSError, IsconfError):
+            pass
+    show("isconf: internal error: %s: %s (%s); please report it" % (type(error).__name__, str(error)[:300], where),
+         sys.stderr)
+    return EXIT_SOFTWARE
+
+
+def save_crash_report(root, report):
+    """Write the traceback of an internal error into the host's state directory, if it exists;
+    never following a link (the directory may belong to a hostile image)."""
+    state = RootPath(root).resolve(STATE_PATH)
+    dfd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fd = os.open("internal-error.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     0o600, dir_fd=dfd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            write_all(fd, report.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+    return os.path.join(state, "internal-error.log")
+
+
 def main(argv=None):
+    args = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -3163,7 +3284,7 @@ def main(argv=None):
         code = args.func(args)
         return EXIT_OK if code is None else code
     except IsconfError as e:
-        emit("isconf: error: %s\n" % e, sys.stderr)
+        show("isconf: error: %s" % e, sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # 'isconf log | head' is not an error
         silence(sys.stdout)
@@ -3172,9 +3293,16 @@ def main(argv=None):
         # The last net for a system call no step above expected to fail (a full disk, a
         # read-only root): still one line, and the local-state exit code.
         where = " (%s)" % e.filename if e.filename else ""
-        emit("isconf: error: %s%s; check the disk and permissions, then run again\n" % (e.strerror or e, where),
+        show("isconf: error: %s%s; check the disk and permissions, then run again" % (e.strerror or e, where),
              sys.stderr)
         return EXIT_STATE
+    except KeyboardInterrupt:
+        # Every record is written whole or not at all: an interrupted transaction runs again next time.
+        emit("\nisconf: interrupted; nothing is left half-recorded: run the command again to carry on\n",
+             sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: B902 -- a bug: never reported as a failed transaction
+        return internal_error(e, argv, args)
 
 
 if __name__ == "__main__":

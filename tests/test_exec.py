@@ -1,0 +1,173 @@
+"""Transactions that run commands: when they end, time limits, Ctrl-C, and bugs told apart from failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ISCONF, error_line
+
+
+def pid_alive(pid):
+    """Whether pid runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid, seconds=10):
+    deadline = time.time() + seconds
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+@pytest.fixture
+def daemons():
+    """pids a test started in the background; killed afterwards whatever happened."""
+    pids = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def with_dev_null(root):
+    """A shell backgrounds a job with stdin from /dev/null: the chroot needs one."""
+    os.makedirs(os.path.join(root, "dev"), exist_ok=True)
+    os.mknod(os.path.join(root, "dev/null"), 0o666 | 0o020000, os.makedev(1, 3))
+
+
+def read_pid(host, path):
+    with open(host.path(path)) as f:
+        return int(f.read())
+
+
+def test_an_exec_ends_when_its_command_ends_though_a_daemon_holds_its_output(author, server, keys, host,
+                                                                              busybox_root, daemons):
+    # An init script that starts a daemon: the daemon inherits stdout and keeps it open for 60 s.
+    busybox_root(host.root)
+    with_dev_null(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "sleep 60 & echo $! > /tmp/daemon; echo started"],
+                  ["exec", "--no-run", "--", "/bin/touch", "/tmp/after"])
+    host.init(server.url, keys)
+    up = host("up", expect="ok", timeout=45)
+    daemons.append(read_pid(host, "/tmp/daemon"))
+    assert "started" in up.out and os.path.exists(host.path("/tmp/after"))
+    assert pid_alive(daemons[0])  # the daemon keeps running
+    host("up", expect="ok", timeout=45)  # and the host lock was let go
+
+
+def test_exec_timeout_kills_the_whole_process_group_and_fails_naming_the_limit(author, server, keys, host,
+                                                                               busybox_root, daemons):
+    busybox_root(host.root)
+    with_dev_null(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "sleep 60 & echo $! > /tmp/child; sleep 60"])
+    host.init(server.url, keys, "--exec-timeout", "1")
+    assert "exec_timeout = 1" in open(host.path("/etc/isconf/isconf.conf")).read()
+    failed = host("up", expect="failed", timeout=45)
+    daemons.append(read_pid(host, "/tmp/child"))
+    assert "killed after running for exec_timeout 1 s" in error_line(failed)
+    assert wait_gone(daemons[0])
+    assert "exec_timeout" in "\n".join(host.status()["failed"]["log_tail"])
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "soon"])
+def test_a_bad_exec_timeout_is_refused(host, value):
+    proc = host("init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", "--exec-timeout", value)
+    assert proc.returncode == 2 and "exec" in error_line(proc)
+
+
+def test_ctrl_c_stops_the_command_and_exits_130_with_the_transaction_to_run_again(author, server, keys, host,
+                                                                                  busybox_root, daemons):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c",
+                   "test -e /tmp/again && exit 0; touch /tmp/again; echo $$ > /tmp/pid; sleep 60"])
+    host.init(server.url, keys)
+    agent = subprocess.Popen([sys.executable, "-I", ISCONF, "--root", host.root, "up"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    deadline = time.time() + 30
+    while not os.path.exists(host.path("/tmp/pid")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # the shell wrote its pid and is in sleep
+    daemons.append(read_pid(host, "/tmp/pid"))
+    agent.send_signal(signal.SIGINT)
+    assert agent.wait(30) == 130
+    err = agent.stderr.read().decode()
+    agent.stderr.close()
+    assert [l for l in err.splitlines() if l.strip()][-1].startswith("isconf: interrupted")
+    assert "Traceback" not in err
+    assert wait_gone(daemons[0])
+    events = [json.loads(l)["event"] for l in open(host.state("history"))]
+    assert events == ["started"]
+    host("up", expect="ok")  # interrupted means run again
+    assert host.status()["applied_seq"] == 1
+
+
+BUGGY = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import isconf
+def bug(args):
+    raise ZeroDivisionError("a bug in the agent")
+isconf.cmd_status = bug
+sys.exit(isconf.main(sys.argv[2:]))
+"""
+
+
+def run_with_a_bug(*args):
+    return subprocess.run([sys.executable, "-I", "-c", BUGGY, os.path.dirname(ISCONF)] + list(args),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+
+
+def test_a_bug_is_exit_70_with_one_line_and_the_traceback_kept(host):
+    host("init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
+    proc = run_with_a_bug("--root", host.root, "status")
+    err = proc.stderr.decode()
+    assert proc.returncode == 70 and len(err.strip().splitlines()) == 1
+    assert err.startswith("isconf: internal error: ZeroDivisionError: a bug in the agent")
+    assert host.state("internal-error.log") in err
+    with open(host.state("internal-error.log")) as f:
+        assert "Traceback" in f.read()
+
+
+def test_debug_shows_the_traceback_of_a_bug(host):
+    host("init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
+    proc = run_with_a_bug("--root", host.root, "status", "--debug")
+    assert proc.returncode == 70 and b"Traceback" in proc.stderr and b"ZeroDivisionError" in proc.stderr
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("publishing", b"{not json", "publication record"),
+    ("publishing", b'{"head": 5, "sig": null}\n', "publication record"),
+    ("staged", b'{"kind": "exec", "argv": 7}\n', "staged work of branch web is damaged"),
+    ("staged", b'[1, 2]\n', "staged work"),
+    ("lock", b'["alice"]\n', "lock"),
+])
+def test_a_damaged_authoring_record_is_a_clear_error(author, name, content, fragment):
+    author.commit(["reboot"])
+    author("lock", "-m", "x")
+    author("reboot")
+    with open(os.path.join(author.repo, "authoring", "web", name), "wb") as f:
+        f.write(content)
+    assert fragment in error_line(author.ci(expect="state"))
+
+
+def test_journal_text_is_printed_with_control_characters_escaped(author, server, keys, host, busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "-m", "clear\x1b[2Jscreen", "--", "/bin/sh", "-c", "exit 3 #\x1b]0;pwned\x07\nx"])
+    host.init(server.url, keys)
+    up = host("up", expect="failed")
+    assert "\x1b" not in up.out + up.err and "\x07" not in up.out + up.err
+    assert "\\x1b]0;pwned\\x07\\x0ax" in error_line(up)  # and the error stays one line
+    for verb in ("status", "log"):
+        out = host(verb).out
+        assert "\x1b" not in out and "\\x1b" in out
