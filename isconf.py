@@ -90,6 +90,7 @@ DEFAULT_REBOOT = "/sbin/reboot"
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+ID_RE = re.compile(r"^[0-9]{1,10}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # What a network read can raise: ValueError covers malformed URLs and, on 3.6,
@@ -904,6 +905,12 @@ def _decode_point(s):
     return x, y, 1, x * y % _P
 
 
+def _small_order(p):
+    """Whether [8]p is the identity: the eight points any signature can be forged for."""
+    x, y, z, _ = _double(_double(_double(p)))
+    return x % _P == 0 and (y - z) % _P == 0
+
+
 def _encode_point(p):
     x, y, z, _ = p
     zi = pow(z, _P - 2, _P)
@@ -980,6 +987,14 @@ def _read_public_key(key_blob, where):
         if len(params[0]) != 32:
             raise Refused("%s: Ed25519 key is not 32 bytes: copy it again from the "
                           ".pub file" % where)
+        point = _decode_point(params[0])
+        if point is None:
+            raise Refused("%s: Ed25519 key is not a point on the curve: copy it again from the "
+                          ".pub file" % where)
+        if _small_order(point):
+            # Stricter than ssh-keygen: such a key "verifies" signatures anyone can make.
+            raise Refused("%s: Ed25519 key is a point of small order, which anyone can sign for; "
+                          "it is not a real key: remove it" % where)
     else:
         e = wire.mpint()
         n = wire.mpint()
@@ -1791,10 +1806,16 @@ class Owners(object):
         except OSError:
             return {}
         table = {}
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             fields = line.split(":")
-            if len(fields) >= 3 and fields[2].isdigit():
-                table.setdefault(fields[0], int(fields[2]))
+            if not line.strip() or line[:1] in "+-#":
+                continue  # blank, a comment, or an NIS include: no entry here
+            # ASCII digits only: str.isdigit() takes '²', which int() then refuses.
+            if len(fields) < 3 or not ID_RE.match(fields[2]) or int(fields[2]) > ID_MAX:
+                show("isconf: warning: %s%s line %d is not NAME:PASSWORD:NUMBER:...; skipped"
+                     % (rootpath.root.rstrip("/"), path, number), sys.stderr)
+                continue
+            table.setdefault(fields[0], int(fields[2]))
         return table
 
     def ids(self, record):

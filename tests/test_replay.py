@@ -351,3 +351,15 @@ def test_a_run_imports_nothing_after_it_starts(author, server, keys, host, tmp_p
     out = subprocess.run([sys.executable, "-I", "-c", IMPORTS_AFTER_START, os.path.dirname(ISCONF), host.root],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout.decode().strip().splitlines()
     assert out[-1] == "1 []"  # /bin/true is not in this empty root: the exec fails, after the fetch and the snap
+
+
+def test_a_passwd_line_with_a_non_ascii_number_is_skipped_with_a_warning(author, server, keys, host, tmp_path):
+    src = source_tree(tmp_path, "/srv/www.conf", "x\n")
+    author.commit(["--root", src, "snap", "/srv/www.conf"])
+    os.makedirs(host.path("/etc"))
+    with open(host.path("/etc/passwd"), "w") as f:
+        f.write("root:x:0:0::/root:/bin/sh\nodd:x:\u00b2:0::/:/bin/false\n\n")
+    host.init(server.url, keys)
+    up = host("up", expect="ok")
+    assert "etc/passwd line 2 is not NAME:PASSWORD:NUMBER" in up.err
+    assert os.path.exists(host.path("/srv/www.conf"))

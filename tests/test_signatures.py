@@ -483,3 +483,26 @@ def test_verify_sig_command_agrees_under_every_interpreter(sig_keys, python, lab
     bad = run_isconf("verify-sig", altered, "--signature", signature, "--signers", allowed,
                      python=python, expect="refused")
     assert "does not verify" in error_line(bad)
+
+
+SMALL_ORDER_POINTS = [
+    "0100000000000000000000000000000000000000000000000000000000000000",  # the identity
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+    "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+    "0000000000000000000000000000000000000000000000000000000000000080",  # order 4
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",  # order 8
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",  # order 8
+]
+
+
+@pytest.mark.parametrize("point", SMALL_ORDER_POINTS)
+def test_an_ed25519_key_of_small_order_is_refused_in_allowed_signers(point, tmp_path):
+    # ssh-keygen accepts these; a "signature" by such a key can be made by anyone.
+    blob = ssh_string(b"ssh-ed25519") + ssh_string(bytes.fromhex(point))
+    signers = tmp_path / "allowed_signers"
+    signers.write_text("admin@example ssh-ed25519 %s\n" % base64.b64encode(blob).decode())
+    proc = run_isconf("--root", str(tmp_path), "init", "http://127.0.0.1:1/", "--branch", "web",
+                      "--signers", str(signers), expect="usage")
+    assert "small order" in error_line(proc)
