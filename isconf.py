@@ -3142,7 +3142,8 @@ As an author (working on a repository directory, --repo or ISCONF_REPO):
   isconf sign --sign ~/.ssh/id_ed25519 --expires 30d   renew the head's expiry
 
 Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
-4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem.
+4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem,
+70 internal error (a bug: please report it), 130 interrupted.
 """
 
 
