@@ -1810,7 +1810,7 @@ class Owners(object):
             fields = line.split(":")
             if not line.strip() or line[:1] in "+-#":
                 continue  # blank, a comment, or an NIS include: no entry here
-            # ASCII digits only: str.isdigit() takes '²', which int() then refuses.
+            # ASCII digits only: str.isdigit() takes a superscript two (U+00B2), which int() then refuses.
             if len(fields) < 3 or not ID_RE.match(fields[2]) or int(fields[2]) > ID_MAX:
                 show("isconf: warning: %s%s line %d is not NAME:PASSWORD:NUMBER:...; skipped"
                      % (rootpath.root.rstrip("/"), path, number), sys.stderr)
