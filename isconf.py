@@ -1933,12 +1933,17 @@ class Host(object):
 
     def log_tail(self, entry, size):
         """The last size bytes of the transaction's log, or b"" if it has none."""
-        try:
-            with os.fdopen(self.logs.open(self.log_name(entry.seq, entry.id)), "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - size))
-                return f.read()
-        except FileNotFoundError:
-            return b""
+        names = [self.log_name(entry.seq, entry.id)]
+        if self.state_format() < 2:  # not yet upgraded by a run: logs are named by seq alone
+            names.append("%06d.log" % entry.seq)
+        for name in names:
+            try:
+                with os.fdopen(self.logs.open(name), "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+                    return f.read()
+            except FileNotFoundError:
+                pass
+        return b""
 
     def last_success(self):
         try:
