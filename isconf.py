@@ -1544,17 +1544,14 @@ class StateDir(object):
                 except FileExistsError:
                     pass
             try:
-                st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
             except FileNotFoundError:
                 raise StateError("%s does not exist; run 'isconf up' to make it" % self.file(name))
-            if not stat.S_ISDIR(st.st_mode):
-                raise misplaced(self.file(name), file_kind(st.st_mode), "directory")
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
             except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped in since the lstat
-                    raise misplaced(self.file(name), "symbolic link or other file", "directory")
-                raise
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):  # a link, or not a directory: say which
+                    raise
+                st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+                raise misplaced(self.file(name), file_kind(st.st_mode), "directory")
             self._subdirs[name] = StateDir(fd, self.file(name))
         return self._subdirs[name]
 
@@ -1811,8 +1808,8 @@ class Host(object):
                                                                                 STATE_FORMAT))
 
     def upgrade_state(self):
-        """From format 1 (0.1.0): logs were named by seq alone; name each by the entry whose
-        events are the last for that seq, as that run wrote it."""
+        """From format 1 (0.1.0): logs were named by seq alone, and 0644; name each by the entry
+        whose events are the last for that seq, as that run wrote it, and make it 0600."""
         logs = self.state.subdir("logs", create=True)
         last = {}
         for event in self.history().events:
@@ -1820,6 +1817,11 @@ class Host(object):
         for seq, entry_id in sorted(last.items()):
             old, new = "%06d.log" % seq, self.log_name(seq, entry_id)
             if logs.stat(old) is not None and logs.stat(new) is None:
+                fd = logs.open(old)
+                try:
+                    os.fchmod(fd, 0o600)
+                finally:
+                    os.close(fd)
                 logs.rename(old, new)
         logs.fsync()
         self.state.write("state-format", b"%d\n" % STATE_FORMAT)
@@ -1927,9 +1929,7 @@ class Host(object):
 
     def open_log(self, entry):
         """A descriptor appending to the transaction's log, 0600: commands print secrets too."""
-        fd = self.logs.open(self.log_name(entry.seq, entry.id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.fchmod(fd, 0o600)  # a log an older isconf made 0644
-        return fd
+        return self.logs.open(self.log_name(entry.seq, entry.id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def log_tail(self, entry, size):
         """The last size bytes of the transaction's log, or b"" if it has none."""

@@ -90,6 +90,7 @@ def test_a_host_whose_state_0_1_0_wrote_continues_with_nothing_lost_or_run_again
     assert [n[:7] for n in logs] == ["000001-", "000002-", "000003-"], logs
     assert open(host.state("logs", logs[1])).read().count("\nattempt\n") == 2  # the old attempt kept, then the new
     assert open(host.state("state-format")).read() == "2\n"
+    assert [mode(host.state("logs", n)) for n in logs] == [0o600] * 3  # 0.1.0 wrote them 0644
 
 
 def test_an_agent_older_than_the_state_it_finds_refuses(author, server, keys, host, busybox_root):
