@@ -1743,6 +1743,8 @@ class Host(object):
         """(directory, name) of the config file."""
         if self.explicit_config:
             if self._config_dir is None:
+                if create:
+                    makedirs(os.path.dirname(self.explicit_config))
                 self._config_dir = StateDir.at(os.path.dirname(self.explicit_config))
             return self._config_dir, os.path.basename(self.explicit_config)
         return self.etc(create), posixpath.basename(CONFIG_PATH)
