@@ -18,7 +18,7 @@ if sys.version_info < (3, 6):
                      % sys.version.split()[0])
     sys.exit(2)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # ---------------------------------------------------------------------------
 # Imports: everything is imported at start, so a transaction that replaces the
@@ -100,6 +100,7 @@ NETWORK_ERRORS = (OSError, http.client.HTTPException, ValueError)
 CONFIG_PATH = "/etc/isconf/isconf.conf"      # inside --root
 SIGNERS_PATH = "/etc/isconf/allowed_signers"  # inside --root
 STATE_PATH = "/var/lib/isconf"                # inside --root
+STATE_FORMAT = 2  # host state layout this file reads and writes; 0.1.0's, without a number, is 1
 
 # Exit codes: documented in README.md, stable across versions.
 EXIT_OK = 0
@@ -235,8 +236,61 @@ def write_all(fd, data):
         view = view[n:]
 
 
-def atomic_write(path, data, mode=0o644):
-    """Replace path with data: readers see the old file or the new one, never a torn one."""
+def file_kind(mode):
+    for test, kind in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISREG, "regular file")):
+        if test(mode):
+            return kind
+    return "file of unknown type"
+
+
+def misplaced(path, found, wanted):
+    """The error for a host file that is not what isconf keeps there (attack: a link planted
+    in the image or made by a transaction, to turn the agent's writes against the miniroot)."""
+    return StateError("%s is a %s where isconf keeps a %s; isconf does not follow or replace it: find out what "
+                      "put it there, move it away, and run again" % (path, found, wanted))
+
+
+def regular_stat(path, dir_fd):
+    """lstat of path's last name in dir_fd: None if it does not exist, refused if it is not a regular file."""
+    try:
+        st = os.stat(os.path.basename(path), dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise misplaced(path, file_kind(st.st_mode), "regular file")
+    return st
+
+
+def open_regular(path, flags, mode=0o644, dir_fd=None):
+    """Open one of the host's own files.  With dir_fd (a directory held open, see StateDir),
+    path's last name is opened inside it, never through a link (O_NOFOLLOW), never
+    waiting on a FIFO (O_NONBLOCK), and only if it is a regular file; path itself is only
+    for messages.  Without dir_fd, a plain open (the author's side)."""
+    if dir_fd is None:
+        return os.open(path, flags, mode)
+    regular_stat(path, dir_fd)  # a device is never opened, even for a moment
+    try:
+        fd = os.open(os.path.basename(path), flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode,
+                     dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR):  # swapped in since the lstat
+            regular_stat(path, dir_fd)
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise misplaced(path, file_kind(st.st_mode), "regular file")
+    return fd
+
+
+def atomic_write(path, data, mode=0o644, dir_fd=None, keep_owner=False):
+    """Replace path with data: readers see the old file or the new one, never a torn one.
+    With dir_fd, path's last name is replaced inside that directory (see open_regular);
+    with keep_owner, an existing file's mode and owner carry over to the new one."""
+    if dir_fd is not None:
+        return _atomic_write_at(path, data, mode, dir_fd, keep_owner)
     directory, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + name[:64] + ".", suffix=".tmp", dir=directory)
     try:
@@ -254,17 +308,47 @@ def atomic_write(path, data, mode=0o644):
     fsync_dir(directory)
 
 
-def append_at(path, keep, data):
+def _atomic_write_at(path, data, mode, dir_fd, keep_owner):
+    name = os.path.basename(path)
+    old = regular_stat(path, dir_fd)
+    tmp = temp_name(name)
+    try:
+        os.unlink(tmp, dir_fd=dir_fd)  # left by a run that died here
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        write_all(fd, data)
+        if keep_owner and old is not None:
+            os.fchown(fd, old.st_uid, old.st_gid)
+            mode = stat.S_IMODE(old.st_mode)
+        os.fchmod(fd, mode)  # after chown, which clears set-id bits
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
+
+
+def append_at(path, keep, data, dir_fd=None):
     """Cut an append-only file back to its first keep bytes (what a crashed writer added
     past them is not part of it), then append data durably."""
-    with open(path, "ab") as f:
-        f.truncate(keep)
-    durable_append(path, data)
+    fd = open_regular(path, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd)
+    try:
+        os.ftruncate(fd, keep)
+    finally:
+        os.close(fd)
+    durable_append(path, data, dir_fd)
 
 
-def durable_append(path, data):
+def durable_append(path, data, dir_fd=None):
     """Append a record and fsync it before returning; the record is then on disk."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644, dir_fd)
     try:
         write_all(fd, data)
         os.fsync(fd)
@@ -272,11 +356,11 @@ def durable_append(path, data):
         os.close(fd)
 
 
-def append_record(path, fields):
+def append_record(path, fields, dir_fd=None):
     """Append one canonical JSON line and fsync it.  A power cut during an earlier
     append leaves at most a torn last line: it is cut off first, so this record
     starts on a line of its own and the file stays readable."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o644, dir_fd)
     try:
         end = os.lseek(fd, 0, os.SEEK_END)
         if end and os.pread(fd, 1, end - 1) != b"\n":
@@ -292,11 +376,11 @@ def append_record(path, fields):
         os.close(fd)
 
 
-def read_records(path, what, tail=None):
+def read_records(path, what, tail=None, dir_fd=None):
     """The JSON objects of a file written by append_record; a torn last line is ignored.
     With tail, only the records in (about) its last tail bytes."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             start = max(0, size - tail) if tail else 0
             f.seek(start)
@@ -357,8 +441,8 @@ def silence(stream):
     os.close(devnull)
 
 
-def read_file(path, limit=None):
-    with open(path, "rb") as f:
+def read_file(path, limit=None, dir_fd=None):
+    with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
         data = f.read() if limit is None else f.read(limit + 1)
     if limit is not None and len(data) > limit:
         raise StateError("%s is larger than %d bytes" % (path, limit))
@@ -376,11 +460,12 @@ def makedirs(path, mode=0o755):
 class FileLock(object):
     """An exclusive flock, held for the life of a run; the kernel drops it if we die."""
 
-    def __init__(self, path, what):
-        self.path, self.what, self.fd = path, what, None
+    def __init__(self, path, what, dir_fd=None):
+        self.path, self.what, self.fd, self.dir_fd = path, what, None, dir_fd
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o600 if self.dir_fd is not None else 0o644,
+                               self.dir_fd)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -1444,19 +1529,122 @@ class Head(object):
 # ---------------------------------------------------------------------------
 
 
+class StateDir(object):
+    """A directory of the host's own files (the state directory, etc/isconf), held open.
+
+    The way to it is resolved inside the root as a chroot would (a target whose /var is a
+    link keeps its state there); below it nothing is ever a link: every file and
+    subdirectory is reached relative to the descriptor, with O_NOFOLLOW, and only if it is
+    what isconf keeps there.  So nothing planted in the image, and nothing a transaction
+    makes while it runs, can point the agent's own reads, writes or cleanup out of the
+    root or block it on a FIFO (attack: 'ln -s /tmp/v /var/lib/isconf/objects').
+    """
+
+    def __init__(self, fd, path):
+        self.fd, self.path, self._subdirs = fd, path, {}
+
+    @classmethod
+    def inside(cls, rootpath, path, create=False, mode=None):
+        """The directory at path inside the root; made (with mode) if create and missing."""
+        try:
+            fd = rootpath.open_dir(path, create)
+        except FileNotFoundError:
+            raise StateError("%s does not exist; run 'isconf init' first" % os.path.join(rootpath.root, path[1:]))
+        except NotADirectoryError:
+            raise StateError("%s (or a directory on the way to it) is not a directory; find out what put it there, "
+                             "move it away, and run again" % os.path.join(rootpath.root, path[1:]))
+        shown = rootpath.resolve(path)
+        if mode is not None and stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            os.fchmod(fd, mode)
+        return cls(fd, shown)
+
+    @classmethod
+    def at(cls, path):
+        """A directory named on the command line (--config): its path is the user's to choose."""
+        try:
+            return cls(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), path)
+        except OSError as e:
+            raise StateError("cannot open directory %s: %s" % (path, e.strerror))
+
+    def close(self):
+        for sub in self._subdirs.values():
+            sub.close()
+        os.close(self.fd)
+
+    def file(self, name):
+        """Where name is, for messages."""
+        return os.path.join(self.path, name)
+
+    def subdir(self, name, create=False):
+        """A subdirectory, opened once and kept: never a link, never anything but a directory."""
+        if name not in self._subdirs:
+            if create:
+                try:
+                    os.mkdir(name, 0o700, dir_fd=self.fd)
+                    os.fsync(self.fd)
+                except FileExistsError:
+                    pass
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+            except FileNotFoundError:
+                raise StateError("%s does not exist; run 'isconf up' to make it" % self.file(name))
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):  # a link, or not a directory: say which
+                    raise
+                st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+                raise misplaced(self.file(name), file_kind(st.st_mode), "directory")
+            self._subdirs[name] = StateDir(fd, self.file(name))
+        return self._subdirs[name]
+
+    def open(self, name, flags=os.O_RDONLY, mode=0o600):
+        return open_regular(self.file(name), flags, mode, self.fd)
+
+    def stat(self, name):
+        """lstat of a regular file, or None if there is none."""
+        return regular_stat(self.file(name), self.fd)
+
+    def read(self, name, limit=None):
+        return read_file(self.file(name), limit, self.fd)
+
+    def write(self, name, data, mode=0o644, keep_owner=False):
+        atomic_write(self.file(name), data, mode, self.fd, keep_owner)
+
+    def append_at(self, name, keep, data):
+        append_at(self.file(name), keep, data, self.fd)
+
+    def append_record(self, name, fields):
+        append_record(self.file(name), fields, self.fd)
+
+    def read_records(self, name, what, tail=None):
+        return read_records(self.file(name), what, tail, self.fd)
+
+    def lock(self, name, what):
+        return FileLock(self.file(name), what, self.fd)
+
+    def listdir(self):
+        return os.listdir(self.fd)
+
+    def unlink(self, name):
+        """Remove a name in this directory; a link is removed itself, never what it points to."""
+        os.unlink(name, dir_fd=self.fd)
+
+    def rename(self, old, new):
+        os.rename(old, new, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
+    def fsync(self):
+        os.fsync(self.fd)
+
+
 class Config(object):
     """ROOT/etc/isconf/isconf.conf: which branch, which mirrors, per-host variables."""
 
-    def __init__(self, path):
+    def __init__(self, path, data):
         self.path = path
         parser = configparser.ConfigParser(interpolation=None)
         parser.optionxform = str  # variable names keep their case
         try:
-            with open(path, encoding="utf-8") as f:
-                parser.read_file(f)
-        except FileNotFoundError:
-            raise StateError("no config at %s; run 'isconf init URL --branch NAME' first" % path)
-        except (OSError, UnicodeDecodeError, configparser.Error) as e:
+            parser.read_string(data.decode("utf-8"), path)
+        except (UnicodeDecodeError, configparser.Error) as e:
             raise StateError("cannot read config %s: %s" % (path, str(e).splitlines()[0]))
         if not parser.has_section("isconf"):
             raise StateError("config %s has no [isconf] section; rerun 'isconf init'" % path)
@@ -1527,20 +1715,20 @@ class History(object):
     the applied position reads its recent end (recent=True), and all of it only if the
     last done or skipped event is not there."""
 
-    def __init__(self, path, recent=False):
-        self.path = path
-        self.events = read_records(path, "history", tail=RECENT_HISTORY if recent else None)
+    def __init__(self, state, recent=False):
+        self.state, self.path = state, state.file("history")
+        self.events = state.read_records("history", "history", tail=RECENT_HISTORY if recent else None)
         if recent and not any(e.get("event") in ("done", "skipped") for e in self.events):
-            self.events = read_records(path, "history")
+            self.events = state.read_records("history", "history")
         for event in self.events:
             if not (isinstance(event.get("event"), str) and isinstance(event.get("seq"), int)
                     and isinstance(event.get("id"), str)):
-                raise StateError("history %s holds an event without event, seq and id; it was edited" % path)
+                raise StateError("history %s holds an event without event, seq and id; it was edited" % self.path)
 
     def record(self, event, entry, **extra):
         fields = dict(extra, event=event, seq=entry.seq, id=entry.id, time=format_time(time.time()))
         self.events.append(fields)
-        append_record(self.path, fields)
+        self.state.append_record("history", fields)
 
     def applied(self):
         """(seq, id) of the last transaction done or skipped: the applied prefix."""
@@ -1549,54 +1737,150 @@ class History(object):
                 return event["seq"], event["id"]
         return 0, ZERO_ID
 
-    def last(self, seq):
-        """The last event recorded for seq, or None."""
+    def last(self, entry):
+        """The last event recorded for this entry (by its id: another branch's entry of the
+        same seq is another transaction), or None."""
         for event in reversed(self.events):
-            if event["seq"] == seq:
+            if event["id"] == entry.id and event["seq"] == entry.seq:
                 return event
         return None
 
 
 class Host(object):
-    """The state of one host (or one mounted target disk) under --root."""
+    """The state of one host (or one mounted target disk) under --root.
+
+    Its own files are reached through two StateDirs, opened once: the state directory
+    (var/lib/isconf) and the config directory (etc/isconf, or --config's)."""
 
     def __init__(self, root="/", config_path=None):
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):
             raise StateError("root %s is not a directory; mount the target disk there, or create it" % self.root)
         self.rootpath = RootPath(self.root)
-        # Resolved inside the root: a target whose /var or /etc is a link keeps its state there.
-        self.config_path = config_path or self.rootpath.resolve(CONFIG_PATH)
-        self.state = self.rootpath.resolve(STATE_PATH)
+        self.explicit_config = config_path and os.path.abspath(config_path)
+        # Resolved inside the root, for messages: a target whose /var or /etc is a link keeps its state there.
+        self.config_path = self.explicit_config or self.rootpath.resolve(CONFIG_PATH)
+        self.state_path = self.rootpath.resolve(STATE_PATH)
         self.signers_path = self.rootpath.resolve(SIGNERS_PATH)
-        self._config = None
+        self._config = self._state = self._etc = self._config_dir = None
 
     def path(self, *parts):
-        return os.path.join(self.state, *parts)
+        """Where a state file is, for messages; files are opened through self.state."""
+        return os.path.join(self.state_path, *parts)
+
+    @property
+    def state(self):
+        """The state directory, opened once; refused if a newer isconf wrote it."""
+        if self._state is None:
+            self._state = StateDir.inside(self.rootpath, STATE_PATH)
+            self.check_state_format()
+        return self._state
+
+    def etc(self, create=False):
+        """ROOT/etc/isconf: the config (unless --config names another) and the trusted keys."""
+        if self._etc is None:
+            self._etc = StateDir.inside(self.rootpath, posixpath.dirname(CONFIG_PATH), create)
+        return self._etc
+
+    def config_dir(self, create=False):
+        """(directory, name) of the config file."""
+        if self.explicit_config:
+            if self._config_dir is None:
+                if create:
+                    makedirs(os.path.dirname(self.explicit_config))
+                self._config_dir = StateDir.at(os.path.dirname(self.explicit_config))
+            return self._config_dir, os.path.basename(self.explicit_config)
+        return self.etc(create), posixpath.basename(CONFIG_PATH)
+
+    def has_config(self):
+        try:
+            directory, name = self.config_dir()
+        except StateError:
+            return False
+        return directory.stat(name) is not None
 
     @property
     def config(self):
         if self._config is None:
-            self._config = Config(self.config_path)
+            try:
+                directory, name = self.config_dir()
+                data = directory.read(name)
+            except FileNotFoundError:
+                raise StateError("no config at %s; run 'isconf init URL --branch NAME' first" % self.config_path)
+            except OSError as e:
+                raise StateError("cannot read config %s: %s" % (self.config_path, e.strerror))
+            self._config = Config(self.config_path, data)
         return self._config
 
+    def write_config(self, data):
+        """The config holds [env], where admins put site secrets: 0600 when new, and a rewrite
+        keeps the mode and owner the admin gave it."""
+        directory, name = self.config_dir(create=True)
+        directory.write(name, data, 0o600, keep_owner=True)
+
+    def read_signers(self):
+        """The bytes of ROOT/etc/isconf/allowed_signers, confined like the state."""
+        return self.etc().read(posixpath.basename(SIGNERS_PATH), SIGNERS_MAX)
+
     def ensure_state(self):
-        for sub in ("", "objects", "logs"):
-            makedirs(self.path(sub), 0o700)
-        os.close(os.open(self.path("lock"), os.O_WRONLY | os.O_CREAT, 0o600))
+        """Make the state directory and what lives in it (0700: logs hold what commands print),
+        and bring a state written by an older isconf up to this format."""
+        if self._state is None:
+            self._state = StateDir.inside(self.rootpath, STATE_PATH, create=True, mode=0o700)
+            self.check_state_format()
+        for sub in ("objects", "logs"):
+            self.state.subdir(sub, create=True)
+        os.close(self.state.open("lock", os.O_WRONLY | os.O_CREAT, 0o600))
+        if self.state_format() < STATE_FORMAT:
+            self.upgrade_state()
+
+    def state_format(self):
+        """The format of the state directory: 1 (isconf 0.1.0) when it has no state-format file."""
+        try:
+            text = self.state.read("state-format", 64).decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            return 1
+        if not re.match(r"^[0-9]{1,9}$", text):
+            raise StateError("%s holds %r, not a number; it was edited: write %d in it"
+                             % (self.state.file("state-format"), text[:20], STATE_FORMAT))
+        return int(text)
+
+    def check_state_format(self):
+        found = self.state_format()
+        if found > STATE_FORMAT:
+            raise StateError("the state in %s is format %d, written by a newer isconf; this is isconf %s (state "
+                             "format %d): install the newer isconf.py again" % (self.state_path, found, __version__,
+                                                                                STATE_FORMAT))
+
+    def upgrade_state(self):
+        """From format 1 (0.1.0): logs were named by seq alone, and 0644; name each by the entry
+        whose events are the last for that seq, as that run wrote it, and make it 0600."""
+        logs = self.state.subdir("logs", create=True)
+        last = {}
+        for event in self.history().events:
+            last[event["seq"]] = event["id"]
+        for seq, entry_id in sorted(last.items()):
+            old, new = "%06d.log" % seq, self.log_name(seq, entry_id)
+            if logs.stat(old) is not None and logs.stat(new) is None:
+                fd = logs.open(old)
+                try:
+                    os.fchmod(fd, 0o600)
+                finally:
+                    os.close(fd)
+                logs.rename(old, new)
+        logs.fsync()
+        self.state.write("state-format", b"%d\n" % STATE_FORMAT)
 
     def lock(self):
-        if not os.path.isdir(self.state):
-            raise StateError("no state directory %s; run 'isconf init' first" % self.state)
-        return FileLock(self.path("lock"), "this host")
+        return self.state.lock("lock", "this host")
 
     def history(self, recent=False):
-        return History(self.path("history"), recent)
+        return History(self.state, recent)
 
     def local_head(self):
         """The last head this host verified, or None before the first fetch."""
         try:
-            data = read_file(self.path("head"), HEAD_MAX)
+            data = self.state.read("head", HEAD_MAX)
         except FileNotFoundError:
             return None
         try:
@@ -1616,11 +1900,7 @@ class Host(object):
             return []
         fix = ("; remove %s and %s and run 'isconf up' to fetch the journal again"
                % (self.path("journal"), self.path("head")))
-        try:
-            with open(self.path("journal"), "rb") as f:
-                data = f.read(head.length)
-        except FileNotFoundError:
-            data = b""
+        data = self.journal_bytes(head.length)
         lines = data.split(b"\n")
         if len(data) != head.length or lines[-1] or len(lines) - 1 != head.seq:
             raise StateError("local journal %s does not match its head%s" % (self.path("journal"), fix))
@@ -1635,6 +1915,14 @@ class Host(object):
             raise StateError("local journal does not end at the local head's id" + fix)
         return entries
 
+    def journal_bytes(self, length):
+        """The first length bytes of the local journal copy (fewer if it is shorter)."""
+        try:
+            with os.fdopen(self.state.open("journal"), "rb") as f:
+                return f.read(length)
+        except FileNotFoundError:
+            return b""
+
     def commit(self, head, signature, keep, tail, etags):
         """Make a newly verified head and journal this host's local copy: the first keep
         bytes of the old copy, then tail (keep is 0 when moving to another branch).
@@ -1642,10 +1930,10 @@ class Host(object):
         The journal grows first and the head second: a crash in between leaves a
         journal longer than the old head, and readers only ever read head.length bytes.
         """
-        append_at(self.path("journal"), keep, tail)
+        self.state.append_at("journal", keep, tail)
         if signature is not None:
-            atomic_write(self.path("head.sig"), signature)
-        atomic_write(self.path("head"), head.data)
+            self.state.write("head.sig", signature)
+        self.state.write("head", head.data)
         self.save_etags(etags)
 
     def etags(self):
@@ -1653,7 +1941,7 @@ class Host(object):
         Only a cache: anything odd in it (damage, or a hostile server's giant ETag)
         costs one unconditional fetch, never a failed run."""
         try:
-            etags = json.loads(read_file(self.path("etags.json"), HEAD_MAX).decode("utf-8"))
+            etags = json.loads(self.state.read("etags.json", HEAD_MAX).decode("utf-8"))
         except (OSError, IsconfError, ValueError, RecursionError):
             return {}
         if not isinstance(etags, dict):
@@ -1666,25 +1954,57 @@ class Host(object):
             for key in ("etag", "last_modified"):
                 if len(validators.get(key) or "") > VALIDATOR_MAX:
                     validators[key] = None
-        atomic_write(self.path("etags.json"), canonical(etags) + b"\n")
+        self.state.write("etags.json", canonical(etags) + b"\n")
 
-    def object_path(self, sha):
-        return self.path("objects", sha)
+    @property
+    def objects(self):
+        return self.state.subdir("objects")
+
+    @property
+    def logs(self):
+        return self.state.subdir("logs")
+
+    @staticmethod
+    def log_name(seq, entry_id):
+        """A transaction's log, by seq (to sort) and id: two branches' seq N never share one."""
+        return "%06d-%s.log" % (seq, entry_id[:16])
 
     def log_path(self, entry):
-        return self.path("logs", "%06d.log" % entry.seq)
+        return self.path("logs", self.log_name(entry.seq, entry.id))
+
+    def open_log(self, entry):
+        """A descriptor appending to the transaction's log, 0600: commands print secrets too."""
+        return self.logs.open(self.log_name(entry.seq, entry.id), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def log_tail(self, entry, size):
+        """The last size bytes of the transaction's log, or b"" if it has none."""
+        names = [self.log_name(entry.seq, entry.id)]
+        if self.state_format() < 2:  # not yet upgraded by a run: logs are named by seq alone
+            names.append("%06d.log" % entry.seq)
+        for name in names:
+            try:
+                with os.fdopen(self.logs.open(name), "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+                    return f.read()
+            except FileNotFoundError:
+                pass
+        return b""
 
     def last_success(self):
         try:
-            return parse_time(read_file(self.path("last-success"), 64).decode().strip())
+            return parse_time(self.state.read("last-success", 64).decode().strip())
         except (FileNotFoundError, Refused, UnicodeDecodeError):
             return None
 
+    def record_success(self):
+        self.state.write("last-success", (format_time(time.time()) + "\n").encode())
 
-def load_signers(path):
-    """The keys a host trusts; a missing, damaged or empty file is a local problem."""
+
+def load_signers(path, read=None):
+    """The keys a host trusts; a missing, damaged or empty file is a local problem.
+    read, if given, returns the file's bytes (the host's own file, read confined)."""
     try:
-        text = read_file(path, SIGNERS_MAX).decode("utf-8")
+        text = (read() if read else read_file(path, SIGNERS_MAX)).decode("utf-8")
         signers = parse_allowed_signers(text, path)
     except FileNotFoundError:
         raise StateError("no trusted keys at %s; run 'isconf init --signers FILE' (or --insecure)" % path)
@@ -1710,16 +2030,17 @@ def exec_environment(branch, seq, entry_id, variables):
     return env
 
 
-def run_command(root, argv, cwd, env, log_path, echo=True, timeout=None):
+def run_command(root, argv, cwd, env, log, echo=True, timeout=None):
     """Start a transaction's process, chrooted into root: the one place isconf runs a program.
 
-    stdin is /dev/null (a prompt would hang a host for ever).  Output goes straight
-    into the per-transaction log, not through a pipe: an init script that leaves a
-    daemon holding its output must not keep the transaction open, and the daemon must
-    not die of SIGPIPE when we stop reading.  The transaction ends when the command
-    exits; with echo, what it wrote so far is copied to our stdout as it comes.  The
-    command leads a process group of its own, which a timeout kills whole.  Returns
-    the exit status.
+    log is a descriptor of the transaction's log, open for reading and appending; the
+    caller closes it.  stdin is /dev/null (a prompt would hang a host for ever).
+    Output goes straight into the log, not through a pipe: an init script that leaves
+    a daemon holding its output must not keep the transaction open, and the daemon
+    must not die of SIGPIPE when we stop reading.  The transaction ends when the
+    command exits; with echo, what it wrote so far is copied to our stdout as it comes.
+    The command leads a process group of its own, which a timeout kills whole.
+    Returns the exit status.
     """
     chroot = os.path.abspath(root) != "/"
     try:
@@ -1732,50 +2053,46 @@ def run_command(root, argv, cwd, env, log_path, echo=True, timeout=None):
             os.chroot(root)
         os.chdir(cwd)
 
-    with open(log_path, "ab") as log, open(log_path, "rb") as echoed:
-        echoed.seek(0, os.SEEK_END)
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, preexec_fn=enter_root, close_fds=True, start_new_session=True)
-        except (OSError, ValueError, subprocess.SubprocessError) as e:
-            message = "cannot start %s in %s (cwd %s): %s\n" % (argv[0], root, cwd, e)
-            log.write(message.encode())
-            raise TransactionFailed(message.strip())
-        started = time.monotonic()
-        try:
-            status = None
-            while status is None:
-                try:
-                    status = proc.wait(0.1)
-                except subprocess.TimeoutExpired:
-                    if timeout is not None and time.monotonic() - started > timeout:
-                        kill_group(proc, signal.SIGKILL)
-                        log.write(("\n[isconf] killed: still running after exec_timeout %g s\n" % timeout).encode())
-                        raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
-                                                "command, or raise exec_timeout in the host config"
-                                                % (argv[0], timeout))
-                if echo:
-                    copy_output(echoed)
-        except BaseException:
-            if proc.returncode is None:  # Ctrl-C or an error of ours: the command must not outlive the run
-                kill_group(proc, signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
+    echoed = [os.fstat(log).st_size]  # how far the log has been copied to stdout
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, preexec_fn=enter_root, close_fds=True, start_new_session=True)
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
+        write_all(log, (message + "\n").encode("utf-8", "replace"))
+        raise TransactionFailed(message)
+    started = time.monotonic()
+    try:
+        status = None
+        while status is None:
+            try:
+                status = proc.wait(0.1)
+            except subprocess.TimeoutExpired:
+                if timeout is not None and time.monotonic() - started > timeout:
                     kill_group(proc, signal.SIGKILL)
-                    proc.wait()
-            raise
-        if echo:
-            copy_output(echoed)
-        log.write(("[isconf] exit status %d\n" % status).encode())
-        log.flush()
-        os.fsync(log.fileno())
+                    write_all(log, ("\n[isconf] killed: still running after exec_timeout %g s\n" % timeout).encode())
+                    raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
+                                            "command, or raise exec_timeout in the host config" % (argv[0], timeout))
+            if echo:
+                copy_output(log, echoed)
+    except BaseException:
+        if proc.returncode is None:  # Ctrl-C or an error of ours: the command must not outlive the run
+            kill_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                kill_group(proc, signal.SIGKILL)
+                proc.wait()
+        raise
+    write_all(log, ("[isconf] exit status %d\n" % status).encode())
+    os.fsync(log)
     return status
 
 
-def copy_output(log):
-    """Echo what a command added to its log since the last call."""
-    for chunk in iter(lambda: log.read(CHUNK), b""):
+def copy_output(log, echoed):
+    """Echo what a command added to its log since echoed[0], and move echoed[0] on."""
+    for chunk in iter(lambda: os.pread(log, CHUNK, echoed[0]), b""):
+        echoed[0] += len(chunk)
         emit(chunk)
 
 
@@ -1902,17 +2219,18 @@ def install_dir(dfd, name, record, uid, gid):
         os.close(fd)
 
 
-def apply_snap(rootpath, entry, object_path):
-    """Install every file of a snap entry under the root, each one atomically."""
+def apply_snap(rootpath, entry, objects):
+    """Install every file of a snap entry under the root, each one atomically, from the
+    staged objects (a StateDir)."""
     owners = Owners(rootpath)
     for record in entry.fields["files"]:
         try:
-            install_record(rootpath, record, owners, object_path)
+            install_record(rootpath, record, owners, objects)
         except (OSError, OverflowError) as e:
             raise TransactionFailed("cannot install %s: %s" % (record["path"], getattr(e, "strerror", None) or e))
 
 
-def install_record(rootpath, record, owners, object_path):
+def install_record(rootpath, record, owners, objects):
     path, kind = record["path"], record["type"]
     if path == "/":
         dfd, name = rootpath.open_dir("/"), "."
@@ -1920,11 +2238,11 @@ def install_record(rootpath, record, owners, object_path):
         dfd, name = rootpath.parent(path, create=True)
     try:
         if kind == "file":
-            with open(object_path(record["object"]), "rb") as source:
+            with os.fdopen(objects.open(record["object"]), "rb") as source:
                 try:
                     install_file(dfd, name, record, source, *owners.ids(record))
                 except StateError:
-                    os.unlink(object_path(record["object"]))  # the next run fetches it again
+                    objects.unlink(record["object"])  # the next run fetches it again
                     raise
         elif kind == "hardlink":
             tdfd, tname = rootpath.parent(record["target"])
@@ -1981,7 +2299,7 @@ class Agent(object):
             self.say("WARNING: insecure mode: heads are not signature-checked; anyone on the network "
                      "can run commands as root here. Run 'isconf init --signers FILE' to fix.", sys.stderr)
         else:
-            self.signers = load_signers(host.signers_path)
+            self.signers = load_signers(host.signers_path, host.read_signers)
 
     def say(self, message, stream=None):
         show("isconf: %s" % message, stream or self.out)
@@ -2082,7 +2400,7 @@ class Agent(object):
         if self.signers is None:
             return True
         try:
-            verify_signature(local.data, read_file(self.host.path("head.sig"), SIGNATURE_MAX), self.signers,
+            verify_signature(local.data, self.host.state.read("head.sig", SIGNATURE_MAX), self.signers,
                              now=self.now())
         except (Refused, OSError, StateError):
             return False
@@ -2127,10 +2445,7 @@ class Agent(object):
         got = mirror.fetch(relpath, length, start=start, stop=length)
         tail = got.body
         if not got.partial:
-            verified = b""
-            if start:
-                with open(self.host.path("journal"), "rb") as f:
-                    verified = f.read(start)
+            verified = self.host.journal_bytes(start) if start else b""
             if tail[:start] != verified:
                 raise Refused("journal from %s does not begin with the journal this host verified; it was "
                               "rewritten" % mirror)
@@ -2150,14 +2465,15 @@ class Agent(object):
         for entry in pending:
             for sha, size in entry.objects():
                 needed[sha] = size
-        parts = []
+        objects, parts = self.host.objects, []
         try:
             for sha, size in sorted(needed.items()):
-                final = self.host.object_path(sha)
-                if os.path.exists(final) and os.path.getsize(final) == size:
+                staged = objects.stat(sha)
+                if staged is not None and staged.st_size == size:
                     continue
-                parts.append(final + ".part")
-                with open(parts[-1], "wb") as f:
+                fd = objects.open(sha + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                parts.append(sha + ".part")  # ours to remove now, not whatever was there before
+                with os.fdopen(fd, "wb") as f:
                     sink = HashingWriter(f)
                     mirror.fetch("objects/" + sha, size, sink=sink)
                     if sink.length != size or sink.hexdigest() != sha:
@@ -2168,12 +2484,12 @@ class Agent(object):
                     os.fsync(f.fileno())
         except BaseException:
             for part in parts:
-                os.unlink(part)
+                objects.unlink(part)
             raise
         for part in parts:
-            os.rename(part, part[:-len(".part")])
+            objects.rename(part, part[:-len(".part")])
         if parts:
-            fsync_dir(self.host.path("objects"))
+            objects.fsync()
 
     def apply(self, plan, allow_reboot=False):
         """Apply pending transactions in order, halting at the first failure."""
@@ -2188,7 +2504,7 @@ class Agent(object):
                 self.apply_one(entry)
             except (TransactionFailed, StateError) as e:
                 history.record("failed", entry, error=str(e))
-                with open(host.log_path(entry), "ab") as log:
+                with os.fdopen(host.open_log(entry), "ab") as log:
                     log.write(("[isconf] failed: %s\n" % e).encode("utf-8", "replace"))
                 if isinstance(e, StateError):
                     raise
@@ -2204,7 +2520,7 @@ class Agent(object):
 
     def finish(self, plan):
         self.release_objects(plan)
-        atomic_write(self.host.path("last-success"), (format_time(time.time()) + "\n").encode())
+        self.host.record_success()
 
     def reboot(self):
         """Run the configured reboot command on the machine running the agent (not chrooted)."""
@@ -2221,26 +2537,30 @@ class Agent(object):
 
     def apply_one(self, entry):
         host = self.host
-        log_path = host.log_path(entry)
-        with open(log_path, "ab") as log:
+        with os.fdopen(host.open_log(entry), "ab") as log:
             log.write(("[isconf] %s transaction %d %s %s\n" % (format_time(time.time()), entry.seq,
                                                              entry.id, entry.summary())).encode())
         if entry.kind == "exec":
             env = exec_environment(self.config.branch, entry.seq, entry.id, self.config.env)
-            status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log_path,
-                                 timeout=self.config.exec_timeout)
+            log = host.open_log(entry)
+            try:
+                status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log,
+                                     timeout=self.config.exec_timeout)
+            finally:
+                os.close(log)
             if status != 0:
                 raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
         elif entry.kind == "snap":
-            apply_snap(host.rootpath, entry, host.object_path)
+            apply_snap(host.rootpath, entry, host.objects)
 
     def release_objects(self, plan):
         """Drop staged objects no pending transaction still needs."""
         applied_seq = self.history.applied()[0]
         keep = set(sha for e in plan.entries if e.seq > applied_seq for sha, _ in e.objects())
-        for name in os.listdir(self.host.path("objects")):
+        objects = self.host.objects  # names in it are removed, links too, never what a link points to
+        for name in objects.listdir():
             if name not in keep:
-                os.unlink(self.host.object_path(name))
+                objects.unlink(name)
 
 
 # ---------------------------------------------------------------------------
@@ -2801,7 +3121,7 @@ def cmd_exec(args):
         host = Host(args.root, args.config)
         variables = host.config.env if os.path.exists(host.config_path) else {}
         with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log:
-            status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.name)
+            status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.fileno())
         if status != 0:
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
     repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
@@ -2905,7 +3225,7 @@ def cmd_init(args):
         except ValueError:
             raise UsageError("--var %r is not NAME=VALUE with a shell-style NAME (ISCONF_* are reserved)" % item)
         variables[name] = value
-    if os.path.exists(host.config_path) and not args.force:
+    if host.has_config() and not args.force:
         raise UsageError("%s exists; use --force to overwrite it (the applied history is kept)" % host.config_path)
     extra = {}
     try:
@@ -2926,10 +3246,8 @@ def cmd_init(args):
             raise UsageError("--signers %s: %s" % (args.signers, e.strerror))
         except StateError as e:
             raise UsageError("--signers: %s" % e)
-        makedirs(os.path.dirname(host.signers_path))
-        atomic_write(host.signers_path, text)
-    makedirs(os.path.dirname(host.config_path))
-    atomic_write(host.config_path, Config.render(args.branch, args.urls, args.insecure, variables, extra))
+        host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
+    host.write_config(Config.render(args.branch, args.urls, args.insecure, variables, extra))
     host.ensure_state()
     show("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
 
@@ -2969,13 +3287,13 @@ def host_report(host):
     entries = host.local_journal(head)
     history = host.history()
     applied_seq, applied_id = history.applied()
-    marks = {}
+    marks = {}  # by id: after a migrate, another branch's seq N is another transaction
     for event in history.events:
         if event["event"] in ("done", "skipped", "failed"):
-            marks[event["seq"]] = event
+            marks[event["id"]] = event
     rows = []
     for entry in entries:
-        event = marks.get(entry.seq)
+        event = marks.get(entry.id)
         if entry.seq <= applied_seq:
             mark = "skipped" if event and event["event"] == "skipped" else "applied"
         elif event and event["event"] == "failed":
@@ -3004,12 +3322,7 @@ def cmd_status(args):
     if failed:
         entry, event = failed[0]
         log = host.log_path(entry)
-        try:
-            with open(log, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 64 * 1024))  # a chatty command's log can be huge
-                tail = f.read().decode("utf-8", "replace").splitlines()[-20:]
-        except FileNotFoundError:
-            tail = []
+        tail = host.log_tail(entry, 64 * 1024).decode("utf-8", "replace").splitlines()[-20:]  # logs can be huge
         report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
                             "error": event.get("error"), "log": log, "log_tail": tail}
     code = EXIT_FAILED if failed else EXIT_OK  # monitoring: non-zero while the host is halted
@@ -3070,12 +3383,13 @@ def cmd_migrate(args):
         plan = agent.sync(stage=True, branch=args.new_branch)
         # The config first: if we die before the commit, the next 'up' sees a local copy
         # of the old branch and finishes the move.  One line changes, so comments survive.
+        directory, name = host.config_dir()
         text, found = re.subn(r"(?m)^branch\s*[=:].*$", "branch = " + args.new_branch,
-                              read_file(config.path).decode("utf-8"), count=1)
+                              directory.read(name).decode("utf-8"), count=1)
         if not found:
             raise StateError("cannot find the 'branch =' line in %s; set it to %s by hand" % (config.path,
                                                                                            args.new_branch))
-        atomic_write(config.path, text.encode("utf-8"))
+        host.write_config(text.encode("utf-8"))
         plan.commit(host)
     show("isconf: now following branch %s (%d pending); run 'isconf up'" % (args.new_branch, len(plan.pending)))
 
@@ -3092,7 +3406,7 @@ def cmd_skip(args):
         if args.seq != applied_seq + 1 or args.seq > len(entries):
             raise UsageError("only the next transaction (seq %d) can be skipped, and only after it failed"
                              % (applied_seq + 1))
-        last = history.last(args.seq)
+        last = history.last(entries[args.seq - 1])  # by id: the same seq on another branch is not this entry
         if not last or last["event"] != "failed":
             raise UsageError("transaction %d has not failed here; only a failed transaction can be skipped"
                              % args.seq)
@@ -3277,22 +3591,13 @@ def internal_error(error, argv, args):
 
 
 def save_crash_report(root, report):
-    """Write the traceback of an internal error into the host's state directory, if it exists;
-    never following a link (the directory may belong to a hostile image)."""
-    state = RootPath(root).resolve(STATE_PATH)
-    dfd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    """Keep the traceback of an internal error in the host's state directory, if there is one."""
+    state = StateDir.inside(RootPath(root), STATE_PATH)
     try:
-        fd = os.open("internal-error.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                     0o600, dir_fd=dfd)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file")
-            write_all(fd, report.encode("utf-8", "replace"))
-        finally:
-            os.close(fd)
+        state.write("internal-error.log", report.encode("utf-8", "replace"), 0o600)
     finally:
-        os.close(dfd)
-    return os.path.join(state, "internal-error.log")
+        state.close()
+    return state.file("internal-error.log")
 
 
 def main(argv=None):

@@ -1,0 +1,221 @@
+"""The host's own files stay inside the root, whatever the target holds.
+
+Every file and directory the agent keeps under the root (the state directory, the config
+and the trusted keys) is planted as an absolute link, a climbing relative link, a
+dangling link and a FIFO: in the image before 'init', and by a signed transaction during a
+run.  Each case ends in exit 7 with one error line (or a correct run that stayed inside the
+root), never hangs, and leaves everything outside the root as it was.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import Host, error_line
+
+RUN_TIMEOUT = 30  # no run comes near this; a FIFO that blocks a run fails the test instead of the suite
+MOTD, ISSUE = b"welcome\n", b"second\n"
+STATE = "/var/lib/isconf/"
+
+
+def canon(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def entry(prev_line, kind, **fields):
+    prev = json.loads(prev_line) if prev_line else {"seq": 0}
+    fields.update(seq=prev["seq"] + 1, prev=sha(prev_line) if prev_line else "0" * 64, kind=kind,
+                  time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), author="alice@example", message="")
+    return canon(fields)
+
+
+OWNER = {"uid": 0, "gid": 0, "user": "root", "group": "root"}
+
+
+def snap_file(path, content):
+    return dict(OWNER, path=path, type="file", mode=0o644, mtime_ns=1700000000000000000, size=len(content),
+                object=sha(content))
+
+
+def snap_link(path, target):
+    return dict(OWNER, path=path, type="symlink", target=target, mtime_ns=1700000000000000000)
+
+
+def sh(script):
+    return {"argv": ["/bin/busybox", "sh", "-c", script], "cwd": "/"}
+
+
+class Journal(object):
+    """A branch 'web' in a directory mirror (a file URL: no server), signed by the real key."""
+
+    def __init__(self, top, keys, bodies):
+        self.top, self.lines = top, []
+        for kind, fields in bodies:
+            self.lines.append(entry(self.lines[-1] if self.lines else None, kind, **fields))
+        branch = os.path.join(top, "branches", "web")
+        os.makedirs(branch)
+        os.makedirs(os.path.join(top, "objects"))
+        for content in (MOTD, ISSUE):
+            with open(os.path.join(top, "objects", sha(content)), "wb") as f:
+                f.write(content)
+        with open(os.path.join(branch, "journal"), "wb") as f:
+            f.write(b"".join(l + b"\n" for l in self.lines))
+        head = canon({"format": 1, "branch": "web", "seq": len(self.lines), "id": sha(self.lines[-1]),
+                      "length": sum(len(l) + 1 for l in self.lines),
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + b"\n"
+        with open(os.path.join(branch, "head"), "wb") as f:
+            f.write(head)
+        subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", keys.private, "-n", "isconf",
+                        os.path.join(branch, "head")], check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL)
+
+    def log_name(self, seq):
+        return "%06d-%s.log" % (seq, sha(self.lines[seq - 1])[:16])
+
+
+# What the agent keeps, as paths inside the root.  {log} is the log of the journal's last
+# transaction, {object} the staged object a later snap needs.
+FILES = [STATE + name for name in ("journal", "head", "head.sig", "history", "lock", "etags.json",
+                                   "last-success", "state-format", "objects/{object}", "objects/{object}.part",
+                                   "logs/{log}")] + ["/etc/isconf/isconf.conf", "/etc/isconf/allowed_signers"]
+DIRS = [STATE + "objects", STATE + "logs"]
+KINDS = ["absolute", "climbing", "dangling", "fifo"]
+
+
+class Outside(object):
+    """What lies outside the root, where a link points: a file, a directory, and a missing name."""
+
+    def __init__(self, top):
+        self.top = top
+        os.makedirs(os.path.join(top, "victimdir"))
+        for path in ("victim", "victimdir/keep"):
+            with open(os.path.join(top, path), "wb") as f:
+                f.write(b"precious\n")
+        self.before = self.snapshot()
+
+    def target(self, kind, is_dir):
+        path = os.path.join(self.top, "missing" if kind == "dangling" else "victimdir" if is_dir else "victim")
+        return "../" * 24 + path.lstrip("/") if kind == "climbing" else path
+
+    def snapshot(self):
+        seen = {}
+        for top, dirs, files in os.walk(self.top):
+            for name in dirs + files:
+                p = os.path.join(top, name)
+                st = os.lstat(p)
+                with open(p, "rb") if os.path.isfile(p) else open(os.devnull, "rb") as f:
+                    seen[os.path.relpath(p, self.top)] = (st.st_mode, st.st_mtime_ns, f.read())
+        return seen
+
+    def untouched(self):
+        assert self.snapshot() == self.before
+
+
+def plant(root, path, kind, target):
+    """Put a link or a FIFO at path inside root, where the agent keeps a file or directory."""
+    full = os.path.join(root, path.lstrip("/"))
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(full)
+    else:
+        os.symlink(target, full)
+
+
+def settled(proc, halted=False):
+    """A run that refused (7, one error line naming what is wrong) or went right (0); with
+    halted, also a status that reports the host halted at a failure (1)."""
+    assert proc.returncode in ((0, 1, 7) if halted else (0, 7)), (proc.returncode, proc.err)
+    if proc.returncode == 7:
+        line = error_line(proc)
+        assert proc.err.strip().splitlines() == [line]
+        assert "where isconf keeps a" in line, line  # says what is there, not a bare system error
+    return proc.returncode
+
+
+def expand(path, journal):
+    return path.format(object=sha(ISSUE), log=journal.log_name(len(journal.lines)))
+
+
+@pytest.fixture
+def outside(tmp_path):
+    return Outside(str(tmp_path / "outside"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("path", FILES + DIRS)
+def test_state_planted_before_init_is_refused_and_nothing_outside_changes(tmp_path, keys, busybox_root, outside,
+                                                                          path, kind):
+    journal = Journal(str(tmp_path / "mirror"), keys, [
+        ("snap", {"files": [snap_file("/etc/motd", MOTD)]}), ("snap", {"files": [snap_file("/etc/issue", ISSUE)]}),
+        ("exec", sh("touch /tmp/after"))])
+    host = Host(str(tmp_path / "host"))
+    busybox_root(host.root)
+    path = expand(path, journal)
+    plant(host.root, path, kind, outside.target(kind, path in DIRS))
+    codes = []
+    for args in (["init", journal.top, "--branch", "web", "--signers", keys.signers], ["up"], ["status"]):
+        codes.append(settled(host(*args, timeout=RUN_TIMEOUT), args == ["status"]))
+        if codes[-1] == 7:
+            break
+    assert codes[-1] == 7  # each of these files is read or written by init or up
+    outside.untouched()
+    assert os.path.lexists(host.path(path))  # refused, not replaced
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("path", FILES + DIRS)
+def test_state_planted_by_a_signed_transaction_is_refused_and_nothing_outside_changes(
+        tmp_path, keys, busybox_root, outside, path, kind):
+    is_dir = path in DIRS
+    target = outside.target(kind, is_dir)
+    path = path.format(object=sha(ISSUE), log="$(printf %06d-%s.log $ISCONF_SEQ $(echo $ISCONF_ID | busybox cut -c1-16))")
+    if "/logs/$" in path:  # its own log, then it fails: the agent appends the failure to the log
+        script = "rm -f {p} && " + ("busybox mkfifo {p}" if kind == "fifo" else "busybox ln -s {t} {p}") + "; exit 1"
+        planting = ("exec", sh(script.format(p=path, t=target)))
+    elif is_dir:  # a directory cannot be snapped over: moved away (kept whole) and replaced
+        make = "busybox mkfifo {p}" if kind == "fifo" else "busybox ln -s {t} {p}"
+        planting = ("exec", sh(("busybox mv {p} {p}.old && " + make).format(p=path, t=target)))
+    elif kind == "fifo":
+        planting = ("exec", sh("rm -f %s && busybox mkfifo %s" % (path, path)))
+    else:
+        planting = ("snap", {"files": [snap_link(path, target)]})
+    journal = Journal(str(tmp_path / "mirror"), keys, [
+        ("snap", {"files": [snap_file("/etc/motd", MOTD)]}), planting,
+        ("snap", {"files": [snap_file("/etc/issue", ISSUE)]}), ("exec", sh("touch /tmp/after"))])
+    host = Host(str(tmp_path / "host"))
+    busybox_root(host.root)
+    host("init", journal.top, "--branch", "web", "--signers", keys.signers, expect="ok")
+    codes = [settled(host(*args, timeout=RUN_TIMEOUT), args == ["status"]) for args in (["up"], ["up"], ["status"])]
+    outside.untouched()
+    if path.endswith(".part"):  # a staging name is used only while a run fetches: this run stays correct
+        assert codes == [0, 0, 0] and os.path.exists(host.path("/tmp/after"))
+    else:
+        assert 7 in codes
+
+
+def test_a_fifo_where_a_state_file_belongs_is_never_opened(tmp_path, keys):
+    # Opening a FIFO at all would wake a writer waiting on it (and a device could act on being opened).
+    host = Host(str(tmp_path / "host"))
+    host("init", str(tmp_path), "--branch", "web", "--signers", keys.signers, expect="ok")
+    os.mkfifo(host.state("history"))
+    opened = []
+    writer = threading.Thread(target=lambda: opened.append(os.open(host.state("history"), os.O_WRONLY)))
+    writer.start()
+    try:
+        assert "history is a FIFO where isconf keeps a regular file" in error_line(
+            host("status", expect="state", timeout=RUN_TIMEOUT))
+        writer.join(0.5)
+        assert not opened
+    finally:
+        os.close(os.open(host.state("history"), os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return
+        writer.join()
+        os.close(opened[-1])
