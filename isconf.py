@@ -282,6 +282,10 @@ def open_regular(path, flags, mode=0o644, dir_fd=None):
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise misplaced(path, file_kind(st.st_mode), "regular file")
+    if flags & (os.O_WRONLY | os.O_RDWR) and st.st_nlink > 1:
+        # A hard link planted in the image could name a file of the miniroot on the same filesystem.
+        os.close(fd)
+        raise misplaced(path, "file with %d hard links" % st.st_nlink, "file of its own")
     return fd
 
 

@@ -219,3 +219,16 @@ def test_a_fifo_where_a_state_file_belongs_is_never_opened(tmp_path, keys):
         os.close(os.open(host.state("history"), os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return
         writer.join()
         os.close(opened[-1])
+
+
+def test_a_state_file_hard_linked_from_outside_the_root_is_never_written(author, server, keys, tmp_path):
+    # A hard link planted in the image (same filesystem) would make an append land in the miniroot's file.
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    outside = tmp_path / "miniroot-file"
+    outside.write_bytes(b"")  # empty, so it reads as a history: only the write can go wrong
+    host = Host(str(tmp_path / "host"))
+    host.init(server.url, keys)
+    os.link(str(outside), host.state("history"))
+    proc = host("up")
+    assert proc.returncode == 7 and "hard links" in error_line(proc)
+    assert outside.read_bytes() == b""
