@@ -837,11 +837,12 @@ class Mirror(object):
         body = io.BytesIO() if sink is None else sink
         try:
             with open(path, "rb") as f:
-                f.seek(start)
+                if start:
+                    f.seek(start)
 
                 def read(n):
-                    deadline.check()   # a slow file share: checked between chunks
-                    return f.read(n)
+                    deadline.check()   # a slow file share or a FIFO: checked between reads
+                    return f.read1(n)   # what has arrived, as for HTTP
                 if stop is None:
                     self._stream(read, limit - start, what, body)
                 else:
@@ -849,7 +850,7 @@ class Mirror(object):
         except FileNotFoundError:
             raise NotFound("%s: not found; check the path and the branch name" % what)
         except OSError as e:
-            raise Unreachable("%s: %s" % (what, e.strerror))
+            raise Unreachable("%s: %s" % (what, e.strerror or e))
         return Response(206 if start else 200, body.getvalue() if sink is None else None,
                         partial=bool(start or stop is not None))
 
