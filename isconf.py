@@ -59,7 +59,6 @@ import traceback
 import urllib.parse
 
 # Modules the standard library would import on first use, in the middle of a run:
-import _strptime        # noqa: F401  (by time.strptime)
 import encodings.idna   # noqa: F401  (by socket, for host names)
 
 # ---------------------------------------------------------------------------
@@ -75,7 +74,6 @@ SIGNATURE_MAX = 64 * 1024       # an RSA-8192 SSHSIG is under 2 KiB
 CHUNK = 64 * 1024               # read and hash size for streams
 MAX_REDIRECTS = 5               # a redirect loop must end
 MAX_DEADLINE = 7 * 86400        # no one fetch may take longer, whatever its size
-VALIDATOR_MAX = 1024            # an ETag or Last-Modified worth keeping is tens of bytes
 INT_MAX = 2 ** 63 - 1           # every integer in the format fits a signed 64-bit field
 ID_MAX = 2 ** 32 - 2            # the largest uid or gid; 2**32-1 means "unchanged" to chown
 MIN_RATE = 16 * 1024            # bytes/s a fetch may not fall below over its deadline
@@ -93,6 +91,7 @@ HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 ID_RE = re.compile(r"^[0-9]{1,10}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+TIME_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z\Z")
 # What a network read can raise: ValueError covers malformed URLs and, on 3.6,
 # ssl.CertificateError; UnicodeError (a ValueError) covers bad host names.
 NETWORK_ERRORS = (OSError, http.client.HTTPException, ValueError)
@@ -166,12 +165,14 @@ def parse_canonical(data, what):
     """Parse bytes that must already be canonical; anything else is refused."""
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError also covers an integer of more digits than int() converts (3.11+);
+        # RecursionError, arrays or objects nested thousands deep.
         raise Refused("%s is not valid JSON (%s); the file is damaged or not an isconf file"
-                      % (what, str(e).split(":")[0]))
+                      % (what, str(e).split(":")[0][:80]))
     try:
         same = isinstance(obj, dict) and canonical(obj) == data
-    except ValueError:  # NaN, Infinity, or a lone surrogate: valid to json, never canonical
+    except (ValueError, RecursionError):  # NaN, Infinity, a lone surrogate: valid to json, never canonical
         same = False
     if not same:
         raise Refused("%s is not in canonical form; it was altered after it was written" % what)
@@ -202,11 +203,17 @@ def format_time(seconds):
 
 
 def parse_time(text, what="time"):
-    """Parse a UTC time as the format writes it (2026-11-25T06:30:00Z)."""
-    try:
-        return calendar.timegm(time.strptime(text, TIME_FORMAT))
-    except (TypeError, ValueError):
-        raise Refused("%s %r is not a UTC time like 2026-11-25T06:30:00Z" % (what, text))
+    """Parse a UTC time exactly as the format writes it (2026-11-25T06:30:00Z).
+
+    Not time.strptime: it takes '2026-1-5T1:2:3Z', spaces and non-ASCII digits, so one
+    signed time could have several spellings.  Years start at 1970, as format_time's do."""
+    m = TIME_RE.match(text) if isinstance(text, str) else None
+    if m:
+        year, month, day, hour, minute, second = (int(g) for g in m.groups())
+        if (year >= 1970 and 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]
+                and hour < 24 and minute < 60 and second < 60):
+            return calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    raise Refused("%s %s is not a UTC time like 2026-11-25T06:30:00Z" % (what, repr(text)[:40]))
 
 
 def parse_duration(text):
@@ -652,39 +659,130 @@ class RootPath(object):
 
 
 class Response(object):
-    def __init__(self, status, body=b"", etag=None, last_modified=None, partial=False):
-        self.status, self.body = status, body
-        self.etag, self.last_modified, self.partial = etag, last_modified, partial
+    def __init__(self, status, body=b"", partial=False):
+        self.status, self.body, self.partial = status, body, partial
 
 
-class FetchDeadline(object):
+class Deadline(object):
     """Bound a whole fetch in time, headers included (attack: a server that trickles a
-    byte at a time, each within the socket timeout, for ever).  SIGALRM interrupts any
-    blocking read; the agent is single-threaded, and elsewhere the socket timeout and
-    the per-chunk check in Mirror._stream remain."""
+    byte at a time, each within the socket timeout, for ever).  A monotonic clock checked
+    before every read and write, and no wait longer than the time left: it holds in any
+    thread, where SIGALRM would hold only in the main one."""
 
     def __init__(self, seconds, what):
         self.seconds, self.what = min(seconds, MAX_DEADLINE), what
-        self.installed, self.previous = False, None
+        self.end = time.monotonic() + self.seconds
 
-    def expired(self, signum, frame):
-        raise Unreachable("%s: too slow, gave up after %d seconds; try another mirror or raise deadline"
-                          % (self.what, self.seconds))
+    def check(self):
+        if time.monotonic() >= self.end:
+            raise Unreachable("%s: too slow, gave up after %d seconds; try another mirror or raise deadline"
+                              % (self.what, self.seconds))
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGALRM, self.expired)
-            self.installed = True
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGALRM])  # a parent may have blocked it
-            signal.setitimer(signal.ITIMER_REAL, self.seconds)
-        return self
+    def wait(self, timeout):
+        """How long the next blocking call may wait: the silence timeout, cut at the deadline."""
+        self.check()
+        return max(0.001, min(timeout, self.end - time.monotonic()))
 
-    def __exit__(self, *exc):
-        if self.installed:
-            try:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            finally:
-                signal.signal(signal.SIGALRM, signal.SIG_DFL if self.previous is None else self.previous)
+
+class _DeadlineSocket(object):
+    """A connected socket (plain or TLS) whose every read and write waits at most the
+    silence timeout, and never past the deadline of the fetch its connection is doing."""
+
+    def __init__(self, sock, conn):
+        self._sock, self._conn = sock, conn
+        self._readers, self._closed = 0, False
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def close(self):
+        # As socket.socket does for its makefile(): http.client closes the connection
+        # before the body of a "Connection: close" answer is read through the file.
+        self._closed = True
+        if not self._readers:
+            self._sock.close()
+
+    def _reader_closed(self):
+        self._readers -= 1
+        if self._closed:
+            self.close()
+
+    def _arm(self):
+        self._sock.settimeout(self._conn.deadline.wait(self._conn.silence))
+
+    def sendall(self, data):
+        self._arm()
+        return self._sock.sendall(data)
+
+    def recv_into(self, buffer, nbytes=0):
+        self._arm()
+        try:
+            return self._sock.recv_into(buffer, nbytes)
+        except socket.timeout:
+            self._conn.deadline.check()   # say "too slow" when it was the deadline that ran out
+            raise
+
+    def makefile(self, mode="rb", *args, **kw):
+        # http.client reads status line, headers and body through this file only.
+        self._readers += 1
+        return io.BufferedReader(_DeadlineReader(self))
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock):
+        self._sock = sock
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self._sock.recv_into(buffer)
+
+    def close(self):
+        if not self.closed:
+            self._sock._reader_closed()
+        super(_DeadlineReader, self).close()
+
+
+class _BoundedConnection(object):
+    """Mixed into http.client's connections: connect within the time left, then read and
+    write through a _DeadlineSocket.  Mirror._request sets deadline and silence per fetch."""
+    deadline, silence = None, DEFAULT_TIMEOUT
+
+    def connect(self):
+        self.timeout = self.deadline.wait(self.silence)
+        super(_BoundedConnection, self).connect()
+        self.sock = _DeadlineSocket(self.sock, self)
+
+
+class _HTTPConnection(_BoundedConnection, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_BoundedConnection, http.client.HTTPSConnection):
+    pass
+
+
+CONTENT_RANGE_RE = re.compile(r"^bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)\Z")
+CONTENT_LENGTH_RE = re.compile(r"^[0-9]{1,18}\Z")
+
+
+def parse_content_range(header, start, what):
+    """The first byte of a 206 answer, which must be the one asked for.  ASCII digits
+    only (str.isdigit and re's \\d take superscripts and other scripts' digits), and a
+    range that is one: first <= last < total."""
+    m = CONTENT_RANGE_RE.match(header or "")
+    if (not m or int(m.group(1)) != start or int(m.group(2)) < start
+            or (m.group(3) != "*" and int(m.group(2)) >= int(m.group(3)))):
+        raise Refused("%s: the server answered a range request with the wrong range %s"
+                      % (what, repr(header)[:80]))
+    return start
+
+
+def parse_content_length(header):
+    """Content-Length as a number, or None when absent or not a plain ASCII number
+    (http.client then reads to the close, and our own limit still holds)."""
+    return int(header) if header is not None and CONTENT_LENGTH_RE.match(header) else None
 
 
 class Mirror(object):
@@ -718,35 +816,34 @@ class Mirror(object):
             conn.close()
         self._connections.clear()
 
-    def fetch(self, relpath, limit, start=0, stop=None, etag=None, last_modified=None, sink=None):
+    def fetch(self, relpath, limit, start=0, stop=None, sink=None):
         """GET relpath, a file of at most `limit` bytes, or its bytes [start, stop).
 
         Returns a Response whose .partial says whether the range was honoured; if it was
-        not, the body is the file from its start, cut at `stop`.  A 304 comes back as
-        status 304 with no body.  With a sink, the body is streamed into it instead of
-        being kept in memory.
+        not, the body is the file from its start, cut at `stop`.  With a sink, the body is
+        streamed into it instead of being kept in memory.  Requests are never conditional:
+        a validator (ETag, Last-Modified) can collide, so a 304 is never an answer.
         """
         what = "%s from %s" % (relpath, self.url)
-        with FetchDeadline(self.deadline + limit / float(MIN_RATE), what):
-            if self.directory is not None:
-                return self._read_local(relpath, limit, start, stop, what, sink)
-            try:
-                return self._fetch_http(relpath, limit, start, stop, etag, last_modified, sink, what)
-            except NETWORK_ERRORS as e:
-                self.close()
-                raise Unreachable("%s: %s; try again later" % (what, e or type(e).__name__))
+        deadline = Deadline(self.deadline + limit / float(MIN_RATE), what)
+        if self.directory is not None:
+            return self._read_local(relpath, limit, start, stop, what, sink, deadline)
+        try:
+            return self._fetch_http(relpath, limit, start, stop, sink, what, deadline)
+        except Unreachable:
+            self.close()   # the deadline ran out mid-answer: the connection is unusable
+            raise
+        except NETWORK_ERRORS as e:
+            self.close()
+            raise Unreachable("%s: %s; try again later" % (what, e or type(e).__name__))
 
-    def _fetch_http(self, relpath, limit, start, stop, etag, last_modified, sink, what):
+    def _fetch_http(self, relpath, limit, start, stop, sink, what, deadline):
         url = urllib.parse.urljoin(self.base, relpath)
         headers = {"User-Agent": "isconf/" + __version__, "Accept-Encoding": "identity"}
         if start or stop is not None:
             headers["Range"] = "bytes=%d-%s" % (start, "" if stop is None else stop - 1)
-        if etag:
-            headers["If-None-Match"] = etag
-        elif last_modified:
-            headers["If-Modified-Since"] = last_modified
         for _ in range(MAX_REDIRECTS + 1):
-            response = self._request(url, headers)
+            response = self._request(url, headers, deadline)
             if response.status in (301, 302, 303, 307, 308):
                 location = response.getheader("Location")
                 if not location:
@@ -754,11 +851,11 @@ class Mirror(object):
                 response.read(HEAD_MAX)  # drain so the connection can be reused
                 url = urllib.parse.urljoin(url, location)
                 continue
-            return self._response(response, limit, start, stop, what, sink, bool(etag or last_modified))
+            return self._response(response, limit, start, stop, what, sink)
         raise Unreachable("%s: more than %d redirects (a redirect loop?); fix the mirror URL"
                           % (what, MAX_REDIRECTS))
 
-    def _request(self, url, headers):
+    def _request(self, url, headers, deadline):
         """Send a GET on a kept-alive connection to the URL's server, or a new one."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -771,11 +868,12 @@ class Mirror(object):
             reused = conn is not None
             if conn is None:
                 if parts.scheme == "https":
-                    conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout,
-                                                       context=ssl.create_default_context())
+                    conn = _HTTPSConnection(parts.netloc, timeout=self.timeout,
+                                            context=ssl.create_default_context())
                 else:
-                    conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+                    conn = _HTTPConnection(parts.netloc, timeout=self.timeout)
                 self._connections[key] = conn
+            conn.deadline, conn.silence = deadline, self.timeout
             try:
                 conn.request("GET", target, headers=headers)
                 return conn.getresponse()
@@ -786,30 +884,24 @@ class Mirror(object):
                     raise
         raise AssertionError("not reached")
 
-    def _response(self, response, limit, start, stop, what, sink, conditional):
+    def _response(self, response, limit, start, stop, what, sink):
         status = response.status
-        if status in (304, 404) or status not in (200, 206):
+        if status not in (200, 206):
             response.read(HEAD_MAX)
         if status == 304:
-            if not conditional:
-                raise Refused("%s: the server answered 304 Not Modified to a request that was not "
-                              "conditional; the mirror is broken" % what)
-            return Response(304)
+            raise Refused("%s: the server answered 304 Not Modified to a request that was not "
+                          "conditional; the mirror is broken" % what)
         if status == 404:
             raise NotFound("%s: not found (404); check the URL and the branch name" % what)
         if status not in (200, 206):
             raise Unreachable("%s: server answered %d %r" % (what, status, response.reason[:80]))
         partial = status == 206
         if partial:
-            m = re.match(r"^bytes (\d+)-(\d+)/(\d+|\*)$", response.getheader("Content-Range") or "")
-            if not m or int(m.group(1)) != start:
-                raise Refused("%s: the server answered a range request with the wrong range %r"
-                              % (what, response.getheader("Content-Range")))
+            parse_content_range(response.getheader("Content-Range"), start, what)
             limit = limit - start if stop is None else stop - start
         elif stop is not None:
             limit = stop  # the server ignored Range: read the file up to stop, no further
-        length = response.getheader("Content-Length")
-        length = int(length) if length is not None and length.isdigit() else None
+        length = parse_content_length(response.getheader("Content-Length"))
         if length is not None and length > limit and (partial or stop is None):
             raise Refused("%s is %d bytes, more than the %d expected; the mirror is broken or hostile"
                           % (what, length, limit))
@@ -826,8 +918,7 @@ class Mirror(object):
             self.close()  # never read what was not asked for: the connection cannot be reused
         else:
             response.read()  # the body is over: this returns nothing and frees the connection
-        return Response(status, body.getvalue() if sink is None else None, response.getheader("ETag"),
-                        response.getheader("Last-Modified"), partial)
+        return Response(status, body.getvalue() if sink is None else None, partial)
 
     @staticmethod
     def _stream(read, limit, what, sink, cut=False):
@@ -849,20 +940,25 @@ class Mirror(object):
             if cut and total == limit:
                 return total
 
-    def _read_local(self, relpath, limit, start, stop, what, sink):
+    def _read_local(self, relpath, limit, start, stop, what, sink, deadline):
         path = os.path.join(self.directory, *relpath.split("/"))
         body = io.BytesIO() if sink is None else sink
         try:
             with open(path, "rb") as f:
-                f.seek(start)
+                if start:
+                    f.seek(start)
+
+                def read(n):
+                    deadline.check()   # a slow file share or a FIFO: checked between reads
+                    return f.read1(n)   # what has arrived, as for HTTP
                 if stop is None:
-                    self._stream(f.read, limit - start, what, body)
+                    self._stream(read, limit - start, what, body)
                 else:
-                    self._stream(f.read, stop - start, what, body, cut=True)
+                    self._stream(read, stop - start, what, body, cut=True)
         except FileNotFoundError:
             raise NotFound("%s: not found; check the path and the branch name" % what)
         except OSError as e:
-            raise Unreachable("%s: %s" % (what, e.strerror))
+            raise Unreachable("%s: %s" % (what, e.strerror or e))
         return Response(206 if start else 200, body.getvalue() if sink is None else None,
                         partial=bool(start or stop is not None))
 
@@ -1377,8 +1473,8 @@ def check_fields(obj, fields, what, optional=()):
 
 def check_file_record(record, seen, what):
     kind = record.get("type") if isinstance(record, dict) else None
-    if kind not in FILE_FIELDS:
-        raise Refused("%s: file type %r is not file, hardlink, symlink or dir" % (what, kind))
+    if not isinstance(kind, str) or kind not in FILE_FIELDS:   # a list or an object is unhashable
+        raise Refused("%s: file type %s is not file, hardlink, symlink or dir" % (what, repr(kind)[:40]))
     check_fields(record, FILE_FIELDS[kind], what, optional=("extents",) if kind == "file" else ())
     path = validate_path(record["path"], what + ": path")
     if record.get("uid", 0) > ID_MAX or record.get("gid", 0) > ID_MAX:
@@ -1391,6 +1487,8 @@ def check_file_record(record, seen, what):
         if record["mode"] > 0o7777:
             raise Refused("%s: mode %o is not a permission mode" % (what, record["mode"]))
         if "extents" in record:
+            if not isinstance(record["extents"], list):
+                raise Refused("%s: extents of %s are not a list" % (what, path))
             end = 0
             for extent in record["extents"]:
                 if (not isinstance(extent, list) or len(extent) != 2
@@ -1434,8 +1532,8 @@ class Entry(object):
     def parse(cls, line, what):
         fields = parse_canonical(line, what)
         kind = fields.get("kind")
-        if kind not in KIND_FIELDS:
-            raise Refused("%s: kind %r is not exec, snap or reboot" % (what, kind))
+        if not isinstance(kind, str) or kind not in KIND_FIELDS:   # a list or an object is unhashable
+            raise Refused("%s: kind %s is not exec, snap or reboot" % (what, repr(kind)[:40]))
         check_fields(fields, dict(ENTRY_FIELDS, **KIND_FIELDS[kind]), what)
         if not HEX64_RE.match(fields["prev"]):
             raise Refused("%s: prev is not a SHA-256 in hex" % what)
@@ -1927,7 +2025,7 @@ class Host(object):
         except FileNotFoundError:
             return b""
 
-    def commit(self, head, signature, keep, tail, etags):
+    def commit(self, head, signature, keep, tail):
         """Make a newly verified head and journal this host's local copy: the first keep
         bytes of the old copy, then tail (keep is 0 when moving to another branch).
 
@@ -1938,27 +2036,6 @@ class Host(object):
         if signature is not None:
             self.state.write("head.sig", signature)
         self.state.write("head", head.data)
-        self.save_etags(etags)
-
-    def etags(self):
-        """Validators of the local head, per mirror: what makes an up-to-date run one 304.
-        Only a cache: anything odd in it (damage, or a hostile server's giant ETag)
-        costs one unconditional fetch, never a failed run."""
-        try:
-            etags = json.loads(self.state.read("etags.json", HEAD_MAX).decode("utf-8"))
-        except (OSError, IsconfError, ValueError, RecursionError):
-            return {}
-        if not isinstance(etags, dict):
-            return {}
-        return dict((url, v) for url, v in etags.items() if isinstance(v, dict) and all(
-            isinstance(v.get(k), (str, type(None))) for k in ("etag", "last_modified", "id")))
-
-    def save_etags(self, etags):
-        for validators in etags.values():
-            for key in ("etag", "last_modified"):
-                if len(validators.get(key) or "") > VALIDATOR_MAX:
-                    validators[key] = None
-        self.state.write("etags.json", canonical(etags) + b"\n")
 
     @property
     def objects(self):
@@ -2279,15 +2356,15 @@ class Plan(object):
     """The outcome of a sync: the verified journal, what is left to apply, and what to
     record locally before applying (nothing when the head was unchanged)."""
 
-    def __init__(self, head, entries, applied_seq, signature=None, keep=0, tail=None, etags=None):
+    def __init__(self, head, entries, applied_seq, signature=None, keep=0, tail=None):
         self.head, self.entries = head, entries
         self.pending = [e for e in entries if e.seq > applied_seq]
-        self.signature, self.keep, self.tail, self.etags = signature, keep, tail, etags
+        self.signature, self.keep, self.tail = signature, keep, tail
 
     def commit(self, host):
         """Make the newly verified head and journal this host's local copy."""
         if self.tail is not None:
-            host.commit(self.head, self.signature, self.keep, self.tail, self.etags)
+            host.commit(self.head, self.signature, self.keep, self.tail)
 
 
 class Agent(object):
@@ -2326,25 +2403,38 @@ class Agent(object):
 
         Network trouble moves on to the next mirror and, after a round, backs off and
         tries again; a refusal moves on too, but is what gets reported if no mirror is good.
+        Every mirror that failed is named in a warning, unless the error names it already.
         """
-        refusals, failures = [], []
-        for attempt in range(max(1, self.config.retries)):
-            if attempt:
-                time.sleep(min(2 ** (attempt - 1), 30))
-            for mirror in self.mirrors():
-                try:
-                    return self._sync_from(mirror, stage, branch)
-                except Refused as e:
-                    refusals.append(e)
-                except Unreachable as e:
-                    failures.append(e)
-                finally:
-                    mirror.close()
-            if refusals:
-                break  # a hostile answer is not cured by asking again
-        raise refusals[0] if refusals else Unreachable(
-            "no mirror could be reached (%s); check the network and the URLs in %s"
-            % (failures[-1], self.config.path))
+        refusals, failures, failed = [], [], collections.OrderedDict()
+        try:
+            for attempt in range(max(1, self.config.retries)):
+                if attempt:
+                    time.sleep(min(2 ** (attempt - 1), 30))
+                for mirror in self.mirrors():
+                    try:
+                        plan = self._sync_from(mirror, stage, branch)
+                        failed.pop(mirror.url, None)
+                        return plan
+                    except Refused as e:
+                        refusals.append(e)
+                        failed[mirror.url] = e
+                    except Unreachable as e:
+                        failures.append(e)
+                        failed[mirror.url] = e
+                    finally:
+                        mirror.close()
+                if refusals:
+                    break  # a hostile answer is not cured by asking again
+            error = refusals[0] if refusals else failures[-1]
+            for url, e in list(failed.items()):
+                if e is error:
+                    del failed[url]   # the error line says it
+            raise refusals[0] if refusals else Unreachable(
+                "no mirror could be reached (%s); check the network and the URLs in %s"
+                % (failures[-1], self.config.path))
+        finally:
+            for url, e in failed.items():
+                self.say("warning: mirror %s: %s" % (url, e), sys.stderr)
 
     def _sync_from(self, mirror, stage, branch):
         """Fetch and verify one mirror's head and journal tail, then stage what pending
@@ -2358,17 +2448,15 @@ class Agent(object):
             # Moving to another branch (or finishing a move a crash interrupted): its
             # journal is fetched whole and replaces the local copy once it verified.
             local, local_entries = None, []
-        cached = {}
-        if local is not None and self.local_head_trusted(local):
-            cached = host.etags().get(mirror.url, {})
-            if cached.get("id") != local.id:
-                cached = {}
         prefix = "branches/%s/" % branch
 
-        response = mirror.fetch(prefix + "head", HEAD_MAX, etag=cached.get("etag"),
-                                last_modified=cached.get("last_modified"))
-        if response.status == 304:
-            local.check_expiry(self.now())  # a mirror answering 304 for ever is a freeze attack
+        # Always the whole head, never a conditional request: nginx's ETag and Last-Modified
+        # are the mtime in whole seconds and the size, so two same-size heads published
+        # within one second look alike, and a 304 would leave the host behind for good.
+        # The head is ~200 bytes: an up-to-date run is still one small request.
+        response = mirror.fetch(prefix + "head", HEAD_MAX)
+        if local is not None and response.body == local.data and self.local_head_trusted(local):
+            local.check_expiry(self.now())  # a mirror serving the same head for ever is a freeze attack
             plan = Plan(local, local_entries, applied_seq)
             if stage:
                 self.stage_objects(mirror, plan.pending)  # one lost since the last run (a damaged copy)
@@ -2391,16 +2479,15 @@ class Agent(object):
             raise Refused("branch %s from %s does not extend what this host has applied (seq %d, %s): the "
                           "journal was rewritten; reinstall the host and replay"
                           % (branch, mirror, applied_seq, applied_id[:16]))
-        etags = {mirror.url: {"etag": response.etag, "last_modified": response.last_modified, "id": head.id}}
-        plan = Plan(head, entries, applied_seq, signature, start, tail, etags)
+        plan = Plan(head, entries, applied_seq, signature, start, tail)
         if stage:
             self.stage_objects(mirror, plan.pending)
         return plan
 
     def local_head_trusted(self, local):
         """Whether the local head's signature still verifies with the keys trusted now.
-        If a key was removed, a 304 must not let the pending entries it signed through:
-        the head is then fetched and checked again, as on a first run."""
+        If a key was removed, a mirror serving the same head must not let the pending
+        entries it signed through: its signature is then fetched and checked again."""
         if self.signers is None:
             return True
         try:

@@ -312,7 +312,7 @@ def test_a_rewritten_journal_is_refused_even_when_the_local_copy_is_lost(author,
     host("up", expect="ok")
     shutil.rmtree(author.path())
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/b"], ["exec", "--no-run", "--", "/bin/true"])
-    for name in ("journal", "head", "head.sig", "etags.json"):
+    for name in ("journal", "head", "head.sig"):
         os.unlink(host.state(name))
     refused = host("up", expect="refused")
     assert "does not extend what this host has applied" in error_line(refused)

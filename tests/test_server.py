@@ -10,7 +10,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import Server
+from conftest import Server, error_line
 
 
 @pytest.fixture
@@ -142,7 +142,16 @@ http {
     proc.wait(10)
 
 
-def test_replays_from_nginx_with_range_and_304(author, keys, host, nginx, busybox_root):
+def access_log(log):
+    """(status, path, bytes sent) of each request in nginx's combined log."""
+    out = []
+    for line in log.read_text().splitlines():
+        request, rest = line.split('"')[1], line.split('"')[2].split()
+        out.append((rest[0], request.split()[1], int(rest[1])))
+    return out
+
+
+def test_replays_from_nginx_with_range(author, keys, host, nginx, busybox_root):
     url, log = nginx
     busybox_root(host.root)
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/one"])
@@ -151,8 +160,54 @@ def test_replays_from_nginx_with_range_and_304(author, keys, host, nginx, busybo
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/two"])
     host("up", expect="ok")
     assert os.path.exists(host.path("/tmp/two"))
+    journal = [status for status, path, _ in access_log(log) if path.endswith("/journal")]
+    assert journal == ["206", "206"]
+
+
+def test_up_to_date_run_is_one_small_unconditional_request(author, keys, host, nginx, busybox_root):
+    url, log = nginx
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/one"])
+    host.init(url, keys)
     host("up", expect="ok")
-    statuses = [line.split('"')[2].split()[0] for line in log.read_text().splitlines()]
-    paths = [line.split('"')[1].split()[1] for line in log.read_text().splitlines()]
-    journal = [s for s, p in zip(statuses, paths) if p.endswith("/journal")]
-    assert journal == ["206", "206"] and statuses[-1] == "304"
+    before = len(access_log(log))
+    assert "up to date at seq 1" in host("up", expect="ok").out
+    (status, path, sent), = access_log(log)[before:]
+    assert (status, path) == ("200", "/branches/web/head")
+    # What nginx wrote to the socket for it, headers included.
+    assert sent < 1024
+
+
+def test_two_check_ins_in_one_second_with_same_size_heads_are_not_missed(author, keys, host, nginx,
+                                                                        busybox_root):
+    # nginx's ETag and Last-Modified are the mtime in whole seconds and the size: a host that
+    # trusted them would stay at seq 1 for good.
+    url, log = nginx
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/one"])
+    head = author.path("head")
+    size, second = os.path.getsize(head), int(os.stat(head).st_mtime)
+    host.init(url, keys)
+    host("up", expect="ok")
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/two"])
+    assert os.path.getsize(head) == size   # seq 1 -> 2, same number of digits
+    for name in ("head", "head.sig"):
+        os.utime(author.path(name), (second, second))
+    assert "applied through seq 2" in host("up", expect="ok").out
+    assert os.path.exists(host.path("/tmp/two"))
+    assert host.status()["applied_seq"] == 2
+
+
+def test_an_expired_head_that_did_not_change_is_refused(author, keys, host, nginx, busybox_root):
+    # The freeze check on the up-to-date path: the mirror serves the very head this host holds.
+    url, log = nginx
+    busybox_root(host.root)
+    author("lock", "-m", "expiring")
+    author("exec", "--no-run", "--", "/bin/touch", "/tmp/x")
+    author.ci("--expires", "1d")
+    host.init(url, keys)
+    host("up", expect="ok")
+    before = len(access_log(log))
+    refused = host("up", "--now", "2099-01-01T00:00:00Z", expect="refused")
+    assert "expired at" in error_line(refused)
+    assert [path for _, path, _ in access_log(log)[before:]] == ["/branches/web/head"]

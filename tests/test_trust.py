@@ -1,7 +1,9 @@
 """Signed heads end to end: key types, flipped bytes, rotation, insecure mode, the clock."""
 
+import base64
 import os
 import signal
+import struct
 import subprocess
 
 import pytest
@@ -26,9 +28,7 @@ def test_journal_signed_with_each_key_type_replays(kind, keys, rsa_keys, author,
     assert open(host.path("/etc/motd")).read() == "signed content\n" and os.path.exists(host.path("/tmp/ran"))
 
 
-def flip_at(path, fraction):
-    size = os.path.getsize(path)
-    offset = min(size - 1, int(size * fraction))
+def flip_at(path, offset):
     with open(path, "r+b") as f:
         f.seek(offset)
         byte = f.read(1)[0]
@@ -41,20 +41,65 @@ def object_file(author):
     return os.path.join(objects, os.listdir(objects)[0])
 
 
+def at_fraction(fraction):
+    return lambda data: min(len(data) - 1, int(len(data) * fraction))
+
+
+def in_message(line_number):
+    """The first letter of a journal entry's message ("test change"): still valid JSON once flipped."""
+    def where(data):
+        start = sum(len(line) + 1 for line in data.split(b"\n")[:line_number])
+        return data.index(b'"message":"', start) + len(b'"message":"')
+    return where
+
+
+def flip_signature_blob(path, where):
+    """Flip a byte of the decoded SSHSIG blob and armour it again, so that the base64 stays valid
+    and the check on that part of the signature is the one that answers."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    blob = bytearray(base64.b64decode("".join(lines[1:-1])))
+    key_length = struct.unpack(">I", blob[10:14])[0]
+    blob[{"key": 14 + key_length - 1, "value": len(blob) - 1}[where]] ^= 0x01
+    text = base64.b64encode(bytes(blob)).decode()
+    with open(path, "w") as f:
+        f.write("\n".join([lines[0]] + [text[i:i + 70] for i in range(0, len(text), 70)] + [lines[-1]]) + "\n")
+
+
 FILES = {"head": lambda a: a.path("head"), "head.sig": lambda a: a.path("head.sig"),
          "journal": lambda a: a.path("journal"), "object": object_file}
+# Which check refuses each flip: the head's signature is checked over its exact bytes first.
+FLIPS = [("head", at_fraction(f), "signature does not verify") for f in (0.0, 0.3, 0.6, 0.999)] + [
+    ("object", at_fraction(f), "does not match the signed journal") for f in (0.0, 0.3, 0.6, 0.999)] + [
+    ("journal", at_fraction(0.0), "entry 1 is not valid JSON"),
+    ("journal", in_message(0), "entry 2: does not follow entry 1 (hash chain broken)"),
+    ("journal", in_message(1), "does not end at the entry the signed head names"),
+    ("journal", at_fraction(0.999), "does not end with a newline"),
+    ("head.sig", at_fraction(0.0), "not a complete -----BEGIN/END SSH SIGNATURE----- block"),
+    ("head.sig", at_fraction(0.999), "not a complete -----BEGIN/END SSH SIGNATURE----- block"),
+    ("head.sig", "key", "which is not in allowed_signers"),
+    ("head.sig", "value", "signature does not verify with key"),
+]
+FLIP_IDS = ["head at0%", "head at30%", "head at60%", "head at99%", "object at0%", "object at30%", "object at60%",
+            "object at99%", "journal first byte", "journal entry 1", "journal last entry", "journal last newline",
+            "head.sig armour", "head.sig last newline", "head.sig key", "head.sig value"]
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.6, 0.999], ids=lambda f: "at%d%%" % (f * 100))
-@pytest.mark.parametrize("which", sorted(FILES))
-def test_a_flipped_byte_anywhere_is_refused(which, fraction, author, server, keys, host, tmp_path, busybox_root):
+@pytest.mark.parametrize("which,where,fragment", FLIPS, ids=FLIP_IDS)
+def test_a_flipped_byte_anywhere_is_refused(which, where, fragment, author, server, keys, host, tmp_path,
+                                            busybox_root):
     busybox_root(host.root)
     small_journal(author, tmp_path)
-    flip_at(FILES[which](author), fraction)
+    path = FILES[which](author)
+    if isinstance(where, str):
+        flip_signature_blob(path, where)
+    else:
+        with open(path, "rb") as f:
+            flip_at(path, where(f.read()))
     host.init(server.url, keys)
     before = host.snapshot()
     refused = host("up", expect="refused")
-    assert error_line(refused)
+    assert fragment in error_line(refused)
     assert not os.path.exists(host.path("/etc/motd")) and not os.path.exists(host.path("/tmp/ran"))
     assert host.snapshot() == before
 
