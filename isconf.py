@@ -3058,17 +3058,18 @@ class StaticHandler(http.server.BaseHTTPRequestHandler):
         self.serve(body=False)
 
     def resolve(self):
-        """The file for the request path, or None: no listing, no escaping the directory."""
+        """The file for the request path, or None: no listing, no escaping the directory,
+        nothing of the authors' work area or the marker, however the path is spelled
+        ('/./authoring', '/%2e/isconf-repo', a link): judged by where it really leads."""
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        parts = path.split("/")
-        if "\0" in path or not path.startswith("/") or ".." in parts:
+        if "\0" in path or not path.startswith("/") or ".." in path.split("/"):
             return None
-        if parts[1:2] in (["authoring"], [REPO_MARKER]):
-            return None  # the authors' locks and staged work, and the marker: not for hosts
         full = os.path.realpath(os.path.join(self.directory, path.lstrip("/")))
         top = os.path.realpath(self.directory)
         if not full.startswith(top + os.sep) or not os.path.isfile(full):
             return None
+        if full[len(top) + 1:].split(os.sep)[0] in ("authoring", REPO_MARKER):
+            return None  # the authors' locks and staged work, and the marker: not for hosts
         return full
 
     def serve(self, body):

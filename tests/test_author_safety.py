@@ -1,8 +1,10 @@
 """The author's easy path is the safe one: nothing unsigned by accident, clear hints for slips."""
 
+import http.client
 import json
 import os
 import socket
+import urllib.parse
 
 import pytest
 
@@ -105,15 +107,24 @@ def test_skip_with_an_empty_reason_is_refused(tmp_path):
                                                       expect="usage"))
 
 
-@pytest.mark.parametrize("path", ["/authoring/web/lock", "/authoring/web/staged", "/isconf-repo"])
+@pytest.mark.parametrize("path", ["/authoring/web/lock", "/authoring/web/staged", "/isconf-repo",
+                                  "/./authoring/web/lock", "/%2e/authoring/web/lock", "/./isconf-repo",
+                                  "//authoring/web/lock", "/branches/../authoring/web/lock", "/linked/web/lock"])
 def test_serve_keeps_the_authoring_area_and_marker_private(author, server, path):
+    author.commit(["reboot"])
     author("lock", "-m", "secret plans")
     author("reboot")
-    import urllib.request
-    import urllib.error
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(server.url.rstrip("/") + path, timeout=10)
-    assert e.value.code == 404
+    os.symlink("authoring", os.path.join(author.repo, "linked"))
+    url = urllib.parse.urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        conn.request("GET", path)  # sent as written: no client normalises it
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (404, b"")
+        conn.request("GET", "/branches/web/journal")
+        assert conn.getresponse().status == 200  # what hosts need is still served
+    finally:
+        conn.close()
 
 
 def test_serve_on_a_port_in_use_says_so(tmp_path):
