@@ -80,6 +80,7 @@ MIN_RATE = 16 * 1024            # bytes/s a fetch may not fall below over its de
 SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
 OWNERS_MAX = 16 * 1024 * 1024   # a target's passwd or group file; larger is not a passwd file
 SIGNERS_MAX = 1024 * 1024       # an allowed_signers file of a few thousand keys
+VERIFY_MAX = 64 * 1024 * 1024   # what verify-sig reads whole to check; a head is ~200 bytes
 RECENT_HISTORY = 64 * 1024      # the end of the history a run reads to find where the host stands
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
@@ -111,7 +112,7 @@ EXIT_REBOOT = 5       # the next transaction is a reboot; run 'up -r'
 EXIT_BUSY = 6         # another run or author holds the lock
 EXIT_STATE = 7        # local state or configuration problem
 EXIT_SOFTWARE = 70    # a bug in isconf itself (sysexits' EX_SOFTWARE), never a failed transaction
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
+EXIT_SIGNAL = 128     # plus the signal: 130 Ctrl-C, 129 SIGHUP, 143 SIGTERM, as a shell reports it
 
 # ---------------------------------------------------------------------------
 # Errors: one root, each subclass carries its exit code.
@@ -148,6 +149,19 @@ class Busy(IsconfError):
 
 class StateError(IsconfError):
     exit_code = EXIT_STATE
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (cron under timeout(1), a dropped ssh session, kill): stop as
+    Ctrl-C does, the running command's process group included, and exit 128 + signal."""
+
+    def __init__(self, signum):
+        KeyboardInterrupt.__init__(self, signum)
+        self.signum = signum
+
+
+def stop_on_signal(signum, frame):
+    raise Interrupted(signum)
 
 
 # ---------------------------------------------------------------------------
@@ -425,7 +439,7 @@ def emit(data, stream=None):
         else:
             stream.write(data)
         stream.flush()
-    except BrokenPipeError:
+    except (OSError, ValueError):  # a closed pipe, a full disk under a cron log, a closed stream
         silence(stream)
 
 
@@ -447,8 +461,13 @@ def show(text, stream=None):
 
 
 def silence(stream):
+    """Point a stream that can no longer be written at /dev/null, what it holds dropped."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, stream.fileno())
+    os.dup2(devnull, fd)
     os.close(devnull)
 
 
@@ -2663,6 +2682,8 @@ def author_name():
     """Who is authoring: ISCONF_AUTHOR, else the human behind sudo, at this host."""
     who = os.environ.get("ISCONF_AUTHOR")
     if who:
+        if CONTROL_RE.search(who) or len(who) > 256:
+            raise UsageError("ISCONF_AUTHOR must be printable text of at most 256 characters, like alice@admin1")
         return who
     try:
         user = os.environ.get("SUDO_USER") or getpass.getuser()
@@ -2790,10 +2811,10 @@ class Repository(object):
             if not force:
                 raise Busy("branch %s is locked by %s; use 'isconf unlock --force' to break the lock and "
                            "discard their staged work" % (branch, holder.get("who")))
-            sys.stderr.write("isconf: WARNING: breaking %s's lock on branch %s (%s) and DISCARDING %s staged "
-                             "transaction(s)\n" % (holder.get("who"), branch, holder.get("why"), count))
+            show("isconf: WARNING: breaking %s's lock on branch %s (%s) and DISCARDING %s staged transaction(s)"
+                 % (holder.get("who"), branch, holder.get("why"), count), sys.stderr)
         elif count != "0":
-            sys.stderr.write("isconf: WARNING: discarding %s staged transaction(s)\n" % count)
+            show("isconf: WARNING: discarding %s staged transaction(s)" % count, sys.stderr)
         for name in ("staged", "lock"):
             try:
                 os.unlink(os.path.join(self.work_dir(branch), name))
@@ -2834,7 +2855,7 @@ class Repository(object):
             data = self.journal_bytes(branch, head)
             entries = verify_chain(data, 0, ZERO_ID, "journal of branch %s" % branch)
             seq, prev = (entries[-1].seq, entries[-1].id) if entries else (0, ZERO_ID)
-            now = time.time()
+            now = new_head_time(head, expires)
             lines = []
             for number, fields in enumerate(staged, 1):
                 fields = dict(fields, seq=seq + 1, prev=prev, time=format_time(now), author=holder["who"],
@@ -2844,6 +2865,7 @@ class Repository(object):
                 except (Refused, ValueError, TypeError) as e:
                     raise StateError("staged work of branch %s is damaged (%s); 'isconf unlock' discards it, "
                                      "then stage again" % (branch, e))
+                self.check_objects(entry)
                 lines.append(entry.line + b"\n")
                 seq, prev = entry.seq, entry.id
             new = Head.build(branch, seq, prev, len(data) + sum(len(l) for l in lines), now,
@@ -2853,6 +2875,20 @@ class Repository(object):
             append_at(os.path.join(self.branch_dir(branch), "journal"), len(data), b"".join(lines))
             self.publish_head(branch, new, signature, checkin=True)
         return new, len(lines)
+
+    def check_objects(self, entry):
+        """Every object a new entry names is in the repository, whole: hosts would otherwise
+        find the signed journal naming a file no mirror has."""
+        for sha, size in entry.objects():
+            try:
+                st = os.stat(os.path.join(self.path, "objects", sha))
+            except FileNotFoundError:
+                st = None
+            if st is None or st.st_size != size:
+                paths = [r["path"] for r in entry.fields["files"] if r.get("object") == sha]
+                raise StateError("object %s for %s is %s in %s; snap the file again (unlock discards this "
+                                 "staged work)" % (sha[:16], paths[0], "missing" if st is None else
+                                                   "the wrong size", os.path.join(self.path, "objects")))
 
     @contextlib.contextmanager
     def branch_mutex(self, branch):
@@ -2914,7 +2950,7 @@ class Repository(object):
         with self.branch_mutex(branch):
             head = self.head(branch)
             data = self.journal_bytes(branch, head)
-            now = time.time()
+            now = new_head_time(head, expires)
             new = Head.build(new_branch, head.seq, head.id, len(data), now,
                              now + expires if expires else None)
             signature = sign_head(new.data, sign_key) if sign_key else None
@@ -2931,11 +2967,28 @@ class Repository(object):
             head = self.head(branch)
             if head is None:
                 raise UsageError("branch %s does not exist (nothing was ever checked in there)" % branch)
-            now = time.time()
-            new = Head.build(branch, head.seq, head.id, head.length, max(now, parse_time(head.time)),
-                             now + expires if expires else None)
+            now = new_head_time(head, expires)
+            new = Head.build(branch, head.seq, head.id, head.length, now, now + expires if expires else None)
             self.publish_head(branch, new, sign_head(new.data, sign_key))
         return new
+
+
+def new_head_time(previous, expires):
+    """The time of a new head: now, but never before the head it follows.  Hosts never take
+    the time earlier than the last head they verified, so one head dated by a fast clock
+    must not make every later head (and its expiry) look old to them."""
+    now = time.time()
+    if previous is None:
+        return now
+    before = parse_time(previous.time)
+    if before > now + 60:
+        show("isconf: warning: the branch's last head is dated %s, ahead of this machine's clock (%s); the new "
+             "head is dated %s too, so that hosts accept it: check both clocks"
+             % (previous.time, format_time(now), previous.time), sys.stderr)
+    if previous.expires and not expires:
+        show("isconf: warning: the last head expired at %s; this one never expires (give --expires to keep "
+             "one)" % previous.expires, sys.stderr)
+    return max(now, before)
 
 
 def check_branch(branch):
@@ -2947,6 +3000,9 @@ def check_branch(branch):
 
 def sign_head(data, key):
     """Sign a head with the author's SSH key via ssh-keygen (authoring may use it; hosts never do)."""
+    if not os.path.isfile(key):
+        raise UsageError("signing key %s is not a file; give the private key (or the public key of one held by "
+                         "ssh-agent)" % key)
     with tempfile.TemporaryDirectory(prefix="isconf-sign-") as tmp:
         path = os.path.join(tmp, "head")
         with open(path, "wb") as f:
@@ -3126,8 +3182,8 @@ class StaticHandler(http.server.BaseHTTPRequestHandler):
         self.log_message('"%s" %s%s', self.requestline, code, " range=" + wanted if wanted else "")
 
     def log_message(self, fmt, *args):
-        sys.stderr.write("%s - [%s] %s\n" % (self.client_address[0], self.log_date_time_string(), fmt % args))
-        sys.stderr.flush()
+        # The request line and headers are the client's text: escaped, one line each.
+        show("%s - [%s] %s" % (self.client_address[0], self.log_date_time_string(), fmt % args), sys.stderr)
 
 
 def parse_range(header, size):
@@ -3507,12 +3563,17 @@ def cmd_skip(args):
 
 
 def cmd_verify_sig(args):
-    signers = load_signers(args.signers)
     try:
-        data = read_file(args.file)
+        text = read_file(args.signers, SIGNERS_MAX)
+        signers = parse_allowed_signers(text, args.signers)
+        data = read_file(args.file, VERIFY_MAX)
         signature = read_file(args.signature, SIGNATURE_MAX)
     except OSError as e:
         raise UsageError("cannot read %s: %s" % (e.filename, e.strerror))
+    except (Refused, StateError) as e:
+        raise UsageError(str(e))
+    if not signers:
+        raise UsageError("--signers %s lists no keys" % args.signers)
     signer = verify_signature(data, signature, signers, namespace=args.namespace, now=parse_now(args.now))
     show("isconf: good signature by %s (%s)" % (",".join(signer.principals), key_fingerprint(signer.key_blob)))
 
@@ -3695,6 +3756,8 @@ def save_crash_report(root, report):
 def main(argv=None):
     args = None
     try:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, stop_on_signal)
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
@@ -3715,13 +3778,19 @@ def main(argv=None):
         show("isconf: error: %s%s; check the disk and permissions, then run again" % (e.strerror or e, where),
              sys.stderr)
         return EXIT_STATE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # Every record is written whole or not at all: an interrupted transaction runs again next time.
-        emit("\nisconf: interrupted; nothing is left half-recorded: run the command again to carry on\n",
-             sys.stderr)
-        return EXIT_INTERRUPTED
+        signum = getattr(e, "signum", signal.SIGINT)
+        emit("\nisconf: interrupted by %s; nothing is left half-recorded: run the command again to carry on\n"
+             % signal.Signals(signum).name, sys.stderr)
+        return 128 + signum
     except Exception as e:  # noqa: B902 -- a bug: never reported as a failed transaction
         return internal_error(e, argv, args)
+    finally:
+        try:
+            sys.stdout.flush()  # here, not at exit, where a failure would turn into exit 120
+        except (OSError, ValueError):
+            silence(sys.stdout)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,11 @@ def test_failed_signing_changes_nothing_and_keeps_the_staged_work(author):
     author("reboot")
     before = (author.journal(), open(author.path("head"), "rb").read()) if os.path.exists(author.path("head")) \
         else (b"", None)
-    assert "could not sign" in error_line(author("ci", "--sign", "/no/such/key", expect="state"))
+    assert "is not a file" in error_line(author("ci", "--sign", "/no/such/key", expect="usage"))
+    garbage = os.path.join(author.repo, "..", "not-a-key")
+    with open(garbage, "w") as f:
+        f.write("not a key\n")
+    assert "could not sign" in error_line(author("ci", "--sign", garbage, expect="state"))
     assert not os.path.exists(author.path("head")) and before == (b"", None)
     author.ci()
     assert len(entries(author)) == 1

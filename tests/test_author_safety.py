@@ -4,11 +4,14 @@ import http.client
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 import urllib.parse
 
 import pytest
 
-from conftest import Author, Server, error_line, run_isconf
+from conftest import ISCONF, Author, Server, error_line, run_isconf, source_tree
 
 
 def test_ci_without_a_key_is_refused_and_publishes_nothing(author):
@@ -136,3 +139,82 @@ def test_serve_on_a_port_in_use_says_so(tmp_path):
         assert "in use" in error_line(proc)
     finally:
         taken.close()
+
+
+SKEWED = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import isconf
+real = time.time
+time.time = lambda: real() + 365 * 86400   # this author's clock runs a year fast
+sys.exit(isconf.main(sys.argv[2:]))
+"""
+
+
+def test_a_head_dated_by_a_fast_clock_does_not_make_later_heads_look_expired(author, server, keys, host):
+    author("lock", "-m", "from a machine with a fast clock")
+    author("reboot")
+    subprocess.run([sys.executable, "-I", "-c", SKEWED, os.path.dirname(ISCONF), "--repo", author.repo, "--branch",
+                    "web", "ci", "--sign", keys.private], check=True, env={"ISCONF_AUTHOR": "alice@example",
+                                                                          "PATH": os.environ["PATH"]})
+    host.init(server.url, keys)
+    host("up", expect="reboot")
+    author("lock", "-m", "from a machine with a good clock")
+    author("reboot")
+    ci = author.ci("--expires", "30d")
+    assert "ahead of this machine's clock" in ci.err
+    head = json.loads(open(author.path("head")).read())
+    skewed_time = head["time"]
+    assert head["expires"] > skewed_time  # 30 days after the head's own time, not after this clock's now
+    assert "expired" not in host("up", "-r").err
+
+
+def test_ci_refuses_a_snap_whose_object_left_the_repository(author, tmp_path):
+    src = source_tree(tmp_path, "/etc/motd", "hello\n")
+    author("lock", "-m", "x")
+    author("--root", src, "snap", "/etc/motd")
+    for name in os.listdir(os.path.join(author.repo, "objects")):
+        os.unlink(os.path.join(author.repo, "objects", name))
+    line = error_line(author.ci(expect="state"))
+    assert "for /etc/motd is missing" in line
+    assert not os.path.exists(author.path("head"))
+
+
+def test_ci_warns_when_the_new_head_drops_an_expiry(author):
+    author.commit(["reboot"])
+    author("lock", "-m", "x")
+    author("reboot")
+    author.ci("--expires", "30d")
+    author("lock", "-m", "y")
+    author("reboot")
+    assert "never expires" in author.ci().err
+
+
+def test_an_author_name_with_control_characters_is_refused(author):
+    proc = author("lock", "-m", "x", env={"ISCONF_AUTHOR": "bob\x1b[31m"}, expect="usage")
+    assert "ISCONF_AUTHOR" in error_line(proc)
+
+
+def test_unlock_force_prints_the_other_authors_words_escaped(author):
+    author("lock", "-m", "plans\x1b[2J")
+    proc = author("unlock", "--force", env={"ISCONF_AUTHOR": "bob@example"})
+    assert "\x1b" not in proc.err and "plans\\x1b[2J" in proc.err
+
+
+def test_serve_logs_a_hostile_request_line_escaped(author, server):
+    url = urllib.parse.urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+        s.sendall(b"GET /\x1b[31mred HTTP/1.0\r\nRange: bytes=\x1b[2J\r\n\r\n")
+        s.recv(4096)
+    deadline = time.time() + 10
+    while "red" not in server.log_text() and time.time() < deadline:
+        time.sleep(0.05)
+    assert "\\x1b[31mred" in server.log_text() and "\x1b" not in server.log_text()
+
+
+def test_verify_sig_with_a_missing_signers_file_is_a_usage_error_naming_it(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "file.sig").write_bytes(b"x")
+    proc = run_isconf("verify-sig", str(tmp_path / "file"), "--signature", str(tmp_path / "file.sig"), "--signers",
+                      str(tmp_path / "nope"), expect="usage")
+    assert str(tmp_path / "nope") in error_line(proc)

@@ -86,8 +86,10 @@ def test_a_bad_exec_timeout_is_refused(host, value):
     assert proc.returncode == 2 and "exec" in error_line(proc)
 
 
-def test_ctrl_c_stops_the_command_and_exits_130_with_the_transaction_to_run_again(author, server, keys, host,
-                                                                                  busybox_root, daemons):
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_stopped_run_stops_its_command_and_leaves_the_transaction_to_run_again(signum, code, author, server, keys,
+                                                                                 host, busybox_root, daemons):
+    # Ctrl-C, cron under timeout(1), a dropped ssh session: the command must not outlive the run and its lock.
     busybox_root(host.root)
     author.commit(["exec", "--no-run", "--", "/bin/sh", "-c",
                    "test -e /tmp/again && exit 0; touch /tmp/again; echo $$ > /tmp/pid; sleep 60"])
@@ -99,17 +101,32 @@ def test_ctrl_c_stops_the_command_and_exits_130_with_the_transaction_to_run_agai
         time.sleep(0.05)
     time.sleep(0.2)  # the shell wrote its pid and is in sleep
     daemons.append(read_pid(host, "/tmp/pid"))
-    agent.send_signal(signal.SIGINT)
-    assert agent.wait(30) == 130
+    agent.send_signal(signum)
+    assert agent.wait(30) == code
     err = agent.stderr.read().decode()
     agent.stderr.close()
-    assert [l for l in err.splitlines() if l.strip()][-1].startswith("isconf: interrupted")
-    assert "Traceback" not in err
+    assert [l for l in err.splitlines() if l.strip()] == [
+        "isconf: interrupted by %s; nothing is left half-recorded: run the command again to carry on"
+        % signal.Signals(signum).name]
     assert wait_gone(daemons[0])
     events = [json.loads(l)["event"] for l in open(host.state("history"))]
     assert events == ["started"]
     host("up", expect="ok")  # interrupted means run again
     assert host.status()["applied_seq"] == 1
+
+
+@pytest.mark.parametrize("args", [["up"], ["status"], ["log", "--json"], ["--version"]])
+def test_output_to_a_full_disk_is_dropped_and_the_run_goes_on(args, author, server, keys, host, busybox_root):
+    # A cron job appending to a log on a full /var must still apply the journal, with its own exit code.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo lots of output; touch /tmp/done"])
+    host.init(server.url, keys)
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, "-I", ISCONF, "--root", host.root] + args, stdout=full,
+                              stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == b""
+    if args == ["up"]:
+        assert os.path.exists(host.path("/tmp/done"))
 
 
 BUGGY = """
