@@ -3229,7 +3229,11 @@ def author_branch(args):
         return check_branch(args.branch or os.environ.get("ISCONF_BRANCH"))
     host = Host(args.root, args.config)
     if os.path.exists(host.config_path):
-        return host.config.branch
+        try:
+            return host.config.branch
+        except StateError as e:
+            raise UsageError("no branch given, and the host's own cannot be read (%s): use --branch NAME or set "
+                             "ISCONF_BRANCH" % e)
     raise UsageError("no branch given: use --branch NAME or set ISCONF_BRANCH")
 
 
@@ -3267,7 +3271,12 @@ def cmd_exec(args):
     cwd = validate_path_arg(args.cwd, "--cwd")
     if not args.no_run:
         host = Host(args.root, args.config)
-        variables = host.config.env if os.path.exists(host.config_path) else {}
+        variables = {}
+        if os.path.exists(host.config_path):
+            try:
+                variables = host.config.env
+            except StateError as e:  # the config is 0600: an author who is not root cannot read it
+                show("isconf: warning: the command runs without the host's [env] variables: %s" % e, sys.stderr)
         with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log:
             status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.fileno())
         if status != 0:

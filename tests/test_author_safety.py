@@ -218,3 +218,33 @@ def test_verify_sig_with_a_missing_signers_file_is_a_usage_error_naming_it(tmp_p
     proc = run_isconf("verify-sig", str(tmp_path / "file"), "--signature", str(tmp_path / "file.sig"), "--signers",
                       str(tmp_path / "nope"), expect="usage")
     assert str(tmp_path / "nope") in error_line(proc)
+
+
+def test_an_author_who_cannot_read_the_host_config_runs_exec_without_its_env(author, tmp_path):
+    # The host config is 0600 (it holds [env] secrets); a non-root author may still try a command.
+    root = tmp_path / "root"
+    root.mkdir()
+    run_isconf("--root", str(root), "init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
+    for parent in (tmp_path, tmp_path.parent, tmp_path.parent.parent):  # pytest makes them 0700
+        os.chmod(str(parent), 0o755)
+    os.chmod(author.repo, 0o777)
+    for top, dirs, files in os.walk(author.repo):
+        for name in dirs + files:
+            os.chmod(os.path.join(top, name), 0o777)
+    env = {"ISCONF_AUTHOR": "nobody@example"}
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
+                           ISCONF, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
+                           author.repo, "lock", "-m", "x"], env=dict(env, PATH=os.environ["PATH"]),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.returncode == 2 and b"--branch" in proc.stderr  # the host's branch cannot be read: say so
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
+                           ISCONF, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
+                           author.repo, "--branch", "web", "lock", "-m", "x"], env=dict(env, PATH=os.environ["PATH"]),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
+                           ISCONF, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
+                           author.repo, "--branch", "web", "exec", "--", "/bin/true"],
+                          env=dict(env, PATH=os.environ["PATH"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.returncode == 0, proc.stderr
+    assert b"without the host's [env] variables" in proc.stderr
