@@ -115,7 +115,7 @@ def main():
         isconf("--root", root, "status", tmp=tmp)
         isconf("--root", root, "log", tmp=tmp)
 
-        step("Nothing new: one conditional request, nothing applied")
+        step("Nothing new: one small request for the head, nothing applied")
         isconf("--root", root, "up", tmp=tmp)
         log.flush()
         with open(os.path.join(tmp, "access.log")) as f:

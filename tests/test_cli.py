@@ -141,7 +141,8 @@ def test_make_test_names_a_missing_package_first(tmp_path):
     proc = subprocess.run(["/usr/bin/make", "-s", "-C", os.path.dirname(ISCONF), "tools"],
                           env={"PATH": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.returncode != 0
-    assert proc.stdout.decode().splitlines()[0] == "make test: missing packages: openssh-client"
+    first = proc.stdout.decode().splitlines()[0]
+    assert first.startswith("make test: missing packages: ") and "openssh-client" in first.split()
 
 
 def test_up_into_a_closed_pipe_still_applies_every_transaction(author, server, keys, host, busybox_root):
