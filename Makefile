@@ -19,7 +19,7 @@ tools:
 	command -v ssh-keygen >/dev/null 2>&1 || missing="$$missing openssh-client"; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	bb=$$(command -v busybox || echo /bin/busybox); \
-	{ [ -x "$$bb" ] && LC_ALL=C ldd "$$bb" 2>&1 | grep -q 'not a dynamic'; } || missing="$$missing busybox-static"; \
+	case "$$(LC_ALL=C ldd "$$bb" 2>&1)" in *"not a dynamic"*) ;; *) missing="$$missing busybox-static";; esac; \
 	if [ -n "$$missing" ]; then \
 		echo "make test: missing packages:$$missing"; \
 		echo "make test: install them with 'apt-get install -y$$missing' (.ci/run does this), then run make test again"; \
