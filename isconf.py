@@ -80,7 +80,9 @@ MIN_RATE = 16 * 1024            # bytes/s a fetch may not fall below over its de
 SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
 OWNERS_MAX = 16 * 1024 * 1024   # a target's passwd or group file; larger is not a passwd file
 SIGNERS_MAX = 1024 * 1024       # an allowed_signers file of a few thousand keys
-RECENT_HISTORY = 64 * 1024      # the end of the history a run reads to find where the host stands
+RECORD_MAX = 1024 * 1024        # one history record is under 1 KiB; a longer line is damage, not data
+CONFIG_MAX = 1024 * 1024        # a host config of a few hundred variables; larger is not a config
+ERROR_MAX = 4096                # of a failure's message kept in the history: a record stays under RECORD_MAX
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
@@ -387,30 +389,81 @@ def append_record(path, fields, dir_fd=None):
         os.close(fd)
 
 
-def read_records(path, what, tail=None, dir_fd=None):
+def read_records(path, what, until=None, dir_fd=None):
     """The JSON objects of a file written by append_record; a torn last line is ignored.
-    With tail, only the records in (about) its last tail bytes."""
+
+    Read a chunk at a time and a line at most RECORD_MAX long (attack: a sparse history of
+    gigabytes planted in the image), so memory is what the records take, never the file's
+    size.  With until (a test on a record), read from the end backwards and stop at the last
+    record it holds for: that record and those after it (all of them if none holds)."""
     try:
         with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            start = max(0, size - tail) if tail else 0
-            f.seek(start)
-            data = f.read()
+            if until is None:
+                return [_record(line, path, what, offset) for offset, line in _lines_forward(f, path, what)]
+            records = []
+            for offset, line in _lines_backward(f.fileno(), size, path, what):
+                records.append(_record(line, path, what, offset))
+                if until(records[-1]):
+                    break
+            return records[::-1]
     except FileNotFoundError:
         return []
-    lines = data.split(b"\n")[:-1]  # whatever follows the last newline is a torn append
-    if start:
-        lines = lines[1:]  # the first is most likely cut
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (ValueError, RecursionError):
-            record = None
-        if not isinstance(record, dict):
-            raise StateError("%s %s is damaged at line %d; it was edited or the disk is failing" % (what, path, number))
-        records.append(record)
-    return records
+
+
+def _too_long(path, what, offset):
+    return StateError("%s %s is damaged at byte %d: a line longer than %d bytes, which isconf never writes; the "
+                      "file was overwritten or the disk is failing: move it away and find out what happened"
+                      % (what, path, offset, RECORD_MAX))
+
+
+def _lines_forward(f, path, what):
+    """(offset, line) of each complete line, first to last; what follows the last newline is a torn append."""
+    offset = 0
+    while True:
+        line = f.readline(RECORD_MAX + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > RECORD_MAX:
+                raise _too_long(path, what, offset)
+            return
+        yield offset, line[:-1]
+        offset += len(line)
+
+
+def _lines_backward(fd, size, path, what):
+    """(offset, line) of each complete line, last to first, read a CHUNK at a time from the end."""
+    pos, rest, torn = size, b"", True  # rest: the start of a line whose beginning is not read yet
+    while pos > 0:
+        n = min(CHUNK, pos)
+        pos -= n
+        parts = (os.pread(fd, n, pos) + rest).split(b"\n")
+        rest = parts[0]
+        end = pos + len(parts[0])  # where the newline after rest is
+        found = []
+        for line in parts[1:]:
+            found.append((end + 1, line))
+            end += 1 + len(line)
+        for offset, line in reversed(found):
+            if torn:  # what follows the last newline
+                torn = False
+                if len(line) > RECORD_MAX:
+                    raise _too_long(path, what, offset)
+                continue
+            yield offset, line
+        if len(rest) > RECORD_MAX:
+            raise _too_long(path, what, pos)
+    if not torn:
+        yield 0, rest
+
+
+def _record(line, path, what, offset):
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict):
+        raise StateError("%s %s is damaged at byte %d; it was edited or the disk is failing" % (what, path, offset))
+    return record
 
 
 def emit(data, stream=None):
@@ -456,7 +509,8 @@ def read_file(path, limit=None, dir_fd=None):
     with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
         data = f.read() if limit is None else f.read(limit + 1)
     if limit is not None and len(data) > limit:
-        raise StateError("%s is larger than %d bytes" % (path, limit))
+        raise StateError("%s is larger than %d bytes, more than such a file ever holds; find out what made it so "
+                         "and replace it" % (path, limit))
     return data
 
 
@@ -1717,8 +1771,8 @@ class StateDir(object):
     def append_record(self, name, fields):
         append_record(self.file(name), fields, self.fd)
 
-    def read_records(self, name, what, tail=None):
-        return read_records(self.file(name), what, tail, self.fd)
+    def read_records(self, name, what, until=None):
+        return read_records(self.file(name), what, until, self.fd)
 
     def lock(self, name, what):
         return FileLock(self.file(name), what, self.fd)
@@ -1814,20 +1868,21 @@ class History(object):
     """Append-only record of what this host did: started before, done or failed after.
 
     It grows with every transaction for the life of the host, so a run that only needs
-    the applied position reads its recent end (recent=True), and all of it only if the
-    last done or skipped event is not there."""
+    the applied position (recent=True) reads it backwards from the end, as far as the
+    last done or skipped event."""
 
     def __init__(self, state, recent=False):
         self.state, self.path = state, state.file("history")
-        self.events = state.read_records("history", "history", tail=RECENT_HISTORY if recent else None)
-        if recent and not any(e.get("event") in ("done", "skipped") for e in self.events):
-            self.events = state.read_records("history", "history")
+        self.events = state.read_records("history", "history",
+                                         (lambda e: e.get("event") in ("done", "skipped")) if recent else None)
         for event in self.events:
             if not (isinstance(event.get("event"), str) and isinstance(event.get("seq"), int)
                     and isinstance(event.get("id"), str)):
                 raise StateError("history %s holds an event without event, seq and id; it was edited" % self.path)
 
     def record(self, event, entry, **extra):
+        if len(extra.get("error", "")) > ERROR_MAX:  # a failed snap of many files names them all
+            extra["error"] = extra["error"][:ERROR_MAX] + "..."
         fields = dict(extra, event=event, seq=entry.seq, id=entry.id, time=format_time(time.time()))
         self.events.append(fields)
         self.state.append_record("history", fields)
@@ -1906,7 +1961,7 @@ class Host(object):
         if self._config is None:
             try:
                 directory, name = self.config_dir()
-                data = directory.read(name)
+                data = directory.read(name, CONFIG_MAX)
             except FileNotFoundError:
                 raise StateError("no config at %s; run 'isconf init URL --branch NAME' first" % self.config_path)
             except OSError as e:
@@ -3476,7 +3531,7 @@ def cmd_migrate(args):
         # of the old branch and finishes the move.  One line changes, so comments survive.
         directory, name = host.config_dir()
         text, found = re.subn(r"(?m)^branch\s*[=:].*$", "branch = " + args.new_branch,
-                              directory.read(name).decode("utf-8"), count=1)
+                              directory.read(name, CONFIG_MAX).decode("utf-8"), count=1)
         if not found:
             raise StateError("cannot find the 'branch =' line in %s; set it to %s by hand" % (config.path,
                                                                                            args.new_branch))

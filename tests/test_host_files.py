@@ -1,0 +1,71 @@
+"""The host's own files, as a hostile image or an old install leaves them: bounded reads,
+cleanup of what is not ours, values init cannot write, old modes, and the host lock."""
+
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ISCONF, error_line
+
+HUGE = 4 << 30    # a sparse file of 4 GiB costs nothing on disk ...
+MEMORY = 1 << 30  # ... and more than the agent is given here: read whole, it would end in MemoryError
+
+
+def run_limited(host, *args):
+    """isconf with its address space limited, as on a small host: a file read whole cannot fit."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+    proc = subprocess.run([sys.executable, "-I", ISCONF, "--root", host.root] + list(args), preexec_fn=limit,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+    proc.out, proc.err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    return proc
+
+
+def applied_host(author, keys, host, busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/one"])
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+
+
+def grow(path, how):
+    """Make a file huge and sparse: nothing but zeros, or its records followed by zeros."""
+    if how == "zeros":
+        os.truncate(path, 0)
+    os.truncate(path, os.path.getsize(path) + HUGE)
+
+
+@pytest.mark.parametrize("verb", ["up", "status", "log"])
+@pytest.mark.parametrize("how", ["zeros", "records-then-zeros"])
+def test_a_huge_history_is_refused_as_damaged_not_read_whole(author, keys, host, busybox_root, how, verb):
+    applied_host(author, keys, host, busybox_root)
+    grow(host.state("history"), how)
+    proc = run_limited(host, verb)
+    assert proc.returncode == 7, proc.err
+    line = error_line(proc)
+    assert host.state("history") in line and "longer than 1048576 bytes" in line, line
+
+
+def test_a_long_history_is_read_from_its_end_as_far_as_the_last_done(author, keys, host, busybox_root):
+    # Megabytes of damage far back are not read by a run that finds its position near the end.
+    applied_host(author, keys, host, busybox_root)
+    with open(host.state("history"), "rb") as f:
+        good = f.read()
+    with open(host.state("history"), "wb") as f:
+        f.write(b"\0" * (8 << 20) + b"\n" + good)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/two"])
+    host("up", expect="ok")
+    assert os.path.exists(host.path("/tmp/two"))
+
+
+@pytest.mark.parametrize("verb", ["up", "status", "migrate"])
+def test_a_huge_config_is_refused_not_read_whole(author, keys, host, busybox_root, verb):
+    applied_host(author, keys, host, busybox_root)
+    grow(host.path("/etc/isconf/isconf.conf"), "records-then-zeros")
+    proc = run_limited(host, *([verb, "canary"] if verb == "migrate" else [verb]))
+    assert proc.returncode == 7, proc.err
+    line = error_line(proc)
+    assert "isconf.conf is larger than 1048576 bytes" in line, line
