@@ -2703,10 +2703,19 @@ class Agent(object):
         """Drop staged objects no pending transaction still needs."""
         applied_seq = self.history.applied()[0]
         keep = set(sha for e in plan.entries if e.seq > applied_seq for sha, _ in e.objects())
-        objects = self.host.objects  # names in it are removed, links too, never what a link points to
+        objects = self.host.objects
         for name in objects.listdir():
-            if name not in keep:
-                objects.unlink(name)
+            if name in keep:
+                continue
+            try:
+                st = os.stat(name, dir_fd=objects.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):  # isconf stages regular files only: what else is here is not ours
+                self.say("warning: %s is a %s, not an object isconf staged; left alone: move it away"
+                         % (objects.file(name), file_kind(st.st_mode)), sys.stderr)
+                continue
+            objects.unlink(name)
 
 
 # ---------------------------------------------------------------------------

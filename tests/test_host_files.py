@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ISCONF, error_line
+from conftest import ISCONF, error_line, source_tree
 
 HUGE = 4 << 30    # a sparse file of 4 GiB costs nothing on disk ...
 MEMORY = 1 << 30  # ... and more than the agent is given here: read whole, it would end in MemoryError
@@ -69,3 +69,25 @@ def test_a_huge_config_is_refused_not_read_whole(author, keys, host, busybox_roo
     assert proc.returncode == 7, proc.err
     line = error_line(proc)
     assert "isconf.conf is larger than 1048576 bytes" in line, line
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO", "symbolic link"])
+def test_what_isconf_did_not_stage_in_objects_is_left_with_a_warning_and_the_run_succeeds(author, keys, host,
+                                                                                          busybox_root, tmp_path,
+                                                                                          kind):
+    busybox_root(host.root)
+    author.commit(["--root", source_tree(tmp_path, "/etc/motd", "welcome\n"), "snap", "/etc/motd"])
+    host.init(author.repo, keys)
+    planted = host.state("objects", "planted")
+    if kind == "directory":
+        os.makedirs(os.path.join(planted, "sub"))
+    elif kind == "FIFO":
+        os.mkfifo(planted)
+    else:
+        os.symlink(host.path("/etc/passwd"), planted)
+    proc = host("up", expect="ok")
+    assert "isconf: warning: %s is a %s, not an object isconf staged" % (planted, kind) in proc.err, proc.err
+    assert os.path.exists(host.state("last-success")) and open(host.path("/etc/motd")).read() == "welcome\n"
+    assert os.listdir(host.state("objects")) == ["planted"]  # the staged object is gone, the stranger kept
+    assert os.path.lexists(planted) and os.path.exists(host.path("/etc/passwd"))
+
