@@ -1837,6 +1837,18 @@ class Config(object):
         return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+def check_config_value(value, what):
+    """A value init writes into the config: on one line and kept as given when read back
+    (a newline would end it and make the file unreadable; the INI reader strips white space)."""
+    bad = CONTROL_RE.search(value)
+    if bad:
+        raise UsageError("%s holds a control character (%s), which the config file cannot keep; give the value "
+                         "without it" % (what, printable(bad.group())))
+    if value != value.strip():
+        raise UsageError("%s begins or ends with white space, which the config file does not keep; give the value "
+                         "without it (an exec can add it)" % what)
+
+
 def parse_command(text):
     """A command line from the config, split as a shell would, never run by one."""
     try:
@@ -3363,6 +3375,10 @@ def cmd_init(args):
     check_branch(args.branch)
     host = Host(args.root, args.config)
     for url in args.urls:
+        check_config_value(url, "URL %s" % printable(url))
+        if len(url.split()) > 1:  # white space separates the mirrors in the config
+            raise UsageError("URL %s holds white space, which separates mirrors in the config; write it "
+                             "percent-encoded (%%20), a directory as a file:// URL" % url)
         Mirror(url)
     if not args.signers and not args.insecure:
         raise UsageError("init needs --signers FILE (the authors' keys, allowed_signers format) or an explicit "
@@ -3379,12 +3395,14 @@ def cmd_init(args):
             check_variable(name, value)
         except ValueError:
             raise UsageError("--var %r is not NAME=VALUE with a shell-style NAME (ISCONF_* are reserved)" % item)
+        check_config_value(value, "--var %s" % printable(item))
         variables[name] = value
     if host.has_config() and not args.force:
         raise UsageError("%s exists; use --force to overwrite it (the applied history is kept)" % host.config_path)
     extra = {}
     try:
         if args.reboot_command is not None:
+            check_config_value(args.reboot_command, "--reboot-command %s" % printable(args.reboot_command))
             parse_command(args.reboot_command)
             extra["reboot_command"] = args.reboot_command
         for key, kind, most in (("timeout", float, 3600), ("deadline", float, MAX_DEADLINE), ("retries", int, 100),
@@ -3402,7 +3420,16 @@ def cmd_init(args):
         except StateError as e:
             raise UsageError("--signers: %s" % e)
         host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
-    host.write_config(Config.render(args.branch, args.urls, args.insecure, variables, extra))
+    config = Config.render(args.branch, args.urls, args.insecure, variables, extra)
+    try:  # what every later run will read, checked before it is written
+        written = Config(host.config_path, config)
+    except StateError as e:
+        raise UsageError("the config these options make would not read back: %s" % e)
+    if (written.urls, written.env, written.reboot_command) != (args.urls, variables,
+                                                               extra.get("reboot_command", DEFAULT_REBOOT)):
+        raise UsageError("a URL, --var or --reboot-command would not read back from the config as given; "
+                         "give each without white space or control characters")
+    host.write_config(config)
     host.ensure_state()
     show("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
 

@@ -91,3 +91,30 @@ def test_what_isconf_did_not_stage_in_objects_is_left_with_a_warning_and_the_run
     assert os.listdir(host.state("objects")) == ["planted"]  # the staged object is gone, the stranger kept
     assert os.path.lexists(planted) and os.path.exists(host.path("/etc/passwd"))
 
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--var", "A=x\ny"], "--var A=x\\x0ay holds a control character (\\x0a)"),
+    (["--var", "A=x\ry"], "holds a control character (\\x0d)"),
+    (["--var", "A=x\ty"], "holds a control character (\\x09)"),
+    (["--var", "A=x\x1b[2Jy"], "holds a control character (\\x1b)"),
+    (["--var", "B=  x  "], "--var B=  x   begins or ends with white space"),
+    (["--var", "B=x "], "begins or ends with white space"),
+    (["--reboot-command", "/sbin/reboot\n-f"], "--reboot-command /sbin/reboot\\x0a-f holds a control character"),
+    (["--reboot-command", " /sbin/reboot"], "begins or ends with white space"),
+    (["--url", "/srv/is conf"], "holds white space, which separates mirrors"),
+    (["--url", "/srv/isconf\n/srv/other"], "holds a control character"),
+])
+def test_init_refuses_a_value_the_config_could_not_keep(author, keys, host, extra, fragment):
+    urls = [extra[1]] if extra[0] == "--url" else [author.repo]
+    options = [] if extra[0] == "--url" else extra
+    proc = host("init", *(urls + ["--branch", "web", "--signers", keys.signers] + options), expect="usage")
+    assert fragment in error_line(proc), proc.err
+    assert not os.path.exists(host.path("/etc/isconf/isconf.conf"))
+
+
+def test_a_value_init_accepts_reaches_every_exec_as_given(author, keys, host, busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", 'printf "%s|" "$MOTD" > /tmp/motd'])
+    host.init(author.repo, keys, "--var", "MOTD=a  b # c %(d)s ; e")
+    host("up", expect="ok")
+    assert open(host.path("/tmp/motd")).read() == "a  b # c %(d)s ; e|"
