@@ -668,10 +668,8 @@ class RootPath(object):
     def read_file(self, path, limit):
         """The bytes of a small regular file inside the root: never a device, a FIFO or
         anything outside the root (attack: /etc/passwd linked to /dev/zero)."""
-        fd = os.open(self.resolve(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", path)
+        inside = "/" + os.path.relpath(self.resolve(path), self.root)  # its links followed, inside the root
+        with os.fdopen(self._open_regular(inside, path), "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
             raise OSError(errno.EFBIG, "larger than %d bytes" % limit, path)
@@ -679,16 +677,23 @@ class RootPath(object):
 
     def open_file(self, path):
         """A file object for reading a regular file inside the root; the final name is not followed."""
+        return os.fdopen(self._open_regular(path, path), "rb")
+
+    def _open_regular(self, path, shown):
+        """A descriptor of the regular file at path, opened only after an lstat shows it is one:
+        opening a FIFO wakes a writer blocked on it, and a device may act on being opened."""
         dfd, name = self.parent(path)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "a %s, not a regular file" % file_kind(st.st_mode), shown)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
         finally:
             os.close(dfd)
-        f = os.fdopen(fd, "rb")
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            f.close()
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        return f
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped in since the lstat
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", shown)
+        return fd
 
     def lstat(self, path):
         if path == "/":

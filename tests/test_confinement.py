@@ -232,3 +232,30 @@ def test_a_state_file_hard_linked_from_outside_the_root_is_never_written(author,
     proc = host("up")
     assert proc.returncode == 7 and "hard links" in error_line(proc)
     assert outside.read_bytes() == b""
+
+
+@pytest.mark.parametrize("where", ["/etc/passwd", "/run/passwd"])
+def test_a_fifo_where_the_targets_passwd_belongs_is_never_opened(tmp_path, keys, busybox_root, where):
+    # The owner names of a snap come from the target's own passwd and group: only if they are regular files.
+    journal = Journal(str(tmp_path / "mirror"), keys, [("snap", {"files": [snap_file("/etc/motd", MOTD)]})])
+    host = Host(str(tmp_path / "host"))
+    busybox_root(host.root)
+    fifo = host.path(where)
+    os.makedirs(os.path.dirname(fifo), exist_ok=True)
+    os.unlink(host.path("/etc/passwd"))
+    if where != "/etc/passwd":
+        os.symlink(where, host.path("/etc/passwd"))  # followed inside the root, to what is not a regular file
+    os.mkfifo(fifo)
+    host("init", journal.top, "--branch", "web", "--signers", keys.signers, expect="ok")
+    opened = []
+    writer = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_WRONLY)))
+    writer.start()
+    try:
+        host("up", expect="ok", timeout=RUN_TIMEOUT)  # the recorded uid and gid serve instead
+        writer.join(0.5)
+        assert not opened
+        assert open(host.path("/etc/motd"), "rb").read() == MOTD
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return
+        writer.join()
+        os.close(opened[-1])
