@@ -102,6 +102,8 @@ CONFIG_PATH = "/etc/isconf/isconf.conf"      # inside --root
 SIGNERS_PATH = "/etc/isconf/allowed_signers"  # inside --root
 STATE_PATH = "/var/lib/isconf"                # inside --root
 STATE_FORMAT = 2  # host state layout this file reads and writes; 0.1.0's, without a number, is 1
+STATE_NAMES = ("state-format", "history", "journal", "head", "head.sig", "lock", "objects", "logs", "last-success",
+               "internal-error.log")  # what isconf keeps in it: one of them marks a state directory as ours
 
 # Exit codes: documented in README.md, stable across versions.
 EXIT_OK = 0
@@ -512,6 +514,14 @@ def read_file(path, limit=None, dir_fd=None):
         raise StateError("%s is larger than %d bytes, more than such a file ever holds; find out what made it so "
                          "and replace it" % (path, limit))
     return data
+
+
+def _lexists(name, dir_fd):
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def makedirs(path, mode=0o755):
@@ -1705,8 +1715,8 @@ class StateDir(object):
         self.fd, self.path, self._subdirs = fd, path, {}
 
     @classmethod
-    def inside(cls, rootpath, path, create=False, mode=None):
-        """The directory at path inside the root; made (with mode) if create and missing."""
+    def inside(cls, rootpath, path, create=False):
+        """The directory at path inside the root; made if create and missing."""
         try:
             fd = rootpath.open_dir(path, create)
         except FileNotFoundError:
@@ -1714,10 +1724,7 @@ class StateDir(object):
         except NotADirectoryError:
             raise StateError("%s (or a directory on the way to it) is not a directory; find out what put it there, "
                              "move it away, and run again" % os.path.join(rootpath.root, path[1:]))
-        shown = rootpath.resolve(path)
-        if mode is not None and stat.S_IMODE(os.fstat(fd).st_mode) != mode:
-            os.fchmod(fd, mode)
-        return cls(fd, shown)
+        return cls(fd, rootpath.resolve(path))
 
     @classmethod
     def at(cls, path):
@@ -1946,9 +1953,38 @@ class Host(object):
     def state(self):
         """The state directory, opened once; refused if a newer isconf wrote it."""
         if self._state is None:
-            self._state = StateDir.inside(self.rootpath, STATE_PATH)
-            self.check_state_format()
+            self.open_state(create=False)
         return self._state
+
+    def open_state(self, create):
+        state = StateDir.inside(self.rootpath, STATE_PATH, create)
+        try:
+            self.check_state_dir(state)
+        except BaseException:
+            state.close()
+            raise
+        self._state = state
+        self.check_state_format()
+
+    def check_state_dir(self, state):
+        """Take a state directory only if it is one: not the root, not a directory that holds
+        etc/isconf, and empty or already holding isconf's files.  (Attack or accident: a
+        var/lib/isconf link to / or /etc planted in the image would have isconf make the
+        target's root 0700 and spread its files there.)"""
+        root, found = os.stat(self.root), os.fstat(state.fd)
+        config_dir = self.rootpath.resolve(posixpath.dirname(CONFIG_PATH))
+        if (found.st_dev, found.st_ino) == (root.st_dev, root.st_ino):
+            why = "is the root itself"
+        elif config_dir == state.path or config_dir.startswith(state.path.rstrip("/") + "/"):
+            why = "holds %s" % config_dir
+        elif os.listdir(state.fd) and not any(_lexists(name, state.fd) for name in STATE_NAMES):
+            why = "is not empty and holds no isconf state"
+        else:
+            return
+        link = os.path.join(self.root, STATE_PATH[1:])
+        raise StateError("%s leads to %s, which %s; isconf does not take that over as its state directory: make %s "
+                         "a directory of its own (or a link to an empty one) and run again"
+                         % (link, state.path, why, link))
 
     def etc(self, create=False):
         """ROOT/etc/isconf: the config (unless --config names another) and the trusted keys."""
@@ -1996,15 +2032,19 @@ class Host(object):
         """The bytes of ROOT/etc/isconf/allowed_signers, confined like the state."""
         return self.etc().read(posixpath.basename(SIGNERS_PATH), SIGNERS_MAX)
 
-    def ensure_state(self):
-        """Make the state directory and what lives in it (0700: logs hold what commands print),
-        and bring a state written by an older isconf up to this format."""
+    def make_state(self):
+        """Make the state directory and what lives in it (0700: logs hold what commands print)."""
         if self._state is None:
-            self._state = StateDir.inside(self.rootpath, STATE_PATH, create=True, mode=0o700)
-            self.check_state_format()
+            self.open_state(create=True)
+        if stat.S_IMODE(os.fstat(self.state.fd).st_mode) != 0o700:
+            os.fchmod(self.state.fd, 0o700)
         for sub in ("objects", "logs"):
             self.state.subdir(sub, create=True)
         os.close(self.state.open("lock", os.O_WRONLY | os.O_CREAT, 0o600))
+
+    def ensure_state(self):
+        """make_state, and bring a state written by an older isconf up to this format (under the host lock)."""
+        self.make_state()
         if self.state_format() < STATE_FORMAT:
             self.upgrade_state()
 
@@ -3424,7 +3464,6 @@ def cmd_init(args):
             raise UsageError("--signers %s: %s" % (args.signers, e.strerror))
         except StateError as e:
             raise UsageError("--signers: %s" % e)
-        host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
     config = Config.render(args.branch, args.urls, args.insecure, variables, extra)
     try:  # what every later run will read, checked before it is written
         written = Config(host.config_path, config)
@@ -3434,8 +3473,10 @@ def cmd_init(args):
                                                                extra.get("reboot_command", DEFAULT_REBOOT)):
         raise UsageError("a URL, --var or --reboot-command would not read back from the config as given; "
                          "give each without white space or control characters")
+    host.ensure_state()  # first: a state directory that is not one is refused before anything is written
+    if args.signers:
+        host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
     host.write_config(config)
-    host.ensure_state()
     show("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
 
 

@@ -118,3 +118,4 @@ def test_a_value_init_accepts_reaches_every_exec_as_given(author, keys, host, bu
     host.init(author.repo, keys, "--var", "MOTD=a  b # c %(d)s ; e")
     host("up", expect="ok")
     assert open(host.path("/tmp/motd")).read() == "a  b # c %(d)s ; e|"
+
