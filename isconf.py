@@ -3473,10 +3473,12 @@ def cmd_init(args):
                                                                extra.get("reboot_command", DEFAULT_REBOOT)):
         raise UsageError("a URL, --var or --reboot-command would not read back from the config as given; "
                          "give each without white space or control characters")
-    host.ensure_state()  # first: a state directory that is not one is refused before anything is written
-    if args.signers:
-        host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
-    host.write_config(config)
+    host.make_state()
+    with host.lock():  # not while an up runs: the state upgrade and the config are its too
+        host.ensure_state()
+        if args.signers:
+            host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
+        host.write_config(config)
     show("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
 
 

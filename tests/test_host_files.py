@@ -1,6 +1,7 @@
 """The host's own files, as a hostile image or an old install leaves them: bounded reads,
 cleanup of what is not ours, values init cannot write, old modes, and the host lock."""
 
+import fcntl
 import os
 import resource
 import subprocess
@@ -119,3 +120,20 @@ def test_a_value_init_accepts_reaches_every_exec_as_given(author, keys, host, bu
     host("up", expect="ok")
     assert open(host.path("/tmp/motd")).read() == "a  b # c %(d)s ; e|"
 
+
+def test_init_force_is_busy_while_an_up_holds_the_host_lock(author, keys, host):
+    # An up holds the host lock for its whole run: its state and config are not changed under it.
+    host.init(author.repo, keys, "--var", "A=1")
+    conf = host.path("/etc/isconf/isconf.conf")
+    before = open(conf).read()
+    fd = os.open(host.state("lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        line = error_line(host("init", "--force", author.repo, "--branch", "web", "--signers", keys.signers,
+                               "--var", "A=2", expect="busy"))
+        assert "this host is busy" in line, line
+        assert open(conf).read() == before
+    finally:
+        os.close(fd)
+    host("init", "--force", author.repo, "--branch", "web", "--signers", keys.signers, "--var", "A=2", expect="ok")
+    assert "A = 2" in open(conf).read()
