@@ -2068,7 +2068,8 @@ class Host(object):
 
     def upgrade_state(self):
         """From format 1 (0.1.0): logs were named by seq alone, and 0644; name each by the entry
-        whose events are the last for that seq, as that run wrote it, and make it 0600."""
+        whose events are the last for that seq, as that run wrote it, and make it 0600; and the
+        config, 0644 as 0.1.0 wrote it, 0600 (another mode is the admin's choice: kept)."""
         logs = self.state.subdir("logs", create=True)
         last = {}
         for event in self.history().events:
@@ -2083,6 +2084,14 @@ class Host(object):
                     os.close(fd)
                 logs.rename(old, new)
         logs.fsync()
+        if self.has_config():  # 0.1.0 wrote it 0644, offering no choice, and [env] holds site secrets
+            directory, name = self.config_dir()
+            fd = directory.open(name)
+            try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) == 0o644:
+                    os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
         self.state.write("state-format", b"%d\n" % STATE_FORMAT)
 
     def lock(self):
