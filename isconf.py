@@ -2179,7 +2179,8 @@ class Host(object):
         return self.logs.open(self.log_name(entry.seq, entry.id), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
 
     def log_tail(self, entry, size):
-        """The last size bytes of the transaction's log, or b"" if it has none."""
+        """(where the transaction's log is, its last size bytes): before a run upgraded the
+        state, the log 0.1.0 named by seq alone; (where it will be, b"") if it has none."""
         names = [self.log_name(entry.seq, entry.id)]
         if self.state_format() < 2:  # not yet upgraded by a run: logs are named by seq alone
             names.append("%06d.log" % entry.seq)
@@ -2187,10 +2188,10 @@ class Host(object):
             try:
                 with os.fdopen(self.logs.open(name), "rb") as f:
                     f.seek(max(0, os.fstat(f.fileno()).st_size - size))
-                    return f.read()
+                    return self.path("logs", name), f.read()
             except FileNotFoundError:
                 pass
-        return b""
+        return self.log_path(entry), b""
 
     def last_success(self):
         try:
@@ -3560,8 +3561,8 @@ def cmd_status(args):
     }
     if failed:
         entry, event = failed[0]
-        log = host.log_path(entry)
-        tail = host.log_tail(entry, 64 * 1024).decode("utf-8", "replace").splitlines()[-20:]  # logs can be huge
+        log, tail = host.log_tail(entry, 64 * 1024)
+        tail = tail.decode("utf-8", "replace").splitlines()[-20:]  # logs can be huge
         report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
                             "error": event.get("error"), "log": log, "log_tail": tail}
     code = EXIT_FAILED if failed else EXIT_OK  # monitoring: non-zero while the host is halted

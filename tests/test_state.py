@@ -173,3 +173,13 @@ def test_the_state_upgrade_keeps_a_config_mode_the_admin_chose(author, keys, hos
     host("up", expect="ok")
     assert mode(conf) == 0o644
 
+
+def test_status_before_the_upgrade_names_the_log_its_tail_came_from(author, keys, host, busybox_root, tmp_path):
+    busybox_root(host.root)
+    old = old_isconf(tmp_path)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo attempt; false"])
+    assert run_old(old, host, "init", author.repo, "--branch", "web", "--signers", keys.signers).returncode == 0
+    assert run_old(old, host, "up").returncode == 1
+    failed = host.status()["failed"]
+    assert failed["log"] == host.state("logs", "000001.log") and "attempt" in failed["log_tail"], failed
+    assert "log %s:" % host.state("logs", "000001.log") in host("status", expect="failed").out
