@@ -81,7 +81,9 @@ SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
 OWNERS_MAX = 16 * 1024 * 1024   # a target's passwd or group file; larger is not a passwd file
 SIGNERS_MAX = 1024 * 1024       # an allowed_signers file of a few thousand keys
 VERIFY_MAX = 64 * 1024 * 1024   # what verify-sig reads whole to check; a head is ~200 bytes
-RECENT_HISTORY = 64 * 1024      # the end of the history a run reads to find where the host stands
+RECORD_MAX = 1024 * 1024        # one history record is under 1 KiB; a longer line is damage, not data
+CONFIG_MAX = 1024 * 1024        # a host config of a few hundred variables; larger is not a config
+ERROR_MAX = 4096                # of a failure's message kept in the history: a record stays under RECORD_MAX
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
@@ -101,6 +103,8 @@ CONFIG_PATH = "/etc/isconf/isconf.conf"      # inside --root
 SIGNERS_PATH = "/etc/isconf/allowed_signers"  # inside --root
 STATE_PATH = "/var/lib/isconf"                # inside --root
 STATE_FORMAT = 2  # host state layout this file reads and writes; 0.1.0's, without a number, is 1
+STATE_NAMES = ("state-format", "history", "journal", "head", "head.sig", "lock", "objects", "logs", "last-success",
+               "internal-error.log")  # what isconf keeps in it: one of them marks a state directory as ours
 
 # Exit codes: documented in README.md, stable across versions.
 EXIT_OK = 0
@@ -401,30 +405,81 @@ def append_record(path, fields, dir_fd=None):
         os.close(fd)
 
 
-def read_records(path, what, tail=None, dir_fd=None):
+def read_records(path, what, until=None, dir_fd=None):
     """The JSON objects of a file written by append_record; a torn last line is ignored.
-    With tail, only the records in (about) its last tail bytes."""
+
+    Read a chunk at a time and a line at most RECORD_MAX long (attack: a sparse history of
+    gigabytes planted in the image), so memory is what the records take, never the file's
+    size.  With until (a test on a record), read from the end backwards and stop at the last
+    record it holds for: that record and those after it (all of them if none holds)."""
     try:
         with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            start = max(0, size - tail) if tail else 0
-            f.seek(start)
-            data = f.read()
+            if until is None:
+                return [_record(line, path, what, offset) for offset, line in _lines_forward(f, path, what)]
+            records = []
+            for offset, line in _lines_backward(f.fileno(), size, path, what):
+                records.append(_record(line, path, what, offset))
+                if until(records[-1]):
+                    break
+            return records[::-1]
     except FileNotFoundError:
         return []
-    lines = data.split(b"\n")[:-1]  # whatever follows the last newline is a torn append
-    if start:
-        lines = lines[1:]  # the first is most likely cut
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (ValueError, RecursionError):
-            record = None
-        if not isinstance(record, dict):
-            raise StateError("%s %s is damaged at line %d; it was edited or the disk is failing" % (what, path, number))
-        records.append(record)
-    return records
+
+
+def _too_long(path, what, offset):
+    return StateError("%s %s is damaged at byte %d: a line longer than %d bytes, which isconf never writes; the "
+                      "file was overwritten or the disk is failing: move it away and find out what happened"
+                      % (what, path, offset, RECORD_MAX))
+
+
+def _lines_forward(f, path, what):
+    """(offset, line) of each complete line, first to last; what follows the last newline is a torn append."""
+    offset = 0
+    while True:
+        line = f.readline(RECORD_MAX + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > RECORD_MAX:
+                raise _too_long(path, what, offset)
+            return
+        yield offset, line[:-1]
+        offset += len(line)
+
+
+def _lines_backward(fd, size, path, what):
+    """(offset, line) of each complete line, last to first, read a CHUNK at a time from the end."""
+    pos, rest, torn = size, b"", True  # rest: the start of a line whose beginning is not read yet
+    while pos > 0:
+        n = min(CHUNK, pos)
+        pos -= n
+        parts = (os.pread(fd, n, pos) + rest).split(b"\n")
+        rest = parts[0]
+        end = pos + len(parts[0])  # where the newline after rest is
+        found = []
+        for line in parts[1:]:
+            found.append((end + 1, line))
+            end += 1 + len(line)
+        for offset, line in reversed(found):
+            if torn:  # what follows the last newline
+                torn = False
+                if len(line) > RECORD_MAX:
+                    raise _too_long(path, what, offset)
+                continue
+            yield offset, line
+        if len(rest) > RECORD_MAX:
+            raise _too_long(path, what, pos)
+    if not torn:
+        yield 0, rest
+
+
+def _record(line, path, what, offset):
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict):
+        raise StateError("%s %s is damaged at byte %d; it was edited or the disk is failing" % (what, path, offset))
+    return record
 
 
 def emit(data, stream=None):
@@ -475,8 +530,17 @@ def read_file(path, limit=None, dir_fd=None):
     with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
         data = f.read() if limit is None else f.read(limit + 1)
     if limit is not None and len(data) > limit:
-        raise StateError("%s is larger than %d bytes" % (path, limit))
+        raise StateError("%s is larger than %d bytes, more than such a file ever holds; find out what made it so "
+                         "and replace it" % (path, limit))
     return data
+
+
+def _lexists(name, dir_fd):
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def makedirs(path, mode=0o755):
@@ -633,10 +697,8 @@ class RootPath(object):
     def read_file(self, path, limit):
         """The bytes of a small regular file inside the root: never a device, a FIFO or
         anything outside the root (attack: /etc/passwd linked to /dev/zero)."""
-        fd = os.open(self.resolve(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", path)
+        inside = "/" + os.path.relpath(self.resolve(path), self.root)  # its links followed, inside the root
+        with os.fdopen(self._open_regular(inside, path), "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
             raise OSError(errno.EFBIG, "larger than %d bytes" % limit, path)
@@ -644,16 +706,23 @@ class RootPath(object):
 
     def open_file(self, path):
         """A file object for reading a regular file inside the root; the final name is not followed."""
+        return os.fdopen(self._open_regular(path, path), "rb")
+
+    def _open_regular(self, path, shown):
+        """A descriptor of the regular file at path, opened only after an lstat shows it is one:
+        opening a FIFO wakes a writer blocked on it, and a device may act on being opened."""
         dfd, name = self.parent(path)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "a %s, not a regular file" % file_kind(st.st_mode), shown)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
         finally:
             os.close(dfd)
-        f = os.fdopen(fd, "rb")
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            f.close()
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        return f
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped in since the lstat
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", shown)
+        return fd
 
     def lstat(self, path):
         if path == "/":
@@ -1665,8 +1734,8 @@ class StateDir(object):
         self.fd, self.path, self._subdirs = fd, path, {}
 
     @classmethod
-    def inside(cls, rootpath, path, create=False, mode=None):
-        """The directory at path inside the root; made (with mode) if create and missing."""
+    def inside(cls, rootpath, path, create=False):
+        """The directory at path inside the root; made if create and missing."""
         try:
             fd = rootpath.open_dir(path, create)
         except FileNotFoundError:
@@ -1674,10 +1743,7 @@ class StateDir(object):
         except NotADirectoryError:
             raise StateError("%s (or a directory on the way to it) is not a directory; find out what put it there, "
                              "move it away, and run again" % os.path.join(rootpath.root, path[1:]))
-        shown = rootpath.resolve(path)
-        if mode is not None and stat.S_IMODE(os.fstat(fd).st_mode) != mode:
-            os.fchmod(fd, mode)
-        return cls(fd, shown)
+        return cls(fd, rootpath.resolve(path))
 
     @classmethod
     def at(cls, path):
@@ -1736,8 +1802,8 @@ class StateDir(object):
     def append_record(self, name, fields):
         append_record(self.file(name), fields, self.fd)
 
-    def read_records(self, name, what, tail=None):
-        return read_records(self.file(name), what, tail, self.fd)
+    def read_records(self, name, what, until=None):
+        return read_records(self.file(name), what, until, self.fd)
 
     def lock(self, name, what):
         return FileLock(self.file(name), what, self.fd)
@@ -1802,6 +1868,18 @@ class Config(object):
         return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+def check_config_value(value, what):
+    """A value init writes into the config: on one line and kept as given when read back
+    (a newline would end it and make the file unreadable; the INI reader strips white space)."""
+    bad = CONTROL_RE.search(value)
+    if bad:
+        raise UsageError("%s holds a control character (%s), which the config file cannot keep; give the value "
+                         "without it" % (what, printable(bad.group())))
+    if value != value.strip():
+        raise UsageError("%s begins or ends with white space, which the config file does not keep; give the value "
+                         "without it (an exec can add it)" % what)
+
+
 def parse_command(text):
     """A command line from the config, split as a shell would, never run by one."""
     try:
@@ -1833,20 +1911,21 @@ class History(object):
     """Append-only record of what this host did: started before, done or failed after.
 
     It grows with every transaction for the life of the host, so a run that only needs
-    the applied position reads its recent end (recent=True), and all of it only if the
-    last done or skipped event is not there."""
+    the applied position (recent=True) reads it backwards from the end, as far as the
+    last done or skipped event."""
 
     def __init__(self, state, recent=False):
         self.state, self.path = state, state.file("history")
-        self.events = state.read_records("history", "history", tail=RECENT_HISTORY if recent else None)
-        if recent and not any(e.get("event") in ("done", "skipped") for e in self.events):
-            self.events = state.read_records("history", "history")
+        self.events = state.read_records("history", "history",
+                                         (lambda e: e.get("event") in ("done", "skipped")) if recent else None)
         for event in self.events:
             if not (isinstance(event.get("event"), str) and isinstance(event.get("seq"), int)
                     and isinstance(event.get("id"), str)):
                 raise StateError("history %s holds an event without event, seq and id; it was edited" % self.path)
 
     def record(self, event, entry, **extra):
+        if len(extra.get("error", "")) > ERROR_MAX:  # a failed snap of many files names them all
+            extra["error"] = extra["error"][:ERROR_MAX] + "..."
         fields = dict(extra, event=event, seq=entry.seq, id=entry.id, time=format_time(time.time()))
         self.events.append(fields)
         self.state.append_record("history", fields)
@@ -1893,9 +1972,38 @@ class Host(object):
     def state(self):
         """The state directory, opened once; refused if a newer isconf wrote it."""
         if self._state is None:
-            self._state = StateDir.inside(self.rootpath, STATE_PATH)
-            self.check_state_format()
+            self.open_state(create=False)
         return self._state
+
+    def open_state(self, create):
+        state = StateDir.inside(self.rootpath, STATE_PATH, create)
+        try:
+            self.check_state_dir(state)
+        except BaseException:
+            state.close()
+            raise
+        self._state = state
+        self.check_state_format()
+
+    def check_state_dir(self, state):
+        """Take a state directory only if it is one: not the root, not a directory that holds
+        etc/isconf, and empty or already holding isconf's files.  (Attack or accident: a
+        var/lib/isconf link to / or /etc planted in the image would have isconf make the
+        target's root 0700 and spread its files there.)"""
+        root, found = os.stat(self.root), os.fstat(state.fd)
+        config_dir = self.rootpath.resolve(posixpath.dirname(CONFIG_PATH))
+        if (found.st_dev, found.st_ino) == (root.st_dev, root.st_ino):
+            why = "is the root itself"
+        elif config_dir == state.path or config_dir.startswith(state.path.rstrip("/") + "/"):
+            why = "holds %s" % config_dir
+        elif os.listdir(state.fd) and not any(_lexists(name, state.fd) for name in STATE_NAMES):
+            why = "is not empty and holds no isconf state"
+        else:
+            return
+        link = os.path.join(self.root, STATE_PATH[1:])
+        raise StateError("%s leads to %s, which %s; isconf does not take that over as its state directory: make %s "
+                         "a directory of its own (or a link to an empty one) and run again"
+                         % (link, state.path, why, link))
 
     def etc(self, create=False):
         """ROOT/etc/isconf: the config (unless --config names another) and the trusted keys."""
@@ -1925,7 +2033,7 @@ class Host(object):
         if self._config is None:
             try:
                 directory, name = self.config_dir()
-                data = directory.read(name)
+                data = directory.read(name, CONFIG_MAX)
             except FileNotFoundError:
                 raise StateError("no config at %s; run 'isconf init URL --branch NAME' first" % self.config_path)
             except OSError as e:
@@ -1943,15 +2051,19 @@ class Host(object):
         """The bytes of ROOT/etc/isconf/allowed_signers, confined like the state."""
         return self.etc().read(posixpath.basename(SIGNERS_PATH), SIGNERS_MAX)
 
-    def ensure_state(self):
-        """Make the state directory and what lives in it (0700: logs hold what commands print),
-        and bring a state written by an older isconf up to this format."""
+    def make_state(self):
+        """Make the state directory and what lives in it (0700: logs hold what commands print)."""
         if self._state is None:
-            self._state = StateDir.inside(self.rootpath, STATE_PATH, create=True, mode=0o700)
-            self.check_state_format()
+            self.open_state(create=True)
+        if stat.S_IMODE(os.fstat(self.state.fd).st_mode) != 0o700:
+            os.fchmod(self.state.fd, 0o700)
         for sub in ("objects", "logs"):
             self.state.subdir(sub, create=True)
         os.close(self.state.open("lock", os.O_WRONLY | os.O_CREAT, 0o600))
+
+    def ensure_state(self):
+        """make_state, and bring a state written by an older isconf up to this format (under the host lock)."""
+        self.make_state()
         if self.state_format() < STATE_FORMAT:
             self.upgrade_state()
 
@@ -1975,7 +2087,8 @@ class Host(object):
 
     def upgrade_state(self):
         """From format 1 (0.1.0): logs were named by seq alone, and 0644; name each by the entry
-        whose events are the last for that seq, as that run wrote it, and make it 0600."""
+        whose events are the last for that seq, as that run wrote it, and make it 0600; and the
+        config, 0644 as 0.1.0 wrote it, 0600 (another mode is the admin's choice: kept)."""
         logs = self.state.subdir("logs", create=True)
         last = {}
         for event in self.history().events:
@@ -1990,6 +2103,14 @@ class Host(object):
                     os.close(fd)
                 logs.rename(old, new)
         logs.fsync()
+        if self.has_config():  # 0.1.0 wrote it 0644, offering no choice, and [env] holds site secrets
+            directory, name = self.config_dir()
+            fd = directory.open(name)
+            try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) == 0o644:
+                    os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
         self.state.write("state-format", b"%d\n" % STATE_FORMAT)
 
     def lock(self):
@@ -2077,7 +2198,8 @@ class Host(object):
         return self.logs.open(self.log_name(entry.seq, entry.id), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
 
     def log_tail(self, entry, size):
-        """The last size bytes of the transaction's log, or b"" if it has none."""
+        """(where the transaction's log is, its last size bytes): before a run upgraded the
+        state, the log 0.1.0 named by seq alone; (where it will be, b"") if it has none."""
         names = [self.log_name(entry.seq, entry.id)]
         if self.state_format() < 2:  # not yet upgraded by a run: logs are named by seq alone
             names.append("%06d.log" % entry.seq)
@@ -2085,10 +2207,10 @@ class Host(object):
             try:
                 with os.fdopen(self.logs.open(name), "rb") as f:
                     f.seek(max(0, os.fstat(f.fileno()).st_size - size))
-                    return f.read()
+                    return self.path("logs", name), f.read()
             except FileNotFoundError:
                 pass
-        return b""
+        return self.log_path(entry), b""
 
     def last_success(self):
         try:
@@ -2667,10 +2789,19 @@ class Agent(object):
         """Drop staged objects no pending transaction still needs."""
         applied_seq = self.history.applied()[0]
         keep = set(sha for e in plan.entries if e.seq > applied_seq for sha, _ in e.objects())
-        objects = self.host.objects  # names in it are removed, links too, never what a link points to
+        objects = self.host.objects
         for name in objects.listdir():
-            if name not in keep:
-                objects.unlink(name)
+            if name in keep:
+                continue
+            try:
+                st = os.stat(name, dir_fd=objects.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):  # isconf stages regular files only: what else is here is not ours
+                self.say("warning: %s is a %s, not an object isconf staged; left alone: move it away"
+                         % (objects.file(name), file_kind(st.st_mode)), sys.stderr)
+                continue
+            objects.unlink(name)
 
 
 # ---------------------------------------------------------------------------
@@ -3365,6 +3496,10 @@ def cmd_init(args):
     check_branch(args.branch)
     host = Host(args.root, args.config)
     for url in args.urls:
+        check_config_value(url, "URL %s" % printable(url))
+        if len(url.split()) > 1:  # white space separates the mirrors in the config
+            raise UsageError("URL %s holds white space, which separates mirrors in the config; write it "
+                             "percent-encoded (%%20), a directory as a file:// URL" % url)
         Mirror(url)
     if not args.signers and not args.insecure:
         raise UsageError("init needs --signers FILE (the authors' keys, allowed_signers format) or an explicit "
@@ -3381,12 +3516,14 @@ def cmd_init(args):
             check_variable(name, value)
         except ValueError:
             raise UsageError("--var %r is not NAME=VALUE with a shell-style NAME (ISCONF_* are reserved)" % item)
+        check_config_value(value, "--var %s" % printable(item))
         variables[name] = value
     if host.has_config() and not args.force:
         raise UsageError("%s exists; use --force to overwrite it (the applied history is kept)" % host.config_path)
     extra = {}
     try:
         if args.reboot_command is not None:
+            check_config_value(args.reboot_command, "--reboot-command %s" % printable(args.reboot_command))
             parse_command(args.reboot_command)
             extra["reboot_command"] = args.reboot_command
         for key, kind, most in (("timeout", float, 3600), ("deadline", float, MAX_DEADLINE), ("retries", int, 100),
@@ -3403,9 +3540,21 @@ def cmd_init(args):
             raise UsageError("--signers %s: %s" % (args.signers, e.strerror))
         except StateError as e:
             raise UsageError("--signers: %s" % e)
-        host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
-    host.write_config(Config.render(args.branch, args.urls, args.insecure, variables, extra))
-    host.ensure_state()
+    config = Config.render(args.branch, args.urls, args.insecure, variables, extra)
+    try:  # what every later run will read, checked before it is written
+        written = Config(host.config_path, config)
+    except StateError as e:
+        raise UsageError("the config these options make would not read back: %s" % e)
+    if (written.urls, written.env, written.reboot_command) != (args.urls, variables,
+                                                               extra.get("reboot_command", DEFAULT_REBOOT)):
+        raise UsageError("a URL, --var or --reboot-command would not read back from the config as given; "
+                         "give each without white space or control characters")
+    host.make_state()
+    with host.lock():  # not while an up runs: the state upgrade and the config are its too
+        host.ensure_state()
+        if args.signers:
+            host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
+        host.write_config(config)
     show("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
 
 
@@ -3478,8 +3627,8 @@ def cmd_status(args):
     }
     if failed:
         entry, event = failed[0]
-        log = host.log_path(entry)
-        tail = host.log_tail(entry, 64 * 1024).decode("utf-8", "replace").splitlines()[-20:]  # logs can be huge
+        log, tail = host.log_tail(entry, 64 * 1024)
+        tail = tail.decode("utf-8", "replace").splitlines()[-20:]  # logs can be huge
         report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
                             "error": event.get("error"), "log": log, "log_tail": tail}
     code = EXIT_FAILED if failed else EXIT_OK  # monitoring: non-zero while the host is halted
@@ -3542,7 +3691,7 @@ def cmd_migrate(args):
         # of the old branch and finishes the move.  One line changes, so comments survive.
         directory, name = host.config_dir()
         text, found = re.subn(r"(?m)^branch\s*[=:].*$", "branch = " + args.new_branch,
-                              directory.read(name).decode("utf-8"), count=1)
+                              directory.read(name, CONFIG_MAX).decode("utf-8"), count=1)
         if not found:
             raise StateError("cannot find the 'branch =' line in %s; set it to %s by hand" % (config.path,
                                                                                            args.new_branch))
@@ -3754,11 +3903,8 @@ def internal_error(error, argv, args):
 
 def save_crash_report(root, report):
     """Keep the traceback of an internal error in the host's state directory, if there is one."""
-    state = StateDir.inside(RootPath(root), STATE_PATH)
-    try:
-        state.write("internal-error.log", report.encode("utf-8", "replace"), 0o600)
-    finally:
-        state.close()
+    state = Host(root).state  # with every check a run makes: never a directory that is not ours
+    state.write("internal-error.log", report.encode("utf-8", "replace"), 0o600)
     return state.file("internal-error.log")
 
 

@@ -232,3 +232,69 @@ def test_a_state_file_hard_linked_from_outside_the_root_is_never_written(author,
     proc = host("up")
     assert proc.returncode == 7 and "hard links" in error_line(proc)
     assert outside.read_bytes() == b""
+
+
+@pytest.mark.parametrize("where", ["/etc/passwd", "/run/passwd"])
+def test_a_fifo_where_the_targets_passwd_belongs_is_never_opened(tmp_path, keys, busybox_root, where):
+    # The owner names of a snap come from the target's own passwd and group: only if they are regular files.
+    journal = Journal(str(tmp_path / "mirror"), keys, [("snap", {"files": [snap_file("/etc/motd", MOTD)]})])
+    host = Host(str(tmp_path / "host"))
+    busybox_root(host.root)
+    fifo = host.path(where)
+    os.makedirs(os.path.dirname(fifo), exist_ok=True)
+    os.unlink(host.path("/etc/passwd"))
+    if where != "/etc/passwd":
+        os.symlink(where, host.path("/etc/passwd"))  # followed inside the root, to what is not a regular file
+    os.mkfifo(fifo)
+    host("init", journal.top, "--branch", "web", "--signers", keys.signers, expect="ok")
+    opened = []
+    writer = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_WRONLY)))
+    writer.start()
+    try:
+        host("up", expect="ok", timeout=RUN_TIMEOUT)  # the recorded uid and gid serve instead
+        writer.join(0.5)
+        assert not opened
+        assert open(host.path("/etc/motd"), "rb").read() == MOTD
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return
+        writer.join()
+        os.close(opened[-1])
+
+
+@pytest.mark.parametrize("target, why", [("/", "is the root itself"), ("../../..", "is the root itself"),
+                                         ("/etc", "holds"), ("/var", "is not empty and holds no isconf state"),
+                                         ("/bin", "is not empty and holds no isconf state")])
+def test_a_state_directory_leading_to_a_directory_of_the_target_is_refused_before_anything_changes(
+        tmp_path, keys, busybox_root, target, why):
+    # A var/lib/isconf link planted in the image: isconf would make that directory 0700 and fill it.
+    host = Host(str(tmp_path / "host"))
+    busybox_root(host.root)
+    os.makedirs(host.path("/var/lib"))
+    os.symlink(target, host.path(STATE.rstrip("/")))
+    before = host.snapshot(), os.stat(host.root).st_mode
+    line = error_line(host("init", str(tmp_path), "--branch", "web", "--signers", keys.signers, expect="state"))
+    assert host.path(STATE.rstrip("/")) + " leads to " in line and why in line, line
+    assert (host.snapshot(), os.stat(host.root).st_mode) == before  # no mode changed, nothing written at all
+
+
+def test_a_state_directory_swapped_for_a_link_to_the_root_after_init_is_refused_by_up(tmp_path, keys, busybox_root):
+    host = Host(str(tmp_path / "host"))
+    busybox_root(host.root)
+    host("init", str(tmp_path), "--branch", "web", "--signers", keys.signers, expect="ok")
+    os.rename(host.state(), host.path("/var/lib/isconf.old"))
+    os.symlink("/", host.state())
+    before = host.snapshot(), os.stat(host.root).st_mode
+    for verb in ("up", "status"):
+        assert "is the root itself" in error_line(host(verb, expect="state"))
+    assert (host.snapshot(), os.stat(host.root).st_mode) == before
+
+
+def test_a_state_directory_that_is_a_link_to_an_empty_directory_is_taken(tmp_path, keys, busybox_root):
+    host = Host(str(tmp_path / "host"))
+    busybox_root(host.root)
+    os.makedirs(host.path("/var/lib"))
+    os.makedirs(host.path("/srv/isconf-state"))
+    os.symlink("/srv/isconf-state", host.path(STATE.rstrip("/")))
+    host("init", str(tmp_path), "--branch", "web", "--signers", keys.signers, expect="ok")
+    assert sorted(os.listdir(host.path("/srv/isconf-state"))) == ["lock", "logs", "objects", "state-format"]
+    assert os.stat(host.path("/srv/isconf-state")).st_mode & 0o777 == 0o700

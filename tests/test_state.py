@@ -6,6 +6,8 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from conftest import Author, TOP, error_line
 
 
@@ -137,3 +139,47 @@ def test_transaction_logs_are_0600(author, server, keys, host, busybox_root):
     host("up", expect="ok")
     logs = os.listdir(host.state("logs"))
     assert len(logs) == 1 and mode(host.state("logs", logs[0])) == 0o600
+
+
+def run_old(old, host, *args):
+    return subprocess.run([sys.executable, "-I", old, "--root", host.root] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+
+
+@pytest.mark.parametrize("verb", ["up", "init --force"])
+def test_the_state_upgrade_makes_a_config_0_1_0_wrote_0644_private(author, keys, host, busybox_root, tmp_path, verb):
+    # 0.1.0 gave the config, [env] secrets and all, mode 0644 and no choice.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    assert run_old(old_isconf(tmp_path), host, "init", author.repo, "--branch", "web", "--signers", keys.signers,
+                   "--var", "SECRET=s3cret").returncode == 0
+    conf = host.path("/etc/isconf/isconf.conf")
+    assert mode(conf) == 0o644
+    host(*(verb.split() + ([author.repo, "--branch", "web", "--signers", keys.signers] if "init" in verb else [])),
+         expect="ok")
+    assert mode(conf) == 0o600
+
+
+def test_the_state_upgrade_keeps_a_config_mode_the_admin_chose(author, keys, host, busybox_root, tmp_path):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    assert run_old(old_isconf(tmp_path), host, "init", author.repo, "--branch", "web", "--signers",
+                   keys.signers).returncode == 0
+    conf = host.path("/etc/isconf/isconf.conf")
+    os.chmod(conf, 0o640)
+    host("up", expect="ok")
+    assert mode(conf) == 0o640
+    os.chmod(conf, 0o644)  # chosen after the upgrade: kept too
+    host("up", expect="ok")
+    assert mode(conf) == 0o644
+
+
+def test_status_before_the_upgrade_names_the_log_its_tail_came_from(author, keys, host, busybox_root, tmp_path):
+    busybox_root(host.root)
+    old = old_isconf(tmp_path)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo attempt; false"])
+    assert run_old(old, host, "init", author.repo, "--branch", "web", "--signers", keys.signers).returncode == 0
+    assert run_old(old, host, "up").returncode == 1
+    failed = host.status()["failed"]
+    assert failed["log"] == host.state("logs", "000001.log") and "attempt" in failed["log_tail"], failed
+    assert "log %s:" % host.state("logs", "000001.log") in host("status", expect="failed").out
