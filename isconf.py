@@ -53,7 +53,6 @@ import stat
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 import traceback
 import urllib.parse

@@ -1,6 +1,7 @@
 """Fixtures: the real script as a subprocess, a real server, real keys, real roots."""
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -70,6 +71,15 @@ class Keys(object):
         with open(path or self.signers, "w") as f:
             f.write("%s %s%s\n" % (principal, options + " " if options else "", key))
         return path or self.signers
+
+
+@pytest.fixture(scope="session")
+def isconf():
+    """isconf.py imported as a module, to call its parsers and helpers in process."""
+    spec = importlib.util.spec_from_file_location("isconf_in_process", ISCONF)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

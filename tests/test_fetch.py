@@ -1,7 +1,6 @@
 """Fetching: deadlines in any thread, strict headers and times, and moving on between mirrors."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -9,17 +8,9 @@ import threading
 
 import pytest
 
-from conftest import ISCONF, error_line
+from conftest import error_line
 from test_hostile import (HEAD, JOURNAL, SIG, SLOW, HostileMirror, Template, attacker, canon,  # noqa: F401
                           mirror, template, up_applies_nothing, world)
-
-
-@pytest.fixture(scope="module")
-def isconf():
-    spec = importlib.util.spec_from_file_location("isconf_under_test", ISCONF)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- deadlines hold in any thread -----------------------------------------------------------

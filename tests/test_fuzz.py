@@ -9,33 +9,19 @@ ISCONF_FUZZ_INPUTS (default 100000) and ISCONF_FUZZ_RUNS (default 200) set the s
 ISCONF_FUZZ_SEED the seed; a failure prints the seed and the input to replay it.
 """
 
-import importlib.util
 import json
 import os
 import random
 import shutil
-import sys
-import time
 import traceback
 
-import pytest
-
-from conftest import ISCONF, PYTHONS, Host
+from conftest import PYTHONS, Host
 from test_hostile import HEAD, JOURNAL, SIG, HostileMirror, Template, sign, template  # noqa: F401
 
 INPUTS = int(os.environ.get("ISCONF_FUZZ_INPUTS", "100000"))
 RUNS = int(os.environ.get("ISCONF_FUZZ_RUNS", "200"))
 SEED = int(os.environ.get("ISCONF_FUZZ_SEED", "20261125"))
 NOW = 1795588200   # 2026-11-25T06:30:00Z: a fixed clock, so a run replays exactly
-
-
-@pytest.fixture(scope="module")
-def isconf():
-    """isconf.py imported as a module, to call its parsers in process."""
-    spec = importlib.util.spec_from_file_location("isconf_under_fuzz", ISCONF)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- mutations ------------------------------------------------------------------------
@@ -203,7 +189,6 @@ class Corpus(object):
 
 def fuzz_targets(isconf, corpus):
     """name -> (weight, make(rng) -> input, call(input)); weights are shares of INPUTS."""
-    Refused = isconf.Refused
 
     def entry_input(rng):
         line = rng.choice(corpus.lines)
