@@ -91,6 +91,7 @@ EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 ID_RE = re.compile(r"^[0-9]{1,10}$")
+KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 TIME_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z\Z")
@@ -114,6 +115,7 @@ EXIT_REFUSED = 4      # verification failed; nothing applied
 EXIT_REBOOT = 5       # the next transaction is a reboot; run 'up -r'
 EXIT_BUSY = 6         # another run or author holds the lock
 EXIT_STATE = 7        # local state or configuration problem
+EXIT_NEWER = 10       # a verified entry this version cannot interpret: it needs a newer isconf
 EXIT_SOFTWARE = 70    # a bug in isconf itself (sysexits' EX_SOFTWARE), never a failed transaction
 EXIT_SIGNAL = 128     # plus the signal: 130 Ctrl-C, 129 SIGHUP, 143 SIGTERM, as a shell reports it
 
@@ -144,6 +146,12 @@ class NotFound(Unreachable):
 
 class Refused(IsconfError):
     exit_code = EXIT_REFUSED
+
+
+class NeedsNewer(Refused):
+    """A verified, signed entry of a kind or with fields this version does not know: a
+    newer isconf wrote it.  The host halts there; it is not the mirror's fault."""
+    exit_code = EXIT_NEWER
 
 
 class Busy(IsconfError):
@@ -1606,7 +1614,12 @@ def object_size(record):
 
 
 class Entry(object):
-    """One journal entry (one transaction) as it stands in the journal."""
+    """One journal entry (one transaction) as it stands in the journal.
+
+    Every version reads an entry's envelope (parse): the fields the hash chain and the
+    history need.  What its kind means is read only when its turn comes (interpret), so
+    a journal may carry a new agent and, after it, entries only the new agent
+    understands (DESIGN rule 11)."""
 
     def __init__(self, fields, line, seq=None):
         self.fields = fields                  # None for an applied entry not parsed again
@@ -1614,17 +1627,27 @@ class Entry(object):
         self.id = sha256_hex(line)
         self.seq = fields["seq"] if fields else seq
         self.kind = fields["kind"] if fields else None
+        self.interpreted = False
 
     @classmethod
     def parse(cls, line, what):
+        """The envelope: canonical JSON, seq, prev, time, author, message and a kind name."""
         fields = parse_canonical(line, what)
-        kind = fields.get("kind")
-        if not isinstance(kind, str) or kind not in KIND_FIELDS:   # a list or an object is unhashable
-            raise Refused("%s: kind %s is not exec, snap or reboot" % (what, repr(kind)[:40]))
-        check_fields(fields, dict(ENTRY_FIELDS, **KIND_FIELDS[kind]), what)
+        check_fields(dict((k, fields[k]) for k in ENTRY_FIELDS if k in fields), ENTRY_FIELDS, what)
         if not HEX64_RE.match(fields["prev"]):
             raise Refused("%s: prev is not a SHA-256 in hex" % what)
         parse_time(fields["time"], what + ": time")
+        if not KIND_RE.match(fields["kind"]):
+            raise Refused("%s: kind %s is not a kind name" % (what, repr(fields["kind"])[:40]))
+        return cls(fields, line)
+
+    def check(self, what):
+        """Everything about the entry's kind and fields; Refused, saying what is wrong, if this
+        version does not understand it.  The author's side calls this as it stages."""
+        fields, kind = self.fields, self.kind
+        if kind not in KIND_FIELDS:
+            raise Refused("%s: kind %s is not exec, snap or reboot" % (what, repr(kind)[:40]))
+        check_fields(fields, dict(ENTRY_FIELDS, **KIND_FIELDS[kind]), what)
         if kind == "exec":
             if not fields["argv"] or not all(isinstance(a, str) and "\0" not in a for a in fields["argv"]):
                 raise Refused("%s: argv must be a non-empty list of strings" % what)
@@ -1635,21 +1658,49 @@ class Entry(object):
             seen = {}
             for record in fields["files"]:
                 check_file_record(record, seen, what)
-        return cls(fields, line)
+        self.interpreted = True
+        return self
+
+    def interpret(self):
+        """check(), on a host: an entry this version cannot read was verified and signed, so a
+        newer isconf wrote it, and the host halts there (NeedsNewer) until one takes over."""
+        if not self.interpreted:
+            try:
+                self.check("entry %d" % self.seq)
+            except Refused as e:
+                raise NeedsNewer("%s; isconf %s cannot interpret it: it needs a newer isconf (ship one through "
+                                 "the journal before it, or install one by hand)" % (e, __version__))
+        return self
 
     def objects(self):
         """(sha256, stored size) of every object this entry needs."""
+        self.interpret()
         if self.kind != "snap":
             return []
         return [(r["object"], object_size(r)) for r in self.fields["files"] if r["type"] == "file"]
 
     def summary(self):
+        try:
+            self.interpret()
+        except NeedsNewer:
+            return "%s (an entry this isconf cannot interpret)" % self.kind
         f = self.fields
         if self.kind == "exec":
             return "exec " + " ".join(shlex.quote(a) for a in f["argv"])
         if self.kind == "snap":
             return "snap " + " ".join(r["path"] for r in f["files"])
         return "reboot"
+
+
+def interpretable(entries):
+    """The leading entries this version can interpret: what a run may stage and apply."""
+    known = []
+    for entry in entries:
+        try:
+            known.append(entry.interpret())
+        except NeedsNewer:
+            break
+    return known
 
 
 def verify_chain(data, prev_seq, prev_id, what="journal"):
@@ -2693,7 +2744,7 @@ class Agent(object):
         all of them verified, so a refused run leaves the host's state as it was.
         """
         needed = {}
-        for entry in pending:
+        for entry in interpretable(pending):  # what comes after is for the agent that can read it
             for sha, size in entry.objects():
                 needed[sha] = size
         objects, parts = self.host.objects, []
@@ -2726,6 +2777,7 @@ class Agent(object):
         """Apply pending transactions in order, halting at the first failure."""
         host, history = self.host, self.history
         for entry in plan.pending:
+            entry.interpret()  # NeedsNewer halts here, unless an agent upgrade before it took over
             if entry.kind == "reboot" and not allow_reboot:
                 self.say("transaction %d is a reboot: run 'isconf up -r' to record it and reboot" % entry.seq)
                 return EXIT_REBOOT
@@ -2787,7 +2839,8 @@ class Agent(object):
     def release_objects(self, plan):
         """Drop staged objects no pending transaction still needs."""
         applied_seq = self.history.applied()[0]
-        keep = set(sha for e in plan.entries if e.seq > applied_seq for sha, _ in e.objects())
+        keep = set(sha for e in interpretable(e for e in plan.entries if e.seq > applied_seq)
+                   for sha, _ in e.objects())
         objects = self.host.objects
         for name in objects.listdir():
             if name in keep:
@@ -2961,7 +3014,7 @@ class Repository(object):
         self.require_lock(branch)
         try:
             Entry.parse(canonical(dict(fields, seq=1, prev=ZERO_ID, time=format_time(0), author="-",
-                                       message="")), "entry")
+                                       message="")), "entry").check("entry")
         except UnicodeEncodeError:
             raise UsageError("a path or argument is not valid UTF-8; isconf journals UTF-8 text only")
         except Refused as e:
@@ -2991,7 +3044,8 @@ class Repository(object):
                 fields = dict(fields, seq=seq + 1, prev=prev, time=format_time(now), author=holder["who"],
                               message=fields.get("message") or message or holder.get("why", ""))
                 try:
-                    entry = Entry.parse(canonical(fields), "staged entry %d" % number)
+                    entry = Entry.parse(canonical(fields), "staged entry %d" % number).check("staged entry %d"
+                                                                                             % number)
                 except (Refused, ValueError, TypeError) as e:
                     raise StateError("staged work of branch %s is damaged (%s); 'isconf unlock' discards it, "
                                      "then stage again" % (branch, e))
@@ -3630,7 +3684,16 @@ def cmd_status(args):
         tail = tail.decode("utf-8", "replace").splitlines()[-20:]  # logs can be huge
         report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
                             "error": event.get("error"), "log": log, "log_tail": tail}
-    code = EXIT_FAILED if failed else EXIT_OK  # monitoring: non-zero while the host is halted
+    report["needs_newer"] = None
+    waiting = [e for e, mark, _ in rows if mark == "pending"]
+    if waiting and not failed:  # the next transaction is one this version cannot read: halted there
+        try:
+            waiting[0].interpret()
+        except NeedsNewer as e:
+            report["needs_newer"] = {"seq": waiting[0].seq, "id": waiting[0].id, "kind": waiting[0].kind,
+                                     "error": str(e)}
+    # monitoring: non-zero while the host is halted
+    code = EXIT_FAILED if failed else EXIT_NEWER if report["needs_newer"] else EXIT_OK
     if args.json:
         emit(json.dumps(report, indent=2, sort_keys=True) + "\n")
         return code
@@ -3648,6 +3711,9 @@ def cmd_status(args):
         show("log %s:" % failure["log"])
         for line in failure["log_tail"]:
             show("    " + line)
+    if report["needs_newer"]:
+        show("HALTED:       seq %d needs a newer isconf" % report["needs_newer"]["seq"])
+        show("              %s" % report["needs_newer"]["error"])
     return code
 
 
@@ -3767,7 +3833,7 @@ As an author (working on a repository directory, --repo or ISCONF_REPO):
 
 Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
 4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem,
-70 internal error (a bug: please report it), 130 interrupted.
+10 needs a newer isconf, 70 internal error (a bug: please report it), 130 interrupted.
 """
 
 

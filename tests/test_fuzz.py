@@ -236,7 +236,7 @@ def fuzz_targets(isconf, corpus):
         assert got is None or (type(got) is int and got >= 0)
 
     return {
-        "Entry.parse": (30, entry_input, lambda data: isconf.Entry.parse(data, "fuzz entry")),
+        "Entry.parse": (30, entry_input, lambda data: isconf.Entry.parse(data, "fuzz entry").interpret()),
         "verify_chain": (10, journal_input, lambda data: isconf.verify_chain(data, 0, isconf.ZERO_ID, "fuzz")),
         "Head.parse": (20, head_input, lambda data: isconf.Head.parse(data, "fuzz head")),
         "parse_canonical": (10, lambda rng: mutate_bytes(rng, rng.choice(corpus.lines + corpus.heads)),
