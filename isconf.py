@@ -32,6 +32,7 @@ import calendar
 import collections
 import configparser
 import contextlib
+import ctypes
 import email.utils
 import errno
 import fcntl
@@ -2302,7 +2303,63 @@ def exec_environment(branch, seq, entry_id, variables):
     return env
 
 
-def run_command(root, argv, cwd, env, log, echo=True, timeout=None):
+# Linux mount(2) and unshare(2) flags, for the pseudo-filesystems of a --root's execs.
+CLONE_NEWNS, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x20000, 2, 4, 8, 4096, 16384, 1 << 18
+PSEUDO_FILESYSTEMS = [  # (where inside the root, source, type, flags, data); /dev brings /dev/pts along
+    ("/proc", b"proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+    ("/sys", b"/sys", None, MS_BIND | MS_REC, None),
+    ("/dev", b"/dev", None, MS_BIND | MS_REC, None),
+    ("/run", b"tmpfs", b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755"),
+]
+
+
+def mount_points():
+    """Where something is mounted now, from /proc/self/mountinfo (octal escapes undone)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    return set(re.sub(br"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), line.split()[4])
+               for line in lines if len(line.split()) > 4)
+
+
+def pseudo_mounts(root):
+    """The pseudo-filesystems an exec inside root needs and does not have yet: (source,
+    target, type, flags, data), each target resolved inside the root (a link planted at
+    ROOT/proc must not aim a mount at the miniroot) and an existing directory there.
+    What the admin mounted already is used as it is."""
+    rootpath, mounted, todo = RootPath(root), mount_points(), []
+    for where, source, fstype, flags, data in PSEUDO_FILESYSTEMS:
+        target = rootpath.resolve(where)
+        try:
+            if not stat.S_ISDIR(os.lstat(target).st_mode):
+                continue
+        except OSError:
+            continue  # a root without /proc gets none: isconf does not change the target's layout
+        if os.fsencode(target) not in mounted:
+            todo.append((source, os.fsencode(target), fstype, flags, data))
+    return todo
+
+
+def enter_private_mounts(mounts):
+    """In the child, before exec: a mount namespace of its own, the pseudo-filesystems
+    mounted in it.  They vanish with the last process in it, even if the agent is killed;
+    nothing is mounted in the miniroot's namespace, and no program is started for it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    steps = [(libc.unshare, (CLONE_NEWNS,), "make a mount namespace"),
+             (libc.mount, (b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")]
+    steps += [(libc.mount, m, "mount %s on %s" % (m[0].decode(), m[1].decode("utf-8", "replace")))
+              for m in mounts]
+    for call, arguments, what in steps:
+        if call(*arguments) != 0:
+            error = ctypes.get_errno()
+            os.write(2, ("isconf: cannot %s: %s; run with --no-mounts to go without\n"
+                         % (what, os.strerror(error))).encode("utf-8", "replace"))
+            os._exit(126)
+
+
+def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True):
     """Start a transaction's process, chrooted into root: the one place isconf runs a program.
 
     log is a descriptor of the transaction's log, open for reading and appending; the
@@ -2311,16 +2368,20 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None):
     a daemon holding its output must not keep the transaction open, and the daemon
     must not die of SIGPIPE when we stop reading.  The transaction ends when the
     command exits; with echo, what it wrote so far is copied to our stdout as it comes.
-    The command leads a process group of its own, which a timeout kills whole.
-    Returns the exit status.
+    The command leads a process group of its own, which a timeout kills whole.  Inside
+    a --root, with mounts, it finds /proc, /sys, /dev (and /dev/pts) and /run mounted
+    in a mount namespace of its own (see enter_private_mounts).  Returns the exit status.
     """
     chroot = os.path.abspath(root) != "/"
     try:
         os.close(RootPath(root).open_dir(cwd))
     except OSError as e:
         raise TransactionFailed("working directory %s cannot be entered inside %s: %s" % (cwd, root, e.strerror))
+    pseudo = pseudo_mounts(root) if chroot and mounts else []
 
     def enter_root():
+        if pseudo:
+            enter_private_mounts(pseudo)
         if chroot:
             os.chroot(root)
         os.chdir(cwd)
@@ -2559,8 +2620,9 @@ class Plan(object):
 
 
 class Agent(object):
-    def __init__(self, host, now=None, out=sys.stdout):
+    def __init__(self, host, now=None, out=sys.stdout, mounts=True):
         self.host, self.config = host, host.config
+        self.mounts = mounts  # pseudo-filesystems for execs inside a --root (run_command)
         self.now_override = now
         local = host.local_head()
         self.clock_floor = parse_time(local.time) if local else 0
@@ -2828,7 +2890,7 @@ class Agent(object):
             log = host.open_log(entry)
             try:
                 status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log,
-                                     timeout=self.config.exec_timeout)
+                                     timeout=self.config.exec_timeout, mounts=self.mounts)
             finally:
                 os.close(log)
             if status != 0:
@@ -3462,7 +3524,8 @@ def cmd_exec(args):
             except StateError as e:  # the config is 0600: an author who is not root cannot read it
                 show("isconf: warning: the command runs without the host's [env] variables: %s" % e, sys.stderr)
         with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log:
-            status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.fileno())
+            status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.fileno(),
+                                 mounts=not args.no_mounts)
         if status != 0:
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
     repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
@@ -3624,7 +3687,7 @@ def cmd_up(args):
     host = Host(args.root, args.config)
     with host.lock():
         host.ensure_state()
-        agent = Agent(host, parse_now(args.now))
+        agent = Agent(host, parse_now(args.now), mounts=not args.no_mounts)
         plan = agent.sync(stage=not args.dry_run)
         if args.dry_run:
             for entry in plan.pending:
@@ -3849,6 +3912,8 @@ def global_options(suppress):
                          help="host config file (default ROOT%s)" % CONFIG_PATH)
     options.add_argument("--repo", default=default(os.environ.get("ISCONF_REPO")),
                          help="repository directory, for author verbs (or ISCONF_REPO)")
+    options.add_argument("--no-mounts", action="store_true", default=default(False),
+                         help="inside a --root other than /, do not mount /proc, /sys, /dev and /run for execs")
     options.add_argument("--debug", action="store_true", default=default(False),
                          help="show the traceback of an internal error")
     options.add_argument("--branch", default=default(None),

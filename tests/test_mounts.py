@@ -1,0 +1,87 @@
+"""Execs inside a --root find /proc, /sys, /dev (with /dev/pts) and /run, and no mount outlives them."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ISCONF
+
+SEES = ("test -r /proc/self/status && test -d /sys/kernel && test -c /dev/null && test -d /dev/pts "
+        "&& test -d /run && echo seen > /tmp/seen")
+
+
+def mounts_under(root):
+    """Mount points under root in this (the miniroot's) mount namespace."""
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(root + "/")]
+
+
+@pytest.fixture
+def target(host, busybox_root):
+    busybox_root(host.root)
+    for name in ("proc", "sys", "dev", "run"):
+        os.makedirs(host.path("/" + name), exist_ok=True)
+    return host
+
+
+def test_an_exec_in_a_root_finds_the_pseudo_filesystems_and_leaves_no_mount(author, server, keys, target):
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", SEES])
+    target.init(server.url, keys)
+    target("up", expect="ok")
+    assert open(target.path("/tmp/seen")).read() == "seen\n"
+    assert mounts_under(target.root) == []
+    assert os.listdir(target.path("/proc")) == [] and os.listdir(target.path("/dev")) == []
+
+
+def test_no_mounts_turns_them_off(author, server, keys, target):
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", SEES])
+    target.init(server.url, keys)
+    target("up", "--no-mounts", expect="failed")
+    assert not os.path.exists(target.path("/tmp/seen"))
+
+
+def test_a_link_at_proc_is_followed_inside_the_root_as_the_chroot_sees_it(author, server, keys, target):
+    # ROOT/proc -> /altproc: an absolute link means ROOT/altproc to the exec, never the miniroot's /altproc.
+    os.rmdir(target.path("/proc"))
+    os.makedirs(target.path("/altproc"))
+    os.symlink("/altproc", target.path("/proc"))
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", SEES])
+    target.init(server.url, keys)
+    target("up", expect="ok")
+    assert open(target.path("/tmp/seen")).read() == "seen\n"
+    assert not os.path.exists("/altproc")
+
+
+def test_mounts_the_admin_made_are_used_not_mounted_twice(author, server, keys, target):
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "admin-run", target.path("/run")], check=True)
+    try:
+        with open(target.path("/run/marker"), "w") as f:
+            f.write("admin's\n")
+        author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "cat /run/marker > /tmp/marker"])
+        target.init(server.url, keys)
+        target("up", expect="ok")
+        assert open(target.path("/tmp/marker")).read() == "admin's\n"
+        assert mounts_under(target.root) == [target.path("/run")]
+    finally:
+        subprocess.run(["umount", target.path("/run")], check=True)
+
+
+def test_a_killed_agent_leaves_no_mount_behind(author, server, keys, target):
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo $$ > /tmp/pid; sleep 2"])
+    target.init(server.url, keys)
+    agent = subprocess.Popen([sys.executable, "-I", ISCONF, "--root", target.root, "up"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while not os.path.exists(target.path("/tmp/pid")) and time.time() < deadline:
+        time.sleep(0.05)
+    agent.send_signal(signal.SIGKILL)
+    agent.wait(10)
+    pid = int(open(target.path("/tmp/pid")).read())
+    while os.path.exists("/proc/%d" % pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert mounts_under(target.root) == []
+    assert os.listdir(target.path("/proc")) == []
