@@ -3139,6 +3139,9 @@ def cmd_install(args):
 
 def cmd_uninstall(args):
     host = Host(args.root, args.config)
+    if not os.path.lexists(host.state_path):
+        show("isconf: nothing installed in %s (no %s)" % (host.root, host.state_path))
+        return EXIT_OK
     with host.lock():
         manifest = read_manifest(host)
         kept = {}  # still recorded, so that a later uninstall warns again
