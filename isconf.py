@@ -2962,6 +2962,8 @@ After=network-online.target isconf.service
 Type=oneshot
 # Without -r: a reboot entry waits for the next boot, where isconf.service takes it.
 ExecStart=%(agent)s up
+# 6: the boot run (or an admin's) is still at work; not a failure.
+SuccessExitStatus=6
 TimeoutStartSec=%(timeout)d
 """
 PERIODIC_TIMER = WRITTEN_BY + """\
@@ -4127,6 +4129,7 @@ On every host (the agent):
   isconf init http://repo.example/isconf/ --branch web --signers keys.txt
   isconf up            fetch, verify and apply pending transactions
   isconf status        where this host stands; isconf log: the journal
+  isconf install       the agent and its units, at boot (up -r --boot) and periodic
 
 As an author (working on a repository directory, --repo or ISCONF_REPO):
   isconf lock -m 'upgrade nginx'
