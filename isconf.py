@@ -2918,6 +2918,20 @@ def machine_id(host):
     return data or socket.gethostname().encode("utf-8", "surrogateescape")
 
 
+def boot_wait(args, config):
+    """How long 'up' waits for a mirror: with --boot, --boot-wait or the config's boot_wait; else not at all."""
+    if not args.boot:
+        if args.boot_wait is not None:
+            raise UsageError("--boot-wait is for 'up --boot'; a run without --boot tries 'retries' rounds")
+        return None
+    if args.boot_wait is None:
+        return config.boot_wait
+    try:
+        return parse_positive(str(args.boot_wait), float, "--boot-wait", BOOT_WAIT_MAX)
+    except ValueError as e:
+        raise UsageError(str(e))
+
+
 def splay(host, seconds):
     try:
         seconds = parse_positive(str(seconds), float, "--splay", SPLAY_MAX)
@@ -3937,13 +3951,12 @@ def cmd_up(args):
     host = Host(args.root, args.config)
     if args.boot or args.syslog:
         SYSLOG.open(host.rootpath)
-    if args.splay:
+    if args.splay is not None:
         splay(host, args.splay)  # before the lock: a waiting host holds nothing
     with host.lock():
         host.ensure_state()
         agent = Agent(host, parse_now(args.now))
-        wait = (args.boot_wait or agent.config.boot_wait) if args.boot else None
-        plan = agent.sync(stage=not args.dry_run, wait=wait)
+        plan = agent.sync(stage=not args.dry_run, wait=boot_wait(args, agent.config))
         if args.dry_run:
             for entry in plan.pending:
                 show("would apply %d %s" % (entry.seq, entry.summary()))

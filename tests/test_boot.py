@@ -313,3 +313,10 @@ def test_install_stays_inside_the_root(host, tmp_path):
     host("install", "--sysv", expect="ok")
     assert os.listdir(str(outside)) == []
     assert os.path.isfile(host.path(str(outside) + "/isconf"))
+
+
+@pytest.mark.parametrize("args", [["--boot-wait", "5"], ["--boot", "--boot-wait", "0"],
+                                  ["--boot", "--boot-wait", "nan"], ["--splay", "0"], ["--splay", "1e9"]])
+def test_bad_boot_options_are_usage_errors(host, args):
+    host.init("http://127.0.0.1:9/", None)
+    host("up", *args, expect="usage")
