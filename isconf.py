@@ -88,6 +88,14 @@ DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
 DEFAULT_REBOOT = "/sbin/reboot"
+DEFAULT_BOOT_WAIT = 300         # seconds 'up --boot' waits for a repository before giving up the boot's run
+BOOT_WAIT_MAX = 86400           # a boot is never held longer than a day, whatever the config says
+BOOT_BACKOFF_MAX = 30           # seconds between two rounds over the mirrors at boot, at most
+BOOT_MARGIN = 3600              # seconds the boot unit allows, beyond boot_wait, for fetching and applying
+SPLAY_MAX = 86400               # --splay spreads a fleet over at most a day
+SYSLOG_PATH = "/dev/log"        # inside --root: the local syslog socket
+MACHINE_ID_PATH = "/etc/machine-id"  # inside --root: names this host for --splay
+AGENT_PATH = "/usr/local/sbin/isconf"  # inside --root: where 'install' puts the agent the units run
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -105,7 +113,7 @@ SIGNERS_PATH = "/etc/isconf/allowed_signers"  # inside --root
 STATE_PATH = "/var/lib/isconf"                # inside --root
 STATE_FORMAT = 2  # host state layout this file reads and writes; 0.1.0's, without a number, is 1
 STATE_NAMES = ("state-format", "history", "journal", "head", "head.sig", "lock", "objects", "logs", "last-success",
-               "internal-error.log")  # what isconf keeps in it: one of them marks a state directory as ours
+               "internal-error.log", "installed")  # what isconf keeps in it: one of them marks a state directory as ours
 
 # Exit codes: documented in README.md, stable across versions.
 EXIT_OK = 0
@@ -532,6 +540,65 @@ def silence(stream):
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd)
     os.close(devnull)
+
+
+class Syslog(object):
+    """Lines for the local syslog at ROOT/dev/log, when there is one: RFC 3164 datagrams,
+    facility daemon, tag isconf, as glibc's syslog() sends them (no program started).
+    A syslog that is missing, full or gone never stops or slows a run: the console has it all."""
+
+    FACILITY = 3  # daemon
+    MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+    INFO, WARNING, ERR = 6, 4, 3
+
+    def __init__(self):
+        self.sock = None
+
+    def open(self, rootpath):
+        try:
+            # Through the root's links (Debian's /dev/log leads to /run/systemd/journal/dev-log), never out of it.
+            inside = "/" + os.path.relpath(rootpath.resolve(SYSLOG_PATH), rootpath.root)
+            dfd, name = rootpath.parent(inside)
+        except OSError:
+            return
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISSOCK(st.st_mode):
+                return
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            # By the directory already opened inside the root, so a link swapped in cannot lead out of it.
+            via_fd = "/proc/self/fd/%d/%s" % (dfd, name)
+            try:
+                sock.connect(via_fd if os.path.isdir("/proc/self/fd") else os.path.join(rootpath.root, inside[1:]))
+            except OSError:
+                sock.close()
+                return
+            self.sock = sock
+        except OSError:
+            return
+        finally:
+            os.close(dfd)
+
+    def send(self, text, severity=INFO):
+        if self.sock is None:
+            return
+        t = time.localtime()
+        line = "<%d>%s %2d %02d:%02d:%02d isconf[%d]: %s" % (
+            self.FACILITY * 8 + severity, self.MONTHS[t.tm_mon - 1], t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec,
+            os.getpid(), printable(text))
+        try:
+            self.sock.send(line.encode("utf-8", "replace")[:2048])
+        except OSError:  # full (EAGAIN), restarted (ECONNREFUSED): the console still has the line
+            pass
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+SYSLOG = Syslog()  # opened by 'up --boot' and 'up --syslog'; until then it drops what it is sent
 
 
 def read_file(path, limit=None, dir_fd=None):
@@ -1899,6 +1966,8 @@ class Config(object):
             self.retries = parse_positive(main.get("retries", str(DEFAULT_RETRIES)), int, "retries", 100)
             self.exec_timeout = (parse_positive(main["exec_timeout"], float, "exec_timeout", MAX_DEADLINE)
                                  if "exec_timeout" in main else None)
+            self.boot_wait = parse_positive(main.get("boot_wait", str(DEFAULT_BOOT_WAIT)), float, "boot_wait",
+                                            BOOT_WAIT_MAX)
             self.env = dict(parser["env"]) if parser.has_section("env") else {}
             for name, value in self.env.items():
                 check_variable(name, value)
@@ -2637,6 +2706,7 @@ class Agent(object):
 
     def say(self, message, stream=None):
         show("isconf: %s" % message, stream or self.out)
+        SYSLOG.send(message, Syslog.WARNING if stream is sys.stderr else Syslog.INFO)
 
     def now(self):
         """The time used for expiry and key validity: never earlier than the last verified head,
@@ -2651,18 +2721,27 @@ class Agent(object):
         except UsageError as e:
             raise StateError("config %s: %s" % (self.config.path, e))
 
-    def sync(self, stage=True, branch=None):
+    def sync(self, stage=True, branch=None, wait=None):
         """Fetch and verify from the first mirror that gives a good answer; returns a Plan.
 
         Network trouble moves on to the next mirror and, after a round, backs off and
         tries again; a refusal moves on too, but is what gets reported if no mirror is good.
         Every mirror that failed is named in a warning, unless the error names it already.
+        With wait (seconds, at boot), rounds go on, backing off with jitter, until that time
+        has passed: the network or the repository may come up after the agent.
         """
         refusals, failures, failed = [], [], collections.OrderedDict()
+        give_up = time.monotonic() + wait if wait else None
         try:
-            for attempt in range(max(1, self.config.retries)):
+            attempt = 0
+            while True:
                 if attempt:
-                    time.sleep(min(2 ** (attempt - 1), 30))
+                    delay = boot_backoff(attempt) if give_up else min(2 ** (attempt - 1), 30)
+                    if give_up:
+                        delay = min(delay, max(0, give_up - time.monotonic()))
+                        if attempt == 1:
+                            self.say("waiting up to %d s for a mirror (%s)" % (wait, failures[-1]), sys.stderr)
+                    time.sleep(delay)
                 for mirror in self.mirrors():
                     try:
                         plan = self._sync_from(mirror, stage, branch)
@@ -2678,6 +2757,9 @@ class Agent(object):
                         mirror.close()
                 if refusals:
                     break  # a hostile answer is not cured by asking again
+                attempt += 1
+                if (time.monotonic() >= give_up) if give_up else attempt >= max(1, self.config.retries):
+                    break
             error = refusals[0] if refusals else failures[-1]
             for url, e in list(failed.items()):
                 if e is error:
@@ -2916,6 +2998,305 @@ class Agent(object):
                          % (objects.file(name), file_kind(st.st_mode)), sys.stderr)
                 continue
             objects.unlink(name)
+
+
+# ---------------------------------------------------------------------------
+# At boot and from cron: waiting for the repository, splay, and the units that run the agent.
+# ---------------------------------------------------------------------------
+
+
+def jitter():
+    """A fraction in [0, 1) from the kernel's random source: never one seed shared by a fleet."""
+    return int.from_bytes(os.urandom(4), "big") / 2.0 ** 32
+
+
+def boot_backoff(attempt):
+    """Seconds before the next round over the mirrors at boot: doubling from 1 s up to
+    BOOT_BACKOFF_MAX, each between half and all of that, so hosts that a power cut booted
+    together do not knock in step."""
+    return min(2 ** (attempt - 1), BOOT_BACKOFF_MAX) * (0.5 + 0.5 * jitter())
+
+
+def splay_delay(machine_id, seconds):
+    """The part of --splay SECONDS this host waits: a stable hash of its machine-id spread evenly
+    over [0, SECONDS), so a rack on one cron minute knocks over SECONDS, each host at its own time."""
+    digest = hashlib.sha256(b"isconf-splay\0" + machine_id.strip()).digest()
+    return seconds * (int.from_bytes(digest[:8], "big") / 2.0 ** 64)
+
+
+def machine_id(host):
+    """ROOT/etc/machine-id, read confined like the host's other files; the host name where there is none."""
+    try:
+        data = host.rootpath.read_file(MACHINE_ID_PATH, 4096).strip()
+    except OSError:
+        data = b""
+    return data or socket.gethostname().encode("utf-8", "surrogateescape")
+
+
+def boot_wait(args, config):
+    """How long 'up' waits for a mirror: with --boot, --boot-wait or the config's boot_wait; else not at all."""
+    if not args.boot:
+        if args.boot_wait is not None:
+            raise UsageError("--boot-wait is for 'up --boot'; a run without --boot tries 'retries' rounds")
+        return None
+    if args.boot_wait is None:
+        return config.boot_wait
+    try:
+        return parse_positive(str(args.boot_wait), float, "--boot-wait", BOOT_WAIT_MAX)
+    except ValueError as e:
+        raise UsageError(str(e))
+
+
+def splay(host, seconds):
+    try:
+        seconds = parse_positive(str(seconds), float, "--splay", SPLAY_MAX)
+    except ValueError as e:
+        raise UsageError(str(e))
+    delay = splay_delay(machine_id(host), seconds) + min(1.0, seconds / 100.0) * jitter()
+    SYSLOG.send("splay: waiting %.1f s" % delay)
+    time.sleep(delay)
+
+
+# What install writes.  Every file says who wrote it, and none carries a time or a
+# version: a second install of the same agent with the same options changes nothing.
+INSTALL_KINDS = (("systemd", "a systemd oneshot service running 'up -r --boot' at boot"),
+                 ("timer", "a systemd timer running 'up' periodically"),
+                 ("sysv", "an LSB init script running 'up -r --boot' at boot, linked into rc2.d to rc5.d"),
+                 ("cron", "an /etc/cron.d entry running 'up --splay' every 30 minutes"))
+WRITTEN_BY = "# Written by 'isconf install'; 'isconf uninstall' removes it.\n"
+BOOT_SERVICE = WRITTEN_BY + """\
+[Unit]
+Description=isconf: replay this host's journal at boot
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=%(agent)s up -r --boot
+# boot_wait (%(wait)d s) for a mirror, plus time to fetch and apply: never held for ever.
+TimeoutStartSec=%(timeout)d
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
+PERIODIC_SERVICE = WRITTEN_BY + """\
+[Unit]
+Description=isconf: replay this host's journal (periodic run, started by isconf-update.timer)
+Wants=network-online.target
+After=network-online.target isconf.service
+
+[Service]
+Type=oneshot
+# Without -r: a reboot entry waits for the next boot, where isconf.service takes it.
+ExecStart=%(agent)s up
+# 6: the boot run (or an admin's) is still at work; not a failure.
+SuccessExitStatus=6
+TimeoutStartSec=%(timeout)d
+"""
+PERIODIC_TIMER = WRITTEN_BY + """\
+[Unit]
+Description=isconf: replay this host's journal periodically
+
+[Timer]
+OnBootSec=15min
+OnUnitInactiveSec=30min
+RandomizedDelaySec=10min
+AccuracySec=1min
+Persistent=true
+Unit=isconf-update.service
+
+[Install]
+WantedBy=timers.target
+"""
+SYSV_SCRIPT = """\
+#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          isconf
+# Required-Start:    $network $remote_fs $syslog
+# Required-Stop:
+# Should-Start:      $named $time
+# Default-Start:     2 3 4 5
+# Default-Stop:
+# Short-Description: replay this host's isconf journal at boot
+# Description:       Fetches, verifies and applies the pending transactions of this
+#                    host's isconf branch, waiting up to boot_wait for a mirror.
+### END INIT INFO
+""" + WRITTEN_BY + """\
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+case "$1" in
+    start) %(agent)s up -r --boot ;;
+    stop|restart|force-reload) exit 0 ;;
+    status) exec %(agent)s status ;;
+    *) echo "Usage: $0 {start|stop|status}" >&2; exit 3 ;;
+esac
+"""
+CRON_ENTRY = WRITTEN_BY + """\
+SHELL=/bin/sh
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# Every 30 minutes, each host at its own minute (--splay); errors reach syslog and cron's mail.
+*/30 * * * * root %(agent)s up --splay 1500 --syslog >/dev/null
+"""
+SYSV_RUNLEVELS = (2, 3, 4, 5)
+
+InstallItem = collections.namedtuple("InstallItem", "path data mode link")
+
+
+def running_agent():
+    """The bytes of the file this agent runs from."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        return f.read()
+
+
+def default_install_kinds(rootpath):
+    """systemd's units where the root has systemd, else an init script and cron."""
+    for path in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd", "/etc/systemd"):
+        try:
+            if os.path.lexists(rootpath.resolve(path)):
+                return ["systemd", "timer"]
+        except OSError:
+            continue
+    return ["sysv", "cron"]
+
+
+def install_items(kinds, boot_wait, agent):
+    """Every file and link install writes for kinds, in the order it writes them."""
+    values = {"agent": AGENT_PATH, "wait": boot_wait, "timeout": boot_wait + BOOT_MARGIN}
+    items = [InstallItem(AGENT_PATH, agent, 0o755, None)]
+    if "systemd" in kinds:
+        items += [InstallItem("/etc/systemd/system/isconf.service", (BOOT_SERVICE % values).encode(), 0o644, None),
+                  InstallItem("/etc/systemd/system/multi-user.target.wants/isconf.service", None, None,
+                              "/etc/systemd/system/isconf.service")]
+    if "timer" in kinds:
+        items += [InstallItem("/etc/systemd/system/isconf-update.service", (PERIODIC_SERVICE % values).encode(),
+                              0o644, None),
+                  InstallItem("/etc/systemd/system/isconf-update.timer", PERIODIC_TIMER.encode(), 0o644, None),
+                  InstallItem("/etc/systemd/system/timers.target.wants/isconf-update.timer", None, None,
+                              "/etc/systemd/system/isconf-update.timer")]
+    if "sysv" in kinds:
+        items.append(InstallItem("/etc/init.d/isconf", (SYSV_SCRIPT % values).encode(), 0o755, None))
+        # The agent starts no program, so not update-rc.d: it writes the links update-rc.d would.
+        items += [InstallItem("/etc/rc%d.d/S20isconf" % level, None, None, "../init.d/isconf")
+                  for level in SYSV_RUNLEVELS]
+    if "cron" in kinds:
+        items.append(InstallItem("/etc/cron.d/isconf", (CRON_ENTRY % values).encode(), 0o644, None))
+    return items
+
+
+def install_item(rootpath, item):
+    """Write one item inside the root unless it is already so; whether it was written."""
+    dfd, name = rootpath.parent(item.path, create=True)
+    try:
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise misplaced(item.path, file_kind(st.st_mode), "file")
+        if item.link is not None:
+            if st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=dfd) == item.link:
+                return False
+            tmp = temp_name(name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dfd)
+            os.symlink(item.link, tmp, dir_fd=dfd)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.fsync(dfd)
+            return True
+        if st is not None and stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == item.mode:
+            if st.st_size == len(item.data) and read_file(item.path, len(item.data), dfd) == item.data:
+                return False
+        atomic_write(item.path, item.data, item.mode, dir_fd=dfd)
+        return True
+    finally:
+        os.close(dfd)
+
+
+def installed_as(rootpath, path, want):
+    """Whether path inside the root is still exactly what install wrote there (want: its manifest record)."""
+    try:
+        st = rootpath.lstat(path)
+    except FileNotFoundError:
+        return None
+    if "link" in want:
+        return stat.S_ISLNK(st.st_mode) and rootpath.readlink(path) == want["link"]
+    if not stat.S_ISREG(st.st_mode) or st.st_size != want["size"]:
+        return False
+    with rootpath.open_file(path) as f:
+        return sha256_hex(f.read(want["size"] + 1)) == want["sha256"]
+
+
+def manifest_record(item):
+    if item.link is not None:
+        return {"link": item.link}
+    return {"sha256": sha256_hex(item.data), "size": len(item.data)}
+
+
+def read_manifest(host):
+    """What install wrote, by path: kept in the state directory so uninstall removes that and nothing else."""
+    try:
+        data = host.state.read("installed", RECORD_MAX)
+    except FileNotFoundError:
+        return {}
+    manifest = parse_canonical(data, host.path("installed"))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("installed"), dict):
+        raise StateError("%s is damaged; remove it and the files 'install' wrote by hand" % host.path("installed"))
+    return manifest["installed"]
+
+
+def cmd_install(args):
+    host = Host(args.root, args.config)
+    kinds = args.kinds or default_install_kinds(host.rootpath)
+    boot_wait = int(host.config.boot_wait) if host.has_config() else DEFAULT_BOOT_WAIT
+    items = install_items(kinds, boot_wait, running_agent())
+    host.make_state()
+    with host.lock():
+        host.ensure_state()
+        manifest = read_manifest(host)
+        changed = 0
+        for item in items:
+            if install_item(host.rootpath, item):
+                changed += 1
+                show("isconf: wrote %s" % os.path.join(host.root, item.path[1:]))
+            manifest[item.path] = manifest_record(item)
+        data = canonical({"installed": manifest})
+        if host.state.stat("installed") is None or host.state.read("installed", RECORD_MAX) != data:
+            host.state.write("installed", data, 0o600)
+    show("isconf: installed %s (%s) in %s: %s" % (AGENT_PATH, ", ".join(kinds), host.root,
+                                                  "%d file(s) written" % changed if changed else "nothing changed"))
+
+
+def cmd_uninstall(args):
+    host = Host(args.root, args.config)
+    if not os.path.lexists(host.state_path):
+        show("isconf: nothing installed in %s (no %s)" % (host.root, host.state_path))
+        return EXIT_OK
+    with host.lock():
+        manifest = read_manifest(host)
+        kept = {}  # still recorded, so that a later uninstall warns again
+        for path, want in sorted(manifest.items(), key=lambda item: "link" not in item[1]):  # links first
+            found = installed_as(host.rootpath, path, want)
+            if found is None:
+                continue
+            if not found:
+                kept[path] = want
+                show("isconf: warning: %s changed since 'isconf install' wrote it; left in place"
+                     % os.path.join(host.root, path[1:]), sys.stderr)
+                continue
+            dfd, name = host.rootpath.parent(path)
+            try:
+                os.unlink(name, dir_fd=dfd)
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            show("isconf: removed %s" % os.path.join(host.root, path[1:]))
+        if kept:
+            host.state.write("installed", canonical({"installed": kept}), 0o600)
+        elif manifest:
+            host.state.unlink("installed")
+    show("isconf: uninstalled from %s%s" % (host.root, " (%d changed file(s) kept)" % len(kept) if kept else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -3643,9 +4024,9 @@ def cmd_init(args):
             parse_command(args.reboot_command)
             extra["reboot_command"] = args.reboot_command
         for key, kind, most in (("timeout", float, 3600), ("deadline", float, MAX_DEADLINE), ("retries", int, 100),
-                                ("exec_timeout", float, MAX_DEADLINE)):
+                                ("exec_timeout", float, MAX_DEADLINE), ("boot_wait", float, BOOT_WAIT_MAX)):
             if getattr(args, key) is not None:
-                extra[key] = parse_positive(str(getattr(args, key)), kind, "--" + key, most)
+                extra[key] = parse_positive(str(getattr(args, key)), kind, "--" + key.replace("_", "-"), most)
     except ValueError as e:
         raise UsageError(str(e))
     if args.signers:
@@ -3685,10 +4066,14 @@ def parse_now(text):
 
 def cmd_up(args):
     host = Host(args.root, args.config)
+    if args.boot or args.syslog:
+        SYSLOG.open(host.rootpath)
+    if args.splay is not None:
+        splay(host, args.splay)  # before the lock: a waiting host holds nothing
     with host.lock():
         host.ensure_state()
         agent = Agent(host, parse_now(args.now), mounts=not args.no_mounts)
-        plan = agent.sync(stage=not args.dry_run)
+        plan = agent.sync(stage=not args.dry_run, wait=boot_wait(args, agent.config))
         if args.dry_run:
             for entry in plan.pending:
                 show("would apply %d %s" % (entry.seq, entry.summary()))
@@ -3886,6 +4271,7 @@ On every host (the agent):
   isconf init http://repo.example/isconf/ --branch web --signers keys.txt
   isconf up            fetch, verify and apply pending transactions
   isconf status        where this host stands; isconf log: the journal
+  isconf install       the agent and its units, at boot (up -r --boot) and periodic
 
 As an author (working on a repository directory, --repo or ISCONF_REPO):
   isconf lock -m 'upgrade nginx'
@@ -3950,9 +4336,18 @@ def build_parser():
                    % DEFAULT_RETRIES)
     p.add_argument("--exec-timeout", type=float, metavar="SECONDS", help="kill an exec still running after "
                    "SECONDS, with its whole process group, and fail the transaction (default: no limit)")
+    p.add_argument("--boot-wait", type=float, metavar="SECONDS", help="how long 'up --boot' waits for a mirror "
+                   "(default %d)" % DEFAULT_BOOT_WAIT)
     p.add_argument("--force", action="store_true", help="overwrite an existing config")
     p = verb("up", cmd_up, "fetch, verify and apply every pending transaction")
     p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and reboot")
+    p.add_argument("--boot", action="store_true", help="run from init: wait for a mirror (backing off) up to "
+                   "the boot wait, and log to syslog too")
+    p.add_argument("--boot-wait", type=float, metavar="SECONDS", help="with --boot, wait this long instead of "
+                   "the config's boot_wait (default %d)" % DEFAULT_BOOT_WAIT)
+    p.add_argument("--splay", type=float, metavar="SECONDS", help="first sleep a part of SECONDS fixed by this "
+                   "host's machine-id, plus a little jitter (for cron: a fleet does not knock at once)")
+    p.add_argument("--syslog", action="store_true", help="log to syslog (ROOT/dev/log) as well as the console")
     p.add_argument("--dry-run", action="store_true", help="fetch and verify, show what would run, apply nothing")
     p.add_argument("--now", metavar="TIME", help="verify as if the UTC time were TIME (a miniroot with no clock)")
     p = verb("status", cmd_status, "show branch, applied position, pending work and any failure")
@@ -3966,6 +4361,11 @@ def build_parser():
     p = verb("skip", cmd_skip, "mark the failed transaction SEQ as skipped on this host, for good")
     p.add_argument("seq", type=int, metavar="SEQ")
     p.add_argument("-m", dest="message", required=True, metavar="WHY")
+    p = verb("install", cmd_install, "put this agent at ROOT%s and write the units that run it at boot and "
+             "periodically (default: --systemd --timer where ROOT has systemd, else --sysv --cron)" % AGENT_PATH)
+    for kind, what in INSTALL_KINDS:
+        p.add_argument("--" + kind, dest="kinds", action="append_const", const=kind, help=what)
+    p = verb("uninstall", cmd_uninstall, "remove what install wrote, unless it was changed since")
     p = verb("verify-sig", cmd_verify_sig, "check an SSH signature of FILE the way hosts check heads")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--signature", required=True, metavar="SIG")
@@ -4052,6 +4452,7 @@ def main(argv=None):
         return EXIT_OK if code is None else code
     except IsconfError as e:
         show("isconf: error: %s" % e, sys.stderr)
+        SYSLOG.send("error: %s (exit %d)" % (e, e.exit_code), Syslog.ERR)
         return e.exit_code
     except BrokenPipeError:  # 'isconf log | head' is not an error
         silence(sys.stdout)
