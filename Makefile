@@ -18,6 +18,7 @@ tools:
 	@missing=""; \
 	command -v ssh-keygen >/dev/null 2>&1 || missing="$$missing openssh-client"; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	bb=$$(command -v busybox || echo /bin/busybox); \
 	case "$$(LC_ALL=C ldd "$$bb" 2>&1)" in *"not a dynamic"*) ;; *) missing="$$missing busybox-static";; esac; \
 	if [ -n "$$missing" ]; then \
