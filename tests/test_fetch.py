@@ -214,7 +214,7 @@ def warnings(proc):
 
 
 @pytest.mark.parametrize("behaviour,fragment", [
-    ("tail", "entry 3: kind [] is not exec"),
+    ("tail", "entry 3 has missing fields"),
     (("status", 503), "server answered 503"),
     ("truncate", "connection closed after"),
 ], ids=["refused", "error status", "cut short"])
