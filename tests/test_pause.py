@@ -236,3 +236,7 @@ def test_disable_needs_a_reason(author, keys, host):
     host.init(author.repo, keys)
     assert "reason" in error_line(host("disable", "-m", "  ", expect="usage"))
     assert host.status()["disabled"] is None
+
+
+def test_help_lists_the_disabled_exit_code(host):
+    assert "9 disabled" in host("--help", expect="ok").out
