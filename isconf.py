@@ -105,7 +105,8 @@ SIGNERS_PATH = "/etc/isconf/allowed_signers"  # inside --root
 STATE_PATH = "/var/lib/isconf"                # inside --root
 STATE_FORMAT = 2  # host state layout this file reads and writes; 0.1.0's, without a number, is 1
 STATE_NAMES = ("state-format", "history", "journal", "head", "head.sig", "lock", "objects", "logs", "last-success",
-               "internal-error.log", "baseline", "disabled")  # what isconf keeps in it: one of them marks a state directory as ours
+               "internal-error.log", "baseline",
+               "disabled")  # what isconf keeps in it: one of them marks a state directory as ours
 
 # Exit codes: documented in README.md, stable across versions.
 EXIT_OK = 0
