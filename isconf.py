@@ -96,6 +96,8 @@ SPLAY_MAX = 86400               # --splay spreads a fleet over at most a day
 SYSLOG_PATH = "/dev/log"        # inside --root: the local syslog socket
 MACHINE_ID_PATH = "/etc/machine-id"  # inside --root: names this host for --splay
 AGENT_PATH = "/usr/local/sbin/isconf"  # inside --root: where 'install' puts the agent the units run
+DEFAULT_WAIT = 3600             # seconds 'up --wait' waits for the host lock: a run longer than an hour is stuck
+LOCK_POLL = 0.5                 # seconds between tries for a busy lock: flock has no timeout of its own
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -113,7 +115,8 @@ SIGNERS_PATH = "/etc/isconf/allowed_signers"  # inside --root
 STATE_PATH = "/var/lib/isconf"                # inside --root
 STATE_FORMAT = 2  # host state layout this file reads and writes; 0.1.0's, without a number, is 1
 STATE_NAMES = ("state-format", "history", "journal", "head", "head.sig", "lock", "objects", "logs", "last-success",
-               "internal-error.log", "installed")  # what isconf keeps in it: one of them marks a state directory as ours
+               "internal-error.log", "installed", "baseline",
+               "disabled")  # what isconf keeps in it: one of them marks a state directory as ours
 
 # Exit codes: documented in README.md, stable across versions.
 EXIT_OK = 0
@@ -124,6 +127,7 @@ EXIT_REFUSED = 4      # verification failed; nothing applied
 EXIT_REBOOT = 5       # the next transaction is a reboot; run 'up -r'
 EXIT_BUSY = 6         # another run or author holds the lock
 EXIT_STATE = 7        # local state or configuration problem
+EXIT_DISABLED = 9     # 'isconf disable' paused this host; 8 is kept for 'verify' drift
 EXIT_NEWER = 10       # a verified entry this version cannot interpret: it needs a newer isconf
 EXIT_SOFTWARE = 70    # a bug in isconf itself (sysexits' EX_SOFTWARE), never a failed transaction
 EXIT_SIGNAL = 128     # plus the signal: 130 Ctrl-C, 129 SIGHUP, 143 SIGTERM, as a shell reports it
@@ -169,6 +173,10 @@ class Busy(IsconfError):
 
 class StateError(IsconfError):
     exit_code = EXIT_STATE
+
+
+class Disabled(IsconfError):
+    exit_code = EXIT_DISABLED
 
 
 class Interrupted(KeyboardInterrupt):
@@ -627,26 +635,67 @@ def makedirs(path, mode=0o755):
 
 
 class FileLock(object):
-    """An exclusive flock, held for the life of a run; the kernel drops it if we die."""
+    """An exclusive flock, held for the life of a run; the kernel drops it if we die.
 
-    def __init__(self, path, what, dir_fd=None):
+    With holder, the lock file names who holds it (pid and start time) while it is held,
+    for the busy message of whoever comes next.  With wait, a busy lock is tried again
+    for up to wait seconds (flock has no timeout; a blocking flock would outlive it),
+    and on_wait(holder) is called once when the waiting starts."""
+
+    def __init__(self, path, what, dir_fd=None, holder=False, wait=None, on_wait=None):
         self.path, self.what, self.fd, self.dir_fd = path, what, None, dir_fd
+        self.holder, self.wait, self.on_wait = holder, wait, on_wait
 
     def __enter__(self):
         self.fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o600 if self.dir_fd is not None else 0o644,
                                self.dir_fd)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+            self._take()
+            if self.holder:
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, canonical({"pid": os.getpid(), "since": format_time(time.time())}) + b"\n", 0)
+        except BaseException:
             os.close(self.fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise Busy("%s is busy (%s is locked by another process); try again when it ends"
-                           % (self.what, self.path))
             raise
         return self
 
+    def _take(self):
+        deadline = None if self.wait is None else time.time() + self.wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if deadline is None or time.time() >= deadline:
+                waited = " after waiting %s s" % ("%g" % self.wait) if self.wait else ""
+                raise Busy("%s is busy (%s is locked by %s)%s; try again when it ends"
+                           % (self.what, self.path, self.held_by(), waited))
+            if self.on_wait is not None:
+                self.on_wait(self.held_by())
+                self.on_wait = None
+            time.sleep(max(0, min(LOCK_POLL, deadline - time.time())))
+
+    def held_by(self):
+        """Who holds the lock, as its holder wrote it: 'pid N since TIME', or 'another process'."""
+        if not self.holder:
+            return "another process"
+        try:
+            fields = json.loads(os.pread(self.fd, 256, 0).decode("ascii"))
+        except (OSError, ValueError):  # empty: taken a moment ago, not yet named
+            return "another process"
+        if not (isinstance(fields, dict) and isinstance(fields.get("pid"), int)
+                and TIME_RE.match(str(fields.get("since")))):
+            return "another process"
+        return "pid %d since %s" % (fields["pid"], fields["since"])
+
     def __exit__(self, *exc):
-        os.close(self.fd)
+        try:
+            if self.holder:
+                os.ftruncate(self.fd, 0)  # no stale name for a holder that has gone
+        finally:
+            os.close(self.fd)
 
 
 def validate_path(path, what="path"):
@@ -1923,8 +1972,8 @@ class StateDir(object):
     def read_records(self, name, what, until=None):
         return read_records(self.file(name), what, until, self.fd)
 
-    def lock(self, name, what):
-        return FileLock(self.file(name), what, self.fd)
+    def lock(self, name, what, **kw):
+        return FileLock(self.file(name), what, self.fd, **kw)
 
     def listdir(self):
         return os.listdir(self.fd)
@@ -2032,12 +2081,15 @@ class History(object):
 
     It grows with every transaction for the life of the host, so a run that only needs
     the applied position (recent=True) reads it backwards from the end, as far as the
-    last done or skipped event."""
+    last done, skipped or baseline event.  A baseline event (init --baseline) says the
+    image held everything up to its entry before isconf applied anything here."""
+
+    POSITION = ("done", "skipped", "baseline")  # the events that move the applied position
 
     def __init__(self, state, recent=False):
         self.state, self.path = state, state.file("history")
         self.events = state.read_records("history", "history",
-                                         (lambda e: e.get("event") in ("done", "skipped")) if recent else None)
+                                         (lambda e: e.get("event") in self.POSITION) if recent else None)
         for event in self.events:
             if not (isinstance(event.get("event"), str) and isinstance(event.get("seq"), int)
                     and isinstance(event.get("id"), str)):
@@ -2051,11 +2103,19 @@ class History(object):
         self.state.append_record("history", fields)
 
     def applied(self):
-        """(seq, id) of the last transaction done or skipped: the applied prefix."""
+        """(seq, id) of the last transaction done or skipped, or of the baseline: the applied prefix."""
         for event in reversed(self.events):
-            if event["event"] in ("done", "skipped"):
+            if event["event"] in self.POSITION:
                 return event["seq"], event["id"]
         return 0, ZERO_ID
+
+    def baseline(self):
+        """(seq, id) of the baseline event, or None: the host was not made from an image built without isconf,
+        or its baseline is not yet tied to a verified entry."""
+        for event in self.events:
+            if event["event"] == "baseline":
+                return event["seq"], event["id"]
+        return None
 
     def last(self, entry):
         """The last event recorded for this entry (by its id: another branch's entry of the
@@ -2233,8 +2293,11 @@ class Host(object):
                 os.close(fd)
         self.state.write("state-format", b"%d\n" % STATE_FORMAT)
 
-    def lock(self):
-        return self.state.lock("lock", "this host")
+    def lock(self, wait=None):
+        """The host lock; with wait, wait up to that many seconds for a run that holds it."""
+        return self.state.lock("lock", "this host", holder=True, wait=wait,
+                               on_wait=lambda holder: show("isconf: waiting for this host's lock, held by %s"
+                                                           % holder, sys.stderr))
 
     def history(self, recent=False):
         return History(self.state, recent)
@@ -2331,6 +2394,32 @@ class Host(object):
             except FileNotFoundError:
                 pass
         return self.log_path(entry), b""
+
+    def declared_baseline(self):
+        """The seq 'init --baseline' declared, or None.  It is kept for good (init --force leaves it);
+        the first verified fetch ties it to an entry with a baseline event in the history."""
+        try:
+            text = self.state.read("baseline", 64).decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            return None
+        if not re.match(r"^[1-9][0-9]{0,17}$", text):
+            raise StateError("%s holds %r, not a seq; it was edited: write the seq the image was built to in it"
+                             % (self.state.file("baseline"), text[:20]))
+        return int(text)
+
+    def disabled(self):
+        """The record 'isconf disable' wrote ({who, why, time}), or None while the host is enabled."""
+        try:
+            data = self.state.read("disabled", RECORD_MAX)
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(data.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:  # a damaged record still pauses the host: whoever wrote it meant that
+            record = {}
+        return {key: str(record.get(key, "?")) for key in ("who", "why", "time")}
 
     def last_success(self):
         try:
@@ -2677,13 +2766,17 @@ class Plan(object):
     """The outcome of a sync: the verified journal, what is left to apply, and what to
     record locally before applying (nothing when the head was unchanged)."""
 
-    def __init__(self, head, entries, applied_seq, signature=None, keep=0, tail=None):
+    def __init__(self, head, entries, applied_seq, signature=None, keep=0, tail=None, baseline=None, history=None):
         self.head, self.entries = head, entries
         self.pending = [e for e in entries if e.seq > applied_seq]
         self.signature, self.keep, self.tail = signature, keep, tail
+        self.baseline, self.history = baseline, history
 
     def commit(self, host):
-        """Make the newly verified head and journal this host's local copy."""
+        """Make the newly verified head and journal this host's local copy; tie a declared
+        baseline to its entry first, so that no crash leaves a journal without it."""
+        if self.baseline is not None:
+            self.history.record("baseline", self.baseline)
         if self.tail is not None:
             host.commit(self.head, self.signature, self.keep, self.tail)
 
@@ -2777,6 +2870,7 @@ class Agent(object):
         host = self.host
         branch = branch or self.config.branch
         applied_seq, applied_id = self.history.applied()
+        baseline = None if applied_seq else host.declared_baseline()
         local = host.local_head()
         local_entries = host.local_journal(local, parse_after=applied_seq)
         if local is not None and local.branch != branch:
@@ -2792,7 +2886,8 @@ class Agent(object):
         response = mirror.fetch(prefix + "head", HEAD_MAX)
         if local is not None and response.body == local.data and self.local_head_trusted(local):
             local.check_expiry(self.now())  # a mirror serving the same head for ever is a freeze attack
-            plan = Plan(local, local_entries, applied_seq)
+            tied = self.tie_baseline(mirror, local_entries, baseline)
+            plan = Plan(local, local_entries, tied.seq if tied else applied_seq, baseline=tied, history=self.history)
             if stage:
                 self.stage_objects(mirror, plan.pending)  # one lost since the last run (a damaged copy)
             return plan
@@ -2814,10 +2909,22 @@ class Agent(object):
             raise Refused("branch %s from %s does not extend what this host has applied (seq %d, %s): the "
                           "journal was rewritten; reinstall the host and replay"
                           % (branch, mirror, applied_seq, applied_id[:16]))
-        plan = Plan(head, entries, applied_seq, signature, start, tail)
+        tied = self.tie_baseline(mirror, entries, baseline)
+        plan = Plan(head, entries, tied.seq if tied else applied_seq, signature, start, tail, tied, self.history)
         if stage:
             self.stage_objects(mirror, plan.pending)
         return plan
+
+    def tie_baseline(self, mirror, entries, baseline):
+        """The verified entry a declared baseline names (None without one): a journal that does not
+        reach it is refused, as the image holds transactions this repository does not have."""
+        if baseline is None:
+            return None
+        if len(entries) < baseline:
+            raise Refused("the journal from %s ends at seq %d, before this host's baseline seq %d: the image was "
+                          "built from a journal this repository does not have (yet); check the mirror, or run "
+                          "'isconf init --force --baseline SEQ' with the right seq" % (mirror, len(entries), baseline))
+        return entries[baseline - 1]
 
     def local_head_trusted(self, local):
         """Whether the local head's signature still verifies with the keys trusted now.
@@ -4017,6 +4124,9 @@ def cmd_init(args):
         variables[name] = value
     if host.has_config() and not args.force:
         raise UsageError("%s exists; use --force to overwrite it (the applied history is kept)" % host.config_path)
+    if args.baseline is not None and args.baseline < 1:
+        raise UsageError("--baseline %d is not a seq: give the seq of the last transaction the image holds (1 or "
+                         "more)" % args.baseline)
     extra = {}
     try:
         if args.reboot_command is not None:
@@ -4049,10 +4159,26 @@ def cmd_init(args):
     host.make_state()
     with host.lock():  # not while an up runs: the state upgrade and the config are its too
         host.ensure_state()
+        if args.baseline is not None:
+            declare_baseline(host, args.baseline)
         if args.signers:
             host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
         host.write_config(config)
     show("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
+
+
+def declare_baseline(host, seq):
+    """Keep the seq an image was built to; the first verified fetch ties it to its entry.  Only a host that
+    has applied nothing can take one: a position isconf recorded is never overwritten by a claim."""
+    history = host.history()
+    tied, applied_seq = history.baseline(), history.applied()[0]
+    if tied is not None and tied[0] != seq:
+        raise UsageError("this host's baseline is seq %d, tied to its entry at the first fetch; it cannot be "
+                         "changed" % tied[0])
+    if tied is None and applied_seq:
+        raise UsageError("this host has applied through seq %d already; a baseline is for an image built without "
+                         "isconf, declared before its first 'up'" % applied_seq)
+    host.state.write("baseline", b"%d\n" % seq)
 
 
 def parse_now(text):
@@ -4070,8 +4196,12 @@ def cmd_up(args):
         SYSLOG.open(host.rootpath)
     if args.splay is not None:
         splay(host, args.splay)  # before the lock: a waiting host holds nothing
-    with host.lock():
+    with host.lock(args.wait):
         host.ensure_state()
+        paused = host.disabled()
+        if paused:
+            raise Disabled("this host was disabled by %s at %s: %s; nothing applied until 'isconf enable'"
+                           % (paused["who"], paused["time"], paused["why"]))
         agent = Agent(host, parse_now(args.now), mounts=not args.no_mounts)
         plan = agent.sync(stage=not args.dry_run, wait=boot_wait(args, agent.config))
         if args.dry_run:
@@ -4094,6 +4224,7 @@ def host_report(host):
     entries = host.local_journal(head)
     history = host.history()
     applied_seq, applied_id = history.applied()
+    baseline_seq = (history.baseline() or (0, None))[0]
     marks = {}  # by id: after a migrate, another branch's seq N is another transaction
     for event in history.events:
         if event["event"] in ("done", "skipped", "failed"):
@@ -4102,7 +4233,10 @@ def host_report(host):
     for entry in entries:
         event = marks.get(entry.id)
         if entry.seq <= applied_seq:
-            mark = "skipped" if event and event["event"] == "skipped" else "applied"
+            if event and event["event"] in ("done", "skipped"):
+                mark = "skipped" if event["event"] == "skipped" else "applied"
+            else:  # in the image before isconf ran here
+                mark = "baseline" if entry.seq <= baseline_seq else "applied"
         elif event and event["event"] == "failed":
             mark = "failed"
         else:
@@ -4116,15 +4250,20 @@ def cmd_status(args):
     config = host.config
     head, rows, applied_seq, applied_id = host_report(host)
     failed = [(e, ev) for e, mark, ev in rows if mark == "failed"]
+    tied, declared = host.history().baseline(), host.declared_baseline()
+    baseline = None
+    if tied or declared:  # declared, and not yet verified, until the first fetch ties it to its entry
+        baseline = {"seq": tied[0] if tied else declared, "id": tied[1] if tied else None}
     last = host.last_success()
     report = {
         "branch": config.branch, "applied_seq": applied_seq, "applied_id": applied_id,
-        "head_seq": head.seq if head else 0, "pending": sum(1 for _, mark, _ in rows if mark != "applied"
-                                                           and mark != "skipped"),
+        "head_seq": head.seq if head else 0, "pending": sum(1 for _, mark, _ in rows if mark in ("pending",
+                                                                                                "failed")),
         "skipped": [{"seq": e.seq, "why": ev.get("why"), "who": ev.get("who")} for e, mark, ev in rows
                     if mark == "skipped"],
         "failed": None, "last_success": format_time(last) if last else None,
         "last_success_age": int(time.time() - last) if last else None, "insecure": config.insecure,
+        "baseline": baseline, "disabled": host.disabled(),
     }
     if failed:
         entry, event = failed[0]
@@ -4147,6 +4286,13 @@ def cmd_status(args):
         return code
     show("branch:       %s%s" % (config.branch, "  (INSECURE: signatures not checked)" if config.insecure else ""))
     show("applied:      seq %d  %s" % (applied_seq, applied_id[:16]))
+    if baseline:
+        show("baseline:     seq %d  %s" % (baseline["seq"], baseline["id"][:16] if baseline["id"] else
+                                           "(declared; checked at the first fetch)"))
+    if report["disabled"]:
+        paused = report["disabled"]
+        show("DISABLED:     by %s at %s: %s ('isconf enable' lifts it)" % (paused["who"], paused["time"],
+                                                                       paused["why"]))
     show("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
     show("last success: %s" % ("%s (%s ago)" % (report["last_success"], age(report["last_success_age"]))
                                 if last else "never"))
@@ -4233,6 +4379,33 @@ def cmd_skip(args):
     show("isconf: transaction %d marked skipped on this host: %s" % (args.seq, args.message))
 
 
+def cmd_disable(args):
+    if not args.message.strip():
+        raise UsageError("disable needs a reason: -m WHY is what 'up' and 'status' tell whoever looks next")
+    host = Host(args.root, args.config)
+    host.config  # an uninitialised host is told to run init
+    host.make_state()
+    with host.lock(args.wait):  # not in the middle of an up: it is paused between runs, never within one
+        host.ensure_state()
+        record = {"who": author_name(), "why": args.message, "time": format_time(time.time())}
+        host.state.write("disabled", canonical(record) + b"\n", 0o644)
+    show("isconf: %s disabled: 'isconf up' does nothing (exit %d) until 'isconf enable'" % (host.root, EXIT_DISABLED))
+
+
+def cmd_enable(args):
+    host = Host(args.root, args.config)
+    host.config
+    with host.lock(args.wait):
+        paused = host.disabled()
+        if paused is None:
+            show("isconf: %s was not disabled" % host.root)
+            return
+        host.state.unlink("disabled")
+        host.state.fsync()
+    show("isconf: %s enabled (it was disabled by %s at %s: %s)" % (host.root, paused["who"], paused["time"],
+                                                                  paused["why"]))
+
+
 def cmd_verify_sig(args):
     try:
         text = read_file(args.signers, SIGNERS_MAX)
@@ -4282,7 +4455,8 @@ As an author (working on a repository directory, --repo or ISCONF_REPO):
 
 Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
 4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem,
-10 needs a newer isconf, 70 internal error (a bug: please report it), 130 interrupted.
+9 disabled ('isconf disable'), 10 needs a newer isconf, 70 internal error (a bug: please
+report it), 130 interrupted.
 """
 
 
@@ -4306,6 +4480,19 @@ def global_options(suppress):
                          help="branch: for 'init', the one this host follows (required); for author verbs, "
                          "the one to work on (or ISCONF_BRANCH, else the host's branch)")
     return options
+
+
+def wait_seconds(text):
+    try:
+        return parse_positive(text, float, "--wait", MAX_DEADLINE)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def wait_option(p, what):
+    p.add_argument("--wait", nargs="?", type=wait_seconds, const=float(DEFAULT_WAIT), metavar="SECONDS",
+                   help="if the host is busy, wait up to SECONDS (default %d) for %s instead of exiting 6"
+                   % (DEFAULT_WAIT, what))
 
 
 def build_parser():
@@ -4339,7 +4526,10 @@ def build_parser():
     p.add_argument("--boot-wait", type=float, metavar="SECONDS", help="how long 'up --boot' waits for a mirror "
                    "(default %d)" % DEFAULT_BOOT_WAIT)
     p.add_argument("--force", action="store_true", help="overwrite an existing config")
+    p.add_argument("--baseline", type=int, metavar="SEQ", help="the image already holds every transaction up to "
+                   "SEQ (built without isconf): the first fetch checks SEQ exists, 'up' applies what follows")
     p = verb("up", cmd_up, "fetch, verify and apply every pending transaction")
+    wait_option(p, "a running 'up' (or skip, migrate, init) to finish")
     p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and reboot")
     p.add_argument("--boot", action="store_true", help="run from init: wait for a mirror (backing off) up to "
                    "the boot wait, and log to syslog too")
@@ -4358,6 +4548,11 @@ def build_parser():
     p = verb("migrate", cmd_migrate, "follow another branch that extends what this host applied")
     p.add_argument("new_branch", metavar="BRANCH")
     p.add_argument("--now", metavar="TIME", help="verify as if the UTC time were TIME")
+    p = verb("disable", cmd_disable, "pause this host: 'up' applies nothing until 'enable'")
+    p.add_argument("-m", dest="message", required=True, metavar="WHY")
+    wait_option(p, "a running 'up' to finish")
+    p = verb("enable", cmd_enable, "lift a 'disable'")
+    wait_option(p, "a running 'up' to finish")
     p = verb("skip", cmd_skip, "mark the failed transaction SEQ as skipped on this host, for good")
     p.add_argument("seq", type=int, metavar="SEQ")
     p.add_argument("-m", dest="message", required=True, metavar="WHY")
