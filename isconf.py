@@ -3198,8 +3198,8 @@ After=network-online.target isconf.service
 Type=oneshot
 # Without -r: a reboot entry waits for the next boot, where isconf.service takes it.
 ExecStart=%(agent)s up
-# 6: the boot run (or an admin's) is still at work; not a failure.
-SuccessExitStatus=6
+# 6: the boot run (or an admin's) is still at work; 9: the host is paused (isconf disable). Neither is a failure.
+SuccessExitStatus=6 9
 TimeoutStartSec=%(timeout)d
 """
 PERIODIC_TIMER = WRITTEN_BY + """\
