@@ -98,7 +98,8 @@ def test_self_test_prints_the_version_and_reads_the_host(agent_host):
 
 def test_the_self_test_verifies_its_built_in_signature(tmp_path):
     # A build whose signature code is broken fails its self-test: altered message, same signature.
-    broken = put(str(tmp_path), "/isconf.py", build("1.1.0", ("verifies an SSH signature", "verifies an SSH signaturE")))
+    broken = put(str(tmp_path), "/isconf.py", build("1.1.0", ("verifies an SSH signature",
+                                                              "verifies an SSH signaturE")))
     proc = subprocess.run([sys.executable, "-I", broken, "--self-test", "--root", str(tmp_path)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 4 and b"self-test ok" not in proc.stdout
