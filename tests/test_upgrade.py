@@ -33,13 +33,13 @@ def build(version, change=None):
     return text
 
 
-def run_agent(host_root, *args, python=sys.executable, env=None):
+def run_agent(host_root, *args, python=sys.executable, env=None, pass_fds=()):
     """The agent installed inside the root, run by `python`, against that root."""
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ISCONF_AUTHOR": AUTHOR, "LC_ALL": "C.UTF-8"}
     base.update(env or {})
     proc = subprocess.run([python, "-I", os.path.join(host_root, AGENT.lstrip("/")), "--root", host_root]
                           + list(args), env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          stdin=subprocess.DEVNULL, timeout=300)
+                          stdin=subprocess.DEVNULL, timeout=300, pass_fds=pass_fds)
     proc.out, proc.err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
     return proc
 
@@ -177,6 +177,23 @@ def test_the_host_lock_is_held_across_the_re_exec(agent_host, author, src):
     assert up.returncode == 0 and "re-executing" in up.out, up.err
     assert not won
     assert run_by(agent_host)[3][0] == "1.1.0"
+
+
+@pytest.mark.parametrize("which", ["another-file", "the-lock-file-not-holding-it"])
+def test_a_lock_descriptor_named_in_the_environment_grants_nothing(which, agent_host, author):
+    # Only the descriptor that holds this host's flock is taken over; else the lock is taken as usual: busy.
+    author.commit(touch("a"))
+    holder = os.open(agent_host.state("lock"), os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    named = os.open(agent_host.state("lock") if which != "another-file" else agent_host.path("/etc/passwd"),
+                    os.O_RDWR)
+    try:
+        up = run_agent(agent_host.root, "up", env={"ISCONF_LOCK_FD": str(named)}, pass_fds=(named,))
+    finally:
+        os.close(named)
+        os.close(holder)
+    assert up.returncode == 6 and "busy" in error_line(up)
+    assert not os.path.exists(agent_host.path("/tmp/a"))
 
 
 def test_a_re_exec_never_repeats_for_the_same_transaction(agent_host, author, src):
