@@ -2602,7 +2602,10 @@ def cmd_self_test(args):
     """What a new agent must pass before an older one installs it: it loads, it verifies a
     signature built into it with its own code, and it reads this host's config, keys, state
     and journal.  Its last line, 'isconf VERSION self-test ok', is a contract every version keeps."""
-    verify_signature(SELF_TEST_MESSAGE, SELF_TEST_SIGNATURE, parse_allowed_signers(SELF_TEST_SIGNER, "self-test"))
+    try:
+        verify_signature(SELF_TEST_MESSAGE, SELF_TEST_SIGNATURE, parse_allowed_signers(SELF_TEST_SIGNER, "self-test"))
+    except Refused as e:
+        raise Refused("self-test: the signed sample built into this file does not verify: %s" % e)
     host = Host(args.root, args.config)
     if host.has_config():
         if not host.config.insecure:
