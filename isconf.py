@@ -2994,7 +2994,10 @@ class Agent(object):
         for timer in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
             signal.setitimer(timer, 0)  # interval timers survive execve
         for stream in (sys.stdout, sys.stderr):
-            stream.flush()  # what is buffered would be lost
+            try:
+                stream.flush()  # what is buffered would be lost
+            except (OSError, ValueError):
+                silence(stream)  # a closed pipe or a full cron log: as main does
         os.set_inheritable(self.lock.fd, True)
         try:
             os.execv(python, [python, "-I", AGENT_PATH] + list(self.argv))
