@@ -95,7 +95,7 @@ BOOT_MARGIN = 3600              # seconds the boot unit allows, beyond boot_wait
 SPLAY_MAX = 86400               # --splay spreads a fleet over at most a day
 SYSLOG_PATH = "/dev/log"        # inside --root: the local syslog socket
 MACHINE_ID_PATH = "/etc/machine-id"  # inside --root: names this host for --splay
-AGENT_PATH = "/usr/local/sbin/isconf"  # inside --root: where 'install' puts the agent the units run
+INSTALL_PATH = "/usr/local/sbin/isconf"  # inside --root: where 'install' puts the agent the units run
 DEFAULT_WAIT = 3600             # seconds 'up --wait' waits for the host lock: a run longer than an hour is stuck
 LOCK_POLL = 0.5                 # seconds between tries for a busy lock: flock has no timeout of its own
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -109,6 +109,24 @@ TIME_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):(
 # What a network read can raise: ValueError covers malformed URLs and, on 3.6,
 # ssl.CertificateError; UnicodeError (a ValueError) covers bad host names.
 NETWORK_ERRORS = (OSError, http.client.HTTPException, ValueError)
+
+# Self-upgrade (rule 12): how a new agent proves itself, and how the host lock crosses a re-exec.
+AGENT_PATH = os.path.abspath(__file__)  # the file this agent runs from, as it was started (a link stays a link)
+LOCK_FD_ENV = "ISCONF_LOCK_FD"          # a re-executed agent finds here the host lock it still holds
+REEXEC_ENV = "ISCONF_REEXECS"           # ids of the transactions re-execs followed: never twice for one
+SELF_TEST_TIMEOUT = 120                 # seconds a new agent's self-test may take: it reads a little state
+SELF_TEST_RE = re.compile(r"^isconf (\S+) self-test ok$", re.M)  # the line every version prints: keep it
+# A signed sample the self-test verifies: the new file's own signature code, on a fixed message and key.
+SELF_TEST_SIGNER = ("isconf-self-test ssh-ed25519 "
+                    "AAAAC3NzaC1lZDI1NTE5AAAAIN7C0+aFPBF8XGw5HTHT4sBQO0XOhiW7+356hoMLQbp6")
+SELF_TEST_MESSAGE = b"isconf self-test: this agent verifies an SSH signature\n"
+SELF_TEST_SIGNATURE = b"""-----BEGIN SSH SIGNATURE-----
+U1NIU0lHAAAAAQAAADMAAAALc3NoLWVkMjU1MTkAAAAg3sLT5oU8EXxcbDkdMdPiwFA7Rc
+6GJbv7fnqGgwtBunoAAAAGaXNjb25mAAAAAAAAAAZzaGE1MTIAAABTAAAAC3NzaC1lZDI1
+NTE5AAAAQLBfusuPr6ud1w12fKquc6MoYdgDXoaClkIcY3R1E4Xnqv2N8TmlgDvtF/G+IB
+EmEaPFMJWvo4bGKEQIWuM0BAU=
+-----END SSH SIGNATURE-----
+"""
 
 CONFIG_PATH = "/etc/isconf/isconf.conf"      # inside --root
 SIGNERS_PATH = "/etc/isconf/allowed_signers"  # inside --root
@@ -640,13 +658,18 @@ class FileLock(object):
     With holder, the lock file names who holds it (pid and start time) while it is held,
     for the busy message of whoever comes next.  With wait, a busy lock is tried again
     for up to wait seconds (flock has no timeout; a blocking flock would outlive it),
-    and on_wait(holder) is called once when the waiting starts."""
+    and on_wait(holder) is called once when the waiting starts.  With inherit, a lock
+    handed over by a re-executing agent (see Agent.reexec) is taken over instead: there
+    is no moment between the two processes when it is free."""
 
-    def __init__(self, path, what, dir_fd=None, holder=False, wait=None, on_wait=None):
+    def __init__(self, path, what, dir_fd=None, holder=False, wait=None, on_wait=None, inherit=False):
         self.path, self.what, self.fd, self.dir_fd = path, what, None, dir_fd
-        self.holder, self.wait, self.on_wait = holder, wait, on_wait
+        self.holder, self.wait, self.on_wait, self.inherit = holder, wait, on_wait, inherit
 
     def __enter__(self):
+        self.fd = self.inherited() if self.inherit else None
+        if self.fd is not None:
+            return self
         self.fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o600 if self.dir_fd is not None else 0o644,
                                self.dir_fd)
         try:
@@ -696,6 +719,25 @@ class FileLock(object):
                 os.ftruncate(self.fd, 0)  # no stale name for a holder that has gone
         finally:
             os.close(self.fd)
+
+    def inherited(self):
+        """The descriptor named by $ISCONF_LOCK_FD, only if it is this very lock file and holds
+        its flock (flock again on the same open file is a no-op; on another, busy); else None,
+        and the lock is taken as usual.  A stray variable grants nothing."""
+        number = os.environ.pop(LOCK_FD_ENV, None)
+        if number is None or not ID_RE.match(number):
+            return None
+        fd = int(number)
+        try:
+            held = os.fstat(fd)
+            st = os.stat(os.path.basename(self.path), dir_fd=self.dir_fd, follow_symlinks=False)
+            if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(st.st_mode):
+                return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.set_inheritable(fd, False)  # no exec transaction gets it
+        except OSError:
+            return None
+        return fd
 
 
 def validate_path(path, what="path"):
@@ -2294,8 +2336,9 @@ class Host(object):
         self.state.write("state-format", b"%d\n" % STATE_FORMAT)
 
     def lock(self, wait=None):
-        """The host lock; with wait, wait up to that many seconds for a run that holds it."""
-        return self.state.lock("lock", "this host", holder=True, wait=wait,
+        """The host lock, or the one a re-executing agent handed over; with wait, wait up to that
+        many seconds for a run that holds it."""
+        return self.state.lock("lock", "this host", holder=True, wait=wait, inherit=True,
                                on_wait=lambda holder: show("isconf: waiting for this host's lock, held by %s"
                                                            % holder, sys.stderr))
 
@@ -2758,6 +2801,93 @@ def install_record(rootpath, record, owners, objects):
 
 
 # ---------------------------------------------------------------------------
+# Self-upgrade: a new agent proves itself before it is installed; the agent
+# re-executes itself after a new agent or a new interpreter (rules 6 and 12).
+# ---------------------------------------------------------------------------
+
+
+def interpreter_identity():
+    """What tells whether the interpreter and standard library on disk are still the ones this
+    process loaded: a package upgrade repoints a link, renames a new file in (a new inode) or
+    rewrites one (a new mtime), and changes the standard library's directory."""
+    found = []
+    for path in (os.path.realpath(sys.executable), os.path.dirname(os.__file__)):
+        try:
+            st = os.stat(path)
+            found.append((path, st.st_dev, st.st_ino, st.st_mtime_ns))
+        except OSError:
+            found.append((path, None))
+    return found
+
+
+def agent_files():
+    """(device, inode) of the file this agent runs from and of the name it was started by (when
+    that is a link to it): a snap that replaces either replaces the agent."""
+    found = set()
+    for look in (os.stat, os.lstat):
+        try:
+            st = look(AGENT_PATH)
+            found.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    return found
+
+
+def quote_output(text, most=400):
+    """A program's output as one line for an error message: its last lines, escaped."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    quoted = printable(" | ".join(lines[-3:])) or "(no output)"
+    return quoted if len(quoted) <= most else "..." + quoted[-most:]
+
+
+def self_test_agent(python, path, root, config=None):
+    """Run an agent file's --self-test under python, in a fresh process: the one program isconf
+    starts for its own work (rule 12).  Returns the version it printed; raises TransactionFailed
+    with its output quoted unless it exits 0 and prints 'isconf VERSION self-test ok'."""
+    argv = [python, "-I", path, "--self-test", "--root", root] + (["--config", config] if config else [])
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                close_fds=True, start_new_session=True)
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        raise TransactionFailed("cannot run the self-test of %s under %s: %s" % (path, python, e))
+    try:
+        out = proc.communicate(timeout=SELF_TEST_TIMEOUT)[0].decode("utf-8", "replace")
+    except subprocess.TimeoutExpired:
+        kill_group(proc, signal.SIGKILL)
+        proc.communicate()
+        raise TransactionFailed("the self-test of %s under %s still ran after %d s; killed"
+                                % (path, python, SELF_TEST_TIMEOUT))
+    except BaseException:
+        kill_group(proc, signal.SIGKILL)
+        proc.wait()
+        raise
+    found = SELF_TEST_RE.search(out)
+    if proc.returncode != 0 or not found:
+        raise TransactionFailed("the self-test of %s under %s failed (exit %d): %s"
+                                % (path, python, proc.returncode, quote_output(out)))
+    return found.group(1)
+
+
+def cmd_self_test(args):
+    """What a new agent must pass before an older one installs it: it loads, it verifies a
+    signature built into it with its own code, and it reads this host's config, keys, state
+    and journal.  Its last line, 'isconf VERSION self-test ok', is a contract every version keeps."""
+    try:
+        verify_signature(SELF_TEST_MESSAGE, SELF_TEST_SIGNATURE, parse_allowed_signers(SELF_TEST_SIGNER, "self-test"))
+    except Refused as e:
+        raise Refused("self-test: the signed sample built into this file does not verify: %s" % e)
+    host = Host(args.root, args.config)
+    if host.has_config():
+        if not host.config.insecure:
+            load_signers(host.signers_path, host.read_signers)
+        if os.path.isdir(host.state_path):
+            applied_seq = host.history(recent=True).applied()[0]
+            host.local_journal(host.local_head(), parse_after=applied_seq)
+    show("isconf %s self-test ok" % __version__)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
 # The agent: fetch, verify, stage, apply.
 # ---------------------------------------------------------------------------
 
@@ -2791,6 +2921,12 @@ class Agent(object):
         self.history = host.history(recent=True)  # read once a run, under the host's lock
         self.out = out
         self.signers = None
+        # For a hand-over (set by cmd_up): the host lock to keep, and the arguments to run again.
+        self.lock = self.argv = None
+        self.interpreter, self.agent_files = interpreter_identity(), agent_files()
+        # Provenance (item 4): who applied each transaction, as this process started.
+        self.provenance = {"agent": __version__, "python": sys.version.split()[0],
+                           "python_path": os.path.realpath(sys.executable)}
         if self.config.insecure:
             self.say("WARNING: insecure mode: heads are not signature-checked; anyone on the network "
                      "can run commands as root here. Run 'isconf init --signers FILE' to fix.", sys.stderr)
@@ -3035,9 +3171,9 @@ class Agent(object):
             self.say("applying %d %s" % (entry.seq, entry.summary()))
             history.record("started", entry)
             try:
-                self.apply_one(entry)
+                upgraded = self.apply_one(entry)
             except (TransactionFailed, StateError) as e:
-                history.record("failed", entry, error=str(e))
+                history.record("failed", entry, error=str(e), **self.provenance)
                 with os.fdopen(host.open_log(entry), "ab") as log:
                     log.write(("[isconf] failed: %s\n" % e).encode("utf-8", "replace"))
                 if isinstance(e, StateError):
@@ -3045,10 +3181,13 @@ class Agent(object):
                 raise TransactionFailed("transaction %d failed: %s; log in %s. Fix the cause and run 'isconf up' "
                                         "again, or 'isconf skip %d -m WHY'"
                                         % (entry.seq, e, host.log_path(entry), entry.seq))
-            history.record("done", entry)
+            history.record("done", entry, **self.provenance)
             if entry.kind == "reboot":
                 self.finish(plan)
                 return self.reboot()
+            python = self.handover(entry, upgraded)
+            if python:
+                self.reexec(python, entry)
         self.finish(plan)
         return EXIT_OK
 
@@ -3085,7 +3224,91 @@ class Agent(object):
             if status != 0:
                 raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
         elif entry.kind == "snap":
+            agent = self.new_agent(entry)
+            if agent is not None:
+                self.try_agent(agent)
             apply_snap(host.rootpath, entry, host.objects)
+            return agent is not None
+        return False
+
+    def new_agent(self, entry):
+        """The file record of a snap that would replace this running agent, or None.  Known by
+        device and inode, so it holds with any --root: from the host itself (--root /) a snap of
+        the agent's own path, and from a miniroot never a file inside the target, which is not
+        the running agent even when it is the same path there."""
+        for record in entry.fields["files"]:
+            if record["type"] != "file":
+                continue
+            try:
+                st = self.host.rootpath.lstat(record["path"])
+            except (OSError, IsconfError):
+                continue
+            if (st.st_dev, st.st_ino) in self.agent_files:
+                return record
+        return None
+
+    def try_agent(self, record):
+        """Write the new agent from its staged object beside the objects and run its self-test under
+        the running interpreter; it is removed either way.  Raises TransactionFailed if it fails."""
+        objects, name = self.host.objects, record["object"] + ".agent"
+        with os.fdopen(objects.open(record["object"]), "rb") as source:
+            try:
+                install_file(objects.fd, name, dict(record, mode=0o600), source, os.getuid(), os.getgid())
+            except StateError:
+                objects.unlink(record["object"])  # the next run fetches it again
+                raise
+        try:
+            version = self_test_agent(sys.executable, objects.file(name), self.host.root, self.host.explicit_config)
+        except TransactionFailed as e:
+            raise TransactionFailed("new agent %s not installed: %s" % (record["path"], e))
+        finally:
+            objects.unlink(name)
+        self.say("new agent %s passed its self-test: isconf %s" % (record["path"], version))
+
+    def handover(self, entry, upgraded):
+        """The interpreter to re-execute under after this transaction, or None to carry on here:
+        after a new agent (its self-test passed), or when the interpreter or its standard library
+        changed on disk and this agent passes its self-test under the new one (else a warning).
+        Only a command-line run hands over, and never twice after the same transaction."""
+        changed = interpreter_identity() != self.interpreter
+        if self.argv is None or not sys.executable or not (upgraded or changed):
+            return None
+        if entry.id in os.environ.get(REEXEC_ENV, "").split(","):
+            self.say("warning: already re-executed after transaction %d; carrying on in this process" % entry.seq,
+                     sys.stderr)
+            return None
+        if changed and not upgraded:
+            try:
+                self_test_agent(sys.executable, AGENT_PATH, self.host.root, self.host.explicit_config)
+            except TransactionFailed as e:
+                self.interpreter = interpreter_identity()  # warned once; a later change is looked at again
+                self.say("warning: the interpreter changed on disk, but this agent fails its self-test under it; "
+                         "carrying on in the running one: %s" % e, sys.stderr)
+                return None
+        return sys.executable
+
+    def reexec(self, python, entry):
+        """Become the agent at AGENT_PATH under python, with the same arguments and pid, the host
+        lock held throughout: its descriptor is inherited and named in $ISCONF_LOCK_FD."""
+        self.say("after transaction %d: re-executing %s under %s" % (entry.seq, AGENT_PATH, python))
+        seen = [i for i in os.environ.get(REEXEC_ENV, "").split(",") if i]
+        os.environ[REEXEC_ENV] = ",".join(seen + [entry.id])
+        os.environ[LOCK_FD_ENV] = str(self.lock.fd)
+        for timer in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+            signal.setitimer(timer, 0)  # interval timers survive execve
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()  # what is buffered would be lost
+            except (OSError, ValueError):
+                silence(stream)  # a closed pipe or a full cron log: as main does
+        os.set_inheritable(self.lock.fd, True)
+        try:
+            os.execv(python, [python, "-I", AGENT_PATH] + list(self.argv))
+        except OSError as e:
+            os.set_inheritable(self.lock.fd, False)
+            os.environ.pop(LOCK_FD_ENV, None)
+            raise StateError("transaction %d is done, but re-executing %s under %s failed: %s; run 'isconf up' "
+                             "again" % (entry.seq, AGENT_PATH, python, e.strerror or e))
 
     def release_objects(self, plan):
         """Drop staged objects no pending transaction still needs."""
@@ -3270,8 +3493,8 @@ def default_install_kinds(rootpath):
 
 def install_items(kinds, boot_wait, agent):
     """Every file and link install writes for kinds, in the order it writes them."""
-    values = {"agent": AGENT_PATH, "wait": boot_wait, "timeout": boot_wait + BOOT_MARGIN}
-    items = [InstallItem(AGENT_PATH, agent, 0o755, None)]
+    values = {"agent": INSTALL_PATH, "wait": boot_wait, "timeout": boot_wait + BOOT_MARGIN}
+    items = [InstallItem(INSTALL_PATH, agent, 0o755, None)]
     if "systemd" in kinds:
         items += [InstallItem("/etc/systemd/system/isconf.service", (BOOT_SERVICE % values).encode(), 0o644, None),
                   InstallItem("/etc/systemd/system/multi-user.target.wants/isconf.service", None, None,
@@ -3371,7 +3594,7 @@ def cmd_install(args):
         data = canonical({"installed": manifest})
         if host.state.stat("installed") is None or host.state.read("installed", RECORD_MAX) != data:
             host.state.write("installed", data, 0o600)
-    show("isconf: installed %s (%s) in %s: %s" % (AGENT_PATH, ", ".join(kinds), host.root,
+    show("isconf: installed %s (%s) in %s: %s" % (INSTALL_PATH, ", ".join(kinds), host.root,
                                                   "%d file(s) written" % changed if changed else "nothing changed"))
 
 
@@ -4194,15 +4417,16 @@ def cmd_up(args):
     host = Host(args.root, args.config)
     if args.boot or args.syslog:
         SYSLOG.open(host.rootpath)
-    if args.splay is not None:
+    if args.splay is not None and not os.environ.get(REEXEC_ENV):  # a re-exec does not wait again
         splay(host, args.splay)  # before the lock: a waiting host holds nothing
-    with host.lock(args.wait):
+    with host.lock(args.wait) as lock:
         host.ensure_state()
         paused = host.disabled()
         if paused:
             raise Disabled("this host was disabled by %s at %s: %s; nothing applied until 'isconf enable'"
                            % (paused["who"], paused["time"], paused["why"]))
         agent = Agent(host, parse_now(args.now), mounts=not args.no_mounts)
+        agent.lock, agent.argv = lock, args.argv
         plan = agent.sync(stage=not args.dry_run, wait=boot_wait(args, agent.config))
         if args.dry_run:
             for entry in plan.pending:
@@ -4245,6 +4469,21 @@ def host_report(host):
     return head, rows, applied_seq, applied_id
 
 
+def run_by(event):
+    """Provenance of a done or failed event: the agent version and the interpreter that ran it."""
+    if not event or "agent" not in event:
+        return None  # skipped, or recorded by an older isconf
+    return {"agent": event["agent"], "python": event.get("python"), "python_path": event.get("python_path")}
+
+
+def last_run_by(host):
+    """Provenance of the last transaction this host ran (done or failed), or None."""
+    for event in reversed(host.history(recent=True).events):
+        if event["event"] in ("done", "failed"):
+            return run_by(event)
+    return None
+
+
 def cmd_status(args):
     host = Host(args.root, args.config)
     config = host.config
@@ -4271,6 +4510,7 @@ def cmd_status(args):
         tail = tail.decode("utf-8", "replace").splitlines()[-20:]  # logs can be huge
         report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
                             "error": event.get("error"), "log": log, "log_tail": tail}
+    report.update(agent=__version__, last_run_by=last_run_by(host))
     report["needs_newer"] = None
     waiting = [e for e, mark, _ in rows if mark == "pending"]
     if waiting and not failed:  # the next transaction is one this version cannot read: halted there
@@ -4324,8 +4564,8 @@ def cmd_log(args):
     head, rows, _, _ = host_report(host)
     rows = list(reversed(rows))[:args.n] if args.n is not None else list(reversed(rows))
     if args.json:
-        emit(json.dumps([dict(entry.fields, id=entry.id, state=mark) for entry, mark, _ in rows],
-                        indent=2, sort_keys=True) + "\n")
+        emit(json.dumps([dict(entry.fields, id=entry.id, state=mark, run_by=run_by(event))
+                         for entry, mark, event in rows], indent=2, sort_keys=True) + "\n")
         return
     for entry, mark, event in rows:
         f = entry.fields
@@ -4500,6 +4740,9 @@ def build_parser():
     parser = Parser(prog="isconf", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
                     parents=[global_options(suppress=False)])
     parser.add_argument("--version", action="version", version="isconf " + __version__)
+    parser.add_argument("--self-test", action="store_true", help="check this file can run here (it loads, "
+                        "verifies a built-in signature, reads --root's state) and print its version; an agent "
+                        "runs it on a new agent before installing it")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
 
     def verb(name, func, help_text, **kw):
@@ -4557,7 +4800,7 @@ def build_parser():
     p.add_argument("seq", type=int, metavar="SEQ")
     p.add_argument("-m", dest="message", required=True, metavar="WHY")
     p = verb("install", cmd_install, "put this agent at ROOT%s and write the units that run it at boot and "
-             "periodically (default: --systemd --timer where ROOT has systemd, else --sysv --cron)" % AGENT_PATH)
+             "periodically (default: --systemd --timer where ROOT has systemd, else --sysv --cron)" % INSTALL_PATH)
     for kind, what in INSTALL_KINDS:
         p.add_argument("--" + kind, dest="kinds", action="append_const", const=kind, help=what)
     p = verb("uninstall", cmd_uninstall, "remove what install wrote, unless it was changed since")
@@ -4640,6 +4883,10 @@ def main(argv=None):
             signal.signal(signum, stop_on_signal)
         parser = build_parser()
         args = parser.parse_args(argv)
+        # What a re-exec runs again; None when called from Python (main(argv)): that never re-executes.
+        args.argv = sys.argv[1:] if argv is None else None
+        if args.self_test:
+            return cmd_self_test(args)
         if not getattr(args, "func", None):
             parser.print_help()
             return EXIT_USAGE

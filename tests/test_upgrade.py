@@ -1,0 +1,269 @@
+"""The agent upgrades itself and its interpreter through the journal (rules 6 and 12).
+
+The agent under test runs from a file inside the host root, /usr/local/sbin/isconf.py,
+with --root set to that root: a snap of that path replaces the running agent, exactly
+as a snap of the agent's own path does on a host run with --root /.
+"""
+
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import AUTHOR, ISCONF, error_line
+
+AGENT = "/usr/local/sbin/isconf.py"
+
+
+def build(version, change=None):
+    """isconf.py as version `version`, optionally with one more (old, new) text substitution."""
+    with open(ISCONF) as f:
+        text = f.read()
+    old = '__version__ = "%s"' % text.split('__version__ = "')[1].split('"')[0]
+    text = text.replace(old, '__version__ = "%s"' % version, 1)
+    if change:
+        assert change[0] in text
+        text = text.replace(change[0], change[1], 1)
+    return text
+
+
+def run_agent(host_root, *args, python=sys.executable, env=None, pass_fds=()):
+    """The agent installed inside the root, run by `python`, against that root."""
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ISCONF_AUTHOR": AUTHOR, "LC_ALL": "C.UTF-8"}
+    base.update(env or {})
+    proc = subprocess.run([python, "-I", os.path.join(host_root, AGENT.lstrip("/")), "--root", host_root]
+                          + list(args), env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, timeout=300, pass_fds=pass_fds)
+    proc.out, proc.err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    return proc
+
+
+@pytest.fixture
+def src(tmp_path):
+    return str(tmp_path / "src")
+
+
+def put(root, path, text):
+    full = os.path.join(root, path.lstrip("/"))
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "w") as f:
+        f.write(text)
+    return full
+
+
+def snap_agent(src, text):
+    """An author step: snap the agent at AGENT with this content."""
+    put(src, AGENT, text)
+    return ["--root", src, "snap", AGENT]
+
+
+def touch(name):
+    return ["exec", "--no-run", "--", "/bin/touch", "/tmp/" + name]
+
+
+@pytest.fixture
+def agent_host(host, busybox_root, server, keys):
+    """A busybox host root running agent version 1.0.0 from inside itself."""
+    busybox_root(host.root)
+    put(host.root, AGENT, build("1.0.0"))
+    host.init(server.url, keys)
+    return host
+
+
+def run_by(host):
+    """seq -> (agent version, python version) of whoever ran each transaction, from log --json."""
+    log = json.loads(run_agent(host.root, "log", "--json").out)
+    return {e["seq"]: e["run_by"] and (e["run_by"]["agent"], e["run_by"]["python"]) for e in log}
+
+
+def agent_text(host):
+    with open(host.path(AGENT)) as f:
+        return f.read()
+
+
+def test_self_test_prints_the_version_and_reads_the_host(agent_host):
+    ok = run_agent(agent_host.root, "--self-test")
+    assert ok.returncode == 0 and ok.out == "isconf 1.0.0 self-test ok\n", ok.err
+    with open(agent_host.state("state-format"), "w") as f:
+        f.write("99\n")  # a state this file cannot read: the self-test says so
+    bad = run_agent(agent_host.root, "--self-test")
+    assert bad.returncode == 7 and "written by a newer isconf" in error_line(bad)
+
+
+def test_the_self_test_verifies_its_built_in_signature(tmp_path):
+    # A build whose signature code is broken fails its self-test: altered message, same signature.
+    broken = put(str(tmp_path), "/isconf.py", build("1.1.0", ("verifies an SSH signature",
+                                                              "verifies an SSH signaturE")))
+    proc = subprocess.run([sys.executable, "-I", broken, "--self-test", "--root", str(tmp_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.returncode == 4 and b"self-test ok" not in proc.stdout
+
+
+def test_two_upgrades_in_one_up_each_new_version_takes_over(agent_host, author, src):
+    author.commit(snap_agent(src, build("1.1.0")), touch("a"))
+    author.commit(snap_agent(src, build("1.2.0")), touch("b"))  # the snap takes the content now: two check-ins
+    up = run_agent(agent_host.root, "up")
+    assert up.returncode == 0, up.err
+    assert up.out.count("re-executing") == 2
+    assert os.path.exists(agent_host.path("/tmp/a")) and os.path.exists(agent_host.path("/tmp/b"))
+    python = sys.version.split()[0]
+    assert run_by(agent_host) == {1: ("1.0.0", python), 2: ("1.1.0", python), 3: ("1.1.0", python),
+                                  4: ("1.2.0", python)}
+    status = json.loads(run_agent(agent_host.root, "status", "--json").out)
+    assert status["agent"] == "1.2.0" and status["last_run_by"]["agent"] == "1.2.0"
+    assert status["applied_seq"] == 4 and status["pending"] == 0
+    assert agent_text(agent_host) == build("1.2.0")
+
+
+@pytest.mark.parametrize("broken, quoted", [
+    (("import sys\n", "import sys\ndef (:\n"), "SyntaxError"),
+    (('show("isconf %s self-test ok" % __version__)', 'show("all good")'), "all good"),
+    (("verifies an SSH signature", "verifies an SSH signaturE"), "signature"),
+], ids=["syntax-error", "no-version-line", "failing-check"])
+def test_a_broken_build_fails_its_transaction_and_a_later_good_one_applies_after_skip(
+        broken, quoted, agent_host, author, src):
+    author.commit(snap_agent(src, build("1.1.0", broken)), touch("after"))
+    before = agent_text(agent_host)
+    failed = run_agent(agent_host.root, "up")
+    assert failed.returncode == 1, failed.err
+    line = error_line(failed)
+    assert "transaction 1 failed: new agent %s not installed: the self-test" % AGENT in line and quoted in line
+    assert agent_text(agent_host) == before
+    assert not os.path.exists(agent_host.path("/tmp/after"))
+    assert os.listdir(agent_host.state("objects")) and not glob.glob(agent_host.state("objects", "*.agent"))
+    again = run_agent(agent_host.root, "up")  # halted there: tried again, still refused
+    assert again.returncode == 1 and agent_text(agent_host) == before
+
+    author.commit(snap_agent(src, build("1.2.0")), touch("good"))
+    assert run_agent(agent_host.root, "skip", "1", "-m", "broken build").returncode == 0
+    up = run_agent(agent_host.root, "up")
+    assert up.returncode == 0, up.err
+    assert os.path.exists(agent_host.path("/tmp/after")) and os.path.exists(agent_host.path("/tmp/good"))
+    assert run_by(agent_host)[4][0] == "1.2.0" and agent_text(agent_host) == build("1.2.0")
+
+
+def test_the_host_lock_is_held_across_the_re_exec(agent_host, author, src):
+    # A contender polls the lock from just before the upgrade to just after it: it must never get it.
+    author.commit(touch("go"), snap_agent(src, build("1.1.0")), ["exec", "--no-run", "--", "/bin/sh", "-c",
+                                                                  "touch /tmp/stop; sleep 1"])
+    lock = os.open(agent_host.state("lock"), os.O_RDWR)
+    won, done = [], threading.Event()
+
+    def contend():
+        while not os.path.exists(agent_host.path("/tmp/go")) and not done.is_set():
+            pass
+        while not os.path.exists(agent_host.path("/tmp/stop")) and not done.is_set():
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            won.append(True)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    thread = threading.Thread(target=contend)
+    thread.start()
+    try:
+        up = run_agent(agent_host.root, "up")
+    finally:
+        done.set()
+        thread.join()
+        os.close(lock)
+    assert up.returncode == 0 and "re-executing" in up.out, up.err
+    assert not won
+    assert run_by(agent_host)[3][0] == "1.1.0"
+
+
+@pytest.mark.parametrize("which", ["another-file", "the-lock-file-not-holding-it"])
+def test_a_lock_descriptor_named_in_the_environment_grants_nothing(which, agent_host, author):
+    # Only the descriptor that holds this host's flock is taken over; else the lock is taken as usual: busy.
+    author.commit(touch("a"))
+    holder = os.open(agent_host.state("lock"), os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    named = os.open(agent_host.state("lock") if which != "another-file" else agent_host.path("/etc/passwd"),
+                    os.O_RDWR)
+    try:
+        up = run_agent(agent_host.root, "up", env={"ISCONF_LOCK_FD": str(named)}, pass_fds=(named,))
+    finally:
+        os.close(named)
+        os.close(holder)
+    assert up.returncode == 6 and "busy" in error_line(up)
+    assert not os.path.exists(agent_host.path("/tmp/a"))
+
+
+def test_a_re_exec_never_repeats_for_the_same_transaction(agent_host, author, src):
+    # As if this process had already re-executed after transaction 1: it carries on itself instead.
+    author.commit(snap_agent(src, build("1.1.0")), touch("after"))
+    entry_id = hashlib.sha256(author.journal().splitlines()[0]).hexdigest()  # an entry's id: its bytes' hash
+    up = run_agent(agent_host.root, "up", env={"ISCONF_REEXECS": entry_id})
+    assert up.returncode == 0, up.err
+    assert "already re-executed after transaction 1" in up.err and "re-executing" not in up.out
+    assert run_by(agent_host)[2][0] == "1.0.0"
+
+
+def test_plain_transactions_do_not_re_execute(agent_host, author):
+    author.commit(touch("a"), touch("b"))
+    up = run_agent(agent_host.root, "up")
+    assert up.returncode == 0 and "re-executing" not in up.out and "self-test" not in up.out, up.err
+
+
+def test_from_outside_the_root_a_snap_of_the_agent_path_is_just_a_snap(host, busybox_root, server, keys, author,
+                                                                        src):
+    # The agent runs from the test's isconf.py, not from the target: nothing there replaces it.
+    busybox_root(host.root)
+    host.init(server.url, keys)
+    author.commit(snap_agent(src, build("1.1.0", ("import sys\n", "import sys\ndef (:\n"))), touch("after"))
+    up = host("up", expect="ok")
+    assert "re-executing" not in up.out and "self-test" not in up.out
+    assert os.path.exists(host.path("/tmp/after"))
+
+
+def pyenv(minor):
+    found = sorted(glob.glob("/root/.pyenv/versions/%s.*/bin/python3" % minor))
+    if not found:
+        pytest.skip("no Python %s under /root/.pyenv" % minor)
+    return found[-1]
+
+
+def repoint(python):
+    return ["exec", "--no-run", "--", "/bin/ln", "-sf", python, "/usr/bin/python3"]
+
+
+@pytest.fixture
+def swap_host(agent_host, busybox_root):
+    """The agent host with busybox's ln, and /usr/bin/python3 a link to pyenv's 3.11 (absolute:
+    it works from outside the root, where the agent runs it)."""
+    os.symlink("busybox", agent_host.path("/bin/ln"))
+    os.makedirs(agent_host.path("/usr/bin"))
+    os.symlink(pyenv("3.11"), agent_host.path("/usr/bin/python3"))
+    return agent_host
+
+
+def test_an_interpreter_upgrade_re_executes_under_the_new_one(swap_host, author):
+    old, new = pyenv("3.11"), pyenv("3.12")
+    author.commit(touch("a"), repoint(new), touch("b"))
+    up = run_agent(swap_host.root, "up", python=swap_host.path("/usr/bin/python3"))
+    assert up.returncode == 0, up.err
+    assert "re-executing" in up.out
+    version = lambda p: p.split("/versions/")[1].split("/")[0]  # noqa: E731
+    seen = run_by(swap_host)
+    assert seen[1][1] == seen[2][1] == version(old) and seen[3][1] == version(new)
+    log = json.loads(run_agent(swap_host.root, "log", "--json").out)
+    assert os.path.realpath(new) == [e for e in log if e["seq"] == 3][0]["run_by"]["python_path"]
+
+
+def test_an_interpreter_the_agent_cannot_run_under_is_warned_about_and_the_run_carries_on(swap_host, author):
+    python2 = glob.glob("/root/.pyenv/versions/2.*/bin/python")
+    if not python2:
+        pytest.skip("no Python 2 under /root/.pyenv")
+    author.commit(repoint(python2[0]), touch("b"))
+    up = run_agent(swap_host.root, "up", python=swap_host.path("/usr/bin/python3"))
+    assert up.returncode == 0, up.err
+    assert "interpreter changed on disk, but this agent fails its self-test" in up.err
+    assert "re-executing" not in up.out
+    assert run_by(swap_host)[2][1].startswith("3.11.")
