@@ -17,6 +17,7 @@ import threading
 import pytest
 
 from conftest import AUTHOR, ISCONF, error_line
+from test_forward import append_unknown_entry
 
 AGENT = "/usr/local/sbin/isconf.py"
 
@@ -267,3 +268,26 @@ def test_an_interpreter_the_agent_cannot_run_under_is_warned_about_and_the_run_c
     assert "interpreter changed on disk, but this agent fails its self-test" in up.err
     assert "re-executing" not in up.out
     assert run_by(swap_host)[2][1].startswith("3.11.")
+
+
+def test_a_check_in_can_carry_a_new_agent_and_entries_only_it_understands(agent_host, author, keys, src):
+    # Rule 11: 1.0.0 verifies the whole journal, applies the new agent, and 1.1.0 takes the entry 1.0.0 cannot read.
+    old = '"reboot": {}}'
+    new = build("1.1.0", (old, '"reboot": {}, "note": {"text": str}}'))
+    author.commit(snap_agent(src, new), touch("a"))
+    append_unknown_entry(author, keys, kind="note", text="a kind only 1.1.0 knows")
+    author.commit(touch("b"))
+    up = run_agent(agent_host.root, "up")
+    assert up.returncode == 0, up.err
+    assert os.path.exists(agent_host.path("/tmp/a")) and os.path.exists(agent_host.path("/tmp/b"))
+    python = sys.version.split()[0]
+    assert run_by(agent_host) == {1: ("1.0.0", python), 2: ("1.1.0", python), 3: ("1.1.0", python),
+                                  4: ("1.1.0", python)}
+
+
+def test_without_the_new_agent_the_old_one_halts_at_the_entry_it_cannot_read(agent_host, author, keys):
+    author.commit(touch("a"))
+    append_unknown_entry(author, keys, kind="note", text="a kind only 1.1.0 knows")
+    up = run_agent(agent_host.root, "up")
+    assert up.returncode == 10 and "needs a newer isconf" in error_line(up)
+    assert os.path.exists(agent_host.path("/tmp/a"))
