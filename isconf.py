@@ -179,6 +179,10 @@ class Refused(IsconfError):
     exit_code = EXIT_REFUSED
 
 
+class Unknown(Refused):
+    """A kind, file type or field this version does not know: a newer isconf may (see Entry.interpret)."""
+
+
 class NeedsNewer(Refused):
     """A verified, signed entry of a kind or with fields this version does not know: a
     newer isconf wrote it.  The host halts there; it is not the mirror's fault."""
@@ -1716,7 +1720,7 @@ def check_fields(obj, fields, what, optional=()):
     missing = [k for k in fields if k not in obj]
     extra = [k for k in obj if k not in fields and k not in optional]
     if missing or extra:
-        raise Refused("%s has %s%s%s" % (what, "missing fields %s" % ", ".join(sorted(missing)) if missing else "",
+        raise (Unknown if extra and not missing else Refused)("%s has %s%s%s" % (what, "missing fields %s" % ", ".join(sorted(missing)) if missing else "",
                                          "; " if missing and extra else "",
                                          "unknown fields %s" % ", ".join(sorted(extra)) if extra else ""))
     for key, kind in fields.items():
@@ -1727,6 +1731,8 @@ def check_fields(obj, fields, what, optional=()):
 
 def check_file_record(record, seen, what):
     kind = record.get("type") if isinstance(record, dict) else None
+    if isinstance(kind, str) and kind not in FILE_FIELDS and KIND_RE.match(kind):
+        raise Unknown("%s: file type %r is not file, hardlink, symlink or dir" % (what, kind))
     if not isinstance(kind, str) or kind not in FILE_FIELDS:   # a list or an object is unhashable
         raise Refused("%s: file type %s is not file, hardlink, symlink or dir" % (what, repr(kind)[:40]))
     check_fields(record, FILE_FIELDS[kind], what, optional=("extents",) if kind == "file" else ())
@@ -1805,7 +1811,7 @@ class Entry(object):
         version does not understand it.  The author's side calls this as it stages."""
         fields, kind = self.fields, self.kind
         if kind not in KIND_FIELDS:
-            raise Refused("%s: kind %s is not exec, snap or reboot" % (what, repr(kind)[:40]))
+            raise Unknown("%s: kind %s is not exec, snap or reboot" % (what, repr(kind)[:40]))
         check_fields(fields, dict(ENTRY_FIELDS, **KIND_FIELDS[kind]), what)
         if kind == "exec":
             if not fields["argv"] or not all(isinstance(a, str) and "\0" not in a for a in fields["argv"]):
@@ -1821,12 +1827,14 @@ class Entry(object):
         return self
 
     def interpret(self):
-        """check(), on a host: an entry this version cannot read was verified and signed, so a
-        newer isconf wrote it, and the host halts there (NeedsNewer) until one takes over."""
+        """check(), on a host.  A kind, file type or field this version does not know was
+        signed, so a newer isconf wrote it: the host halts there (NeedsNewer) until one takes
+        over.  What it does know but finds malformed (a path with '..') is refused, as at
+        fetch time, where staging interprets every pending entry it can."""
         if not self.interpreted:
             try:
                 self.check("entry %d" % self.seq)
-            except Refused as e:
+            except Unknown as e:
                 raise NeedsNewer("%s; isconf %s cannot interpret it: it needs a newer isconf (ship one through "
                                  "the journal before it, or install one by hand)" % (e, __version__))
         return self

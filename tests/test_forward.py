@@ -61,3 +61,24 @@ def test_a_damaged_envelope_is_still_refused_at_once(author, server, keys, host)
     append_unknown_entry(author, keys, kind="Not A Kind!")
     host.init(server.url, keys, "--retries", "1")
     assert "is not a kind name" in error_line(host("up", expect="refused"))
+
+
+def test_a_file_type_from_a_newer_isconf_halts_the_host_there(author, server, keys, host, busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/before"])
+    append_unknown_entry(author, keys, kind="snap", files=[{"type": "fifo", "path": "/run/queue", "mode": 384}])
+    host.init(server.url, keys)
+    up = host("up")
+    assert up.returncode == EXIT_NEWER and "file type 'fifo'" in error_line(up)
+    assert os.path.exists(host.path("/tmp/before"))
+
+
+def test_a_malformed_field_of_a_known_kind_is_refused_before_anything_applies(author, server, keys, host,
+                                                                             busybox_root):
+    # Not something a newer isconf writes: a path with '..' is refused at fetch time, as every check of the journal.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/before"])
+    append_unknown_entry(author, keys, kind="exec", argv=["/bin/true"], cwd="/tmp/../etc")
+    host.init(server.url, keys, "--retries", "1")
+    assert "normalised path" in error_line(host("up", expect="refused"))
+    assert not os.path.exists(host.path("/tmp/before"))
