@@ -3223,6 +3223,7 @@ class Agent(object):
                 os.close(log)
             if status != 0:
                 raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
+            os.sync()  # what the command wrote must outlive a power cut once 'done' is recorded (rule 5)
         elif entry.kind == "snap":
             agent = self.new_agent(entry)
             if agent is not None:
