@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -44,8 +45,9 @@ def pyenv(minor):
 
 
 def counted():
-    """An exec that appends its own sequence number to /var/runs: each run of it is visible."""
-    return ["exec", "--no-run", "--", "/bin/sh", "-c", "echo $ISCONF_SEQ >> /var/runs"]
+    """An exec that appends its own sequence number to /var/runs, so each run of it is visible, then
+    lingers a moment, so that some kills land between its effect and its 'done'."""
+    return ["exec", "--no-run", "--", "/bin/sh", "-c", "echo $ISCONF_SEQ >> /var/runs; sleep 0.2"]
 
 
 def write(root, path, data, mode=0o644, uid=0, gid=0):
@@ -206,6 +208,30 @@ def tree(root):
     return seen, {frozenset(names) for names in inodes.values()}
 
 
+class Watcher(threading.Thread):
+    """Reads the snapped files over and over while a run goes on: what it ever saw that is not
+    one whole version is torn."""
+
+    def __init__(self, root):
+        threading.Thread.__init__(self, daemon=True)
+        self.root, self.torn, self.reads, self.halt = root, [], 0, threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.halt.is_set():
+            for rel, versions in VERSIONS.items():
+                with open(os.path.join(self.root, rel), "rb") as f:
+                    data = f.read()
+                self.reads += 1
+                if data not in versions:
+                    self.torn.append((rel, len(data)))
+
+    def stop(self):
+        self.halt.set()
+        self.join()
+        return self.torn
+
+
 def check_kill_point(root):
     """At any moment a snapped file is one whole version, never a mix."""
     for rel, versions in VERSIONS.items():
@@ -223,19 +249,21 @@ def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tm
     expected = tree(reference)
     rng = random.Random(int(os.environ.get("ISCONF_SEED", "5")))
     wanted, kills, rounds = int(os.environ.get("ISCONF_KILLS", "50")), 0, 0
-    landed = collections.Counter()  # the transaction each kill interrupted (0: none), for the figures
+    reads, landed = 0, collections.Counter()  # the transaction each kill interrupted (0: none), for the figures
     while kills < wanted:
         rounds += 1
         root = copy_host(every_kind, str(tmp_path / ("round%d" % rounds)))
         while True:
             before, events = runs(root), history(root)
             done = {e["seq"] for e in events if e["event"] == "done"}
-            proc = agent(root, "up")
+            proc, watcher = agent(root, "up"), Watcher(root)
             try:
                 proc.wait(rng.uniform(0, duration))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             code, out, err = finish(proc)
+            assert not watcher.stop(), "seen torn (name, size): %s" % watcher.torn[:5]
+            reads += watcher.reads
             if code == -signal.SIGKILL:
                 last = history(root)[-1:]
                 landed[last[0]["seq"] if last and last[0]["event"] == "started" else 0] += 1
@@ -256,8 +284,8 @@ def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tm
         assert not differ and links == want_links, "round %d differs from the uninterrupted run: %s" % (
             rounds, [(p, got.get(p), want.get(p)) for p in differ] or (links, want_links))
         shutil.rmtree(root)
-    print("%d kills in %d rounds, by transaction interrupted %s; an uninterrupted run takes %.2fs"
-          % (kills, rounds, sorted(landed.items()), duration))
+    print("%d kills in %d rounds, by transaction interrupted %s; %d reads of snapped files during the runs; an "
+          "uninterrupted run takes %.2fs" % (kills, rounds, sorted(landed.items()), reads, duration))
 
 
 TRACED = "openat,write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,close,sync,syncfs"
