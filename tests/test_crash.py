@@ -6,6 +6,7 @@ it and its interpreter like any other file.
 """
 
 import collections
+import glob
 import hashlib
 import json
 import os
@@ -37,7 +38,6 @@ VERSIONS = {"etc/app/a.conf": {OLD, V1, V2}, "etc/app/big.bin": {BIG_OLD, BIG_V1
 
 
 def pyenv(minor):
-    import glob
     found = sorted(glob.glob("/root/.pyenv/versions/%s.*/bin/python3" % minor))
     if not found:
         pytest.skip("no Python %s under /root/.pyenv" % minor)
@@ -288,13 +288,14 @@ def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tm
           "uninterrupted run takes %.2fs" % (kills, rounds, sorted(landed.items()), reads, duration))
 
 
-TRACED = "openat,write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,close,sync,syncfs"
+TRACED = "openat,write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,close,sync,syncfs,mkdir,mkdirat"
 
 
 def audit(trace, root):
     """Check from an strace -f -y log that each done record is written only after every file
-    written under root and every directory renamed into was fsync'd, and that each history
-    record is fsync'd before the next is written.  Returns the number of done records."""
+    written under root, and every directory renamed or made a directory in, was fsync'd (or the
+    whole system synced), and that each history record is fsync'd before the next is written.
+    Returns the number of done records."""
     state, history_path = os.path.join(root, STATE) + "/", os.path.join(root, STATE, "history")
     unfinished, dirty, unsynced_history, dones = {}, {}, False, 0
     with open(trace) as f:
@@ -333,6 +334,10 @@ def audit(trace, root):
                 unsynced_history = False
         elif name in ("sync", "syncfs"):
             dirty.clear()
+        elif name in ("mkdir", "mkdirat"):
+            made = strings[0] if name == "mkdir" else os.path.join(fds[0], strings[0])
+            if made.startswith(root + "/") and not made.startswith(state):
+                dirty[os.path.dirname(made)] = "made a directory in"
         elif name.startswith("rename"):
             if name == "rename":
                 old, new = strings[:2]
