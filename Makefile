@@ -19,6 +19,7 @@ tools:
 	command -v ssh-keygen >/dev/null 2>&1 || missing="$$missing openssh-client"; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	bb=$$(command -v busybox || echo /bin/busybox); \
 	case "$$(LC_ALL=C ldd "$$bb" 2>&1)" in *"not a dynamic"*) ;; *) missing="$$missing busybox-static";; esac; \
 	if [ -n "$$missing" ]; then \

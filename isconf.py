@@ -2687,14 +2687,16 @@ class Owners(object):
                 "group": self.group_names.get(st.st_gid, str(st.st_gid))}
 
 
-def temp_name(name):
-    """A temporary name beside name, short whatever name's length in bytes."""
-    return ".isconf-%d-%s" % (os.getpid(), sha256_hex(name.encode("utf-8", "surrogateescape"))[:16])
+def temp_name(name, locked=False):
+    """A temporary name beside name, short whatever name's length in bytes.  Under the host lock
+    (locked) it is the same in every run, so the next run removes what a killed one left there."""
+    digest = sha256_hex(name.encode("utf-8", "surrogateescape"))[:16]
+    return ".isconf-" + digest if locked else ".isconf-%d-%s" % (os.getpid(), digest)
 
 
 def install_file(dfd, name, record, source, uid, gid):
     """Write a regular file from its object: temp file, owner, mode, mtime, fsync, rename."""
-    tmp = temp_name(name)
+    tmp = temp_name(name, locked=True)
     try:
         os.unlink(tmp, dir_fd=dfd)
     except FileNotFoundError:
@@ -2729,7 +2731,7 @@ def install_file(dfd, name, record, source, uid, gid):
 
 def install_link(dfd, name, make):
     """Create a link under a temporary name with make(tmp), then rename it into place."""
-    tmp = temp_name(name)
+    tmp = temp_name(name, locked=True)
     try:
         os.unlink(tmp, dir_fd=dfd)
     except FileNotFoundError:
@@ -3231,6 +3233,7 @@ class Agent(object):
                 os.close(log)
             if status != 0:
                 raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
+            os.sync()  # what the command wrote must outlive a power cut once 'done' is recorded (rule 5)
         elif entry.kind == "snap":
             agent = self.new_agent(entry)
             if agent is not None:
