@@ -1705,7 +1705,6 @@ FILE_FIELDS = {
     "dir": dict(OWNER_FIELDS, path=str, type=str, mode=int),
 }
 ENTRY_FIELDS = {"seq": int, "prev": str, "time": str, "author": str, "message": str, "kind": str}
-KIND_FIELDS = {"exec": {"argv": list, "cwd": str}, "snap": {"files": list}, "reboot": {}}
 HEAD_FIELDS = {"format": int, "branch": str, "seq": int, "id": str, "length": int, "time": str}
 
 
@@ -1772,6 +1771,106 @@ def object_size(record):
     return record["size"]
 
 
+# --- entry kinds --------------------------------------------------------------
+# What each kind means lives here and only here: its fields, its check, the objects it
+# needs, its one-line summary and how a host applies it.  A new kind is one class marked
+# @entry_kind; a new field is one edit to its class (DESIGN rule 11: an agent that does not
+# know it halts there, exit 10).  apply() uses the host-side helpers of "Applying
+# transactions" and the agent that applies it.
+
+KINDS = collections.OrderedDict()   # kind name -> Kind, in the order they are declared
+
+
+def entry_kind(cls):
+    """Class decorator: entries whose kind is cls.name mean what cls says."""
+    KINDS[cls.name] = cls()
+    return cls
+
+
+class Kind(object):
+    """An entry kind: the base says "no fields, no objects, nothing to do"."""
+    name = None
+    fields = {}        # the kind's own fields, beside the envelope's (ENTRY_FIELDS)
+    reboots = False    # applied by recording it done and rebooting the machine
+
+    def check(self, fields, what):
+        """Refused, saying what is wrong, beyond the field names and types check_fields saw."""
+
+    def objects(self, fields):
+        """(sha256, stored size) of every object an entry of this kind needs."""
+        return []
+
+    def summary(self, fields):
+        return self.name
+
+    def apply(self, applier, entry):
+        """Apply one interpreted entry on the host; True if it installed a new agent."""
+        return False
+
+
+@entry_kind
+class ExecKind(Kind):
+    """Run a command in the host's root; a non-zero status fails the transaction."""
+    name = "exec"
+    fields = {"argv": list, "cwd": str}
+
+    def check(self, fields, what):
+        if not fields["argv"] or not all(isinstance(a, str) and "\0" not in a for a in fields["argv"]):
+            raise Refused("%s: argv must be a non-empty list of strings" % what)
+        validate_path(fields["cwd"], what + ": cwd")
+
+    def summary(self, fields):
+        return "exec " + " ".join(shlex.quote(a) for a in fields["argv"])
+
+    def apply(self, applier, entry):
+        host, config = applier.host, applier.config
+        env = exec_environment(config.branch, entry.seq, entry.id, config.env)
+        log = host.open_log(entry)
+        try:
+            status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log,
+                                 timeout=config.exec_timeout, mounts=applier.mounts)
+        finally:
+            os.close(log)
+        if status != 0:
+            raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
+        return False
+
+
+@entry_kind
+class SnapKind(Kind):
+    """Install files, links and directories as the author had them; a snap of the running
+    agent's own file is a self-upgrade (the new agent's self-test passes first)."""
+    name = "snap"
+    fields = {"files": list}
+
+    def check(self, fields, what):
+        if not fields["files"]:
+            raise Refused("%s: a snap must name at least one file" % what)
+        seen = {}
+        for record in fields["files"]:
+            check_file_record(record, seen, what)
+
+    def objects(self, fields):
+        return [(r["object"], object_size(r)) for r in fields["files"] if r["type"] == "file"]
+
+    def summary(self, fields):
+        return "snap " + " ".join(r["path"] for r in fields["files"])
+
+    def apply(self, applier, entry):
+        agent = applier.new_agent(entry)
+        if agent is not None:
+            applier.try_agent(agent)
+        apply_snap(applier.host.rootpath, entry, applier.host.objects)
+        return agent is not None
+
+
+@entry_kind
+class RebootKind(Kind):
+    """Reboot the machine: recorded done first, then the configured reboot command runs."""
+    name = "reboot"
+    reboots = True
+
+
 class Entry(object):
     """One journal entry (one transaction) as it stands in the journal.
 
@@ -1803,20 +1902,13 @@ class Entry(object):
     def check(self, what):
         """Everything about the entry's kind and fields; Refused, saying what is wrong, if this
         version does not understand it.  The author's side calls this as it stages."""
-        fields, kind = self.fields, self.kind
-        if kind not in KIND_FIELDS:
-            raise Refused("%s: kind %s is not exec, snap or reboot" % (what, repr(kind)[:40]))
-        check_fields(fields, dict(ENTRY_FIELDS, **KIND_FIELDS[kind]), what)
-        if kind == "exec":
-            if not fields["argv"] or not all(isinstance(a, str) and "\0" not in a for a in fields["argv"]):
-                raise Refused("%s: argv must be a non-empty list of strings" % what)
-            validate_path(fields["cwd"], what + ": cwd")
-        elif kind == "snap":
-            if not fields["files"]:
-                raise Refused("%s: a snap must name at least one file" % what)
-            seen = {}
-            for record in fields["files"]:
-                check_file_record(record, seen, what)
+        kind = KINDS.get(self.kind)
+        if kind is None:
+            names = list(KINDS)
+            raise Refused("%s: kind %s is not %s or %s" % (what, repr(self.kind)[:40], ", ".join(names[:-1]),
+                                                         names[-1]))
+        check_fields(self.fields, dict(ENTRY_FIELDS, **kind.fields), what)
+        kind.check(self.fields, what)
         self.interpreted = True
         return self
 
@@ -1831,24 +1923,20 @@ class Entry(object):
                                  "the journal before it, or install one by hand)" % (e, __version__))
         return self
 
+    def meaning(self):
+        """The entry's Kind, once interpreted (NeedsNewer if this version cannot)."""
+        return KINDS[self.interpret().kind]
+
     def objects(self):
         """(sha256, stored size) of every object this entry needs."""
-        self.interpret()
-        if self.kind != "snap":
-            return []
-        return [(r["object"], object_size(r)) for r in self.fields["files"] if r["type"] == "file"]
+        return self.meaning().objects(self.fields)
 
     def summary(self):
         try:
-            self.interpret()
+            kind = self.meaning()
         except NeedsNewer:
             return "%s (an entry this isconf cannot interpret)" % self.kind
-        f = self.fields
-        if self.kind == "exec":
-            return "exec " + " ".join(shlex.quote(a) for a in f["argv"])
-        if self.kind == "snap":
-            return "snap " + " ".join(r["path"] for r in f["files"])
-        return "reboot"
+        return kind.summary(self.fields)
 
 
 def interpretable(entries):
@@ -3164,8 +3252,8 @@ class Agent(object):
         """Apply pending transactions in order, halting at the first failure."""
         host, history = self.host, self.history
         for entry in plan.pending:
-            entry.interpret()  # NeedsNewer halts here, unless an agent upgrade before it took over
-            if entry.kind == "reboot" and not allow_reboot:
+            kind = entry.meaning()  # NeedsNewer halts here, unless an agent upgrade before it took over
+            if kind.reboots and not allow_reboot:
                 self.say("transaction %d is a reboot: run 'isconf up -r' to record it and reboot" % entry.seq)
                 return EXIT_REBOOT
             self.say("applying %d %s" % (entry.seq, entry.summary()))
@@ -3182,7 +3270,7 @@ class Agent(object):
                                         "again, or 'isconf skip %d -m WHY'"
                                         % (entry.seq, e, host.log_path(entry), entry.seq))
             history.record("done", entry, **self.provenance)
-            if entry.kind == "reboot":
+            if kind.reboots:
                 self.finish(plan)
                 return self.reboot()
             python = self.handover(entry, upgraded)
@@ -3209,27 +3297,11 @@ class Agent(object):
         return EXIT_OK
 
     def apply_one(self, entry):
-        host = self.host
-        with os.fdopen(host.open_log(entry), "ab") as log:
+        """Log the transaction's start, then apply it as its kind says; True if it installed a new agent."""
+        with os.fdopen(self.host.open_log(entry), "ab") as log:
             log.write(("[isconf] %s transaction %d %s %s\n" % (format_time(time.time()), entry.seq,
                                                              entry.id, entry.summary())).encode())
-        if entry.kind == "exec":
-            env = exec_environment(self.config.branch, entry.seq, entry.id, self.config.env)
-            log = host.open_log(entry)
-            try:
-                status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log,
-                                     timeout=self.config.exec_timeout, mounts=self.mounts)
-            finally:
-                os.close(log)
-            if status != 0:
-                raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
-        elif entry.kind == "snap":
-            agent = self.new_agent(entry)
-            if agent is not None:
-                self.try_agent(agent)
-            apply_snap(host.rootpath, entry, host.objects)
-            return agent is not None
-        return False
+        return entry.meaning().apply(self, entry)
 
     def new_agent(self, entry):
         """The file record of a snap that would replace this running agent, or None.  Known by
