@@ -659,7 +659,7 @@ class FileLock(object):
     for the busy message of whoever comes next.  With wait, a busy lock is tried again
     for up to wait seconds (flock has no timeout; a blocking flock would outlive it),
     and on_wait(holder) is called once when the waiting starts.  With inherit, a lock
-    handed over by a re-executing agent (see Agent.reexec) is taken over instead: there
+    handed over by a re-executing agent (see Applier.reexec) is taken over instead: there
     is no moment between the two processes when it is free."""
 
     def __init__(self, path, what, dir_fd=None, holder=False, wait=None, on_wait=None, inherit=False):
@@ -2976,8 +2976,32 @@ def cmd_self_test(args):
 
 
 # ---------------------------------------------------------------------------
-# The agent: fetch, verify, stage, apply.
+# The agent, syncing: fetch, verify and stage a branch from the first good mirror.
 # ---------------------------------------------------------------------------
+
+
+class Run(object):
+    """What syncing and applying share in one run of the agent on a host: the host, its config,
+    its history (read once a run, under the host's lock), the clock and the reporter."""
+
+    def __init__(self, host, now=None, out=sys.stdout):
+        self.host, self.config = host, host.config
+        self.now_override = now
+        local = host.local_head()
+        self.clock_floor = parse_time(local.time) if local else 0
+        self.history = host.history(recent=True)
+        self.out = out
+
+    def say(self, message, stream=None):
+        show("isconf: %s" % message, stream or self.out)
+        SYSLOG.send(message, Syslog.WARNING if stream is sys.stderr else Syslog.INFO)
+
+    def now(self):
+        """The time used for expiry and key validity: never earlier than the last verified head,
+        so a host whose clock was reset cannot be fed heads older than what it has seen."""
+        if self.now_override is not None:
+            return self.now_override
+        return max(time.time(), self.clock_floor)
 
 
 class Plan(object):
@@ -2999,38 +3023,19 @@ class Plan(object):
             host.commit(self.head, self.signature, self.keep, self.tail)
 
 
-class Agent(object):
-    def __init__(self, host, now=None, out=sys.stdout, mounts=True):
-        self.host, self.config = host, host.config
-        self.mounts = mounts  # pseudo-filesystems for execs inside a --root (run_command)
-        self.now_override = now
-        local = host.local_head()
-        self.clock_floor = parse_time(local.time) if local else 0
-        self.history = host.history(recent=True)  # read once a run, under the host's lock
-        self.out = out
+class Sync(object):
+    """Fetch and verify a branch's signed head and journal from the mirrors, and stage the
+    objects pending transactions need.  Nothing local changes here: the Plan commits it."""
+
+    def __init__(self, run):
+        self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
+        self.say, self.now = run.say, run.now
         self.signers = None
-        # For a hand-over (set by cmd_up): the host lock to keep, and the arguments to run again.
-        self.lock = self.argv = None
-        self.interpreter, self.agent_files = interpreter_identity(), agent_files()
-        # Provenance (item 4): who applied each transaction, as this process started.
-        self.provenance = {"agent": __version__, "python": sys.version.split()[0],
-                           "python_path": os.path.realpath(sys.executable)}
         if self.config.insecure:
             self.say("WARNING: insecure mode: heads are not signature-checked; anyone on the network "
                      "can run commands as root here. Run 'isconf init --signers FILE' to fix.", sys.stderr)
         else:
-            self.signers = load_signers(host.signers_path, host.read_signers)
-
-    def say(self, message, stream=None):
-        show("isconf: %s" % message, stream or self.out)
-        SYSLOG.send(message, Syslog.WARNING if stream is sys.stderr else Syslog.INFO)
-
-    def now(self):
-        """The time used for expiry and key validity: never earlier than the last verified head,
-        so a host whose clock was reset cannot be fed heads older than what it has seen."""
-        if self.now_override is not None:
-            return self.now_override
-        return max(time.time(), self.clock_floor)
+            self.signers = load_signers(self.host.signers_path, self.host.read_signers)
 
     def mirrors(self):
         try:
@@ -3247,6 +3252,28 @@ class Agent(object):
             objects.rename(part, part[:-len(".part")])
         if parts:
             objects.fsync()
+
+
+# ---------------------------------------------------------------------------
+# The agent, applying: pending transactions in order, each as its kind says; the hand-over to
+# a new agent or interpreter.
+# ---------------------------------------------------------------------------
+
+
+class Applier(object):
+    """Apply a Plan's pending transactions in order, halting at the first failure, and hand
+    over to a new agent or interpreter between transactions.  For a hand-over (cmd_up), lock
+    is the host lock to keep and argv the arguments to run again."""
+
+    def __init__(self, run, mounts=True, lock=None, argv=None):
+        self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
+        self.say = run.say
+        self.mounts = mounts  # pseudo-filesystems for execs inside a --root (run_command)
+        self.lock, self.argv = lock, argv
+        self.interpreter, self.agent_files = interpreter_identity(), agent_files()
+        # Provenance (item 4): who applied each transaction, as this process started.
+        self.provenance = {"agent": __version__, "python": sys.version.split()[0],
+                           "python_path": os.path.realpath(sys.executable)}
 
     def apply(self, plan, allow_reboot=False):
         """Apply pending transactions in order, halting at the first failure."""
@@ -4497,9 +4524,10 @@ def cmd_up(args):
         if paused:
             raise Disabled("this host was disabled by %s at %s: %s; nothing applied until 'isconf enable'"
                            % (paused["who"], paused["time"], paused["why"]))
-        agent = Agent(host, parse_now(args.now), mounts=not args.no_mounts)
-        agent.lock, agent.argv = lock, args.argv
-        plan = agent.sync(stage=not args.dry_run, wait=boot_wait(args, agent.config))
+        run = Run(host, parse_now(args.now))
+        # The interpreter and agent files are known as this process started, before any wait.
+        applier = Applier(run, mounts=not args.no_mounts, lock=lock, argv=args.argv)
+        plan = Sync(run).sync(stage=not args.dry_run, wait=boot_wait(args, run.config))
         if args.dry_run:
             for entry in plan.pending:
                 show("would apply %d %s" % (entry.seq, entry.summary()))
@@ -4507,10 +4535,10 @@ def cmd_up(args):
             return EXIT_OK
         plan.commit(host)
         if not plan.pending:
-            agent.say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
-        code = agent.apply(plan, allow_reboot=args.reboot)
+            run.say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
+        code = applier.apply(plan, allow_reboot=args.reboot)
         if code == EXIT_OK and plan.pending:
-            agent.say("applied through seq %d" % agent.history.applied()[0])
+            run.say("applied through seq %d" % run.history.applied()[0])
         return code
 
 
@@ -4656,8 +4684,7 @@ def cmd_migrate(args):
         config = host.config
         if args.new_branch == config.branch:
             raise UsageError("this host already follows branch %s" % config.branch)
-        agent = Agent(host, parse_now(args.now))
-        plan = agent.sync(stage=True, branch=args.new_branch)
+        plan = Sync(Run(host, parse_now(args.now))).sync(stage=True, branch=args.new_branch)
         # The config first: if we die before the commit, the next 'up' sees a local copy
         # of the old branch and finishes the move.  One line changes, so comments survive.
         directory, name = host.config_dir()
