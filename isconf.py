@@ -3885,13 +3885,14 @@ class Repository(object):
         """Stage an entry, checked now as ci will check it, so a bad one fails at once."""
         self.require_lock(branch)
         try:
-            Entry.parse(canonical(dict(fields, seq=1, prev=ZERO_ID, time=format_time(0), author="-",
-                                       message="")), "entry").check("entry")
+            entry = Entry.parse(canonical(dict(fields, seq=1, prev=ZERO_ID, time=format_time(0), author="-",
+                                               message="")), "entry").check("entry")
         except UnicodeEncodeError:
             raise UsageError("a path or argument is not valid UTF-8; isconf journals UTF-8 text only")
         except Refused as e:
             raise UsageError(str(e))
         append_record(os.path.join(self.work_dir(branch), "staged"), fields)
+        return entry
 
     def checkin(self, branch, message, sign_key=None, expires=None):
         """Append the staged entries to the journal, write and sign the head, unlock.
@@ -4338,8 +4339,8 @@ def cmd_exec(args):
                                  mounts=not args.no_mounts)
         if status != 0:
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
-    repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
-    show("isconf: staged exec %s" % " ".join(shlex.quote(a) for a in argv))
+    staged = repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
+    show("isconf: staged " + staged.summary())
 
 
 def validate_path_arg(path, what):
@@ -4363,14 +4364,14 @@ def cmd_snap(args):
         except OSError as e:
             raise UsageError("cannot snap %s: %s" % (path, e.strerror or e))
         records.append(record)
-    repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
-    show("isconf: staged snap %s" % " ".join(r["path"] for r in records))
+    staged = repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
+    show("isconf: staged " + staged.summary())
 
 
 def cmd_reboot(args):
     repo, branch = author_context(args)
-    repo.stage(branch, {"kind": "reboot", "message": args.message or ""})
-    show("isconf: staged reboot")
+    staged = repo.stage(branch, {"kind": "reboot", "message": args.message or ""})
+    show("isconf: staged " + staged.summary())
 
 
 def signing_key(args):
