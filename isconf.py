@@ -663,7 +663,7 @@ class FileLock(object):
     for the busy message of whoever comes next.  With wait, a busy lock is tried again
     for up to wait seconds (flock has no timeout; a blocking flock would outlive it),
     and on_wait(holder) is called once when the waiting starts.  With inherit, a lock
-    handed over by a re-executing agent (see Agent.reexec) is taken over instead: there
+    handed over by a re-executing agent (see Applier.reexec) is taken over instead: there
     is no moment between the two processes when it is free."""
 
     def __init__(self, path, what, dir_fd=None, holder=False, wait=None, on_wait=None, inherit=False):
@@ -1709,7 +1709,6 @@ FILE_FIELDS = {
     "dir": dict(OWNER_FIELDS, path=str, type=str, mode=int),
 }
 ENTRY_FIELDS = {"seq": int, "prev": str, "time": str, "author": str, "message": str, "kind": str}
-KIND_FIELDS = {"exec": {"argv": list, "cwd": str}, "snap": {"files": list}, "reboot": {}}
 HEAD_FIELDS = {"format": int, "branch": str, "seq": int, "id": str, "length": int, "time": str}
 
 
@@ -1778,6 +1777,107 @@ def object_size(record):
     return record["size"]
 
 
+# --- entry kinds --------------------------------------------------------------
+# What each kind means lives here and only here: its fields, its check, the objects it
+# needs, its one-line summary and how a host applies it.  A new kind is one class marked
+# @entry_kind; a new field is one edit to its class (DESIGN rule 11: an agent that does not
+# know it halts there, exit 10).  apply() uses the host-side helpers of "Applying
+# transactions" and the agent that applies it.
+
+KINDS = collections.OrderedDict()   # kind name -> Kind, in the order they are declared
+
+
+def entry_kind(cls):
+    """Class decorator: entries whose kind is cls.name mean what cls says."""
+    KINDS[cls.name] = cls()
+    return cls
+
+
+class Kind(object):
+    """An entry kind: the base says "no fields, no objects, nothing to do"."""
+    name = None
+    fields = {}        # the kind's own fields, beside the envelope's (ENTRY_FIELDS)
+    reboots = False    # applied by recording it done and rebooting the machine
+
+    def check(self, fields, what):
+        """Refused, saying what is wrong, beyond the field names and types check_fields saw."""
+
+    def objects(self, fields):
+        """(sha256, stored size) of every object an entry of this kind needs."""
+        return []
+
+    def summary(self, fields):
+        return self.name
+
+    def apply(self, applier, entry):
+        """Apply one interpreted entry on the host; True if it installed a new agent."""
+        return False
+
+
+@entry_kind
+class ExecKind(Kind):
+    """Run a command in the host's root; a non-zero status fails the transaction."""
+    name = "exec"
+    fields = {"argv": list, "cwd": str}
+
+    def check(self, fields, what):
+        if not fields["argv"] or not all(isinstance(a, str) and "\0" not in a for a in fields["argv"]):
+            raise Refused("%s: argv must be a non-empty list of strings" % what)
+        validate_path(fields["cwd"], what + ": cwd")
+
+    def summary(self, fields):
+        return "exec " + " ".join(shlex.quote(a) for a in fields["argv"])
+
+    def apply(self, applier, entry):
+        host, config = applier.host, applier.config
+        env = exec_environment(config.branch, entry.seq, entry.id, config.env)
+        log = host.open_log(entry)
+        try:
+            status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log,
+                                 timeout=config.exec_timeout, mounts=applier.mounts)
+        finally:
+            os.close(log)
+        if status != 0:
+            raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
+        os.sync()  # what the command wrote must outlive a power cut once 'done' is recorded (rule 5)
+        return False
+
+
+@entry_kind
+class SnapKind(Kind):
+    """Install files, links and directories as the author had them; a snap of the running
+    agent's own file is a self-upgrade (the new agent's self-test passes first)."""
+    name = "snap"
+    fields = {"files": list}
+
+    def check(self, fields, what):
+        if not fields["files"]:
+            raise Refused("%s: a snap must name at least one file" % what)
+        seen = {}
+        for record in fields["files"]:
+            check_file_record(record, seen, what)
+
+    def objects(self, fields):
+        return [(r["object"], object_size(r)) for r in fields["files"] if r["type"] == "file"]
+
+    def summary(self, fields):
+        return "snap " + " ".join(r["path"] for r in fields["files"])
+
+    def apply(self, applier, entry):
+        agent = applier.new_agent(entry)
+        if agent is not None:
+            applier.try_agent(agent)
+        apply_snap(applier.host.rootpath, entry, applier.host.objects)
+        return agent is not None
+
+
+@entry_kind
+class RebootKind(Kind):
+    """Reboot the machine: recorded done first, then the configured reboot command runs."""
+    name = "reboot"
+    reboots = True
+
+
 class Entry(object):
     """One journal entry (one transaction) as it stands in the journal.
 
@@ -1809,20 +1909,13 @@ class Entry(object):
     def check(self, what):
         """Everything about the entry's kind and fields; Refused, saying what is wrong, if this
         version does not understand it.  The author's side calls this as it stages."""
-        fields, kind = self.fields, self.kind
-        if kind not in KIND_FIELDS:
-            raise Unknown("%s: kind %s is not exec, snap or reboot" % (what, repr(kind)[:40]))
-        check_fields(fields, dict(ENTRY_FIELDS, **KIND_FIELDS[kind]), what)
-        if kind == "exec":
-            if not fields["argv"] or not all(isinstance(a, str) and "\0" not in a for a in fields["argv"]):
-                raise Refused("%s: argv must be a non-empty list of strings" % what)
-            validate_path(fields["cwd"], what + ": cwd")
-        elif kind == "snap":
-            if not fields["files"]:
-                raise Refused("%s: a snap must name at least one file" % what)
-            seen = {}
-            for record in fields["files"]:
-                check_file_record(record, seen, what)
+        kind = KINDS.get(self.kind)
+        if kind is None:
+            names = list(KINDS)
+            raise Unknown("%s: kind %s is not %s or %s" % (what, repr(self.kind)[:40], ", ".join(names[:-1]),
+                                                         names[-1]))
+        check_fields(self.fields, dict(ENTRY_FIELDS, **kind.fields), what)
+        kind.check(self.fields, what)
         self.interpreted = True
         return self
 
@@ -1839,24 +1932,20 @@ class Entry(object):
                                  "the journal before it, or install one by hand)" % (e, __version__))
         return self
 
+    def meaning(self):
+        """The entry's Kind, once interpreted (NeedsNewer if this version cannot)."""
+        return KINDS[self.interpret().kind]
+
     def objects(self):
         """(sha256, stored size) of every object this entry needs."""
-        self.interpret()
-        if self.kind != "snap":
-            return []
-        return [(r["object"], object_size(r)) for r in self.fields["files"] if r["type"] == "file"]
+        return self.meaning().objects(self.fields)
 
     def summary(self):
         try:
-            self.interpret()
+            kind = self.meaning()
         except NeedsNewer:
             return "%s (an entry this isconf cannot interpret)" % self.kind
-        f = self.fields
-        if self.kind == "exec":
-            return "exec " + " ".join(shlex.quote(a) for a in f["argv"])
-        if self.kind == "snap":
-            return "snap " + " ".join(r["path"] for r in f["files"])
-        return "reboot"
+        return kind.summary(self.fields)
 
 
 def interpretable(entries):
@@ -2898,8 +2987,32 @@ def cmd_self_test(args):
 
 
 # ---------------------------------------------------------------------------
-# The agent: fetch, verify, stage, apply.
+# The agent, syncing: fetch, verify and stage a branch from the first good mirror.
 # ---------------------------------------------------------------------------
+
+
+class Run(object):
+    """What syncing and applying share in one run of the agent on a host: the host, its config,
+    its history (read once a run, under the host's lock), the clock and the reporter."""
+
+    def __init__(self, host, now=None, out=sys.stdout):
+        self.host, self.config = host, host.config
+        self.now_override = now
+        local = host.local_head()
+        self.clock_floor = parse_time(local.time) if local else 0
+        self.history = host.history(recent=True)
+        self.out = out
+
+    def say(self, message, stream=None):
+        show("isconf: %s" % message, stream or self.out)
+        SYSLOG.send(message, Syslog.WARNING if stream is sys.stderr else Syslog.INFO)
+
+    def now(self):
+        """The time used for expiry and key validity: never earlier than the last verified head,
+        so a host whose clock was reset cannot be fed heads older than what it has seen."""
+        if self.now_override is not None:
+            return self.now_override
+        return max(time.time(), self.clock_floor)
 
 
 class Plan(object):
@@ -2921,38 +3034,19 @@ class Plan(object):
             host.commit(self.head, self.signature, self.keep, self.tail)
 
 
-class Agent(object):
-    def __init__(self, host, now=None, out=sys.stdout, mounts=True):
-        self.host, self.config = host, host.config
-        self.mounts = mounts  # pseudo-filesystems for execs inside a --root (run_command)
-        self.now_override = now
-        local = host.local_head()
-        self.clock_floor = parse_time(local.time) if local else 0
-        self.history = host.history(recent=True)  # read once a run, under the host's lock
-        self.out = out
+class Sync(object):
+    """Fetch and verify a branch's signed head and journal from the mirrors, and stage the
+    objects pending transactions need.  Nothing local changes here: the Plan commits it."""
+
+    def __init__(self, run):
+        self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
+        self.say, self.now = run.say, run.now
         self.signers = None
-        # For a hand-over (set by cmd_up): the host lock to keep, and the arguments to run again.
-        self.lock = self.argv = None
-        self.interpreter, self.agent_files = interpreter_identity(), agent_files()
-        # Provenance (item 4): who applied each transaction, as this process started.
-        self.provenance = {"agent": __version__, "python": sys.version.split()[0],
-                           "python_path": os.path.realpath(sys.executable)}
         if self.config.insecure:
             self.say("WARNING: insecure mode: heads are not signature-checked; anyone on the network "
                      "can run commands as root here. Run 'isconf init --signers FILE' to fix.", sys.stderr)
         else:
-            self.signers = load_signers(host.signers_path, host.read_signers)
-
-    def say(self, message, stream=None):
-        show("isconf: %s" % message, stream or self.out)
-        SYSLOG.send(message, Syslog.WARNING if stream is sys.stderr else Syslog.INFO)
-
-    def now(self):
-        """The time used for expiry and key validity: never earlier than the last verified head,
-        so a host whose clock was reset cannot be fed heads older than what it has seen."""
-        if self.now_override is not None:
-            return self.now_override
-        return max(time.time(), self.clock_floor)
+            self.signers = load_signers(self.host.signers_path, self.host.read_signers)
 
     def mirrors(self):
         try:
@@ -3170,12 +3264,34 @@ class Agent(object):
         if parts:
             objects.fsync()
 
+
+# ---------------------------------------------------------------------------
+# The agent, applying: pending transactions in order, each as its kind says; the hand-over to
+# a new agent or interpreter.
+# ---------------------------------------------------------------------------
+
+
+class Applier(object):
+    """Apply a Plan's pending transactions in order, halting at the first failure, and hand
+    over to a new agent or interpreter between transactions.  For a hand-over (cmd_up), lock
+    is the host lock to keep and argv the arguments to run again."""
+
+    def __init__(self, run, mounts=True, lock=None, argv=None):
+        self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
+        self.say = run.say
+        self.mounts = mounts  # pseudo-filesystems for execs inside a --root (run_command)
+        self.lock, self.argv = lock, argv
+        self.interpreter, self.agent_files = interpreter_identity(), agent_files()
+        # Provenance (item 4): who applied each transaction, as this process started.
+        self.provenance = {"agent": __version__, "python": sys.version.split()[0],
+                           "python_path": os.path.realpath(sys.executable)}
+
     def apply(self, plan, allow_reboot=False):
         """Apply pending transactions in order, halting at the first failure."""
         host, history = self.host, self.history
         for entry in plan.pending:
-            entry.interpret()  # NeedsNewer halts here, unless an agent upgrade before it took over
-            if entry.kind == "reboot" and not allow_reboot:
+            kind = entry.meaning()  # NeedsNewer halts here, unless an agent upgrade before it took over
+            if kind.reboots and not allow_reboot:
                 self.say("transaction %d is a reboot: run 'isconf up -r' to record it and reboot" % entry.seq)
                 return EXIT_REBOOT
             self.say("applying %d %s" % (entry.seq, entry.summary()))
@@ -3192,7 +3308,7 @@ class Agent(object):
                                         "again, or 'isconf skip %d -m WHY'"
                                         % (entry.seq, e, host.log_path(entry), entry.seq))
             history.record("done", entry, **self.provenance)
-            if entry.kind == "reboot":
+            if kind.reboots:
                 self.finish(plan)
                 return self.reboot()
             python = self.handover(entry, upgraded)
@@ -3219,28 +3335,11 @@ class Agent(object):
         return EXIT_OK
 
     def apply_one(self, entry):
-        host = self.host
-        with os.fdopen(host.open_log(entry), "ab") as log:
+        """Log the transaction's start, then apply it as its kind says; True if it installed a new agent."""
+        with os.fdopen(self.host.open_log(entry), "ab") as log:
             log.write(("[isconf] %s transaction %d %s %s\n" % (format_time(time.time()), entry.seq,
                                                              entry.id, entry.summary())).encode())
-        if entry.kind == "exec":
-            env = exec_environment(self.config.branch, entry.seq, entry.id, self.config.env)
-            log = host.open_log(entry)
-            try:
-                status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log,
-                                     timeout=self.config.exec_timeout, mounts=self.mounts)
-            finally:
-                os.close(log)
-            if status != 0:
-                raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
-            os.sync()  # what the command wrote must outlive a power cut once 'done' is recorded (rule 5)
-        elif entry.kind == "snap":
-            agent = self.new_agent(entry)
-            if agent is not None:
-                self.try_agent(agent)
-            apply_snap(host.rootpath, entry, host.objects)
-            return agent is not None
-        return False
+        return entry.meaning().apply(self, entry)
 
     def new_agent(self, entry):
         """The file record of a snap that would replace this running agent, or None.  Known by
@@ -3797,13 +3896,14 @@ class Repository(object):
         """Stage an entry, checked now as ci will check it, so a bad one fails at once."""
         self.require_lock(branch)
         try:
-            Entry.parse(canonical(dict(fields, seq=1, prev=ZERO_ID, time=format_time(0), author="-",
-                                       message="")), "entry").check("entry")
+            entry = Entry.parse(canonical(dict(fields, seq=1, prev=ZERO_ID, time=format_time(0), author="-",
+                                               message="")), "entry").check("entry")
         except UnicodeEncodeError:
             raise UsageError("a path or argument is not valid UTF-8; isconf journals UTF-8 text only")
         except Refused as e:
             raise UsageError(str(e))
         append_record(os.path.join(self.work_dir(branch), "staged"), fields)
+        return entry
 
     def checkin(self, branch, message, sign_key=None, expires=None):
         """Append the staged entries to the journal, write and sign the head, unlock.
@@ -4250,8 +4350,8 @@ def cmd_exec(args):
                                  mounts=not args.no_mounts)
         if status != 0:
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
-    repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
-    show("isconf: staged exec %s" % " ".join(shlex.quote(a) for a in argv))
+    staged = repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
+    show("isconf: staged " + staged.summary())
 
 
 def validate_path_arg(path, what):
@@ -4275,14 +4375,14 @@ def cmd_snap(args):
         except OSError as e:
             raise UsageError("cannot snap %s: %s" % (path, e.strerror or e))
         records.append(record)
-    repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
-    show("isconf: staged snap %s" % " ".join(r["path"] for r in records))
+    staged = repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
+    show("isconf: staged " + staged.summary())
 
 
 def cmd_reboot(args):
     repo, branch = author_context(args)
-    repo.stage(branch, {"kind": "reboot", "message": args.message or ""})
-    show("isconf: staged reboot")
+    staged = repo.stage(branch, {"kind": "reboot", "message": args.message or ""})
+    show("isconf: staged " + staged.summary())
 
 
 def signing_key(args):
@@ -4436,9 +4536,10 @@ def cmd_up(args):
         if paused:
             raise Disabled("this host was disabled by %s at %s: %s; nothing applied until 'isconf enable'"
                            % (paused["who"], paused["time"], paused["why"]))
-        agent = Agent(host, parse_now(args.now), mounts=not args.no_mounts)
-        agent.lock, agent.argv = lock, args.argv
-        plan = agent.sync(stage=not args.dry_run, wait=boot_wait(args, agent.config))
+        run = Run(host, parse_now(args.now))
+        # The interpreter and agent files are known as this process started, before any wait.
+        applier = Applier(run, mounts=not args.no_mounts, lock=lock, argv=args.argv)
+        plan = Sync(run).sync(stage=not args.dry_run, wait=boot_wait(args, run.config))
         if args.dry_run:
             for entry in plan.pending:
                 show("would apply %d %s" % (entry.seq, entry.summary()))
@@ -4446,10 +4547,10 @@ def cmd_up(args):
             return EXIT_OK
         plan.commit(host)
         if not plan.pending:
-            agent.say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
-        code = agent.apply(plan, allow_reboot=args.reboot)
+            run.say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
+        code = applier.apply(plan, allow_reboot=args.reboot)
         if code == EXIT_OK and plan.pending:
-            agent.say("applied through seq %d" % agent.history.applied()[0])
+            run.say("applied through seq %d" % run.history.applied()[0])
         return code
 
 
@@ -4595,8 +4696,7 @@ def cmd_migrate(args):
         config = host.config
         if args.new_branch == config.branch:
             raise UsageError("this host already follows branch %s" % config.branch)
-        agent = Agent(host, parse_now(args.now))
-        plan = agent.sync(stage=True, branch=args.new_branch)
+        plan = Sync(Run(host, parse_now(args.now))).sync(stage=True, branch=args.new_branch)
         # The config first: if we die before the commit, the next 'up' sees a local copy
         # of the old branch and finishes the move.  One line changes, so comments survive.
         directory, name = host.config_dir()

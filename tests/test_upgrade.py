@@ -272,8 +272,9 @@ def test_an_interpreter_the_agent_cannot_run_under_is_warned_about_and_the_run_c
 
 def test_a_check_in_can_carry_a_new_agent_and_entries_only_it_understands(agent_host, author, keys, src):
     # Rule 11: 1.0.0 verifies the whole journal, applies the new agent, and 1.1.0 takes the entry 1.0.0 cannot read.
-    old = '"reboot": {}}'
-    new = build("1.1.0", (old, '"reboot": {}, "note": {"text": str}}'))
+    old = "\n\nclass Entry(object):"  # a new kind is one class (STYLE: one home per kind)
+    new = build("1.1.0", (old, '\n\n@entry_kind\nclass NoteKind(Kind):\n    name = "note"\n    fields = {"text": str}\n'
+                            + old))
     author.commit(snap_agent(src, new), touch("a"))
     append_unknown_entry(author, keys, kind="note", text="a kind only 1.1.0 knows")
     author.commit(touch("b"))
