@@ -528,22 +528,6 @@ def _record(line, path, what, offset):
     return record
 
 
-def emit(data, stream=None):
-    """Write to the terminal.  A closed pipe ('isconf up | head') must not stop a
-    transaction half-way: later output goes to /dev/null, and the logs keep it all."""
-    stream = stream or sys.stdout
-    if stream is None:  # started with the descriptor closed
-        return
-    try:
-        if isinstance(data, bytes):
-            stream.buffer.write(data)
-        else:
-            stream.write(data)
-        stream.flush()
-    except (OSError, ValueError):  # a closed pipe, a full disk under a cron log, a closed stream
-        silence(stream)
-
-
 # C0 and C1 controls, DEL, and the bidirectional overrides that make text display
 # other than it reads (attack: a journal message that rewrites the admin's screen).
 CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -554,11 +538,6 @@ def printable(text):
     escaped, so it is always one line and never a terminal escape sequence."""
     return CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 0x100
                           else "\\u%04x" % ord(m.group()), text)
-
-
-def show(text, stream=None):
-    """Print one line of a report: escaped, and quiet about a closed pipe."""
-    emit(printable(text) + "\n", stream)
 
 
 def silence(stream):
@@ -628,7 +607,134 @@ class Syslog(object):
             self.sock = None
 
 
-SYSLOG = Syslog()  # opened by 'up --boot' and 'up --syslog'; until then it drops what it is sent
+class Reporter(object):
+    """The one owner of output (rule: nothing else prints).  It knows the verbosity, whether a
+    stream is a terminal, the syslog, and escapes what came from outside.
+
+    - Reports (status, log, JSON) go to stdout as asked, never dated, never silenced.
+    - Messages ('isconf: ...') go to stdout; warnings and errors to stderr.  -q drops the
+      messages, transaction lines and command output, never a warning or an error.  Off a
+      terminal (a cron log, a journal) every message line starts with its UTC time.
+    - One line per transaction: '[17/120] exec apt-get install -y nginx ... ok (2.3 s)'.  On a
+      terminal the line starts when the transaction does and ends when it ends.
+    - Download progress appears on a terminal only, on one line that is rewritten.
+    - With syslog open ('up --boot', '--syslog'), messages, warnings and errors go there too.
+    A closed pipe ('isconf up | head') must not stop a transaction half-way: what cannot be
+    written is dropped, and the logs keep it all.
+    """
+
+    def __init__(self):
+        self.quiet = False
+        self.syslog = Syslog()
+        self.open_line = None   # (stream, text) of a transaction line begun on a terminal, not yet ended
+        self.progress_shown = False
+
+    @staticmethod
+    def terminal(stream):
+        try:
+            return stream is not None and stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def write(self, data, stream=None):
+        """Write text or bytes as they are (the one place that writes to a stream)."""
+        stream = stream or sys.stdout
+        if stream is None:  # started with the descriptor closed
+            return
+        self._interrupt(stream)
+        try:
+            if isinstance(data, bytes):
+                stream.buffer.write(data)
+            else:
+                stream.write(data)
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a full disk under a cron log, a closed stream
+            silence(stream)
+
+    def _interrupt(self, stream):
+        """Before other output: end a transaction line begun on this stream, clear a progress line."""
+        if self.progress_shown and sys.stderr is not None:
+            self.progress_shown = False
+            self.write("\r\x1b[K", sys.stderr)
+        if self.open_line is not None and self.open_line[0] is stream:
+            self.open_line = None
+            self.write("\n", stream)
+
+    def line(self, text, stream=None):
+        """One line of a report: escaped, always shown."""
+        self.write(printable(text) + "\n", stream)
+
+    def _stamped(self, text, stream):
+        stamp = "" if self.terminal(stream) else format_time(time.time()) + " "
+        self.write(stamp + printable(text) + "\n", stream)
+
+    def say(self, message):
+        """A message of the run ('isconf: ...'): dropped with -q."""
+        self.syslog.send(message, Syslog.INFO)
+        if not self.quiet:
+            self._stamped("isconf: " + message, sys.stdout)
+
+    def warn(self, message):
+        """Something the admin should know; always shown, on stderr."""
+        self.syslog.send(message, Syslog.WARNING)
+        self._stamped("isconf: " + message, sys.stderr)
+
+    def error(self, message, code=None):
+        """The one line of what went wrong; syslog is told the exit code too."""
+        self.syslog.send(message if code is None else "%s (exit %d)" % (message, code), Syslog.ERR)
+        self._stamped("isconf: " + message, sys.stderr)
+
+    def output(self, data):
+        """What a transaction's command wrote (it is in the log whatever this shows)."""
+        if not self.quiet:
+            self.write(data, sys.stdout)
+
+    def begin(self, position, summary):
+        """A transaction starts: on a terminal its line starts now."""
+        text = "%s %s ... " % (position, printable(summary))
+        if self.quiet or not self.terminal(sys.stdout):
+            return
+        self.write(text, sys.stdout)
+        self.open_line = (sys.stdout, text)
+
+    def end(self, position, summary, outcome, seconds):
+        """A transaction ended: its one line, whole (or finished, if nothing came between)."""
+        result = "%s (%.1f s)" % (outcome, seconds)
+        self.syslog.send("%s %s ... %s" % (position, summary, result),
+                         Syslog.INFO if outcome == "ok" else Syslog.ERR)
+        if self.open_line is not None and self.open_line[0] is sys.stdout:
+            self.open_line = None
+            self.write(result + "\n", sys.stdout)
+        elif not self.quiet or outcome != "ok":
+            self._stamped("%s %s ... %s" % (position, summary, result), sys.stdout)
+
+    def progress(self, text):
+        """A progress line, on a terminal only, rewritten in place."""
+        if self.quiet or not self.terminal(sys.stderr) or self.open_line is not None:
+            return
+        self.write("\r" + printable(text)[:120] + "\x1b[K", sys.stderr)
+        self.progress_shown = True
+
+
+REPORTER = Reporter()  # -q sets its verbosity; 'up --boot' and 'up --syslog' open its syslog
+
+
+def emit(data, stream=None):
+    """Raw text or bytes (JSON, a traceback) through the reporter."""
+    REPORTER.write(data, stream)
+
+
+def show(text, stream=None):
+    """One line of a report, escaped."""
+    REPORTER.line(text, stream)
+
+
+def say(message):
+    REPORTER.say(message)
+
+
+def warn(message):
+    REPORTER.warn(message)
 
 
 def read_file(path, limit=None, dir_fd=None):
@@ -2436,8 +2542,8 @@ class Host(object):
         """The host lock, or the one a re-executing agent handed over; with wait, wait up to that
         many seconds for a run that holds it."""
         return self.state.lock("lock", "this host", holder=True, wait=wait, inherit=True,
-                               on_wait=lambda holder: show("isconf: waiting for this host's lock, held by %s"
-                                                           % holder, sys.stderr))
+                               on_wait=lambda holder: warn("waiting for this host's lock, held by %s"
+                                                           % holder))
 
     def history(self, recent=False):
         return History(self.state, recent)
@@ -2724,7 +2830,7 @@ def copy_output(log, echoed):
     """Echo what a command added to its log since echoed[0], and move echoed[0] on."""
     for chunk in iter(lambda: os.pread(log, CHUNK, echoed[0]), b""):
         echoed[0] += len(chunk)
-        emit(chunk)
+        REPORTER.output(chunk)
 
 
 def kill_group(proc, sig):
@@ -2760,8 +2866,8 @@ class Owners(object):
                 continue  # blank, a comment, or an NIS include: no entry here
             # ASCII digits only: str.isdigit() takes a superscript two (U+00B2), which int() then refuses.
             if len(fields) < 3 or not ID_RE.match(fields[2]) or int(fields[2]) > ID_MAX:
-                show("isconf: warning: %s%s line %d is not NAME:PASSWORD:NUMBER:...; skipped"
-                     % (rootpath.root.rstrip("/"), path, number), sys.stderr)
+                warn("warning: %s%s line %d is not NAME:PASSWORD:NUMBER:...; skipped"
+                     % (rootpath.root.rstrip("/"), path, number))
                 continue
             table.setdefault(fields[0], int(fields[2]))
         return table
@@ -2995,17 +3101,20 @@ class Run(object):
     """What syncing and applying share in one run of the agent on a host: the host, its config,
     its history (read once a run, under the host's lock), the clock and the reporter."""
 
-    def __init__(self, host, now=None, out=sys.stdout):
+    def __init__(self, host, now=None):
         self.host, self.config = host, host.config
         self.now_override = now
         local = host.local_head()
         self.clock_floor = parse_time(local.time) if local else 0
         self.history = host.history(recent=True)
-        self.out = out
 
-    def say(self, message, stream=None):
-        show("isconf: %s" % message, stream or self.out)
-        SYSLOG.send(message, Syslog.WARNING if stream is sys.stderr else Syslog.INFO)
+    @staticmethod
+    def say(message, stream=None):
+        """A message of the run; with stream sys.stderr, a warning."""
+        if stream is sys.stderr:
+            REPORTER.warn(message)
+        else:
+            REPORTER.say(message)
 
     def now(self):
         """The time used for expiry and key validity: never earlier than the last verified head,
@@ -3294,11 +3403,13 @@ class Applier(object):
             if kind.reboots and not allow_reboot:
                 self.say("transaction %d is a reboot: run 'isconf up -r' to record it and reboot" % entry.seq)
                 return EXIT_REBOOT
-            self.say("applying %d %s" % (entry.seq, entry.summary()))
+            position, summary, started = "[%d/%d]" % (entry.seq, plan.head.seq), entry.summary(), time.monotonic()
+            REPORTER.begin(position, summary)
             history.record("started", entry)
             try:
                 upgraded = self.apply_one(entry)
             except (TransactionFailed, StateError) as e:
+                REPORTER.end(position, summary, "failed", time.monotonic() - started)
                 history.record("failed", entry, error=str(e), **self.provenance)
                 with os.fdopen(host.open_log(entry), "ab") as log:
                     log.write(("[isconf] failed: %s\n" % e).encode("utf-8", "replace"))
@@ -3308,6 +3419,7 @@ class Applier(object):
                                         "again, or 'isconf skip %d -m WHY'"
                                         % (entry.seq, e, host.log_path(entry), entry.seq))
             history.record("done", entry, **self.provenance)
+            REPORTER.end(position, summary, "ok", time.monotonic() - started)
             if kind.reboots:
                 self.finish(plan)
                 return self.reboot()
@@ -3493,7 +3605,7 @@ def splay(host, seconds):
     except ValueError as e:
         raise UsageError(str(e))
     delay = splay_delay(machine_id(host), seconds) + min(1.0, seconds / 100.0) * jitter()
-    SYSLOG.send("splay: waiting %.1f s" % delay)
+    REPORTER.syslog.send("splay: waiting %.1f s" % delay)
     time.sleep(delay)
 
 
@@ -3699,19 +3811,19 @@ def cmd_install(args):
         for item in items:
             if install_item(host.rootpath, item):
                 changed += 1
-                show("isconf: wrote %s" % os.path.join(host.root, item.path[1:]))
+                say("wrote %s" % os.path.join(host.root, item.path[1:]))
             manifest[item.path] = manifest_record(item)
         data = canonical({"installed": manifest})
         if host.state.stat("installed") is None or host.state.read("installed", RECORD_MAX) != data:
             host.state.write("installed", data, 0o600)
-    show("isconf: installed %s (%s) in %s: %s" % (INSTALL_PATH, ", ".join(kinds), host.root,
-                                                  "%d file(s) written" % changed if changed else "nothing changed"))
+    say("installed %s (%s) in %s: %s" % (INSTALL_PATH, ", ".join(kinds), host.root,
+                                         "%d file(s) written" % changed if changed else "nothing changed"))
 
 
 def cmd_uninstall(args):
     host = Host(args.root, args.config)
     if not os.path.lexists(host.state_path):
-        show("isconf: nothing installed in %s (no %s)" % (host.root, host.state_path))
+        say("nothing installed in %s (no %s)" % (host.root, host.state_path))
         return EXIT_OK
     with host.lock():
         manifest = read_manifest(host)
@@ -3722,8 +3834,8 @@ def cmd_uninstall(args):
                 continue
             if not found:
                 kept[path] = want
-                show("isconf: warning: %s changed since 'isconf install' wrote it; left in place"
-                     % os.path.join(host.root, path[1:]), sys.stderr)
+                warn("warning: %s changed since 'isconf install' wrote it; left in place"
+                     % os.path.join(host.root, path[1:]))
                 continue
             dfd, name = host.rootpath.parent(path)
             try:
@@ -3731,12 +3843,12 @@ def cmd_uninstall(args):
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-            show("isconf: removed %s" % os.path.join(host.root, path[1:]))
+            say("removed %s" % os.path.join(host.root, path[1:]))
         if kept:
             host.state.write("installed", canonical({"installed": kept}), 0o600)
         elif manifest:
             host.state.unlink("installed")
-    show("isconf: uninstalled from %s%s" % (host.root, " (%d changed file(s) kept)" % len(kept) if kept else ""))
+    say("uninstalled from %s%s" % (host.root, " (%d changed file(s) kept)" % len(kept) if kept else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -3877,10 +3989,10 @@ class Repository(object):
             if not force:
                 raise Busy("branch %s is locked by %s; use 'isconf unlock --force' to break the lock and "
                            "discard their staged work" % (branch, holder.get("who")))
-            show("isconf: WARNING: breaking %s's lock on branch %s (%s) and DISCARDING %s staged transaction(s)"
-                 % (holder.get("who"), branch, holder.get("why"), count), sys.stderr)
+            warn("WARNING: breaking %s's lock on branch %s (%s) and DISCARDING %s staged transaction(s)"
+                 % (holder.get("who"), branch, holder.get("why"), count))
         elif count != "0":
-            show("isconf: WARNING: discarding %s staged transaction(s)" % count, sys.stderr)
+            warn("WARNING: discarding %s staged transaction(s)" % count)
         for name in ("staged", "lock"):
             try:
                 os.unlink(os.path.join(self.work_dir(branch), name))
@@ -4050,12 +4162,12 @@ def new_head_time(previous, expires):
         return now
     before = parse_time(previous.time)
     if before > now + 60:
-        show("isconf: warning: the branch's last head is dated %s, ahead of this machine's clock (%s); the new "
+        warn("warning: the branch's last head is dated %s, ahead of this machine's clock (%s); the new "
              "head is dated %s too, so that hosts accept it: check both clocks"
-             % (previous.time, format_time(now), previous.time), sys.stderr)
+             % (previous.time, format_time(now), previous.time))
     if previous.expires and not expires:
-        show("isconf: warning: the last head expired at %s; this one never expires (give --expires to keep "
-             "one)" % previous.expires, sys.stderr)
+        warn("warning: the last head expired at %s; this one never expires (give --expires to keep "
+             "one)" % previous.expires)
     return max(now, before)
 
 
@@ -4315,19 +4427,19 @@ def author_context(args):
 
 def cmd_init_repo(args):
     Repository.create(args.dir)
-    show("isconf: created an empty repository in %s" % args.dir)
+    say("created an empty repository in %s" % args.dir)
 
 
 def cmd_lock(args):
     repo, branch = author_context(args)
     repo.lock(branch, args.message)
-    show("isconf: locked branch %s: %s" % (branch, args.message))
+    say("locked branch %s: %s" % (branch, args.message))
 
 
 def cmd_unlock(args):
     repo, branch = author_context(args)
     repo.unlock(branch, args.force)
-    show("isconf: unlocked branch %s" % branch)
+    say("unlocked branch %s" % branch)
 
 
 def cmd_exec(args):
@@ -4344,14 +4456,14 @@ def cmd_exec(args):
             try:
                 variables = host.config.env
             except StateError as e:  # the config is 0600: an author who is not root cannot read it
-                show("isconf: warning: the command runs without the host's [env] variables: %s" % e, sys.stderr)
+                warn("warning: the command runs without the host's [env] variables: %s" % e)
         with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log:
             status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.fileno(),
                                  mounts=not args.no_mounts)
         if status != 0:
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
     staged = repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
-    show("isconf: staged " + staged.summary())
+    say("staged " + staged.summary())
 
 
 def validate_path_arg(path, what):
@@ -4376,13 +4488,13 @@ def cmd_snap(args):
             raise UsageError("cannot snap %s: %s" % (path, e.strerror or e))
         records.append(record)
     staged = repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
-    show("isconf: staged " + staged.summary())
+    say("staged " + staged.summary())
 
 
 def cmd_reboot(args):
     repo, branch = author_context(args)
     staged = repo.stage(branch, {"kind": "reboot", "message": args.message or ""})
-    show("isconf: staged " + staged.summary())
+    say("staged " + staged.summary())
 
 
 def signing_key(args):
@@ -4405,7 +4517,7 @@ def cmd_ci(args):
     key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
     head, count = repo.checkin(branch, args.message, key, expires)
-    show("isconf: branch %s now at seq %d (%d new), head %s%s" % (
+    say("branch %s now at seq %d (%d new), head %s%s" % (
         branch, head.seq, count, head.id[:16], "" if key else " (UNSIGNED)"))
 
 
@@ -4415,7 +4527,7 @@ def cmd_fork(args):
     key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
     head = repo.fork(branch, args.new, key, expires)
-    show("isconf: branch %s forked from %s at seq %d%s" % (args.new, branch, head.seq, "" if key else " (UNSIGNED)"))
+    say("branch %s forked from %s at seq %d%s" % (args.new, branch, head.seq, "" if key else " (UNSIGNED)"))
 
 
 def cmd_sign(args):
@@ -4423,7 +4535,7 @@ def cmd_sign(args):
     key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
     head = repo.resign(branch, key, expires)
-    show("isconf: head of branch %s at seq %d signed again%s" % (
+    say("head of branch %s at seq %d signed again%s" % (
         branch, head.seq, ", expires " + head.expires if head.expires else ""))
 
 
@@ -4498,7 +4610,7 @@ def cmd_init(args):
         if args.signers:
             host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
         host.write_config(config)
-    show("isconf: %s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
+    say("%s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
 
 
 def declare_baseline(host, seq):
@@ -4527,7 +4639,7 @@ def parse_now(text):
 def cmd_up(args):
     host = Host(args.root, args.config)
     if args.boot or args.syslog:
-        SYSLOG.open(host.rootpath)
+        REPORTER.syslog.open(host.rootpath)
     if args.splay is not None and not os.environ.get(REEXEC_ENV):  # a re-exec does not wait again
         splay(host, args.splay)  # before the lock: a waiting host holds nothing
     with host.lock(args.wait) as lock:
@@ -4707,7 +4819,7 @@ def cmd_migrate(args):
                                                                                            args.new_branch))
         host.write_config(text.encode("utf-8"))
         plan.commit(host)
-    show("isconf: now following branch %s (%d pending); run 'isconf up'" % (args.new_branch, len(plan.pending)))
+    say("now following branch %s (%d pending); run 'isconf up'" % (args.new_branch, len(plan.pending)))
 
 
 def cmd_skip(args):
@@ -4727,7 +4839,7 @@ def cmd_skip(args):
             raise UsageError("transaction %d has not failed here; only a failed transaction can be skipped"
                              % args.seq)
         history.record("skipped", entries[args.seq - 1], why=args.message, who=author_name())
-    show("isconf: transaction %d marked skipped on this host: %s" % (args.seq, args.message))
+    say("transaction %d marked skipped on this host: %s" % (args.seq, args.message))
 
 
 def cmd_disable(args):
@@ -4740,7 +4852,7 @@ def cmd_disable(args):
         host.ensure_state()
         record = {"who": author_name(), "why": args.message, "time": format_time(time.time())}
         host.state.write("disabled", canonical(record) + b"\n", 0o644)
-    show("isconf: %s disabled: 'isconf up' does nothing (exit %d) until 'isconf enable'" % (host.root, EXIT_DISABLED))
+    say("%s disabled: 'isconf up' does nothing (exit %d) until 'isconf enable'" % (host.root, EXIT_DISABLED))
 
 
 def cmd_enable(args):
@@ -4749,12 +4861,12 @@ def cmd_enable(args):
     with host.lock(args.wait):
         paused = host.disabled()
         if paused is None:
-            show("isconf: %s was not disabled" % host.root)
+            say("%s was not disabled" % host.root)
             return
         host.state.unlink("disabled")
         host.state.fsync()
-    show("isconf: %s enabled (it was disabled by %s at %s: %s)" % (host.root, paused["who"], paused["time"],
-                                                                  paused["why"]))
+    say("%s enabled (it was disabled by %s at %s: %s)" % (host.root, paused["who"], paused["time"],
+                                                           paused["why"]))
 
 
 def cmd_verify_sig(args):
@@ -4770,7 +4882,7 @@ def cmd_verify_sig(args):
     if not signers:
         raise UsageError("--signers %s lists no keys" % args.signers)
     signer = verify_signature(data, signature, signers, namespace=args.namespace, now=parse_now(args.now))
-    show("isconf: good signature by %s (%s)" % (",".join(signer.principals), key_fingerprint(signer.key_blob)))
+    say("good signature by %s (%s)" % (",".join(signer.principals), key_fingerprint(signer.key_blob)))
 
 
 def cmd_serve(args):
@@ -4825,6 +4937,8 @@ def global_options(suppress):
                          help="repository directory, for author verbs (or ISCONF_REPO)")
     options.add_argument("--no-mounts", action="store_true", default=default(False),
                          help="inside a --root other than /, do not mount /proc, /sys, /dev and /run for execs")
+    options.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                         help="print nothing unless something goes wrong: warnings and errors only (for cron)")
     options.add_argument("--debug", action="store_true", default=default(False),
                          help="show the traceback of an internal error")
     options.add_argument("--branch", default=default(None),
@@ -4975,8 +5089,7 @@ def internal_error(error, argv, args):
             where = "traceback in %s" % save_crash_report(getattr(args, "root", None) or "/", report)
         except (OSError, IsconfError):
             pass
-    show("isconf: internal error: %s: %s (%s); please report it" % (type(error).__name__, str(error)[:300], where),
-         sys.stderr)
+    REPORTER.error("internal error: %s: %s (%s); please report it" % (type(error).__name__, str(error)[:300], where))
     return EXIT_SOFTWARE
 
 
@@ -4996,6 +5109,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
         # What a re-exec runs again; None when called from Python (main(argv)): that never re-executes.
         args.argv = sys.argv[1:] if argv is None else None
+        REPORTER.quiet = args.quiet
         if args.self_test:
             return cmd_self_test(args)
         if not getattr(args, "func", None):
@@ -5004,8 +5118,7 @@ def main(argv=None):
         code = args.func(args)
         return EXIT_OK if code is None else code
     except IsconfError as e:
-        show("isconf: error: %s" % e, sys.stderr)
-        SYSLOG.send("error: %s (exit %d)" % (e, e.exit_code), Syslog.ERR)
+        REPORTER.error("error: %s" % e, e.exit_code)
         return e.exit_code
     except BrokenPipeError:  # 'isconf log | head' is not an error
         silence(sys.stdout)
@@ -5014,14 +5127,15 @@ def main(argv=None):
         # The last net for a system call no step above expected to fail (a full disk, a
         # read-only root): still one line, and the local-state exit code.
         where = " (%s)" % e.filename if e.filename else ""
-        show("isconf: error: %s%s; check the disk and permissions, then run again" % (e.strerror or e, where),
-             sys.stderr)
+        REPORTER.error("error: %s%s; check the disk and permissions, then run again" % (e.strerror or e, where))
         return EXIT_STATE
     except KeyboardInterrupt as e:
         # Every record is written whole or not at all: an interrupted transaction runs again next time.
         signum = getattr(e, "signum", signal.SIGINT)
-        emit("\nisconf: interrupted by %s; nothing is left half-recorded: run the command again to carry on\n"
-             % signal.Signals(signum).name, sys.stderr)
+        if REPORTER.terminal(sys.stderr):
+            REPORTER.write("\n", sys.stderr)  # after the ^C the terminal echoed
+        REPORTER.error("interrupted by %s; nothing is left half-recorded: run the command again to carry on"
+                       % signal.Signals(signum).name)
         return 128 + signum
     except Exception as e:  # noqa: B902 -- a bug: never reported as a failed transaction
         return internal_error(e, argv, args)

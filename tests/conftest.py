@@ -29,6 +29,13 @@ PYTHONS = sorted((p for p in glob.glob("/root/.pyenv/versions/3.*/bin/python3")
 EXIT = {"ok": 0, "failed": 1, "usage": 2, "unreachable": 3, "refused": 4, "reboot": 5, "busy": 6, "state": 7}
 
 
+STAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", re.M)
+
+
+def undated(text):
+    return STAMP_RE.sub("", text)
+
+
 def run_isconf(*args, python=None, env=None, expect=None, timeout=120, input=None):
     """Run isconf.py in isolated mode; check the exit code when `expect` names one."""
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ISCONF_AUTHOR": AUTHOR, "LC_ALL": "C.UTF-8"}
@@ -36,8 +43,10 @@ def run_isconf(*args, python=None, env=None, expect=None, timeout=120, input=Non
     proc = subprocess.run([python or sys.executable, "-I", ISCONF] + [str(a) for a in args],
                           env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
                           input=input, stdin=None if input is not None else subprocess.DEVNULL)
-    proc.out = proc.stdout.decode("utf-8", "replace")
-    proc.err = proc.stderr.decode("utf-8", "replace")
+    # Off a terminal every message line starts with its UTC time: out and err have it
+    # removed, so a test reads the message; stdout and stderr keep the bytes as written.
+    proc.out = undated(proc.stdout.decode("utf-8", "replace"))
+    proc.err = undated(proc.stderr.decode("utf-8", "replace"))
     if expect is not None:
         assert proc.returncode == EXIT[expect], "isconf %s -> %d, wanted %s\nstdout:\n%s\nstderr:\n%s" % (
             " ".join(map(str, args)), proc.returncode, expect, proc.out, proc.err)

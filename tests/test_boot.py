@@ -97,7 +97,7 @@ def test_boot_logs_to_syslog_inside_the_root(author, host, server, syslog_socket
     host.init(server.url, None)
     host("up", "--boot", "--boot-wait", "3", expect="failed")  # /bin/true is not in this empty root
     lines = received(syslog_socket)
-    assert any(l.startswith("<30>") and " isconf[" in l and "applying 1 " in l for l in lines), lines
+    assert any(l.startswith("<27>") and " isconf[" in l and "[1/1] exec /bin/true ... failed" in l for l in lines), lines
     assert any(l.startswith("<27>") and "error: transaction 1 failed" in l and "(exit 1)" in l for l in lines), lines
 
 
@@ -113,7 +113,7 @@ def test_syslog_is_followed_through_links_inside_the_root(author, host, server, 
     inside.settimeout(0)
     try:
         host("up", "--syslog", expect="failed")
-        assert any("applying 1 " in l for l in received(inside))
+        assert any("[1/1] exec /bin/true ... failed" in l for l in received(inside))
     finally:
         inside.close()
 
@@ -125,7 +125,7 @@ def test_no_syslog_is_no_error(author, host, server):
     with open(host.path("/dev/log"), "w") as f:
         f.write("not a socket\n")
     proc = host("up", "--boot", "--boot-wait", "3", expect="failed")
-    assert "applying 1 " in proc.out
+    assert "[1/1] exec /bin/true ... failed" in proc.out
 
 
 def test_splay_is_a_stable_part_derived_from_the_machine_id(isconf):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ISCONF, error_line
+from conftest import ISCONF, error_line, undated
 
 
 def pid_alive(pid):
@@ -103,7 +103,7 @@ def test_a_stopped_run_stops_its_command_and_leaves_the_transaction_to_run_again
     daemons.append(read_pid(host, "/tmp/pid"))
     agent.send_signal(signum)
     assert agent.wait(30) == code
-    err = agent.stderr.read().decode()
+    err = undated(agent.stderr.read().decode())
     agent.stderr.close()
     assert [l for l in err.splitlines() if l.strip()] == [
         "isconf: interrupted by %s; nothing is left half-recorded: run the command again to carry on"
@@ -148,7 +148,7 @@ def run_with_a_bug(*args):
 def test_a_bug_is_exit_70_with_one_line_and_the_traceback_kept(host):
     host("init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
     proc = run_with_a_bug("--root", host.root, "status")
-    err = proc.stderr.decode()
+    err = undated(proc.stderr.decode())
     assert proc.returncode == 70 and len(err.strip().splitlines()) == 1
     assert err.startswith("isconf: internal error: ZeroDivisionError: a bug in the agent")
     assert host.state("internal-error.log") in err

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ISCONF, error_line, source_tree
+from conftest import ISCONF, error_line, source_tree, undated
 
 HUGE = 4 << 30    # a sparse file of 4 GiB costs nothing on disk ...
 MEMORY = 1 << 30  # ... and more than the agent is given here: read whole, it would end in MemoryError
@@ -21,7 +21,7 @@ def run_limited(host, *args):
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
     proc = subprocess.run([sys.executable, "-I", ISCONF, "--root", host.root] + list(args), preexec_fn=limit,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
-    proc.out, proc.err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    proc.out, proc.err = undated(proc.stdout.decode("utf-8", "replace")), undated(proc.stderr.decode("utf-8", "replace"))
     return proc
 
 

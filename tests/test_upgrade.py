@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from conftest import AUTHOR, ISCONF, error_line
+from conftest import AUTHOR, ISCONF, error_line, undated
 from test_forward import append_unknown_entry
 
 AGENT = "/usr/local/sbin/isconf.py"
@@ -41,7 +41,7 @@ def run_agent(host_root, *args, python=sys.executable, env=None, pass_fds=()):
     proc = subprocess.run([python, "-I", os.path.join(host_root, AGENT.lstrip("/")), "--root", host_root]
                           + list(args), env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           stdin=subprocess.DEVNULL, timeout=300, pass_fds=pass_fds)
-    proc.out, proc.err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    proc.out, proc.err = undated(proc.stdout.decode("utf-8", "replace")), undated(proc.stderr.decode("utf-8", "replace"))
     return proc
 
 
