@@ -4934,16 +4934,18 @@ def global_options(suppress):
     options.add_argument("--config", default=default(None),
                          help="host config file (default ROOT%s)" % CONFIG_PATH)
     options.add_argument("--repo", default=default(os.environ.get("ISCONF_REPO")),
-                         help="repository directory, for author verbs (or ISCONF_REPO)")
+                         help="repository directory, for author verbs (default: $ISCONF_REPO)")
     options.add_argument("--no-mounts", action="store_true", default=default(False),
-                         help="inside a --root other than /, do not mount /proc, /sys, /dev and /run for execs")
+                         help="inside a --root other than /, do not mount /proc, /sys, /dev and /run for execs "
+                         "(default: mount them)")
     options.add_argument("-q", "--quiet", action="store_true", default=default(False),
-                         help="print nothing unless something goes wrong: warnings and errors only (for cron)")
+                         help="print nothing unless something goes wrong: warnings and errors only, for cron "
+                         "(default: off)")
     options.add_argument("--debug", action="store_true", default=default(False),
-                         help="show the traceback of an internal error")
+                         help="show the traceback of an internal error (default: keep it in the state directory)")
     options.add_argument("--branch", default=default(None),
                          help="branch: for 'init', the one this host follows (required); for author verbs, "
-                         "the one to work on (or ISCONF_BRANCH, else the host's branch)")
+                         "the one to work on (default: $ISCONF_BRANCH, else the host's branch)")
     return options
 
 
@@ -4960,9 +4962,13 @@ def wait_option(p, what):
                    % (DEFAULT_WAIT, what))
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written: their line breaks are part of what they teach."""
+
+
 def build_parser():
     common = global_options(suppress=True)
-    parser = Parser(prog="isconf", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = Parser(prog="isconf", description=HELP, formatter_class=HelpFormatter,
                     parents=[global_options(suppress=False)])
     parser.add_argument("--version", action="version", version="isconf " + __version__)
     parser.add_argument("--self-test", action="store_true", help="check this file can run here (it loads, "
@@ -4970,107 +4976,154 @@ def build_parser():
                         "runs it on a new agent before installing it")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
 
-    def verb(name, func, help_text, **kw):
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text, **kw)
+    def verb(name, func, help_text, example):
+        """A command; its --help ends with an example, as a man page's EXAMPLES does."""
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                           epilog="example:\n" + "\n".join("  " + line for line in example.splitlines()),
+                           formatter_class=HelpFormatter)
         p.set_defaults(func=func)
         return p
 
-    p = verb("init", cmd_init, "configure this host to follow a branch")
+    def now_option(p):
+        p.add_argument("--now", metavar="TIME", help="judge expiry and key validity as if the UTC time were TIME, "
+                       "e.g. 2026-11-25T06:30:00Z, for a miniroot with no clock (default: this machine's clock, "
+                       "never earlier than the last verified head)")
+
+    # The agent's verbs, in the order a host meets them.
+    p = verb("init", cmd_init, "configure this host to follow a branch",
+             "isconf init http://repo.example/isconf/ http://10.1.0.5/isconf/ --branch web \\\n"
+             "    --signers /root/isconf-signers --var ROLE=web")
     p.add_argument("urls", nargs="+", metavar="URL", help="repository mirrors, tried in order (http(s)://, "
                    "file://, or a directory)")
-    p.add_argument("--signers", help="trusted authors' keys, OpenSSH allowed_signers format")
-    p.add_argument("--insecure", action="store_true", help="accept unsigned heads (warned about on every run)")
+    p.add_argument("--signers", help="trusted authors' keys, OpenSSH allowed_signers format (this or --insecure "
+                   "is required)")
+    p.add_argument("--insecure", action="store_true", help="accept unsigned heads (warned about on every run; "
+                   "default: off)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
-                   help="per-host variable for every exec (repeatable)")
+                   help="per-host variable for every exec (repeatable; default: none)")
     p.add_argument("--reboot-command", help="what 'up -r' runs to reboot (default %s)" % DEFAULT_REBOOT)
-    p.add_argument("--timeout", type=float, help="seconds a connection may stay silent (default %d)"
-                   % DEFAULT_TIMEOUT)
-    p.add_argument("--deadline", type=float, help="seconds one fetch may take, plus 1 s per %d KiB (default %d)"
-                   % (MIN_RATE // 1024, DEFAULT_DEADLINE))
-    p.add_argument("--retries", type=int, help="rounds over all mirrors before giving up (default %d)"
-                   % DEFAULT_RETRIES)
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="seconds a connection may stay silent "
+                   "(default %d)" % DEFAULT_TIMEOUT)
+    p.add_argument("--deadline", type=float, metavar="SECONDS", help="seconds one fetch may take, plus 1 s per "
+                   "%d KiB (default %d)" % (MIN_RATE // 1024, DEFAULT_DEADLINE))
+    p.add_argument("--retries", type=int, metavar="N", help="rounds over all mirrors before giving up "
+                   "(default %d)" % DEFAULT_RETRIES)
     p.add_argument("--exec-timeout", type=float, metavar="SECONDS", help="kill an exec still running after "
                    "SECONDS, with its whole process group, and fail the transaction (default: no limit)")
     p.add_argument("--boot-wait", type=float, metavar="SECONDS", help="how long 'up --boot' waits for a mirror "
                    "(default %d)" % DEFAULT_BOOT_WAIT)
-    p.add_argument("--force", action="store_true", help="overwrite an existing config")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config (default: refuse)")
     p.add_argument("--baseline", type=int, metavar="SEQ", help="the image already holds every transaction up to "
-                   "SEQ (built without isconf): the first fetch checks SEQ exists, 'up' applies what follows")
-    p = verb("up", cmd_up, "fetch, verify and apply every pending transaction")
+                   "SEQ (built without isconf): the first fetch checks SEQ exists, 'up' applies what follows "
+                   "(default: none, replay from seq 1)")
+    p = verb("up", cmd_up, "fetch, verify and apply every pending transaction",
+             "isconf up                     # by hand: one line per transaction\n"
+             "isconf up -q --splay 600      # from cron: quiet unless something is wrong\n"
+             "isconf up -r --boot           # at boot: wait for a mirror, reboot at a reboot entry")
     wait_option(p, "a running 'up' (or skip, migrate, init) to finish")
-    p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and reboot")
+    p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and reboot "
+                   "(default: stop there with exit 5)")
     p.add_argument("--boot", action="store_true", help="run from init: wait for a mirror (backing off) up to "
-                   "the boot wait, and log to syslog too")
+                   "the boot wait, and log to syslog too (default: off)")
     p.add_argument("--boot-wait", type=float, metavar="SECONDS", help="with --boot, wait this long instead of "
                    "the config's boot_wait (default %d)" % DEFAULT_BOOT_WAIT)
     p.add_argument("--splay", type=float, metavar="SECONDS", help="first sleep a part of SECONDS fixed by this "
-                   "host's machine-id, plus a little jitter (for cron: a fleet does not knock at once)")
-    p.add_argument("--syslog", action="store_true", help="log to syslog (ROOT/dev/log) as well as the console")
-    p.add_argument("--dry-run", action="store_true", help="fetch and verify, show what would run, apply nothing")
-    p.add_argument("--now", metavar="TIME", help="verify as if the UTC time were TIME (a miniroot with no clock)")
-    p = verb("status", cmd_status, "show branch, applied position, pending work and any failure")
-    p.add_argument("--json", action="store_true")
-    p = verb("log", cmd_log, "show the journal, newest first, with each entry's state here")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-n", type=int, metavar="N", help="show only the newest N entries")
-    p = verb("migrate", cmd_migrate, "follow another branch that extends what this host applied")
-    p.add_argument("new_branch", metavar="BRANCH")
-    p.add_argument("--now", metavar="TIME", help="verify as if the UTC time were TIME")
-    p = verb("disable", cmd_disable, "pause this host: 'up' applies nothing until 'enable'")
-    p.add_argument("-m", dest="message", required=True, metavar="WHY")
+                   "host's machine-id, plus a little jitter, so a fleet on one cron minute does not knock at once "
+                   "(default: no sleep)")
+    p.add_argument("--syslog", action="store_true", help="log to syslog (ROOT/dev/log) as well as the console "
+                   "(default: only with --boot)")
+    p.add_argument("--dry-run", action="store_true", help="fetch and verify, show what would run, apply nothing "
+                   "(default: off)")
+    now_option(p)
+    p = verb("status", cmd_status, "show branch, applied position, pending work and any failure",
+             "isconf status\nisconf status --json | jq .pending")
+    p.add_argument("--json", action="store_true", help="one JSON object, for monitoring (default: text)")
+    p = verb("log", cmd_log, "show the journal, newest first, with each entry's state here",
+             "isconf log -n 5\nisconf log --json")
+    p.add_argument("--json", action="store_true", help="a JSON list, newest first (default: text)")
+    p.add_argument("-n", type=int, metavar="N", help="show only the newest N entries (default: all)")
+    p = verb("skip", cmd_skip, "mark the failed transaction SEQ as skipped on this host, for good",
+             "isconf skip 3 -m 'site.conf not used on this host'")
+    p.add_argument("seq", type=int, metavar="SEQ", help="the failed transaction's seq (as status shows it)")
+    p.add_argument("-m", dest="message", required=True, metavar="WHY", help="why, kept in the history (required)")
+    p = verb("migrate", cmd_migrate, "follow another branch that extends what this host applied",
+             "isconf migrate web2 && isconf up")
+    p.add_argument("new_branch", metavar="BRANCH", help="the branch to follow from now on")
+    now_option(p)
+    p = verb("disable", cmd_disable, "pause this host: 'up' applies nothing until 'enable'",
+             "isconf disable -m 'disk swap, ticket 4242'")
+    p.add_argument("-m", dest="message", required=True, metavar="WHY", help="why, shown by status and up "
+                   "(required)")
     wait_option(p, "a running 'up' to finish")
-    p = verb("enable", cmd_enable, "lift a 'disable'")
+    p = verb("enable", cmd_enable, "lift a 'disable'", "isconf enable")
     wait_option(p, "a running 'up' to finish")
-    p = verb("skip", cmd_skip, "mark the failed transaction SEQ as skipped on this host, for good")
-    p.add_argument("seq", type=int, metavar="SEQ")
-    p.add_argument("-m", dest="message", required=True, metavar="WHY")
     p = verb("install", cmd_install, "put this agent at ROOT%s and write the units that run it at boot and "
-             "periodically (default: --systemd --timer where ROOT has systemd, else --sysv --cron)" % INSTALL_PATH)
+             "periodically (default: --systemd --timer where ROOT has systemd, else --sysv --cron)" % INSTALL_PATH,
+             "isconf --root /mnt/target install --systemd --timer")
     for kind, what in INSTALL_KINDS:
         p.add_argument("--" + kind, dest="kinds", action="append_const", const=kind, help=what)
-    p = verb("uninstall", cmd_uninstall, "remove what install wrote, unless it was changed since")
-    p = verb("verify-sig", cmd_verify_sig, "check an SSH signature of FILE the way hosts check heads")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--signature", required=True, metavar="SIG")
-    p.add_argument("--signers", required=True, metavar="ALLOWED_SIGNERS")
-    p.add_argument("--namespace", default=SIGNATURE_NAMESPACE)
-    p.add_argument("--now", metavar="TIME")
+    verb("uninstall", cmd_uninstall, "remove what install wrote, unless it was changed since",
+         "isconf uninstall")
+    p = verb("verify-sig", cmd_verify_sig, "check an SSH signature of FILE the way hosts check heads",
+             "isconf verify-sig head --signature head.sig --signers /etc/isconf/allowed_signers")
+    p.add_argument("file", metavar="FILE", help="the signed file")
+    p.add_argument("--signature", required=True, metavar="SIG", help="its signature, as ssh-keygen -Y sign "
+                   "writes it (required)")
+    p.add_argument("--signers", required=True, metavar="ALLOWED_SIGNERS", help="trusted keys (required)")
+    p.add_argument("--namespace", default=SIGNATURE_NAMESPACE, help="signature namespace (default %s)"
+                   % SIGNATURE_NAMESPACE)
+    now_option(p)
 
-    p = verb("init-repo", cmd_init_repo, "create an empty repository directory")
-    p.add_argument("dir", metavar="DIR")
-    p = verb("lock", cmd_lock, "take the branch's author lock")
-    p.add_argument("-m", dest="message", required=True, metavar="WHY")
-    p = verb("unlock", cmd_unlock, "release your lock (--force: break another's, discarding their work)")
-    p.add_argument("--force", action="store_true")
-    p = verb("exec", cmd_exec, "run a command now (inside --root) and stage it if it exits 0")
-    p.add_argument("--no-run", action="store_true", help="stage without running")
+    # The author's verbs, in the order of a change.
+    p = verb("init-repo", cmd_init_repo, "create an empty repository directory", "isconf init-repo /srv/isconf")
+    p.add_argument("dir", metavar="DIR", help="the directory to create (or an empty one)")
+    p = verb("lock", cmd_lock, "take the branch's author lock", "isconf --branch web lock -m 'upgrade nginx'")
+    p.add_argument("-m", dest="message", required=True, metavar="WHY", help="what you are about to change "
+                   "(required)")
+    p = verb("exec", cmd_exec, "run a command now (inside --root) and stage it if it exits 0",
+             "isconf exec -m 'web server' -- apt-get install -y nginx")
+    p.add_argument("--no-run", action="store_true", help="stage without running (default: run first)")
     p.add_argument("--cwd", default="/", help="working directory inside the root (default /)")
-    p.add_argument("-m", dest="message", metavar="WHY")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
-    p = verb("snap", cmd_snap, "stage the current content and metadata of files")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("-m", dest="message", metavar="WHY")
-    p = verb("reboot", cmd_reboot, "stage a reboot")
-    p.add_argument("-m", dest="message", metavar="WHY")
-    p = verb("ci", cmd_ci, "append staged entries to the journal, sign the head, unlock")
-    p.add_argument("-m", dest="message", metavar="WHY")
+    p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]", help="the command and its "
+                   "arguments, after --")
+    p = verb("snap", cmd_snap, "stage the current content and metadata of files",
+             "isconf snap -m 'banner' /etc/motd /etc/nginx/nginx.conf")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files, symlinks or directories, inside --root")
+    p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
+    p = verb("reboot", cmd_reboot, "stage a reboot", "isconf reboot -m 'new kernel'")
+    p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
+    p = verb("ci", cmd_ci, "append staged entries to the journal, sign the head, unlock",
+             "isconf ci --sign ~/.ssh/id_ed25519 --expires 30d")
+    p.add_argument("-m", dest="message", metavar="WHY", help="check-in message (default: none)")
     p.add_argument("--sign", metavar="KEY", help="SSH private key, or public key held by ssh-agent "
-                   "(or ISCONF_SIGN_KEY)")
-    p.add_argument("--expires", metavar="DURATION", help="head expires after DURATION, e.g. 30d")
-    p.add_argument("--unsigned", action="store_true", help="publish an unsigned head (for --insecure hosts only)")
-    p = verb("fork", cmd_fork, "create branch NEW starting as a copy of this branch")
-    p.add_argument("new", metavar="NEW")
-    p.add_argument("--sign", metavar="KEY", help="as for ci")
-    p.add_argument("--expires", metavar="DURATION")
-    p.add_argument("--unsigned", action="store_true", help="publish an unsigned head (for --insecure hosts only)")
-    p = verb("sign", cmd_sign, "sign the branch's current head again (renew its expiry, or sign an unsigned one)")
-    p.add_argument("--sign", metavar="KEY", help="as for ci")
-    p.add_argument("--expires", metavar="DURATION", help="the new head expires after DURATION, e.g. 30d")
+                   "(default: $ISCONF_SIGN_KEY; this or --unsigned is required)")
+    p.add_argument("--expires", metavar="DURATION", help="head expires after DURATION, e.g. 30d or 12h "
+                   "(default: never)")
+    p.add_argument("--unsigned", action="store_true", help="publish an unsigned head, for --insecure hosts only "
+                   "(default: off)")
+    p = verb("unlock", cmd_unlock, "release your lock (--force: break another's, discarding their work)",
+             "isconf unlock")
+    p.add_argument("--force", action="store_true", help="break another author's lock and discard their staged "
+                   "work (default: off)")
+    p = verb("fork", cmd_fork, "create branch NEW starting as a copy of this branch",
+             "isconf --branch web fork web2 --sign ~/.ssh/id_ed25519")
+    p.add_argument("new", metavar="NEW", help="the new branch's name")
+    p.add_argument("--sign", metavar="KEY", help="as for ci (default: $ISCONF_SIGN_KEY)")
+    p.add_argument("--expires", metavar="DURATION", help="as for ci (default: never)")
+    p.add_argument("--unsigned", action="store_true", help="publish an unsigned head, for --insecure hosts only "
+                   "(default: off)")
+    p = verb("sign", cmd_sign, "sign the branch's current head again (renew its expiry, or sign an unsigned one)",
+             "isconf sign --sign ~/.ssh/id_ed25519 --expires 30d")
+    p.add_argument("--sign", metavar="KEY", help="as for ci (default: $ISCONF_SIGN_KEY)")
+    p.add_argument("--expires", metavar="DURATION", help="the new head expires after DURATION, e.g. 30d "
+                   "(default: never)")
 
-    p = verb("serve", cmd_serve, "serve a repository directory over HTTP (for trying out and tests)")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--bind", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = verb("serve", cmd_serve, "serve a repository directory over HTTP (for trying out and tests)",
+             "isconf serve /srv/isconf --bind 0.0.0.0 --port 8000")
+    p.add_argument("dir", metavar="DIR", help="the repository directory")
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
     return parser
 
 

@@ -1,5 +1,6 @@
 """The command line: help that teaches, one-line errors, documented exit codes."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -158,3 +159,33 @@ def test_up_into_a_closed_pipe_still_applies_every_transaction(author, server, k
     assert pipeline.returncode == 0 and pipeline.stderr == b""
     assert all(os.path.exists(host.path("/tmp/done%d" % i)) for i in range(3))
     assert host.status()["applied_seq"] == 3
+
+
+def verb_parsers(isconf):
+    parser = isconf.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_option_has_help_that_gives_its_default(isconf):
+    parser, verbs = verb_parsers(isconf)
+    missing = []
+    for name, p in [("isconf", parser)] + sorted(verbs.items()):
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            text = action.help or ""
+            takes_value = action.option_strings and action.nargs != 0
+            if not text or (takes_value and "default" not in text and "required" not in text):
+                missing.append("%s %s: %r" % (name, "/".join(action.option_strings) or action.dest, text))
+    assert not missing, "\n".join(missing)
+
+
+def test_every_verbs_help_ends_with_an_example(isconf):
+    _, verbs = verb_parsers(isconf)
+    for name in verbs:
+        proc = run_isconf(name, "--help", expect="ok")
+        tail = proc.out.rstrip("\n").split("\nexample:\n")
+        assert len(tail) == 2, (name, proc.out)
+        assert all(line.startswith("  isconf ") or line.startswith("      ") for line in tail[1].splitlines()), \
+            (name, tail[1])
