@@ -10,8 +10,16 @@ import pytest
 
 from conftest import ISCONF
 
-SEES = ("test -r /proc/self/status && test -d /sys/kernel && test -c /dev/null && test -d /dev/pts "
-        "&& test -d /run && echo seen > /tmp/seen")
+# Directories alone prove nothing (the image has them): /dev/pts must hold its ptmx, and /run and
+# /dev/pts must be mount points the exec sees in its own mountinfo.
+SEES = ("test -r /proc/self/status && test -d /sys/kernel && test -c /dev/null && test -c /dev/pts/ptmx "
+        "&& while read id parent dev root point rest; do case $point in /run|/dev/pts) echo $point;; esac; "
+        "done < /proc/self/mountinfo > /tmp/mounted && echo seen > /tmp/seen")
+
+
+def mounted_inside(target):
+    with open(target.path("/tmp/mounted")) as f:
+        return sorted(set(f.read().split()))
 
 
 def mounts_under(root):
@@ -33,6 +41,7 @@ def test_an_exec_in_a_root_finds_the_pseudo_filesystems_and_leaves_no_mount(auth
     target.init(server.url, keys)
     target("up", expect="ok")
     assert open(target.path("/tmp/seen")).read() == "seen\n"
+    assert mounted_inside(target) == ["/dev/pts", "/run"]
     assert mounts_under(target.root) == []
     assert os.listdir(target.path("/proc")) == [] and os.listdir(target.path("/dev")) == []
 
