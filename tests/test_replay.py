@@ -138,11 +138,12 @@ def test_snaps_apply_with_an_empty_path(author, server, keys, host, tmp_path):
     assert open(host.path("/etc/motd")).read() == "welcome\n"
 
 
-TAMPERS = {
-    "a changed byte in an entry": lambda a: flip(a.path("journal"), 40),
-    "a truncated journal": lambda a: truncate(a.path("journal"), -10),
-    "a head that does not match": lambda a: rewrite_head(a, seq=1),
-    "an object whose content changed": lambda a: flip(object_path(a), 0),
+TAMPERS = {  # each with what the check that owns it says: any other refusal would hide a missing check
+    # A letter of the author's name: still valid JSON, so only the hash chain can tell.
+    "a changed byte in an entry": (lambda a: flip(a.path("journal"), a.journal().index(b"alice")), "hash chain broken"),
+    "a truncated journal": (lambda a: truncate(a.path("journal"), -10), "truncated or padded"),
+    "a head that does not match": (lambda a: rewrite_head(a, seq=1), "does not end at the entry the signed head"),
+    "an object whose content changed": (lambda a: flip(object_path(a), 0), "does not match the signed journal"),
 }
 
 
@@ -182,11 +183,12 @@ def test_tampered_repository_is_refused_and_nothing_applied(tamper, author, serv
     busybox_root(host.root)
     src = source_tree(tmp_path, "/etc/motd", "welcome\n")
     author.commit(["--root", src, "snap", "/etc/motd"], ["exec", "--no-run", "--", "/bin/touch", "/tmp/ran"])
-    TAMPERS[tamper](author)
+    make, says = TAMPERS[tamper]
+    make(author)
     host.init(server.url, None)
     before = host.snapshot()
     refused = host("up", expect="refused")
-    assert error_line(refused)
+    assert says in error_line(refused), error_line(refused)
     assert not os.path.exists(host.path("/etc/motd")) and not os.path.exists(host.path("/tmp/ran"))
     assert host.snapshot() == before
 
