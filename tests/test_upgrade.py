@@ -227,7 +227,7 @@ def test_from_outside_the_root_a_snap_of_the_agent_path_is_just_a_snap(host, bus
 def pyenv(minor):
     found = sorted(glob.glob("/root/.pyenv/versions/%s.*/bin/python3" % minor))
     if not found:
-        pytest.skip("no Python %s under /root/.pyenv" % minor)
+        pytest.fail("no Python %s under /root/.pyenv: these tests swap interpreters under the agent" % minor)
     return found[-1]
 
 
@@ -256,6 +256,22 @@ def test_an_interpreter_upgrade_re_executes_under_the_new_one(swap_host, author)
     assert seen[1][1] == seen[2][1] == version(old) and seen[3][1] == version(new)
     log = json.loads(run_agent(swap_host.root, "log", "--json").out)
     assert os.path.realpath(new) == [e for e in log if e["seq"] == 3][0]["run_by"]["python_path"]
+
+
+def test_a_standard_library_upgrade_alone_re_executes(agent_host, author, busybox_root):
+    # A package upgrade that leaves the interpreter's binary alone but renames new modules into its
+    # standard library: the running agent must not import from a library it did not load.
+    python = pyenv("3.11")
+    home = os.path.dirname(os.path.dirname(python))
+    copy = agent_host.path("/opt/python")
+    os.makedirs(os.path.dirname(copy))
+    subprocess.run(["cp", "-al", home, copy], check=True)  # hard links: the pyenv files are never written
+    stdlib = "/opt/python/lib/python3.11"
+    author.commit(touch("a"), ["exec", "--no-run", "--", "/bin/touch", stdlib + "/isconf_new_module.py"], touch("b"))
+    up = run_agent(agent_host.root, "up", python=os.path.join(copy, "bin", os.path.basename(python)))
+    assert up.returncode == 0, up.err
+    assert "after transaction 2: re-executing" in up.out, up.out
+    assert os.path.exists(agent_host.path("/tmp/b"))
 
 
 def test_an_interpreter_the_agent_cannot_run_under_is_warned_about_and_the_run_carries_on(swap_host, author):
