@@ -302,6 +302,18 @@ def test_a_check_in_can_carry_a_new_agent_and_entries_only_it_understands(agent_
                                   4: ("1.1.0", python)}
 
 
+def test_a_check_in_can_carry_a_new_agent_and_an_entry_using_a_field_only_it_knows(agent_host, author, keys, src):
+    old = 'fields = {"argv": list, "cwd": str}'
+    new = build("1.1.0", (old, 'fields = {"argv": list, "cwd": str, "note": str}'))
+    author.commit(snap_agent(src, new))
+    append_unknown_entry(author, keys, kind="exec", argv=["/bin/touch", "/tmp/noted"], cwd="/", note="1.1.0 only")
+    up = run_agent(agent_host.root, "up")
+    assert up.returncode == 0, up.err
+    assert os.path.exists(agent_host.path("/tmp/noted"))
+    python = sys.version.split()[0]
+    assert run_by(agent_host) == {1: ("1.0.0", python), 2: ("1.1.0", python)}
+
+
 def test_without_the_new_agent_the_old_one_halts_at_the_entry_it_cannot_read(agent_host, author, keys):
     author.commit(touch("a"))
     append_unknown_entry(author, keys, kind="note", text="a kind only 1.1.0 knows")
