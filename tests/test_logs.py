@@ -54,7 +54,8 @@ def test_the_cap_holds_while_the_command_still_writes(isconf, author, server, ke
     # back under the cap while it still runs (exec_timeout ends the wait if it never is).
     busybox_root(host.root)
     script = ("busybox yes 0123456789abcdef | busybox head -c %d; "
-              "while [ $(busybox wc -c < /var/lib/isconf/logs/*.log) -gt %d ]; do sleep 0.1; done; "
+              "while true; do size=$(busybox stat -c %%s /var/lib/isconf/logs/*.log); "
+              "[ \"$size\" -le %d ] && break; sleep 0.1; done; "
               "echo CUT-WHILE-RUNNING" % (2 * isconf.LOG_MAX, isconf.ATTEMPT_MAX))
     author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", script])
     host.init(server.url, keys, "--exec-timeout", "60")
