@@ -3063,6 +3063,8 @@ def file_drift(rootpath, record, by_path, files, owners, quick=False):
         return drifts
     except (FileNotFoundError, NotADirectoryError):  # gone, or a directory on the way is not one any more
         return [("missing", file_kind(SNAP_TYPES[want["type"]]), None)]
+    except PermissionError as e:  # not a drift: this user may not read what root installed
+        raise StateError("cannot read %s: %s; run 'isconf verify' as root" % (path, e.strerror))
     except OSError as e:
         return [("unreadable", None, e.strerror or str(e))]
 
@@ -4936,7 +4938,8 @@ def cmd_verify(args):
         for drift in drifts:
             show("drift: %s: %s" % (drift["path"], drift_text(drift["what"], drift["expected"], drift["found"])))
         show("isconf: %s in %d journaled paths (applied up to seq %d)"
-             % ("%d drifts" % len(drifts) if drifts else "no drift", len(files), applied_seq))
+             % ("%d drift%s" % (len(drifts), "s"[len(drifts) == 1:]) if drifts else "no drift", len(files),
+                applied_seq))
     return EXIT_DRIFT if drifts else EXIT_OK
 
 

@@ -148,3 +148,22 @@ def test_the_last_applied_snap_of_a_path_is_the_reference(author, keys, host, tm
     verify(host, code=0)
     os.chmod(host.path("/etc/motd"), 0o644)
     assert drifts(host) == ["drift: /etc/motd: mode 0644, journal says 0600"]
+
+
+def test_a_hard_link_keeps_its_content_once_a_later_snap_replaced_its_file(author, keys, host, tmp_path,
+                                                                          busybox_root):
+    # A later snap of /etc/a installs a new inode there; /etc/a.link keeps the first content, as it should.
+    src = source_tree(tmp_path, "/etc/a", "first\n")
+    os.link(os.path.join(src, "etc/a"), os.path.join(src, "etc/a.link"))
+    author.commit(["--root", src, "snap", "/etc/a", "/etc/a.link"])
+    os.unlink(os.path.join(src, "etc/a"))
+    with open(os.path.join(src, "etc/a"), "w") as f:
+        f.write("second\n")
+    author.commit(["--root", src, "snap", "/etc/a"])
+    busybox_root(host.root)
+    replay(author, host, keys)
+    assert open(host.path("/etc/a.link")).read() == "first\n"
+    verify(host, code=0)
+    with open(host.path("/etc/a.link"), "w") as f:
+        f.write("third\n")
+    assert drifts(host) == ["drift: /etc/a.link: content differs"]
