@@ -2818,7 +2818,7 @@ class CommandOutput(object):
         self.follow()
         if self.cut_at is not None:
             tail = b"".join(self.tail)
-            self.cut += len(tail) - self.tail_max if len(tail) > self.tail_max else 0
+            self.cut += max(0, len(tail) - self.tail_max)
             write_all(self.log, ("\n[isconf] log cut: %d bytes of output left out here (a log keeps %d bytes "
                                  "per attempt)\n" % (self.cut, ATTEMPT_MAX)).encode() + tail[-self.tail_max:])
 
@@ -5073,9 +5073,9 @@ journal and the host state only, never the network.
 
 example:
   isconf verify
+  drift: /etc/app/app.conf: missing
   drift: /etc/motd: content differs
   drift: /etc/ssh/sshd_config: mode 0644, journal says 0600
-  drift: /etc/app/app.conf: missing
   isconf: 3 drifts in 120 journaled paths (applied up to seq 412)
 """
 
