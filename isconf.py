@@ -83,6 +83,11 @@ SIGNERS_MAX = 1024 * 1024       # an allowed_signers file of a few thousand keys
 VERIFY_MAX = 64 * 1024 * 1024   # what verify-sig reads whole to check; a head is ~200 bytes
 RECORD_MAX = 1024 * 1024        # one history record is under 1 KiB; a longer line is damage, not data
 CONFIG_MAX = 1024 * 1024        # a host config of a few hundred variables; larger is not a config
+LOG_MAX = 1024 * 1024           # bytes a transaction's log keeps over all its attempts: retries cannot fill /var
+LOG_ATTEMPTS = 3                # attempts a transaction's log keeps, the last ones: enough to compare a few failures
+ATTEMPT_MAX = LOG_MAX // LOG_ATTEMPTS  # bytes one attempt's part of the log keeps, its first and its last output
+LOG_NOTES = 1024                # of ATTEMPT_MAX kept for isconf's own lines: the attempt, a cut, the exit status
+LOG_LINE_MAX = 240              # bytes of one such line: a snap of 10,000 files names them all
 ERROR_MAX = 4096                # of a failure's message kept in the history: a record stays under RECORD_MAX
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
@@ -106,6 +111,8 @@ KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 TIME_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z\Z")
+# The line each attempt's part of a transaction's log starts with (Applier.apply_one writes it).
+LOG_ATTEMPT_RE = re.compile(br"^\[isconf\] [0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z transaction ", re.M)
 # What a network read can raise: ValueError covers malformed URLs and, on 3.6,
 # ssl.CertificateError; UnicodeError (a ValueError) covers bad host names.
 NETWORK_ERRORS = (OSError, http.client.HTTPException, ValueError)
@@ -145,7 +152,8 @@ EXIT_REFUSED = 4      # verification failed; nothing applied
 EXIT_REBOOT = 5       # the next transaction is a reboot; run 'up -r'
 EXIT_BUSY = 6         # another run or author holds the lock
 EXIT_STATE = 7        # local state or configuration problem
-EXIT_DISABLED = 9     # 'isconf disable' paused this host; 8 is kept for 'verify' drift
+EXIT_DRIFT = 8        # 'verify' found a journaled file changed on disk since it was applied
+EXIT_DISABLED = 9     # 'isconf disable' paused this host
 EXIT_NEWER = 10       # a verified entry this version cannot interpret: it needs a newer isconf
 EXIT_SOFTWARE = 70    # a bug in isconf itself (sysexits' EX_SOFTWARE), never a failed transaction
 EXIT_SIGNAL = 128     # plus the signal: 130 Ctrl-C, 129 SIGHUP, 143 SIGTERM, as a shell reports it
@@ -1915,6 +1923,10 @@ class Kind(object):
     def summary(self, fields):
         return self.name
 
+    def installs(self, fields):
+        """The file records an entry of this kind leaves on disk: what 'verify' holds the disk to."""
+        return []
+
     def apply(self, applier, entry):
         """Apply one interpreted entry on the host; True if it installed a new agent."""
         return False
@@ -1968,6 +1980,9 @@ class SnapKind(Kind):
 
     def summary(self, fields):
         return "snap " + " ".join(r["path"] for r in fields["files"])
+
+    def installs(self, fields):
+        return fields["files"]
 
     def apply(self, applier, entry):
         agent = applier.new_agent(entry)
@@ -2622,9 +2637,26 @@ class Host(object):
     def log_path(self, entry):
         return self.path("logs", self.log_name(entry.seq, entry.id))
 
-    def open_log(self, entry):
-        """A descriptor appending to the transaction's log, 0600: commands print secrets too."""
-        return self.logs.open(self.log_name(entry.seq, entry.id), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    def open_log(self, entry, attempt=False):
+        """A descriptor appending to the transaction's log, 0600: commands print secrets too.
+
+        The log keeps the last LOG_ATTEMPTS attempts, each under ATTEMPT_MAX bytes (run_command
+        bounds what a command adds), so it stays under LOG_MAX however often the transaction
+        fails: before a new attempt starts, a log that already holds LOG_ATTEMPTS of them (or
+        more bytes than the others may keep: older versions did not bound logs) is cut to the
+        last ones."""
+        name, keep = self.log_name(entry.seq, entry.id), (LOG_ATTEMPTS - 1) * ATTEMPT_MAX
+        st = self.logs.stat(name) if attempt else None
+        if st is not None and st.st_size:
+            with os.fdopen(self.logs.open(name), "rb") as f:
+                f.seek(max(0, st.st_size - keep))
+                old = f.read(keep)
+            starts = [m.start() for m in LOG_ATTEMPT_RE.finditer(old)]
+            if not starts or starts[0]:
+                starts.insert(0, 0)  # output before the first header: an attempt of its own, or its end
+            if len(starts) >= LOG_ATTEMPTS or st.st_size > keep:
+                self.logs.write(name, old[starts[max(0, len(starts) - LOG_ATTEMPTS + 1)]:], 0o600)
+        return self.logs.open(name, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
 
     def log_tail(self, entry, size):
         """(where the transaction's log is, its last size bytes): before a run upgraded the
@@ -2771,7 +2803,8 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
     Output goes straight into the log, not through a pipe: an init script that leaves
     a daemon holding its output must not keep the transaction open, and the daemon
     must not die of SIGPIPE when we stop reading.  The transaction ends when the
-    command exits; with echo, what it wrote so far is copied to our stdout as it comes.
+    command exits; with echo, what it wrote so far is copied to our stdout as it comes,
+    and a long output is cut in the log (see CommandOutput).
     The command leads a process group of its own, which a timeout kills whole.  Inside
     a --root, with mounts, it finds /proc, /sys, /dev (and /dev/pts) and /run mounted
     in a mount namespace of its own (see enter_private_mounts).  Returns the exit status.
@@ -2790,13 +2823,13 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
             os.chroot(root)
         os.chdir(cwd)
 
-    echoed = [os.fstat(log).st_size]  # how far the log has been copied to stdout
+    output = CommandOutput(log, echo)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=env, preexec_fn=enter_root, close_fds=True, start_new_session=True)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
-        write_all(log, (message + "\n").encode("utf-8", "replace"))
+        write_all(log, log_line(message))
         raise TransactionFailed(message)
     started = time.monotonic()
     try:
@@ -2807,11 +2840,11 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
             except subprocess.TimeoutExpired:
                 if timeout is not None and time.monotonic() - started > timeout:
                     kill_group(proc, signal.SIGKILL)
+                    output.finish()
                     write_all(log, ("\n[isconf] killed: still running after exec_timeout %g s\n" % timeout).encode())
                     raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
                                             "command, or raise exec_timeout in the host config" % (argv[0], timeout))
-            if echo:
-                copy_output(log, echoed)
+            output.follow()
     except BaseException:
         if proc.returncode is None:  # Ctrl-C or an error of ours: the command must not outlive the run
             kill_group(proc, signal.SIGTERM)
@@ -2820,17 +2853,80 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
             except subprocess.TimeoutExpired:
                 kill_group(proc, signal.SIGKILL)
                 proc.wait()
+        output.finish()
         raise
+    output.finish()
     write_all(log, ("[isconf] exit status %d\n" % status).encode())
     os.fsync(log)
     return status
 
 
-def copy_output(log, echoed):
-    """Echo what a command added to its log since echoed[0], and move echoed[0] on."""
-    for chunk in iter(lambda: os.pread(log, CHUNK, echoed[0]), b""):
-        echoed[0] += len(chunk)
-        REPORTER.output(chunk)
+def log_line(text):
+    """One line of isconf's own for a transaction's log, cut to LOG_LINE_MAX bytes."""
+    line = text.encode("utf-8", "replace")
+    return (line if len(line) <= LOG_LINE_MAX else line[:LOG_LINE_MAX - 3] + b"...") + b"\n"
+
+
+class CommandOutput(object):
+    """What a command writes straight into its log (see run_command), echoed and kept bounded.
+
+    The command appends to the log itself, so the agent cannot refuse its bytes; it follows
+    them instead, every tenth of a second while the command runs and once more at its end:
+    it echoes them, and once the attempt's output passes its share of ATTEMPT_MAX, cuts the
+    file back to the output's first half, keeping the last bytes in memory.  finish() then
+    writes a line saying what was cut, and those last bytes: the start and the end of a long
+    output, where errors are.  The log grows past its bound by at most what the command
+    writes between two looks; bytes it writes between a look and the cut are left out of
+    both the log and the echo (counted as cut)."""
+
+    def __init__(self, log, echo=True, limit=ATTEMPT_MAX - LOG_NOTES):
+        self.log, self.echo = log, echo
+        self.start = self.done = os.fstat(log).st_size  # where the output begins; how far it has been read
+        self.head, self.tail_max = limit // 2, limit - limit // 2
+        self.cut_at = None                              # where the log is cut back to, once it passed its bound
+        self.tail, self.tail_size, self.cut = collections.deque(), 0, 0  # the last bytes; bytes left out
+        self.finished = False
+
+    def follow(self):
+        """Echo what the command added since the last look; cut the log back if it passed its bound."""
+        for chunk in iter(lambda: os.pread(self.log, CHUNK, self.done), b""):
+            self.done += len(chunk)
+            if self.echo:
+                REPORTER.output(chunk)
+            if self.cut_at is not None:
+                self.keep(chunk)
+        if self.cut_at is None and self.done - self.start > self.head + self.tail_max:
+            self.cut_at = self.start + self.head
+            first = max(self.cut_at, self.done - self.tail_max)  # already echoed: only its end is kept now
+            self.cut += first - self.cut_at
+            for offset in range(first, self.done, CHUNK):
+                self.keep(os.pread(self.log, min(CHUNK, self.done - offset), offset))
+        if self.cut_at is not None and self.done > self.cut_at:
+            # The command appends (O_APPEND): what it writes next lands at the cut.
+            self.cut += os.fstat(self.log).st_size - self.done  # written since the read above: lost
+            os.ftruncate(self.log, self.cut_at)
+            self.done = self.cut_at
+
+    def keep(self, chunk):
+        """Keep the last tail_max bytes of the output past the cut, and count what drops out."""
+        self.tail.append(chunk)
+        self.tail_size += len(chunk)
+        while self.tail_size - len(self.tail[0]) >= self.tail_max:
+            dropped = len(self.tail.popleft())
+            self.tail_size -= dropped
+            self.cut += dropped
+
+    def finish(self):
+        """After the command ended: its last output, after a line saying what was cut before it."""
+        if self.finished:
+            return
+        self.finished = True
+        self.follow()
+        if self.cut_at is not None:
+            tail = b"".join(self.tail)
+            self.cut += max(0, len(tail) - self.tail_max)
+            write_all(self.log, ("\n[isconf] log cut: %d bytes of output left out here (a log keeps %d bytes "
+                                 "per attempt)\n" % (self.cut, ATTEMPT_MAX)).encode() + tail[-self.tail_max:])
 
 
 def kill_group(proc, sig):
@@ -3003,6 +3099,142 @@ def install_record(rootpath, record, owners, objects):
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+# --- verify: the disk held to the journal ------------------------------------------------
+# The inverse of install_record: what a snap record says a path is, checked on the disk
+# as a chroot would reach it, with the content read as store_content stored it.
+
+SNAP_TYPES = {"file": stat.S_IFREG, "symlink": stat.S_IFLNK, "dir": stat.S_IFDIR}
+
+
+def journaled_files(rows):
+    """path -> (its record, the records of that snap by path), from the last snap applied here
+    that names each path, in journal order: skipped and pending entries never touched the disk.
+    rows are host_report's."""
+    files = {}
+    for entry, mark, _ in rows:
+        if mark in ("applied", "baseline"):
+            records = entry.meaning().installs(entry.fields)
+            by_path = {record["path"]: record for record in records}
+            for record in records:
+                files[record["path"]] = (record, by_path)
+    return files
+
+
+def file_drift(rootpath, record, by_path, files, owners, quick=False):
+    """[(what, expected, found)]: how the disk at record's path differs from it.
+
+    A hard link is held to the file record it links to (same snap) and, while that path's
+    last record is still that one, must share its inode; once a later snap replaced the
+    other path (a new inode), it keeps the content it had.  With quick, a file whose size
+    and mtime are the record's is taken to hold its content."""
+    path, want, link_of = record["path"], record, None
+    if record["type"] == "hardlink":
+        want = by_path[record["target"]]
+        if files.get(record["target"], (None,))[0] is want:
+            link_of = record["target"]
+    try:
+        st = rootpath.lstat(path)
+        if stat.S_IFMT(st.st_mode) != SNAP_TYPES[want["type"]]:
+            return [("type", file_kind(SNAP_TYPES[want["type"]]), file_kind(st.st_mode))]
+        drifts = []
+        if want["type"] == "file":
+            if not (quick and st.st_size == want["size"] and st.st_mtime_ns == want["mtime_ns"]):
+                with rootpath.open_file(path) as f:
+                    digest, size = disk_digest(f.fileno(), want)
+                if digest != want["object"] or size != want["size"]:
+                    drifts.append(("content", {"sha256": want["object"], "size": want["size"]},
+                                   {"sha256": digest, "size": size}))
+            if link_of:
+                try:
+                    target = rootpath.lstat(link_of)
+                except OSError:  # its own drift says so
+                    target = st
+                if (target.st_dev, target.st_ino) != (st.st_dev, st.st_ino):
+                    drifts.append(("hardlink", link_of, None))
+        elif want["type"] == "symlink":
+            target = rootpath.readlink(path)
+            if target != want["target"]:
+                drifts.append(("target", want["target"], target))
+        if want["type"] != "symlink" and stat.S_IMODE(st.st_mode) != want["mode"]:
+            drifts.append(("mode", "%04o" % want["mode"], "%04o" % stat.S_IMODE(st.st_mode)))
+        uid, gid = owners.ids(want)
+        if st.st_uid != uid:
+            drifts.append(("owner", owners.user_names.get(uid, str(uid)), owners.user_names.get(st.st_uid,
+                                                                                             str(st.st_uid))))
+        if st.st_gid != gid:
+            drifts.append(("group", owners.group_names.get(gid, str(gid)), owners.group_names.get(st.st_gid,
+                                                                                               str(st.st_gid))))
+        return drifts
+    except (FileNotFoundError, NotADirectoryError):  # gone, or a directory on the way is not one any more
+        return [("missing", file_kind(SNAP_TYPES[want["type"]]), None)]
+    except PermissionError as e:  # not a drift: this user may not read what root installed
+        raise StateError("cannot read %s: %s; run 'isconf verify' as root" % (path, e.strerror))
+    except OSError as e:
+        return [("unreadable", None, e.strerror or str(e))]
+
+
+def disk_digest(fd, record):
+    """(SHA-256, size) of an open file read as a snap stored it: the bytes at the record's
+    extents when it holds only zeros elsewhere (a sparse file's holes), else the whole file."""
+    size = os.fstat(fd).st_size
+    extents = record.get("extents")
+    if extents is None or size != record["size"] or not zeros_outside(fd, extents, size):
+        extents = [[0, size]]
+    digest = hashlib.sha256()
+    for offset, length in extents:
+        end = offset + length
+        while offset < end:
+            chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+            if not chunk:  # cut short while read
+                break
+            digest.update(chunk)
+            offset += len(chunk)
+    return digest.hexdigest(), size
+
+
+def zeros_outside(fd, extents, size):
+    """Whether the file holds nothing but zeros outside extents; holes are skipped, not read."""
+    gaps, end = [], 0
+    for offset, length in extents + [[size, 0]]:
+        if offset > end:
+            gaps.append((end, offset))
+        end = offset + length
+    for offset, stop in gaps:
+        while offset < stop:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only holes up to the end
+                    return True
+                raise
+            if offset >= stop:
+                break
+            data_end = min(os.lseek(fd, offset, os.SEEK_HOLE), stop)
+            while offset < data_end:
+                chunk = os.pread(fd, min(CHUNK, data_end - offset), offset)
+                if not chunk:
+                    return True
+                if chunk.count(0) != len(chunk):
+                    return False
+                offset += len(chunk)
+    return True
+
+
+def drift_text(what, expected, found):
+    """One drift as 'verify' says it, after the path."""
+    if what == "missing":
+        return "missing"
+    if what == "content":
+        if expected["size"] != found["size"]:
+            return "content differs (%d bytes, journal says %d)" % (found["size"], expected["size"])
+        return "content differs"
+    if what == "hardlink":
+        return "not a hard link of %s any more" % expected
+    if what == "unreadable":
+        return "cannot be read: %s" % found
+    return "%s %s, journal says %s" % (what, found, expected)
 
 
 # ---------------------------------------------------------------------------
@@ -3412,7 +3644,7 @@ class Applier(object):
                 REPORTER.end(position, summary, "failed", time.monotonic() - started)
                 history.record("failed", entry, error=str(e), **self.provenance)
                 with os.fdopen(host.open_log(entry), "ab") as log:
-                    log.write(("[isconf] failed: %s\n" % e).encode("utf-8", "replace"))
+                    log.write(log_line("[isconf] failed: %s" % e))
                 if isinstance(e, StateError):
                     raise
                 raise TransactionFailed("transaction %d failed: %s; log in %s. Fix the cause and run 'isconf up' "
@@ -3448,9 +3680,9 @@ class Applier(object):
 
     def apply_one(self, entry):
         """Log the transaction's start, then apply it as its kind says; True if it installed a new agent."""
-        with os.fdopen(self.host.open_log(entry), "ab") as log:
-            log.write(("[isconf] %s transaction %d %s %s\n" % (format_time(time.time()), entry.seq,
-                                                             entry.id, entry.summary())).encode())
+        with os.fdopen(self.host.open_log(entry, attempt=True), "ab") as log:
+            log.write(log_line("[isconf] %s transaction %d %s %s" % (format_time(time.time()), entry.seq,
+                                                                   entry.id, entry.summary())))
         return entry.meaning().apply(self, entry)
 
     def new_agent(self, entry):
@@ -4801,6 +5033,28 @@ def cmd_log(args):
             show("             skipped by %s: %s" % (event.get("who"), event.get("why")))
 
 
+def cmd_verify(args):
+    host = Host(args.root, args.config)
+    host.config  # an uninitialised host is told to run init
+    _, rows, applied_seq, _ = host_report(host)
+    files = journaled_files(rows)
+    owners = Owners(host.rootpath)
+    drifts = []
+    for path in sorted(files):
+        record, by_path = files[path]
+        for what, expected, found in file_drift(host.rootpath, record, by_path, files, owners, args.quick):
+            drifts.append({"path": path, "what": what, "expected": expected, "found": found})
+    if args.json:
+        emit(json.dumps(drifts, indent=2, sort_keys=True) + "\n")
+    else:
+        for drift in drifts:
+            show("drift: %s: %s" % (drift["path"], drift_text(drift["what"], drift["expected"], drift["found"])))
+        show("isconf: %s in %d journaled paths (applied up to seq %d)"
+             % ("%d drift%s" % (len(drifts), "s"[len(drifts) == 1:]) if drifts else "no drift", len(files),
+                applied_seq))
+    return EXIT_DRIFT if drifts else EXIT_OK
+
+
 def cmd_migrate(args):
     host = Host(args.root, args.config)
     check_branch(args.new_branch)
@@ -4907,6 +5161,7 @@ On every host (the agent):
   isconf init http://repo.example/isconf/ --branch web --signers keys.txt
   isconf up            fetch, verify and apply pending transactions
   isconf status        where this host stands; isconf log: the journal
+  isconf verify        which journaled files changed on disk since they were applied
   isconf install       the agent and its units, at boot (up -r --boot) and periodic
 
 As an author (working on a repository directory, --repo or ISCONF_REPO):
@@ -4918,8 +5173,17 @@ As an author (working on a repository directory, --repo or ISCONF_REPO):
 
 Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
 4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem,
-9 disabled ('isconf disable'), 10 needs a newer isconf, 70 internal error (a bug: please
-report it), 130 interrupted.
+8 drift found by 'isconf verify', 9 disabled ('isconf disable'), 10 needs a newer isconf,
+70 internal error (a bug: please report it), 130 interrupted.
+"""
+
+
+VERIFY_ABOUT = """\
+Each path's last applied snap is the reference (a file an exec removed since is still
+drift): content, type, mode, owner, group, link target.  It reads the verified local
+journal and the host state only, never the network.  One line per drift:
+  drift: /etc/motd: content differs
+  drift: /etc/ssh/sshd_config: mode 0644, journal says 0600
 """
 
 
@@ -4976,9 +5240,10 @@ def build_parser():
                         "runs it on a new agent before installing it")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
 
-    def verb(name, func, help_text, example):
+    def verb(name, func, help_text, example, about=None):
         """A command; its --help ends with an example, as a man page's EXAMPLES does."""
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+        p = sub.add_parser(name, parents=[common], help=help_text,
+                           description=help_text + ("\n\n" + about if about else ""),
                            epilog="example:\n" + "\n".join("  " + line for line in example.splitlines()),
                            formatter_class=HelpFormatter)
         p.set_defaults(func=func)
@@ -5042,6 +5307,12 @@ def build_parser():
              "isconf log -n 5\nisconf log --json")
     p.add_argument("--json", action="store_true", help="a JSON list, newest first (default: text)")
     p.add_argument("-n", type=int, metavar="N", help="show only the newest N entries (default: all)")
+    p = verb("verify", cmd_verify, "compare the files the journal last snapped with the disk; exit %d on any "
+             "drift" % EXIT_DRIFT, "isconf verify\nisconf verify --quick --json", about=VERIFY_ABOUT)
+    p.add_argument("--json", action="store_true", help="print the drifts as a JSON list of {path, what, expected, "
+                   "found} (default: one line each)")
+    p.add_argument("--quick", action="store_true", help="take a file whose size and mtime are the journal's to "
+                   "hold its content, without reading it (default: read and hash every file)")
     p = verb("skip", cmd_skip, "mark the failed transaction SEQ as skipped on this host, for good",
              "isconf skip 3 -m 'site.conf not used on this host'")
     p.add_argument("seq", type=int, metavar="SEQ", help="the failed transaction's seq (as status shows it)")
