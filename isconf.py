@@ -212,6 +212,9 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def stop_on_signal(signum, frame):
     raise Interrupted(signum)
 
@@ -3320,11 +3323,18 @@ class Sync(object):
 
         threads = []
         try:
-            for own in mirrors[1:]:
-                thread = threading.Thread(target=work, args=(own,), name="isconf-fetch")
-                thread.daemon = True   # a second Ctrl-C during the join below must still end the agent
-                thread.start()
-                threads.append(thread)
+            # The workers block the signals that stop a run (they inherit this thread's mask): the
+            # kernel gives a process's signal to any thread that takes it, and Python runs handlers
+            # in this thread only when it wakes, which a read waiting on a stalled mirror does not.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                for own in mirrors[1:]:
+                    thread = threading.Thread(target=work, args=(own,), name="isconf-fetch")
+                    thread.daemon = True   # a second Ctrl-C during the join below must still end the agent
+                    thread.start()
+                    threads.append(thread)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             work(mirror)
             for thread in threads:
                 thread.join()
