@@ -177,6 +177,11 @@ class NotFound(Unreachable):
     """A mirror answered, but has no such file."""
 
 
+class ShortFile(Unreachable):
+    """A mirror answered a Range with 416: its file ends before the first byte asked for (a
+    cache's stale journal; or an object whose start a host kept from another mirror)."""
+
+
 class Refused(IsconfError):
     exit_code = EXIT_REFUSED
 
@@ -1171,8 +1176,8 @@ class Mirror(object):
         if status == 404:
             raise NotFound("%s: not found (404); check the URL and the branch name" % what)
         if status == 416:
-            raise Refused("%s: the server has no byte %d (416): its file is shorter than the signed journal says"
-                          % (what, start))
+            raise ShortFile("%s: the server has no byte %d (416): its copy is shorter; try again later"
+                            % (what, start))
         if status not in (200, 206):
             raise Unreachable("%s: server answered %d %r" % (what, status, response.reason[:80]))
         partial = status == 206
@@ -3358,7 +3363,13 @@ class Sync(object):
             part = ObjectPart(f, stop)
             part.resume(size)
             if part.length < size:
-                mirror.fetch("objects/" + sha, size, start=part.length, sink=part)
+                try:
+                    mirror.fetch("objects/" + sha, size, start=part.length, sink=part)
+                except ShortFile:
+                    # This mirror's copy ends before the start kept here: fetch it from zero (below), and
+                    # let the hash judge it.
+                    if not part.kept:
+                        raise
             if part.kept and not part.matches(sha, size):
                 part.restart()
                 mirror.fetch("objects/" + sha, size, sink=part)

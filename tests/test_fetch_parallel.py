@@ -153,10 +153,14 @@ def test_a_server_ignoring_range_sends_it_all_and_the_object_still_verifies(tmp_
     assert gated.object_requests(data) == [None, "bytes=%d-" % (BIG // 2)]
 
 
-def test_a_part_that_does_not_verify_from_the_first_byte_is_refused_and_removed(tmp_path, repo, gated, fresh):
+@pytest.mark.parametrize("damage", ["last byte", "short"])
+def test_a_part_that_does_not_verify_from_the_first_byte_is_refused_and_removed(tmp_path, repo, gated, fresh,
+                                                                                damage):
+    # The mirror's copy is damaged: the resumed whole does not match, nor the copy fetched from zero.
+    # A copy shorter than the kept start answers the Range with 416: then too from zero, and refused.
     data = big_object(tmp_path, repo)
     part = interrupted(fresh, gated, data)
-    gated.replace["/objects/" + sha(data)] = data[:-1] + b"!"   # the mirror's copy is damaged
+    gated.replace["/objects/" + sha(data)] = data[:-1] + b"!" if damage == "last byte" else data[:1000]
     assert "does not match the signed journal" in error_line(fresh("up", expect="refused"))
     assert not os.path.exists(part)
     assert gated.object_requests(data) == [None, "bytes=%d-" % (BIG // 2), None]
