@@ -1015,12 +1015,14 @@ class _DeadlineReader(io.RawIOBase):
 class _BoundedConnection(object):
     """Mixed into http.client's connections: connect within the time left, then read and
     write through a _DeadlineSocket.  Mirror._request sets deadline and silence per fetch."""
-    deadline, silence = None, DEFAULT_TIMEOUT
+    deadline, silence, mirror = None, DEFAULT_TIMEOUT, None
 
     def connect(self):
         self.timeout = self.deadline.wait(self.silence)
         super(_BoundedConnection, self).connect()
         self.sock = _DeadlineSocket(self.sock, self)
+        if self.mirror is not None:
+            self.mirror.connected(self)
 
 
 class _HTTPConnection(_BoundedConnection, http.client.HTTPConnection):
@@ -1075,6 +1077,7 @@ class Mirror(object):
             raise UsageError("mirror %r is not an http://, https:// or file:// URL or an absolute directory"
                              % url)
         self._connections = {}
+        self._aborting, self.aborted = threading.Lock(), False
 
     def __str__(self):
         return self.url
@@ -1085,16 +1088,28 @@ class Mirror(object):
         self._connections.clear()
 
     def abort(self):
-        """From another thread: end the fetch this mirror is doing now.  Shutting its sockets
-        down wakes a read waiting on them (it sees the end of the stream, so the fetch fails);
-        close() from another thread would leave that read waiting out its timeout."""
-        for conn in list(self._connections.values()):
-            sock = conn.sock
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass   # closed already, or never connected: nothing waits on it
+        """From another thread: end the fetch this mirror is doing now, and any it would start.
+        Shutting its sockets down wakes a read waiting on them (it sees the end of the stream,
+        so the fetch fails); close() from another thread would leave that read waiting out its
+        timeout.  A connection made after this is shut down as it is made (see connected)."""
+        with self._aborting:
+            self.aborted = True
+            for conn in list(self._connections.values()):
+                self._shut(conn)
+
+    def connected(self, conn):
+        with self._aborting:
+            if self.aborted:
+                self._shut(conn)
+
+    @staticmethod
+    def _shut(conn):
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass   # closed already: nothing waits on it
 
     def fetch(self, relpath, limit, start=0, stop=None, sink=None):
         """GET relpath, a file of at most `limit` bytes, or its bytes [start, stop).
@@ -1155,7 +1170,7 @@ class Mirror(object):
                 else:
                     conn = _HTTPConnection(parts.netloc, timeout=self.timeout)
                 self._connections[key] = conn
-            conn.deadline, conn.silence = deadline, self.timeout
+            conn.deadline, conn.silence, conn.mirror = deadline, self.timeout, self
             try:
                 conn.request("GET", target, headers=headers)
                 return conn.getresponse()
@@ -3315,8 +3330,7 @@ class Sync(object):
                         if not queue:
                             return
                         sha, size = queue.popleft()
-                        touched.append(sha + ".part")
-                    self.fetch_object(own, sha, size, stop)
+                    self.fetch_object(own, sha, size, stop, touched)
             except Exception as e:   # handed to the calling thread, raised there
                 with lock:
                     if not stop.is_set():
@@ -3351,7 +3365,7 @@ class Sync(object):
         if errors:
             raise errors[0]
 
-    def fetch_object(self, mirror, sha, size, stop):
+    def fetch_object(self, mirror, sha, size, stop, touched):
         """Make objects/SHA.part the object whose hash and size the signed journal gives.
 
         What a previous run left there is hashed again and only the rest is asked for, with a
@@ -3359,6 +3373,7 @@ class Sync(object):
         power loss a file can end in zeros), not by the mirror: the object is fetched once more
         from its first byte, and only a mismatch then is the mirror's, and refused."""
         fd = self.host.objects.open(sha + ".part", os.O_RDWR | os.O_CREAT, 0o600)
+        touched.append(sha + ".part")   # ours now, to remove if the run is refused; not what open refused
         with os.fdopen(fd, "r+b") as f:
             part = ObjectPart(f, stop)
             part.resume(size)
