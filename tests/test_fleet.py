@@ -35,11 +35,11 @@ def publish(author, tmp_path):
 def init_fleet(isconf, tmp_path, url, keys):
     """FLEET roots, each init-ed by isconf's own init (in this process: 200 interpreters
     starting only to write a config would cost more than the fleet's updates)."""
-    hosts = []
+    hosts, parser = [], isconf.build_parser()
     for i in range(FLEET):
         root = str(tmp_path / "fleet" / ("host%03d" % i))
         os.makedirs(root)
-        args = isconf.build_parser().parse_args(["--root", root, "init", url, "--branch", "web",
+        args = parser.parse_args(["--root", root, "init", url, "--branch", "web",
                                                  "--signers", keys.signers])
         args.argv = None
         assert args.func(args) in (None, 0)
