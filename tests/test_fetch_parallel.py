@@ -220,3 +220,20 @@ def test_the_first_error_wins_and_no_worker_is_left_behind(isconf, tmp_path, rep
     # The mirror's own connection threads may still be trickling to a closed socket; the agent's are gone.
     assert [t for t in threading.enumerate() if t not in before and not t.name.startswith("hostile")] == []
     assert not [n for n in os.listdir(fresh.state("objects")) if n.endswith(".part")]
+
+
+@pytest.mark.parametrize("form", ["file://", "directory"])
+def test_objects_from_a_file_mirror_are_fetched_and_resumed(tmp_path, repo, keys, form):
+    # Several workers read the share at once; a half kept from before is hashed again and the rest read after it.
+    files = {"f%02d" % i: data for i, data in enumerate(contents(10))}
+    files["big"] = os.urandom(BIG)
+    publish(tmp_path, repo, files)
+    host = Host(str(tmp_path / "host"))
+    host.init(("file://" if form == "file://" else "") + repo.repo, keys)
+    with open(host.state("objects", sha(files["big"]) + ".part"), "wb") as f:
+        f.write(files["big"][:BIG // 2])
+    host("up", expect="ok")
+    for name, data in files.items():
+        with open(host.path("/etc/" + name), "rb") as f:
+            assert f.read() == data
+    assert not [n for n in os.listdir(host.state("objects")) if n.endswith(".part")]
