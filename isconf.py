@@ -54,6 +54,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 import urllib.parse
@@ -73,6 +74,7 @@ HEAD_MAX = 64 * 1024            # a head is ~200 bytes; anything bigger is an at
 SIGNATURE_MAX = 64 * 1024       # an RSA-8192 SSHSIG is under 2 KiB
 CHUNK = 64 * 1024               # read and hash size for streams
 MAX_REDIRECTS = 5               # a redirect loop must end
+FETCH_THREADS = 8               # objects in flight at once: a distant mirror's round trips overlap
 MAX_DEADLINE = 7 * 86400        # no one fetch may take longer, whatever its size
 INT_MAX = 2 ** 63 - 1           # every integer in the format fits a signed 64-bit field
 ID_MAX = 2 ** 32 - 2            # the largest uid or gid; 2**32-1 means "unchanged" to chown
@@ -183,6 +185,11 @@ class NotFound(Unreachable):
     """A mirror answered, but has no such file."""
 
 
+class ShortFile(Unreachable):
+    """A mirror answered a Range with 416: its file ends before the first byte asked for (a
+    cache's stale journal; or an object whose start a host kept from another mirror)."""
+
+
 class Refused(IsconfError):
     exit_code = EXIT_REFUSED
 
@@ -216,6 +223,9 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum):
         KeyboardInterrupt.__init__(self, signum)
         self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def stop_on_signal(signum, frame):
@@ -1119,12 +1129,14 @@ class _DeadlineReader(io.RawIOBase):
 class _BoundedConnection(object):
     """Mixed into http.client's connections: connect within the time left, then read and
     write through a _DeadlineSocket.  Mirror._request sets deadline and silence per fetch."""
-    deadline, silence = None, DEFAULT_TIMEOUT
+    deadline, silence, mirror = None, DEFAULT_TIMEOUT, None
 
     def connect(self):
         self.timeout = self.deadline.wait(self.silence)
         super(_BoundedConnection, self).connect()
         self.sock = _DeadlineSocket(self.sock, self)
+        if self.mirror is not None:
+            self.mirror.connected(self)
 
 
 class _HTTPConnection(_BoundedConnection, http.client.HTTPConnection):
@@ -1179,6 +1191,7 @@ class Mirror(object):
             raise UsageError("mirror %r is not an http://, https:// or file:// URL or an absolute directory"
                              % url)
         self._connections = {}
+        self._aborting, self.aborted = threading.Lock(), False
 
     def __str__(self):
         return self.url
@@ -1188,13 +1201,39 @@ class Mirror(object):
             conn.close()
         self._connections.clear()
 
+    def abort(self):
+        """From another thread: end the fetch this mirror is doing now, and any it would start.
+        Shutting its sockets down wakes a read waiting on them (it sees the end of the stream,
+        so the fetch fails); close() from another thread would leave that read waiting out its
+        timeout.  A connection made after this is shut down as it is made (see connected)."""
+        with self._aborting:
+            self.aborted = True
+            for conn in list(self._connections.values()):
+                self._shut(conn)
+
+    def connected(self, conn):
+        with self._aborting:
+            if self.aborted:
+                self._shut(conn)
+
+    @staticmethod
+    def _shut(conn):
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass   # closed already: nothing waits on it
+
     def fetch(self, relpath, limit, start=0, stop=None, sink=None):
         """GET relpath, a file of at most `limit` bytes, or its bytes [start, stop).
 
         Returns a Response whose .partial says whether the range was honoured; if it was
         not, the body is the file from its start, cut at `stop`.  With a sink, the body is
-        streamed into it instead of being kept in memory.  Requests are never conditional:
-        a validator (ETag, Last-Modified) can collide, so a 304 is never an answer.
+        streamed into it instead of being kept in memory; with a start too, the sink has a
+        restart() that is called when the server ignores the range and sends the file from its
+        first byte.  Requests are never conditional: a validator (ETag, Last-Modified) can
+        collide, so a 304 is never an answer.  A Mirror is for one thread at a time.
         """
         what = "%s from %s" % (relpath, self.url)
         deadline = Deadline(self.deadline + limit / float(MIN_RATE), what)
@@ -1245,7 +1284,7 @@ class Mirror(object):
                 else:
                     conn = _HTTPConnection(parts.netloc, timeout=self.timeout)
                 self._connections[key] = conn
-            conn.deadline, conn.silence = deadline, self.timeout
+            conn.deadline, conn.silence, conn.mirror = deadline, self.timeout, self
             try:
                 conn.request("GET", target, headers=headers)
                 return conn.getresponse()
@@ -1265,6 +1304,9 @@ class Mirror(object):
                           "conditional; the mirror is broken" % what)
         if status == 404:
             raise NotFound("%s: not found (404); check the URL and the branch name" % what)
+        if status == 416:
+            raise ShortFile("%s: the server has no byte %d (416): its copy is shorter; try again later"
+                            % (what, start))
         if status not in (200, 206):
             raise Unreachable("%s: server answered %d %r" % (what, status, response.reason[:80]))
         partial = status == 206
@@ -1273,6 +1315,8 @@ class Mirror(object):
             limit = limit - start if stop is None else stop - start
         elif stop is not None:
             limit = stop  # the server ignored Range: read the file up to stop, no further
+        if start and not partial and sink is not None:
+            sink.restart()  # the server ignored Range: its body, and so the sink, start at byte 0
         length = parse_content_length(response.getheader("Content-Length"))
         if length is not None and length > limit and (partial or stop is None):
             raise Refused("%s is %d bytes, more than the %d expected; the mirror is broken or hostile"
@@ -3570,40 +3614,169 @@ class Sync(object):
         return tail
 
     def stage_objects(self, mirror, pending):
-        """Download every object pending transactions need, checking size and hash as it streams.
+        """Download every object pending transactions need, several at once, each streamed and
+        hashed to objects/SHA.part and checked against the signed journal's hash and size.
 
-        Each goes to a .part file first; they are renamed into the staging area only when
-        all of them verified, so a refused run leaves the host's state as it was.
+        They are renamed into the staging area only when all of them verified, so a refused run
+        leaves the host's state as it was.  A run that could not finish (a mirror unreachable,
+        a Ctrl-C) keeps its .part files: the next one hashes each again and asks for the rest.
         """
         needed = {}
         for entry in interpretable(pending):  # what comes after is for the agent that can read it
             for sha, size in entry.objects():
                 needed[sha] = size
-        objects, parts = self.host.objects, []
+        objects = self.host.objects
+        wanted = []
+        for sha, size in needed.items():
+            staged = objects.stat(sha)
+            if staged is None or staged.st_size != size:
+                wanted.append((sha, size))
+        if not wanted:
+            return
+        # Largest first: a big object started last would hold up the end of the run alone.
+        wanted.sort(key=lambda item: (-item[1], item[0]))
+        touched = []
         try:
-            for sha, size in sorted(needed.items()):
-                staged = objects.stat(sha)
-                if staged is not None and staged.st_size == size:
-                    continue
-                fd = objects.open(sha + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                parts.append(sha + ".part")  # ours to remove now, not whatever was there before
-                with os.fdopen(fd, "wb") as f:
-                    sink = HashingWriter(f)
-                    mirror.fetch("objects/" + sha, size, sink=sink)
-                    if sink.length != size or sink.hexdigest() != sha:
-                        raise Refused("object %s from %s does not match the signed journal (%d bytes, %d "
-                                      "expected, or another hash); the mirror holds a damaged or swapped file"
-                                      % (sha[:16], mirror, sink.length, size))
-                    f.flush()
-                    os.fsync(f.fileno())
+            self.fetch_objects(mirror, wanted, touched)
+        except (Unreachable, KeyboardInterrupt):
+            raise   # what arrived stays as .part, to resume from
         except BaseException:
-            for part in parts:
-                objects.unlink(part)
+            for part in touched:
+                with contextlib.suppress(FileNotFoundError):
+                    objects.unlink(part)
             raise
-        for part in parts:
-            objects.rename(part, part[:-len(".part")])
-        if parts:
-            objects.fsync()
+        for sha, _ in wanted:
+            objects.rename(sha + ".part", sha)
+        objects.fsync()
+
+    def fetch_objects(self, mirror, wanted, touched):
+        """Fetch (sha, size) pairs with up to FETCH_THREADS requests in flight, each worker with
+        its own Mirror (one kept-alive connection per server, for one thread).  This thread
+        takes its share too, so Ctrl-C and SIGTERM arrive in a fetch as before.  The first
+        error stops the other workers at once (their sockets are shut down); it is raised
+        here once every worker has ended.  touched gets each .part name a worker opened."""
+        queue, lock, stop, errors = collections.deque(wanted), threading.Lock(), threading.Event(), []
+        mirrors = [mirror] + [Mirror(mirror.url, mirror.timeout, mirror.deadline)
+                              for _ in range(min(FETCH_THREADS, len(wanted)) - 1)]
+
+        def halt():
+            stop.set()
+            for other in mirrors:
+                other.abort()
+
+        def work(own):
+            try:
+                while not stop.is_set():
+                    with lock:
+                        if not queue:
+                            return
+                        sha, size = queue.popleft()
+                    self.fetch_object(own, sha, size, stop, touched)
+            except Exception as e:   # handed to the calling thread, raised there
+                with lock:
+                    if not stop.is_set():
+                        errors.append(e)   # the first error wins: the others follow from halt()
+                halt()
+            finally:
+                if own is not mirror:
+                    own.close()
+
+        threads = []
+        try:
+            # The workers block the signals that stop a run (they inherit this thread's mask): the
+            # kernel gives a process's signal to any thread that takes it, and Python runs handlers
+            # in this thread only when it wakes, which a read waiting on a stalled mirror does not.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                for own in mirrors[1:]:
+                    thread = threading.Thread(target=work, args=(own,), name="isconf-fetch")
+                    thread.daemon = True   # a second Ctrl-C during the join below must still end the agent
+                    thread.start()
+                    threads.append(thread)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            work(mirror)
+            for thread in threads:
+                thread.join()
+        except BaseException:   # Ctrl-C, SIGTERM, or a thread that could not start
+            halt()
+            for thread in threads:
+                thread.join()
+            raise
+        if errors:
+            raise errors[0]
+
+    def fetch_object(self, mirror, sha, size, stop, touched):
+        """Make objects/SHA.part the object whose hash and size the signed journal gives.
+
+        What a previous run left there is hashed again and only the rest is asked for, with a
+        Range.  If the whole then does not match, the kept prefix was damaged here (after a
+        power loss a file can end in zeros), not by the mirror: the object is fetched once more
+        from its first byte, and only a mismatch then is the mirror's, and refused."""
+        fd = self.host.objects.open(sha + ".part", os.O_RDWR | os.O_CREAT, 0o600)
+        touched.append(sha + ".part")   # ours now, to remove if the run is refused; not what open refused
+        with os.fdopen(fd, "r+b") as f:
+            part = ObjectPart(f, stop)
+            part.resume(size)
+            if part.length < size:
+                try:
+                    mirror.fetch("objects/" + sha, size, start=part.length, sink=part)
+                except ShortFile:
+                    # This mirror's copy ends before the start kept here: fetch it from zero (below), and
+                    # let the hash judge it.
+                    if not part.kept:
+                        raise
+            if part.kept and not part.matches(sha, size):
+                part.restart()
+                mirror.fetch("objects/" + sha, size, sink=part)
+            if not part.matches(sha, size):
+                raise Refused("object %s from %s does not match the signed journal (%d bytes, %d "
+                              "expected, or another hash); the mirror holds a damaged or swapped file"
+                              % (sha[:16], mirror, part.length, size))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class _Stopped(Unreachable):
+    """A worker's fetch ended because another one failed, or the run was interrupted."""
+
+
+class ObjectPart(object):
+    """The sink an object streams into: objects/SHA.part, hashed on the way to the disk.
+    Writes end between two chunks once the run is stopping."""
+
+    def __init__(self, f, stop):
+        self.f, self.stop = f, stop
+        self.sha256, self.length, self.kept = hashlib.sha256(), 0, 0
+
+    def resume(self, size):
+        """Hash what a previous run left (kept), to go on after it; longer than the object, it
+        cannot be the object's start: start over."""
+        self.f.seek(0)
+        while self.length < size:
+            chunk = self.f.read(min(CHUNK, size - self.length))
+            if not chunk:
+                break
+            self.sha256.update(chunk)
+            self.length += len(chunk)
+        if self.f.read(1):
+            self.restart()
+        self.kept = self.length
+
+    def restart(self):
+        self.f.seek(0)
+        self.f.truncate()
+        self.sha256, self.length, self.kept = hashlib.sha256(), 0, 0
+
+    def write(self, data):
+        if self.stop.is_set():
+            raise _Stopped("stopped")
+        self.f.write(data)
+        self.sha256.update(data)
+        self.length += len(data)
+
+    def matches(self, sha, size):
+        return self.length == size and self.sha256.hexdigest() == sha
 
 
 # ---------------------------------------------------------------------------
