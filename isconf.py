@@ -3656,6 +3656,7 @@ class Sync(object):
         error stops the other workers at once (their sockets are shut down); it is raised
         here once every worker has ended.  touched gets each .part name a worker opened."""
         queue, lock, stop, errors = collections.deque(wanted), threading.Lock(), threading.Event(), []
+        progress = FetchProgress(wanted)
         mirrors = [mirror] + [Mirror(mirror.url, mirror.timeout, mirror.deadline)
                               for _ in range(min(FETCH_THREADS, len(wanted)) - 1)]
 
@@ -3671,7 +3672,7 @@ class Sync(object):
                         if not queue:
                             return
                         sha, size = queue.popleft()
-                    self.fetch_object(own, sha, size, stop, touched)
+                    self.fetch_object(own, sha, size, stop, touched, progress)
             except Exception as e:   # handed to the calling thread, raised there
                 with lock:
                     if not stop.is_set():
@@ -3706,7 +3707,7 @@ class Sync(object):
         if errors:
             raise errors[0]
 
-    def fetch_object(self, mirror, sha, size, stop, touched):
+    def fetch_object(self, mirror, sha, size, stop, touched, progress=None):
         """Make objects/SHA.part the object whose hash and size the signed journal gives.
 
         What a previous run left there is hashed again and only the rest is asked for, with a
@@ -3716,7 +3717,7 @@ class Sync(object):
         fd = self.host.objects.open(sha + ".part", os.O_RDWR | os.O_CREAT, 0o600)
         touched.append(sha + ".part")   # ours now, to remove if the run is refused; not what open refused
         with os.fdopen(fd, "r+b") as f:
-            part = ObjectPart(f, stop)
+            part = ObjectPart(f, stop, progress)
             part.resume(size)
             if part.length < size:
                 try:
@@ -3737,6 +3738,27 @@ class Sync(object):
             os.fsync(f.fileno())
 
 
+class FetchProgress(object):
+    """Bytes fetched for the objects of one run, for the progress line a terminal shows while
+    a large download goes on (the reporter shows it on a terminal only, never in a log)."""
+
+    LARGE = 4 * 1024 * 1024   # below this a download is over before a progress line would help
+    EVERY = 0.5               # seconds between two updates of the line
+
+    def __init__(self, wanted):
+        self.total, self.count = sum(size for _, size in wanted), len(wanted)
+        self.done, self.shown = 0, time.monotonic()
+
+    def add(self, n):
+        self.done += n   # from several threads: an update lost to a race only delays the line
+        now = time.monotonic()
+        if (self.total >= self.LARGE and now - self.shown >= self.EVERY
+                and threading.current_thread() is threading.main_thread()):
+            self.shown = now
+            REPORTER.progress("isconf: fetching %d object(s): %.1f of %.1f MiB"
+                              % (self.count, self.done / 1048576.0, self.total / 1048576.0))
+
+
 class _Stopped(Unreachable):
     """A worker's fetch ended because another one failed, or the run was interrupted."""
 
@@ -3745,8 +3767,8 @@ class ObjectPart(object):
     """The sink an object streams into: objects/SHA.part, hashed on the way to the disk.
     Writes end between two chunks once the run is stopping."""
 
-    def __init__(self, f, stop):
-        self.f, self.stop = f, stop
+    def __init__(self, f, stop, progress=None):
+        self.f, self.stop, self.progress = f, stop, progress
         self.sha256, self.length, self.kept = hashlib.sha256(), 0, 0
 
     def resume(self, size):
@@ -3774,6 +3796,8 @@ class ObjectPart(object):
         self.f.write(data)
         self.sha256.update(data)
         self.length += len(data)
+        if self.progress is not None:
+            self.progress.add(len(data))
 
     def matches(self, sha, size):
         return self.length == size and self.sha256.hexdigest() == sha
