@@ -5446,6 +5446,15 @@ def build_parser():
         p.set_defaults(func=func)
         return p
 
+    def signing_options(p, unsigned=True):
+        p.add_argument("--sign", metavar="KEY", help="SSH private key, or public key held by ssh-agent "
+                       "(default: $ISCONF_SIGN_KEY; this%s is required)" % (" or --unsigned" if unsigned else ""))
+        p.add_argument("--expires", metavar="DURATION", help="the new head expires after DURATION, e.g. 30d or 12h "
+                       "(default: never)")
+        if unsigned:
+            p.add_argument("--unsigned", action="store_true", help="publish an unsigned head, for --insecure hosts "
+                           "only (default: off)")
+
     def now_option(p):
         p.add_argument("--now", metavar="TIME", help="judge expiry and key validity as if the UTC time were TIME, "
                        "e.g. 2026-11-25T06:30:00Z, for a miniroot with no clock (default: this machine's clock, "
@@ -5564,12 +5573,7 @@ def build_parser():
     p = verb("ci", cmd_ci, "append staged entries to the journal, sign the head, unlock",
              "isconf ci --sign ~/.ssh/id_ed25519 --expires 30d")
     p.add_argument("-m", dest="message", metavar="WHY", help="check-in message (default: none)")
-    p.add_argument("--sign", metavar="KEY", help="SSH private key, or public key held by ssh-agent "
-                   "(default: $ISCONF_SIGN_KEY; this or --unsigned is required)")
-    p.add_argument("--expires", metavar="DURATION", help="head expires after DURATION, e.g. 30d or 12h "
-                   "(default: never)")
-    p.add_argument("--unsigned", action="store_true", help="publish an unsigned head, for --insecure hosts only "
-                   "(default: off)")
+    signing_options(p)
     p = verb("unlock", cmd_unlock, "release your lock (--force: break another's, discarding their work)",
              "isconf unlock")
     p.add_argument("--force", action="store_true", help="break another author's lock and discard their staged "
@@ -5577,15 +5581,10 @@ def build_parser():
     p = verb("fork", cmd_fork, "create branch NEW starting as a copy of this branch",
              "isconf --branch web fork web2 --sign ~/.ssh/id_ed25519")
     p.add_argument("new", metavar="NEW", help="the new branch's name")
-    p.add_argument("--sign", metavar="KEY", help="as for ci (default: $ISCONF_SIGN_KEY)")
-    p.add_argument("--expires", metavar="DURATION", help="as for ci (default: never)")
-    p.add_argument("--unsigned", action="store_true", help="publish an unsigned head, for --insecure hosts only "
-                   "(default: off)")
+    signing_options(p)
     p = verb("sign", cmd_sign, "sign the branch's current head again (renew its expiry, or sign an unsigned one)",
              "isconf sign --sign ~/.ssh/id_ed25519 --expires 30d")
-    p.add_argument("--sign", metavar="KEY", help="as for ci (default: $ISCONF_SIGN_KEY)")
-    p.add_argument("--expires", metavar="DURATION", help="the new head expires after DURATION, e.g. 30d "
-                   "(default: never)")
+    signing_options(p, unsigned=False)
 
     p = verb("serve", cmd_serve, "serve a repository directory over HTTP (for trying out and tests)",
              "isconf serve /srv/isconf --bind 0.0.0.0 --port 8000")
