@@ -3056,6 +3056,9 @@ class RunRecord(object):
             except ValueError:  # not what a parent wrote: this run starts its own record
                 pass
 
+    def restart(self):
+        self.start, self.clock = time.time(), time.monotonic()
+
     def carry(self):
         return "%.3f,%d,%d" % (self.start, self.applied, self.fetched)
 
@@ -4626,6 +4629,9 @@ def cmd_up(args):
         signum = getattr(e, "signum", signal.SIGINT)
         finish_run(host, record, EXIT_SIGNAL + signum, "interrupted by %s" % signal.Signals(signum).name)
         raise
+    except OSError as e:  # as main reports it: a local problem (a full disk), not a bug
+        finish_run(host, record, EXIT_OK if isinstance(e, BrokenPipeError) else EXIT_STATE, str(e))
+        raise
     except Exception as e:  # noqa: B902 -- a bug: recorded as one, then reported by main
         finish_run(host, record, EXIT_SOFTWARE, "internal error: %s: %s" % (type(e).__name__, str(e)[:300]))
         raise
@@ -4653,9 +4659,14 @@ def finish_run(host, record, code, reason=None):
     try:
         metrics = host.config.metrics
         if metrics:
-            write_metrics(host, metrics, status_report(host))
+            try:
+                report = status_report(host)
+            except (IsconfError, OSError):  # damaged state: still this run's result, and what can be read
+                report = {"last_run": last_run(host)}
+            write_metrics(host, metrics, report)
     except (IsconfError, OSError) as e:
-        show("isconf: warning: metrics not written: %s" % e, sys.stderr)
+        if str(e) != reason:  # the run's own error says it already
+            show("isconf: warning: metrics not written: %s" % e, sys.stderr)
 
 
 def up(args, host, record):
@@ -4663,6 +4674,8 @@ def up(args, host, record):
         SYSLOG.open(host.rootpath)
     if args.splay is not None and not os.environ.get(REEXEC_ENV):  # a re-exec does not wait again
         splay(host, args.splay)  # before the lock: a waiting host holds nothing
+        if record is not None:
+            record.restart()  # the run's duration is its work, not the sleep
     with host.lock(args.wait) as lock:
         host.ensure_state()
         paused = host.disabled()
@@ -4987,7 +5000,13 @@ def render_metrics(report):
     """The status report in Prometheus' text format, for node_exporter's textfile collector."""
     run, lines = report["last_run"], []
     for name, text, value in METRICS:
-        lines += ["# HELP %s %s" % (name, text), "# TYPE %s gauge" % name, "%s %s" % (name, value(report, run))]
+        try:
+            number = value(report, run)
+        except KeyError:  # a report of damaged state holds the last run alone
+            continue
+        lines += ["# HELP %s %s" % (name, text), "# TYPE %s gauge" % name, "%s %s" % (name, number)]
+    if "state" not in report:
+        return ("\n".join(lines) + "\n").encode("utf-8")
     lines += ["# HELP isconf_info The agent's version, the branch and the applied entry's id (one query shows which "
               "hosts share an identical history).", "# TYPE isconf_info gauge",
               'isconf_info{version="%s",branch="%s",applied_id="%s"} 1'
@@ -5156,8 +5175,8 @@ As an author (working on a repository directory, --repo or ISCONF_REPO):
 
 Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
 4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem,
-9 disabled ('isconf disable'), 10 needs a newer isconf, 70 internal error (a bug: please
-report it), 130 interrupted.
+9 disabled ('isconf disable'), 10 needs a newer isconf, 11 something would run ('up
+--dry-run'), 70 internal error (a bug: please report it), 130 interrupted.
 """
 
 

@@ -263,3 +263,14 @@ def test_a_metrics_directory_reached_through_a_link_stays_inside_the_root(author
     author.commit(["exec", "--no-run", "--", "/bin/true"])
     host("up", expect="ok")
     assert os.listdir(str(outside)) == [] and os.path.isfile(host.path(str(outside / "isconf.prom")))
+
+
+def test_a_run_on_damaged_state_still_leaves_its_exit_code_in_the_metrics(author, monitored):
+    host = monitored
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host("up", expect="ok")
+    with open(host.state("history"), "ab") as f:
+        f.write(b"[not a record]\n{}\n")
+    host("up", expect="state")
+    values, info = metrics(host)  # what can be read: the run's result, nothing the damaged state would say
+    assert values["isconf_last_run_exit_code"] == 7 and "isconf_applied_seq" not in values and info is None
