@@ -3083,9 +3083,7 @@ def last_run(host):
     as a monitor must still get the rest of the report (a torn one cannot be: it is replaced atomically)."""
     try:
         record = json.loads(host.state.read("last-run", RECORD_MAX).decode("utf-8"))
-    except FileNotFoundError:
-        return None
-    except ValueError:
+    except (FileNotFoundError, ValueError):
         return None
     if not (isinstance(record, dict) and isinstance(record.get("exit_code"), int) and TIME_RE.match(
             str(record.get("end"))) and isinstance(record.get("duration"), (int, float))):
@@ -4556,6 +4554,7 @@ def cmd_init(args):
             if getattr(args, key) is not None:
                 extra[key] = parse_positive(str(getattr(args, key)), kind, "--" + key.replace("_", "-"), most)
         if args.metrics is not None:
+            check_config_value(args.metrics, "--metrics %s" % printable(args.metrics))
             check_metrics_path(args.metrics)
             extra["metrics"] = args.metrics
     except ValueError as e:
@@ -4575,7 +4574,7 @@ def cmd_init(args):
         raise UsageError("the config these options make would not read back: %s" % e)
     if (written.urls, written.env, written.reboot_command, written.metrics) != (
             args.urls, variables, extra.get("reboot_command", DEFAULT_REBOOT), args.metrics):
-        raise UsageError("a URL, --var or --reboot-command would not read back from the config as given; "
+        raise UsageError("a URL, --var, --reboot-command or --metrics would not read back from the config as given; "
                          "give each without white space or control characters")
     host.make_state()
     with host.lock():  # not while an up runs: the state upgrade and the config are its too

@@ -151,9 +151,12 @@ def test_a_declared_baseline_before_the_first_fetch(author, server, keys, host, 
     assert status(host)["state"] == "baseline"
 
 
-def test_running_busy_then_interrupted(author, monitored):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_running_busy_then_interrupted(author, monitored, stop):
     # One run holds the lock inside a transaction: status names it (pid, since, which transaction) without
-    # taking the lock; a second run is busy and says so in the record; killed, the first is 'interrupted'.
+    # taking the lock; a second run is busy and says so in the record; stopped in the middle, the first is
+    # 'interrupted': killed, it leaves its name in the lock file, and the kernel says it is gone; stopped
+    # by SIGTERM, it records its own end.
     host = monitored
     author.commit(["exec", "--no-run", "--", "/bin/true"], ["exec", "--no-run", "--", "/bin/sh", "-c", WAIT])
     agent = subprocess.Popen([sys.executable, "-I", ISCONF, "--root", host.root, "up"], stdout=subprocess.DEVNULL,
@@ -171,8 +174,8 @@ def test_running_busy_then_interrupted(author, monitored):
         assert last_run(host)["result"] == "busy"
         values, _ = metrics(host)
         assert values["isconf_last_run_exit_code"] == 6 and values["state"] == ["running"]
-        agent.send_signal(signal.SIGKILL)  # the lock file still names it: the kernel knows it is gone
-        agent.wait(30)
+        agent.send_signal(stop)
+        assert agent.wait(30) == (-signal.SIGKILL if stop == signal.SIGKILL else 128 + signal.SIGTERM)
     finally:
         open(host.path("/tmp/go"), "w").close()  # the transaction's own process ends too
         if agent.poll() is None:
@@ -182,6 +185,10 @@ def test_running_busy_then_interrupted(author, monitored):
     assert report["state"] == "interrupted" and report["running"] is None
     assert report["interrupted"]["seq"] == 2 and report["interrupted"]["summary"].startswith("exec /bin/sh")
     assert "INTERRUPTED:  seq 2 exec /bin/sh" in host("status").out
+    if stop == signal.SIGTERM:
+        assert (last_run(host)["result"], last_run(host)["exit_code"]) == ("interrupted", 143)
+    else:
+        assert last_run(host)["result"] == "busy"  # a killed run records nothing: status still knows
     host("up", expect="ok")
     assert status(host)["state"] == "up-to-date"
 
@@ -274,3 +281,25 @@ def test_a_run_on_damaged_state_still_leaves_its_exit_code_in_the_metrics(author
     host("up", expect="state")
     values, info = metrics(host)  # what can be read: the run's result, nothing the damaged state would say
     assert values["isconf_last_run_exit_code"] == 7 and "isconf_applied_seq" not in values and info is None
+
+
+BUGGY = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import isconf
+def bug(args, host, record):
+    raise ZeroDivisionError("a bug in the agent")
+isconf.up = bug
+sys.exit(isconf.main(sys.argv[2:]))
+"""
+
+
+def test_a_bug_in_up_is_recorded_as_an_internal_error(author, monitored):
+    host = monitored
+    proc = subprocess.run([sys.executable, "-I", "-c", BUGGY, os.path.dirname(ISCONF), "--root", host.root, "up"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode == 70, proc.stderr
+    record = last_run(host)
+    assert (record["result"], record["exit_code"]) == ("internal-error", 70)
+    assert "ZeroDivisionError: a bug in the agent" in record["reason"]
+    assert metrics(host)[0]["isconf_last_run_exit_code"] == 70
