@@ -4880,12 +4880,11 @@ def status_report(host):
     waiting = [e for e, mark, _ in rows if mark == "pending"]
     if waiting and not failed:  # the next transaction is one this version cannot read: halted there
         try:
-            waiting[0].interpret()
+            if waiting[0].meaning().reboots:
+                report["reboot"] = {"seq": waiting[0].seq, "id": waiting[0].id}
         except NeedsNewer as e:
             report["needs_newer"] = {"seq": waiting[0].seq, "id": waiting[0].id, "kind": waiting[0].kind,
                                      "error": str(e)}
-        if waiting[0].kind == "reboot":
-            report["reboot"] = {"seq": waiting[0].seq, "id": waiting[0].id}
     # The last event (the recent history ends with it): a 'started' that is the run holding the lock, or
     # one that never ended (killed, a power cut).
     events = host.history(recent=True).events
