@@ -27,7 +27,8 @@ def interpreter_version(path):
 # Every CPython 3.6 to 3.13 on this machine; the default interpreter if there are none.
 PYTHONS = sorted((p for p in glob.glob("/root/.pyenv/versions/3.*/bin/python3")
                   if (3, 6) <= interpreter_version(p)[:2] <= (3, 13)), key=interpreter_version) or [sys.executable]
-EXIT = {"ok": 0, "failed": 1, "usage": 2, "unreachable": 3, "refused": 4, "reboot": 5, "busy": 6, "state": 7}
+EXIT = {"ok": 0, "failed": 1, "usage": 2, "unreachable": 3, "refused": 4, "reboot": 5, "busy": 6, "state": 7,
+        "disabled": 9, "newer": 10, "pending": 11}
 
 
 STAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", re.M)
@@ -234,12 +235,13 @@ class Host(object):
     def snapshot(self):
         """Every file under the root with its bytes and metadata: to prove nothing changed.
 
-        The time of the last successful run is left out: recording it is not applying anything."""
+        The time of the last successful run and the record of the last run are left out: recording
+        them is not applying anything."""
         seen = {}
         for top, dirs, files in os.walk(self.root):
             for name in dirs + files:
                 p = os.path.join(top, name)
-                if p == self.state("last-success"):
+                if p in (self.state("last-success"), self.state("last-run")):
                     continue
                 st = os.lstat(p)
                 content = None
