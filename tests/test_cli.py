@@ -158,3 +158,13 @@ def test_up_into_a_closed_pipe_still_applies_every_transaction(author, server, k
     assert pipeline.returncode == 0 and pipeline.stderr == b""
     assert all(os.path.exists(host.path("/tmp/done%d" % i)) for i in range(3))
     assert host.status()["applied_seq"] == 3
+
+
+@pytest.mark.parametrize("shape", ["--root R status --json", "--root=R status --json", "status --root R --json",
+                                   "--debug --root R status --json", "--ro R status --json"])
+def test_global_options_before_or_after_the_verb_however_spelled(shape, server, keys, host):
+    # Only the named verb's parser is built; an option argparse could read otherwise builds them all.
+    host.init(server.url, keys)
+    proc = run_isconf(*[host.root if a == "R" else a.replace("=R", "=" + host.root) for a in shape.split()],
+                      expect="ok")
+    assert '"applied_seq": 0' in proc.out
