@@ -679,9 +679,11 @@ FIGURES = ("verify", "exec", "noop", "snap", "large", "sparse", "many")
 def main():
     parser = argparse.ArgumentParser(description="isconf.py figures, each beside a floor measured in the same run")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is shown (default 3)")
-    parser.add_argument("figures", nargs="*", choices=FIGURES + ("tail",), default=list(FIGURES),
-                        metavar="FIGURE", help="any of %s (default: all)" % ", ".join(FIGURES))
+    parser.add_argument("figures", nargs="*", metavar="FIGURE", help="any of %s (default: all)" % ", ".join(FIGURES))
     args = parser.parse_args()
+    unknown = set(args.figures) - set(FIGURES + ("tail",))
+    if unknown:
+        parser.error("no figure %s; the figures are %s" % (", ".join(sorted(unknown)), ", ".join(FIGURES)))
     for tool in ("ssh-keygen", "chroot"):
         if not shutil.which(tool):
             sys.exit("bench: needs %s" % tool)
@@ -692,7 +694,7 @@ def main():
         print("isconf.py %s bench, %s, python %s, %d cores, %d run(s) per figure"
               % (isconf.__version__, time.strftime("%Y-%m-%d %H:%M:%S"), sys.version.split()[0],
                  os.cpu_count(), args.runs))
-        figures = set(args.figures)
+        figures = set(args.figures or FIGURES)
         if "tail" in figures:
             figures.add("noop")
         for name in FIGURES:
