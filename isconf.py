@@ -2736,7 +2736,8 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
     """Start a transaction's process, chrooted into root: the one place isconf runs a program.
 
     log is a descriptor of the transaction's log, open for reading and appending; the
-    caller closes it, and syncs it if it must outlive a power cut.  stdin is /dev/null (a prompt would hang a host for ever).
+    caller closes it, and syncs it if it must outlive a power cut.  stdin is /dev/null
+    (a prompt would hang a host for ever).
     Output goes straight into the log, not through a pipe: an init script that leaves
     a daemon holding its output must not keep the transaction open, and the daemon
     must not die of SIGPIPE when we stop reading.  The transaction ends when the
