@@ -3748,7 +3748,7 @@ class Applier(object):
         except OSError as e:
             status = e.strerror
         # Killed by the shutdown it asked for: the reboot is under way.
-        going_down = caught and isinstance(status, int) and status < 0
+        going_down = bool(caught) and isinstance(status, int) and status < 0
         if status != 0 and not going_down:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -3891,7 +3891,6 @@ def systemctl_inside(rootpath):
         except OSError:
             continue
     return None
-
 
 
 def jitter():

@@ -46,9 +46,13 @@ ExecStart=/bin/systemctl poweroff
 """ % LATE_UNIT
 
 
+def tool(name):
+    """A program by name, also where root's tools are when PATH lacks them."""
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
 def require_tools():
-    missing = sorted(set(package for tool, package in TOOLS.items()
-                         if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")))
+    missing = sorted(set(package for name, package in TOOLS.items() if not tool(name)))
     if missing:
         pytest.fail("the real-boot tests need the packages %s: apt-get install -y %s (.ci/run does this)"
                     % (", ".join(missing), " ".join(missing)))
@@ -57,7 +61,7 @@ def require_tools():
 def sh(*argv, **kw):
     kw.setdefault("check", True)
     kw.setdefault("stdin", subprocess.DEVNULL)
-    return subprocess.run([str(a) for a in argv], **kw)
+    return subprocess.run([tool(argv[0]) or argv[0]] + [str(a) for a in argv[1:]], **kw)
 
 
 def build_rootfs():
@@ -70,11 +74,21 @@ def build_rootfs():
     try:
         sh("debootstrap", "--variant=minbase", "--include=" + PACKAGES, SUITE, work, MIRROR,
            stdout=subprocess.DEVNULL, timeout=3600)
-        os.rename(work, final)
+        settle(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return final
+
+
+def settle(work, final):
+    """Rename a finished build into place; another run that finished first wins, and ours goes."""
+    try:
+        os.rename(work, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+        shutil.rmtree(work)
 
 
 def build_image():
@@ -93,7 +107,7 @@ def build_image():
             sh("mkfs.ext4", "-q", "-F", "-d", rootfs, "-L", "root", image)
             with mounted(image, os.path.join(work, "mnt")) as mnt:
                 prepare(mnt)
-            os.rename(work, final)
+            settle(work, final)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -192,7 +206,7 @@ def boot(disk, kernel, initrd, console, limit=BOOT_LIMIT):
             "-append", "console=ttyS0 quiet panic=-1 mitigations=off", "-nodefaults", "-M", "q35",
             "-drive", "file=%s,format=raw,if=virtio" % disk, "-nic", "none", "-no-reboot", "-display", "none",
             "-vga", "none", "-serial", "file:" + console, "-monitor", "none"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([tool(argv[0])] + argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=limit)
