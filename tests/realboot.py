@@ -22,7 +22,7 @@ CACHE = os.path.join(os.path.expanduser("~"), ".cache", "isconf-boot")
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
 PACKAGES = "systemd-sysv,python3,linux-image-amd64,udev"
 ROOTFS_KEY = "rootfs-%s-minbase-1" % SUITE     # what debootstrap made: change it to fetch again
-IMAGE_KEY = "image-%s-5" % SUITE               # what is added to it: change it to rebuild the disk image
+IMAGE_KEY = "image-%s-6" % SUITE               # what is added to it: change it to rebuild the disk image
 IMAGE_SIZE = "3G"
 BOOT_LIMIT = 180                               # seconds a boot may take before the guest is killed (TCG)
 # The tools, by the Debian package that has them: a missing one fails the tests, naming it.
@@ -33,7 +33,10 @@ LATE_UNIT = "isconf-test-late.service"  # a test's own service, ordered after is
 MASKED = ("getty@tty1.service", "serial-getty@ttyS0.service", "e2scrub_reap.service", "e2scrub_all.timer",
           "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "fstrim.timer",
           "systemd-tmpfiles-clean.timer", "systemd-pstore.service", "getty-static.service",
-          "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount")
+          "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount",
+          # udev: its coldplug loads drivers for the emulated hardware, which nothing here uses.
+          "systemd-udevd.service", "systemd-udev-trigger.service", "systemd-udevd-control.socket",
+          "systemd-udevd-kernel.socket")
 POWEROFF_UNIT = """\
 [Unit]
 Description=test: power the guest off once the boot's work is done
@@ -111,6 +114,9 @@ def build_image():
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        for old in glob.glob(os.path.join(CACHE, "image-*")):  # what older keys built: 1 GB each
+            if os.path.basename(old) != IMAGE_KEY and ".tmp-" not in old:
+                shutil.rmtree(old, ignore_errors=True)
     return tuple(os.path.join(final, name) for name in ("disk.img", "vmlinuz", "initrd.img"))
 
 
