@@ -212,8 +212,8 @@ def boot(disk, kernel, initrd, console, limit=BOOT_LIMIT):
             "-append", "console=ttyS0 quiet panic=-1 mitigations=off", "-nodefaults", "-M", "q35",
             "-drive", "file=%s,format=raw,if=virtio" % disk, "-nic", "none", "-no-reboot", "-display", "none",
             "-vga", "none", "-serial", "file:" + console, "-monitor", "none"]
-    proc = subprocess.Popen([tool(argv[0])] + argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen([tool(argv[0])] + argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
