@@ -1,7 +1,7 @@
 # isconf.py: make demo (try it), make test (the test suite), make bench (figures).
 PYTHON ?= python3
 VENV   ?= .venv
-PYTEST_REQ = pytest==8.3.4
+PYTEST_REQ = pytest==8.3.4 prometheus_client==0.26.0
 
 .PHONY: demo test bench clean tools
 

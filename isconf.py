@@ -54,6 +54,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 import urllib.parse
@@ -73,6 +74,7 @@ HEAD_MAX = 64 * 1024            # a head is ~200 bytes; anything bigger is an at
 SIGNATURE_MAX = 64 * 1024       # an RSA-8192 SSHSIG is under 2 KiB
 CHUNK = 64 * 1024               # read and hash size for streams
 MAX_REDIRECTS = 5               # a redirect loop must end
+FETCH_THREADS = 8               # objects in flight at once: a distant mirror's round trips overlap
 MAX_DEADLINE = 7 * 86400        # no one fetch may take longer, whatever its size
 INT_MAX = 2 ** 63 - 1           # every integer in the format fits a signed 64-bit field
 ID_MAX = 2 ** 32 - 2            # the largest uid or gid; 2**32-1 means "unchanged" to chown
@@ -123,6 +125,7 @@ NETWORK_ERRORS = (OSError, http.client.HTTPException, ValueError)
 AGENT_PATH = os.path.abspath(__file__)  # the file this agent runs from, as it was started (a link stays a link)
 LOCK_FD_ENV = "ISCONF_LOCK_FD"          # a re-executed agent finds here the host lock it still holds
 REEXEC_ENV = "ISCONF_REEXECS"           # ids of the transactions re-execs followed: never twice for one
+RUN_ENV = "ISCONF_RUN"                  # a re-executed agent carries on its parent's run record: start, counts
 SELF_TEST_TIMEOUT = 120                 # seconds a new agent's self-test may take: it reads a little state
 SELF_TEST_RE = re.compile(r"^isconf (\S+) self-test ok$", re.M)  # the line every version prints: keep it
 # A signed sample the self-test verifies: the new file's own signature code, on a fixed message and key.
@@ -140,10 +143,12 @@ EmEaPFMJWvo4bGKEQIWuM0BAU=
 CONFIG_PATH = "/etc/isconf/isconf.conf"      # inside --root
 SIGNERS_PATH = "/etc/isconf/allowed_signers"  # inside --root
 STATE_PATH = "/var/lib/isconf"                # inside --root
+STATUS_SCHEMA = 1  # of 'status --json' and 'up --dry-run --json': a field's meaning never changes within one
 STATE_FORMAT = 2  # host state layout this file reads and writes; 0.1.0's, without a number, is 1
 STATE_NAMES = ("state-format", "history", "journal", "head", "head.sig", "lock", "objects", "logs", "last-success",
                "internal-error.log", "installed", "baseline",
-               "disabled", "boot-bin")  # what isconf keeps in it: one of them marks a state directory as ours
+               "disabled", "last-run",
+               "boot-bin")  # what isconf keeps in it: one of them marks a state directory as ours
 
 # Exit codes: documented in README.md, stable across versions.
 EXIT_OK = 0
@@ -157,6 +162,7 @@ EXIT_STATE = 7        # local state or configuration problem
 EXIT_DRIFT = 8        # 'verify' found a journaled file changed on disk since it was applied
 EXIT_DISABLED = 9     # 'isconf disable' paused this host
 EXIT_NEWER = 10       # a verified entry this version cannot interpret: it needs a newer isconf
+EXIT_PENDING = 11     # 'up --dry-run': something would run (0: nothing is pending)
 EXIT_SOFTWARE = 70    # a bug in isconf itself (sysexits' EX_SOFTWARE), never a failed transaction
 EXIT_SIGNAL = 128     # plus the signal: 130 Ctrl-C, 129 SIGHUP, 143 SIGTERM, as a shell reports it
 
@@ -183,6 +189,11 @@ class Unreachable(IsconfError):
 
 class NotFound(Unreachable):
     """A mirror answered, but has no such file."""
+
+
+class ShortFile(Unreachable):
+    """A mirror answered a Range with 416: its file ends before the first byte asked for (a
+    cache's stale journal; or an object whose start a host kept from another mirror)."""
 
 
 class Refused(IsconfError):
@@ -218,6 +229,9 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum):
         KeyboardInterrupt.__init__(self, signum)
         self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def stop_on_signal(signum, frame):
@@ -1124,12 +1138,14 @@ class _DeadlineReader(io.RawIOBase):
 class _BoundedConnection(object):
     """Mixed into http.client's connections: connect within the time left, then read and
     write through a _DeadlineSocket.  Mirror._request sets deadline and silence per fetch."""
-    deadline, silence = None, DEFAULT_TIMEOUT
+    deadline, silence, mirror = None, DEFAULT_TIMEOUT, None
 
     def connect(self):
         self.timeout = self.deadline.wait(self.silence)
         super(_BoundedConnection, self).connect()
         self.sock = _DeadlineSocket(self.sock, self)
+        if self.mirror is not None:
+            self.mirror.connected(self)
 
 
 class _HTTPConnection(_BoundedConnection, http.client.HTTPConnection):
@@ -1184,6 +1200,7 @@ class Mirror(object):
             raise UsageError("mirror %r is not an http://, https:// or file:// URL or an absolute directory"
                              % url)
         self._connections = {}
+        self._aborting, self.aborted = threading.Lock(), False
 
     def __str__(self):
         return self.url
@@ -1193,13 +1210,39 @@ class Mirror(object):
             conn.close()
         self._connections.clear()
 
+    def abort(self):
+        """From another thread: end the fetch this mirror is doing now, and any it would start.
+        Shutting its sockets down wakes a read waiting on them (it sees the end of the stream,
+        so the fetch fails); close() from another thread would leave that read waiting out its
+        timeout.  A connection made after this is shut down as it is made (see connected)."""
+        with self._aborting:
+            self.aborted = True
+            for conn in list(self._connections.values()):
+                self._shut(conn)
+
+    def connected(self, conn):
+        with self._aborting:
+            if self.aborted:
+                self._shut(conn)
+
+    @staticmethod
+    def _shut(conn):
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass   # closed already: nothing waits on it
+
     def fetch(self, relpath, limit, start=0, stop=None, sink=None):
         """GET relpath, a file of at most `limit` bytes, or its bytes [start, stop).
 
         Returns a Response whose .partial says whether the range was honoured; if it was
         not, the body is the file from its start, cut at `stop`.  With a sink, the body is
-        streamed into it instead of being kept in memory.  Requests are never conditional:
-        a validator (ETag, Last-Modified) can collide, so a 304 is never an answer.
+        streamed into it instead of being kept in memory; with a start too, the sink has a
+        restart() that is called when the server ignores the range and sends the file from its
+        first byte.  Requests are never conditional: a validator (ETag, Last-Modified) can
+        collide, so a 304 is never an answer.  A Mirror is for one thread at a time.
         """
         what = "%s from %s" % (relpath, self.url)
         deadline = Deadline(self.deadline + limit / float(MIN_RATE), what)
@@ -1250,7 +1293,7 @@ class Mirror(object):
                 else:
                     conn = _HTTPConnection(parts.netloc, timeout=self.timeout)
                 self._connections[key] = conn
-            conn.deadline, conn.silence = deadline, self.timeout
+            conn.deadline, conn.silence, conn.mirror = deadline, self.timeout, self
             try:
                 conn.request("GET", target, headers=headers)
                 return conn.getresponse()
@@ -1270,6 +1313,9 @@ class Mirror(object):
                           "conditional; the mirror is broken" % what)
         if status == 404:
             raise NotFound("%s: not found (404); check the URL and the branch name" % what)
+        if status == 416:
+            raise ShortFile("%s: the server has no byte %d (416): its copy is shorter; try again later"
+                            % (what, start))
         if status not in (200, 206):
             raise Unreachable("%s: server answered %d %r" % (what, status, response.reason[:80]))
         partial = status == 206
@@ -1278,6 +1324,8 @@ class Mirror(object):
             limit = limit - start if stop is None else stop - start
         elif stop is not None:
             limit = stop  # the server ignored Range: read the file up to stop, no further
+        if start and not partial and sink is not None:
+            sink.restart()  # the server ignored Range: its body, and so the sink, start at byte 0
         length = parse_content_length(response.getheader("Content-Length"))
         if length is not None and length > limit and (partial or stop is None):
             raise Refused("%s is %d bytes, more than the %d expected; the mirror is broken or hostile"
@@ -2287,6 +2335,9 @@ class Config(object):
                                             BOOT_WAIT_MAX)
             self.interrupted_max = parse_positive(main.get("interrupted_max", str(DEFAULT_INTERRUPTED_MAX)), int,
                                                   "interrupted_max", INTERRUPTED_MOST)
+            self.metrics = main.get("metrics") or None
+            if self.metrics is not None:
+                check_metrics_path(self.metrics)
             self.env = dict(parser["env"]) if parser.has_section("env") else {}
             for name, value in self.env.items():
                 check_variable(name, value)
@@ -2305,6 +2356,18 @@ class Config(object):
         lines += ["", "# Per-host variables, given to every exec as environment variables.", "[env]"]
         lines += ["%s = %s" % item for item in sorted(env.items())]
         return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def check_metrics_path(path):
+    """Where the metrics go, inside the root: absolute and normalised, and a .prom file, the
+    only names node_exporter's textfile collector reads (another would be written for no one)."""
+    try:
+        validate_path(path, "metrics")
+    except Refused as e:
+        raise ValueError(str(e))
+    if not path.endswith(".prom"):
+        raise ValueError("metrics %r must be an absolute path ending in .prom, e.g. "
+                         "/var/lib/node_exporter/textfile_collector/isconf.prom" % path)
 
 
 def check_config_value(value, what):
@@ -3367,6 +3430,7 @@ class Run(object):
         local = host.local_head()
         self.clock_floor = parse_time(local.time) if local else 0
         self.history = host.history(recent=True)
+        self.record = None  # the RunRecord of an 'up', counting what it applied and fetched
 
     @staticmethod
     def say(message, stream=None):
@@ -3382,6 +3446,63 @@ class Run(object):
         if self.now_override is not None:
             return self.now_override
         return max(time.time(), self.clock_floor)
+
+
+class RunRecord(object):
+    """The result of one 'up', kept in the state whatever it was (ok, failed, refused, unreachable,
+    busy, disabled, ...): the runs that end in an error are those a monitor most needs to see.
+    A busy run does not hold the host lock, so the record is one small file replaced atomically
+    (last-run), never appended to.  A re-executed agent carries on its parent's record."""
+
+    RESULTS = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_USAGE: "usage", EXIT_UNREACHABLE: "unreachable",
+               EXIT_REFUSED: "refused", EXIT_REBOOT: "reboot", EXIT_BUSY: "busy", EXIT_STATE: "state",
+               EXIT_DISABLED: "disabled", EXIT_NEWER: "needs-newer", EXIT_SOFTWARE: "internal-error"}
+
+    def __init__(self):
+        self.start, self.clock, self.before = time.time(), time.monotonic(), 0.0
+        self.applied = self.fetched = 0
+        carried = os.environ.pop(RUN_ENV, "")
+        if carried and os.environ.get(REEXEC_ENV):
+            try:
+                start, applied, fetched = carried.split(",")
+                self.start, self.applied, self.fetched = float(start), int(applied), int(fetched)
+                self.before = max(0.0, time.time() - self.start)
+            except ValueError:  # not what a parent wrote: this run starts its own record
+                pass
+
+    def restart(self):
+        self.start, self.clock = time.time(), time.monotonic()
+
+    def carry(self):
+        return "%.3f,%d,%d" % (self.start, self.applied, self.fetched)
+
+    def result(self, code):
+        if code > EXIT_SIGNAL:
+            return "interrupted"
+        return self.RESULTS.get(code, "error")
+
+    def save(self, host, code, reason=None):
+        """Write last-run inside the state directory (as every state file: never through a link)."""
+        end = time.time()
+        if reason is not None and len(reason) > ERROR_MAX:
+            reason = reason[:ERROR_MAX] + "..."
+        record = {"time": format_time(self.start), "end": format_time(end), "exit_code": code,
+                  "result": self.result(code), "duration": round(self.before + time.monotonic() - self.clock, 3),
+                  "applied": self.applied, "fetched_bytes": self.fetched, "reason": reason, "pid": os.getpid()}
+        host.state.write("last-run", json.dumps(record, sort_keys=True).encode("utf-8") + b"\n", 0o644)
+
+
+def last_run(host):
+    """What the last 'up' recorded (RunRecord.save), or None before the first; a damaged record is None too,
+    as a monitor must still get the rest of the report (a torn one cannot be: it is replaced atomically)."""
+    try:
+        record = json.loads(host.state.read("last-run", RECORD_MAX).decode("utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("exit_code"), int) and TIME_RE.match(
+            str(record.get("end"))) and isinstance(record.get("duration"), (int, float))):
+        return None
+    return record
 
 
 class Plan(object):
@@ -3598,40 +3719,193 @@ class Sync(object):
         return tail
 
     def stage_objects(self, mirror, pending):
-        """Download every object pending transactions need, checking size and hash as it streams.
+        """Download every object pending transactions need, several at once, each streamed and
+        hashed to objects/SHA.part and checked against the signed journal's hash and size.
 
-        Each goes to a .part file first; they are renamed into the staging area only when
-        all of them verified, so a refused run leaves the host's state as it was.
+        They are renamed into the staging area only when all of them verified, so a refused run
+        leaves the host's state as it was.  A run that could not finish (a mirror unreachable,
+        a Ctrl-C) keeps its .part files: the next one hashes each again and asks for the rest.
         """
         needed = {}
         for entry in interpretable(pending):  # what comes after is for the agent that can read it
             for sha, size in entry.objects():
                 needed[sha] = size
-        objects, parts = self.host.objects, []
+        objects = self.host.objects
+        wanted = []
+        for sha, size in needed.items():
+            staged = objects.stat(sha)
+            if staged is None or staged.st_size != size:
+                wanted.append((sha, size))
+        if not wanted:
+            return
+        # Largest first: a big object started last would hold up the end of the run alone.
+        wanted.sort(key=lambda item: (-item[1], item[0]))
+        touched = []
         try:
-            for sha, size in sorted(needed.items()):
-                staged = objects.stat(sha)
-                if staged is not None and staged.st_size == size:
-                    continue
-                fd = objects.open(sha + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                parts.append(sha + ".part")  # ours to remove now, not whatever was there before
-                with os.fdopen(fd, "wb") as f:
-                    sink = HashingWriter(f)
-                    mirror.fetch("objects/" + sha, size, sink=sink)
-                    if sink.length != size or sink.hexdigest() != sha:
-                        raise Refused("object %s from %s does not match the signed journal (%d bytes, %d "
-                                      "expected, or another hash); the mirror holds a damaged or swapped file"
-                                      % (sha[:16], mirror, sink.length, size))
-                    f.flush()
-                    os.fsync(f.fileno())
+            self.fetch_objects(mirror, wanted, touched)
+        except (Unreachable, KeyboardInterrupt):
+            raise   # what arrived stays as .part, to resume from
         except BaseException:
-            for part in parts:
-                objects.unlink(part)
+            for part in touched:
+                with contextlib.suppress(FileNotFoundError):
+                    objects.unlink(part)
             raise
-        for part in parts:
-            objects.rename(part, part[:-len(".part")])
-        if parts:
-            objects.fsync()
+        for sha, _ in wanted:
+            objects.rename(sha + ".part", sha)
+        objects.fsync()
+
+    def fetch_objects(self, mirror, wanted, touched):
+        """Fetch (sha, size) pairs with up to FETCH_THREADS requests in flight, each worker with
+        its own Mirror (one kept-alive connection per server, for one thread).  This thread
+        takes its share too, so Ctrl-C and SIGTERM arrive in a fetch as before.  The first
+        error stops the other workers at once (their sockets are shut down); it is raised
+        here once every worker has ended.  touched gets each .part name a worker opened."""
+        queue, lock, stop, errors = collections.deque(wanted), threading.Lock(), threading.Event(), []
+        progress = FetchProgress(wanted)
+        mirrors = [mirror] + [Mirror(mirror.url, mirror.timeout, mirror.deadline)
+                              for _ in range(min(FETCH_THREADS, len(wanted)) - 1)]
+
+        def halt():
+            stop.set()
+            for other in mirrors:
+                other.abort()
+
+        def work(own):
+            try:
+                while not stop.is_set():
+                    with lock:
+                        if not queue:
+                            return
+                        sha, size = queue.popleft()
+                    self.fetch_object(own, sha, size, stop, touched, progress)
+            except Exception as e:   # handed to the calling thread, raised there
+                with lock:
+                    if not stop.is_set():
+                        errors.append(e)   # the first error wins: the others follow from halt()
+                halt()
+            finally:
+                if own is not mirror:
+                    own.close()
+
+        threads = []
+        try:
+            # The workers block the signals that stop a run (they inherit this thread's mask): the
+            # kernel gives a process's signal to any thread that takes it, and Python runs handlers
+            # in this thread only when it wakes, which a read waiting on a stalled mirror does not.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                for own in mirrors[1:]:
+                    thread = threading.Thread(target=work, args=(own,), name="isconf-fetch")
+                    thread.daemon = True   # a second Ctrl-C during the join below must still end the agent
+                    thread.start()
+                    threads.append(thread)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            work(mirror)
+            for thread in threads:
+                thread.join()
+        except BaseException:   # Ctrl-C, SIGTERM, or a thread that could not start
+            halt()
+            for thread in threads:
+                thread.join()
+            raise
+        if errors:
+            raise errors[0]
+
+    def fetch_object(self, mirror, sha, size, stop, touched, progress=None):
+        """Make objects/SHA.part the object whose hash and size the signed journal gives.
+
+        What a previous run left there is hashed again and only the rest is asked for, with a
+        Range.  If the whole then does not match, the kept prefix was damaged here (after a
+        power loss a file can end in zeros), not by the mirror: the object is fetched once more
+        from its first byte, and only a mismatch then is the mirror's, and refused."""
+        fd = self.host.objects.open(sha + ".part", os.O_RDWR | os.O_CREAT, 0o600)
+        touched.append(sha + ".part")   # ours now, to remove if the run is refused; not what open refused
+        with os.fdopen(fd, "r+b") as f:
+            part = ObjectPart(f, stop, progress)
+            part.resume(size)
+            if part.length < size:
+                try:
+                    mirror.fetch("objects/" + sha, size, start=part.length, sink=part)
+                except ShortFile:
+                    # This mirror's copy ends before the start kept here: fetch it from zero (below), and
+                    # let the hash judge it.
+                    if not part.kept:
+                        raise
+            if part.kept and not part.matches(sha, size):
+                part.restart()
+                mirror.fetch("objects/" + sha, size, sink=part)
+            if not part.matches(sha, size):
+                raise Refused("object %s from %s does not match the signed journal (%d bytes, %d "
+                              "expected, or another hash); the mirror holds a damaged or swapped file"
+                              % (sha[:16], mirror, part.length, size))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class FetchProgress(object):
+    """Bytes fetched for the objects of one run, for the progress line a terminal shows while
+    a large download goes on (the reporter shows it on a terminal only, never in a log)."""
+
+    LARGE = 4 * 1024 * 1024   # below this a download is over before a progress line would help
+    EVERY = 0.5               # seconds between two updates of the line
+
+    def __init__(self, wanted):
+        self.total, self.count = sum(size for _, size in wanted), len(wanted)
+        self.done, self.shown = 0, time.monotonic()
+
+    def add(self, n):
+        self.done += n   # from several threads: an update lost to a race only delays the line
+        now = time.monotonic()
+        if (self.total >= self.LARGE and now - self.shown >= self.EVERY
+                and threading.current_thread() is threading.main_thread()):
+            self.shown = now
+            REPORTER.progress("isconf: fetching %d object(s): %.1f of %.1f MiB"
+                              % (self.count, self.done / 1048576.0, self.total / 1048576.0))
+
+
+class _Stopped(Unreachable):
+    """A worker's fetch ended because another one failed, or the run was interrupted."""
+
+
+class ObjectPart(object):
+    """The sink an object streams into: objects/SHA.part, hashed on the way to the disk.
+    Writes end between two chunks once the run is stopping."""
+
+    def __init__(self, f, stop, progress=None):
+        self.f, self.stop, self.progress = f, stop, progress
+        self.sha256, self.length, self.kept = hashlib.sha256(), 0, 0
+
+    def resume(self, size):
+        """Hash what a previous run left (kept), to go on after it; longer than the object, it
+        cannot be the object's start: start over."""
+        self.f.seek(0)
+        while self.length < size:
+            chunk = self.f.read(min(CHUNK, size - self.length))
+            if not chunk:
+                break
+            self.sha256.update(chunk)
+            self.length += len(chunk)
+        if self.f.read(1):
+            self.restart()
+        self.kept = self.length
+
+    def restart(self):
+        self.f.seek(0)
+        self.f.truncate()
+        self.sha256, self.length, self.kept = hashlib.sha256(), 0, 0
+
+    def write(self, data):
+        if self.stop.is_set():
+            raise _Stopped("stopped")
+        self.f.write(data)
+        self.sha256.update(data)
+        self.length += len(data)
+        if self.progress is not None:
+            self.progress.add(len(data))
+
+    def matches(self, sha, size):
+        return self.length == size and self.sha256.hexdigest() == sha
 
 
 # ---------------------------------------------------------------------------
@@ -3685,6 +3959,8 @@ class Applier(object):
                                         % (entry.seq, e, host.log_path(entry), entry.seq))
             history.record("done", entry, **self.provenance)
             REPORTER.end(position, summary, "ok", time.monotonic() - started)
+            if self.run.record is not None:
+                self.run.record.applied += 1
             if kind.reboots:
                 self.finish(plan)
                 return self.reboot()
@@ -3725,7 +4001,8 @@ class Applier(object):
 
     def finish(self, plan):
         self.release_objects(plan)
-        self.host.record_success()
+        if self.history.applied()[0] >= plan.head.seq:  # not after a reboot entry with more behind it
+            self.host.record_success()
 
     def reboot(self):
         """Run the configured reboot command on the machine running the agent (not chrooted).
@@ -3828,6 +4105,8 @@ class Applier(object):
         seen = [i for i in os.environ.get(REEXEC_ENV, "").split(",") if i]
         os.environ[REEXEC_ENV] = ",".join(seen + [entry.id])
         os.environ[LOCK_FD_ENV] = str(self.lock.fd)
+        if self.run.record is not None:
+            os.environ[RUN_ENV] = self.run.record.carry()
         for timer in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
             signal.setitimer(timer, 0)  # interval timers survive execve
         for stream in (sys.stdout, sys.stderr):
@@ -3841,6 +4120,7 @@ class Applier(object):
         except OSError as e:
             os.set_inheritable(self.lock.fd, False)
             os.environ.pop(LOCK_FD_ENV, None)
+            os.environ.pop(RUN_ENV, None)
             raise StateError("transaction %d is done, but re-executing %s under %s failed: %s; run 'isconf up' "
                              "again" % (entry.seq, AGENT_PATH, python, e.strerror or e))
 
@@ -4946,6 +5226,10 @@ def cmd_init(args):
                                 ("interrupted_max", int, INTERRUPTED_MOST)):
             if getattr(args, key) is not None:
                 extra[key] = parse_positive(str(getattr(args, key)), kind, "--" + key.replace("_", "-"), most)
+        if args.metrics is not None:
+            check_config_value(args.metrics, "--metrics %s" % printable(args.metrics))
+            check_metrics_path(args.metrics)
+            extra["metrics"] = args.metrics
     except ValueError as e:
         raise UsageError(str(e))
     if args.signers:
@@ -4961,9 +5245,9 @@ def cmd_init(args):
         written = Config(host.config_path, config)
     except StateError as e:
         raise UsageError("the config these options make would not read back: %s" % e)
-    if (written.urls, written.env, written.reboot_command) != (args.urls, variables,
-                                                               extra.get("reboot_command", DEFAULT_REBOOT)):
-        raise UsageError("a URL, --var or --reboot-command would not read back from the config as given; "
+    if (written.urls, written.env, written.reboot_command, written.metrics) != (
+            args.urls, variables, extra.get("reboot_command", DEFAULT_REBOOT), args.metrics):
+        raise UsageError("a URL, --var, --reboot-command or --metrics would not read back from the config as given; "
                          "give each without white space or control characters")
     host.make_state()
     with host.lock():  # not while an up runs: the state upgrade and the config are its too
@@ -5000,11 +5284,70 @@ def parse_now(text):
 
 
 def cmd_up(args):
+    """One run, its result recorded in the state and the metrics whatever it was (a dry run records
+    nothing): the record is written after the run let go of the host lock, or never held it (busy)."""
+    if args.json and not args.dry_run:
+        raise UsageError("--json goes with --dry-run; for the state of this host, run 'isconf status --json'")
     host = Host(args.root, args.config)
+    if args.dry_run:
+        return up(args, host, None)
+    record = RunRecord()
+    try:
+        code = up(args, host, record)
+    except IsconfError as e:
+        finish_run(host, record, e.exit_code, str(e))
+        raise
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        finish_run(host, record, EXIT_SIGNAL + signum, "interrupted by %s" % signal.Signals(signum).name)
+        raise
+    except OSError as e:  # as main reports it: a local problem (a full disk), not a bug
+        finish_run(host, record, EXIT_OK if isinstance(e, BrokenPipeError) else EXIT_STATE, str(e))
+        raise
+    except Exception as e:  # noqa: B902 -- a bug: recorded as one, then reported by main
+        finish_run(host, record, EXIT_SOFTWARE, "internal error: %s: %s" % (type(e).__name__, str(e)[:300]))
+        raise
+    finish_run(host, record, code)
+    return code
+
+
+def finish_run(host, record, code, reason=None):
+    """Record the run's result, then write the metrics from the report status gives.  After a run that
+    went well, a record that cannot be written (a link where last-run belongs) is the run's error;
+    after one that did not, it is a warning, and the run's own error is the one reported."""
+    try:
+        host.state  # noqa: B018 -- opened with every check a run makes
+    except IsconfError:
+        if code == EXIT_OK:
+            raise
+        return  # no state of ours to record in (not initialised, or refused): the run's error says so
+    try:
+        record.save(host, code, reason)
+    except (IsconfError, OSError) as e:
+        if code == EXIT_OK:
+            raise
+        warn("warning: the result of this run was not recorded: %s" % e)
+        return
+    try:
+        metrics = host.config.metrics
+        if metrics:
+            try:
+                report = status_report(host)
+            except (IsconfError, OSError):  # damaged state: still this run's result, and what can be read
+                report = {"last_run": last_run(host)}
+            write_metrics(host, metrics, report)
+    except (IsconfError, OSError) as e:
+        if str(e) != reason:  # the run's own error says it already
+            warn("warning: metrics not written: %s" % e)
+
+
+def up(args, host, record):
     if args.boot or args.syslog:
         REPORTER.syslog.open(host.rootpath)
     if args.splay is not None and not os.environ.get(REEXEC_ENV):  # a re-exec does not wait again
         splay(host, args.splay)  # before the lock: a waiting host holds nothing
+        if record is not None:
+            record.restart()  # the run's duration is its work, not the sleep
     with host.lock(args.wait) as lock:
         host.ensure_state()
         paused = host.disabled()
@@ -5012,14 +5355,14 @@ def cmd_up(args):
             raise Disabled("this host was disabled by %s at %s: %s; nothing applied until 'isconf enable'"
                            % (paused["who"], paused["time"], paused["why"]))
         run = Run(host, parse_now(args.now))
+        run.record = record
         # The interpreter and agent files are known as this process started, before any wait.
         applier = Applier(run, mounts=not args.no_mounts, lock=lock, argv=args.argv, boot=args.boot)
+        staged = set(host.objects.listdir())
         plan = Sync(run).sync(stage=not args.dry_run, wait=boot_wait(args, run.config))
         if args.dry_run:
-            for entry in plan.pending:
-                show("would apply %d %s" % (entry.seq, entry.summary()))
-            show("isconf: %d pending on branch %s (dry run: nothing applied)" % (len(plan.pending), plan.head.branch))
-            return EXIT_OK
+            return dry_run(host, plan, args.json)
+        record.fetched += fetched_bytes(host, plan, staged)
         plan.commit(host)
         if not plan.pending:
             run.say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
@@ -5027,6 +5370,49 @@ def cmd_up(args):
         if code == EXIT_OK and plan.pending:
             run.say("applied through seq %d" % run.history.applied()[0])
         return code
+
+
+def fetched_bytes(host, plan, staged):
+    """What a sync fetched: the head, and when it was new its signature and the journal's new bytes,
+    and the objects staged since (staged: the names in objects/ before it)."""
+    total = len(plan.head.data) + len(plan.signature or b"") + len(plan.tail or b"")
+    for entry in interpretable(plan.pending):
+        for sha, size in entry.objects():
+            if sha not in staged and host.objects.stat(sha) is not None:
+                staged.add(sha)
+                total += size
+    return total
+
+
+def dry_run(host, plan, as_json):
+    """What 'up' would do: the transactions in order and the objects they need, from a verified
+    journal; nothing is applied, staged or recorded.  EXIT_PENDING when something would run."""
+    known = interpretable(plan.pending)
+    objects, seen = [], set()
+    for entry in known:
+        for sha, size in entry.objects():
+            if sha not in seen:
+                seen.add(sha)
+                st = host.objects.stat(sha)
+                objects.append({"sha": sha, "size": size, "staged": st is not None and st.st_size == size})
+    waiting = plan.pending[len(known)] if len(known) < len(plan.pending) else None
+    report = {
+        "schema": STATUS_SCHEMA, "branch": plan.head.branch, "head_seq": plan.head.seq,
+        "applied_seq": plan.head.seq - len(plan.pending),
+        "transactions": [{"seq": e.seq, "id": e.id, "kind": e.kind, "summary": e.summary()} for e in plan.pending],
+        "objects": objects, "fetch_bytes": sum(o["size"] for o in objects if not o["staged"]),
+        "needs_newer": waiting.seq if waiting is not None else None,
+    }
+    if as_json:
+        emit(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    else:
+        for item in report["transactions"]:
+            show("would apply %d %s" % (item["seq"], item["summary"]))
+        for item in objects:
+            show("  object %s %d bytes%s" % (item["sha"], item["size"], " (staged)" if item["staged"] else ""))
+        show("isconf: %d pending on branch %s, %d bytes to fetch (dry run: nothing applied)"
+             % (len(plan.pending), plan.head.branch, report["fetch_bytes"]))
+    return EXIT_PENDING if plan.pending else EXIT_OK
 
 
 def host_report(host):
@@ -5071,8 +5457,72 @@ def last_run_by(host):
     return None
 
 
-def cmd_status(args):
-    host = Host(args.root, args.config)
+def lock_holder(host):
+    """{"pid", "since"} of the process holding the host lock, or None; read, never taken (a status
+    that took it, even for a moment, could make an 'up' starting then exit busy).  The lock file names
+    its holder, but a holder killed with SIGKILL leaves its name behind: the kernel's table of flocks
+    (/proc/locks) says whether a process still holds the file, and which; without /proc, whether the
+    named process is alive."""
+    try:
+        fd = host.state.open("lock")
+    except FileNotFoundError:
+        return None
+    try:
+        ino, text = os.fstat(fd).st_ino, os.pread(fd, 256, 0)
+    finally:
+        os.close(fd)
+    try:
+        named = json.loads(text.decode("ascii"))
+    except ValueError:
+        named = None
+    if not (isinstance(named, dict) and isinstance(named.get("pid"), int) and TIME_RE.match(str(named.get("since")))):
+        named = None
+    try:
+        with open("/proc/locks", "rb") as f:
+            table = f.read(4 << 20).decode("ascii", "replace")
+    except OSError:
+        table = None
+    if table is None:
+        if named is None:
+            return None
+        try:
+            os.kill(named["pid"], 0)
+        except ProcessLookupError:
+            return None
+        except OSError:  # another user's process: alive
+            pass
+        return named
+    for line in table.splitlines():
+        fields = line.split()  # 1: FLOCK  ADVISORY  WRITE 4711 fe:00:2148590 0 EOF  ('->' for a waiter)
+        if len(fields) < 6 or fields[1] != "FLOCK" or not fields[4].isdigit():
+            continue
+        if fields[5].rpartition(":")[2] == str(ino):
+            pid = int(fields[4])
+            if named is not None and named["pid"] == pid:
+                return named
+            return {"pid": pid, "since": None}  # taken a moment ago, not yet named
+    return None
+
+
+STATES = collections.OrderedDict([  # the state status reports: the first that holds, in this order
+    ("running", "running now"),
+    ("disabled", "disabled ('isconf enable' lifts it)"),
+    ("interrupted", "interrupted: a transaction started and never ended; the next 'up' runs it again"),
+    ("failed", "halted at a failed transaction"),
+    ("needs-newer", "halted: the next transaction needs a newer isconf"),
+    ("refused", "refused at the last run"),
+    ("unreachable", "no mirror reachable at the last run"),
+    ("baseline", "baseline declared, never fetched: run 'isconf up'"),
+    ("never-fetched", "never fetched: run 'isconf up'"),
+    ("reboot", "waiting for a reboot: run 'isconf up -r'"),
+    ("pending", "transactions pending: run 'isconf up'"),
+    ("up-to-date", "up to date"),
+])
+
+
+def status_report(host):
+    """Where the host stands, from its local state only: the one report that status, status --json and
+    the metrics render.  Its fields are documented in README (Monitoring) under STATUS_SCHEMA."""
     config = host.config
     head, rows, applied_seq, applied_id = host_report(host)
     failed = [(e, ev) for e, mark, ev in rows if mark == "failed"]
@@ -5082,6 +5532,7 @@ def cmd_status(args):
         baseline = {"seq": tied[0] if tied else declared, "id": tied[1] if tied else None}
     last = host.last_success()
     report = {
+        "schema": STATUS_SCHEMA,
         "branch": config.branch, "applied_seq": applied_seq, "applied_id": applied_id,
         "head_seq": head.seq if head else 0, "pending": sum(1 for _, mark, _ in rows if mark in ("pending",
                                                                                                 "failed")),
@@ -5089,7 +5540,7 @@ def cmd_status(args):
                     if mark == "skipped"],
         "failed": None, "last_success": format_time(last) if last else None,
         "last_success_age": int(time.time() - last) if last else None, "insecure": config.insecure,
-        "baseline": baseline, "disabled": host.disabled(),
+        "baseline": baseline, "disabled": host.disabled(), "fetched": head is not None,
     }
     if failed:
         entry, event = failed[0]
@@ -5098,21 +5549,54 @@ def cmd_status(args):
         report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
                             "error": event.get("error"), "log": log, "log_tail": tail}
     report.update(agent=__version__, last_run_by=last_run_by(host))
-    report["needs_newer"] = None
+    report["needs_newer"] = report["reboot"] = None
     waiting = [e for e, mark, _ in rows if mark == "pending"]
     if waiting and not failed:  # the next transaction is one this version cannot read: halted there
         try:
-            waiting[0].interpret()
+            if waiting[0].meaning().reboots:
+                report["reboot"] = {"seq": waiting[0].seq, "id": waiting[0].id}
         except NeedsNewer as e:
             report["needs_newer"] = {"seq": waiting[0].seq, "id": waiting[0].id, "kind": waiting[0].kind,
                                      "error": str(e)}
+    # The last event (the recent history ends with it): a 'started' that is the run holding the lock, or
+    # one that never ended (killed, a power cut).
+    events = host.history(recent=True).events
+    started = events[-1] if events and events[-1]["event"] == "started" else None
+    if started is not None:
+        summary = next((e.summary() for e, _, _ in rows if e.id == started["id"]), None)
+        started = {"seq": started["seq"], "id": started["id"], "summary": summary, "since": started.get("time")}
+    holder = lock_holder(host)
+    report["running"] = dict(holder, transaction=started) if holder else None
+    report["interrupted"] = started if started and not holder else None
+    report["last_run"] = last_run(host)
+    result = (report["last_run"] or {}).get("result")
+    holds = {
+        "running": holder, "disabled": report["disabled"], "interrupted": report["interrupted"], "failed": failed,
+        "needs-newer": report["needs_newer"], "refused": result == "refused", "unreachable": result == "unreachable",
+        "baseline": head is None and baseline, "never-fetched": head is None, "reboot": report["reboot"],
+        "pending": report["pending"], "up-to-date": True,
+    }
+    report["state"] = next(state for state in STATES if holds[state])
+    return report
+
+
+def cmd_status(args):
+    host = Host(args.root, args.config)
+    report = status_report(host)
     # monitoring: non-zero while the host is halted
-    code = EXIT_FAILED if failed else EXIT_NEWER if report["needs_newer"] else EXIT_OK
+    code = EXIT_FAILED if report["failed"] else EXIT_NEWER if report["needs_newer"] else EXIT_OK
     if args.json:
         emit(json.dumps(report, indent=2, sort_keys=True) + "\n")
         return code
-    show("branch:       %s%s" % (config.branch, "  (INSECURE: signatures not checked)" if config.insecure else ""))
-    show("applied:      seq %d  %s" % (applied_seq, applied_id[:16]))
+    state = STATES[report["state"]]
+    run, interrupted, last = report["running"], report["interrupted"], report["last_run"]
+    if report["state"] in ("refused", "unreachable") and last.get("reason"):
+        state += ": " + last["reason"]
+    show("state:        %s" % state)
+    show("branch:       %s%s" % (report["branch"], "  (INSECURE: signatures not checked)" if report["insecure"]
+                                 else ""))
+    show("applied:      seq %d  %s" % (report["applied_seq"], report["applied_id"][:16]))
+    baseline = report["baseline"]
     if baseline:
         show("baseline:     seq %d  %s" % (baseline["seq"], baseline["id"][:16] if baseline["id"] else
                                            "(declared; checked at the first fetch)"))
@@ -5120,9 +5604,26 @@ def cmd_status(args):
         paused = report["disabled"]
         show("DISABLED:     by %s at %s: %s ('isconf enable' lifts it)" % (paused["who"], paused["time"],
                                                                        paused["why"]))
-    show("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
+    if run:
+        doing = run["transaction"]
+        show("running:      pid %d since %s%s" % (run["pid"], run["since"] or "a moment ago",
+                                                  ", transaction %d %s" % (doing["seq"], doing["summary"])
+                                                  if doing else ""))
+    if interrupted:
+        show("INTERRUPTED:  seq %d %s (started %s, never ended; the next 'up' runs it again)"
+             % (interrupted["seq"], interrupted["summary"], interrupted["since"]))
+    if report["fetched"]:
+        show("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
+    else:
+        show("pending:      unknown: never fetched")
+    if report["reboot"]:
+        show("reboot:       seq %d is a reboot: run 'isconf up -r'" % report["reboot"]["seq"])
     show("last success: %s" % ("%s (%s ago)" % (report["last_success"], age(report["last_success_age"]))
-                                if last else "never"))
+                                if report["last_success"] else "never"))
+    if last:
+        show("last run:     %s, exit %d (%s) after %.1f s, %d applied, %d bytes fetched%s"
+             % (last["end"], last["exit_code"], last.get("result"), last["duration"], last.get("applied", 0),
+                last.get("fetched_bytes", 0), ": " + last["reason"] if last.get("reason") else ""))
     for item in report["skipped"]:
         show("skipped:      seq %d by %s: %s" % (item["seq"], item["who"], item["why"]))
     if report["failed"]:
@@ -5136,6 +5637,70 @@ def cmd_status(args):
         show("HALTED:       seq %d needs a newer isconf" % report["needs_newer"]["seq"])
         show("              %s" % report["needs_newer"]["error"])
     return code
+
+
+METRICS = [  # (name, help, the value from a status report)
+    ("isconf_last_run_timestamp_seconds", "When the last 'isconf up' ended (Unix time).",
+     lambda r, run: parse_time(run["end"]) if run else 0),
+    ("isconf_last_run_exit_code", "Exit code of the last 'isconf up' (see README, Exit codes).",
+     lambda r, run: run["exit_code"] if run else 0),
+    ("isconf_last_run_duration_seconds", "How long the last 'isconf up' took.",
+     lambda r, run: run["duration"] if run else 0),
+    ("isconf_last_run_applied_transactions", "Transactions the last 'isconf up' applied.",
+     lambda r, run: run.get("applied", 0) if run else 0),
+    ("isconf_last_run_fetched_bytes", "Bytes the last 'isconf up' fetched (head, journal, objects).",
+     lambda r, run: run.get("fetched_bytes", 0) if run else 0),
+    ("isconf_last_success_timestamp_seconds", "When an 'isconf up' last ended with nothing left to apply "
+     "(Unix time; 0: never).", lambda r, run: parse_time(r["last_success"]) if r["last_success"] else 0),
+    ("isconf_applied_seq", "Seq of the last transaction applied (or skipped, or in the baseline).",
+     lambda r, run: r["applied_seq"]),
+    ("isconf_head_seq", "Seq of the last head this host verified.", lambda r, run: r["head_seq"]),
+    ("isconf_pending_transactions", "Verified transactions not yet applied.", lambda r, run: r["pending"]),
+    ("isconf_failed_seq", "Seq of the failed transaction the host is halted at (0: none).",
+     lambda r, run: r["failed"]["seq"] if r["failed"] else 0),
+    ("isconf_disabled", "1 while 'isconf disable' pauses the host.", lambda r, run: 1 if r["disabled"] else 0),
+]
+
+
+def metric_label(value):
+    """A label value as the text format wants it: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def render_metrics(report):
+    """The status report in Prometheus' text format, for node_exporter's textfile collector."""
+    run, lines = report["last_run"], []
+    for name, text, value in METRICS:
+        try:
+            number = value(report, run)
+        except KeyError:  # a report of damaged state holds the last run alone
+            continue
+        lines += ["# HELP %s %s" % (name, text), "# TYPE %s gauge" % name, "%s %s" % (name, number)]
+    if "state" not in report:
+        return ("\n".join(lines) + "\n").encode("utf-8")
+    lines += ["# HELP isconf_info The agent's version, the branch and the applied entry's id (one query shows which "
+              "hosts share an identical history).", "# TYPE isconf_info gauge",
+              'isconf_info{version="%s",branch="%s",applied_id="%s"} 1'
+              % (metric_label(__version__), metric_label(report["branch"]), metric_label(report["applied_id"])),
+              "# HELP isconf_state The host's state as 'isconf status' names it (README, status).",
+              "# TYPE isconf_state gauge"]
+    lines += ['isconf_state{state="%s"} %d' % (state, state == report["state"]) for state in STATES]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def write_metrics(host, path, report):
+    """Replace the metrics file atomically (the collector never reads half of one), reached inside the
+    root as the host's other files are: never through a link at its name, only over a regular file."""
+    where = host.rootpath.resolve(posixpath.dirname(path))
+    try:
+        directory = StateDir(host.rootpath.open_dir(posixpath.dirname(path)), where)
+    except OSError as e:
+        raise StateError("metrics directory %s: %s; make it (node_exporter's --collector.textfile.directory) or "
+                         "change the path with 'isconf init --force --metrics PATH'" % (where, e.strerror))
+    try:
+        directory.write(posixpath.basename(path), render_metrics(report), 0o644)
+    finally:
+        directory.close()
 
 
 def age(seconds):
@@ -5305,7 +5870,8 @@ As an author (working on a repository directory, --repo or ISCONF_REPO):
 Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
 4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem,
 8 drift found by 'isconf verify', 9 disabled ('isconf disable'), 10 needs a newer isconf,
-70 internal error (a bug: please report it), 130 interrupted.
+11 something would run ('up --dry-run'), 70 internal error (a bug: please report it),
+130 interrupted.
 """
 
 
@@ -5380,6 +5946,15 @@ def build_parser():
         p.set_defaults(func=func)
         return p
 
+    def signing_options(p, unsigned=True):
+        p.add_argument("--sign", metavar="KEY", help="SSH private key, or public key held by ssh-agent "
+                       "(default: $ISCONF_SIGN_KEY; this%s is required)" % (" or --unsigned" if unsigned else ""))
+        p.add_argument("--expires", metavar="DURATION", help="the new head expires after DURATION, e.g. 30d or 12h "
+                       "(default: never)")
+        if unsigned:
+            p.add_argument("--unsigned", action="store_true", help="publish an unsigned head, for --insecure hosts "
+                           "only (default: off)")
+
     def now_option(p):
         p.add_argument("--now", metavar="TIME", help="judge expiry and key validity as if the UTC time were TIME, "
                        "e.g. 2026-11-25T06:30:00Z, for a miniroot with no clock (default: this machine's clock, "
@@ -5411,12 +5986,15 @@ def build_parser():
     p.add_argument("--interrupted-max", type=int, metavar="N", help="halt, as failed, a transaction started N "
                    "times that never ended (it reboots the machine, or kills the agent), instead of starting it "
                    "again at every boot (default %d)" % DEFAULT_INTERRUPTED_MAX)
+    p.add_argument("--metrics", metavar="PATH", help="after every 'up', write a Prometheus text file at PATH "
+                   "inside the root, for node_exporter's textfile collector (a .prom file; default: none)")
     p.add_argument("--force", action="store_true", help="overwrite an existing config (default: refuse)")
     p.add_argument("--baseline", type=int, metavar="SEQ", help="the image already holds every transaction up to "
                    "SEQ (built without isconf): the first fetch checks SEQ exists, 'up' applies what follows "
                    "(default: none, replay from seq 1)")
     p = verb("up", cmd_up, "fetch, verify and apply every pending transaction",
              "isconf up                     # by hand: one line per transaction\n"
+             "isconf up --dry-run --json    # what would run, and what it would fetch\n"
              "isconf up -q --splay 600      # from cron: quiet unless something is wrong\n"
              "isconf up -r --boot           # at boot: wait for a mirror, reboot at a reboot entry")
     wait_option(p, "a running 'up' (or skip, migrate, init) to finish")
@@ -5431,8 +6009,10 @@ def build_parser():
                    "(default: no sleep)")
     p.add_argument("--syslog", action="store_true", help="log to syslog (ROOT/dev/log) as well as the console "
                    "(default: only with --boot)")
-    p.add_argument("--dry-run", action="store_true", help="fetch and verify, show what would run, apply nothing "
-                   "(default: off)")
+    p.add_argument("--dry-run", action="store_true", help="fetch and verify, show what would run and the objects "
+                   "to fetch, apply nothing; exit %d if something would run, 0 if nothing (default: off)"
+                   % EXIT_PENDING)
+    p.add_argument("--json", action="store_true", help="with --dry-run, print the plan as JSON (default: text)")
     now_option(p)
     p = verb("status", cmd_status, "show branch, applied position, pending work and any failure",
              "isconf status\nisconf status --json | jq .pending")
@@ -5501,12 +6081,7 @@ def build_parser():
     p = verb("ci", cmd_ci, "append staged entries to the journal, sign the head, unlock",
              "isconf ci --sign ~/.ssh/id_ed25519 --expires 30d")
     p.add_argument("-m", dest="message", metavar="WHY", help="check-in message (default: none)")
-    p.add_argument("--sign", metavar="KEY", help="SSH private key, or public key held by ssh-agent "
-                   "(default: $ISCONF_SIGN_KEY; this or --unsigned is required)")
-    p.add_argument("--expires", metavar="DURATION", help="head expires after DURATION, e.g. 30d or 12h "
-                   "(default: never)")
-    p.add_argument("--unsigned", action="store_true", help="publish an unsigned head, for --insecure hosts only "
-                   "(default: off)")
+    signing_options(p)
     p = verb("unlock", cmd_unlock, "release your lock (--force: break another's, discarding their work)",
              "isconf unlock")
     p.add_argument("--force", action="store_true", help="break another author's lock and discard their staged "
@@ -5514,15 +6089,10 @@ def build_parser():
     p = verb("fork", cmd_fork, "create branch NEW starting as a copy of this branch",
              "isconf --branch web fork web2 --sign ~/.ssh/id_ed25519")
     p.add_argument("new", metavar="NEW", help="the new branch's name")
-    p.add_argument("--sign", metavar="KEY", help="as for ci (default: $ISCONF_SIGN_KEY)")
-    p.add_argument("--expires", metavar="DURATION", help="as for ci (default: never)")
-    p.add_argument("--unsigned", action="store_true", help="publish an unsigned head, for --insecure hosts only "
-                   "(default: off)")
+    signing_options(p)
     p = verb("sign", cmd_sign, "sign the branch's current head again (renew its expiry, or sign an unsigned one)",
              "isconf sign --sign ~/.ssh/id_ed25519 --expires 30d")
-    p.add_argument("--sign", metavar="KEY", help="as for ci (default: $ISCONF_SIGN_KEY)")
-    p.add_argument("--expires", metavar="DURATION", help="the new head expires after DURATION, e.g. 30d "
-                   "(default: never)")
+    signing_options(p, unsigned=False)
 
     p = verb("serve", cmd_serve, "serve a repository directory over HTTP (for trying out and tests)",
              "isconf serve /srv/isconf --bind 0.0.0.0 --port 8000")

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +27,8 @@ def interpreter_version(path):
 # Every CPython 3.6 to 3.13 on this machine; the default interpreter if there are none.
 PYTHONS = sorted((p for p in glob.glob("/root/.pyenv/versions/3.*/bin/python3")
                   if (3, 6) <= interpreter_version(p)[:2] <= (3, 13)), key=interpreter_version) or [sys.executable]
-EXIT = {"ok": 0, "failed": 1, "usage": 2, "unreachable": 3, "refused": 4, "reboot": 5, "busy": 6, "state": 7}
+EXIT = {"ok": 0, "failed": 1, "usage": 2, "unreachable": 3, "refused": 4, "reboot": 5, "busy": 6, "state": 7,
+        "disabled": 9, "newer": 10, "pending": 11}
 
 
 STAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", re.M)
@@ -233,12 +235,13 @@ class Host(object):
     def snapshot(self):
         """Every file under the root with its bytes and metadata: to prove nothing changed.
 
-        The time of the last successful run is left out: recording it is not applying anything."""
+        The time of the last successful run and the record of the last run are left out: recording
+        them is not applying anything."""
         seen = {}
         for top, dirs, files in os.walk(self.root):
             for name in dirs + files:
                 p = os.path.join(top, name)
-                if p == self.state("last-success"):
+                if p in (self.state("last-success"), self.state("last-run")):
                     continue
                 st = os.lstat(p)
                 content = None
@@ -282,3 +285,62 @@ def busybox_root():
     if not os.path.exists(BUSYBOX):
         pytest.fail("busybox-static is not installed; .ci/run installs it")
     return install_busybox
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def nginx(author, tmp_path):
+    """Debian's nginx serving the repository as plain static files; yields its URL and access log.
+
+    The log is nginx's combined format with $bytes_sent (headers included) where combined has
+    $body_bytes_sent, and $request_length (what the client sent) at the end."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        pytest.fail("nginx is not installed; .ci/run installs nginx-light")
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text("""
+daemon off;
+user root;  # the repository lives in a private pytest directory
+pid %(tmp)s/nginx.pid;
+error_log %(tmp)s/nginx-error.log;
+events {}
+http {
+    log_format sent '$remote_addr - $remote_user [$time_local] "$request" $status $bytes_sent '
+                    '"$http_referer" "$http_user_agent" $request_length';
+    access_log %(tmp)s/nginx-access.log sent;
+    client_body_temp_path %(tmp)s; proxy_temp_path %(tmp)s; fastcgi_temp_path %(tmp)s;
+    uwsgi_temp_path %(tmp)s; scgi_temp_path %(tmp)s;
+    server {
+        listen 127.0.0.1:%(port)d;
+        root %(repo)s;
+        location /authoring/ { deny all; }
+    }
+}
+""" % {"tmp": tmp_path, "port": port, "repo": author.repo})
+    proc = subprocess.Popen([binary, "-c", str(conf), "-e", str(tmp_path / "nginx-error.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield "http://127.0.0.1:%d/" % port, tmp_path / "nginx-access.log"
+    proc.terminate()
+    proc.wait(10)
+
+
+def access_log(log):
+    """(status, path, bytes sent) of each request in the nginx fixture's log."""
+    out = []
+    for line in log.read_text().splitlines():
+        request, rest = line.split('"')[1], line.split('"')[2].split()
+        out.append((rest[0], request.split()[1], int(rest[1])))
+    return out

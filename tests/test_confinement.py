@@ -84,7 +84,7 @@ class Journal(object):
 
 # What the agent keeps, as paths inside the root.  {log} is the log of the journal's last
 # transaction, {object} the staged object a later snap needs.
-FILES = [STATE + name for name in ("journal", "head", "head.sig", "history", "lock", "baseline", "disabled",
+FILES = [STATE + name for name in ("journal", "head", "head.sig", "history", "lock", "baseline", "disabled", "last-run",
                                    "last-success", "state-format", "objects/{object}", "objects/{object}.part",
                                    "logs/{log}")] + ["/etc/isconf/isconf.conf", "/etc/isconf/allowed_signers"]
 DIRS = [STATE + "objects", STATE + "logs"]

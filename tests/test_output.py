@@ -6,8 +6,10 @@ import re
 import select
 import subprocess
 import sys
+import time
 
-from conftest import AUTHOR, ISCONF, error_line
+from conftest import AUTHOR, ISCONF, Host, error_line
+from test_hostile import HostileMirror
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ "
 
@@ -102,3 +104,47 @@ def test_text_from_the_journal_is_escaped_in_the_transaction_line(author, host, 
     proc = host("up", expect="ok")
     assert "\x1b" not in proc.out and "\r" not in proc.out
     assert "\\x1b[2J\\x0dgotcha" in proc.out, proc.out
+
+
+class SlowMirror(HostileMirror):
+    """Objects arrive a chunk every 20 ms, as from a distant mirror: long enough to show progress."""
+
+    def _serve(self, conn, target, headers):
+        if not target.startswith("/objects/"):
+            return super(SlowMirror, self)._serve(conn, target, headers)
+        with open(os.path.join(self.directory, target.lstrip("/")), "rb") as f:
+            data = f.read()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(data))
+        for offset in range(0, len(data), 256 * 1024):
+            conn.sendall(data[offset:offset + 256 * 1024])
+            time.sleep(0.02)
+
+
+def test_a_large_download_shows_progress_on_a_terminal_only(author, host, keys, tmp_path):
+    src = tmp_path / "src"
+    (src / "srv").mkdir(parents=True)
+    (src / "srv" / "big.img").write_bytes(os.urandom(24 * 1024 * 1024))
+    author.commit(["--root", str(src), "snap", "/srv/big.img"])
+    mirror = SlowMirror(author.repo)
+    try:
+        host.init(mirror.url, keys)
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-I", ISCONF, "--root", host.root, "up"], stdout=subprocess.PIPE,
+                                stderr=slave, stdin=subprocess.DEVNULL,
+                                env={"PATH": os.environ["PATH"], "ISCONF_AUTHOR": AUTHOR, "LC_ALL": "C.UTF-8"})
+        os.close(slave)
+        try:
+            terminal = read_all(master).decode()
+        finally:
+            os.close(master)
+            out = proc.communicate(timeout=60)[0].decode()
+        assert proc.returncode == 0, terminal
+        assert re.search(r"\risconf: fetching 1 object\(s\): \d+\.\d of 24\.0 MiB\x1b\[K", terminal), repr(terminal)
+        assert terminal.endswith("\r\x1b[K"), repr(terminal)  # cleared before the next line
+        # Off a terminal (a cron log), the same download shows no progress line.
+        other = Host(str(tmp_path / "other"))
+        other.init(mirror.url, keys)
+        quiet = other("up", expect="ok")
+        assert "fetching" not in quiet.err and "\x1b" not in quiet.err, quiet.err
+    finally:
+        mirror.stop()

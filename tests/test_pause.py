@@ -71,7 +71,7 @@ def test_a_dry_run_shows_only_what_follows_the_baseline_and_ties_nothing(author,
     busybox_root(host.root)
     three_touches(author)
     host.init(server.url, keys, "--baseline", "2")
-    out = host("up", "--dry-run", expect="ok").out
+    out = host("up", "--dry-run", expect="pending").out
     assert "would apply 3 " in out and "would apply 2 " not in out
     assert not os.path.exists(host.state("history")) or history(host) == []
 

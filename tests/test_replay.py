@@ -197,7 +197,7 @@ def test_dry_run_shows_pending_and_applies_nothing(author, server, keys, host, b
     busybox_root(host.root)
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/x"])
     host.init(server.url, keys)
-    dry = host("up", "--dry-run", expect="ok")
+    dry = host("up", "--dry-run", expect="pending")
     assert "would apply 1 exec /bin/touch /tmp/x" in dry.out
     assert not os.path.exists(host.path("/tmp/x"))
     assert host.status()["applied_seq"] == 0

@@ -2,15 +2,11 @@
 
 import http.client
 import os
-import shutil
-import socket
-import subprocess
-import time
 import urllib.parse
 
 import pytest
 
-from conftest import Server, error_line
+from conftest import Server, access_log, error_line
 
 
 @pytest.fixture
@@ -95,60 +91,6 @@ def test_one_access_log_line_per_request(site):
     lines = site.requests()
     assert len(lines) == 2
     assert '"GET /file HTTP/1.1" 206 range=bytes=1-2' in lines[0] and '"GET /missing HTTP/1.1" 404' in lines[1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def nginx(author, tmp_path):
-    """Debian's nginx serving the repository as plain static files."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(binary):
-        pytest.fail("nginx is not installed; .ci/run installs nginx-light")
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text("""
-daemon off;
-user root;  # the repository lives in a private pytest directory
-pid %(tmp)s/nginx.pid;
-error_log %(tmp)s/nginx-error.log;
-events {}
-http {
-    access_log %(tmp)s/nginx-access.log;
-    client_body_temp_path %(tmp)s; proxy_temp_path %(tmp)s; fastcgi_temp_path %(tmp)s;
-    uwsgi_temp_path %(tmp)s; scgi_temp_path %(tmp)s;
-    server {
-        listen 127.0.0.1:%(port)d;
-        root %(repo)s;
-        location /authoring/ { deny all; }
-    }
-}
-""" % {"tmp": tmp_path, "port": port, "repo": author.repo})
-    proc = subprocess.Popen([binary, "-c", str(conf), "-e", str(tmp_path / "nginx-error.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield "http://127.0.0.1:%d/" % port, tmp_path / "nginx-access.log"
-    proc.terminate()
-    proc.wait(10)
-
-
-def access_log(log):
-    """(status, path, bytes sent) of each request in nginx's combined log."""
-    out = []
-    for line in log.read_text().splitlines():
-        request, rest = line.split('"')[1], line.split('"')[2].split()
-        out.append((rest[0], request.split()[1], int(rest[1])))
-    return out
 
 
 def test_replays_from_nginx_with_range(author, keys, host, nginx, busybox_root):

@@ -119,6 +119,7 @@ def test_two_upgrades_in_one_up_each_new_version_takes_over(agent_host, author, 
     status = json.loads(run_agent(agent_host.root, "status", "--json").out)
     assert status["agent"] == "1.2.0" and status["last_run_by"]["agent"] == "1.2.0"
     assert status["applied_seq"] == 4 and status["pending"] == 0
+    assert (status["last_run"]["result"], status["last_run"]["applied"]) == ("ok", 4)  # one run, across re-execs
     assert agent_text(agent_host) == build("1.2.0")
 
 
