@@ -45,6 +45,7 @@ import json
 import os
 import posixpath
 import re
+import select
 import shlex
 import signal
 import socket
@@ -61,6 +62,9 @@ import urllib.parse
 
 # Modules the standard library would import on first use, in the middle of a run:
 import encodings.idna   # noqa: F401  (by socket, for host names)
+
+# A descriptor that wakes us when a transaction's command exits: Linux 5.3 and Python 3.9 have one.
+PIDFD_OPEN = getattr(os, "pidfd_open", None)
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -459,10 +463,19 @@ def durable_append(path, data, dir_fd=None):
 
 
 def append_record(path, fields, dir_fd=None):
-    """Append one canonical JSON line and fsync it.  A power cut during an earlier
-    append leaves at most a torn last line: it is cut off first, so this record
-    starts on a line of its own and the file stays readable."""
-    fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o644, dir_fd)
+    """Append one canonical JSON line and fsync it (open_records, write_record)."""
+    fd = open_records(path, dir_fd)
+    try:
+        write_record(fd, fields)
+    finally:
+        os.close(fd)
+
+
+def open_records(path, dir_fd=None):
+    """Open a file of records for appending.  A power cut during an earlier append leaves
+    at most a torn last line: it is cut off first, so the next record starts on a line
+    of its own and the file stays readable."""
+    fd = open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644, dir_fd)
     try:
         end = os.lseek(fd, 0, os.SEEK_END)
         if end and os.pread(fd, 1, end - 1) != b"\n":
@@ -471,11 +484,17 @@ def append_record(path, fields, dir_fd=None):
             if cut < 0 and len(tail) < end:
                 raise StateError("%s ends in a damaged record over 1 MiB long; the disk may be failing" % path)
             os.ftruncate(fd, end - len(tail) + cut + 1)
-        os.lseek(fd, 0, os.SEEK_END)
-        write_all(fd, canonical(fields) + b"\n")
-        os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def write_record(fd, fields):
+    """Append one canonical JSON line to a file open_records opened, and fsync it: the record
+    is then on disk."""
+    write_all(fd, canonical(fields) + b"\n")
+    os.fsync(fd)
 
 
 def read_records(path, what, until=None, dir_fd=None):
@@ -2009,11 +2028,14 @@ class ExecKind(Kind):
         try:
             status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log,
                                  timeout=config.exec_timeout, mounts=applier.mounts)
+            if status != 0:
+                os.fsync(log)  # what the failure printed outlives a power cut
+                raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
         finally:
             os.close(log)
-        if status != 0:
-            raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
-        os.sync()  # what the command wrote must outlive a power cut once 'done' is recorded (rule 5)
+        # What the command wrote, and its log, must outlive a power cut once 'done' is recorded (rule 5):
+        # one sync covers both (a command may write anywhere, so no fsync of ours would do).
+        os.sync()
         return False
 
 
@@ -2134,6 +2156,13 @@ def interpretable(entries):
         except NeedsNewer:
             break
     return known
+
+
+def entry_at(entries, seq):
+    """The entry of seq among consecutive entries (a journal, or its end from the applied entry on), or None."""
+    if entries and entries[0].seq <= seq <= entries[-1].seq:
+        return entries[seq - entries[0].seq]
+    return None
 
 
 def verify_chain(data, prev_seq, prev_id, what="journal"):
@@ -2285,6 +2314,9 @@ class StateDir(object):
     def append_record(self, name, fields):
         append_record(self.file(name), fields, self.fd)
 
+    def open_records(self, name):
+        return open_records(self.file(name), self.fd)
+
     def read_records(self, name, what, until=None):
         return read_records(self.file(name), what, until, self.fd)
 
@@ -2421,6 +2453,7 @@ class History(object):
 
     def __init__(self, state, recent=False):
         self.state, self.path = state, state.file("history")
+        self.fd = None  # opened at the first record, then kept for the run (under the host lock)
         self.events = state.read_records("history", "history",
                                          (lambda e: e.get("event") in self.POSITION) if recent else None)
         for event in self.events:
@@ -2433,7 +2466,14 @@ class History(object):
             extra["error"] = extra["error"][:ERROR_MAX] + "..."
         fields = dict(extra, event=event, seq=entry.seq, id=entry.id, time=format_time(time.time()))
         self.events.append(fields)
-        self.state.append_record("history", fields)
+        if self.fd is None:
+            self.fd = self.state.open_records("history")
+        try:
+            write_record(self.fd, fields)
+        except BaseException:
+            os.close(self.fd)  # a record torn by a full disk: the next one opens the file again, cutting it
+            self.fd = None
+            raise
 
     def applied(self):
         """(seq, id) of the last transaction done or skipped, or of the baseline: the applied prefix."""
@@ -2666,31 +2706,66 @@ class Host(object):
             raise StateError(str(e))
 
     def local_journal(self, head, parse_after=0):
-        """The verified local journal copy, checked again against the local head.
+        """The verified local journal copy, checked again against the local head: its entries
+        from seq parse_after on (from seq 1 without it).
 
-        Entries up to parse_after (what is applied) are only hashed, not parsed again:
-        an up-to-date run then costs what is pending, not the journal's length.  The
-        last of them is still tied to the head by the chain of those that are parsed;
-        'status' and 'log' parse them all.
+        The copy was verified whole when it was committed.  Of what is applied (up to
+        parse_after) only the last entry is read again: the file is read backwards from the
+        head's length as far as that entry, which must say its seq, and the chain from it to
+        the head's id is checked again.  So an up-to-date run costs what is pending, not the
+        journal's length: a host that applied a million entries reads one.  'status' and
+        'log' read them all.
         """
         if head is None:
             return []
         fix = ("; remove %s and %s and run 'isconf up' to fetch the journal again"
                % (self.path("journal"), self.path("head")))
-        data = self.journal_bytes(head.length)
-        lines = data.split(b"\n")
-        if len(data) != head.length or lines[-1] or len(lines) - 1 != head.seq:
-            raise StateError("local journal %s does not match its head%s" % (self.path("journal"), fix))
         known = min(parse_after, head.seq)
-        entries = [Entry(None, line, seq) for seq, line in enumerate(lines[:known], 1)]
+        lines = self.journal_lines(head.length, head.seq - known + 1 if known else None)
+        if lines is None or len(lines) != (head.seq - known + 1 if known else head.seq):
+            raise StateError("local journal %s does not match its head%s" % (self.path("journal"), fix))
         try:
-            entries += verify_chain(b"".join(l + b"\n" for l in lines[known:-1]), known,
+            entries = []
+            if known:
+                entries.append(Entry.parse(lines.pop(0), "local journal entry %d" % known))
+                if entries[0].seq != known:
+                    raise Refused("local journal entry %d says seq %d" % (known, entries[0].seq))
+            entries += verify_chain(b"".join(l + b"\n" for l in lines), known,
                                     entries[-1].id if entries else ZERO_ID, "local journal")
         except Refused as e:
             raise StateError(str(e) + fix)
         if (entries[-1].id if entries else ZERO_ID) != head.id:
             raise StateError("local journal does not end at the local head's id" + fix)
         return entries
+
+    def journal_lines(self, length, count=None):
+        """The lines of the local journal copy's first length bytes; with count, only the last
+        count of them, read backwards from length in growing chunks.  None if the copy is
+        shorter than length or does not end a line there."""
+        if not length:
+            return []
+        try:
+            fd = self.state.open("journal")
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size < length:
+                return None
+            if count is None:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    data, pos = f.read(length), 0
+            else:
+                data, pos = b"", length
+                while pos and data.count(b"\n") <= count:  # count lines and the newline before them
+                    n = min(pos, max(CHUNK, len(data)))
+                    pos -= n
+                    data = os.pread(fd, n, pos) + data
+        finally:
+            os.close(fd)
+        if len(data) != length - pos or not data.endswith(b"\n"):
+            return None
+        lines = data.split(b"\n")[:-1]
+        return lines if count is None else lines[-count:]
 
     def journal_bytes(self, length):
         """The first length bytes of the local journal copy (fewer if it is shorter)."""
@@ -2890,7 +2965,8 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
     """Start a transaction's process, chrooted into root: the one place isconf runs a program.
 
     log is a descriptor of the transaction's log, open for reading and appending; the
-    caller closes it.  stdin is /dev/null (a prompt would hang a host for ever).
+    caller closes it, and syncs it if it must outlive a power cut.  stdin is /dev/null
+    (a prompt would hang a host for ever).
     Output goes straight into the log, not through a pipe: an init script that leaves
     a daemon holding its output must not keep the transaction open, and the daemon
     must not die of SIGPIPE when we stop reading.  The transaction ends when the
@@ -2916,25 +2992,27 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
 
     output = CommandOutput(log, echo)
     try:
+        # With --root /, Popen changes directory itself and, with no Python code to run in the child,
+        # can start it without copying this process (vfork): a millisecond or more per transaction.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=enter_root, close_fds=True, start_new_session=True)
+                                env=env, preexec_fn=enter_root if chroot else None, cwd=None if chroot else cwd,
+                                close_fds=True, start_new_session=True)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
         write_all(log, log_line(message))
         raise TransactionFailed(message)
     started = time.monotonic()
+    pidfd = open_pidfd(proc.pid)
     try:
         status = None
         while status is None:
-            try:
-                status = proc.wait(0.1)
-            except subprocess.TimeoutExpired:
-                if timeout is not None and time.monotonic() - started > timeout:
-                    kill_group(proc, signal.SIGKILL)
-                    output.finish()
-                    write_all(log, ("\n[isconf] killed: still running after exec_timeout %g s\n" % timeout).encode())
-                    raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
-                                            "command, or raise exec_timeout in the host config" % (argv[0], timeout))
+            status = wait_for_exit(proc, pidfd, 0.1)
+            if status is None and timeout is not None and time.monotonic() - started > timeout:
+                kill_group(proc, signal.SIGKILL)
+                output.finish()
+                write_all(log, ("\n[isconf] killed: still running after exec_timeout %g s\n" % timeout).encode())
+                raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
+                                        "command, or raise exec_timeout in the host config" % (argv[0], timeout))
             output.follow()
     except BaseException:
         if proc.returncode is None:  # Ctrl-C or an error of ours: the command must not outlive the run
@@ -2946,9 +3024,11 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
                 proc.wait()
         output.finish()
         raise
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     output.finish()
     write_all(log, ("[isconf] exit status %d\n" % status).encode())
-    os.fsync(log)
     return status
 
 
@@ -3018,6 +3098,31 @@ class CommandOutput(object):
             self.cut += max(0, len(tail) - self.tail_max)
             write_all(self.log, ("\n[isconf] log cut: %d bytes of output left out here (a log keeps %d bytes "
                                  "per attempt)\n" % (self.cut, ATTEMPT_MAX)).encode() + tail[-self.tail_max:])
+
+
+def open_pidfd(pid):
+    """A descriptor that turns readable when process pid exits, or None where the kernel or
+    Python has none (before Linux 5.3, Python 3.9): then waiting polls, as Popen.wait(timeout)
+    does, and ends a short command's transaction up to a few milliseconds late."""
+    if PIDFD_OPEN is None:
+        return None
+    try:
+        return PIDFD_OPEN(pid)
+    except OSError:  # ENOSYS on an older kernel, or out of descriptors: poll instead
+        return None
+
+
+def wait_for_exit(proc, pidfd, seconds):
+    """proc's exit status as soon as it exits, or None after seconds."""
+    if pidfd is None:
+        try:
+            return proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return None
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.poll(seconds * 1000)
+    return proc.poll()
 
 
 def kill_group(proc, sig):
@@ -3506,8 +3611,9 @@ def last_run(host):
 
 
 class Plan(object):
-    """The outcome of a sync: the verified journal, what is left to apply, and what to
-    record locally before applying (nothing when the head was unchanged)."""
+    """The outcome of a sync: the verified journal (from the applied entry on, when the local
+    copy was read), what is left to apply, and what to record locally before applying
+    (nothing when the head was unchanged)."""
 
     def __init__(self, head, entries, applied_seq, signature=None, keep=0, tail=None, baseline=None, history=None):
         self.head, self.entries = head, entries
@@ -3630,12 +3736,13 @@ class Sync(object):
         tail = self.fetch_tail(mirror, prefix + "journal", start, head.length)
         entries = base + verify_chain(tail, base[-1].seq if base else 0, base[-1].id if base else ZERO_ID,
                                       "journal from %s" % mirror)
-        if (entries[-1].id if entries else ZERO_ID) != head.id or len(entries) != head.seq:
+        if (entries[-1].id if entries else ZERO_ID) != head.id or (entries[-1].seq if entries else 0) != head.seq:
             raise Refused("journal from %s does not end at the entry the signed head names (seq %d); "
                           "head and journal are from different times" % (mirror, head.seq))
         # Rule 2: what this host applied must be a prefix of what it fetched.  The chain
         # makes one id comparison enough: equal ids at applied_seq mean equal prefixes.
-        if applied_seq and (len(entries) < applied_seq or entries[applied_seq - 1].id != applied_id):
+        applied = entry_at(entries, applied_seq)
+        if applied_seq and (applied is None or applied.id != applied_id):
             raise Refused("branch %s from %s does not extend what this host has applied (seq %d, %s): the "
                           "journal was rewritten; reinstall the host and replay"
                           % (branch, mirror, applied_seq, applied_id[:16]))
@@ -5927,7 +6034,37 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and examples as written: their line breaks are part of what they teach."""
 
 
-def build_parser():
+class UnbuiltParser(object):
+    """Stands for the parser of a verb this run does not parse: what is added to it is dropped."""
+
+    def add_argument(self, *args, **kw):
+        pass
+
+    def set_defaults(self, **kw):
+        pass
+
+
+def named_verb(argv):
+    """The verb argv names, so that only its parser is built; None to build them all (no verb, or
+    before it an option spelled other than in full, which argparse may read otherwise)."""
+    i = 0
+    while i < len(argv):
+        option = argv[i].split("=", 1)[0]
+        if argv[i] in ("--root", "--config", "--repo", "--branch"):
+            i += 2
+        elif option in ("--root", "--config", "--repo", "--branch", "--no-mounts", "--debug", "--quiet", "-q"):
+            i += 1
+        elif argv[i].startswith("-"):
+            return None
+        else:
+            return argv[i]
+    return None
+
+
+def build_parser(only=None):
+    """The command line.  With only (a verb), the other verbs are listed but their options are
+    not built: argparse takes several milliseconds for twenty verbs, a tenth of what an
+    up-to-date run adds to starting the interpreter."""
     common = global_options(suppress=True)
     parser = Parser(prog="isconf", description=HELP, formatter_class=HelpFormatter,
                     parents=[global_options(suppress=False)])
@@ -5939,6 +6076,9 @@ def build_parser():
 
     def verb(name, func, help_text, example, about=None):
         """A command; its --help ends with an example, as a man page's EXAMPLES does."""
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text, add_help=False)
+            return UnbuiltParser()
         p = sub.add_parser(name, parents=[common], help=help_text,
                            description=help_text + ("\n\n" + about if about else ""),
                            epilog="example:\n" + "\n".join("  " + line for line in example.splitlines()),
@@ -6133,8 +6273,12 @@ def main(argv=None):
     try:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, stop_on_signal)
-        parser = build_parser()
+        only = named_verb(sys.argv[1:] if argv is None else argv)
+        parser = build_parser(only)
         args = parser.parse_args(argv)
+        if only is not None and args.verb != only:  # not the verb it seemed to be: parse again with them all
+            parser = build_parser()
+            args = parser.parse_args(argv)
         # What a re-exec runs again; None when called from Python (main(argv)): that never re-executes.
         args.argv = sys.argv[1:] if argv is None else None
         REPORTER.quiet = args.quiet

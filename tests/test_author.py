@@ -57,6 +57,16 @@ def test_exec_runs_now_and_stages_only_on_success(author, tmp_path, busybox_root
     assert [(e.fields["argv"], e.fields["cwd"]) for e in entries(author)] == [(["/bin/touch", "made-here"], "/tmp")]
 
 
+def test_exec_on_the_authors_own_root_runs_in_the_given_directory(author, tmp_path):
+    # --root /: no chroot, so the command starts without Python code in the child; --cwd still holds.
+    work = str(tmp_path / "work")
+    os.makedirs(work)
+    author("lock", "-m", "here")
+    author("--root", "/", "exec", "--cwd", work, "--", "/bin/sh", "-c", "pwd > where; echo $ISCONF_SEQ > seq")
+    assert open(os.path.join(work, "where")).read() == work + "\n"
+    assert open(os.path.join(work, "seq")).read() == "0\n"  # the documented environment, not the author's
+
+
 def test_ci_message_falls_back_to_the_lock_reason(author):
     author("lock", "-m", "why we lock")
     author("reboot")

@@ -189,3 +189,14 @@ def test_every_verbs_help_ends_with_an_example(isconf):
         assert len(tail) == 2, (name, proc.out)
         assert all(line.startswith("  isconf ") or line.startswith("      ") for line in tail[1].splitlines()), \
             (name, tail[1])
+
+
+@pytest.mark.parametrize("shape", ["--root R status --json", "--root=R status --json", "status --root R --json",
+                                   "--debug --root R status --json", "-q --root R status --json",
+                                   "--ro R status --json"])
+def test_global_options_before_or_after_the_verb_however_spelled(shape, server, keys, host):
+    # Only the named verb's parser is built; an option argparse could read otherwise builds them all.
+    host.init(server.url, keys)
+    proc = run_isconf(*[host.root if a == "R" else a.replace("=R", "=" + host.root) for a in shape.split()],
+                      expect="ok")
+    assert '"applied_seq": 0' in proc.out

@@ -183,3 +183,47 @@ def test_status_before_the_upgrade_names_the_log_its_tail_came_from(author, keys
     failed = host.status()["failed"]
     assert failed["log"] == host.state("logs", "000001.log") and "attempt" in failed["log_tail"], failed
     assert "log %s:" % host.state("logs", "000001.log") in host("status", expect="failed").out
+
+
+LONG = "x" * 100000  # one entry of ~100 KB: more than the 64 KiB chunks the local journal is read back by
+
+
+def halted_between_long_entries(author, server, keys, host, busybox_root):
+    """A host that applied seq 1 and 2 (long), failed at 3 (long); 4 is pending.  Returns the journal's lines."""
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/true", "one"],
+                  ["exec", "--no-run", "--", "/bin/true", LONG],
+                  ["exec", "--no-run", "--", "/bin/sh", "-c", "test -e /tmp/go", LONG],
+                  ["exec", "--no-run", "--", "/bin/touch", "/tmp/four"])
+    host.init(server.url, keys)
+    host("up", expect="failed")
+    assert host.status()["applied_seq"] == 2
+    return author.journal().split(b"\n")[:-1]
+
+
+def test_a_run_reads_the_local_journal_back_from_the_head_across_long_entries(author, server, keys, host,
+                                                                               busybox_root):
+    # The run after the failure reads the local copy backwards as far as the applied entry (seq 2).
+    halted_between_long_entries(author, server, keys, host, busybox_root)
+    open(host.path("/tmp/go"), "w").close()
+    host("up", expect="ok")
+    assert os.path.exists(host.path("/tmp/four")) and host.status()["applied_seq"] == 4
+
+
+@pytest.mark.parametrize("damage", ["a byte of the pending entry", "a byte of the last applied entry",
+                                    "the last bytes cut off"])
+def test_a_damaged_local_journal_from_the_applied_entry_on_is_a_state_error(damage, author, server, keys, host,
+                                                                            busybox_root):
+    lines = halted_between_long_entries(author, server, keys, host, busybox_root)
+    open(host.path("/tmp/go"), "w").close()
+    path = host.state("journal")
+    with open(path, "r+b") as f:
+        if damage == "the last bytes cut off":
+            f.truncate(sum(len(l) + 1 for l in lines) - 10)
+        else:
+            seq, word = (4, b"four") if damage == "a byte of the pending entry" else (2, b"xxxx")
+            f.seek(sum(len(l) + 1 for l in lines[:seq - 1]) + lines[seq - 1].index(word))  # inside its argv
+            f.write(b"y")  # still canonical JSON: only the chain from the applied entry to the head tells
+    line = error_line(host("up", expect="state"))
+    assert "local journal" in line and "run 'isconf up' to fetch the journal again" in line, line
+    assert not os.path.exists(host.path("/tmp/four"))
