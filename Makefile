@@ -20,6 +20,9 @@ tools:
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
+	command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; \
+	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /sbin/mkfs.ext4 ] || missing="$$missing e2fsprogs"; \
 	bb=$$(command -v busybox || echo /bin/busybox); \
 	case "$$(LC_ALL=C ldd "$$bb" 2>&1)" in *"not a dynamic"*) ;; *) missing="$$missing busybox-static";; esac; \
 	if [ -n "$$missing" ]; then \

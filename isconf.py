@@ -99,6 +99,8 @@ DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
 DEFAULT_REBOOT = "/sbin/reboot"
+DEFAULT_INTERRUPTED_MAX = 3     # starts of one transaction that never ended before it is halted: no boot loop
+INTERRUPTED_MOST = 1000         # the largest interrupted_max a config may set
 DEFAULT_BOOT_WAIT = 300         # seconds 'up --boot' waits for a repository before giving up the boot's run
 BOOT_WAIT_MAX = 86400           # a boot is never held longer than a day, whatever the config says
 BOOT_BACKOFF_MAX = 30           # seconds between two rounds over the mirrors at boot, at most
@@ -149,7 +151,8 @@ STATUS_SCHEMA = 1  # of 'status --json' and 'up --dry-run --json': a field's mea
 STATE_FORMAT = 2  # host state layout this file reads and writes; 0.1.0's, without a number, is 1
 STATE_NAMES = ("state-format", "history", "journal", "head", "head.sig", "lock", "objects", "logs", "last-success",
                "internal-error.log", "installed", "baseline",
-               "disabled", "last-run")  # what isconf keeps in it: one of them marks a state directory as ours
+               "disabled", "last-run",
+               "boot-bin")  # what isconf keeps in it: one of them marks a state directory as ours
 
 # Exit codes: documented in README.md, stable across versions.
 EXIT_OK = 0
@@ -237,6 +240,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def stop_on_signal(signum, frame):
     raise Interrupted(signum)
+
+
+REBOOT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # init's, or a human's, way to stop the agent
 
 
 # ---------------------------------------------------------------------------
@@ -2015,6 +2021,9 @@ class ExecKind(Kind):
     def apply(self, applier, entry):
         host, config = applier.host, applier.config
         env = exec_environment(config.branch, entry.seq, entry.id, config.env)
+        boot_bin = applier.boot_bin()
+        if boot_bin:
+            env["PATH"] = boot_bin + ":" + env["PATH"]
         log = host.open_log(entry)
         try:
             status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log,
@@ -2356,6 +2365,8 @@ class Config(object):
                                  if "exec_timeout" in main else None)
             self.boot_wait = parse_positive(main.get("boot_wait", str(DEFAULT_BOOT_WAIT)), float, "boot_wait",
                                             BOOT_WAIT_MAX)
+            self.interrupted_max = parse_positive(main.get("interrupted_max", str(DEFAULT_INTERRUPTED_MAX)), int,
+                                                  "interrupted_max", INTERRUPTED_MOST)
             self.metrics = main.get("metrics") or None
             if self.metrics is not None:
                 check_metrics_path(self.metrics)
@@ -2478,6 +2489,24 @@ class History(object):
             if event["event"] == "baseline":
                 return event["seq"], event["id"]
         return None
+
+    def interrupted(self, entry):
+        """How many times this entry was started and never ended: a 'started' with no 'done' or
+        'failed' of that attempt after it (the machine rebooted or lost power under it, or the
+        agent was killed).  Counted since it was last done or skipped; the 'failed' that halts it
+        for this (it carries 'interrupted') ends no attempt, so the halt holds at every run."""
+        count, running = 0, False
+        for event in self.events:
+            if event["id"] != entry.id or event["seq"] != entry.seq:
+                continue
+            if event["event"] == "started":
+                count += running
+                running = True
+            elif event["event"] in ("done", "skipped"):
+                count, running = 0, False
+            elif event["event"] == "failed" and "interrupted" not in event:
+                running = False
+        return count + running
 
     def last(self, entry):
         """The last event recorded for this entry (by its id: another branch's entry of the
@@ -3997,10 +4026,11 @@ class Applier(object):
     over to a new agent or interpreter between transactions.  For a hand-over (cmd_up), lock
     is the host lock to keep and argv the arguments to run again."""
 
-    def __init__(self, run, mounts=True, lock=None, argv=None):
+    def __init__(self, run, mounts=True, lock=None, argv=None, boot=False):
         self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
         self.say = run.say
         self.mounts = mounts  # pseudo-filesystems for execs inside a --root (run_command)
+        self.boot, self._boot_bin = boot, None  # at boot, execs find a systemctl that does not wait (boot_bin)
         self.lock, self.argv = lock, argv
         self.interpreter, self.agent_files = interpreter_identity(), agent_files()
         # Provenance (item 4): who applied each transaction, as this process started.
@@ -4016,6 +4046,10 @@ class Applier(object):
                 self.say("transaction %d is a reboot: run 'isconf up -r' to record it and reboot" % entry.seq)
                 return EXIT_REBOOT
             position, summary, started = "[%d/%d]" % (entry.seq, plan.head.seq), entry.summary(), time.monotonic()
+            interrupted = history.interrupted(entry)
+            if interrupted >= self.config.interrupted_max:
+                REPORTER.end(position, summary, "halted", 0)
+                self.halt_interrupted(entry, interrupted)
             REPORTER.begin(position, summary)
             history.record("started", entry)
             try:
@@ -4043,22 +4077,69 @@ class Applier(object):
         self.finish(plan)
         return EXIT_OK
 
+    def halt_interrupted(self, entry, count):
+        """Fail a transaction that was started count times and never ended, without starting it again:
+        run again at every boot (rule 5), an exec that reboots the machine would loop its boots for ever."""
+        error = ("started %d times without ending (interrupted_max %d): it probably reboots or powers off the "
+                 "machine, or kills the agent, so it is not started again. A reboot belongs in a 'reboot' entry "
+                 "('isconf reboot'), not in an exec: once the journal has one, run 'isconf skip %d -m WHY'"
+                 % (count, self.config.interrupted_max, entry.seq))
+        self.history.record("failed", entry, error=error, interrupted=count, **self.provenance)
+        with os.fdopen(self.host.open_log(entry), "ab") as log:
+            log.write(log_line("[isconf] %s halted: %s" % (format_time(time.time()), error)))
+        raise TransactionFailed("transaction %d halted: %s; log in %s" % (entry.seq, error, self.host.log_path(entry)))
+
+    def boot_bin(self):
+        """At boot, the directory (a path inside the root) put first in the PATH of every exec: it holds
+        a systemctl that queues jobs without waiting for them (see SYSTEMCTL_NO_BLOCK).  None otherwise,
+        and where the root has no systemctl."""
+        if not self.boot:
+            return None
+        if self._boot_bin is None:
+            systemctl = systemctl_inside(self.host.rootpath)
+            self._boot_bin = ""
+            if systemctl:
+                directory = self.host.state.subdir("boot-bin", create=True)
+                script = (SYSTEMCTL_NO_BLOCK % {"systemctl": shlex.quote(systemctl)}).encode()
+                if directory.stat("systemctl") is None or directory.read("systemctl", len(script) + 1) != script:
+                    directory.write("systemctl", script, 0o755)
+                self._boot_bin = "/" + os.path.relpath(directory.path, self.host.root)
+        return self._boot_bin or None
+
     def finish(self, plan):
         self.release_objects(plan)
         if self.history.applied()[0] >= plan.head.seq:  # not after a reboot entry with more behind it
             self.host.record_success()
 
     def reboot(self):
-        """Run the configured reboot command on the machine running the agent (not chrooted)."""
+        """Run the configured reboot command on the machine running the agent (not chrooted).
+
+        From the moment it starts, the machine is going down at our request: init stopping the
+        agent (SIGTERM from systemd, a SIGHUP or SIGINT) is then the reboot, not an interruption.
+        A signal that comes while the command runs waits for its end (killing it could cancel the
+        reboot); once it succeeded, they are ignored and the run, which has nothing left to do,
+        ends with exit 0, so that the boot unit ends as a success, not as 'failed'.  Ignored, not
+        handled: the interpreter puts back the default action of its own handlers as it exits,
+        and a SIGTERM then would kill the agent by the signal (systemd: "Failed with result
+        'signal'", seen in a real boot)."""
         command = self.config.reboot_argv
         self.say("rebooting: %s" % self.config.reboot_command)
+        caught = []
+        previous = dict((signum, signal.signal(signum, lambda signum, frame: caught.append(signum)))
+                        for signum in REBOOT_SIGNALS)
         try:
             status = subprocess.call(command, stdin=subprocess.DEVNULL)
         except OSError as e:
             status = e.strerror
-        if status != 0:
+        # Killed by the shutdown it asked for: the reboot is under way.
+        going_down = bool(caught) and isinstance(status, int) and status < 0
+        if status != 0 and not going_down:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             raise StateError("the reboot is recorded as done, but reboot command %r failed (%s): reboot by hand"
                              % (self.config.reboot_command, status))
+        for signum in REBOOT_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         return EXIT_OK
 
     def apply_one(self, entry):
@@ -4174,6 +4255,30 @@ class Applier(object):
 # At boot and from cron: waiting for the repository, splay, and the units that run the agent.
 # ---------------------------------------------------------------------------
 
+# While isconf.service runs, its start job is still open: a service ordered after it cannot start until
+# the agent is done, so a transaction's 'systemctl restart S' (or a maintainer script's, an init
+# script's through /lib/lsb/init-functions) that waited for S would wait for ever: the boot deadlocks.
+# At boot every exec finds this systemctl first in its PATH; it queues the job and returns, and S
+# starts once isconf.service is done.  Debian's invoke-rc.d and deb-systemd-invoke find it by PATH too.
+SYSTEMCTL_PATHS = ("/usr/bin/systemctl", "/bin/systemctl")  # inside the root: the real one
+SYSTEMCTL_NO_BLOCK = """\
+#!/bin/sh
+# Written by 'isconf up --boot' for its execs: jobs are queued, not waited for, so that a service
+# ordered after isconf.service cannot deadlock the boot; it starts when isconf.service is done.
+exec %(systemctl)s --no-block "$@"
+"""
+
+
+def systemctl_inside(rootpath):
+    """The path inside the root of its systemctl, or None."""
+    for path in SYSTEMCTL_PATHS:
+        try:
+            if stat.S_ISREG(os.stat(rootpath.resolve(path)).st_mode):
+                return path
+        except OSError:
+            continue
+    return None
+
 
 def jitter():
     """A fraction in [0, 1) from the kernel's random source: never one seed shared by a fleet."""
@@ -4239,7 +4344,7 @@ BOOT_SERVICE = WRITTEN_BY + """\
 Description=isconf: replay this host's journal at boot
 Wants=network-online.target
 After=network-online.target
-
+%(mounts)s
 [Service]
 Type=oneshot
 ExecStart=%(agent)s up -r --boot
@@ -4256,7 +4361,7 @@ PERIODIC_SERVICE = WRITTEN_BY + """\
 Description=isconf: replay this host's journal (periodic run, started by isconf-update.timer)
 Wants=network-online.target
 After=network-online.target isconf.service
-
+%(mounts)s
 [Service]
 Type=oneshot
 # Without -r: a reboot entry waits for the next boot, where isconf.service takes it.
@@ -4331,9 +4436,34 @@ def default_install_kinds(rootpath):
     return ["sysv", "cron"]
 
 
-def install_items(kinds, boot_wait, agent):
-    """Every file and link install writes for kinds, in the order it writes them."""
-    values = {"agent": INSTALL_PATH, "wait": boot_wait, "timeout": boot_wait + BOOT_MARGIN}
+def mirror_mounts(config):
+    """The directories of the config's file-share mirrors (a directory or a file:// URL): the units
+    wait for the mounts that hold them (RequiresMountsFor=), as they wait for the network."""
+    found = []
+    for url in config.urls if config else ():
+        try:
+            directory = Mirror(url).directory
+        except UsageError:
+            continue  # 'up' says what is wrong with it
+        if directory and directory not in found:
+            found.append(directory)
+    return found
+
+
+def unit_path(path):
+    """A path as a unit file's list of paths takes it: quoted if it holds a space or a quote, and
+    '%' doubled, which would otherwise start a specifier."""
+    path = path.replace("%", "%%")
+    if re.search(r'[\s"\\\']', path):
+        path = '"%s"' % path.replace("\\", "\\\\").replace('"', '\\"')
+    return path
+
+
+def install_items(kinds, boot_wait, agent, mounts=()):
+    """Every file and link install writes for kinds, in the order it writes them; mounts, the
+    directories the agent reads mirrors from."""
+    values = {"agent": INSTALL_PATH, "wait": boot_wait, "timeout": boot_wait + BOOT_MARGIN,
+              "mounts": "RequiresMountsFor=%s\n" % " ".join(unit_path(m) for m in mounts) if mounts else ""}
     items = [InstallItem(INSTALL_PATH, agent, 0o755, None)]
     if "systemd" in kinds:
         items += [InstallItem("/etc/systemd/system/isconf.service", (BOOT_SERVICE % values).encode(), 0o644, None),
@@ -4419,8 +4549,9 @@ def read_manifest(host):
 def cmd_install(args):
     host = Host(args.root, args.config)
     kinds = args.kinds or default_install_kinds(host.rootpath)
-    boot_wait = int(host.config.boot_wait) if host.has_config() else DEFAULT_BOOT_WAIT
-    items = install_items(kinds, boot_wait, running_agent())
+    config = host.config if host.has_config() else None
+    boot_wait = int(config.boot_wait) if config else DEFAULT_BOOT_WAIT
+    items = install_items(kinds, boot_wait, running_agent(), mirror_mounts(config))
     host.make_state()
     with host.lock():
         host.ensure_state()
@@ -5198,7 +5329,8 @@ def cmd_init(args):
             parse_command(args.reboot_command)
             extra["reboot_command"] = args.reboot_command
         for key, kind, most in (("timeout", float, 3600), ("deadline", float, MAX_DEADLINE), ("retries", int, 100),
-                                ("exec_timeout", float, MAX_DEADLINE), ("boot_wait", float, BOOT_WAIT_MAX)):
+                                ("exec_timeout", float, MAX_DEADLINE), ("boot_wait", float, BOOT_WAIT_MAX),
+                                ("interrupted_max", int, INTERRUPTED_MOST)):
             if getattr(args, key) is not None:
                 extra[key] = parse_positive(str(getattr(args, key)), kind, "--" + key.replace("_", "-"), most)
         if args.metrics is not None:
@@ -5332,7 +5464,7 @@ def up(args, host, record):
         run = Run(host, parse_now(args.now))
         run.record = record
         # The interpreter and agent files are known as this process started, before any wait.
-        applier = Applier(run, mounts=not args.no_mounts, lock=lock, argv=args.argv)
+        applier = Applier(run, mounts=not args.no_mounts, lock=lock, argv=args.argv, boot=args.boot)
         staged = set(host.objects.listdir())
         plan = Sync(run).sync(stage=not args.dry_run, wait=boot_wait(args, run.config))
         if args.dry_run:
@@ -5991,6 +6123,9 @@ def build_parser(only=None):
                    "SECONDS, with its whole process group, and fail the transaction (default: no limit)")
     p.add_argument("--boot-wait", type=float, metavar="SECONDS", help="how long 'up --boot' waits for a mirror "
                    "(default %d)" % DEFAULT_BOOT_WAIT)
+    p.add_argument("--interrupted-max", type=int, metavar="N", help="halt, as failed, a transaction started N "
+                   "times that never ended (it reboots the machine, or kills the agent), instead of starting it "
+                   "again at every boot (default %d)" % DEFAULT_INTERRUPTED_MAX)
     p.add_argument("--metrics", metavar="PATH", help="after every 'up', write a Prometheus text file at PATH "
                    "inside the root, for node_exporter's textfile collector (a .prom file; default: none)")
     p.add_argument("--force", action="store_true", help="overwrite an existing config (default: refuse)")

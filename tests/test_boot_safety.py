@@ -1,0 +1,182 @@
+"""What makes a boot safe, checked without a guest (test_real_boot.py boots one): a journaled reboot ends
+the run well even when init stops the agent, no transaction loops for ever, execs at boot cannot
+deadlock on systemctl, and the units wait for the mounts of file-share mirrors."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from test_boot import systemd_root  # noqa: F401 (a fixture)
+
+UNIT_DIR = "/etc/systemd/system"
+
+
+def history(host):
+    with open(host.state("history")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_init_stopping_the_agent_during_its_reboot_command_is_the_reboot_not_an_interruption(author, host):
+    # systemd stops the boot unit (SIGTERM) as the reboot it was asked for begins: the run ends with 0.
+    author.commit(["reboot"])
+    host.init(author.repo, author.keys, "--reboot-command", "/bin/sh -c 'kill -TERM $PPID; sleep 1'")
+    proc = host("up", "-r", expect="ok")
+    assert "interrupted" not in proc.err and "error" not in proc.err, proc.err
+    assert [e["event"] for e in history(host)] == ["started", "done"]
+
+
+def test_a_failed_reboot_command_is_still_an_error(author, host):
+    author.commit(["reboot"])
+    host.init(author.repo, author.keys, "--reboot-command", "/bin/false")
+    proc = host("up", "-r", expect="state")
+    assert "reboot command '/bin/false' failed" in proc.err
+
+
+@pytest.fixture
+def killer(author, host, busybox_root):
+    """A branch whose second transaction kills the agent (as a reboot would) and counts its attempts."""
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/first"],
+                  ["exec", "--no-run", "--", "/bin/sh", "-c", "echo x >> /tmp/attempts; kill -KILL $PPID"],
+                  ["exec", "--no-run", "--", "/bin/touch", "/tmp/third"])
+    return host
+
+
+def attempts(host):
+    with open(host.path("/tmp/attempts")) as f:
+        return len(f.read().split())
+
+
+def test_a_transaction_interrupted_three_times_is_halted_as_failed_for_good(author, killer):
+    host = killer
+    host.init(author.repo, author.keys)
+    for n in (1, 2, 3):
+        assert host("up").returncode == -9
+        assert attempts(host) == n
+    for _ in (4, 5):  # halted, and it stays halted: not one more attempt
+        proc = host("up", expect="failed")
+        assert attempts(host) == 3
+        assert "transaction 2 halted: started 3 times without ending (interrupted_max 3)" in proc.err
+        assert "'reboot' entry" in proc.err and "isconf skip 2" in proc.err
+    assert not os.path.exists(host.path("/tmp/third"))
+    report = host.status()
+    assert report["failed"]["seq"] == 2 and "started 3 times without ending" in report["failed"]["error"]
+    halts = [e for e in history(host) if e["event"] == "failed"]
+    assert [e["interrupted"] for e in halts] == [3, 3]
+    # A human who skips it lets the rest run.
+    host("skip", "2", "-m", "reboots; journal has a reboot entry now", expect="ok")
+    host("up", expect="ok")
+    assert os.path.exists(host.path("/tmp/third"))
+
+
+def test_interrupted_max_is_the_hosts_to_set(author, killer):
+    host = killer
+    host.init(author.repo, author.keys, "--interrupted-max", "1")
+    assert host("up").returncode == -9
+    proc = host("up", expect="failed")
+    assert "started 1 times without ending (interrupted_max 1)" in proc.err and attempts(host) == 1
+
+
+def test_a_transaction_that_fails_is_not_an_interrupted_one(author, host, busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo x >> /tmp/attempts; exit 3"])
+    host.init(author.repo, author.keys, "--interrupted-max", "1")
+    for n in (1, 2, 3):
+        proc = host("up", expect="failed")
+        assert "exited with status 3" in proc.err and attempts(host) == n
+
+
+FAKE_SYSTEMCTL = "#!/bin/sh\necho \"$*\" >> /tmp/systemctl.args\n"
+
+
+@pytest.fixture
+def systemctl_root(author, host, busybox_root):
+    """A root with a systemctl that notes how it was called, and a transaction restarting a service."""
+    busybox_root(host.root)
+    os.makedirs(host.path("/usr/bin"))
+    with open(host.path("/usr/bin/systemctl"), "w") as f:
+        f.write(FAKE_SYSTEMCTL)
+    os.chmod(host.path("/usr/bin/systemctl"), 0o755)
+    author.commit(["exec", "--no-run", "--", "systemctl", "restart", "nginx"],
+                  ["exec", "--no-run", "--", "/bin/sh", "-c", "echo \"$PATH\" > /tmp/path"])
+    host.init(author.repo, author.keys)
+    return host
+
+
+def called(host):
+    with open(host.path("/tmp/systemctl.args")) as f:
+        return f.read().splitlines()
+
+
+def test_execs_at_boot_queue_systemctl_jobs_without_waiting(systemctl_root):
+    # A service ordered after isconf.service cannot start before the boot run ends: waiting for it deadlocks.
+    host = systemctl_root
+    host("up", "--boot", expect="ok")
+    assert called(host) == ["--no-block restart nginx"]
+    with open(host.path("/tmp/path")) as f:
+        assert f.read().strip().startswith("/var/lib/isconf/boot-bin:/usr/local/sbin:")
+    with open(host.state("boot-bin", "systemctl")) as f:
+        assert f.read().endswith('exec /usr/bin/systemctl --no-block "$@"\n')
+
+
+def test_execs_from_cron_run_systemctl_as_it_is(systemctl_root):
+    host = systemctl_root
+    host("up", expect="ok")
+    assert called(host) == ["restart nginx"]
+    assert not os.path.exists(host.state("boot-bin"))
+
+
+def test_the_boot_systemctl_is_written_inside_the_root_never_through_a_link(systemctl_root, tmp_path):
+    host = systemctl_root
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(str(outside), host.state("boot-bin"))
+    proc = host("up", "--boot", expect="state")
+    assert "boot-bin" in proc.err and "link" in proc.err
+    assert list(outside.iterdir()) == []
+
+
+def test_units_wait_for_the_mounts_of_file_share_mirrors(systemd_root):
+    host = systemd_root
+    host.init(["/srv/isconf", "http://127.0.0.1:9/", "file:///mnt/a%20share/isconf"], None)
+    host("install", expect="ok")
+    for unit in ("isconf.service", "isconf-update.service"):
+        with open(host.path(UNIT_DIR + "/" + unit)) as f:
+            assert 'RequiresMountsFor=/srv/isconf "/mnt/a share/isconf"\n' in f.read(), unit
+    verify(host)
+
+
+def test_units_of_http_mirrors_wait_for_no_mount(systemd_root):
+    host = systemd_root
+    host.init("http://127.0.0.1:9/", None)
+    host("install", expect="ok")
+    with open(host.path(UNIT_DIR + "/isconf.service")) as f:
+        assert "RequiresMountsFor" not in f.read()
+
+
+def test_a_boot_run_that_gives_up_is_retried_by_the_timer_installed_by_default(systemd_root):
+    # No network at boot: 'up --boot' gives up after boot_wait (exit 3, test_boot.py), the boot goes on,
+    # and the timer install writes by default runs 'up' 15 minutes after boot.
+    host = systemd_root
+    host.init("http://127.0.0.1:9/", None, "--boot-wait", "60")
+    host("install", expect="ok")
+    units = host.path(UNIT_DIR)
+    with open(os.path.join(units, "isconf.service")) as f:
+        boot = f.read()
+    assert "ExecStart=/usr/local/sbin/isconf up -r --boot\n" in boot and "TimeoutStartSec=3660\n" in boot
+    assert os.readlink(os.path.join(units, "timers.target.wants/isconf-update.timer")) == \
+        UNIT_DIR + "/isconf-update.timer"
+    with open(os.path.join(units, "isconf-update.timer")) as f:
+        assert "OnBootSec=15min\n" in f.read()
+    with open(os.path.join(units, "isconf-update.service")) as f:
+        assert "ExecStart=/usr/local/sbin/isconf up\n" in f.read()
+    verify(host)
+
+
+def verify(host):
+    units = [UNIT_DIR + "/" + name for name in ("isconf.service", "isconf-update.service", "isconf-update.timer")]
+    proc = subprocess.run(["systemd-analyze", "verify", "--root=" + host.root] + units,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout == b"", proc.stdout.decode()
