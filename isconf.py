@@ -5670,8 +5670,11 @@ def status_report(host):
     events = host.history(recent=True).events
     started = events[-1] if events and events[-1]["event"] == "started" else None
     if started is not None:
-        summary = next((e.summary() for e, _, _ in rows if e.id == started["id"]), None)
-        started = {"seq": started["seq"], "id": started["id"], "summary": summary, "since": started.get("time")}
+        entry = next((e for e, _, _ in rows if e.id == started["id"]), None)
+        # attempts: how many times it was started without ending, this one included (History.interrupted);
+        # at interrupted_max the next 'up' halts it instead.
+        started = {"seq": started["seq"], "id": started["id"], "summary": entry.summary() if entry else None,
+                   "since": started.get("time"), "attempts": host.history().interrupted(entry) if entry else 1}
     holder = lock_holder(host)
     report["running"] = dict(holder, transaction=started) if holder else None
     report["interrupted"] = started if started and not holder else None
@@ -5717,8 +5720,10 @@ def cmd_status(args):
                                                   ", transaction %d %s" % (doing["seq"], doing["summary"])
                                                   if doing else ""))
     if interrupted:
-        show("INTERRUPTED:  seq %d %s (started %s, never ended; the next 'up' runs it again)"
-             % (interrupted["seq"], interrupted["summary"], interrupted["since"]))
+        most = host.config.interrupted_max
+        show("INTERRUPTED:  seq %d %s (started %s, never ended; interrupted %d of %d times: the next 'up' %s)"
+             % (interrupted["seq"], interrupted["summary"], interrupted["since"], interrupted["attempts"], most,
+                "halts it" if interrupted["attempts"] >= most else "runs it again"))
     if report["fetched"]:
         show("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
     else:

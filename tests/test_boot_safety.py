@@ -55,6 +55,10 @@ def test_a_transaction_interrupted_three_times_is_halted_as_failed_for_good(auth
     for n in (1, 2, 3):
         assert host("up").returncode == -9
         assert attempts(host) == n
+        report = host.status()  # status says so at once
+        assert report["state"] == "interrupted" and report["interrupted"]["attempts"] == n, report
+    text = host("status").out
+    assert "interrupted 3 of 3 times: the next 'up' halts it" in text, text
     for _ in (4, 5):  # halted, and it stays halted: not one more attempt
         proc = host("up", expect="failed")
         assert attempts(host) == 3
