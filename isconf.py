@@ -610,6 +610,8 @@ class Syslog(object):
         self.sock = None
 
     def open(self, rootpath):
+        if self.journal_has_output():
+            return  # systemd's journal has every line already: a second copy would only double them
         try:
             # Through the root's links (Debian's /dev/log leads to /run/systemd/journal/dev-log), never out of it.
             inside = "/" + os.path.relpath(rootpath.resolve(SYSLOG_PATH), rootpath.root)
@@ -634,6 +636,20 @@ class Syslog(object):
             return
         finally:
             os.close(dfd)
+
+    @staticmethod
+    def journal_has_output():
+        """Whether systemd connected stdout or stderr to its journal ($JOURNAL_STREAM names the
+        device and inode of that stream, as systemd.exec(5) says to check)."""
+        stream = os.environ.get("JOURNAL_STREAM", "")
+        for fd in (1, 2):
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue
+            if stream == "%d:%d" % (st.st_dev, st.st_ino):
+                return True
+        return False
 
     def send(self, text, severity=INFO):
         if self.sock is None:

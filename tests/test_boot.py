@@ -101,6 +101,21 @@ def test_boot_logs_to_syslog_inside_the_root(author, host, server, syslog_socket
     assert any(l.startswith("<27>") and "error: transaction 1 failed" in l and "(exit 1)" in l for l in lines), lines
 
 
+def test_under_systemd_with_output_to_the_journal_nothing_is_sent_twice(author, host, server, syslog_socket,
+                                                                          tmp_path):
+    # systemd names the stream it connected to the journal in $JOURNAL_STREAM (device:inode).
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host.init(server.url, None)
+    with open(str(tmp_path / "journal-stream"), "w+") as out:
+        st = os.fstat(out.fileno())
+        proc = subprocess.run([sys.executable, "-I", ISCONF, "--root", host.root, "up", "--syslog"], stdout=out,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env={"PATH": os.environ["PATH"], "JOURNAL_STREAM": "%d:%d" % (st.st_dev, st.st_ino)})
+        out.seek(0)
+        assert proc.returncode == 1 and "[1/1] exec /bin/true ... failed" in out.read()
+    assert received(syslog_socket) == []
+
+
 def test_syslog_is_followed_through_links_inside_the_root(author, host, server, tmp_path):
     # Debian's /dev/log is a link to /run/systemd/journal/dev-log: followed inside the root, never out of it.
     author.commit(["exec", "--no-run", "--", "/bin/true"])
