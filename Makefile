@@ -32,7 +32,7 @@ tools:
 	fi
 
 test: tools $(VENV)/.ok
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
 bench: tools $(VENV)/.ok
 	$(VENV)/bin/python tests/bench.py
