@@ -293,6 +293,71 @@ class HashingWriter(object):
         return self.sha256.hexdigest()
 
 
+# Sparse files: a snap stores only the data extents of a file with holes.
+
+
+def data_extents(fd, size):
+    """The data extents of an open file, from SEEK_DATA/SEEK_HOLE: [[offset, length], ...]."""
+    extents, offset = [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole remains
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append([start, end - start])
+        offset = end
+    return extents
+
+
+def zeros_outside(fd, extents, size):
+    """Whether the file holds nothing but zeros outside extents; holes are skipped, not read."""
+    gaps, end = [], 0
+    for offset, length in extents + [[size, 0]]:
+        if offset > end:
+            gaps.append((end, offset))
+        end = offset + length
+    for offset, stop in gaps:
+        while offset < stop:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only holes up to the end
+                    return True
+                raise
+            if offset >= stop:
+                break
+            data_end = min(os.lseek(fd, offset, os.SEEK_HOLE), stop)
+            while offset < data_end:
+                chunk = os.pread(fd, min(CHUNK, data_end - offset), offset)
+                if not chunk:
+                    return True
+                if chunk.count(0) != len(chunk):
+                    return False
+                offset += len(chunk)
+    return True
+
+
+def disk_digest(fd, recorded_size, extents=None):
+    """(SHA-256, size) of an open file read as a snap stored it: the bytes at the recorded
+    extents when it holds only zeros elsewhere (a sparse file's holes), else the whole file."""
+    size = os.fstat(fd).st_size
+    if extents is None or size != recorded_size or not zeros_outside(fd, extents, size):
+        extents = [[0, size]]
+    digest = hashlib.sha256()
+    for offset, length in extents:
+        end = offset + length
+        while offset < end:
+            chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+            if not chunk:  # cut short while read
+                break
+            digest.update(chunk)
+            offset += len(chunk)
+    return digest.hexdigest(), size
+
+
 def format_time(seconds):
     return time.strftime(TIME_FORMAT, time.gmtime(seconds))
 
@@ -321,13 +386,14 @@ def parse_duration(text):
     return seconds
 
 
-def fsync_dir(path_or_fd):
-    fd = path_or_fd if isinstance(path_or_fd, int) else os.open(path_or_fd, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        if fd is not path_or_fd:
-            os.close(fd)
+# --- durable files ---------------------------------------------------------------
+# Every file isconf writes goes through one of two primitives: replace_at (a whole new version
+# of a name: temp name in the same directory, written, fsynced, renamed over the name, the
+# directory fsynced) and durable_append (records added to an append-only file, fsynced).  The
+# system-call hazards live here once: a partial write (write_all), a full disk or a failed rename
+# (ENOSPC, EISDIR, ENAMETOOLONG: the temp name is removed on every failure, so no hidden copy with
+# its final mode stays behind), EXDEV (the temp name is always in the target's own directory).
+# EINTR is retried by Python itself (PEP 475).
 
 
 def write_all(fd, data):
@@ -391,54 +457,103 @@ def open_regular(path, flags, mode=0o644, dir_fd=None):
     return fd
 
 
-def atomic_write(path, data, mode=0o644, dir_fd=None, keep_owner=False):
-    """Replace path with data: readers see the old file or the new one, never a torn one.
-    With dir_fd, path's last name is replaced inside that directory (see open_regular);
-    with keep_owner, an existing file's mode and owner carry over to the new one."""
-    if dir_fd is not None:
-        return _atomic_write_at(path, data, mode, dir_fd, keep_owner)
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + name[:64] + ".", suffix=".tmp", dir=directory)
-    try:
-        write_all(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        os.rename(tmp, path)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        os.unlink(tmp)
-        raise
-    fsync_dir(directory)
+def open_directory(path):
+    """A descriptor of a directory named by the caller (the author's side, --config's directory)."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def _atomic_write_at(path, data, mode, dir_fd, keep_owner):
-    name = os.path.basename(path)
-    old = regular_stat(path, dir_fd)
-    tmp = temp_name(name)
+def _lexists(name, dir_fd):
     try:
-        os.unlink(tmp, dir_fd=dir_fd)  # left by a run that died here
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        return False
+    return True
+
+
+def temp_name(name, locked=False):
+    """A temporary name beside name, short whatever name's length in bytes.  Under a lock (locked)
+    it is the same in every run, so the next run removes what a killed one left there; else it
+    holds the pid, so that two writers without a lock never share one."""
+    digest = sha256_hex(name.encode("utf-8", "surrogateescape"))[:16]
+    return ".isconf-" + digest if locked else ".isconf-%d-%s" % (os.getpid(), digest)
+
+
+def rename_into_place(dfd, old, new, sync=True):
+    """The one rename: old becomes new inside the directory dfd, durably (the directory is fsynced,
+    unless sync is false: the caller fsyncs it once after several).  A failed rename removes old,
+    a temporary name, so that nothing of it stays hidden beside new.  A rename onto the same
+    file through another of its names does nothing (POSIX): old is then removed, not left as a
+    second link."""
     try:
-        write_all(fd, data)
-        if keep_owner and old is not None:
-            os.fchown(fd, old.st_uid, old.st_gid)
-            mode = stat.S_IMODE(old.st_mode)
-        os.fchmod(fd, mode)  # after chown, which clears set-id bits
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(old, new, src_dir_fd=dfd, dst_dir_fd=dfd)
+        if _lexists(old, dfd):
+            os.unlink(old, dir_fd=dfd)
     except BaseException:
-        if fd is not None:
-            os.close(fd)
-        os.unlink(tmp, dir_fd=dir_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(old, dir_fd=dfd)
         raise
-    os.fsync(dir_fd)
+    if sync:
+        os.fsync(dfd)
+
+
+def replace_at(dfd, name, make, locked=False, sync=True):
+    """The one durable replace: make(tmp) creates the new version of name under a temporary
+    name in the same directory (a file written by write_new, or a link); it is then renamed
+    over name, and the directory fsynced.  Readers see the old version or the new one, never
+    a torn one; on every failure the temporary name is removed.  A make that returns a name
+    (content named by its hash) puts the new file there instead."""
+    tmp = temp_name(name, locked)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dfd)  # left by a run that died here
+    try:
+        final = make(tmp) or name
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
+    rename_into_place(dfd, tmp, final, sync)
+    return final
+
+
+def write_new(dfd, name, fill, mode, owner=None, mtime_ns=None):
+    """Create the new file name in dfd (never through a link, never over an existing one), let
+    fill(fd) write its content, give it its owner, mode and mtime, and fsync it.  It is 0600
+    until its content is whole: a set-id mode is given last, after chown (which clears it)."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    try:
+        fill(fd)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
+        if mtime_ns is not None:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data, mode=0o644, dir_fd=None, keep_owner=False):
+    """Replace path with data (replace_at).  With dir_fd, path's last name is replaced inside that
+    directory, only over a regular file (see open_regular); with keep_owner, an existing file's
+    mode and owner carry over to the new one."""
+    if dir_fd is None:
+        dfd = open_directory(os.path.dirname(os.path.abspath(path)))
+        try:
+            return atomic_write(path, data, mode, dfd, keep_owner)
+        finally:
+            os.close(dfd)
+    old = regular_stat(path, dir_fd)
+    owner = None
+    if keep_owner and old is not None:
+        owner, mode = (old.st_uid, old.st_gid), stat.S_IMODE(old.st_mode)
+    replace_at(dir_fd, os.path.basename(path),
+               lambda tmp: write_new(dir_fd, tmp, lambda fd: write_all(fd, data), mode, owner))
+
+
+def durable_append(fd, data):
+    """The one durable append: data is on disk when this returns."""
+    write_all(fd, data)
+    os.fsync(fd)
 
 
 def append_at(path, keep, data, dir_fd=None):
@@ -447,17 +562,8 @@ def append_at(path, keep, data, dir_fd=None):
     fd = open_regular(path, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd)
     try:
         os.ftruncate(fd, keep)
-    finally:
-        os.close(fd)
-    durable_append(path, data, dir_fd)
-
-
-def durable_append(path, data, dir_fd=None):
-    """Append a record and fsync it before returning; the record is then on disk."""
-    fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644, dir_fd)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
+        os.lseek(fd, keep, os.SEEK_SET)
+        durable_append(fd, data)
     finally:
         os.close(fd)
 
@@ -491,32 +597,8 @@ def open_records(path, dir_fd=None):
 
 
 def write_record(fd, fields):
-    """Append one canonical JSON line to a file open_records opened, and fsync it: the record
-    is then on disk."""
-    write_all(fd, canonical(fields) + b"\n")
-    os.fsync(fd)
-
-
-def read_records(path, what, until=None, dir_fd=None):
-    """The JSON objects of a file written by append_record; a torn last line is ignored.
-
-    Read a chunk at a time and a line at most RECORD_MAX long (attack: a sparse history of
-    gigabytes planted in the image), so memory is what the records take, never the file's
-    size.  With until (a test on a record), read from the end backwards and stop at the last
-    record it holds for: that record and those after it (all of them if none holds)."""
-    try:
-        with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if until is None:
-                return [_record(line, path, what, offset) for offset, line in _lines_forward(f, path, what)]
-            records = []
-            for offset, line in _lines_backward(f.fileno(), size, path, what):
-                records.append(_record(line, path, what, offset))
-                if until(records[-1]):
-                    break
-            return records[::-1]
-    except FileNotFoundError:
-        return []
+    """Append one canonical JSON line to a file open_records opened: on disk when this returns."""
+    durable_append(fd, canonical(fields) + b"\n")
 
 
 def _too_long(path, what, offset):
@@ -572,6 +654,29 @@ def _record(line, path, what, offset):
     if not isinstance(record, dict):
         raise StateError("%s %s is damaged at byte %d; it was edited or the disk is failing" % (what, path, offset))
     return record
+
+
+
+def read_records(path, what, until=None, dir_fd=None):
+    """The JSON objects of a file written by append_record; a torn last line is ignored.
+
+    Read a chunk at a time and a line at most RECORD_MAX long (attack: a sparse history of
+    gigabytes planted in the image), so memory is what the records take, never the file's
+    size.  With until (a test on a record), read from the end backwards and stop at the last
+    record it holds for: that record and those after it (all of them if none holds)."""
+    try:
+        with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if until is None:
+                return [_record(line, path, what, offset) for offset, line in _lines_forward(f, path, what)]
+            records = []
+            for offset, line in _lines_backward(f.fileno(), size, path, what):
+                records.append(_record(line, path, what, offset))
+                if until(records[-1]):
+                    break
+            return records[::-1]
+    except FileNotFoundError:
+        return []
 
 
 # C0 and C1 controls, DEL, and the bidirectional overrides that make text display
@@ -806,14 +911,6 @@ def read_file(path, limit=None, dir_fd=None):
         raise StateError("%s is larger than %d bytes, more than such a file ever holds; find out what made it so "
                          "and replace it" % (path, limit))
     return data
-
-
-def _lexists(name, dir_fd):
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def makedirs(path, mode=0o755):
@@ -1077,6 +1174,47 @@ class RootPath(object):
             return os.readlink(name, dir_fd=dfd)
         finally:
             os.close(dfd)
+
+
+class Owners(object):
+    """User and group names and ids, from a root's own /etc/passwd and /etc/group (never
+    the running system's: the target disk may know other users)."""
+
+    def __init__(self, rootpath):
+        self.users = self._table(rootpath, "/etc/passwd")
+        self.groups = self._table(rootpath, "/etc/group")
+        self.user_names, self.group_names = {}, {}
+        for names, table in ((self.user_names, self.users), (self.group_names, self.groups)):
+            for name, number in table.items():
+                names.setdefault(number, name)  # the first line wins, as with getpwuid
+
+    @staticmethod
+    def _table(rootpath, path):
+        try:
+            lines = rootpath.read_file(path, OWNERS_MAX).decode("utf-8", "replace").splitlines()
+        except OSError:
+            return {}
+        table = {}
+        for number, line in enumerate(lines, 1):
+            fields = line.split(":")
+            if not line.strip() or line[:1] in "+-#":
+                continue  # blank, a comment, or an NIS include: no entry here
+            # ASCII digits only: str.isdigit() takes a superscript two (U+00B2), which int() then refuses.
+            if len(fields) < 3 or not ID_RE.match(fields[2]) or int(fields[2]) > ID_MAX:
+                warn("warning: %s%s line %d is not NAME:PASSWORD:NUMBER:...; skipped"
+                     % (rootpath.root.rstrip("/"), path, number))
+                continue
+            table.setdefault(fields[0], int(fields[2]))
+        return table
+
+    def ids(self, record):
+        """Names win where the target knows them; otherwise the recorded numbers."""
+        return self.users.get(record["user"], record["uid"]), self.groups.get(record["group"], record["gid"])
+
+    def record(self, st):
+        """The owner fields of a snap record for a stat result."""
+        return {"uid": st.st_uid, "gid": st.st_gid, "user": self.user_names.get(st.st_uid, str(st.st_uid)),
+                "group": self.group_names.get(st.st_gid, str(st.st_gid))}
 
 
 # ---------------------------------------------------------------------------
@@ -1903,13 +2041,6 @@ def verify_signature(message, armored, signers, namespace=SIGNATURE_NAMESPACE, n
 # The journal: entries, the hash chain and the signed head.
 # ---------------------------------------------------------------------------
 
-OWNER_FIELDS = {"uid": int, "gid": int, "user": str, "group": str}
-FILE_FIELDS = {
-    "file": dict(OWNER_FIELDS, path=str, type=str, mode=int, mtime_ns=int, size=int, object=str),
-    "hardlink": {"path": str, "type": str, "target": str},
-    "symlink": dict(OWNER_FIELDS, path=str, type=str, target=str, mtime_ns=int),
-    "dir": dict(OWNER_FIELDS, path=str, type=str, mode=int),
-}
 ENTRY_FIELDS = {"seq": int, "prev": str, "time": str, "author": str, "message": str, "kind": str}
 HEAD_FIELDS = {"format": int, "branch": str, "seq": int, "id": str, "length": int, "time": str}
 
@@ -1921,70 +2052,378 @@ def check_fields(obj, fields, what, optional=()):
     missing = [k for k in fields if k not in obj]
     extra = [k for k in obj if k not in fields and k not in optional]
     if missing or extra:
-        raise (Unknown if extra and not missing else Refused)("%s has %s%s%s" % (what, "missing fields %s" % ", ".join(sorted(missing)) if missing else "",
-                                         "; " if missing and extra else "",
-                                         "unknown fields %s" % ", ".join(sorted(extra)) if extra else ""))
+        raise (Unknown if extra and not missing else Refused)("%s has %s%s%s" % (
+            what, "missing fields %s" % ", ".join(sorted(missing)) if missing else "",
+            "; " if missing and extra else "", "unknown fields %s" % ", ".join(sorted(extra)) if extra else ""))
     for key, kind in fields.items():
         value = obj[key]
         if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or not 0 <= value <= INT_MAX)):
             raise Refused("%s: field %r has the wrong type or is out of range" % (what, key))
 
 
-def check_file_record(record, seen, what):
-    kind = record.get("type") if isinstance(record, dict) else None
-    if isinstance(kind, str) and kind not in FILE_FIELDS and KIND_RE.match(kind):
-        raise Unknown("%s: file type %r is not file, hardlink, symlink or dir" % (what, kind))
-    if not isinstance(kind, str) or kind not in FILE_FIELDS:   # a list or an object is unhashable
-        raise Refused("%s: file type %s is not file, hardlink, symlink or dir" % (what, repr(kind)[:40]))
-    check_fields(record, FILE_FIELDS[kind], what, optional=("extents",) if kind == "file" else ())
-    path = validate_path(record["path"], what + ": path")
-    if record.get("uid", 0) > ID_MAX or record.get("gid", 0) > ID_MAX:
-        raise Refused("%s: %s has a uid or gid above %d" % (what, path, ID_MAX))
-    if path == "/" and kind != "dir":
-        raise Refused("%s: only a directory may be snapped at /" % what)
-    if kind == "file":
+def names_list(names):
+    """'a, b or c': the names of a table's rows, for a message."""
+    names = list(names)
+    return names[0] if len(names) == 1 else "%s or %s" % (", ".join(names[:-1]), names[-1])
+
+
+# Applying an entry leaves the run one of these to do next.
+DONE = "done"            # carry on with the next transaction
+REBOOT = "reboot"        # reboot the machine: the run ends once the reboot command ran
+HANDOVER = "handover"    # a new agent is installed: re-execute it, it carries on
+
+
+# --- file types inside a snap --------------------------------------------------------
+# One class per type of path a snap records, and only here: its record's fields and checks,
+# how the author's side captures it from a disk, how a host installs it, how 'verify' finds
+# it drifted, and what it is called.  A new type is one class marked @file_type; the snap
+# kind iterates over them.  'site' is what installing and verifying need of the host: its
+# root (RootPath), its Owners and, to install, the staged objects (a StateDir).
+
+OWNER_FIELDS = {"uid": int, "gid": int, "user": str, "group": str}
+FILE_TYPES = collections.OrderedDict()   # type name -> FileType, in the order they are declared
+
+Site = collections.namedtuple("Site", "rootpath owners objects")
+Look = collections.namedtuple("Look", "rootpath owners last quick")  # last: path -> (record, its snap's by path)
+
+
+def file_type(cls):
+    """Class decorator: snap records whose type is cls.name mean what cls says."""
+    FILE_TYPES[cls.name] = cls()
+    return cls
+
+
+class FileType(object):
+    """A type of path inside a snap; the base holds what every type shares."""
+    name = None
+    label = None       # what lstat calls it on disk ('regular file'), for messages
+    ifmt = None        # stat.S_IFMT of it on disk
+    fields = {}        # the record's fields beside path and type
+    optional = ()
+    may_be_root = False
+
+    @staticmethod
+    def of(record, what):
+        """The FileType of a record; Unknown for a type name a newer isconf may know."""
+        name = record.get("type") if isinstance(record, dict) else None
+        if isinstance(name, str) and name in FILE_TYPES:
+            return FILE_TYPES[name]
+        wanted = "file type %s is not %s" % (repr(name)[:40], names_list(FILE_TYPES))
+        if isinstance(name, str) and KIND_RE.match(name):
+            raise Unknown("%s: %s" % (what, wanted))
+        raise Refused("%s: %s" % (what, wanted))   # a list or an object is unhashable: not a name at all
+
+    @staticmethod
+    def check_record(record, seen, what):
+        """Refused, saying what is wrong, unless record is a well-formed record of a known type;
+        seen maps the paths of the snap's records so far to their types."""
+        ftype = FileType.of(record, what)
+        check_fields(record, dict(ftype.fields, path=str, type=str), what, optional=ftype.optional)
+        path = validate_path(record["path"], what + ": path")
+        if record.get("uid", 0) > ID_MAX or record.get("gid", 0) > ID_MAX:
+            raise Refused("%s: %s has a uid or gid above %d" % (what, path, ID_MAX))
+        if "mode" in ftype.fields and record["mode"] > 0o7777:
+            raise Refused("%s: mode %o is not a permission mode" % (what, record["mode"]))
+        if path == "/" and not ftype.may_be_root:
+            raise Refused("%s: only a directory may be snapped at /" % what)
+        ftype.check(record, seen, what)
+        if path in seen:
+            raise Refused("%s: %s appears twice" % (what, path))
+        seen[path] = ftype.name
+
+    def check(self, record, seen, what):
+        """What this type adds to the checks every record gets."""
+
+    def objects(self, record):
+        """(sha256, stored size) of the objects this record needs."""
+        return []
+
+    # The author's side.
+
+    @staticmethod
+    def capture_path(rootpath, path, links, owners, store):
+        """The record of path under the root, as it is now.  links maps (device, inode) to the first
+        path of a file with several links seen in this snap; store(record, f) stores a file's content."""
+        st = rootpath.lstat(path)
+        for ftype in FILE_TYPES.values():
+            if ftype.captures(st, links):
+                return ftype.capture(rootpath, path, st, links, owners, store)
+        labels = [t.label for t in FILE_TYPES.values()]
+        raise UsageError("%s is a %s, not a %s; isconf snaps only those" % (
+            path, file_kind(st.st_mode), names_list(sorted(set(labels), key=labels.index))))
+
+    def captures(self, st, links):
+        return stat.S_IFMT(st.st_mode) == self.ifmt
+
+    def capture(self, rootpath, path, st, links, owners, store):
+        raise NotImplementedError
+
+    # A host: install.
+
+    @staticmethod
+    def install_record(site, record):
+        """Put one record on the disk under the root, atomically, and make its directory durable."""
+        path = record["path"]
+        if path == "/":
+            dfd, name = site.rootpath.open_dir("/"), "."
+        else:
+            dfd, name = site.rootpath.parent(path, create=True)
+        try:
+            FILE_TYPES[record["type"]].install(site, dfd, name, record)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def install(self, site, dfd, name, record):
+        raise NotImplementedError
+
+    # A host: verify.
+
+    @staticmethod
+    def last_records(snaps):
+        """path -> (its record, the records of that snap by path), from the last of snaps (file record
+        lists, in journal order) that names each path: what 'verify' holds the disk to."""
+        last = {}
+        for records in snaps:
+            by_path = {record["path"]: record for record in records}
+            for record in records:
+                last[record["path"]] = (record, by_path)
+        return last
+
+    @staticmethod
+    def drift_of(look, record):
+        """[(what, expected, found)]: how the disk at record's path differs from it."""
+        ftype = FILE_TYPES[record["type"]]
+        shape = FILE_TYPES[ftype.held_to(look, record)["type"]]
+        try:
+            st = look.rootpath.lstat(record["path"])
+            if stat.S_IFMT(st.st_mode) != shape.ifmt:
+                return [("type", shape.label, file_kind(st.st_mode))]
+            return ftype.drift(look, record, st)
+        except (FileNotFoundError, NotADirectoryError):  # gone, or a directory on the way is not one any more
+            return [("missing", shape.label, None)]
+        except PermissionError as e:  # not a drift: this user may not read what root installed
+            raise StateError("cannot read %s: %s; run 'isconf verify' as root" % (record["path"], e.strerror))
+        except OSError as e:
+            return [("unreadable", None, e.strerror or str(e))]
+
+    def held_to(self, look, record):
+        """The record whose shape, content and metadata the disk must show at this record's path."""
+        return record
+
+    def drift(self, look, record, st):
+        """This type's drifts at a path that is of its type: its metadata, unless the type adds more."""
+        drifts = []
+        if "mode" in self.fields and stat.S_IMODE(st.st_mode) != record["mode"]:
+            drifts.append(("mode", "%04o" % record["mode"], "%04o" % stat.S_IMODE(st.st_mode)))
+        if "uid" in self.fields:
+            owners = look.owners
+            uid, gid = owners.ids(record)
+            if st.st_uid != uid:
+                drifts.append(("owner", owners.user_names.get(uid, str(uid)),
+                               owners.user_names.get(st.st_uid, str(st.st_uid))))
+            if st.st_gid != gid:
+                drifts.append(("group", owners.group_names.get(gid, str(gid)),
+                               owners.group_names.get(st.st_gid, str(st.st_gid))))
+        return drifts
+
+
+@file_type
+class RegularFile(FileType):
+    """A regular file: its content is an object (only its data extents, for a sparse file)."""
+    name, label, ifmt = "file", "regular file", stat.S_IFREG
+    fields = dict(OWNER_FIELDS, mode=int, mtime_ns=int, size=int, object=str)
+    optional = ("extents",)
+
+    def check(self, record, seen, what):
         if not HEX64_RE.match(record["object"]):
             raise Refused("%s: object %r is not a SHA-256 in hex" % (what, record["object"]))
-        if record["mode"] > 0o7777:
-            raise Refused("%s: mode %o is not a permission mode" % (what, record["mode"]))
         if "extents" in record:
             if not isinstance(record["extents"], list):
-                raise Refused("%s: extents of %s are not a list" % (what, path))
+                raise Refused("%s: extents of %s are not a list" % (what, record["path"]))
             end = 0
             for extent in record["extents"]:
                 if (not isinstance(extent, list) or len(extent) != 2
                         or not all(isinstance(n, int) and not isinstance(n, bool) for n in extent)
                         or extent[0] < end or extent[1] <= 0 or extent[0] + extent[1] > record["size"]):
                     raise Refused("%s: extents of %s are not ordered, disjoint and inside the file"
-                                  % (what, path))
+                                  % (what, record["path"]))
                 end = extent[0] + extent[1]
-    elif kind == "symlink" and (not record["target"] or "\0" in record["target"]):
-        raise Refused("%s: symlink %s has an empty target or one with NUL" % (what, path))
-    elif kind == "hardlink":
+
+    def objects(self, record):
+        stored = sum(length for _, length in record["extents"]) if "extents" in record else record["size"]
+        return [(record["object"], stored)]
+
+    def captures(self, st, links):
+        return stat.S_ISREG(st.st_mode) and not (st.st_nlink > 1 and (st.st_dev, st.st_ino) in links)
+
+    def capture(self, rootpath, path, st, links, owners, store):
+        if st.st_nlink > 1:
+            links[(st.st_dev, st.st_ino)] = path
+        record = dict(owners.record(st), path=path, type=self.name, mode=stat.S_IMODE(st.st_mode),
+                      mtime_ns=st.st_mtime_ns, size=st.st_size)
+        with rootpath.open_file(path) as f:
+            size = record["size"]
+            extents = data_extents(f.fileno(), size)
+            if size and extents != [[0, size]]:
+                record["extents"] = extents
+            record["object"] = store(f, extents if size else [], path)
+        return record
+
+    def install(self, site, dfd, name, record):
+        self.write_copy(site.objects, dfd, name, record, site.owners.ids(record), record["mode"], locked=True)
+
+    def write_copy(self, objects, dfd, name, record, owner, mode, locked=False):
+        """Write the file of record at name in dfd from its staged object (in objects, a StateDir),
+        checking the object's bytes against the record as they are copied.  A short or damaged
+        object is removed, so that the next run fetches it again."""
+        size, sha = record["size"], record["object"]
+
+        def fill(fd):
+            digest = hashlib.sha256()
+            os.ftruncate(fd, size)  # holes stay holes: only data extents are written
+            for offset, length in record.get("extents", [[0, size]]):
+                os.lseek(fd, offset, os.SEEK_SET)
+                while length:
+                    chunk = source.read(min(CHUNK, length))
+                    if not chunk:
+                        raise StateError("staged object %s is short; run 'isconf up' again" % sha)
+                    digest.update(chunk)
+                    write_all(fd, chunk)
+                    length -= len(chunk)
+            if source.read(1) or digest.hexdigest() != sha:
+                raise StateError("staged object %s is damaged; run 'isconf up' again" % sha)
+        with os.fdopen(objects.open(sha), "rb") as source:
+            try:
+                replace_at(dfd, name, lambda tmp: write_new(dfd, tmp, fill, mode, owner, record["mtime_ns"]),
+                           locked=locked, sync=False)
+            except StateError:
+                objects.unlink(sha)
+                raise
+
+    def drift(self, look, record, st):
+        drifts = []
+        if not (look.quick and st.st_size == record["size"] and st.st_mtime_ns == record["mtime_ns"]):
+            with look.rootpath.open_file(record["path"]) as f:
+                digest, size = disk_digest(f.fileno(), record["size"], record.get("extents"))
+            if digest != record["object"] or size != record["size"]:
+                drifts.append(("content", {"sha256": record["object"], "size": record["size"]},
+                               {"sha256": digest, "size": size}))
+        return drifts + FileType.drift(self, look, record, st)
+
+
+@file_type
+class HardLink(FileType):
+    """A further name of a file recorded earlier in the same snap: installed as a link to it."""
+    name, label, ifmt = "hardlink", "regular file", stat.S_IFREG
+    fields = {"target": str}
+
+    def check(self, record, seen, what):
         validate_path(record["target"], what + ": hard link target")
-        if seen.get(record["target"]) != "file":
+        if seen.get(record["target"]) != RegularFile.name:
             raise Refused("%s: hard link %s names %s, which is not a file earlier in the same snap"
-                          % (what, path, record["target"]))
-    elif kind == "dir" and record["mode"] > 0o7777:
-        raise Refused("%s: mode %o is not a permission mode" % (what, record["mode"]))
-    if path in seen:
-        raise Refused("%s: %s appears twice" % (what, path))
-    seen[path] = kind
+                          % (what, record["path"], record["target"]))
+
+    def captures(self, st, links):
+        return stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in links
+
+    def capture(self, rootpath, path, st, links, owners, store):
+        return {"path": path, "type": self.name, "target": links[(st.st_dev, st.st_ino)]}
+
+    def install(self, site, dfd, name, record):
+        tdfd, tname = site.rootpath.parent(record["target"])
+        try:
+            replace_at(dfd, name, lambda tmp: os.link(tname, tmp, src_dir_fd=tdfd, dst_dir_fd=dfd,
+                                                       follow_symlinks=False), locked=True, sync=False)
+        finally:
+            os.close(tdfd)
+
+    def held_to(self, look, record):
+        # the records of the snap that last named this path: the file record it links to is among them
+        return look.last[record["path"]][1][record["target"]]
+
+    def drift(self, look, record, st):
+        """Held to the file it links to and, while that path's last record is still that one, sharing
+        its inode; once a later snap replaced the other path (a new inode), it keeps its content."""
+        want = self.held_to(look, record)
+        drifts = FILE_TYPES[want["type"]].drift(look, dict(want, path=record["path"]), st)
+        if look.last.get(record["target"], (None,))[0] is want:
+            try:
+                target = look.rootpath.lstat(record["target"])
+            except OSError:  # its own drift says so
+                target = st
+            if (target.st_dev, target.st_ino) != (st.st_dev, st.st_ino):
+                drifts.insert(1 if drifts and drifts[0][0] == "content" else 0,
+                              ("hardlink", record["target"], None))
+        return drifts
 
 
-def object_size(record):
-    """Bytes stored for a file record: the data extents of a sparse file, else the file."""
-    if "extents" in record:
-        return sum(length for _, length in record["extents"])
-    return record["size"]
+@file_type
+class SymbolicLink(FileType):
+    """A symbolic link: its target as written, its owner and mtime (a link has no mode of its own)."""
+    name, label, ifmt = "symlink", "symbolic link", stat.S_IFLNK
+    fields = dict(OWNER_FIELDS, target=str, mtime_ns=int)
+
+    def check(self, record, seen, what):
+        if not record["target"] or "\0" in record["target"]:
+            raise Refused("%s: symlink %s has an empty target or one with NUL" % (what, record["path"]))
+
+    def capture(self, rootpath, path, st, links, owners, store):
+        return dict(owners.record(st), path=path, type=self.name, target=rootpath.readlink(path),
+                    mtime_ns=st.st_mtime_ns)
+
+    def install(self, site, dfd, name, record):
+        uid, gid = site.owners.ids(record)
+
+        def make(tmp):
+            os.symlink(record["target"], tmp, dir_fd=dfd)
+            os.chown(tmp, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            os.utime(tmp, ns=(record["mtime_ns"], record["mtime_ns"]), dir_fd=dfd, follow_symlinks=False)
+        replace_at(dfd, name, make, locked=True, sync=False)
+
+    def drift(self, look, record, st):
+        target = look.rootpath.readlink(record["path"])
+        drifts = [("target", record["target"], target)] if target != record["target"] else []
+        return drifts + FileType.drift(self, look, record, st)
+
+
+@file_type
+class Directory(FileType):
+    """A directory: itself, its mode and owner; not what it holds (each of those is a record of its own)."""
+    name, label, ifmt = "dir", "directory", stat.S_IFDIR
+    fields = dict(OWNER_FIELDS, mode=int)
+    may_be_root = True
+
+    def capture(self, rootpath, path, st, links, owners, store):
+        return dict(owners.record(st), path=path, type=self.name, mode=stat.S_IMODE(st.st_mode))
+
+    def install(self, site, dfd, name, record):
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dfd)  # a file or link where a directory belongs
+            st = None
+        if st is None:
+            os.mkdir(name, 0o700, dir_fd=dfd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+        try:
+            os.fchown(fd, *site.owners.ids(record))
+            os.fchmod(fd, record["mode"])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # --- entry kinds --------------------------------------------------------------
 # What each kind means lives here and only here: its fields, its check, the objects it
-# needs, its one-line summary and how a host applies it.  A new kind is one class marked
-# @entry_kind; a new field is one edit to its class (DESIGN rule 11: an agent that does not
-# know it halts there, exit 10).  apply() uses the host-side helpers of "Applying
-# transactions" and the agent that applies it.
+# needs, its one-line summary, what it leaves on disk for 'verify', whether a run may apply
+# it now, and how a host applies it.  A new kind is one class marked @entry_kind; a new field
+# is one edit to its class (DESIGN rule 11: an agent that does not know it halts there,
+# exit 10).  apply() gets a narrow context, the transaction (see Applier.transaction): the
+# root, the staged objects, the environment and log of its command, the agent's own
+# self-upgrade hooks; it returns what the run does next (DONE, REBOOT, HANDOVER).
 
 KINDS = collections.OrderedDict()   # kind name -> Kind, in the order they are declared
 
@@ -1999,7 +2438,7 @@ class Kind(object):
     """An entry kind: the base says "no fields, no objects, nothing to do"."""
     name = None
     fields = {}        # the kind's own fields, beside the envelope's (ENTRY_FIELDS)
-    reboots = False    # applied by recording it done and rebooting the machine
+    holds = None       # the state (STATES) a host is in while an entry of this kind is its next
 
     def check(self, fields, what):
         """Refused, saying what is wrong, beyond the field names and types check_fields saw."""
@@ -2008,6 +2447,10 @@ class Kind(object):
         """(sha256, stored size) of every object an entry of this kind needs."""
         return []
 
+    def object_path(self, fields, sha):
+        """The path an object of this entry is the content of, for messages (None: not a path's)."""
+        return None
+
     def summary(self, fields):
         return self.name
 
@@ -2015,9 +2458,13 @@ class Kind(object):
         """The file records an entry of this kind leaves on disk: what 'verify' holds the disk to."""
         return []
 
-    def apply(self, applier, entry):
-        """Apply one interpreted entry on the host; True if it installed a new agent."""
-        return False
+    def waits(self, fields, allow_reboot):
+        """Why a run stops before an entry of this kind, as (exit code, message); None to apply it now."""
+        return None
+
+    def apply(self, fields, transaction):
+        """Apply one interpreted entry on the host; what the run does next."""
+        return DONE
 
 
 @entry_kind
@@ -2034,31 +2481,20 @@ class ExecKind(Kind):
     def summary(self, fields):
         return "exec " + " ".join(shlex.quote(a) for a in fields["argv"])
 
-    def apply(self, applier, entry):
-        host, config = applier.host, applier.config
-        env = exec_environment(config.branch, entry.seq, entry.id, config.env)
-        boot_bin = applier.boot_bin()
-        if boot_bin:
-            env["PATH"] = boot_bin + ":" + env["PATH"]
-        log = host.open_log(entry)
-        try:
-            status = run_command(host.root, entry.fields["argv"], entry.fields["cwd"], env, log,
-                                 timeout=config.exec_timeout, mounts=applier.mounts)
-            if status != 0:
-                os.fsync(log)  # what the failure printed outlives a power cut
-                raise TransactionFailed("%s exited with status %d" % (entry.summary(), status))
-        finally:
-            os.close(log)
+    def apply(self, fields, transaction):
+        status = transaction.run(fields["argv"], fields["cwd"])
+        if status != 0:
+            raise TransactionFailed("%s exited with status %d" % (self.summary(fields), status))
         # What the command wrote, and its log, must outlive a power cut once 'done' is recorded (rule 5):
         # one sync covers both (a command may write anywhere, so no fsync of ours would do).
         os.sync()
-        return False
+        return DONE
 
 
 @entry_kind
 class SnapKind(Kind):
-    """Install files, links and directories as the author had them; a snap of the running
-    agent's own file is a self-upgrade (the new agent's self-test passes first)."""
+    """Install files, links and directories as the author had them (FILE_TYPES); a snap of the
+    running agent's own file is a self-upgrade (the new agent's self-test passes first)."""
     name = "snap"
     fields = {"files": list}
 
@@ -2067,10 +2503,13 @@ class SnapKind(Kind):
             raise Refused("%s: a snap must name at least one file" % what)
         seen = {}
         for record in fields["files"]:
-            check_file_record(record, seen, what)
+            FileType.check_record(record, seen, what)
 
     def objects(self, fields):
-        return [(r["object"], object_size(r)) for r in fields["files"] if r["type"] == "file"]
+        return [need for record in fields["files"] for need in FILE_TYPES[record["type"]].objects(record)]
+
+    def object_path(self, fields, sha):
+        return next((r["path"] for r in fields["files"] if sha in dict(FILE_TYPES[r["type"]].objects(r))), None)
 
     def summary(self, fields):
         return "snap " + " ".join(r["path"] for r in fields["files"])
@@ -2078,35 +2517,53 @@ class SnapKind(Kind):
     def installs(self, fields):
         return fields["files"]
 
-    def apply(self, applier, entry):
-        agent = applier.new_agent(entry)
-        if agent is not None:
-            applier.try_agent(agent)
-        apply_snap(applier.host.rootpath, entry, applier.host.objects)
-        return agent is not None
+    def apply(self, fields, transaction):
+        agent = None
+        for record in fields["files"]:
+            if record["type"] == RegularFile.name and transaction.is_agent(record["path"]):
+                agent = record
+                transaction.try_agent(record["path"], lambda dfd, name: FILE_TYPES[RegularFile.name].write_copy(
+                    transaction.objects, dfd, name, agent, (os.getuid(), os.getgid()), 0o600))
+                break
+        site = Site(transaction.rootpath, Owners(transaction.rootpath), transaction.objects)
+        for record in fields["files"]:
+            try:
+                FileType.install_record(site, record)
+            except (OSError, OverflowError) as e:
+                raise TransactionFailed("cannot install %s: %s" % (record["path"], getattr(e, "strerror", None)
+                                                                   or e))
+        return HANDOVER if agent is not None else DONE
 
 
 @entry_kind
 class RebootKind(Kind):
     """Reboot the machine: recorded done first, then the configured reboot command runs."""
     name = "reboot"
-    reboots = True
+    holds = "reboot"
+
+    def waits(self, fields, allow_reboot):
+        if not allow_reboot:
+            return EXIT_REBOOT, "is a reboot: run 'isconf up -r' to record it and reboot"
+        return None
+
+    def apply(self, fields, transaction):
+        return REBOOT
 
 
 class Entry(object):
     """One journal entry (one transaction) as it stands in the journal.
 
     Every version reads an entry's envelope (parse): the fields the hash chain and the
-    history need.  What its kind means is read only when its turn comes (interpret), so
-    a journal may carry a new agent and, after it, entries only the new agent
-    understands (DESIGN rule 11)."""
+    history need, which are its attributes.  What its kind means is read only when its turn
+    comes (interpret), and only by its Kind, so a journal may carry a new agent and, after it,
+    entries only the new agent understands (DESIGN rule 11)."""
 
-    def __init__(self, fields, line, seq=None):
-        self.fields = fields                  # None for an applied entry not parsed again
+    def __init__(self, fields, line):
+        self.fields = fields                  # the whole object: its kind's fields are the Kind's to read
         self.line = line                      # canonical bytes, without the newline
         self.id = sha256_hex(line)
-        self.seq = fields["seq"] if fields else seq
-        self.kind = fields["kind"] if fields else None
+        self.seq, self.prev, self.kind = fields["seq"], fields["prev"], fields["kind"]
+        self.time, self.author, self.message = fields["time"], fields["author"], fields["message"]
         self.interpreted = False
 
     @classmethod
@@ -2126,9 +2583,7 @@ class Entry(object):
         version does not understand it.  The author's side calls this as it stages."""
         kind = KINDS.get(self.kind)
         if kind is None:
-            names = list(KINDS)
-            raise Unknown("%s: kind %s is not %s or %s" % (what, repr(self.kind)[:40], ", ".join(names[:-1]),
-                                                         names[-1]))
+            raise Unknown("%s: kind %s is not %s" % (what, repr(self.kind)[:40], names_list(KINDS)))
         check_fields(self.fields, dict(ENTRY_FIELDS, **kind.fields), what)
         kind.check(self.fields, what)
         self.interpreted = True
@@ -2151,9 +2606,26 @@ class Entry(object):
         """The entry's Kind, once interpreted (NeedsNewer if this version cannot)."""
         return KINDS[self.interpret().kind]
 
+    # What its kind says of it (NeedsNewer if this version cannot interpret it).
+
     def objects(self):
         """(sha256, stored size) of every object this entry needs."""
         return self.meaning().objects(self.fields)
+
+    def object_path(self, sha):
+        return self.meaning().object_path(self.fields, sha)
+
+    def installs(self):
+        return self.meaning().installs(self.fields)
+
+    def waits(self, allow_reboot):
+        return self.meaning().waits(self.fields, allow_reboot)
+
+    def holds(self):
+        return self.meaning().holds
+
+    def apply(self, transaction):
+        return self.meaning().apply(self.fields, transaction)
 
     def summary(self):
         try:
@@ -2161,6 +2633,10 @@ class Entry(object):
         except NeedsNewer:
             return "%s (an entry this isconf cannot interpret)" % self.kind
         return kind.summary(self.fields)
+
+    def as_json(self, **extra):
+        """The entry as 'log --json' shows it: its fields as signed, its id, and what extra adds."""
+        return dict(self.fields, id=self.id, **extra)
 
 
 def interpretable(entries):
@@ -2189,10 +2665,10 @@ def verify_chain(data, prev_seq, prev_id, what="journal"):
     for line in data.split(b"\n")[:-1] if data else []:
         where = "%s entry %d" % (what, prev_seq + 1)
         entry = Entry.parse(line, where)
-        if entry.fields["seq"] != prev_seq + 1:
+        if entry.seq != prev_seq + 1:
             raise Refused("%s: says seq %d where %d was due; the journal was reordered or spliced"
                           % (where, entry.seq, prev_seq + 1))
-        if entry.fields["prev"] != prev_id:
+        if entry.prev != prev_id:
             raise Refused("%s: does not follow entry %d (hash chain broken); the journal was "
                           "rewritten or damaged" % (where, prev_seq))
         entries.append(entry)
@@ -3149,289 +3625,23 @@ def kill_group(proc, sig):
         pass
 
 
-class Owners(object):
-    """User and group names and ids, from a root's own /etc/passwd and /etc/group (never
-    the running system's: the target disk may know other users)."""
-
-    def __init__(self, rootpath):
-        self.users = self._table(rootpath, "/etc/passwd")
-        self.groups = self._table(rootpath, "/etc/group")
-        self.user_names, self.group_names = {}, {}
-        for names, table in ((self.user_names, self.users), (self.group_names, self.groups)):
-            for name, number in table.items():
-                names.setdefault(number, name)  # the first line wins, as with getpwuid
-
-    @staticmethod
-    def _table(rootpath, path):
-        try:
-            lines = rootpath.read_file(path, OWNERS_MAX).decode("utf-8", "replace").splitlines()
-        except OSError:
-            return {}
-        table = {}
-        for number, line in enumerate(lines, 1):
-            fields = line.split(":")
-            if not line.strip() or line[:1] in "+-#":
-                continue  # blank, a comment, or an NIS include: no entry here
-            # ASCII digits only: str.isdigit() takes a superscript two (U+00B2), which int() then refuses.
-            if len(fields) < 3 or not ID_RE.match(fields[2]) or int(fields[2]) > ID_MAX:
-                warn("warning: %s%s line %d is not NAME:PASSWORD:NUMBER:...; skipped"
-                     % (rootpath.root.rstrip("/"), path, number))
-                continue
-            table.setdefault(fields[0], int(fields[2]))
-        return table
-
-    def ids(self, record):
-        """Names win where the target knows them; otherwise the recorded numbers."""
-        return self.users.get(record["user"], record["uid"]), self.groups.get(record["group"], record["gid"])
-
-    def record(self, st):
-        """The owner fields of a snap record for a stat result."""
-        return {"uid": st.st_uid, "gid": st.st_gid, "user": self.user_names.get(st.st_uid, str(st.st_uid)),
-                "group": self.group_names.get(st.st_gid, str(st.st_gid))}
-
-
-def temp_name(name, locked=False):
-    """A temporary name beside name, short whatever name's length in bytes.  Under the host lock
-    (locked) it is the same in every run, so the next run removes what a killed one left there."""
-    digest = sha256_hex(name.encode("utf-8", "surrogateescape"))[:16]
-    return ".isconf-" + digest if locked else ".isconf-%d-%s" % (os.getpid(), digest)
-
-
-def install_file(dfd, name, record, source, uid, gid):
-    """Write a regular file from its object: temp file, owner, mode, mtime, fsync, rename."""
-    tmp = temp_name(name, locked=True)
-    try:
-        os.unlink(tmp, dir_fd=dfd)
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
-    try:
-        digest = hashlib.sha256()
-        extents = record.get("extents", [[0, record["size"]]])
-        os.ftruncate(fd, record["size"])  # holes stay holes: only data extents are written
-        for offset, length in extents:
-            os.lseek(fd, offset, os.SEEK_SET)
-            while length:
-                chunk = source.read(min(CHUNK, length))
-                if not chunk:
-                    raise StateError("staged object %s is short; run 'isconf up' again" % record["object"])
-                digest.update(chunk)
-                write_all(fd, chunk)
-                length -= len(chunk)
-        if source.read(1) or digest.hexdigest() != record["object"]:
-            raise StateError("staged object %s is damaged; run 'isconf up' again" % record["object"])
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, record["mode"])  # after chown, which clears set-id bits
-        os.utime(fd, ns=(record["mtime_ns"], record["mtime_ns"]))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp, dir_fd=dfd)
-        raise
-    os.close(fd)
-    os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-
-
-def install_link(dfd, name, make):
-    """Create a link under a temporary name with make(tmp), then rename it into place."""
-    tmp = temp_name(name, locked=True)
-    try:
-        os.unlink(tmp, dir_fd=dfd)
-    except FileNotFoundError:
-        pass
-    make(tmp)
-    try:
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-    except OSError:
-        os.unlink(tmp, dir_fd=dfd)
-        raise
-
-
-def install_dir(dfd, name, record, uid, gid):
-    try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dfd)  # a file or link where a directory belongs
-        st = None
-    if st is None:
-        os.mkdir(name, 0o700, dir_fd=dfd)
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
-    try:
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, record["mode"])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def apply_snap(rootpath, entry, objects):
-    """Install every file of a snap entry under the root, each one atomically, from the
-    staged objects (a StateDir)."""
-    owners = Owners(rootpath)
-    for record in entry.fields["files"]:
-        try:
-            install_record(rootpath, record, owners, objects)
-        except (OSError, OverflowError) as e:
-            raise TransactionFailed("cannot install %s: %s" % (record["path"], getattr(e, "strerror", None) or e))
-
-
-def install_record(rootpath, record, owners, objects):
-    path, kind = record["path"], record["type"]
-    if path == "/":
-        dfd, name = rootpath.open_dir("/"), "."
-    else:
-        dfd, name = rootpath.parent(path, create=True)
-    try:
-        if kind == "file":
-            with os.fdopen(objects.open(record["object"]), "rb") as source:
-                try:
-                    install_file(dfd, name, record, source, *owners.ids(record))
-                except StateError:
-                    objects.unlink(record["object"])  # the next run fetches it again
-                    raise
-        elif kind == "hardlink":
-            tdfd, tname = rootpath.parent(record["target"])
-            try:
-                install_link(dfd, name, lambda tmp: os.link(tname, tmp, src_dir_fd=tdfd, dst_dir_fd=dfd,
-                                                            follow_symlinks=False))
-            finally:
-                os.close(tdfd)
-        elif kind == "symlink":
-            uid, gid = owners.ids(record)
-
-            def make_symlink(tmp):
-                os.symlink(record["target"], tmp, dir_fd=dfd)
-                os.chown(tmp, uid, gid, dir_fd=dfd, follow_symlinks=False)
-                os.utime(tmp, ns=(record["mtime_ns"], record["mtime_ns"]), dir_fd=dfd, follow_symlinks=False)
-            install_link(dfd, name, make_symlink)
-        else:
-            install_dir(dfd, name, record, *owners.ids(record))
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 # --- verify: the disk held to the journal ------------------------------------------------
-# The inverse of install_record: what a snap record says a path is, checked on the disk
-# as a chroot would reach it, with the content read as store_content stored it.
-
-SNAP_TYPES = {"file": stat.S_IFREG, "symlink": stat.S_IFLNK, "dir": stat.S_IFDIR}
+# The inverse of installing: each path's last applied snap record, checked on the disk as a
+# chroot would reach it, with the content read as the author's side stored it (FileType.drift_of).
 
 
 def journaled_files(rows):
     """path -> (its record, the records of that snap by path), from the last snap applied here
     that names each path, in journal order: skipped and pending entries never touched the disk.
     rows are host_report's."""
-    files = {}
-    for entry, mark, _ in rows:
-        if mark in ("applied", "baseline"):
-            records = entry.meaning().installs(entry.fields)
-            by_path = {record["path"]: record for record in records}
-            for record in records:
-                files[record["path"]] = (record, by_path)
-    return files
+    return FileType.last_records(entry.installs() for entry, mark, _ in rows if mark in ("applied", "baseline"))
 
 
-def file_drift(rootpath, record, by_path, files, owners, quick=False):
-    """[(what, expected, found)]: how the disk at record's path differs from it.
-
-    A hard link is held to the file record it links to (same snap) and, while that path's
-    last record is still that one, must share its inode; once a later snap replaced the
-    other path (a new inode), it keeps the content it had.  With quick, a file whose size
-    and mtime are the record's is taken to hold its content."""
-    path, want, link_of = record["path"], record, None
-    if record["type"] == "hardlink":
-        want = by_path[record["target"]]
-        if files.get(record["target"], (None,))[0] is want:
-            link_of = record["target"]
-    try:
-        st = rootpath.lstat(path)
-        if stat.S_IFMT(st.st_mode) != SNAP_TYPES[want["type"]]:
-            return [("type", file_kind(SNAP_TYPES[want["type"]]), file_kind(st.st_mode))]
-        drifts = []
-        if want["type"] == "file":
-            if not (quick and st.st_size == want["size"] and st.st_mtime_ns == want["mtime_ns"]):
-                with rootpath.open_file(path) as f:
-                    digest, size = disk_digest(f.fileno(), want)
-                if digest != want["object"] or size != want["size"]:
-                    drifts.append(("content", {"sha256": want["object"], "size": want["size"]},
-                                   {"sha256": digest, "size": size}))
-            if link_of:
-                try:
-                    target = rootpath.lstat(link_of)
-                except OSError:  # its own drift says so
-                    target = st
-                if (target.st_dev, target.st_ino) != (st.st_dev, st.st_ino):
-                    drifts.append(("hardlink", link_of, None))
-        elif want["type"] == "symlink":
-            target = rootpath.readlink(path)
-            if target != want["target"]:
-                drifts.append(("target", want["target"], target))
-        if want["type"] != "symlink" and stat.S_IMODE(st.st_mode) != want["mode"]:
-            drifts.append(("mode", "%04o" % want["mode"], "%04o" % stat.S_IMODE(st.st_mode)))
-        uid, gid = owners.ids(want)
-        if st.st_uid != uid:
-            drifts.append(("owner", owners.user_names.get(uid, str(uid)), owners.user_names.get(st.st_uid,
-                                                                                             str(st.st_uid))))
-        if st.st_gid != gid:
-            drifts.append(("group", owners.group_names.get(gid, str(gid)), owners.group_names.get(st.st_gid,
-                                                                                               str(st.st_gid))))
-        return drifts
-    except (FileNotFoundError, NotADirectoryError):  # gone, or a directory on the way is not one any more
-        return [("missing", file_kind(SNAP_TYPES[want["type"]]), None)]
-    except PermissionError as e:  # not a drift: this user may not read what root installed
-        raise StateError("cannot read %s: %s; run 'isconf verify' as root" % (path, e.strerror))
-    except OSError as e:
-        return [("unreadable", None, e.strerror or str(e))]
-
-
-def disk_digest(fd, record):
-    """(SHA-256, size) of an open file read as a snap stored it: the bytes at the record's
-    extents when it holds only zeros elsewhere (a sparse file's holes), else the whole file."""
-    size = os.fstat(fd).st_size
-    extents = record.get("extents")
-    if extents is None or size != record["size"] or not zeros_outside(fd, extents, size):
-        extents = [[0, size]]
-    digest = hashlib.sha256()
-    for offset, length in extents:
-        end = offset + length
-        while offset < end:
-            chunk = os.pread(fd, min(CHUNK, end - offset), offset)
-            if not chunk:  # cut short while read
-                break
-            digest.update(chunk)
-            offset += len(chunk)
-    return digest.hexdigest(), size
-
-
-def zeros_outside(fd, extents, size):
-    """Whether the file holds nothing but zeros outside extents; holes are skipped, not read."""
-    gaps, end = [], 0
-    for offset, length in extents + [[size, 0]]:
-        if offset > end:
-            gaps.append((end, offset))
-        end = offset + length
-    for offset, stop in gaps:
-        while offset < stop:
-            try:
-                offset = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # only holes up to the end
-                    return True
-                raise
-            if offset >= stop:
-                break
-            data_end = min(os.lseek(fd, offset, os.SEEK_HOLE), stop)
-            while offset < data_end:
-                chunk = os.pread(fd, min(CHUNK, data_end - offset), offset)
-                if not chunk:
-                    return True
-                if chunk.count(0) != len(chunk):
-                    return False
-                offset += len(chunk)
-    return True
+def disk_drifts(rootpath, files, quick):
+    """Every drift of the journaled files (journaled_files) on the disk, by path."""
+    look = Look(rootpath, Owners(rootpath), files, quick)
+    return [{"path": path, "what": what, "expected": expected, "found": found}
+            for path in sorted(files) for what, expected, found in FileType.drift_of(look, files[path][0])]
 
 
 def drift_text(what, expected, found):
@@ -4037,6 +4247,55 @@ class ObjectPart(object):
 # ---------------------------------------------------------------------------
 
 
+class Transaction(object):
+    """What a kind's apply (Kind.apply) may use of the host while one entry applies, and nothing
+    more: the root and the staged objects, its command's run, and the agent's self-upgrade hooks."""
+
+    def __init__(self, host, entry, environment, timeout, mounts, agent_files, say):
+        self.rootpath, self.objects = host.rootpath, host.objects
+        self._host, self._entry, self._say = host, entry, say
+        self._environment, self._timeout, self._mounts = environment, timeout, mounts
+        self._agent_files = agent_files
+
+    def run(self, argv, cwd):
+        """Run the transaction's command chrooted into the root, its output appended to the
+        transaction's log (run_command); its exit status.  What a failure printed is synced."""
+        log = self._host.open_log(self._entry)
+        try:
+            status = run_command(self._host.root, argv, cwd, self._environment, log, timeout=self._timeout,
+                                 mounts=self._mounts)
+            if status != 0:
+                os.fsync(log)  # what the failure printed outlives a power cut
+            return status
+        finally:
+            os.close(log)
+
+    def is_agent(self, path):
+        """Whether path inside the root is the running agent's own file.  Known by device and inode,
+        so it holds with any --root: from the host itself (--root /) a snap of the agent's own path,
+        and from a miniroot never a file inside the target, which is not the running agent even when
+        it is the same path there."""
+        try:
+            st = self.rootpath.lstat(path)
+        except (OSError, IsconfError):
+            return False
+        return (st.st_dev, st.st_ino) in self._agent_files
+
+    def try_agent(self, path, write):
+        """Have write(dfd, name) write the new agent beside the staged objects, and run its self-test
+        under the running interpreter; it is removed either way.  TransactionFailed if it fails."""
+        objects, name = self.objects, sha256_hex(path.encode("utf-8", "surrogateescape"))[:16] + ".agent"
+        write(objects.fd, name)
+        try:
+            version = self_test_agent(sys.executable, objects.file(name), self._host.root,
+                                      self._host.explicit_config)
+        except TransactionFailed as e:
+            raise TransactionFailed("new agent %s not installed: %s" % (path, e))
+        finally:
+            objects.unlink(name)
+        self._say("new agent %s passed its self-test: isconf %s" % (path, version))
+
+
 class Applier(object):
     """Apply a Plan's pending transactions in order, halting at the first failure, and hand
     over to a new agent or interpreter between transactions.  For a hand-over (cmd_up), lock
@@ -4049,7 +4308,7 @@ class Applier(object):
         self.boot, self._boot_bin = boot, None  # at boot, execs find a systemctl that does not wait (boot_bin)
         self.lock, self.argv = lock, argv
         self.interpreter, self.agent_files = interpreter_identity(), agent_files()
-        # Provenance (item 4): who applied each transaction, as this process started.
+        # Who applied each transaction, as this process started: kept in its done or failed record.
         self.provenance = {"agent": __version__, "python": sys.version.split()[0],
                            "python_path": os.path.realpath(sys.executable)}
 
@@ -4057,10 +4316,11 @@ class Applier(object):
         """Apply pending transactions in order, halting at the first failure."""
         host, history = self.host, self.history
         for entry in plan.pending:
-            kind = entry.meaning()  # NeedsNewer halts here, unless an agent upgrade before it took over
-            if kind.reboots and not allow_reboot:
-                self.say("transaction %d is a reboot: run 'isconf up -r' to record it and reboot" % entry.seq)
-                return EXIT_REBOOT
+            waits = entry.waits(allow_reboot)  # NeedsNewer halts here, unless an agent upgrade before it took over
+            if waits is not None:
+                code, why = waits
+                self.say("transaction %d %s" % (entry.seq, why))
+                return code
             position, summary, started = "[%d/%d]" % (entry.seq, plan.head.seq), entry.summary(), time.monotonic()
             interrupted = history.interrupted(entry)
             if interrupted >= self.config.interrupted_max:
@@ -4069,7 +4329,7 @@ class Applier(object):
             REPORTER.begin(position, summary)
             history.record("started", entry)
             try:
-                upgraded = self.apply_one(entry)
+                outcome = self.apply_one(entry)
             except (TransactionFailed, StateError) as e:
                 REPORTER.end(position, summary, "failed", time.monotonic() - started)
                 history.record("failed", entry, error=str(e), **self.provenance)
@@ -4084,10 +4344,10 @@ class Applier(object):
             REPORTER.end(position, summary, "ok", time.monotonic() - started)
             if self.run.record is not None:
                 self.run.record.applied += 1
-            if kind.reboots:
+            if outcome == REBOOT:
                 self.finish(plan)
                 return self.reboot()
-            python = self.handover(entry, upgraded)
+            python = self.handover(entry, outcome == HANDOVER)
             if python:
                 self.reexec(python, entry)
         self.finish(plan)
@@ -4159,45 +4419,16 @@ class Applier(object):
         return EXIT_OK
 
     def apply_one(self, entry):
-        """Log the transaction's start, then apply it as its kind says; True if it installed a new agent."""
+        """Log the transaction's start, then apply it as its kind says; what the run does next."""
         with os.fdopen(self.host.open_log(entry, attempt=True), "ab") as log:
             log.write(log_line("[isconf] %s transaction %d %s %s" % (format_time(time.time()), entry.seq,
                                                                    entry.id, entry.summary())))
-        return entry.meaning().apply(self, entry)
-
-    def new_agent(self, entry):
-        """The file record of a snap that would replace this running agent, or None.  Known by
-        device and inode, so it holds with any --root: from the host itself (--root /) a snap of
-        the agent's own path, and from a miniroot never a file inside the target, which is not
-        the running agent even when it is the same path there."""
-        for record in entry.fields["files"]:
-            if record["type"] != "file":
-                continue
-            try:
-                st = self.host.rootpath.lstat(record["path"])
-            except (OSError, IsconfError):
-                continue
-            if (st.st_dev, st.st_ino) in self.agent_files:
-                return record
-        return None
-
-    def try_agent(self, record):
-        """Write the new agent from its staged object beside the objects and run its self-test under
-        the running interpreter; it is removed either way.  Raises TransactionFailed if it fails."""
-        objects, name = self.host.objects, record["object"] + ".agent"
-        with os.fdopen(objects.open(record["object"]), "rb") as source:
-            try:
-                install_file(objects.fd, name, dict(record, mode=0o600), source, os.getuid(), os.getgid())
-            except StateError:
-                objects.unlink(record["object"])  # the next run fetches it again
-                raise
-        try:
-            version = self_test_agent(sys.executable, objects.file(name), self.host.root, self.host.explicit_config)
-        except TransactionFailed as e:
-            raise TransactionFailed("new agent %s not installed: %s" % (record["path"], e))
-        finally:
-            objects.unlink(name)
-        self.say("new agent %s passed its self-test: isconf %s" % (record["path"], version))
+        environment = exec_environment(self.config.branch, entry.seq, entry.id, self.config.env)
+        boot_bin = self.boot_bin()
+        if boot_bin:
+            environment["PATH"] = boot_bin + ":" + environment["PATH"]
+        return entry.apply(Transaction(self.host, entry, environment, self.config.exec_timeout, self.mounts,
+                                       self.agent_files, self.say))
 
     def handover(self, entry, upgraded):
         """The interpreter to re-execute under after this transaction, or None to carry on here:
@@ -4830,10 +5061,34 @@ class Repository(object):
             except FileNotFoundError:
                 st = None
             if st is None or st.st_size != size:
-                paths = [r["path"] for r in entry.fields["files"] if r.get("object") == sha]
                 raise StateError("object %s for %s is %s in %s; snap the file again (unlock discards this "
-                                 "staged work)" % (sha[:16], paths[0], "missing" if st is None else
-                                                   "the wrong size", os.path.join(self.path, "objects")))
+                                 "staged work)" % (sha[:16], entry.object_path(sha) or entry.summary(),
+                                                   "missing" if st is None else "the wrong size",
+                                                   os.path.join(self.path, "objects")))
+
+    def store_object(self, f, extents, path):
+        """Copy the data extents of an open file into the objects directory, named by its SHA-256,
+        durably (a signed head may name it the moment ci ends); streamed and hashed on the way,
+        so a large file never sits in memory.  Returns its SHA-256."""
+        def fill(fd):
+            for offset, length in extents:
+                f.seek(offset)
+                while length:
+                    chunk = f.read(min(CHUNK, length))
+                    if not chunk:
+                        raise StateError("%s changed while it was being snapped; snap it again" % path)
+                    sink.update(chunk)
+                    write_all(fd, chunk)
+                    length -= len(chunk)
+
+        def make(tmp):
+            write_new(objects, tmp, fill, 0o644)
+            return sink.hexdigest()
+        sink, objects = hashlib.sha256(), open_directory(os.path.join(self.path, "objects"))
+        try:
+            return replace_at(objects, path.replace("/", "_"), make)
+        finally:
+            os.close(objects)
 
     @contextlib.contextmanager
     def branch_mutex(self, branch):
@@ -4961,78 +5216,6 @@ def sign_head(data, key):
             reason = proc.stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"]
             raise StateError("ssh-keygen could not sign with %s: %s" % (key, reason[-1]))
         return read_file(path + ".sig", SIGNATURE_MAX)
-
-
-def snap_record(rootpath, path, links, owners):
-    """Describe one path under the root as a snap file record (storing nothing yet)."""
-    st = rootpath.lstat(path)
-    owner = owners.record(st)
-    if stat.S_ISLNK(st.st_mode):
-        return dict(owner, path=path, type="symlink", target=rootpath.readlink(path), mtime_ns=st.st_mtime_ns)
-    if stat.S_ISDIR(st.st_mode):
-        return dict(owner, path=path, type="dir", mode=stat.S_IMODE(st.st_mode))
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError("%s is not a regular file, symlink or directory; isconf snaps only those" % path)
-    if st.st_nlink > 1:
-        first = links.get((st.st_dev, st.st_ino))
-        if first:
-            return {"path": path, "type": "hardlink", "target": first}
-        links[(st.st_dev, st.st_ino)] = path
-    return dict(owner, path=path, type="file", mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns,
-                size=st.st_size)
-
-
-def data_extents(f, size):
-    """The data extents of an open file, from SEEK_DATA/SEEK_HOLE: [[offset, length], ...]."""
-    fd, extents, offset = f.fileno(), [], 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole remains
-                break
-            raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        extents.append([start, end - start])
-        offset = end
-    return extents
-
-
-def store_content(rootpath, record, objects):
-    """Copy a file's content into the objects directory, named by its SHA-256.
-
-    A sparse file stores only its data extents, listed in the record; the copy is
-    streamed and hashed on the way, so a large file never sits in memory.
-    """
-    with rootpath.open_file(record["path"]) as f:
-        size = record["size"]
-        extents = data_extents(f, size)
-        if size and extents != [[0, size]]:
-            record["extents"] = extents
-        else:
-            extents = [[0, size]] if size else []
-        fd, tmp = tempfile.mkstemp(prefix=".snap-", dir=objects)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                sink = HashingWriter(out)
-                for offset, length in extents:
-                    f.seek(offset)
-                    while length:
-                        chunk = f.read(min(CHUNK, length))
-                        if not chunk:
-                            raise StateError("%s changed while it was being snapped; snap it again"
-                                             % record["path"])
-                        sink.write(chunk)
-                        length -= len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            record["object"] = sink.hexdigest()
-            os.rename(tmp, os.path.join(objects, record["object"]))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
 
 # ---------------------------------------------------------------------------
@@ -5246,12 +5429,9 @@ def cmd_snap(args):
     for path in args.paths:
         path = validate_path_arg(path.rstrip("/") or "/", "snap path")
         try:
-            record = snap_record(rootpath, path, links, owners)
-            if record["type"] == "file":
-                store_content(rootpath, record, os.path.join(repo.path, "objects"))
+            records.append(FileType.capture_path(rootpath, path, links, owners, repo.store_object))
         except OSError as e:
             raise UsageError("cannot snap %s: %s" % (path, e.strerror or e))
-        records.append(record)
     staged = repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
     say("staged " + staged.summary())
 
@@ -5676,8 +5856,9 @@ def status_report(host):
     waiting = [e for e, mark, _ in rows if mark == "pending"]
     if waiting and not failed:  # the next transaction is one this version cannot read: halted there
         try:
-            if waiting[0].meaning().reboots:
-                report["reboot"] = {"seq": waiting[0].seq, "id": waiting[0].id}
+            holds = waiting[0].holds()  # a state of STATES, with a field of its name in the report
+            if holds:
+                report[holds] = {"seq": waiting[0].seq, "id": waiting[0].id}
         except NeedsNewer as e:
             report["needs_newer"] = {"seq": waiting[0].seq, "id": waiting[0].id, "kind": waiting[0].kind,
                                      "error": str(e)}
@@ -5862,12 +6043,7 @@ def cmd_verify(args):
     host.config  # an uninitialised host is told to run init
     _, rows, applied_seq, _ = host_report(host)
     files = journaled_files(rows)
-    owners = Owners(host.rootpath)
-    drifts = []
-    for path in sorted(files):
-        record, by_path = files[path]
-        for what, expected, found in file_drift(host.rootpath, record, by_path, files, owners, args.quick):
-            drifts.append({"path": path, "what": what, "expected": expected, "found": found})
+    drifts = disk_drifts(host.rootpath, files, args.quick)
     if args.json:
         emit(json.dumps(drifts, indent=2, sort_keys=True) + "\n")
     else:
