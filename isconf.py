@@ -478,19 +478,20 @@ def temp_name(name, locked=False):
     return ".isconf-" + digest if locked else ".isconf-%d-%s" % (os.getpid(), digest)
 
 
-def rename_into_place(dfd, old, new, sync=True):
+def rename_into_place(dfd, old, new, sync=True, temporary=True):
     """The one rename: old becomes new inside the directory dfd, durably (the directory is fsynced,
-    unless sync is false: the caller fsyncs it once after several).  A failed rename removes old,
-    a temporary name, so that nothing of it stays hidden beside new.  A rename onto the same
-    file through another of its names does nothing (POSIX): old is then removed, not left as a
-    second link."""
+    unless sync is false: the caller fsyncs it once after several).  When old is a temporary name,
+    a failed rename removes it, so that nothing of it stays hidden beside new; and a rename onto
+    the same file through another of its names, which does nothing (POSIX), removes old too
+    rather than leave it as a second link."""
     try:
         os.rename(old, new, src_dir_fd=dfd, dst_dir_fd=dfd)
-        if _lexists(old, dfd):
+        if temporary and _lexists(old, dfd):
             os.unlink(old, dir_fd=dfd)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(old, dir_fd=dfd)
+        if temporary:
+            with contextlib.suppress(OSError):
+                os.unlink(old, dir_fd=dfd)
         raise
     if sync:
         os.fsync(dfd)
@@ -2822,88 +2823,29 @@ class StateDir(object):
         """Remove a name in this directory; a link is removed itself, never what it points to."""
         os.unlink(name, dir_fd=self.fd)
 
-    def rename(self, old, new):
-        os.rename(old, new, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+    def rename(self, old, new, temporary=True):
+        """old becomes new, durably once fsync() is called (after several renames, one fsync)."""
+        rename_into_place(self.fd, old, new, sync=False, temporary=temporary)
 
     def fsync(self):
         os.fsync(self.fd)
 
 
-class Config(object):
-    """ROOT/etc/isconf/isconf.conf: which branch, which mirrors, per-host variables."""
+NUMBER_RE = re.compile(r"^\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\Z")
 
-    def __init__(self, path, data):
-        self.path = path
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.optionxform = str  # variable names keep their case
+
+def parse_positive(text, kind, what, most):
+    """A number above 0 and at most most, written in ASCII digits: int() and float() also take
+    other scripts' digits, 'nan' and 'inf'."""
+    text, value = str(text).strip(), 0
+    if NUMBER_RE.match(text):
         try:
-            parser.read_string(data.decode("utf-8"), path)
-        except (UnicodeDecodeError, configparser.Error) as e:
-            raise StateError("cannot read config %s: %s" % (path, str(e).splitlines()[0]))
-        if not parser.has_section("isconf"):
-            raise StateError("config %s has no [isconf] section; rerun 'isconf init'" % path)
-        main = parser["isconf"]
-        self.branch = main.get("branch", "")
-        self.urls = main.get("urls", "").split()
-        self.insecure = main.get("insecure", "no").lower() in ("yes", "true", "1")
-        self.reboot_command = main.get("reboot_command", DEFAULT_REBOOT)
-        try:
-            self.reboot_argv = parse_command(self.reboot_command)
-            self.timeout = parse_positive(main.get("timeout", str(DEFAULT_TIMEOUT)), float, "timeout", 3600)
-            self.deadline = parse_positive(main.get("deadline", str(DEFAULT_DEADLINE)), float, "deadline",
-                                           MAX_DEADLINE)
-            self.retries = parse_positive(main.get("retries", str(DEFAULT_RETRIES)), int, "retries", 100)
-            self.exec_timeout = (parse_positive(main["exec_timeout"], float, "exec_timeout", MAX_DEADLINE)
-                                 if "exec_timeout" in main else None)
-            self.boot_wait = parse_positive(main.get("boot_wait", str(DEFAULT_BOOT_WAIT)), float, "boot_wait",
-                                            BOOT_WAIT_MAX)
-            self.interrupted_max = parse_positive(main.get("interrupted_max", str(DEFAULT_INTERRUPTED_MAX)), int,
-                                                  "interrupted_max", INTERRUPTED_MOST)
-            self.metrics = main.get("metrics") or None
-            if self.metrics is not None:
-                check_metrics_path(self.metrics)
-            self.env = dict(parser["env"]) if parser.has_section("env") else {}
-            for name, value in self.env.items():
-                check_variable(name, value)
-        except ValueError as e:
-            raise StateError("config %s: %s; fix it or rerun 'isconf init --force'" % (path, e))
-        if not BRANCH_RE.match(self.branch) or not self.urls:
-            raise StateError("config %s needs a valid branch and at least one URL; rerun 'isconf init'" % path)
-
-    @staticmethod
-    def render(branch, urls, insecure, env, extra=None):
-        lines = ["# isconf host configuration; see 'isconf init --help'", "[isconf]",
-                 "branch = " + branch, "urls = " + "\n    ".join(urls),
-                 "insecure = " + ("yes" if insecure else "no")]
-        for key, value in sorted((extra or {}).items()):
-            lines.append("%s = %s" % (key, value))
-        lines += ["", "# Per-host variables, given to every exec as environment variables.", "[env]"]
-        lines += ["%s = %s" % item for item in sorted(env.items())]
-        return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def check_metrics_path(path):
-    """Where the metrics go, inside the root: absolute and normalised, and a .prom file, the
-    only names node_exporter's textfile collector reads (another would be written for no one)."""
-    try:
-        validate_path(path, "metrics")
-    except Refused as e:
-        raise ValueError(str(e))
-    if not path.endswith(".prom"):
-        raise ValueError("metrics %r must be an absolute path ending in .prom, e.g. "
-                         "/var/lib/node_exporter/textfile_collector/isconf.prom" % path)
-
-
-def check_config_value(value, what):
-    """A value init writes into the config: on one line and kept as given when read back
-    (a newline would end it and make the file unreadable; the INI reader strips white space)."""
-    bad = CONTROL_RE.search(value)
-    if bad:
-        raise UsageError("%s holds a control character (%s), which the config file cannot keep; give the value "
-                         "without it" % (what, printable(bad.group())))
-    if value != value.strip():
-        raise UsageError("%s begins or ends with white space, which the config file does not keep; give the value "
-                         "without it (an exec can add it)" % what)
+            value = kind(text)
+        except ValueError:  # a fraction where an integer is due
+            value = 0
+    if not (0 < value <= most):
+        raise ValueError("%s must be a number above 0 and at most %d, not %r" % (what, most, text))
+    return value
 
 
 def parse_command(text):
@@ -2923,14 +2865,134 @@ def check_variable(name, value):
         raise ValueError("variable %r must have a shell-style name, not ISCONF_*, and a value without NUL" % name)
 
 
-def parse_positive(text, kind, what, most):
+def check_metrics_path(path):
+    """Where the metrics go, inside the root: absolute and normalised, and a .prom file, the
+    only names node_exporter's textfile collector reads (another would be written for no one)."""
     try:
-        value = kind(text)
-    except ValueError:
-        value = 0
-    if not (0 < value <= most):  # also false for NaN
-        raise ValueError("%s must be a number above 0 and at most %d, not %r" % (what, most, text))
-    return value
+        validate_path(path, "metrics")
+    except Refused as e:
+        raise ValueError(str(e))
+    if not path.endswith(".prom"):
+        raise ValueError("metrics %r must be an absolute path ending in .prom, e.g. "
+                         "/var/lib/node_exporter/textfile_collector/isconf.prom" % path)
+
+
+class ConfigKey(object):
+    """One key of the [isconf] section: its name, how its text is read (ValueError if it is wrong),
+    its default, and, for a key 'init' sets with an option of its own, the option's metavar and help."""
+
+    def __init__(self, name, read, default, metavar=None, help=None):
+        self.name, self.read, self.default, self.metavar, self.help = name, read, default, metavar, help
+
+    @property
+    def option(self):
+        return "--" + self.name.replace("_", "-")
+
+    def value(self, text, what=None):
+        """The value of the key's text, checked; ValueError naming the key (or what) otherwise."""
+        return self.read(text, what or self.name)
+
+
+def _number(kind, most):
+    return lambda text, what: parse_positive(text, kind, what, most)
+
+
+def _command(text, what):
+    parse_command(text)
+    return text
+
+
+def _metrics(text, what):
+    if text:
+        check_metrics_path(text)
+    return text or None
+
+
+def _branch(text, what):
+    if not BRANCH_RE.match(text):
+        raise ValueError("%s %r must be letters, digits, '.', '_' or '-' (at most 64), starting with a letter or "
+                         "digit" % (what, text))
+    return text
+
+
+# The host config's one schema: Config reads it, init's options and their --help come from it,
+# and Config.render writes it.  A new key is one row.
+CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
+    ConfigKey("branch", _branch, ""),
+    ConfigKey("urls", lambda text, what: text.split(), []),
+    ConfigKey("insecure", lambda text, what: text.lower() in ("yes", "true", "1"), False),
+    ConfigKey("reboot_command", _command, DEFAULT_REBOOT, "COMMAND",
+              "what 'up -r' runs to reboot (default %s)" % DEFAULT_REBOOT),
+    ConfigKey("timeout", _number(float, 3600), float(DEFAULT_TIMEOUT), "SECONDS",
+              "seconds a connection may stay silent (default %d)" % DEFAULT_TIMEOUT),
+    ConfigKey("deadline", _number(float, MAX_DEADLINE), float(DEFAULT_DEADLINE), "SECONDS",
+              "seconds one fetch may take, plus 1 s per %d KiB (default %d)" % (MIN_RATE // 1024, DEFAULT_DEADLINE)),
+    ConfigKey("retries", _number(int, 100), DEFAULT_RETRIES, "N",
+              "rounds over all mirrors before giving up (default %d)" % DEFAULT_RETRIES),
+    ConfigKey("exec_timeout", _number(float, MAX_DEADLINE), None, "SECONDS",
+              "kill an exec still running after SECONDS, with its whole process group, and fail the transaction "
+              "(default: no limit)"),
+    ConfigKey("boot_wait", _number(float, BOOT_WAIT_MAX), float(DEFAULT_BOOT_WAIT), "SECONDS",
+              "how long 'up --boot' waits for a mirror (default %d)" % DEFAULT_BOOT_WAIT),
+    ConfigKey("interrupted_max", _number(int, INTERRUPTED_MOST), DEFAULT_INTERRUPTED_MAX, "N",
+              "halt, as failed, a transaction started N times that never ended (it reboots the machine, or kills "
+              "the agent), instead of starting it again at every boot (default %d)" % DEFAULT_INTERRUPTED_MAX),
+    ConfigKey("metrics", _metrics, None, "PATH",
+              "after every 'up', write a Prometheus text file at PATH inside the root, for node_exporter's "
+              "textfile collector (a .prom file; default: none)"),
+])
+
+
+class Config(object):
+    """ROOT/etc/isconf/isconf.conf: which branch, which mirrors, the keys of CONFIG_KEYS, and the
+    per-host variables of [env]; each key is an attribute of the same name."""
+
+    def __init__(self, path, data):
+        self.path = path
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str  # variable names keep their case
+        try:
+            parser.read_string(data.decode("utf-8"), path)
+        except (UnicodeDecodeError, configparser.Error) as e:
+            raise StateError("cannot read config %s: %s" % (path, str(e).splitlines()[0]))
+        if not parser.has_section("isconf"):
+            raise StateError("config %s has no [isconf] section; rerun 'isconf init'" % path)
+        section = parser["isconf"]
+        if not BRANCH_RE.match(section.get("branch", "")) or not section.get("urls", "").split():
+            raise StateError("config %s needs a valid branch and at least one URL; rerun 'isconf init'" % path)
+        try:
+            for key in CONFIG_KEYS.values():
+                text = section.get(key.name)
+                setattr(self, key.name, key.default if text is None else key.value(text))
+            self.reboot_argv = parse_command(self.reboot_command)
+            self.env = dict(parser["env"]) if parser.has_section("env") else {}
+            for name, value in self.env.items():
+                check_variable(name, value)
+        except ValueError as e:
+            raise StateError("config %s: %s; fix it or rerun 'isconf init --force'" % (path, e))
+
+    @staticmethod
+    def render(values, env):
+        """The config file holding values (key name -> its text, as CONFIG_KEYS reads it back) and env."""
+        lines = ["# isconf host configuration; see 'isconf init --help'", "[isconf]"]
+        for name in CONFIG_KEYS:
+            if name in values:
+                lines.append("%s = %s" % (name, "\n    ".join(values[name].split("\n"))))
+        lines += ["", "# Per-host variables, given to every exec as environment variables.", "[env]"]
+        lines += ["%s = %s" % item for item in sorted(env.items())]
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def check_config_value(value, what):
+    """A value init writes into the config: on one line and kept as given when read back
+    (a newline would end it and make the file unreadable; the INI reader strips white space)."""
+    bad = CONTROL_RE.search(value)
+    if bad:
+        raise UsageError("%s holds a control character (%s), which the config file cannot keep; give the value "
+                         "without it" % (what, printable(bad.group())))
+    if value != value.strip():
+        raise UsageError("%s begins or ends with white space, which the config file does not keep; give the value "
+                         "without it (an exec can add it)" % what)
 
 
 class History(object):
@@ -3164,7 +3226,7 @@ class Host(object):
                     os.fchmod(fd, 0o600)
                 finally:
                     os.close(fd)
-                logs.rename(old, new)
+                logs.rename(old, new, temporary=False)
         logs.fsync()
         if self.has_config():  # 0.1.0 wrote it 0644, offering no choice, and [env] holds site secrets
             directory, name = self.config_dir()
@@ -4745,12 +4807,7 @@ def install_item(rootpath, item):
         if item.link is not None:
             if st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=dfd) == item.link:
                 return False
-            tmp = temp_name(name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=dfd)
-            os.symlink(item.link, tmp, dir_fd=dfd)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            os.fsync(dfd)
+            replace_at(dfd, name, lambda tmp: os.symlink(item.link, tmp, dir_fd=dfd))
             return True
         if st is not None and stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == item.mode:
             if st.st_size == len(item.data) and read_file(item.path, len(item.data), dfd) == item.data:
@@ -5518,21 +5575,14 @@ def cmd_init(args):
     if args.baseline is not None and args.baseline < 1:
         raise UsageError("--baseline %d is not a seq: give the seq of the last transaction the image holds (1 or "
                          "more)" % args.baseline)
-    extra = {}
+    values = {"branch": args.branch, "urls": "\n".join(args.urls), "insecure": "yes" if args.insecure else "no"}
     try:
-        if args.reboot_command is not None:
-            check_config_value(args.reboot_command, "--reboot-command %s" % printable(args.reboot_command))
-            parse_command(args.reboot_command)
-            extra["reboot_command"] = args.reboot_command
-        for key, kind, most in (("timeout", float, 3600), ("deadline", float, MAX_DEADLINE), ("retries", int, 100),
-                                ("exec_timeout", float, MAX_DEADLINE), ("boot_wait", float, BOOT_WAIT_MAX),
-                                ("interrupted_max", int, INTERRUPTED_MOST)):
-            if getattr(args, key) is not None:
-                extra[key] = parse_positive(str(getattr(args, key)), kind, "--" + key.replace("_", "-"), most)
-        if args.metrics is not None:
-            check_config_value(args.metrics, "--metrics %s" % printable(args.metrics))
-            check_metrics_path(args.metrics)
-            extra["metrics"] = args.metrics
+        for key in CONFIG_KEYS.values():
+            text = getattr(args, key.name, None) if key.metavar else None
+            if text is not None:
+                check_config_value(text, "%s %s" % (key.option, printable(text)))
+                key.value(text, key.option)
+                values[key.name] = text
     except ValueError as e:
         raise UsageError(str(e))
     if args.signers:
@@ -5543,15 +5593,7 @@ def cmd_init(args):
             raise UsageError("--signers %s: %s" % (args.signers, e.strerror))
         except StateError as e:
             raise UsageError("--signers: %s" % e)
-    config = Config.render(args.branch, args.urls, args.insecure, variables, extra)
-    try:  # what every later run will read, checked before it is written
-        written = Config(host.config_path, config)
-    except StateError as e:
-        raise UsageError("the config these options make would not read back: %s" % e)
-    if (written.urls, written.env, written.reboot_command, written.metrics) != (
-            args.urls, variables, extra.get("reboot_command", DEFAULT_REBOOT), args.metrics):
-        raise UsageError("a URL, --var, --reboot-command or --metrics would not read back from the config as given; "
-                         "give each without white space or control characters")
+    config = Config.render(values, variables)
     host.make_state()
     with host.lock():  # not while an up runs: the state upgrade and the config are its too
         host.ensure_state()
@@ -6309,22 +6351,9 @@ def build_parser(only=None):
                    "default: off)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
                    help="per-host variable for every exec (repeatable; default: none)")
-    p.add_argument("--reboot-command", help="what 'up -r' runs to reboot (default %s)" % DEFAULT_REBOOT)
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="seconds a connection may stay silent "
-                   "(default %d)" % DEFAULT_TIMEOUT)
-    p.add_argument("--deadline", type=float, metavar="SECONDS", help="seconds one fetch may take, plus 1 s per "
-                   "%d KiB (default %d)" % (MIN_RATE // 1024, DEFAULT_DEADLINE))
-    p.add_argument("--retries", type=int, metavar="N", help="rounds over all mirrors before giving up "
-                   "(default %d)" % DEFAULT_RETRIES)
-    p.add_argument("--exec-timeout", type=float, metavar="SECONDS", help="kill an exec still running after "
-                   "SECONDS, with its whole process group, and fail the transaction (default: no limit)")
-    p.add_argument("--boot-wait", type=float, metavar="SECONDS", help="how long 'up --boot' waits for a mirror "
-                   "(default %d)" % DEFAULT_BOOT_WAIT)
-    p.add_argument("--interrupted-max", type=int, metavar="N", help="halt, as failed, a transaction started N "
-                   "times that never ended (it reboots the machine, or kills the agent), instead of starting it "
-                   "again at every boot (default %d)" % DEFAULT_INTERRUPTED_MAX)
-    p.add_argument("--metrics", metavar="PATH", help="after every 'up', write a Prometheus text file at PATH "
-                   "inside the root, for node_exporter's textfile collector (a .prom file; default: none)")
+    for key in CONFIG_KEYS.values():
+        if key.metavar:
+            p.add_argument(key.option, dest=key.name, metavar=key.metavar, help=key.help)
     p.add_argument("--force", action="store_true", help="overwrite an existing config (default: refuse)")
     p.add_argument("--baseline", type=int, metavar="SEQ", help="the image already holds every transaction up to "
                    "SEQ (built without isconf): the first fetch checks SEQ exists, 'up' applies what follows "
