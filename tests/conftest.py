@@ -1,6 +1,7 @@
 """Fixtures: the real script as a subprocess, a real server, real keys, real roots."""
 
 import glob
+import hashlib
 import importlib.util
 import json
 import os
@@ -12,6 +13,8 @@ import sys
 import time
 
 import pytest
+
+pytest.register_assert_rewrite("hostile")  # its checks report like a test's own
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISCONF = os.path.join(TOP, "isconf.py")
@@ -154,6 +157,47 @@ def source_tree(tmp_path, path, content):
     return src
 
 
+MTIME = 1700000000123456789
+
+
+def make_source(src, busybox_root):
+    """A source tree holding one of every kind of thing a snap records."""
+    busybox_root(src)
+    os.makedirs(os.path.join(src, "etc/app"), exist_ok=True)
+    os.chmod(os.path.join(src, "etc/app"), 0o750)
+    os.chown(os.path.join(src, "etc/app"), 33, 33)
+    with open(os.path.join(src, "etc/app/app.conf"), "w") as f:
+        f.write("listen 8080\n")
+    os.chmod(os.path.join(src, "etc/app/app.conf"), 0o640)
+    os.chown(os.path.join(src, "etc/app/app.conf"), 0, 33)
+    os.utime(os.path.join(src, "etc/app/app.conf"), ns=(MTIME, MTIME))
+    os.link(os.path.join(src, "etc/app/app.conf"), os.path.join(src, "etc/app/app.conf.link"))
+    os.symlink("app.conf", os.path.join(src, "etc/app/current"))
+    with open(os.path.join(src, "etc/app/sparse.img"), "wb") as f:
+        f.truncate(8 * 1024 * 1024)
+        f.seek(4 * 1024 * 1024)
+        f.write(b"middle")
+        f.seek(8 * 1024 * 1024)
+        f.write(b"end")
+
+
+def append_unknown_entry(author, keys, **fields):
+    """Append, as a newer isconf would, an entry this isconf cannot interpret, and sign the new head."""
+    journal = author.journal()
+    last = journal.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    previous = json.loads(last)
+    entry = dict({"seq": previous["seq"] + 1, "prev": hashlib.sha256(last).hexdigest(), "time": previous["time"],
+                  "author": "alice@example", "message": "from a newer isconf"}, **fields)
+    line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+    with open(author.path("journal"), "ab") as f:
+        f.write(line + b"\n")
+    head = json.loads(open(author.path("head")).read())
+    head.update(seq=entry["seq"], id=hashlib.sha256(line).hexdigest(), length=len(journal) + len(line) + 1)
+    with open(author.path("head"), "w") as f:
+        f.write(json.dumps(head, sort_keys=True, separators=(",", ":")) + "\n")
+    author("sign", "--sign", keys.private)  # a head over the new journal, signed by a trusted key
+
+
 @pytest.fixture
 def author(tmp_path, keys):
     return Author(str(tmp_path / "repo"), keys=keys)
@@ -257,6 +301,44 @@ def host(tmp_path):
     return Host(str(tmp_path / "host"))
 
 
+# The agent under test in test_upgrade and test_crash runs from this file inside the host root.
+AGENT = "/usr/local/sbin/isconf.py"
+
+
+def build(version, change=None):
+    """isconf.py as version `version`, optionally with one more (old, new) text substitution."""
+    with open(ISCONF) as f:
+        text = f.read()
+    old = '__version__ = "%s"' % text.split('__version__ = "')[1].split('"')[0]
+    text = text.replace(old, '__version__ = "%s"' % version, 1)
+    if change:
+        assert change[0] in text
+        text = text.replace(change[0], change[1], 1)
+    return text
+
+
+def put(root, path, text):
+    """Write text at path inside root, making its directories."""
+    full = os.path.join(root, path.lstrip("/"))
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "w") as f:
+        f.write(text)
+    return full
+
+
+@pytest.fixture
+def systemd_root(host):
+    """A root with systemd's own units, so that systemd-analyze can check ours in it."""
+    for units in ("/lib/systemd/system", "/usr/lib/systemd/system"):
+        if os.path.isdir(units) and not os.path.islink(units):
+            shutil.copytree(units, host.path(units), symlinks=True)
+            break
+    os.makedirs(host.path("/lib/systemd"), exist_ok=True)
+    with open(host.path("/lib/systemd/systemd"), "w"):
+        pass
+    return host
+
+
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 APPLETS = ["sh", "cat", "echo", "touch", "mkdir", "rm", "ls", "sleep", "false", "true", "test", "env", "pwd"]
 
@@ -344,3 +426,35 @@ def access_log(log):
         request, rest = line.split('"')[1], line.split('"')[2].split()
         out.append((rest[0], request.split()[1], int(rest[1])))
     return out
+
+
+# --- a hostile mirror and a crafted repository (tests/hostile.py) -----------------------------
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory, keys):
+    """Branch web at seq 1, 2 and 4, and branch canary, made once with the real author verbs."""
+    from hostile import Template
+    return Template(str(tmp_path_factory.mktemp("hostile")), keys)
+
+
+@pytest.fixture(scope="session")
+def attacker(tmp_path_factory):
+    """A key the hosts do not trust."""
+    return Keys(str(tmp_path_factory.mktemp("attacker")), principal="mallory@example")
+
+
+@pytest.fixture
+def mirror(template):
+    from hostile import HostileMirror
+    server = HostileMirror(template.repo)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def world(template, mirror, host, keys, attacker, tmp_path, busybox_root):
+    """A busybox host following the hostile mirror, with short network limits."""
+    from hostile import SLOW, World
+    busybox_root(host.root)
+    host.init(mirror.url, keys, *SLOW)
+    return World(template, mirror, host, keys, attacker, tmp_path)

@@ -1,7 +1,6 @@
 """At boot and from cron: up --boot waits for the repository, syslog, --splay, install and uninstall."""
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -196,19 +195,6 @@ def tree(root):
                 with open(p, "rb") as f:
                     seen["/" + os.path.relpath(p, root)] = (st.st_mode, f.read(), st.st_mtime_ns, st.st_ino)
     return seen
-
-
-@pytest.fixture
-def systemd_root(host):
-    """A root with systemd's own units, so that systemd-analyze can check ours in it."""
-    for units in ("/lib/systemd/system", "/usr/lib/systemd/system"):
-        if os.path.isdir(units) and not os.path.islink(units):
-            shutil.copytree(units, host.path(units), symlinks=True)
-            break
-    os.makedirs(host.path("/lib/systemd"), exist_ok=True)
-    with open(host.path("/lib/systemd/systemd"), "w"):
-        pass
-    return host
 
 
 def test_install_writes_the_systemd_units_by_default_where_there_is_systemd(systemd_root):

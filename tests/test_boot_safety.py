@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 
-from test_boot import systemd_root  # noqa: F401 (a fixture)
 
 UNIT_DIR = "/etc/systemd/system"
 

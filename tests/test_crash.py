@@ -20,8 +20,7 @@ import time
 
 import pytest
 
-from conftest import AUTHOR, error_line, install_busybox
-from test_upgrade import AGENT, build, put
+from conftest import AGENT, AUTHOR, build, error_line, install_busybox, put
 
 OLD, V1, V2 = b"old\n", b"version one\n", b"version two\n"
 BIG = 4 << 20  # large enough that a kill can land while it is being written

@@ -9,8 +9,7 @@ import threading
 import pytest
 
 from conftest import error_line
-from test_hostile import (HEAD, JOURNAL, SIG, SLOW, HostileMirror, Template, attacker, canon,  # noqa: F401
-                          mirror, template, up_applies_nothing, world)
+from hostile import HEAD, JOURNAL, SIG, SLOW, HostileMirror, Template, canon, up_applies_nothing
 
 
 # --- deadlines hold in any thread -----------------------------------------------------------

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from conftest import ISCONF, Author, Host, error_line
-from test_hostile import HostileMirror
+from hostile import HostileMirror
 
 BIG = 3 * 1024 * 1024 + 12345   # several CHUNKs, odd-sized: the cut falls mid-chunk
 GATE_WAIT = 2                   # seconds an object request waits for a second one to arrive

@@ -1,29 +1,11 @@
 """Forward compatibility: every entry is verified at once, but interpreted only when its turn comes."""
 
-import hashlib
 import json
 import os
 
-from conftest import error_line
+from conftest import append_unknown_entry, error_line
 
 EXIT_NEWER = 10
-
-
-def append_unknown_entry(author, keys, **fields):
-    """Append, as a newer isconf would, an entry this isconf cannot interpret, and sign the new head."""
-    journal = author.journal()
-    last = journal.rstrip(b"\n").rsplit(b"\n", 1)[-1]
-    previous = json.loads(last)
-    entry = dict({"seq": previous["seq"] + 1, "prev": hashlib.sha256(last).hexdigest(), "time": previous["time"],
-                  "author": "alice@example", "message": "from a newer isconf"}, **fields)
-    line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
-    with open(author.path("journal"), "ab") as f:
-        f.write(line + b"\n")
-    head = json.loads(open(author.path("head")).read())
-    head.update(seq=entry["seq"], id=hashlib.sha256(line).hexdigest(), length=len(journal) + len(line) + 1)
-    with open(author.path("head"), "w") as f:
-        f.write(json.dumps(head, sort_keys=True, separators=(",", ":")) + "\n")
-    author("sign", "--sign", keys.private)  # a head over the new journal, signed by a trusted key
 
 
 def test_an_entry_of_an_unknown_kind_halts_the_host_there_with_its_own_code(author, server, keys, host,

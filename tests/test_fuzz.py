@@ -16,7 +16,7 @@ import shutil
 import traceback
 
 from conftest import PYTHONS, Host
-from test_hostile import HEAD, JOURNAL, SIG, HostileMirror, Template, sign, template  # noqa: F401
+from hostile import HEAD, JOURNAL, SIG, HostileMirror, Template, sign
 
 INPUTS = int(os.environ.get("ISCONF_FUZZ_INPUTS", "100000"))
 RUNS = int(os.environ.get("ISCONF_FUZZ_RUNS", "200"))

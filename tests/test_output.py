@@ -9,7 +9,7 @@ import sys
 import time
 
 from conftest import AUTHOR, ISCONF, Host, error_line
-from test_hostile import HostileMirror
+from hostile import HostileMirror
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ "
 

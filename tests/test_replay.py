@@ -10,31 +10,7 @@ import stat
 
 import pytest
 
-from conftest import ISCONF, PYTHONS, Host, canary_ahead, error_line, source_tree
-
-MTIME = 1700000000123456789
-
-
-def make_source(src, busybox_root):
-    """A source tree holding one of every kind of thing a snap records."""
-    busybox_root(src)
-    os.makedirs(os.path.join(src, "etc/app"), exist_ok=True)
-    os.chmod(os.path.join(src, "etc/app"), 0o750)
-    os.chown(os.path.join(src, "etc/app"), 33, 33)
-    with open(os.path.join(src, "etc/app/app.conf"), "w") as f:
-        f.write("listen 8080\n")
-    os.chmod(os.path.join(src, "etc/app/app.conf"), 0o640)
-    os.chown(os.path.join(src, "etc/app/app.conf"), 0, 33)
-    os.utime(os.path.join(src, "etc/app/app.conf"), ns=(MTIME, MTIME))
-    os.link(os.path.join(src, "etc/app/app.conf"), os.path.join(src, "etc/app/app.conf.link"))
-    os.symlink("app.conf", os.path.join(src, "etc/app/current"))
-    with open(os.path.join(src, "etc/app/sparse.img"), "wb") as f:
-        f.truncate(8 * 1024 * 1024)
-        f.seek(4 * 1024 * 1024)
-        f.write(b"middle")
-        f.seek(8 * 1024 * 1024)
-        f.write(b"end")
-
+from conftest import ISCONF, MTIME, PYTHONS, Host, canary_ahead, error_line, make_source, source_tree
 
 def author_journal(author, src):
     author("lock", "-m", "build the app host")

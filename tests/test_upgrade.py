@@ -16,23 +16,7 @@ import threading
 
 import pytest
 
-from conftest import AUTHOR, ISCONF, error_line, undated
-from test_forward import append_unknown_entry
-
-AGENT = "/usr/local/sbin/isconf.py"
-
-
-def build(version, change=None):
-    """isconf.py as version `version`, optionally with one more (old, new) text substitution."""
-    with open(ISCONF) as f:
-        text = f.read()
-    old = '__version__ = "%s"' % text.split('__version__ = "')[1].split('"')[0]
-    text = text.replace(old, '__version__ = "%s"' % version, 1)
-    if change:
-        assert change[0] in text
-        text = text.replace(change[0], change[1], 1)
-    return text
-
+from conftest import AGENT, AUTHOR, append_unknown_entry, build, error_line, put, undated
 
 def run_agent(host_root, *args, python=sys.executable, env=None, pass_fds=()):
     """The agent installed inside the root, run by `python`, against that root."""
@@ -48,14 +32,6 @@ def run_agent(host_root, *args, python=sys.executable, env=None, pass_fds=()):
 @pytest.fixture
 def src(tmp_path):
     return str(tmp_path / "src")
-
-
-def put(root, path, text):
-    full = os.path.join(root, path.lstrip("/"))
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    with open(full, "w") as f:
-        f.write(text)
-    return full
 
 
 def snap_agent(src, text):

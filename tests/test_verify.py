@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import Host, source_tree
-from test_replay import make_source
+from conftest import Host, make_source, source_tree
 
 SNAPPED = ("/etc/app", "/etc/app/app.conf", "/etc/app/app.conf.link", "/etc/app/current", "/etc/app/sparse.img")
 
