@@ -843,14 +843,40 @@ class Reporter(object):
             self._stamped("isconf: " + message, sys.stdout)
 
     def warn(self, message):
-        """Something the admin should know; always shown, on stderr."""
-        self.syslog.send(message, Syslog.WARNING)
-        self._stamped("isconf: " + message, sys.stderr)
+        """Something the admin should know ('isconf: warning: ...'); always shown, on stderr."""
+        self.syslog.send("warning: " + message, Syslog.WARNING)
+        self._stamped("isconf: warning: " + message, sys.stderr)
 
-    def error(self, message, code=None):
-        """The one line of what went wrong; syslog is told the exit code too."""
-        self.syslog.send(message if code is None else "%s (exit %d)" % (message, code), Syslog.ERR)
-        self._stamped("isconf: " + message, sys.stderr)
+    def error(self, message, code=None, label="error"):
+        """The one line of what went wrong ('isconf: error: ...', or another label: 'internal error',
+        none for an interruption); syslog is told the exit code too."""
+        text = "%s: %s" % (label, message) if label else message
+        self.syslog.send(text if code is None else "%s (exit %d)" % (text, code), Syslog.ERR)
+        if label is None and self.terminal(sys.stderr):
+            self.write("\n", sys.stderr)  # after the ^C the terminal echoed
+        self._stamped("isconf: " + text, sys.stderr)
+
+    def trace(self, text):
+        """A traceback, whole, on stderr (--debug)."""
+        self.write(text, sys.stderr)
+
+    def log(self, text):
+        """One line of a server's log ('serve': its start and each request), on stderr, escaped."""
+        self.write(printable(text) + "\n", sys.stderr)
+
+    def flush(self):
+        """Before the process ends or execs another: what is buffered would be lost; a stream that
+        cannot be written (a closed pipe, a full cron log) is silenced, as every write does."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                silence(stream)
+
+    def closed_pipe(self):
+        """stdout's reader went away ('isconf log | head'): what is left for it is dropped."""
+        silence(sys.stdout)
 
     def output(self, data):
         """What a transaction's command wrote (it is in the log whatever this shows)."""
@@ -887,14 +913,14 @@ class Reporter(object):
 REPORTER = Reporter()  # -q sets its verbosity; 'up --boot' and 'up --syslog' open its syslog
 
 
-def emit(data, stream=None):
-    """Raw text or bytes (JSON, a traceback) through the reporter."""
-    REPORTER.write(data, stream)
+def emit(data):
+    """A whole report as it is (JSON), on stdout."""
+    REPORTER.write(data)
 
 
-def show(text, stream=None):
-    """One line of a report, escaped."""
-    REPORTER.line(text, stream)
+def show(text):
+    """One line of a report on stdout, escaped."""
+    REPORTER.line(text)
 
 
 def say(message):
@@ -1202,7 +1228,7 @@ class Owners(object):
                 continue  # blank, a comment, or an NIS include: no entry here
             # ASCII digits only: str.isdigit() takes a superscript two (U+00B2), which int() then refuses.
             if len(fields) < 3 or not ID_RE.match(fields[2]) or int(fields[2]) > ID_MAX:
-                warn("warning: %s%s line %d is not NAME:PASSWORD:NUMBER:...; skipped"
+                warn("%s%s line %d is not NAME:PASSWORD:NUMBER:...; skipped"
                      % (rootpath.root.rstrip("/"), path, number))
                 continue
             table.setdefault(fields[0], int(fields[2]))
@@ -3825,14 +3851,6 @@ class Run(object):
         self.history = host.history(recent=True)
         self.record = None  # the RunRecord of an 'up', counting what it applied and fetched
 
-    @staticmethod
-    def say(message, stream=None):
-        """A message of the run; with stream sys.stderr, a warning."""
-        if stream is sys.stderr:
-            REPORTER.warn(message)
-        else:
-            REPORTER.say(message)
-
     def now(self):
         """The time used for expiry and key validity: never earlier than the last verified head,
         so a host whose clock was reset cannot be fed heads older than what it has seen."""
@@ -3924,11 +3942,11 @@ class Sync(object):
 
     def __init__(self, run):
         self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
-        self.say, self.now = run.say, run.now
+        self.now = run.now
         self.signers = None
         if self.config.insecure:
-            self.say("WARNING: insecure mode: heads are not signature-checked; anyone on the network "
-                     "can run commands as root here. Run 'isconf init --signers FILE' to fix.", sys.stderr)
+            warn("insecure mode: heads are not signature-checked; anyone on the network "
+                 "can run commands as root here. Run 'isconf init --signers FILE' to fix.")
         else:
             self.signers = load_signers(self.host.signers_path, self.host.read_signers)
 
@@ -3957,7 +3975,7 @@ class Sync(object):
                     if give_up:
                         delay = min(delay, max(0, give_up - time.monotonic()))
                         if attempt == 1:
-                            self.say("waiting up to %d s for a mirror (%s)" % (wait, failures[-1]), sys.stderr)
+                            warn("waiting up to %d s for a mirror (%s)" % (wait, failures[-1]))
                     time.sleep(delay)
                 for mirror in self.mirrors():
                     try:
@@ -3986,7 +4004,7 @@ class Sync(object):
                 % (failures[-1], self.config.path))
         finally:
             for url, e in failed.items():
-                self.say("warning: mirror %s: %s" % (url, e), sys.stderr)
+                warn("mirror %s: %s" % (url, e))
 
     def _sync_from(self, mirror, stage, branch):
         """Fetch and verify one mirror's head and journal tail, then stage what pending
@@ -4313,9 +4331,9 @@ class Transaction(object):
     """What a kind's apply (Kind.apply) may use of the host while one entry applies, and nothing
     more: the root and the staged objects, its command's run, and the agent's self-upgrade hooks."""
 
-    def __init__(self, host, entry, environment, timeout, mounts, agent_files, say):
+    def __init__(self, host, entry, environment, timeout, mounts, agent_files):
         self.rootpath, self.objects = host.rootpath, host.objects
-        self._host, self._entry, self._say = host, entry, say
+        self._host, self._entry = host, entry
         self._environment, self._timeout, self._mounts = environment, timeout, mounts
         self._agent_files = agent_files
 
@@ -4355,7 +4373,7 @@ class Transaction(object):
             raise TransactionFailed("new agent %s not installed: %s" % (path, e))
         finally:
             objects.unlink(name)
-        self._say("new agent %s passed its self-test: isconf %s" % (path, version))
+        say("new agent %s passed its self-test: isconf %s" % (path, version))
 
 
 class Applier(object):
@@ -4365,7 +4383,6 @@ class Applier(object):
 
     def __init__(self, run, mounts=True, lock=None, argv=None, boot=False):
         self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
-        self.say = run.say
         self.mounts = mounts  # pseudo-filesystems for execs inside a --root (run_command)
         self.boot, self._boot_bin = boot, None  # at boot, execs find a systemctl that does not wait (boot_bin)
         self.lock, self.argv = lock, argv
@@ -4381,7 +4398,7 @@ class Applier(object):
             waits = entry.waits(allow_reboot)  # NeedsNewer halts here, unless an agent upgrade before it took over
             if waits is not None:
                 code, why = waits
-                self.say("transaction %d %s" % (entry.seq, why))
+                say("transaction %d %s" % (entry.seq, why))
                 return code
             position, summary, started = "[%d/%d]" % (entry.seq, plan.head.seq), entry.summary(), time.monotonic()
             interrupted = history.interrupted(entry)
@@ -4461,7 +4478,7 @@ class Applier(object):
         and a SIGTERM then would kill the agent by the signal (systemd: "Failed with result
         'signal'", seen in a real boot)."""
         command = self.config.reboot_argv
-        self.say("rebooting: %s" % self.config.reboot_command)
+        say("rebooting: %s" % self.config.reboot_command)
         caught = []
         previous = dict((signum, signal.signal(signum, lambda signum, frame: caught.append(signum)))
                         for signum in REBOOT_SIGNALS)
@@ -4490,7 +4507,7 @@ class Applier(object):
         if boot_bin:
             environment["PATH"] = boot_bin + ":" + environment["PATH"]
         return entry.apply(Transaction(self.host, entry, environment, self.config.exec_timeout, self.mounts,
-                                       self.agent_files, self.say))
+                                       self.agent_files))
 
     def handover(self, entry, upgraded):
         """The interpreter to re-execute under after this transaction, or None to carry on here:
@@ -4501,23 +4518,22 @@ class Applier(object):
         if self.argv is None or not sys.executable or not (upgraded or changed):
             return None
         if entry.id in os.environ.get(REEXEC_ENV, "").split(","):
-            self.say("warning: already re-executed after transaction %d; carrying on in this process" % entry.seq,
-                     sys.stderr)
+            warn("already re-executed after transaction %d; carrying on in this process" % entry.seq)
             return None
         if changed and not upgraded:
             try:
                 self_test_agent(sys.executable, AGENT_PATH, self.host.root, self.host.explicit_config)
             except TransactionFailed as e:
                 self.interpreter = interpreter_identity()  # warned once; a later change is looked at again
-                self.say("warning: the interpreter changed on disk, but this agent fails its self-test under it; "
-                         "carrying on in the running one: %s" % e, sys.stderr)
+                warn("the interpreter changed on disk, but this agent fails its self-test under it; "
+                     "carrying on in the running one: %s" % e)
                 return None
         return sys.executable
 
     def reexec(self, python, entry):
         """Become the agent at AGENT_PATH under python, with the same arguments and pid, the host
         lock held throughout: its descriptor is inherited and named in $ISCONF_LOCK_FD."""
-        self.say("after transaction %d: re-executing %s under %s" % (entry.seq, AGENT_PATH, python))
+        say("after transaction %d: re-executing %s under %s" % (entry.seq, AGENT_PATH, python))
         seen = [i for i in os.environ.get(REEXEC_ENV, "").split(",") if i]
         os.environ[REEXEC_ENV] = ",".join(seen + [entry.id])
         os.environ[LOCK_FD_ENV] = str(self.lock.fd)
@@ -4525,11 +4541,7 @@ class Applier(object):
             os.environ[RUN_ENV] = self.run.record.carry()
         for timer in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
             signal.setitimer(timer, 0)  # interval timers survive execve
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()  # what is buffered would be lost
-            except (OSError, ValueError):
-                silence(stream)  # a closed pipe or a full cron log: as main does
+        REPORTER.flush()  # what is buffered would be lost
         os.set_inheritable(self.lock.fd, True)
         try:
             os.execv(python, [python, "-I", AGENT_PATH] + list(self.argv))
@@ -4554,8 +4566,8 @@ class Applier(object):
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(st.st_mode):  # isconf stages regular files only: what else is here is not ours
-                self.say("warning: %s is a %s, not an object isconf staged; left alone: move it away"
-                         % (objects.file(name), file_kind(st.st_mode)), sys.stderr)
+                warn("%s is a %s, not an object isconf staged; left alone: move it away"
+                     % (objects.file(name), file_kind(st.st_mode)))
                 continue
             objects.unlink(name)
 
@@ -4887,7 +4899,7 @@ def cmd_uninstall(args):
                 continue
             if not found:
                 kept[path] = want
-                warn("warning: %s changed since 'isconf install' wrote it; left in place"
+                warn("%s changed since 'isconf install' wrote it; left in place"
                      % os.path.join(host.root, path[1:]))
                 continue
             dfd, name = host.rootpath.parent(path)
@@ -5042,10 +5054,10 @@ class Repository(object):
             if not force:
                 raise Busy("branch %s is locked by %s; use 'isconf unlock --force' to break the lock and "
                            "discard their staged work" % (branch, holder.get("who")))
-            warn("WARNING: breaking %s's lock on branch %s (%s) and DISCARDING %s staged transaction(s)"
+            warn("breaking %s's lock on branch %s (%s) and DISCARDING %s staged transaction(s)"
                  % (holder.get("who"), branch, holder.get("why"), count))
         elif count != "0":
-            warn("WARNING: discarding %s staged transaction(s)" % count)
+            warn("discarding %s staged transaction(s)" % count)
         for name in ("staged", "lock"):
             try:
                 os.unlink(os.path.join(self.work_dir(branch), name))
@@ -5239,11 +5251,11 @@ def new_head_time(previous, expires):
         return now
     before = parse_time(previous.time)
     if before > now + 60:
-        warn("warning: the branch's last head is dated %s, ahead of this machine's clock (%s); the new "
+        warn("the branch's last head is dated %s, ahead of this machine's clock (%s); the new "
              "head is dated %s too, so that hosts accept it: check both clocks"
              % (previous.time, format_time(now), previous.time))
     if previous.expires and not expires:
-        warn("warning: the last head expired at %s; this one never expires (give --expires to keep "
+        warn("the last head expired at %s; this one never expires (give --expires to keep "
              "one)" % previous.expires)
     return max(now, before)
 
@@ -5368,7 +5380,7 @@ class StaticHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         # The request line and headers are the client's text: escaped, one line each.
-        show("%s - [%s] %s" % (self.client_address[0], self.log_date_time_string(), fmt % args), sys.stderr)
+        REPORTER.log("%s - [%s] %s" % (self.client_address[0], self.log_date_time_string(), fmt % args))
 
 
 def parse_range(header, size):
@@ -5395,8 +5407,7 @@ def serve(directory, bind, port):
             raise UsageError("port %d on %s is in use; pick another with --port N (0 picks a free one)"
                              % (port, bind))
         raise UsageError("cannot listen on %s port %d: %s" % (bind, port, e.strerror or e))
-    sys.stderr.write("isconf: serving %s on http://%s:%d/\n" % (directory, bind, server.server_address[1]))
-    sys.stderr.flush()
+    REPORTER.log("isconf: serving %s on http://%s:%d/" % (directory, bind, server.server_address[1]))
     try:
         server.serve_forever()
     finally:
@@ -5461,7 +5472,7 @@ def cmd_exec(args):
             try:
                 variables = host.config.env
             except StateError as e:  # the config is 0600: an author who is not root cannot read it
-                warn("warning: the command runs without the host's [env] variables: %s" % e)
+                warn("the command runs without the host's [env] variables: %s" % e)
         with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log:
             status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.fileno(),
                                  mounts=not args.no_mounts)
@@ -5671,7 +5682,7 @@ def finish_run(host, record, code, reason=None):
     except (IsconfError, OSError) as e:
         if code == EXIT_OK:
             raise
-        warn("warning: the result of this run was not recorded: %s" % e)
+        warn("the result of this run was not recorded: %s" % e)
         return
     try:
         metrics = host.config.metrics
@@ -5683,7 +5694,7 @@ def finish_run(host, record, code, reason=None):
             write_metrics(host, metrics, report)
     except (IsconfError, OSError) as e:
         if str(e) != reason:  # the run's own error says it already
-            warn("warning: metrics not written: %s" % e)
+            warn("metrics not written: %s" % e)
 
 
 def up(args, host, record):
@@ -5710,10 +5721,10 @@ def up(args, host, record):
         record.fetched += fetched_bytes(host, plan, staged)
         plan.commit(host)
         if not plan.pending:
-            run.say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
+            say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
         code = applier.apply(plan, allow_reboot=args.reboot)
         if code == EXIT_OK and plan.pending:
-            run.say("applied through seq %d" % run.history.applied()[0])
+            say("applied through seq %d" % run.history.applied()[0])
         return code
 
 
@@ -6195,6 +6206,11 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError("%s (see '%s --help')" % (message, self.prog))
 
+    def _print_message(self, message, file=None):
+        # --help and --version: through the one owner of output, like everything else.
+        if message:
+            emit(message)
+
 
 HELP = """\
 isconf keeps hosts identical by replaying one signed, ordered journal.
@@ -6476,14 +6492,15 @@ def internal_error(error, argv, args):
                                                       traceback.format_exc())
     where = "run again with --debug to see the traceback"
     if getattr(args, "debug", False):
-        emit(report, sys.stderr)
+        REPORTER.trace(report)
         where = "traceback above"
     else:
         try:
             where = "traceback in %s" % save_crash_report(getattr(args, "root", None) or "/", report)
         except (OSError, IsconfError):
             pass
-    REPORTER.error("internal error: %s: %s (%s); please report it" % (type(error).__name__, str(error)[:300], where))
+    REPORTER.error("%s: %s (%s); please report it" % (type(error).__name__, str(error)[:300], where), EXIT_SOFTWARE,
+                   label="internal error")
     return EXIT_SOFTWARE
 
 
@@ -6511,37 +6528,32 @@ def main(argv=None):
         if args.self_test:
             return cmd_self_test(args)
         if not getattr(args, "func", None):
-            parser.print_help()
+            emit(parser.format_help())
             return EXIT_USAGE
         code = args.func(args)
         return EXIT_OK if code is None else code
     except IsconfError as e:
-        REPORTER.error("error: %s" % e, e.exit_code)
+        REPORTER.error(str(e), e.exit_code)
         return e.exit_code
     except BrokenPipeError:  # 'isconf log | head' is not an error
-        silence(sys.stdout)
+        REPORTER.closed_pipe()
         return EXIT_OK
     except OSError as e:
         # The last net for a system call no step above expected to fail (a full disk, a
         # read-only root): still one line, and the local-state exit code.
         where = " (%s)" % e.filename if e.filename else ""
-        REPORTER.error("error: %s%s; check the disk and permissions, then run again" % (e.strerror or e, where))
+        REPORTER.error("%s%s; check the disk and permissions, then run again" % (e.strerror or e, where), EXIT_STATE)
         return EXIT_STATE
     except KeyboardInterrupt as e:
         # Every record is written whole or not at all: an interrupted transaction runs again next time.
         signum = getattr(e, "signum", signal.SIGINT)
-        if REPORTER.terminal(sys.stderr):
-            REPORTER.write("\n", sys.stderr)  # after the ^C the terminal echoed
         REPORTER.error("interrupted by %s; nothing is left half-recorded: run the command again to carry on"
-                       % signal.Signals(signum).name)
+                       % signal.Signals(signum).name, EXIT_SIGNAL + signum, label=None)
         return 128 + signum
     except Exception as e:  # noqa: B902 -- a bug: never reported as a failed transaction
         return internal_error(e, argv, args)
     finally:
-        try:
-            sys.stdout.flush()  # here, not at exit, where a failure would turn into exit 120
-        except (OSError, ValueError):
-            silence(sys.stdout)
+        REPORTER.flush()  # here, not at exit, where a failure would turn into exit 120
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_insecure_host_is_warned_on_every_run(author, server, host):
     author.commit(["reboot"])
     host.init(server.url, None)
     for _ in range(2):
-        assert "WARNING: insecure mode" in host("up", expect="reboot").err
+        assert "isconf: warning: insecure mode" in host("up", expect="reboot").err
 
 
 def test_init_needs_signers_or_an_explicit_insecure(host):
