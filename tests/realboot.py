@@ -1,7 +1,8 @@
 """A real Debian to boot under qemu: the image, cached under ~/.cache/isconf-boot, and one boot of it.
 
-The base system is debootstrap's minbase of bookworm with systemd, python3, a kernel and udev, built
-once (a few minutes) and kept; from it a bootable ext4 disk image is made, with the units that slow a
+The base system is debootstrap's minbase of bookworm with systemd, python3, a kernel and udev, fetched
+from the Debian mirror this machine's apt configuration names (or $ISCONF_DEBIAN_MIRROR), built once (a
+few minutes) and kept; from it a bootable ext4 disk image is made, with the units that slow a
 boot masked, a persistent journal, and a unit that powers the guest off once isconf.service and the
 test's own late service are done.  Each test boots a sparse copy of that image.  Everything is keyed
 by a version string: changing what is built changes the key, and the next run builds it again.
@@ -9,6 +10,7 @@ by a version string: changing what is built changes the key, and the next run bu
 
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +21,9 @@ import uuid
 import pytest
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "isconf-boot")
-SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
+SUITE = "bookworm"
+MIRROR_ENV = "ISCONF_DEBIAN_MIRROR"            # overrides the mirror found in this machine's apt configuration
+APT_ETC = "/etc/apt"
 PACKAGES = "systemd-sysv,python3,linux-image-amd64,udev"
 ROOTFS_KEY = "rootfs-%s-minbase-1" % SUITE     # what debootstrap made: change it to fetch again
 IMAGE_KEY = "image-%s-6" % SUITE               # what is added to it: change it to rebuild the disk image
@@ -61,6 +65,56 @@ def require_tools():
                     % (", ".join(missing), " ".join(missing)))
 
 
+def debian_mirror(suite=SUITE, apt_etc=APT_ETC, environ=os.environ):
+    """The Debian mirror to debootstrap suite from: $ISCONF_DEBIAN_MIRROR, else the first 'deb' source of
+    suite with component main in this machine's apt configuration (sources.list, then sources.list.d/ in
+    name order, one-line .list and deb822 .sources files alike, as apt reads them); None if there is none."""
+    if environ.get(MIRROR_ENV, "").strip():
+        return environ[MIRROR_ENV].strip().rstrip("/")
+    paths = [os.path.join(apt_etc, "sources.list")]
+    paths += sorted(glob.glob(os.path.join(apt_etc, "sources.list.d", "*.list"))
+                    + glob.glob(os.path.join(apt_etc, "sources.list.d", "*.sources")))
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        parse = deb822_sources if path.endswith(".sources") else one_line_sources
+        for types, uris, suites, components in parse(text):
+            if "deb" in types and suite in suites and "main" in components:
+                for uri in uris:
+                    if uri.split(":", 1)[0] in ("http", "https", "ftp", "file"):
+                        return uri.rstrip("/")
+    return None
+
+
+def one_line_sources(text):
+    """(types, uris, suites, components) of each 'deb [options] URI SUITE COMPONENT...' line."""
+    for line in text.splitlines():
+        m = re.match(r"\s*(deb|deb-src)\s+(?:\[[^\]]*\]\s*)?(\S+)\s+(\S+)(.*)", line.split("#", 1)[0])
+        if m:
+            yield [m.group(1)], [m.group(2)], [m.group(3)], m.group(4).split()
+
+
+def deb822_sources(text):
+    """(types, uris, suites, components) of each enabled stanza of a deb822 .sources file."""
+    for stanza in re.split(r"\n[ \t]*\n", text):
+        fields, key = {}, None
+        for line in stanza.splitlines():
+            if line.startswith("#"):
+                continue
+            if line[:1] in (" ", "\t") and key:
+                fields[key] += " " + line.strip()
+            elif ":" in line:
+                key, value = line.split(":", 1)
+                key = key.strip().lower()
+                fields[key] = value.strip()
+        if fields.get("enabled", "yes").lower() == "no":
+            continue
+        yield tuple(fields.get(name, "").split() for name in ("types", "uris", "suites", "components"))
+
+
 def sh(*argv, **kw):
     kw.setdefault("check", True)
     kw.setdefault("stdin", subprocess.DEVNULL)
@@ -72,10 +126,15 @@ def build_rootfs():
     final = os.path.join(CACHE, ROOTFS_KEY)
     if os.path.isdir(final):
         return final
+    mirror = debian_mirror()
+    if not mirror:
+        pytest.fail("the real-boot tests build a Debian %s image with debootstrap, and found no Debian mirror for %s "
+                    "('deb' with component main) in %s/sources.list or %s/sources.list.d/: set %s=URL to the mirror "
+                    "to use" % (SUITE, SUITE, APT_ETC, APT_ETC, MIRROR_ENV))
     os.makedirs(CACHE, exist_ok=True)
     work = tempfile.mkdtemp(prefix=ROOTFS_KEY + ".tmp-", dir=CACHE)
     try:
-        sh("debootstrap", "--variant=minbase", "--include=" + PACKAGES, SUITE, work, MIRROR,
+        sh("debootstrap", "--variant=minbase", "--include=" + PACKAGES, SUITE, work, mirror,
            stdout=subprocess.DEVNULL, timeout=3600)
         settle(work, final)
     except BaseException:
