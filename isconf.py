@@ -246,7 +246,7 @@ REBOOT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # init's, or a 
 
 
 # ---------------------------------------------------------------------------
-# Low-level helpers: canonical JSON, time, hashing, atomic files.
+# Low-level helpers: canonical JSON, time, hashing, durable files, records, locks.
 # ---------------------------------------------------------------------------
 
 
@@ -291,6 +291,34 @@ class HashingWriter(object):
 
     def hexdigest(self):
         return self.sha256.hexdigest()
+
+
+def format_time(seconds):
+    return time.strftime(TIME_FORMAT, time.gmtime(seconds))
+
+
+def parse_time(text, what="time"):
+    """Parse a UTC time exactly as the format writes it (2026-11-25T06:30:00Z).
+
+    Not time.strptime: it takes '2026-1-5T1:2:3Z', spaces and non-ASCII digits, so one
+    signed time could have several spellings.  Years start at 1970, as format_time's do."""
+    m = TIME_RE.match(text) if isinstance(text, str) else None
+    if m:
+        year, month, day, hour, minute, second = (int(g) for g in m.groups())
+        if (year >= 1970 and 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]
+                and hour < 24 and minute < 60 and second < 60):
+            return calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    raise Refused("%s %s is not a UTC time like 2026-11-25T06:30:00Z" % (what, repr(text)[:40]))
+
+
+def parse_duration(text):
+    """'30d', '12h', '90m', '45s' -> seconds."""
+    m = re.match(r"^([0-9]{1,9})([smhdw])$", text or "")
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)] if m else 0
+    if not 0 < seconds <= 100 * 366 * 86400:
+        raise UsageError("duration %r is not a number followed by s, m, h, d or w, between 1s and 100 years "
+                         "(e.g. 30d)" % text)
+    return seconds
 
 
 # Sparse files: a snap stores only the data extents of a file with holes.
@@ -356,34 +384,6 @@ def disk_digest(fd, recorded_size, extents=None):
             digest.update(chunk)
             offset += len(chunk)
     return digest.hexdigest(), size
-
-
-def format_time(seconds):
-    return time.strftime(TIME_FORMAT, time.gmtime(seconds))
-
-
-def parse_time(text, what="time"):
-    """Parse a UTC time exactly as the format writes it (2026-11-25T06:30:00Z).
-
-    Not time.strptime: it takes '2026-1-5T1:2:3Z', spaces and non-ASCII digits, so one
-    signed time could have several spellings.  Years start at 1970, as format_time's do."""
-    m = TIME_RE.match(text) if isinstance(text, str) else None
-    if m:
-        year, month, day, hour, minute, second = (int(g) for g in m.groups())
-        if (year >= 1970 and 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]
-                and hour < 24 and minute < 60 and second < 60):
-            return calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
-    raise Refused("%s %s is not a UTC time like 2026-11-25T06:30:00Z" % (what, repr(text)[:40]))
-
-
-def parse_duration(text):
-    """'30d', '12h', '90m', '45s' -> seconds."""
-    m = re.match(r"^([0-9]{1,9})([smhdw])$", text or "")
-    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)] if m else 0
-    if not 0 < seconds <= 100 * 366 * 86400:
-        raise UsageError("duration %r is not a number followed by s, m, h, d or w, between 1s and 100 years "
-                         "(e.g. 30d)" % text)
-    return seconds
 
 
 # --- durable files ---------------------------------------------------------------
@@ -569,13 +569,9 @@ def append_at(path, keep, data, dir_fd=None):
         os.close(fd)
 
 
-def append_record(path, fields, dir_fd=None):
-    """Append one canonical JSON line and fsync it (open_records, write_record)."""
-    fd = open_records(path, dir_fd)
-    try:
-        write_record(fd, fields)
-    finally:
-        os.close(fd)
+def write_record(fd, fields):
+    """Append one canonical JSON line to a file open_records opened: on disk when this returns."""
+    durable_append(fd, canonical(fields) + b"\n")
 
 
 def open_records(path, dir_fd=None):
@@ -597,9 +593,13 @@ def open_records(path, dir_fd=None):
     return fd
 
 
-def write_record(fd, fields):
-    """Append one canonical JSON line to a file open_records opened: on disk when this returns."""
-    durable_append(fd, canonical(fields) + b"\n")
+def append_record(path, fields, dir_fd=None):
+    """Append one canonical JSON line and fsync it (open_records, write_record)."""
+    fd = open_records(path, dir_fd)
+    try:
+        write_record(fd, fields)
+    finally:
+        os.close(fd)
 
 
 def _too_long(path, what, offset):
@@ -657,7 +657,6 @@ def _record(line, path, what, offset):
     return record
 
 
-
 def read_records(path, what, until=None, dir_fd=None):
     """The JSON objects of a file written by append_record; a torn last line is ignored.
 
@@ -680,6 +679,116 @@ def read_records(path, what, until=None, dir_fd=None):
         return []
 
 
+def read_file(path, limit=None, dir_fd=None):
+    with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise StateError("%s is larger than %d bytes, more than such a file ever holds; find out what made it so "
+                         "and replace it" % (path, limit))
+    return data
+
+
+def makedirs(path, mode=0o755):
+    try:
+        os.makedirs(path, mode)
+    except OSError as e:
+        if e.errno != errno.EEXIST or not os.path.isdir(path):
+            raise
+
+
+class FileLock(object):
+    """An exclusive flock, held for the life of a run; the kernel drops it if we die.
+
+    With holder, the lock file names who holds it (pid and start time) while it is held,
+    for the busy message of whoever comes next.  With wait, a busy lock is tried again
+    for up to wait seconds (flock has no timeout; a blocking flock would outlive it),
+    and on_wait(holder) is called once when the waiting starts.  With inherit, a lock
+    handed over by a re-executing agent (see Applier.reexec) is taken over instead: there
+    is no moment between the two processes when it is free."""
+
+    def __init__(self, path, what, dir_fd=None, holder=False, wait=None, on_wait=None, inherit=False):
+        self.path, self.what, self.fd, self.dir_fd = path, what, None, dir_fd
+        self.holder, self.wait, self.on_wait, self.inherit = holder, wait, on_wait, inherit
+
+    def __enter__(self):
+        self.fd = self.inherited() if self.inherit else None
+        if self.fd is not None:
+            return self
+        self.fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o600 if self.dir_fd is not None else 0o644,
+                               self.dir_fd)
+        try:
+            self._take()
+            if self.holder:
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, canonical({"pid": os.getpid(), "since": format_time(time.time())}) + b"\n", 0)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        return self
+
+    def _take(self):
+        deadline = None if self.wait is None else time.time() + self.wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if deadline is None or time.time() >= deadline:
+                waited = " after waiting %s s" % ("%g" % self.wait) if self.wait else ""
+                raise Busy("%s is busy (%s is locked by %s)%s; try again when it ends"
+                           % (self.what, self.path, self.held_by(), waited))
+            if self.on_wait is not None:
+                self.on_wait(self.held_by())
+                self.on_wait = None
+            time.sleep(max(0, min(LOCK_POLL, deadline - time.time())))
+
+    def held_by(self):
+        """Who holds the lock, as its holder wrote it: 'pid N since TIME', or 'another process'."""
+        if not self.holder:
+            return "another process"
+        try:
+            fields = json.loads(os.pread(self.fd, 256, 0).decode("ascii"))
+        except (OSError, ValueError):  # empty: taken a moment ago, not yet named
+            return "another process"
+        if not (isinstance(fields, dict) and isinstance(fields.get("pid"), int)
+                and TIME_RE.match(str(fields.get("since")))):
+            return "another process"
+        return "pid %d since %s" % (fields["pid"], fields["since"])
+
+    def __exit__(self, *exc):
+        try:
+            if self.holder:
+                os.ftruncate(self.fd, 0)  # no stale name for a holder that has gone
+        finally:
+            os.close(self.fd)
+
+    def inherited(self):
+        """The descriptor named by $ISCONF_LOCK_FD, only if it is this very lock file and holds
+        its flock (flock again on the same open file is a no-op; on another, busy); else None,
+        and the lock is taken as usual.  A stray variable grants nothing."""
+        number = os.environ.pop(LOCK_FD_ENV, None)
+        if number is None or not ID_RE.match(number):
+            return None
+        fd = int(number)
+        try:
+            held = os.fstat(fd)
+            st = os.stat(os.path.basename(self.path), dir_fd=self.dir_fd, follow_symlinks=False)
+            if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(st.st_mode):
+                return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.set_inheritable(fd, False)  # no exec transaction gets it
+        except OSError:
+            return None
+        return fd
+
+
+# ---------------------------------------------------------------------------
+# Output: the reporter, the one owner of what isconf prints.
+# ---------------------------------------------------------------------------
+
+
 # C0 and C1 controls, DEL, and the bidirectional overrides that make text display
 # other than it reads (attack: a journal message that rewrites the admin's screen).
 CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -690,6 +799,12 @@ def printable(text):
     escaped, so it is always one line and never a terminal escape sequence."""
     return CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 0x100
                           else "\\u%04x" % ord(m.group()), text)
+
+
+def log_line(text):
+    """One line of isconf's own for a transaction's log, cut to LOG_LINE_MAX bytes."""
+    line = text.encode("utf-8", "replace")
+    return (line if len(line) <= LOG_LINE_MAX else line[:LOG_LINE_MAX - 3] + b"...") + b"\n"
 
 
 def silence(stream):
@@ -931,109 +1046,9 @@ def warn(message):
     REPORTER.warn(message)
 
 
-def read_file(path, limit=None, dir_fd=None):
-    with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
-        data = f.read() if limit is None else f.read(limit + 1)
-    if limit is not None and len(data) > limit:
-        raise StateError("%s is larger than %d bytes, more than such a file ever holds; find out what made it so "
-                         "and replace it" % (path, limit))
-    return data
-
-
-def makedirs(path, mode=0o755):
-    try:
-        os.makedirs(path, mode)
-    except OSError as e:
-        if e.errno != errno.EEXIST or not os.path.isdir(path):
-            raise
-
-
-class FileLock(object):
-    """An exclusive flock, held for the life of a run; the kernel drops it if we die.
-
-    With holder, the lock file names who holds it (pid and start time) while it is held,
-    for the busy message of whoever comes next.  With wait, a busy lock is tried again
-    for up to wait seconds (flock has no timeout; a blocking flock would outlive it),
-    and on_wait(holder) is called once when the waiting starts.  With inherit, a lock
-    handed over by a re-executing agent (see Applier.reexec) is taken over instead: there
-    is no moment between the two processes when it is free."""
-
-    def __init__(self, path, what, dir_fd=None, holder=False, wait=None, on_wait=None, inherit=False):
-        self.path, self.what, self.fd, self.dir_fd = path, what, None, dir_fd
-        self.holder, self.wait, self.on_wait, self.inherit = holder, wait, on_wait, inherit
-
-    def __enter__(self):
-        self.fd = self.inherited() if self.inherit else None
-        if self.fd is not None:
-            return self
-        self.fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o600 if self.dir_fd is not None else 0o644,
-                               self.dir_fd)
-        try:
-            self._take()
-            if self.holder:
-                os.ftruncate(self.fd, 0)
-                os.pwrite(self.fd, canonical({"pid": os.getpid(), "since": format_time(time.time())}) + b"\n", 0)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        return self
-
-    def _take(self):
-        deadline = None if self.wait is None else time.time() + self.wait
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if deadline is None or time.time() >= deadline:
-                waited = " after waiting %s s" % ("%g" % self.wait) if self.wait else ""
-                raise Busy("%s is busy (%s is locked by %s)%s; try again when it ends"
-                           % (self.what, self.path, self.held_by(), waited))
-            if self.on_wait is not None:
-                self.on_wait(self.held_by())
-                self.on_wait = None
-            time.sleep(max(0, min(LOCK_POLL, deadline - time.time())))
-
-    def held_by(self):
-        """Who holds the lock, as its holder wrote it: 'pid N since TIME', or 'another process'."""
-        if not self.holder:
-            return "another process"
-        try:
-            fields = json.loads(os.pread(self.fd, 256, 0).decode("ascii"))
-        except (OSError, ValueError):  # empty: taken a moment ago, not yet named
-            return "another process"
-        if not (isinstance(fields, dict) and isinstance(fields.get("pid"), int)
-                and TIME_RE.match(str(fields.get("since")))):
-            return "another process"
-        return "pid %d since %s" % (fields["pid"], fields["since"])
-
-    def __exit__(self, *exc):
-        try:
-            if self.holder:
-                os.ftruncate(self.fd, 0)  # no stale name for a holder that has gone
-        finally:
-            os.close(self.fd)
-
-    def inherited(self):
-        """The descriptor named by $ISCONF_LOCK_FD, only if it is this very lock file and holds
-        its flock (flock again on the same open file is a no-op; on another, busy); else None,
-        and the lock is taken as usual.  A stray variable grants nothing."""
-        number = os.environ.pop(LOCK_FD_ENV, None)
-        if number is None or not ID_RE.match(number):
-            return None
-        fd = int(number)
-        try:
-            held = os.fstat(fd)
-            st = os.stat(os.path.basename(self.path), dir_fd=self.dir_fd, follow_symlinks=False)
-            if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(st.st_mode):
-                return None
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.set_inheritable(fd, False)  # no exec transaction gets it
-        except OSError:
-            return None
-        return fd
+# ---------------------------------------------------------------------------
+# Paths inside a root: resolve like a chroot would, never escaping it.
+# ---------------------------------------------------------------------------
 
 
 def validate_path(path, what="path"):
@@ -1047,11 +1062,6 @@ def validate_path(path, what="path"):
     except UnicodeEncodeError:
         raise Refused("%s %r is not valid UTF-8; the journal holds UTF-8 paths only" % (what, path))
     return path
-
-
-# ---------------------------------------------------------------------------
-# Paths inside a root: resolve like a chroot would, never escaping it.
-# ---------------------------------------------------------------------------
 
 
 class RootPath(object):
@@ -1250,8 +1260,10 @@ class Owners(object):
 
 
 class Response(object):
-    def __init__(self, status, body=b"", partial=False):
-        self.status, self.body, self.partial = status, body, partial
+    """A fetch's answer: its body (None when it streamed into a sink), and whether it is the range asked for."""
+
+    def __init__(self, body=b"", partial=False):
+        self.body, self.partial = body, partial
 
 
 class Deadline(object):
@@ -1273,6 +1285,22 @@ class Deadline(object):
         """How long the next blocking call may wait: the silence timeout, cut at the deadline."""
         self.check()
         return max(0.001, min(timeout, self.end - time.monotonic()))
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock):
+        self._sock = sock
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self._sock.recv_into(buffer)
+
+    def close(self):
+        if not self.closed:
+            self._sock._reader_closed()
+        super(_DeadlineReader, self).close()
 
 
 class _DeadlineSocket(object):
@@ -1317,22 +1345,6 @@ class _DeadlineSocket(object):
         # http.client reads status line, headers and body through this file only.
         self._readers += 1
         return io.BufferedReader(_DeadlineReader(self))
-
-
-class _DeadlineReader(io.RawIOBase):
-    def __init__(self, sock):
-        self._sock = sock
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        return self._sock.recv_into(buffer)
-
-    def close(self):
-        if not self.closed:
-            self._sock._reader_closed()
-        super(_DeadlineReader, self).close()
 
 
 class _BoundedConnection(object):
@@ -1543,7 +1555,7 @@ class Mirror(object):
             self.close()  # never read what was not asked for: the connection cannot be reused
         else:
             response.read()  # the body is over: this returns nothing and frees the connection
-        return Response(status, body.getvalue() if sink is None else None, partial)
+        return Response(body.getvalue() if sink is None else None, partial)
 
     @staticmethod
     def _stream(read, limit, what, sink, cut=False):
@@ -1574,7 +1586,9 @@ class Mirror(object):
                     f.seek(start)
 
                 def read(n):
-                    deadline.check()   # a slow file share or a FIFO: checked between reads
+                    # Checked between reads: a share that trickles its bytes ends at the deadline.  (The
+                    # open above is not bounded: a FIFO no writer opens blocks there before any check.)
+                    deadline.check()
                     return f.read1(n)   # what has arrived, as for HTTP
                 if stop is None:
                     self._stream(read, limit - start, what, body)
@@ -1584,18 +1598,17 @@ class Mirror(object):
             raise NotFound("%s: not found; check the path and the branch name" % what)
         except OSError as e:
             raise Unreachable("%s: %s" % (what, e.strerror or e))
-        return Response(206 if start else 200, body.getvalue() if sink is None else None,
-                        partial=bool(start or stop is not None))
+        return Response(body.getvalue() if sink is None else None, partial=bool(start or stop is not None))
 
 
 # ---------------------------------------------------------------------------
 # Signatures: OpenSSH SSHSIG over the head, Ed25519 and RSA, allowed_signers.
 # ---------------------------------------------------------------------------
 
+
 AllowedSigner = collections.namedtuple("AllowedSigner", [
     "principals", "key_type", "key_blob", "namespaces",
-    "valid_after", "valid_before", "cert_authority", "source"])
-
+    "valid_after", "valid_before", "source"])
 SUPPORTED_KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
 _KEY_LABELS = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA"}
 _HASHES = ("sha256", "sha512")
@@ -1611,14 +1624,6 @@ def key_fingerprint(key_blob):
     """The SHA256:... form that `ssh-keygen -l` prints, so users can grep for it."""
     digest = base64.b64encode(hashlib.sha256(key_blob).digest()).decode()
     return "SHA256:" + digest.rstrip("=")
-
-
-def _key_name(key_blob):
-    try:
-        key_type = _Wire(key_blob, "key").text()
-    except Refused:   # only naming the key here; the caller is already refusing
-        key_type = "unreadable key"
-    return "%s (%s)" % (key_fingerprint(key_blob), _KEY_LABELS.get(key_type, key_type))
 
 
 class _Wire:
@@ -1657,6 +1662,14 @@ class _Wire:
         if self.pos != len(self.data):
             raise Refused("%s has %d unexpected trailing bytes: it was altered; %s"
                           % (self.what, len(self.data) - self.pos, self.advice))
+
+
+def _key_name(key_blob):
+    try:
+        key_type = _Wire(key_blob, "key").text()
+    except Refused:   # only naming the key here; the caller is already refusing
+        key_type = "unreadable key"
+    return "%s (%s)" % (key_fingerprint(key_blob), _KEY_LABELS.get(key_type, key_type))
 
 
 def _ssh_string(data):
@@ -1823,10 +1836,13 @@ def _read_public_key(key_blob, where):
 
 _COMMENT_OR_BLANK = re.compile(r"[ \t]*(#|$)")
 _PRINCIPALS = re.compile(r'[ \t]*(?:"([^"]*)"|([^\s"]+))[ \t]+')
+
+
 # Any OpenSSH key type name; anything else in that position is an option list.
 _KEY_TYPE_NAME = re.compile(r"(?:ssh|ecdsa|sk)-[\w@.-]+(?:[ \t]|$)")
 _OPTION = re.compile(r'(cert-authority)|(namespaces|valid-after|valid-before)="((?:\\"|[^"])*)"', re.I)
-_TIMESTAMP = re.compile(r"(\d{4})(\d\d)(\d\d)(?:(\d\d)(\d\d)(\d\d)?)?(z|utc)?\Z", re.I)
+# ASCII digits only, as ssh-keygen reads them (re's \\d takes other scripts' digits too).
+_TIMESTAMP = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})(?:([0-9]{2})([0-9]{2})([0-9]{2})?)?(z|utc)?\Z", re.I)
 
 
 def _parse_timestamp(value, where):
@@ -1924,7 +1940,7 @@ def _parse_line(line, where):
     namespaces = options.get("namespaces")
     return AllowedSigner(principals, key_type, key_blob,
                          None if namespaces is None else namespaces.split(","),
-                         valid_after, valid_before, False, where)
+                         valid_after, valid_before, where)
 
 
 def parse_allowed_signers(text, source="allowed_signers"):
@@ -2026,8 +2042,8 @@ def verify_signature(message, armored, signers, namespace=SIGNATURE_NAMESPACE, n
         raise Refused("signature uses hash %r (only sha256 and sha512 are supported); "
                       "sign again with -O hashalg=sha512" % hash_name)
 
-    # Certificate-authority entries never match a plain key, as in ssh-keygen.
-    candidates = [s for s in signers if s.key_blob == key_blob and not s.cert_authority]
+    # cert-authority lines are refused when allowed_signers is read: every signer here is a plain key.
+    candidates = [s for s in signers if s.key_blob == key_blob]
     if not candidates:
         raise Refused("signature was made with key %s, which is not in allowed_signers: "
                       "add it there if it is trusted (after a key rotation, a host that missed "
@@ -2065,8 +2081,9 @@ def verify_signature(message, armored, signers, namespace=SIGNATURE_NAMESPACE, n
 
 
 # ---------------------------------------------------------------------------
-# The journal: entries, the hash chain and the signed head.
+# The journal: entries, what each kind and file type means, the hash chain, the signed head.
 # ---------------------------------------------------------------------------
+
 
 ENTRY_FIELDS = {"seq": int, "prev": str, "time": str, "author": str, "message": str, "kind": str}
 HEAD_FIELDS = {"format": int, "branch": str, "seq": int, "id": str, "length": int, "time": str}
@@ -2109,7 +2126,6 @@ HANDOVER = "handover"    # a new agent is installed: re-execute it, it carries o
 
 OWNER_FIELDS = {"uid": int, "gid": int, "user": str, "group": str}
 FILE_TYPES = collections.OrderedDict()   # type name -> FileType, in the order they are declared
-
 Site = collections.namedtuple("Site", "rootpath owners objects")
 Look = collections.namedtuple("Look", "rootpath owners last quick")  # last: path -> (record, its snap's by path)
 
@@ -2359,9 +2375,11 @@ class HardLink(FileType):
 
     def install(self, site, dfd, name, record):
         tdfd, tname = site.rootpath.parent(record["target"])
+
+        def make(tmp):
+            os.link(tname, tmp, src_dir_fd=tdfd, dst_dir_fd=dfd, follow_symlinks=False)
         try:
-            replace_at(dfd, name, lambda tmp: os.link(tname, tmp, src_dir_fd=tdfd, dst_dir_fd=dfd,
-                                                       follow_symlinks=False), locked=True, sync=False)
+            replace_at(dfd, name, make, locked=True, sync=False)
         finally:
             os.close(tdfd)
 
@@ -2703,6 +2721,22 @@ def verify_chain(data, prev_seq, prev_id, what="journal"):
     return entries
 
 
+def verify_copy(lines, known, head):
+    """The entries of a host's own verified copy of the journal, read back: lines are its entries
+    from seq known on (from seq 1 when known is 0), whose chain must end at head's id."""
+    entries = []
+    if known:
+        entries.append(Entry.parse(lines[0], "local journal entry %d" % known))
+        if entries[0].seq != known:
+            raise Refused("local journal entry %d says seq %d" % (known, entries[0].seq))
+        lines = lines[1:]
+    entries += verify_chain(b"".join(line + b"\n" for line in lines), known, entries[-1].id if entries else ZERO_ID,
+                            "local journal")
+    if (entries[-1].id if entries else ZERO_ID) != head.id:
+        raise Refused("local journal does not end at the local head's id")
+    return entries
+
+
 class Head(object):
     """The small signed file that commits to a branch's whole journal."""
 
@@ -2746,7 +2780,7 @@ class Head(object):
 
 
 # ---------------------------------------------------------------------------
-# Host state: config, the verified journal copy, history, staged objects.
+# Host state: its files, config, history, logs and the verified journal copy.
 # ---------------------------------------------------------------------------
 
 
@@ -3097,6 +3131,62 @@ class History(object):
         return None
 
 
+class TransactionLogs(object):
+    """STATE/logs: one log per transaction (by seq, to sort, and id: two branches' seq N never share
+    one), 0600 (commands print secrets too), kept bounded however often the transaction runs."""
+
+    def __init__(self, directory, state_format):
+        self.directory, self.state_format = directory, state_format
+
+    @staticmethod
+    def name(seq, entry_id):
+        return "%06d-%s.log" % (seq, entry_id[:16])
+
+    def path(self, entry):
+        return self.directory.file(self.name(entry.seq, entry.id))
+
+    def open(self, entry, attempt=False):
+        """A descriptor appending to the transaction's log.
+
+        The log keeps the last LOG_ATTEMPTS attempts, each under ATTEMPT_MAX bytes (run_command
+        bounds what a command adds), so it stays under LOG_MAX however often the transaction
+        fails: before a new attempt starts, a log that already holds LOG_ATTEMPTS of them (or
+        more bytes than the others may keep: older versions did not bound logs) is cut to the
+        last ones."""
+        logs, name, keep = self.directory, self.name(entry.seq, entry.id), (LOG_ATTEMPTS - 1) * ATTEMPT_MAX
+        st = logs.stat(name) if attempt else None
+        if st is not None and st.st_size:
+            with os.fdopen(logs.open(name), "rb") as f:
+                f.seek(max(0, st.st_size - keep))
+                old = f.read(keep)
+            starts = [m.start() for m in LOG_ATTEMPT_RE.finditer(old)]
+            if not starts or starts[0]:
+                starts.insert(0, 0)  # output before the first header: an attempt of its own, or its end
+            if len(starts) >= LOG_ATTEMPTS or st.st_size > keep:
+                logs.write(name, old[starts[max(0, len(starts) - LOG_ATTEMPTS + 1)]:], 0o600)
+        return logs.open(name, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def note(self, entry, text):
+        """One line of isconf's own at the end of the transaction's log."""
+        with os.fdopen(self.open(entry), "ab") as log:
+            log.write(log_line(text))
+
+    def tail(self, entry, size):
+        """(where the transaction's log is, its last size bytes): before a run upgraded the
+        state, the log 0.1.0 named by seq alone; (where it will be, b"") if it has none."""
+        names = [self.name(entry.seq, entry.id)]
+        if self.state_format < 2:  # not yet upgraded by a run: logs are named by seq alone
+            names.append("%06d.log" % entry.seq)
+        for name in names:
+            try:
+                with os.fdopen(self.directory.open(name), "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+                    return self.directory.file(name), f.read()
+            except FileNotFoundError:
+                pass
+        return self.path(entry), b""
+
+
 class Host(object):
     """The state of one host (or one mounted target disk) under --root.
 
@@ -3113,7 +3203,7 @@ class Host(object):
         self.config_path = self.explicit_config or self.rootpath.resolve(CONFIG_PATH)
         self.state_path = self.rootpath.resolve(STATE_PATH)
         self.signers_path = self.rootpath.resolve(SIGNERS_PATH)
-        self._config = self._state = self._etc = self._config_dir = None
+        self._config = self._state = self._etc = self._config_dir = self._logs = None
 
     def path(self, *parts):
         """Where a state file is, for messages; files are opened through self.state."""
@@ -3212,12 +3302,6 @@ class Host(object):
             self.state.subdir(sub, create=True)
         os.close(self.state.open("lock", os.O_WRONLY | os.O_CREAT, 0o600))
 
-    def ensure_state(self):
-        """make_state, and bring a state written by an older isconf up to this format (under the host lock)."""
-        self.make_state()
-        if self.state_format() < STATE_FORMAT:
-            self.upgrade_state()
-
     def state_format(self):
         """The format of the state directory: 1 (isconf 0.1.0) when it has no state-format file."""
         try:
@@ -3235,34 +3319,6 @@ class Host(object):
             raise StateError("the state in %s is format %d, written by a newer isconf; this is isconf %s (state "
                              "format %d): install the newer isconf.py again" % (self.state_path, found, __version__,
                                                                                 STATE_FORMAT))
-
-    def upgrade_state(self):
-        """From format 1 (0.1.0): logs were named by seq alone, and 0644; name each by the entry
-        whose events are the last for that seq, as that run wrote it, and make it 0600; and the
-        config, 0644 as 0.1.0 wrote it, 0600 (another mode is the admin's choice: kept)."""
-        logs = self.state.subdir("logs", create=True)
-        last = {}
-        for event in self.history().events:
-            last[event["seq"]] = event["id"]
-        for seq, entry_id in sorted(last.items()):
-            old, new = "%06d.log" % seq, self.log_name(seq, entry_id)
-            if logs.stat(old) is not None and logs.stat(new) is None:
-                fd = logs.open(old)
-                try:
-                    os.fchmod(fd, 0o600)
-                finally:
-                    os.close(fd)
-                logs.rename(old, new, temporary=False)
-        logs.fsync()
-        if self.has_config():  # 0.1.0 wrote it 0644, offering no choice, and [env] holds site secrets
-            directory, name = self.config_dir()
-            fd = directory.open(name)
-            try:
-                if stat.S_IMODE(os.fstat(fd).st_mode) == 0o644:
-                    os.fchmod(fd, 0o600)
-            finally:
-                os.close(fd)
-        self.state.write("state-format", b"%d\n" % STATE_FORMAT)
 
     def lock(self, wait=None):
         """The host lock, or the one a re-executing agent handed over; with wait, wait up to that
@@ -3305,18 +3361,9 @@ class Host(object):
         if lines is None or len(lines) != (head.seq - known + 1 if known else head.seq):
             raise StateError("local journal %s does not match its head%s" % (self.path("journal"), fix))
         try:
-            entries = []
-            if known:
-                entries.append(Entry.parse(lines.pop(0), "local journal entry %d" % known))
-                if entries[0].seq != known:
-                    raise Refused("local journal entry %d says seq %d" % (known, entries[0].seq))
-            entries += verify_chain(b"".join(l + b"\n" for l in lines), known,
-                                    entries[-1].id if entries else ZERO_ID, "local journal")
+            return verify_copy(lines, known, head)
         except Refused as e:
             raise StateError(str(e) + fix)
-        if (entries[-1].id if entries else ZERO_ID) != head.id:
-            raise StateError("local journal does not end at the local head's id" + fix)
-        return entries
 
     def journal_lines(self, length, count=None):
         """The lines of the local journal copy's first length bytes; with count, only the last
@@ -3373,51 +3420,10 @@ class Host(object):
 
     @property
     def logs(self):
-        return self.state.subdir("logs")
-
-    @staticmethod
-    def log_name(seq, entry_id):
-        """A transaction's log, by seq (to sort) and id: two branches' seq N never share one."""
-        return "%06d-%s.log" % (seq, entry_id[:16])
-
-    def log_path(self, entry):
-        return self.path("logs", self.log_name(entry.seq, entry.id))
-
-    def open_log(self, entry, attempt=False):
-        """A descriptor appending to the transaction's log, 0600: commands print secrets too.
-
-        The log keeps the last LOG_ATTEMPTS attempts, each under ATTEMPT_MAX bytes (run_command
-        bounds what a command adds), so it stays under LOG_MAX however often the transaction
-        fails: before a new attempt starts, a log that already holds LOG_ATTEMPTS of them (or
-        more bytes than the others may keep: older versions did not bound logs) is cut to the
-        last ones."""
-        name, keep = self.log_name(entry.seq, entry.id), (LOG_ATTEMPTS - 1) * ATTEMPT_MAX
-        st = self.logs.stat(name) if attempt else None
-        if st is not None and st.st_size:
-            with os.fdopen(self.logs.open(name), "rb") as f:
-                f.seek(max(0, st.st_size - keep))
-                old = f.read(keep)
-            starts = [m.start() for m in LOG_ATTEMPT_RE.finditer(old)]
-            if not starts or starts[0]:
-                starts.insert(0, 0)  # output before the first header: an attempt of its own, or its end
-            if len(starts) >= LOG_ATTEMPTS or st.st_size > keep:
-                self.logs.write(name, old[starts[max(0, len(starts) - LOG_ATTEMPTS + 1)]:], 0o600)
-        return self.logs.open(name, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-
-    def log_tail(self, entry, size):
-        """(where the transaction's log is, its last size bytes): before a run upgraded the
-        state, the log 0.1.0 named by seq alone; (where it will be, b"") if it has none."""
-        names = [self.log_name(entry.seq, entry.id)]
-        if self.state_format() < 2:  # not yet upgraded by a run: logs are named by seq alone
-            names.append("%06d.log" % entry.seq)
-        for name in names:
-            try:
-                with os.fdopen(self.logs.open(name), "rb") as f:
-                    f.seek(max(0, os.fstat(f.fileno()).st_size - size))
-                    return self.path("logs", name), f.read()
-            except FileNotFoundError:
-                pass
-        return self.log_path(entry), b""
+        """The transactions' logs (TransactionLogs), opened once."""
+        if self._logs is None:
+            self._logs = TransactionLogs(self.state.subdir("logs"), self.state_format())
+        return self._logs
 
     def declared_baseline(self):
         """The seq 'init --baseline' declared, or None.  It is kept for good (init --force leaves it);
@@ -3455,6 +3461,56 @@ class Host(object):
         self.state.write("last-success", (format_time(time.time()) + "\n").encode())
 
 
+def upgrade_state(host):
+    """From format 1 (0.1.0): logs were named by seq alone, and 0644; name each by the entry
+    whose events are the last for that seq, as that run wrote it, and make it 0600; and the
+    config, 0644 as 0.1.0 wrote it, 0600 (another mode is the admin's choice: kept)."""
+    logs = host.state.subdir("logs", create=True)
+    last = {}
+    for event in host.history().events:
+        last[event["seq"]] = event["id"]
+    for seq, entry_id in sorted(last.items()):
+        old, new = "%06d.log" % seq, TransactionLogs.name(seq, entry_id)
+        if logs.stat(old) is not None and logs.stat(new) is None:
+            fd = logs.open(old)
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+            logs.rename(old, new, temporary=False)
+    logs.fsync()
+    if host.has_config():  # 0.1.0 wrote it 0644, offering no choice, and [env] holds site secrets
+        directory, name = host.config_dir()
+        fd = directory.open(name)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) == 0o644:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+    host.state.write("state-format", b"%d\n" % STATE_FORMAT)
+
+
+def ensure_state(host):
+    """make_state, and bring a state written by an older isconf up to this format (under the host lock)."""
+    host.make_state()
+    if host.state_format() < STATE_FORMAT:
+        upgrade_state(host)
+
+
+def declare_baseline(host, seq):
+    """Keep the seq an image was built to; the first verified fetch ties it to its entry.  Only a host that
+    has applied nothing can take one: a position isconf recorded is never overwritten by a claim."""
+    history = host.history()
+    tied, applied_seq = history.baseline(), history.applied()[0]
+    if tied is not None and tied[0] != seq:
+        raise UsageError("this host's baseline is seq %d, tied to its entry at the first fetch; it cannot be "
+                         "changed" % tied[0])
+    if tied is None and applied_seq:
+        raise UsageError("this host has applied through seq %d already; a baseline is for an image built without "
+                         "isconf, declared before its first 'up'" % applied_seq)
+    host.state.write("baseline", b"%d\n" % seq)
+
+
 def load_signers(path, read=None):
     """The keys a host trusts; a missing, damaged or empty file is a local problem.
     read, if given, returns the file's bytes (the host's own file, read confined)."""
@@ -3473,7 +3529,7 @@ def load_signers(path, read=None):
 
 
 # ---------------------------------------------------------------------------
-# Applying transactions: exec in a chroot, snap installed atomically.
+# Applying transactions: commands in a chroot; the disk held to the journal.
 # ---------------------------------------------------------------------------
 
 
@@ -3539,83 +3595,6 @@ def enter_private_mounts(mounts):
             os.write(2, ("isconf: cannot %s: %s; run with --no-mounts to go without\n"
                          % (what, os.strerror(error))).encode("utf-8", "replace"))
             os._exit(126)
-
-
-def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True):
-    """Start a transaction's process, chrooted into root: the one place isconf runs a program.
-
-    log is a descriptor of the transaction's log, open for reading and appending; the
-    caller closes it, and syncs it if it must outlive a power cut.  stdin is /dev/null
-    (a prompt would hang a host for ever).
-    Output goes straight into the log, not through a pipe: an init script that leaves
-    a daemon holding its output must not keep the transaction open, and the daemon
-    must not die of SIGPIPE when we stop reading.  The transaction ends when the
-    command exits; with echo, what it wrote so far is copied to our stdout as it comes,
-    and a long output is cut in the log (see CommandOutput).
-    The command leads a process group of its own, which a timeout kills whole.  Inside
-    a --root, with mounts, it finds /proc, /sys, /dev (and /dev/pts) and /run mounted
-    in a mount namespace of its own (see enter_private_mounts).  Returns the exit status.
-    """
-    chroot = os.path.abspath(root) != "/"
-    try:
-        os.close(RootPath(root).open_dir(cwd))
-    except OSError as e:
-        raise TransactionFailed("working directory %s cannot be entered inside %s: %s" % (cwd, root, e.strerror))
-    pseudo = pseudo_mounts(root) if chroot and mounts else []
-
-    def enter_root():
-        if pseudo:
-            enter_private_mounts(pseudo)
-        if chroot:
-            os.chroot(root)
-        os.chdir(cwd)
-
-    output = CommandOutput(log, echo)
-    try:
-        # With --root /, Popen changes directory itself and, with no Python code to run in the child,
-        # can start it without copying this process (vfork): a millisecond or more per transaction.
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=enter_root if chroot else None, cwd=None if chroot else cwd,
-                                close_fds=True, start_new_session=True)
-    except (OSError, ValueError, subprocess.SubprocessError) as e:
-        message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
-        write_all(log, log_line(message))
-        raise TransactionFailed(message)
-    started = time.monotonic()
-    pidfd = open_pidfd(proc.pid)
-    try:
-        status = None
-        while status is None:
-            status = wait_for_exit(proc, pidfd, 0.1)
-            if status is None and timeout is not None and time.monotonic() - started > timeout:
-                kill_group(proc, signal.SIGKILL)
-                output.finish()
-                write_all(log, ("\n[isconf] killed: still running after exec_timeout %g s\n" % timeout).encode())
-                raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
-                                        "command, or raise exec_timeout in the host config" % (argv[0], timeout))
-            output.follow()
-    except BaseException:
-        if proc.returncode is None:  # Ctrl-C or an error of ours: the command must not outlive the run
-            kill_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                kill_group(proc, signal.SIGKILL)
-                proc.wait()
-        output.finish()
-        raise
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-    output.finish()
-    write_all(log, ("[isconf] exit status %d\n" % status).encode())
-    return status
-
-
-def log_line(text):
-    """One line of isconf's own for a transaction's log, cut to LOG_LINE_MAX bytes."""
-    line = text.encode("utf-8", "replace")
-    return (line if len(line) <= LOG_LINE_MAX else line[:LOG_LINE_MAX - 3] + b"...") + b"\n"
 
 
 class CommandOutput(object):
@@ -3711,6 +3690,77 @@ def kill_group(proc, sig):
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True):
+    """Start a transaction's process, chrooted into root: the one place isconf runs a program.
+
+    log is a descriptor of the transaction's log, open for reading and appending; the
+    caller closes it, and syncs it if it must outlive a power cut.  stdin is /dev/null
+    (a prompt would hang a host for ever).
+    Output goes straight into the log, not through a pipe: an init script that leaves
+    a daemon holding its output must not keep the transaction open, and the daemon
+    must not die of SIGPIPE when we stop reading.  The transaction ends when the
+    command exits; with echo, what it wrote so far is copied to our stdout as it comes,
+    and a long output is cut in the log (see CommandOutput).
+    The command leads a process group of its own, which a timeout kills whole.  Inside
+    a --root, with mounts, it finds /proc, /sys, /dev (and /dev/pts) and /run mounted
+    in a mount namespace of its own (see enter_private_mounts).  Returns the exit status.
+    """
+    chroot = os.path.abspath(root) != "/"
+    try:
+        os.close(RootPath(root).open_dir(cwd))
+    except OSError as e:
+        raise TransactionFailed("working directory %s cannot be entered inside %s: %s" % (cwd, root, e.strerror))
+    pseudo = pseudo_mounts(root) if chroot and mounts else []
+
+    def enter_root():
+        if pseudo:
+            enter_private_mounts(pseudo)
+        if chroot:
+            os.chroot(root)
+        os.chdir(cwd)
+
+    output = CommandOutput(log, echo)
+    try:
+        # With --root /, Popen changes directory itself and, with no Python code to run in the child,
+        # can start it without copying this process (vfork): a millisecond or more per transaction.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, preexec_fn=enter_root if chroot else None, cwd=None if chroot else cwd,
+                                close_fds=True, start_new_session=True)
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
+        write_all(log, log_line(message))
+        raise TransactionFailed(message)
+    started = time.monotonic()
+    pidfd = open_pidfd(proc.pid)
+    try:
+        status = None
+        while status is None:
+            status = wait_for_exit(proc, pidfd, 0.1)
+            if status is None and timeout is not None and time.monotonic() - started > timeout:
+                kill_group(proc, signal.SIGKILL)
+                output.finish()
+                write_all(log, ("\n[isconf] killed: still running after exec_timeout %g s\n" % timeout).encode())
+                raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
+                                        "command, or raise exec_timeout in the host config" % (argv[0], timeout))
+            output.follow()
+    except BaseException:
+        if proc.returncode is None:  # Ctrl-C or an error of ours: the command must not outlive the run
+            kill_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                kill_group(proc, signal.SIGKILL)
+                proc.wait()
+        output.finish()
+        raise
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    output.finish()
+    write_all(log, ("[isconf] exit status %d\n" % status).encode())
+    return status
 
 
 # --- verify: the disk held to the journal ------------------------------------------------
@@ -3835,6 +3885,88 @@ def cmd_self_test(args):
 
 
 # ---------------------------------------------------------------------------
+# At boot and from cron: waiting for the repository, splay, a systemctl that does not wait.
+# ---------------------------------------------------------------------------
+
+
+# While isconf.service runs, its start job is still open: a service ordered after it cannot start until
+# the agent is done, so a transaction's 'systemctl restart S' (or a maintainer script's, an init
+# script's through /lib/lsb/init-functions) that waited for S would wait for ever: the boot deadlocks.
+# At boot every exec finds this systemctl first in its PATH; it queues the job and returns, and S
+# starts once isconf.service is done.  Debian's invoke-rc.d and deb-systemd-invoke find it by PATH too.
+SYSTEMCTL_PATHS = ("/usr/bin/systemctl", "/bin/systemctl")  # inside the root: the real one
+SYSTEMCTL_NO_BLOCK = """\
+#!/bin/sh
+# Written by 'isconf up --boot' for its execs: jobs are queued, not waited for, so that a service
+# ordered after isconf.service cannot deadlock the boot; it starts when isconf.service is done.
+exec %(systemctl)s --no-block "$@"
+"""
+
+
+def systemctl_inside(rootpath):
+    """The path inside the root of its systemctl, or None."""
+    for path in SYSTEMCTL_PATHS:
+        try:
+            if stat.S_ISREG(os.stat(rootpath.resolve(path)).st_mode):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def jitter():
+    """A fraction in [0, 1) from the kernel's random source: never one seed shared by a fleet."""
+    return int.from_bytes(os.urandom(4), "big") / 2.0 ** 32
+
+
+def boot_backoff(attempt):
+    """Seconds before the next round over the mirrors at boot: doubling from 1 s up to
+    BOOT_BACKOFF_MAX, each between half and all of that, so hosts that a power cut booted
+    together do not knock in step."""
+    return min(2 ** (attempt - 1), BOOT_BACKOFF_MAX) * (0.5 + 0.5 * jitter())
+
+
+def machine_id(host):
+    """ROOT/etc/machine-id, read confined like the host's other files; the host name where there is none."""
+    try:
+        data = host.rootpath.read_file(MACHINE_ID_PATH, 4096).strip()
+    except OSError:
+        data = b""
+    return data or socket.gethostname().encode("utf-8", "surrogateescape")
+
+
+def splay_delay(machine_id, seconds):
+    """The part of --splay SECONDS this host waits: a stable hash of its machine-id spread evenly
+    over [0, SECONDS), so a rack on one cron minute knocks over SECONDS, each host at its own time."""
+    digest = hashlib.sha256(b"isconf-splay\0" + machine_id.strip()).digest()
+    return seconds * (int.from_bytes(digest[:8], "big") / 2.0 ** 64)
+
+
+def boot_wait(args, config):
+    """How long 'up' waits for a mirror: with --boot, --boot-wait or the config's boot_wait; else not at all."""
+    if not args.boot:
+        if args.boot_wait is not None:
+            raise UsageError("--boot-wait is for 'up --boot'; a run without --boot tries 'retries' rounds")
+        return None
+    if args.boot_wait is None:
+        return config.boot_wait
+    try:
+        return parse_positive(str(args.boot_wait), float, "--boot-wait", BOOT_WAIT_MAX)
+    except ValueError as e:
+        raise UsageError(str(e))
+
+
+def splay(host, seconds):
+    try:
+        seconds = parse_positive(str(seconds), float, "--splay", SPLAY_MAX)
+    except ValueError as e:
+        raise UsageError(str(e))
+    delay = splay_delay(machine_id(host), seconds) + min(1.0, seconds / 100.0) * jitter()
+    REPORTER.syslog.send("splay: waiting %.1f s" % delay)
+    time.sleep(delay)
+
+
+# ---------------------------------------------------------------------------
 # The agent, syncing: fetch, verify and stage a branch from the first good mirror.
 # ---------------------------------------------------------------------------
 
@@ -3936,9 +4068,75 @@ class Plan(object):
             host.commit(self.head, self.signature, self.keep, self.tail)
 
 
+class FetchProgress(object):
+    """Bytes fetched for the objects of one run, for the progress line a terminal shows while
+    a large download goes on (the reporter shows it on a terminal only, never in a log)."""
+
+    LARGE = 4 * 1024 * 1024   # below this a download is over before a progress line would help
+    EVERY = 0.5               # seconds between two updates of the line
+
+    def __init__(self, wanted):
+        self.total, self.count = sum(size for _, size in wanted), len(wanted)
+        self.done, self.shown = 0, time.monotonic()
+
+    def add(self, n):
+        self.done += n   # from several threads: an update lost to a race only delays the line
+        now = time.monotonic()
+        if (self.total >= self.LARGE and now - self.shown >= self.EVERY
+                and threading.current_thread() is threading.main_thread()):
+            self.shown = now
+            REPORTER.progress("isconf: fetching %d object(s): %.1f of %.1f MiB"
+                              % (self.count, self.done / 1048576.0, self.total / 1048576.0))
+
+
+class _Stopped(Unreachable):
+    """A worker's fetch ended because another one failed, or the run was interrupted."""
+
+
+class ObjectPart(object):
+    """The sink an object streams into: objects/SHA.part, hashed on the way to the disk.
+    Writes end between two chunks once the run is stopping."""
+
+    def __init__(self, f, stop, progress=None):
+        self.f, self.stop, self.progress = f, stop, progress
+        self.sha256, self.length, self.kept = hashlib.sha256(), 0, 0
+
+    def resume(self, size):
+        """Hash what a previous run left (kept), to go on after it; longer than the object, it
+        cannot be the object's start: start over."""
+        self.f.seek(0)
+        while self.length < size:
+            chunk = self.f.read(min(CHUNK, size - self.length))
+            if not chunk:
+                break
+            self.sha256.update(chunk)
+            self.length += len(chunk)
+        if self.f.read(1):
+            self.restart()
+        self.kept = self.length
+
+    def restart(self):
+        self.f.seek(0)
+        self.f.truncate()
+        self.sha256, self.length, self.kept = hashlib.sha256(), 0, 0
+
+    def write(self, data):
+        if self.stop.is_set():
+            raise _Stopped("stopped")
+        self.f.write(data)
+        self.sha256.update(data)
+        self.length += len(data)
+        if self.progress is not None:
+            self.progress.add(len(data))
+
+    def matches(self, sha, size):
+        return self.length == size and self.sha256.hexdigest() == sha
+
+
 class Sync(object):
     """Fetch and verify a branch's signed head and journal from the mirrors, and stage the
-    objects pending transactions need.  Nothing local changes here: the Plan commits it."""
+    objects pending transactions need.  Staging writes only objects/ (SHA.part files, renamed once all
+    verified); the local head, journal and history change only when the Plan commits."""
 
     def __init__(self, run):
         self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
@@ -4008,7 +4206,7 @@ class Sync(object):
 
     def _sync_from(self, mirror, stage, branch):
         """Fetch and verify one mirror's head and journal tail, then stage what pending
-        transactions need.  Nothing local changes here: the Plan commits it later."""
+        transactions need.  Only objects/ changes here; the Plan commits the rest later."""
         host = self.host
         branch = branch or self.config.branch
         applied_seq, applied_id = self.history.applied()
@@ -4256,71 +4454,6 @@ class Sync(object):
             os.fsync(f.fileno())
 
 
-class FetchProgress(object):
-    """Bytes fetched for the objects of one run, for the progress line a terminal shows while
-    a large download goes on (the reporter shows it on a terminal only, never in a log)."""
-
-    LARGE = 4 * 1024 * 1024   # below this a download is over before a progress line would help
-    EVERY = 0.5               # seconds between two updates of the line
-
-    def __init__(self, wanted):
-        self.total, self.count = sum(size for _, size in wanted), len(wanted)
-        self.done, self.shown = 0, time.monotonic()
-
-    def add(self, n):
-        self.done += n   # from several threads: an update lost to a race only delays the line
-        now = time.monotonic()
-        if (self.total >= self.LARGE and now - self.shown >= self.EVERY
-                and threading.current_thread() is threading.main_thread()):
-            self.shown = now
-            REPORTER.progress("isconf: fetching %d object(s): %.1f of %.1f MiB"
-                              % (self.count, self.done / 1048576.0, self.total / 1048576.0))
-
-
-class _Stopped(Unreachable):
-    """A worker's fetch ended because another one failed, or the run was interrupted."""
-
-
-class ObjectPart(object):
-    """The sink an object streams into: objects/SHA.part, hashed on the way to the disk.
-    Writes end between two chunks once the run is stopping."""
-
-    def __init__(self, f, stop, progress=None):
-        self.f, self.stop, self.progress = f, stop, progress
-        self.sha256, self.length, self.kept = hashlib.sha256(), 0, 0
-
-    def resume(self, size):
-        """Hash what a previous run left (kept), to go on after it; longer than the object, it
-        cannot be the object's start: start over."""
-        self.f.seek(0)
-        while self.length < size:
-            chunk = self.f.read(min(CHUNK, size - self.length))
-            if not chunk:
-                break
-            self.sha256.update(chunk)
-            self.length += len(chunk)
-        if self.f.read(1):
-            self.restart()
-        self.kept = self.length
-
-    def restart(self):
-        self.f.seek(0)
-        self.f.truncate()
-        self.sha256, self.length, self.kept = hashlib.sha256(), 0, 0
-
-    def write(self, data):
-        if self.stop.is_set():
-            raise _Stopped("stopped")
-        self.f.write(data)
-        self.sha256.update(data)
-        self.length += len(data)
-        if self.progress is not None:
-            self.progress.add(len(data))
-
-    def matches(self, sha, size):
-        return self.length == size and self.sha256.hexdigest() == sha
-
-
 # ---------------------------------------------------------------------------
 # The agent, applying: pending transactions in order, each as its kind says; the hand-over to
 # a new agent or interpreter.
@@ -4340,7 +4473,7 @@ class Transaction(object):
     def run(self, argv, cwd):
         """Run the transaction's command chrooted into the root, its output appended to the
         transaction's log (run_command); its exit status.  What a failure printed is synced."""
-        log = self._host.open_log(self._entry)
+        log = self._host.logs.open(self._entry)
         try:
             status = run_command(self._host.root, argv, cwd, self._environment, log, timeout=self._timeout,
                                  mounts=self._mounts)
@@ -4412,13 +4545,12 @@ class Applier(object):
             except (TransactionFailed, StateError) as e:
                 REPORTER.end(position, summary, "failed", time.monotonic() - started)
                 history.record("failed", entry, error=str(e), **self.provenance)
-                with os.fdopen(host.open_log(entry), "ab") as log:
-                    log.write(log_line("[isconf] failed: %s" % e))
+                host.logs.note(entry, "[isconf] failed: %s" % e)
                 if isinstance(e, StateError):
                     raise
                 raise TransactionFailed("transaction %d failed: %s; log in %s. Fix the cause and run 'isconf up' "
                                         "again, or 'isconf skip %d -m WHY'"
-                                        % (entry.seq, e, host.log_path(entry), entry.seq))
+                                        % (entry.seq, e, host.logs.path(entry), entry.seq))
             history.record("done", entry, **self.provenance)
             REPORTER.end(position, summary, "ok", time.monotonic() - started)
             if self.run.record is not None:
@@ -4440,9 +4572,8 @@ class Applier(object):
                  "('isconf reboot'), not in an exec: once the journal has one, run 'isconf skip %d -m WHY'"
                  % (count, self.config.interrupted_max, entry.seq))
         self.history.record("failed", entry, error=error, interrupted=count, **self.provenance)
-        with os.fdopen(self.host.open_log(entry), "ab") as log:
-            log.write(log_line("[isconf] %s halted: %s" % (format_time(time.time()), error)))
-        raise TransactionFailed("transaction %d halted: %s; log in %s" % (entry.seq, error, self.host.log_path(entry)))
+        self.host.logs.note(entry, "[isconf] %s halted: %s" % (format_time(time.time()), error))
+        raise TransactionFailed("transaction %d halted: %s; log in %s" % (entry.seq, error, self.host.logs.path(entry)))
 
     def boot_bin(self):
         """At boot, the directory (a path inside the root) put first in the PATH of every exec: it holds
@@ -4499,9 +4630,9 @@ class Applier(object):
 
     def apply_one(self, entry):
         """Log the transaction's start, then apply it as its kind says; what the run does next."""
-        with os.fdopen(self.host.open_log(entry, attempt=True), "ab") as log:
+        with os.fdopen(self.host.logs.open(entry, attempt=True), "ab") as log:
             log.write(log_line("[isconf] %s transaction %d %s %s" % (format_time(time.time()), entry.seq,
-                                                                   entry.id, entry.summary())))
+                                                                     entry.id, entry.summary())))
         environment = exec_environment(self.config.branch, entry.seq, entry.id, self.config.env)
         boot_bin = self.boot_bin()
         if boot_bin:
@@ -4573,84 +4704,454 @@ class Applier(object):
 
 
 # ---------------------------------------------------------------------------
-# At boot and from cron: waiting for the repository, splay, and the units that run the agent.
+# Reports: what status, its JSON, the metrics, log and the dry run say, each built once as data.
 # ---------------------------------------------------------------------------
 
-# While isconf.service runs, its start job is still open: a service ordered after it cannot start until
-# the agent is done, so a transaction's 'systemctl restart S' (or a maintainer script's, an init
-# script's through /lib/lsb/init-functions) that waited for S would wait for ever: the boot deadlocks.
-# At boot every exec finds this systemctl first in its PATH; it queues the job and returns, and S
-# starts once isconf.service is done.  Debian's invoke-rc.d and deb-systemd-invoke find it by PATH too.
-SYSTEMCTL_PATHS = ("/usr/bin/systemctl", "/bin/systemctl")  # inside the root: the real one
-SYSTEMCTL_NO_BLOCK = """\
-#!/bin/sh
-# Written by 'isconf up --boot' for its execs: jobs are queued, not waited for, so that a service
-# ordered after isconf.service cannot deadlock the boot; it starts when isconf.service is done.
-exec %(systemctl)s --no-block "$@"
-"""
+
+def host_report(host, history=None):
+    """What status and log show: the journal entries with their state on this host, from one
+    read of its history (history, or read here)."""
+    head = host.local_head()
+    entries = host.local_journal(head)
+    history = history or host.history()
+    applied_seq, applied_id = history.applied()
+    baseline_seq = (history.baseline() or (0, None))[0]
+    marks = {}  # by id: after a migrate, another branch's seq N is another transaction
+    for event in history.events:
+        if event["event"] in ("done", "skipped", "failed"):
+            marks[event["id"]] = event
+    rows = []
+    for entry in entries:
+        event = marks.get(entry.id)
+        if entry.seq <= applied_seq:
+            if event and event["event"] in ("done", "skipped"):
+                mark = "skipped" if event["event"] == "skipped" else "applied"
+            else:  # in the image before isconf ran here
+                mark = "baseline" if entry.seq <= baseline_seq else "applied"
+        elif event and event["event"] == "failed":
+            mark = "failed"
+        else:
+            mark = "pending"
+        rows.append((entry, mark, event))
+    return head, rows, applied_seq, applied_id
 
 
-def systemctl_inside(rootpath):
-    """The path inside the root of its systemctl, or None."""
-    for path in SYSTEMCTL_PATHS:
-        try:
-            if stat.S_ISREG(os.stat(rootpath.resolve(path)).st_mode):
-                return path
-        except OSError:
-            continue
+def run_by(event):
+    """Provenance of a done or failed event: the agent version and the interpreter that ran it."""
+    if not event or "agent" not in event:
+        return None  # skipped, or recorded by an older isconf
+    return {"agent": event["agent"], "python": event.get("python"), "python_path": event.get("python_path")}
+
+
+def last_run_by(history):
+    """Provenance of the last transaction this host ran (done or failed), or None."""
+    for event in reversed(history.events):
+        if event["event"] in ("done", "failed"):
+            return run_by(event)
     return None
 
 
-def jitter():
-    """A fraction in [0, 1) from the kernel's random source: never one seed shared by a fleet."""
-    return int.from_bytes(os.urandom(4), "big") / 2.0 ** 32
-
-
-def boot_backoff(attempt):
-    """Seconds before the next round over the mirrors at boot: doubling from 1 s up to
-    BOOT_BACKOFF_MAX, each between half and all of that, so hosts that a power cut booted
-    together do not knock in step."""
-    return min(2 ** (attempt - 1), BOOT_BACKOFF_MAX) * (0.5 + 0.5 * jitter())
-
-
-def splay_delay(machine_id, seconds):
-    """The part of --splay SECONDS this host waits: a stable hash of its machine-id spread evenly
-    over [0, SECONDS), so a rack on one cron minute knocks over SECONDS, each host at its own time."""
-    digest = hashlib.sha256(b"isconf-splay\0" + machine_id.strip()).digest()
-    return seconds * (int.from_bytes(digest[:8], "big") / 2.0 ** 64)
-
-
-def machine_id(host):
-    """ROOT/etc/machine-id, read confined like the host's other files; the host name where there is none."""
+def lock_holder(host):
+    """{"pid", "since"} of the process holding the host lock, or None; read, never taken (a status
+    that took it, even for a moment, could make an 'up' starting then exit busy).  The lock file names
+    its holder, but a holder killed with SIGKILL leaves its name behind: the kernel's table of flocks
+    (/proc/locks) says whether a process still holds the file, and which; without /proc, whether the
+    named process is alive."""
     try:
-        data = host.rootpath.read_file(MACHINE_ID_PATH, 4096).strip()
-    except OSError:
-        data = b""
-    return data or socket.gethostname().encode("utf-8", "surrogateescape")
-
-
-def boot_wait(args, config):
-    """How long 'up' waits for a mirror: with --boot, --boot-wait or the config's boot_wait; else not at all."""
-    if not args.boot:
-        if args.boot_wait is not None:
-            raise UsageError("--boot-wait is for 'up --boot'; a run without --boot tries 'retries' rounds")
+        fd = host.state.open("lock")
+    except FileNotFoundError:
         return None
-    if args.boot_wait is None:
-        return config.boot_wait
     try:
-        return parse_positive(str(args.boot_wait), float, "--boot-wait", BOOT_WAIT_MAX)
-    except ValueError as e:
+        ino, text = os.fstat(fd).st_ino, os.pread(fd, 256, 0)
+    finally:
+        os.close(fd)
+    try:
+        named = json.loads(text.decode("ascii"))
+    except ValueError:
+        named = None
+    if not (isinstance(named, dict) and isinstance(named.get("pid"), int) and TIME_RE.match(str(named.get("since")))):
+        named = None
+    try:
+        with open("/proc/locks", "rb") as f:
+            table = f.read(4 << 20).decode("ascii", "replace")
+    except OSError:
+        table = None
+    if table is None:
+        if named is None:
+            return None
+        try:
+            os.kill(named["pid"], 0)
+        except ProcessLookupError:
+            return None
+        except OSError:  # another user's process: alive
+            pass
+        return named
+    for line in table.splitlines():
+        fields = line.split()  # 1: FLOCK  ADVISORY  WRITE 4711 fe:00:2148590 0 EOF  ('->' for a waiter)
+        if len(fields) < 6 or fields[1] != "FLOCK" or not ID_RE.match(fields[4]):
+            continue
+        if fields[5].rpartition(":")[2] == str(ino):
+            pid = int(fields[4])
+            if named is not None and named["pid"] == pid:
+                return named
+            return {"pid": pid, "since": None}  # taken a moment ago, not yet named
+    return None
+
+
+STATES = collections.OrderedDict([  # the state status reports: the first that holds, in this order
+    ("running", "running now"),
+    ("disabled", "disabled ('isconf enable' lifts it)"),
+    ("interrupted", "interrupted: a transaction started and never ended; the next 'up' runs it again"),
+    ("failed", "halted at a failed transaction"),
+    ("needs-newer", "halted: the next transaction needs a newer isconf"),
+    ("refused", "refused at the last run"),
+    ("unreachable", "no mirror reachable at the last run"),
+    ("baseline", "baseline declared, never fetched: run 'isconf up'"),
+    ("never-fetched", "never fetched: run 'isconf up'"),
+    ("reboot", "waiting for a reboot: run 'isconf up -r'"),
+    ("pending", "transactions pending: run 'isconf up'"),
+    ("up-to-date", "up to date"),
+])
+
+
+def status_report(host):
+    """Where the host stands, from its local state only: the one report that status, status --json and
+    the metrics render.  Its fields are documented in README (Monitoring) under STATUS_SCHEMA."""
+    config = host.config
+    # One read of the history: an 'up' appending to it meanwhile cannot make one report mix two states.
+    history = host.history()
+    head, rows, applied_seq, applied_id = host_report(host, history)
+    failed = [(e, ev) for e, mark, ev in rows if mark == "failed"]
+    tied, declared = history.baseline(), host.declared_baseline()
+    baseline = None
+    if tied or declared:  # declared, and not yet verified, until the first fetch ties it to its entry
+        baseline = {"seq": tied[0] if tied else declared, "id": tied[1] if tied else None}
+    last = host.last_success()
+    report = {
+        "schema": STATUS_SCHEMA,
+        "branch": config.branch, "applied_seq": applied_seq, "applied_id": applied_id,
+        "head_seq": head.seq if head else 0, "pending": sum(1 for _, mark, _ in rows if mark in ("pending",
+                                                                                                 "failed")),
+        "skipped": [{"seq": e.seq, "why": ev.get("why"), "who": ev.get("who")} for e, mark, ev in rows
+                    if mark == "skipped"],
+        "failed": None, "last_success": format_time(last) if last else None,
+        "last_success_age": int(time.time() - last) if last else None, "insecure": config.insecure,
+        "baseline": baseline, "disabled": host.disabled(), "fetched": head is not None,
+    }
+    if failed:
+        entry, event = failed[0]
+        log, tail = host.logs.tail(entry, 64 * 1024)
+        tail = tail.decode("utf-8", "replace").splitlines()[-20:]  # logs can be huge
+        report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
+                            "error": event.get("error"), "log": log, "log_tail": tail}
+    report.update(agent=__version__, last_run_by=last_run_by(history))
+    report["needs_newer"] = report["reboot"] = None
+    waiting = [e for e, mark, _ in rows if mark == "pending"]
+    if waiting and not failed:  # the next transaction is one this version cannot read: halted there
+        try:
+            holds = waiting[0].holds()  # a state of STATES, with a field of its name in the report
+            if holds:
+                report[holds] = {"seq": waiting[0].seq, "id": waiting[0].id}
+        except NeedsNewer as e:
+            report["needs_newer"] = {"seq": waiting[0].seq, "id": waiting[0].id, "kind": waiting[0].kind,
+                                     "error": str(e)}
+    # The last event (the recent history ends with it): a 'started' that is the run holding the lock, or
+    # one that never ended (killed, a power cut).
+    events = history.events
+    started = events[-1] if events and events[-1]["event"] == "started" else None
+    if started is not None:
+        entry = next((e for e, _, _ in rows if e.id == started["id"]), None)
+        # attempts: how many times it was started without ending, this one included (History.interrupted);
+        # at interrupted_max the next 'up' halts it instead.
+        started = {"seq": started["seq"], "id": started["id"], "summary": entry.summary() if entry else None,
+                   "since": started.get("time"), "attempts": history.interrupted(entry) if entry else 1}
+    holder = lock_holder(host)
+    report["running"] = dict(holder, transaction=started) if holder else None
+    report["interrupted"] = started if started and not holder else None
+    report["last_run"] = last_run(host)
+    result = (report["last_run"] or {}).get("result")
+    holds = {
+        "running": holder, "disabled": report["disabled"], "interrupted": report["interrupted"], "failed": failed,
+        "needs-newer": report["needs_newer"], "refused": result == "refused", "unreachable": result == "unreachable",
+        "baseline": head is None and baseline, "never-fetched": head is None, "reboot": report["reboot"],
+        "pending": report["pending"], "up-to-date": True,
+    }
+    report["state"] = next(state for state in STATES if holds[state])
+    return report
+
+
+def age(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s" % (seconds // size, unit)
+    return "%ds" % seconds
+
+
+def status_text(report, interrupted_max):
+    """The lines of 'status' for a status report."""
+    lines = []
+    state = STATES[report["state"]]
+    run, interrupted, last = report["running"], report["interrupted"], report["last_run"]
+    if report["state"] in ("refused", "unreachable") and last.get("reason"):
+        state += ": " + last["reason"]
+    lines.append("state:        %s" % state)
+    lines.append("branch:       %s%s" % (report["branch"], "  (INSECURE: signatures not checked)" if report["insecure"]
+                                         else ""))
+    lines.append("applied:      seq %d  %s" % (report["applied_seq"], report["applied_id"][:16]))
+    baseline = report["baseline"]
+    if baseline:
+        lines.append("baseline:     seq %d  %s" % (baseline["seq"], baseline["id"][:16] if baseline["id"] else
+                                                   "(declared; checked at the first fetch)"))
+    if report["disabled"]:
+        paused = report["disabled"]
+        lines.append("DISABLED:     by %s at %s: %s ('isconf enable' lifts it)" % (paused["who"], paused["time"],
+                                                                                   paused["why"]))
+    if run:
+        doing = run["transaction"]
+        lines.append("running:      pid %d since %s%s" % (run["pid"], run["since"] or "a moment ago",
+                                                          ", transaction %d %s" % (doing["seq"], doing["summary"])
+                                                          if doing else ""))
+    if interrupted:
+        lines.append("INTERRUPTED:  seq %d %s (started %s, never ended; interrupted %d of %d times: the next 'up' %s)"
+                     % (interrupted["seq"], interrupted["summary"], interrupted["since"], interrupted["attempts"],
+                        interrupted_max, "halts it" if interrupted["attempts"] >= interrupted_max else "runs it again"))
+    if report["fetched"]:
+        lines.append("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
+    else:
+        lines.append("pending:      unknown: never fetched")
+    if report["reboot"]:
+        lines.append("reboot:       seq %d is a reboot: run 'isconf up -r'" % report["reboot"]["seq"])
+    lines.append("last success: %s" % ("%s (%s ago)" % (report["last_success"], age(report["last_success_age"]))
+                                       if report["last_success"] else "never"))
+    if last:
+        lines.append("last run:     %s, exit %d (%s) after %.1f s, %d applied, %d bytes fetched%s"
+                     % (last["end"], last["exit_code"], last.get("result"), last["duration"], last.get("applied", 0),
+                        last.get("fetched_bytes", 0), ": " + last["reason"] if last.get("reason") else ""))
+    for item in report["skipped"]:
+        lines.append("skipped:      seq %d by %s: %s" % (item["seq"], item["who"], item["why"]))
+    if report["failed"]:
+        failure = report["failed"]
+        lines.append("FAILED:       seq %d %s" % (failure["seq"], failure["summary"]))
+        lines.append("              %s" % failure["error"])
+        lines.append("log %s:" % failure["log"])
+        for line in failure["log_tail"]:
+            lines.append("    " + line)
+    if report["needs_newer"]:
+        lines.append("HALTED:       seq %d needs a newer isconf" % report["needs_newer"]["seq"])
+        lines.append("              %s" % report["needs_newer"]["error"])
+    return lines
+
+
+METRICS = [  # (name, help, the value from a status report)
+    ("isconf_last_run_timestamp_seconds", "When the last 'isconf up' ended (Unix time).",
+     lambda r, run: parse_time(run["end"]) if run else 0),
+    ("isconf_last_run_exit_code", "Exit code of the last 'isconf up' (see README, Exit codes).",
+     lambda r, run: run["exit_code"] if run else 0),
+    ("isconf_last_run_duration_seconds", "How long the last 'isconf up' took.",
+     lambda r, run: run["duration"] if run else 0),
+    ("isconf_last_run_applied_transactions", "Transactions the last 'isconf up' applied.",
+     lambda r, run: run.get("applied", 0) if run else 0),
+    ("isconf_last_run_fetched_bytes", "Bytes the last 'isconf up' fetched (head, journal, objects).",
+     lambda r, run: run.get("fetched_bytes", 0) if run else 0),
+    ("isconf_last_success_timestamp_seconds", "When an 'isconf up' last ended with nothing left to apply "
+     "(Unix time; 0: never).", lambda r, run: parse_time(r["last_success"]) if r["last_success"] else 0),
+    ("isconf_applied_seq", "Seq of the last transaction applied (or skipped, or in the baseline).",
+     lambda r, run: r["applied_seq"]),
+    ("isconf_head_seq", "Seq of the last head this host verified.", lambda r, run: r["head_seq"]),
+    ("isconf_pending_transactions", "Verified transactions not yet applied.", lambda r, run: r["pending"]),
+    ("isconf_failed_seq", "Seq of the failed transaction the host is halted at (0: none).",
+     lambda r, run: r["failed"]["seq"] if r["failed"] else 0),
+    ("isconf_disabled", "1 while 'isconf disable' pauses the host.", lambda r, run: 1 if r["disabled"] else 0),
+]
+
+
+def metric_label(value):
+    """A label value as the text format wants it: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def render_metrics(report):
+    """The status report in Prometheus' text format, for node_exporter's textfile collector."""
+    run, lines = report["last_run"], []
+    for name, text, value in METRICS:
+        try:
+            number = value(report, run)
+        except KeyError:  # a report of damaged state holds the last run alone
+            continue
+        lines += ["# HELP %s %s" % (name, text), "# TYPE %s gauge" % name, "%s %s" % (name, number)]
+    if "state" not in report:
+        return ("\n".join(lines) + "\n").encode("utf-8")
+    lines += ["# HELP isconf_info The agent's version, the branch and the applied entry's id (one query shows which "
+              "hosts share an identical history).", "# TYPE isconf_info gauge",
+              'isconf_info{version="%s",branch="%s",applied_id="%s"} 1'
+              % (metric_label(__version__), metric_label(report["branch"]), metric_label(report["applied_id"])),
+              "# HELP isconf_state The host's state as 'isconf status' names it (README, status).",
+              "# TYPE isconf_state gauge"]
+    lines += ['isconf_state{state="%s"} %d' % (state, state == report["state"]) for state in STATES]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def write_metrics(host, path, report):
+    """Replace the metrics file atomically (the collector never reads half of one), reached inside the
+    root as the host's other files are: never through a link at its name, only over a regular file."""
+    where = host.rootpath.resolve(posixpath.dirname(path))
+    try:
+        directory = StateDir(host.rootpath.open_dir(posixpath.dirname(path)), where)
+    except OSError as e:
+        raise StateError("metrics directory %s: %s; make it (node_exporter's --collector.textfile.directory) or "
+                         "change the path with 'isconf init --force --metrics PATH'" % (where, e.strerror))
+    try:
+        directory.write(posixpath.basename(path), render_metrics(report), 0o644)
+    finally:
+        directory.close()
+
+
+def fetched_bytes(host, plan, staged):
+    """What a sync fetched: the head, and when it was new its signature and the journal's new bytes,
+    and the objects staged since (staged: the names in objects/ before it)."""
+    total = len(plan.head.data) + len(plan.signature or b"") + len(plan.tail or b"")
+    for entry in interpretable(plan.pending):
+        for sha, size in entry.objects():
+            if sha not in staged and host.objects.stat(sha) is not None:
+                staged.add(sha)
+                total += size
+    return total
+
+
+def dry_run(host, plan, as_json):
+    """What 'up' would do: the transactions in order and the objects they need, from a verified
+    journal; nothing is applied, staged or recorded.  EXIT_PENDING when something would run."""
+    known = interpretable(plan.pending)
+    objects, seen = [], set()
+    for entry in known:
+        for sha, size in entry.objects():
+            if sha not in seen:
+                seen.add(sha)
+                st = host.objects.stat(sha)
+                objects.append({"sha": sha, "size": size, "staged": st is not None and st.st_size == size})
+    waiting = plan.pending[len(known)] if len(known) < len(plan.pending) else None
+    report = {
+        "schema": STATUS_SCHEMA, "branch": plan.head.branch, "head_seq": plan.head.seq,
+        "applied_seq": plan.head.seq - len(plan.pending),
+        "transactions": [{"seq": e.seq, "id": e.id, "kind": e.kind, "summary": e.summary()} for e in plan.pending],
+        "objects": objects, "fetch_bytes": sum(o["size"] for o in objects if not o["staged"]),
+        "needs_newer": waiting.seq if waiting is not None else None,
+    }
+    if as_json:
+        emit(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    else:
+        for item in report["transactions"]:
+            show("would apply %d %s" % (item["seq"], item["summary"]))
+        for item in objects:
+            show("  object %s %d bytes%s" % (item["sha"], item["size"], " (staged)" if item["staged"] else ""))
+        show("isconf: %d pending on branch %s, %d bytes to fetch (dry run: nothing applied)"
+             % (len(plan.pending), plan.head.branch, report["fetch_bytes"]))
+    return EXIT_PENDING if plan.pending else EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# The agent, one run: sync, apply, and record the result whatever it was.
+# ---------------------------------------------------------------------------
+
+
+def parse_now(text):
+    if text is None:
+        return None
+    try:
+        return parse_time(text, "--now")
+    except Refused as e:
         raise UsageError(str(e))
 
 
-def splay(host, seconds):
+def finish_run(host, record, code, reason=None):
+    """Record the run's result, then write the metrics from the report status gives.  After a run that
+    went well, a record that cannot be written (a link where last-run belongs) is the run's error;
+    after one that did not, it is a warning, and the run's own error is the one reported."""
     try:
-        seconds = parse_positive(str(seconds), float, "--splay", SPLAY_MAX)
-    except ValueError as e:
-        raise UsageError(str(e))
-    delay = splay_delay(machine_id(host), seconds) + min(1.0, seconds / 100.0) * jitter()
-    REPORTER.syslog.send("splay: waiting %.1f s" % delay)
-    time.sleep(delay)
+        host.state  # noqa: B018 -- opened with every check a run makes
+    except IsconfError:
+        if code == EXIT_OK:
+            raise
+        return  # no state of ours to record in (not initialised, or refused): the run's error says so
+    try:
+        record.save(host, code, reason)
+    except (IsconfError, OSError) as e:
+        if code == EXIT_OK:
+            raise
+        warn("the result of this run was not recorded: %s" % e)
+        return
+    try:
+        metrics = host.config.metrics
+        if metrics:
+            try:
+                report = status_report(host)
+            except (IsconfError, OSError):  # damaged state: still this run's result, and what can be read
+                report = {"last_run": last_run(host)}
+            write_metrics(host, metrics, report)
+    except (IsconfError, OSError) as e:
+        if str(e) != reason:  # the run's own error says it already
+            warn("metrics not written: %s" % e)
+
+
+def up(args, host, record):
+    if args.boot or args.syslog:
+        REPORTER.syslog.open(host.rootpath)
+    if args.splay is not None and not os.environ.get(REEXEC_ENV):  # a re-exec does not wait again
+        splay(host, args.splay)  # before the lock: a waiting host holds nothing
+        if record is not None:
+            record.restart()  # the run's duration is its work, not the sleep
+    with host.lock(args.wait) as lock:
+        ensure_state(host)
+        paused = host.disabled()
+        if paused:
+            raise Disabled("this host was disabled by %s at %s: %s; nothing applied until 'isconf enable'"
+                           % (paused["who"], paused["time"], paused["why"]))
+        run = Run(host, parse_now(args.now))
+        run.record = record
+        # The interpreter and agent files are known as this process started, before any wait.
+        applier = Applier(run, mounts=not args.no_mounts, lock=lock, argv=args.argv, boot=args.boot)
+        staged = set(host.objects.listdir())
+        plan = Sync(run).sync(stage=not args.dry_run, wait=boot_wait(args, run.config))
+        if args.dry_run:
+            return dry_run(host, plan, args.json)
+        record.fetched += fetched_bytes(host, plan, staged)
+        plan.commit(host)
+        if not plan.pending:
+            say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
+        code = applier.apply(plan, allow_reboot=args.reboot)
+        if code == EXIT_OK and plan.pending:
+            say("applied through seq %d" % run.history.applied()[0])
+        return code
+
+
+def recorded_up(args, host):
+    """One run, its result recorded in the state and the metrics whatever it was (a dry run records
+    nothing): the record is written after the run let go of the host lock, or never held it (busy)."""
+    if args.dry_run:
+        return up(args, host, None)
+    record = RunRecord()
+    try:
+        code = up(args, host, record)
+    except IsconfError as e:
+        finish_run(host, record, e.exit_code, str(e))
+        raise
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        finish_run(host, record, EXIT_SIGNAL + signum, "interrupted by %s" % signal.Signals(signum).name)
+        raise
+    except OSError as e:  # as main reports it: a local problem (a full disk), not a bug
+        finish_run(host, record, EXIT_OK if isinstance(e, BrokenPipeError) else EXIT_STATE, str(e))
+        raise
+    except Exception as e:  # noqa: B902 -- a bug: recorded as one, then reported by main
+        finish_run(host, record, EXIT_SOFTWARE, "internal error: %s: %s" % (type(e).__name__, str(e)[:300]))
+        raise
+    finish_run(host, record, code)
+    return code
+
+
+# ---------------------------------------------------------------------------
+# Installing the agent and the units that run it at boot and periodically.
+# ---------------------------------------------------------------------------
 
 
 # What install writes.  Every file says who wrote it, and none carries a time or a
@@ -4736,7 +5237,6 @@ PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 */30 * * * * root %(agent)s up --splay 1500 --syslog >/dev/null
 """
 SYSV_RUNLEVELS = (2, 3, 4, 5)
-
 InstallItem = collections.namedtuple("InstallItem", "path data mode link")
 
 
@@ -4870,7 +5370,7 @@ def cmd_install(args):
     items = install_items(kinds, boot_wait, running_agent(), mirror_mounts(config))
     host.make_state()
     with host.lock():
-        host.ensure_state()
+        ensure_state(host)
         manifest = read_manifest(host)
         changed = 0
         for item in items:
@@ -4933,6 +5433,51 @@ def author_name():
     except (KeyError, OSError):
         user = str(os.getuid())
     return "%s@%s" % (user, socket.gethostname())
+
+
+def check_branch(branch):
+    if not branch or not BRANCH_RE.match(branch):
+        raise UsageError("branch name %r must be letters, digits, '.', '_' or '-' (at most 64), starting "
+                         "with a letter or digit" % branch)
+    return branch
+
+
+def new_head_time(previous, expires):
+    """The time of a new head: now, but never before the head it follows.  Hosts never take
+    the time earlier than the last head they verified, so one head dated by a fast clock
+    must not make every later head (and its expiry) look old to them."""
+    now = time.time()
+    if previous is None:
+        return now
+    before = parse_time(previous.time)
+    if before > now + 60:
+        warn("the branch's last head is dated %s, ahead of this machine's clock (%s); the new "
+             "head is dated %s too, so that hosts accept it: check both clocks"
+             % (previous.time, format_time(now), previous.time))
+    if previous.expires and not expires:
+        warn("the last head expired at %s; this one never expires (give --expires to keep "
+             "one)" % previous.expires)
+    return max(now, before)
+
+
+def sign_head(data, key):
+    """Sign a head with the author's SSH key via ssh-keygen (authoring may use it; hosts never do)."""
+    if not os.path.isfile(key):
+        raise UsageError("signing key %s is not a file; give the private key (or the public key of one held by "
+                         "ssh-agent)" % key)
+    with tempfile.TemporaryDirectory(prefix="isconf-sign-") as tmp:
+        path = os.path.join(tmp, "head")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            proc = subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", key, "-n", SIGNATURE_NAMESPACE, path],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as e:
+            raise StateError("cannot run ssh-keygen to sign the head: %s; install openssh-client" % e)
+        if proc.returncode != 0:
+            reason = proc.stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"]
+            raise StateError("ssh-keygen could not sign with %s: %s" % (key, reason[-1]))
+        return read_file(path + ".sig", SIGNATURE_MAX)
 
 
 class Repository(object):
@@ -5189,7 +5734,8 @@ class Repository(object):
         except (ValueError, StateError):
             pending = None
         if not (isinstance(pending, dict) and isinstance(pending.get("head"), str)
-                and isinstance(pending.get("sig"), (str, type(None))) and isinstance(pending.get("checkin", False), bool)):
+                and isinstance(pending.get("sig"), (str, type(None)))
+                and isinstance(pending.get("checkin", False), bool)):
             raise StateError("publication record %s is damaged; check that branch %s's head and head.sig agree "
                              "('isconf verify-sig'), re-sign with 'isconf sign' if not, then remove the record"
                              % (record, branch))
@@ -5228,7 +5774,6 @@ class Repository(object):
             self.publish_head(new_branch, new, signature)
         return new
 
-
     def resign(self, branch, sign_key, expires=None):
         """Sign the branch's current head again, with a new time and expiry and no new entry:
         to renew an expiry, or to sign a publication that went out unsigned."""
@@ -5242,51 +5787,6 @@ class Repository(object):
         return new
 
 
-def new_head_time(previous, expires):
-    """The time of a new head: now, but never before the head it follows.  Hosts never take
-    the time earlier than the last head they verified, so one head dated by a fast clock
-    must not make every later head (and its expiry) look old to them."""
-    now = time.time()
-    if previous is None:
-        return now
-    before = parse_time(previous.time)
-    if before > now + 60:
-        warn("the branch's last head is dated %s, ahead of this machine's clock (%s); the new "
-             "head is dated %s too, so that hosts accept it: check both clocks"
-             % (previous.time, format_time(now), previous.time))
-    if previous.expires and not expires:
-        warn("the last head expired at %s; this one never expires (give --expires to keep "
-             "one)" % previous.expires)
-    return max(now, before)
-
-
-def check_branch(branch):
-    if not branch or not BRANCH_RE.match(branch):
-        raise UsageError("branch name %r must be letters, digits, '.', '_' or '-' (at most 64), starting "
-                         "with a letter or digit" % branch)
-    return branch
-
-
-def sign_head(data, key):
-    """Sign a head with the author's SSH key via ssh-keygen (authoring may use it; hosts never do)."""
-    if not os.path.isfile(key):
-        raise UsageError("signing key %s is not a file; give the private key (or the public key of one held by "
-                         "ssh-agent)" % key)
-    with tempfile.TemporaryDirectory(prefix="isconf-sign-") as tmp:
-        path = os.path.join(tmp, "head")
-        with open(path, "wb") as f:
-            f.write(data)
-        try:
-            proc = subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", key, "-n", SIGNATURE_NAMESPACE, path],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except OSError as e:
-            raise StateError("cannot run ssh-keygen to sign the head: %s; install openssh-client" % e)
-        if proc.returncode != 0:
-            reason = proc.stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"]
-            raise StateError("ssh-keygen could not sign with %s: %s" % (key, reason[-1]))
-        return read_file(path + ".sig", SIGNATURE_MAX)
-
-
 # ---------------------------------------------------------------------------
 # The server: a small threaded static server for trying it out and for tests.
 # ---------------------------------------------------------------------------
@@ -5295,6 +5795,21 @@ def sign_head(data, key):
 class ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+
+def parse_range(header, size):
+    """A single 'bytes=' range -> (start, stop), or None if it cannot be satisfied."""
+    m = re.match(r"^bytes=([0-9]{0,18})-([0-9]{0,18})\Z", header.strip())
+    if not m or m.group(1) == m.group(2) == "":
+        return None
+    if m.group(1) == "":
+        length = int(m.group(2))
+        return (max(0, size - length), size) if length else None
+    start = int(m.group(1))
+    stop = min(int(m.group(2)) + 1, size) if m.group(2) else size
+    if start >= size or stop <= start:
+        return None
+    return start, stop
 
 
 class StaticHandler(http.server.BaseHTTPRequestHandler):
@@ -5383,21 +5898,6 @@ class StaticHandler(http.server.BaseHTTPRequestHandler):
         REPORTER.log("%s - [%s] %s" % (self.client_address[0], self.log_date_time_string(), fmt % args))
 
 
-def parse_range(header, size):
-    """A single 'bytes=' range -> (start, stop), or None if it cannot be satisfied."""
-    m = re.match(r"^bytes=(\d*)-(\d*)$", header.strip())
-    if not m or m.group(1) == m.group(2) == "":
-        return None
-    if m.group(1) == "":
-        length = int(m.group(2))
-        return (max(0, size - length), size) if length else None
-    start = int(m.group(1))
-    stop = min(int(m.group(2)) + 1, size) if m.group(2) else size
-    if start >= size or stop <= start:
-        return None
-    return start, stop
-
-
 def serve(directory, bind, port):
     handler = type("Handler", (StaticHandler,), {"directory": os.path.abspath(directory)})
     try:
@@ -5458,6 +5958,13 @@ def cmd_unlock(args):
     say("unlocked branch %s" % branch)
 
 
+def validate_path_arg(path, what):
+    try:
+        return validate_path(path, what)
+    except Refused as e:
+        raise UsageError(str(e))
+
+
 def cmd_exec(args):
     repo, branch = author_context(args)
     repo.require_lock(branch)
@@ -5480,13 +5987,6 @@ def cmd_exec(args):
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
     staged = repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
     say("staged " + staged.summary())
-
-
-def validate_path_arg(path, what):
-    try:
-        return validate_path(path, what)
-    except Refused as e:
-        raise UsageError(str(e))
 
 
 def cmd_snap(args):
@@ -5607,7 +6107,7 @@ def cmd_init(args):
     config = Config.render(values, variables)
     host.make_state()
     with host.lock():  # not while an up runs: the state upgrade and the config are its too
-        host.ensure_state()
+        ensure_state(host)
         if args.baseline is not None:
             declare_baseline(host, args.baseline)
         if args.signers:
@@ -5616,328 +6116,10 @@ def cmd_init(args):
     say("%s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
 
 
-def declare_baseline(host, seq):
-    """Keep the seq an image was built to; the first verified fetch ties it to its entry.  Only a host that
-    has applied nothing can take one: a position isconf recorded is never overwritten by a claim."""
-    history = host.history()
-    tied, applied_seq = history.baseline(), history.applied()[0]
-    if tied is not None and tied[0] != seq:
-        raise UsageError("this host's baseline is seq %d, tied to its entry at the first fetch; it cannot be "
-                         "changed" % tied[0])
-    if tied is None and applied_seq:
-        raise UsageError("this host has applied through seq %d already; a baseline is for an image built without "
-                         "isconf, declared before its first 'up'" % applied_seq)
-    host.state.write("baseline", b"%d\n" % seq)
-
-
-def parse_now(text):
-    if text is None:
-        return None
-    try:
-        return parse_time(text, "--now")
-    except Refused as e:
-        raise UsageError(str(e))
-
-
 def cmd_up(args):
-    """One run, its result recorded in the state and the metrics whatever it was (a dry run records
-    nothing): the record is written after the run let go of the host lock, or never held it (busy)."""
     if args.json and not args.dry_run:
         raise UsageError("--json goes with --dry-run; for the state of this host, run 'isconf status --json'")
-    host = Host(args.root, args.config)
-    if args.dry_run:
-        return up(args, host, None)
-    record = RunRecord()
-    try:
-        code = up(args, host, record)
-    except IsconfError as e:
-        finish_run(host, record, e.exit_code, str(e))
-        raise
-    except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        finish_run(host, record, EXIT_SIGNAL + signum, "interrupted by %s" % signal.Signals(signum).name)
-        raise
-    except OSError as e:  # as main reports it: a local problem (a full disk), not a bug
-        finish_run(host, record, EXIT_OK if isinstance(e, BrokenPipeError) else EXIT_STATE, str(e))
-        raise
-    except Exception as e:  # noqa: B902 -- a bug: recorded as one, then reported by main
-        finish_run(host, record, EXIT_SOFTWARE, "internal error: %s: %s" % (type(e).__name__, str(e)[:300]))
-        raise
-    finish_run(host, record, code)
-    return code
-
-
-def finish_run(host, record, code, reason=None):
-    """Record the run's result, then write the metrics from the report status gives.  After a run that
-    went well, a record that cannot be written (a link where last-run belongs) is the run's error;
-    after one that did not, it is a warning, and the run's own error is the one reported."""
-    try:
-        host.state  # noqa: B018 -- opened with every check a run makes
-    except IsconfError:
-        if code == EXIT_OK:
-            raise
-        return  # no state of ours to record in (not initialised, or refused): the run's error says so
-    try:
-        record.save(host, code, reason)
-    except (IsconfError, OSError) as e:
-        if code == EXIT_OK:
-            raise
-        warn("the result of this run was not recorded: %s" % e)
-        return
-    try:
-        metrics = host.config.metrics
-        if metrics:
-            try:
-                report = status_report(host)
-            except (IsconfError, OSError):  # damaged state: still this run's result, and what can be read
-                report = {"last_run": last_run(host)}
-            write_metrics(host, metrics, report)
-    except (IsconfError, OSError) as e:
-        if str(e) != reason:  # the run's own error says it already
-            warn("metrics not written: %s" % e)
-
-
-def up(args, host, record):
-    if args.boot or args.syslog:
-        REPORTER.syslog.open(host.rootpath)
-    if args.splay is not None and not os.environ.get(REEXEC_ENV):  # a re-exec does not wait again
-        splay(host, args.splay)  # before the lock: a waiting host holds nothing
-        if record is not None:
-            record.restart()  # the run's duration is its work, not the sleep
-    with host.lock(args.wait) as lock:
-        host.ensure_state()
-        paused = host.disabled()
-        if paused:
-            raise Disabled("this host was disabled by %s at %s: %s; nothing applied until 'isconf enable'"
-                           % (paused["who"], paused["time"], paused["why"]))
-        run = Run(host, parse_now(args.now))
-        run.record = record
-        # The interpreter and agent files are known as this process started, before any wait.
-        applier = Applier(run, mounts=not args.no_mounts, lock=lock, argv=args.argv, boot=args.boot)
-        staged = set(host.objects.listdir())
-        plan = Sync(run).sync(stage=not args.dry_run, wait=boot_wait(args, run.config))
-        if args.dry_run:
-            return dry_run(host, plan, args.json)
-        record.fetched += fetched_bytes(host, plan, staged)
-        plan.commit(host)
-        if not plan.pending:
-            say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
-        code = applier.apply(plan, allow_reboot=args.reboot)
-        if code == EXIT_OK and plan.pending:
-            say("applied through seq %d" % run.history.applied()[0])
-        return code
-
-
-def fetched_bytes(host, plan, staged):
-    """What a sync fetched: the head, and when it was new its signature and the journal's new bytes,
-    and the objects staged since (staged: the names in objects/ before it)."""
-    total = len(plan.head.data) + len(plan.signature or b"") + len(plan.tail or b"")
-    for entry in interpretable(plan.pending):
-        for sha, size in entry.objects():
-            if sha not in staged and host.objects.stat(sha) is not None:
-                staged.add(sha)
-                total += size
-    return total
-
-
-def dry_run(host, plan, as_json):
-    """What 'up' would do: the transactions in order and the objects they need, from a verified
-    journal; nothing is applied, staged or recorded.  EXIT_PENDING when something would run."""
-    known = interpretable(plan.pending)
-    objects, seen = [], set()
-    for entry in known:
-        for sha, size in entry.objects():
-            if sha not in seen:
-                seen.add(sha)
-                st = host.objects.stat(sha)
-                objects.append({"sha": sha, "size": size, "staged": st is not None and st.st_size == size})
-    waiting = plan.pending[len(known)] if len(known) < len(plan.pending) else None
-    report = {
-        "schema": STATUS_SCHEMA, "branch": plan.head.branch, "head_seq": plan.head.seq,
-        "applied_seq": plan.head.seq - len(plan.pending),
-        "transactions": [{"seq": e.seq, "id": e.id, "kind": e.kind, "summary": e.summary()} for e in plan.pending],
-        "objects": objects, "fetch_bytes": sum(o["size"] for o in objects if not o["staged"]),
-        "needs_newer": waiting.seq if waiting is not None else None,
-    }
-    if as_json:
-        emit(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    else:
-        for item in report["transactions"]:
-            show("would apply %d %s" % (item["seq"], item["summary"]))
-        for item in objects:
-            show("  object %s %d bytes%s" % (item["sha"], item["size"], " (staged)" if item["staged"] else ""))
-        show("isconf: %d pending on branch %s, %d bytes to fetch (dry run: nothing applied)"
-             % (len(plan.pending), plan.head.branch, report["fetch_bytes"]))
-    return EXIT_PENDING if plan.pending else EXIT_OK
-
-
-def host_report(host):
-    """What status and log show: the journal entries with their state on this host."""
-    head = host.local_head()
-    entries = host.local_journal(head)
-    history = host.history()
-    applied_seq, applied_id = history.applied()
-    baseline_seq = (history.baseline() or (0, None))[0]
-    marks = {}  # by id: after a migrate, another branch's seq N is another transaction
-    for event in history.events:
-        if event["event"] in ("done", "skipped", "failed"):
-            marks[event["id"]] = event
-    rows = []
-    for entry in entries:
-        event = marks.get(entry.id)
-        if entry.seq <= applied_seq:
-            if event and event["event"] in ("done", "skipped"):
-                mark = "skipped" if event["event"] == "skipped" else "applied"
-            else:  # in the image before isconf ran here
-                mark = "baseline" if entry.seq <= baseline_seq else "applied"
-        elif event and event["event"] == "failed":
-            mark = "failed"
-        else:
-            mark = "pending"
-        rows.append((entry, mark, event))
-    return head, rows, applied_seq, applied_id
-
-
-def run_by(event):
-    """Provenance of a done or failed event: the agent version and the interpreter that ran it."""
-    if not event or "agent" not in event:
-        return None  # skipped, or recorded by an older isconf
-    return {"agent": event["agent"], "python": event.get("python"), "python_path": event.get("python_path")}
-
-
-def last_run_by(host):
-    """Provenance of the last transaction this host ran (done or failed), or None."""
-    for event in reversed(host.history(recent=True).events):
-        if event["event"] in ("done", "failed"):
-            return run_by(event)
-    return None
-
-
-def lock_holder(host):
-    """{"pid", "since"} of the process holding the host lock, or None; read, never taken (a status
-    that took it, even for a moment, could make an 'up' starting then exit busy).  The lock file names
-    its holder, but a holder killed with SIGKILL leaves its name behind: the kernel's table of flocks
-    (/proc/locks) says whether a process still holds the file, and which; without /proc, whether the
-    named process is alive."""
-    try:
-        fd = host.state.open("lock")
-    except FileNotFoundError:
-        return None
-    try:
-        ino, text = os.fstat(fd).st_ino, os.pread(fd, 256, 0)
-    finally:
-        os.close(fd)
-    try:
-        named = json.loads(text.decode("ascii"))
-    except ValueError:
-        named = None
-    if not (isinstance(named, dict) and isinstance(named.get("pid"), int) and TIME_RE.match(str(named.get("since")))):
-        named = None
-    try:
-        with open("/proc/locks", "rb") as f:
-            table = f.read(4 << 20).decode("ascii", "replace")
-    except OSError:
-        table = None
-    if table is None:
-        if named is None:
-            return None
-        try:
-            os.kill(named["pid"], 0)
-        except ProcessLookupError:
-            return None
-        except OSError:  # another user's process: alive
-            pass
-        return named
-    for line in table.splitlines():
-        fields = line.split()  # 1: FLOCK  ADVISORY  WRITE 4711 fe:00:2148590 0 EOF  ('->' for a waiter)
-        if len(fields) < 6 or fields[1] != "FLOCK" or not fields[4].isdigit():
-            continue
-        if fields[5].rpartition(":")[2] == str(ino):
-            pid = int(fields[4])
-            if named is not None and named["pid"] == pid:
-                return named
-            return {"pid": pid, "since": None}  # taken a moment ago, not yet named
-    return None
-
-
-STATES = collections.OrderedDict([  # the state status reports: the first that holds, in this order
-    ("running", "running now"),
-    ("disabled", "disabled ('isconf enable' lifts it)"),
-    ("interrupted", "interrupted: a transaction started and never ended; the next 'up' runs it again"),
-    ("failed", "halted at a failed transaction"),
-    ("needs-newer", "halted: the next transaction needs a newer isconf"),
-    ("refused", "refused at the last run"),
-    ("unreachable", "no mirror reachable at the last run"),
-    ("baseline", "baseline declared, never fetched: run 'isconf up'"),
-    ("never-fetched", "never fetched: run 'isconf up'"),
-    ("reboot", "waiting for a reboot: run 'isconf up -r'"),
-    ("pending", "transactions pending: run 'isconf up'"),
-    ("up-to-date", "up to date"),
-])
-
-
-def status_report(host):
-    """Where the host stands, from its local state only: the one report that status, status --json and
-    the metrics render.  Its fields are documented in README (Monitoring) under STATUS_SCHEMA."""
-    config = host.config
-    head, rows, applied_seq, applied_id = host_report(host)
-    failed = [(e, ev) for e, mark, ev in rows if mark == "failed"]
-    tied, declared = host.history().baseline(), host.declared_baseline()
-    baseline = None
-    if tied or declared:  # declared, and not yet verified, until the first fetch ties it to its entry
-        baseline = {"seq": tied[0] if tied else declared, "id": tied[1] if tied else None}
-    last = host.last_success()
-    report = {
-        "schema": STATUS_SCHEMA,
-        "branch": config.branch, "applied_seq": applied_seq, "applied_id": applied_id,
-        "head_seq": head.seq if head else 0, "pending": sum(1 for _, mark, _ in rows if mark in ("pending",
-                                                                                                "failed")),
-        "skipped": [{"seq": e.seq, "why": ev.get("why"), "who": ev.get("who")} for e, mark, ev in rows
-                    if mark == "skipped"],
-        "failed": None, "last_success": format_time(last) if last else None,
-        "last_success_age": int(time.time() - last) if last else None, "insecure": config.insecure,
-        "baseline": baseline, "disabled": host.disabled(), "fetched": head is not None,
-    }
-    if failed:
-        entry, event = failed[0]
-        log, tail = host.log_tail(entry, 64 * 1024)
-        tail = tail.decode("utf-8", "replace").splitlines()[-20:]  # logs can be huge
-        report["failed"] = {"seq": entry.seq, "id": entry.id, "summary": entry.summary(),
-                            "error": event.get("error"), "log": log, "log_tail": tail}
-    report.update(agent=__version__, last_run_by=last_run_by(host))
-    report["needs_newer"] = report["reboot"] = None
-    waiting = [e for e, mark, _ in rows if mark == "pending"]
-    if waiting and not failed:  # the next transaction is one this version cannot read: halted there
-        try:
-            holds = waiting[0].holds()  # a state of STATES, with a field of its name in the report
-            if holds:
-                report[holds] = {"seq": waiting[0].seq, "id": waiting[0].id}
-        except NeedsNewer as e:
-            report["needs_newer"] = {"seq": waiting[0].seq, "id": waiting[0].id, "kind": waiting[0].kind,
-                                     "error": str(e)}
-    # The last event (the recent history ends with it): a 'started' that is the run holding the lock, or
-    # one that never ended (killed, a power cut).
-    events = host.history(recent=True).events
-    started = events[-1] if events and events[-1]["event"] == "started" else None
-    if started is not None:
-        entry = next((e for e, _, _ in rows if e.id == started["id"]), None)
-        # attempts: how many times it was started without ending, this one included (History.interrupted);
-        # at interrupted_max the next 'up' halts it instead.
-        started = {"seq": started["seq"], "id": started["id"], "summary": entry.summary() if entry else None,
-                   "since": started.get("time"), "attempts": host.history().interrupted(entry) if entry else 1}
-    holder = lock_holder(host)
-    report["running"] = dict(holder, transaction=started) if holder else None
-    report["interrupted"] = started if started and not holder else None
-    report["last_run"] = last_run(host)
-    result = (report["last_run"] or {}).get("result")
-    holds = {
-        "running": holder, "disabled": report["disabled"], "interrupted": report["interrupted"], "failed": failed,
-        "needs-newer": report["needs_newer"], "refused": result == "refused", "unreachable": result == "unreachable",
-        "baseline": head is None and baseline, "never-fetched": head is None, "reboot": report["reboot"],
-        "pending": report["pending"], "up-to-date": True,
-    }
-    report["state"] = next(state for state in STATES if holds[state])
-    return report
+    return recorded_up(args, Host(args.root, args.config))
 
 
 def cmd_status(args):
@@ -5948,128 +6130,9 @@ def cmd_status(args):
     if args.json:
         emit(json.dumps(report, indent=2, sort_keys=True) + "\n")
         return code
-    state = STATES[report["state"]]
-    run, interrupted, last = report["running"], report["interrupted"], report["last_run"]
-    if report["state"] in ("refused", "unreachable") and last.get("reason"):
-        state += ": " + last["reason"]
-    show("state:        %s" % state)
-    show("branch:       %s%s" % (report["branch"], "  (INSECURE: signatures not checked)" if report["insecure"]
-                                 else ""))
-    show("applied:      seq %d  %s" % (report["applied_seq"], report["applied_id"][:16]))
-    baseline = report["baseline"]
-    if baseline:
-        show("baseline:     seq %d  %s" % (baseline["seq"], baseline["id"][:16] if baseline["id"] else
-                                           "(declared; checked at the first fetch)"))
-    if report["disabled"]:
-        paused = report["disabled"]
-        show("DISABLED:     by %s at %s: %s ('isconf enable' lifts it)" % (paused["who"], paused["time"],
-                                                                       paused["why"]))
-    if run:
-        doing = run["transaction"]
-        show("running:      pid %d since %s%s" % (run["pid"], run["since"] or "a moment ago",
-                                                  ", transaction %d %s" % (doing["seq"], doing["summary"])
-                                                  if doing else ""))
-    if interrupted:
-        most = host.config.interrupted_max
-        show("INTERRUPTED:  seq %d %s (started %s, never ended; interrupted %d of %d times: the next 'up' %s)"
-             % (interrupted["seq"], interrupted["summary"], interrupted["since"], interrupted["attempts"], most,
-                "halts it" if interrupted["attempts"] >= most else "runs it again"))
-    if report["fetched"]:
-        show("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
-    else:
-        show("pending:      unknown: never fetched")
-    if report["reboot"]:
-        show("reboot:       seq %d is a reboot: run 'isconf up -r'" % report["reboot"]["seq"])
-    show("last success: %s" % ("%s (%s ago)" % (report["last_success"], age(report["last_success_age"]))
-                                if report["last_success"] else "never"))
-    if last:
-        show("last run:     %s, exit %d (%s) after %.1f s, %d applied, %d bytes fetched%s"
-             % (last["end"], last["exit_code"], last.get("result"), last["duration"], last.get("applied", 0),
-                last.get("fetched_bytes", 0), ": " + last["reason"] if last.get("reason") else ""))
-    for item in report["skipped"]:
-        show("skipped:      seq %d by %s: %s" % (item["seq"], item["who"], item["why"]))
-    if report["failed"]:
-        failure = report["failed"]
-        show("FAILED:       seq %d %s" % (failure["seq"], failure["summary"]))
-        show("              %s" % failure["error"])
-        show("log %s:" % failure["log"])
-        for line in failure["log_tail"]:
-            show("    " + line)
-    if report["needs_newer"]:
-        show("HALTED:       seq %d needs a newer isconf" % report["needs_newer"]["seq"])
-        show("              %s" % report["needs_newer"]["error"])
+    for line in status_text(report, host.config.interrupted_max):
+        show(line)
     return code
-
-
-METRICS = [  # (name, help, the value from a status report)
-    ("isconf_last_run_timestamp_seconds", "When the last 'isconf up' ended (Unix time).",
-     lambda r, run: parse_time(run["end"]) if run else 0),
-    ("isconf_last_run_exit_code", "Exit code of the last 'isconf up' (see README, Exit codes).",
-     lambda r, run: run["exit_code"] if run else 0),
-    ("isconf_last_run_duration_seconds", "How long the last 'isconf up' took.",
-     lambda r, run: run["duration"] if run else 0),
-    ("isconf_last_run_applied_transactions", "Transactions the last 'isconf up' applied.",
-     lambda r, run: run.get("applied", 0) if run else 0),
-    ("isconf_last_run_fetched_bytes", "Bytes the last 'isconf up' fetched (head, journal, objects).",
-     lambda r, run: run.get("fetched_bytes", 0) if run else 0),
-    ("isconf_last_success_timestamp_seconds", "When an 'isconf up' last ended with nothing left to apply "
-     "(Unix time; 0: never).", lambda r, run: parse_time(r["last_success"]) if r["last_success"] else 0),
-    ("isconf_applied_seq", "Seq of the last transaction applied (or skipped, or in the baseline).",
-     lambda r, run: r["applied_seq"]),
-    ("isconf_head_seq", "Seq of the last head this host verified.", lambda r, run: r["head_seq"]),
-    ("isconf_pending_transactions", "Verified transactions not yet applied.", lambda r, run: r["pending"]),
-    ("isconf_failed_seq", "Seq of the failed transaction the host is halted at (0: none).",
-     lambda r, run: r["failed"]["seq"] if r["failed"] else 0),
-    ("isconf_disabled", "1 while 'isconf disable' pauses the host.", lambda r, run: 1 if r["disabled"] else 0),
-]
-
-
-def metric_label(value):
-    """A label value as the text format wants it: backslash, double quote and newline escaped."""
-    return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-
-
-def render_metrics(report):
-    """The status report in Prometheus' text format, for node_exporter's textfile collector."""
-    run, lines = report["last_run"], []
-    for name, text, value in METRICS:
-        try:
-            number = value(report, run)
-        except KeyError:  # a report of damaged state holds the last run alone
-            continue
-        lines += ["# HELP %s %s" % (name, text), "# TYPE %s gauge" % name, "%s %s" % (name, number)]
-    if "state" not in report:
-        return ("\n".join(lines) + "\n").encode("utf-8")
-    lines += ["# HELP isconf_info The agent's version, the branch and the applied entry's id (one query shows which "
-              "hosts share an identical history).", "# TYPE isconf_info gauge",
-              'isconf_info{version="%s",branch="%s",applied_id="%s"} 1'
-              % (metric_label(__version__), metric_label(report["branch"]), metric_label(report["applied_id"])),
-              "# HELP isconf_state The host's state as 'isconf status' names it (README, status).",
-              "# TYPE isconf_state gauge"]
-    lines += ['isconf_state{state="%s"} %d' % (state, state == report["state"]) for state in STATES]
-    return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def write_metrics(host, path, report):
-    """Replace the metrics file atomically (the collector never reads half of one), reached inside the
-    root as the host's other files are: never through a link at its name, only over a regular file."""
-    where = host.rootpath.resolve(posixpath.dirname(path))
-    try:
-        directory = StateDir(host.rootpath.open_dir(posixpath.dirname(path)), where)
-    except OSError as e:
-        raise StateError("metrics directory %s: %s; make it (node_exporter's --collector.textfile.directory) or "
-                         "change the path with 'isconf init --force --metrics PATH'" % (where, e.strerror))
-    try:
-        directory.write(posixpath.basename(path), render_metrics(report), 0o644)
-    finally:
-        directory.close()
-
-
-def age(seconds):
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return "%d%s" % (seconds // size, unit)
-    return "%ds" % seconds
 
 
 def cmd_log(args):
@@ -6078,15 +6141,14 @@ def cmd_log(args):
     head, rows, _, _ = host_report(host)
     rows = list(reversed(rows))[:args.n] if args.n is not None else list(reversed(rows))
     if args.json:
-        emit(json.dumps([dict(entry.fields, id=entry.id, state=mark, run_by=run_by(event))
-                         for entry, mark, event in rows], indent=2, sort_keys=True) + "\n")
+        emit(json.dumps([entry.as_json(state=mark, run_by=run_by(event)) for entry, mark, event in rows],
+                        indent=2, sort_keys=True) + "\n")
         return
     for entry, mark, event in rows:
-        f = entry.fields
-        show("%-7s %4d %s %s %s" % (mark, entry.seq, entry.id[:12], f["time"], f["author"]))
+        show("%-7s %4d %s %s %s" % (mark, entry.seq, entry.id[:12], entry.time, entry.author))
         show("             %s" % entry.summary())
-        if f["message"]:
-            show("             # %s" % f["message"])
+        if entry.message:
+            show("             # %s" % entry.message)
         if mark == "skipped":
             show("             skipped by %s: %s" % (event.get("who"), event.get("why")))
 
@@ -6123,7 +6185,7 @@ def cmd_migrate(args):
                               directory.read(name, CONFIG_MAX).decode("utf-8"), count=1)
         if not found:
             raise StateError("cannot find the 'branch =' line in %s; set it to %s by hand" % (config.path,
-                                                                                           args.new_branch))
+                                                                                              args.new_branch))
         host.write_config(text.encode("utf-8"))
         plan.commit(host)
     say("now following branch %s (%d pending); run 'isconf up'" % (args.new_branch, len(plan.pending)))
@@ -6156,7 +6218,7 @@ def cmd_disable(args):
     host.config  # an uninitialised host is told to run init
     host.make_state()
     with host.lock(args.wait):  # not in the middle of an up: it is paused between runs, never within one
-        host.ensure_state()
+        ensure_state(host)
         record = {"who": author_name(), "why": args.message, "time": format_time(time.time())}
         host.state.write("disabled", canonical(record) + b"\n", 0o644)
     say("%s disabled: 'isconf up' does nothing (exit %d) until 'isconf enable'" % (host.root, EXIT_DISABLED))
@@ -6173,7 +6235,7 @@ def cmd_enable(args):
         host.state.unlink("disabled")
         host.state.fsync()
     say("%s enabled (it was disabled by %s at %s: %s)" % (host.root, paused["who"], paused["time"],
-                                                           paused["why"]))
+                                                          paused["why"]))
 
 
 def cmd_verify_sig(args):
@@ -6235,8 +6297,6 @@ Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
 11 something would run ('up --dry-run'), 70 internal error (a bug: please report it),
 130 interrupted.
 """
-
-
 VERIFY_ABOUT = """\
 Each path's last applied snap is the reference (a file an exec removed since is still
 drift): content, type, mode, owner, group, link target.  It reads the verified local
@@ -6270,6 +6330,20 @@ def global_options(suppress):
                          help="branch: for 'init', the one this host follows (required); for author verbs, "
                          "the one to work on (default: $ISCONF_BRANCH, else the host's branch)")
     return options
+
+
+def whole_number(text):
+    """An integer argument in ASCII digits (int() also takes other scripts' digits)."""
+    if not re.match(r"^-?[0-9]{1,18}\Z", text):
+        raise argparse.ArgumentTypeError("invalid int value: %r (ASCII digits only)" % text)
+    return int(text)
+
+
+def real_number(text):
+    """A number argument in ASCII digits (float() also takes other scripts' digits)."""
+    if not NUMBER_RE.match(text.lstrip("-")):
+        raise argparse.ArgumentTypeError("invalid float value: %r (ASCII digits only)" % text)
+    return float(text)
 
 
 def wait_seconds(text):
@@ -6371,9 +6445,9 @@ def build_parser(only=None):
         if key.metavar:
             p.add_argument(key.option, dest=key.name, metavar=key.metavar, help=key.help)
     p.add_argument("--force", action="store_true", help="overwrite an existing config (default: refuse)")
-    p.add_argument("--baseline", type=int, metavar="SEQ", help="the image already holds every transaction up to "
-                   "SEQ (built without isconf): the first fetch checks SEQ exists, 'up' applies what follows "
-                   "(default: none, replay from seq 1)")
+    p.add_argument("--baseline", type=whole_number, metavar="SEQ", help="the image already holds every "
+                   "transaction up to SEQ (built without isconf): the first fetch checks SEQ exists, 'up' applies "
+                   "what follows (default: none, replay from seq 1)")
     p = verb("up", cmd_up, "fetch, verify and apply every pending transaction",
              "isconf up                     # by hand: one line per transaction\n"
              "isconf up --dry-run --json    # what would run, and what it would fetch\n"
@@ -6384,9 +6458,9 @@ def build_parser(only=None):
                    "(default: stop there with exit 5)")
     p.add_argument("--boot", action="store_true", help="run from init: wait for a mirror (backing off) up to "
                    "the boot wait, and log to syslog too (default: off)")
-    p.add_argument("--boot-wait", type=float, metavar="SECONDS", help="with --boot, wait this long instead of "
+    p.add_argument("--boot-wait", type=real_number, metavar="SECONDS", help="with --boot, wait this long instead of "
                    "the config's boot_wait (default %d)" % DEFAULT_BOOT_WAIT)
-    p.add_argument("--splay", type=float, metavar="SECONDS", help="first sleep a part of SECONDS fixed by this "
+    p.add_argument("--splay", type=real_number, metavar="SECONDS", help="first sleep a part of SECONDS fixed by this "
                    "host's machine-id, plus a little jitter, so a fleet on one cron minute does not knock at once "
                    "(default: no sleep)")
     p.add_argument("--syslog", action="store_true", help="log to syslog (ROOT/dev/log) as well as the console "
@@ -6402,7 +6476,7 @@ def build_parser(only=None):
     p = verb("log", cmd_log, "show the journal, newest first, with each entry's state here",
              "isconf log -n 5\nisconf log --json")
     p.add_argument("--json", action="store_true", help="a JSON list, newest first (default: text)")
-    p.add_argument("-n", type=int, metavar="N", help="show only the newest N entries (default: all)")
+    p.add_argument("-n", type=whole_number, metavar="N", help="show only the newest N entries (default: all)")
     p = verb("verify", cmd_verify, "compare the files the journal last snapped with the disk; exit %d on any "
              "drift" % EXIT_DRIFT, "isconf verify\nisconf verify --quick --json", about=VERIFY_ABOUT)
     p.add_argument("--json", action="store_true", help="print the drifts as a JSON list of {path, what, expected, "
@@ -6411,7 +6485,7 @@ def build_parser(only=None):
                    "hold its content, without reading it (default: read and hash every file)")
     p = verb("skip", cmd_skip, "mark the failed transaction SEQ as skipped on this host, for good",
              "isconf skip 3 -m 'site.conf not used on this host'")
-    p.add_argument("seq", type=int, metavar="SEQ", help="the failed transaction's seq (as status shows it)")
+    p.add_argument("seq", type=whole_number, metavar="SEQ", help="the failed transaction's seq (as status shows it)")
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="why, kept in the history (required)")
     p = verb("migrate", cmd_migrate, "follow another branch that extends what this host applied",
              "isconf migrate web2 && isconf up")
@@ -6480,8 +6554,16 @@ def build_parser(only=None):
              "isconf serve /srv/isconf --bind 0.0.0.0 --port 8000")
     p.add_argument("dir", metavar="DIR", help="the repository directory")
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    p.add_argument("--port", type=whole_number, default=8000, help="port to listen on; 0 picks a free one "
+                   "(default 8000)")
     return parser
+
+
+def save_crash_report(root, report):
+    """Keep the traceback of an internal error in the host's state directory, if there is one."""
+    state = Host(root).state  # with every check a run makes: never a directory that is not ours
+    state.write("internal-error.log", report.encode("utf-8", "replace"), 0o600)
+    return state.file("internal-error.log")
 
 
 def internal_error(error, argv, args):
@@ -6502,13 +6584,6 @@ def internal_error(error, argv, args):
     REPORTER.error("%s: %s (%s); please report it" % (type(error).__name__, str(error)[:300], where), EXIT_SOFTWARE,
                    label="internal error")
     return EXIT_SOFTWARE
-
-
-def save_crash_report(root, report):
-    """Keep the traceback of an internal error in the host's state directory, if there is one."""
-    state = Host(root).state  # with every check a run makes: never a directory that is not ours
-    state.write("internal-error.log", report.encode("utf-8", "replace"), 0o600)
-    return state.file("internal-error.log")
 
 
 def main(argv=None):

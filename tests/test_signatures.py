@@ -388,12 +388,6 @@ def test_algorithm_not_matching_key_refused(sig_keys):
     assert "does not match Ed25519 key" in refusal(sig_keys, join_blob(*fields))
 
 
-def test_cert_authority_signer_never_matches_plain_key(sig_keys):
-    signer = sigs.parse_allowed_signers(sig_keys.line())[0]._replace(cert_authority=True)
-    with pytest.raises(sigs.Refused, match="not in allowed_signers"):
-        sigs.verify_signature(sig_keys.message, sig_keys.sigs["ed"], [signer])
-
-
 def test_armour_with_crlf_accepted(sig_keys):
     signers = sigs.parse_allowed_signers(sig_keys.line())
     assert sigs.verify_signature(sig_keys.message, sig_keys.sigs["ed"].replace(b"\n", b"\r\n"), signers)
@@ -418,7 +412,7 @@ def test_plain_line_fields(sig_keys):
     signer = sigs.parse_allowed_signers(sig_keys.line("ed").rstrip("\n") + " laptop key\n")[0]
     assert signer == sigs.AllowedSigner(
         [PRINCIPAL], "ssh-ed25519", base64.b64decode(sig_keys.public["ed"].split()[1]),
-        None, None, None, False, "allowed_signers:1")
+        None, None, None, "allowed_signers:1")
 
 
 def test_quoted_principals_may_hold_spaces(sig_keys):
