@@ -1,4 +1,14 @@
-"""Fixtures: the real script as a subprocess, a real server, real keys, real roots."""
+"""Fixtures: the real script as a subprocess, a real server, real keys, real roots.
+
+Environment variables that tune the suite (each has a default; none is needed):
+  ISCONF_SEED         the seed of every randomised test (test_crash's kill times, test_fuzz's inputs and
+                      mirrors); default 20261125.  A failed randomised test names its seed in its report
+                      ("ISCONF_SEED=N"): set it to replay the same choices.  Kill times are the same on a
+                      replay; where a kill lands in the agent's work still depends on the machine's speed.
+  ISCONF_KILLS        how many SIGKILLs test_crash's random-kill harness lands (default 50)
+  ISCONF_FUZZ_INPUTS  how many mutated inputs test_fuzz feeds the parsers in process (default 100000)
+  ISCONF_FUZZ_RUNS    how many end-to-end runs test_fuzz makes against a mutating mirror (default 200)
+"""
 
 import glob
 import hashlib
@@ -16,10 +26,29 @@ import pytest
 
 pytest.register_assert_rewrite("hostile")  # its checks report like a test's own
 
+SEED = int(os.environ.get("ISCONF_SEED", "20261125"))
+KILLS = int(os.environ.get("ISCONF_KILLS", "50"))
+
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISCONF = os.path.join(TOP, "isconf.py")
 AUTHOR = "alice@example"
 PRINCIPAL = "admin@example"
+
+
+@pytest.fixture
+def seed():
+    """ISCONF_SEED: what a randomised test seeds its random.Random with (a failure reports it)."""
+    return SEED
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The report of a failed test that used the seed says which seed replays it."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "seed" in getattr(item, "fixturenames", ()):
+        report.sections.append(("ISCONF_SEED", "ISCONF_SEED=%d; to replay: ISCONF_SEED=%d %s -m pytest -q '%s'"
+                                % (SEED, SEED, sys.executable, item.nodeid)))
 
 
 def interpreter_version(path):
@@ -87,13 +116,20 @@ class Keys(object):
         return path or self.signers
 
 
+def import_isconf():
+    """isconf.py imported as a module (once), to call its parsers and helpers in process."""
+    if "isconf_in_process" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("isconf_in_process", ISCONF)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["isconf_in_process"] = module
+    return sys.modules["isconf_in_process"]
+
+
 @pytest.fixture(scope="session")
 def isconf():
     """isconf.py imported as a module, to call its parsers and helpers in process."""
-    spec = importlib.util.spec_from_file_location("isconf_in_process", ISCONF)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_isconf()
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 a durability audit of an uninterrupted run from its system calls, and a full disk during a snap.
 
 The agent runs from inside the host root (as in test_upgrade) so that the journal can replace
-it and its interpreter like any other file.
+it and its interpreter like any other file.  ISCONF_SEED and ISCONF_KILLS (see conftest.py)
+set the kill harness's seed and how many kills it lands.
 """
 
 import collections
@@ -20,11 +21,16 @@ import time
 
 import pytest
 
-from conftest import AGENT, AUTHOR, build, error_line, install_busybox, put
+from conftest import AGENT, AUTHOR, KILLS, build, error_line, install_busybox, put, undated
 
 OLD, V1, V2 = b"old\n", b"version one\n", b"version two\n"
 BIG = 4 << 20  # large enough that a kill can land while it is being written
 STATE = "var/lib/isconf"
+CONFIG = "etc/isconf/isconf.conf"
+# The harness's hosts halt a transaction started this many times without ending: 1, so that every kill that
+# lands in a transaction meets the rule, and the harness checks the halt and recovers as an admin would.
+INTERRUPTED_MAX = 1
+INTERRUPTED_MOST = 1000  # the largest interrupted_max a config may hold (README, 'init --interrupted-max')
 
 
 def pattern(seed, size):
@@ -33,6 +39,7 @@ def pattern(seed, size):
 
 
 BIG_OLD, BIG_V1, BIG_V2 = (pattern(s, BIG) for s in (b"old", b"v1", b"v2"))
+TRANSACTIONS = 9  # the journal of every_kind
 VERSIONS = {"etc/app/a.conf": {OLD, V1, V2}, "etc/app/big.bin": {BIG_OLD, BIG_V1, BIG_V2}}
 
 
@@ -96,8 +103,10 @@ def every_kind(tmp_path, author, server, keys):
     put(root, AGENT, build("1.0.0"))
     write(root, "etc/app/a.conf", OLD)
     write(root, "etc/app/big.bin", BIG_OLD)
-    code, out, err = finish(agent(root, "init", server.url, "--branch", "web", "--signers", keys.signers))
+    code, out, err = finish(agent(root, "init", server.url, "--branch", "web", "--signers", keys.signers,
+                                  "--interrupted-max", str(INTERRUPTED_MAX)))
     assert code == 0, err
+    assert config(root) == config(root, INTERRUPTED_MAX)
     return root
 
 
@@ -153,6 +162,35 @@ def history(root):
     except FileNotFoundError:
         pass
     return events
+
+
+def config(root, interrupted_max=None):
+    """The host's config text; with interrupted_max, as it reads once that value is set in it."""
+    with open(os.path.join(root, CONFIG)) as f:
+        text = f.read()
+    if interrupted_max is not None:
+        text, found = re.subn(r"(?m)^interrupted_max = \d+$", "interrupted_max = %d" % interrupted_max, text)
+        assert found == 1, text
+    return text
+
+
+def raise_interrupted_max(root, most):
+    """What an admin does on a host halted by interrupted_max, to let the transaction run again: the
+    config edited by hand (README: 'the file can be edited by hand')."""
+    text = config(root, most)
+    with open(os.path.join(root, CONFIG), "w") as f:
+        f.write(text)
+
+
+def attempts(events):
+    """(seq, n): the first transaction not done and how many times it was started, by the history.
+
+    The harness's transactions never fail and are never skipped, so each 'started' of a transaction
+    not yet done is an attempt that never ended (README, interrupted_max): n of them.  The agent halts
+    that transaction, instead of starting it again, once n reaches interrupted_max."""
+    done = {e["seq"] for e in events if e["event"] == "done"}
+    seq = min(set(range(1, TRANSACTIONS + 1)) - done, default=None)
+    return seq, sum(1 for e in events if e["event"] == "started" and e["seq"] == seq)
 
 
 def runs(root):
@@ -231,6 +269,20 @@ class Watcher(threading.Thread):
         return self.torn
 
 
+HALTED = "isconf: error: transaction %d halted: started %d times without ending (interrupted_max %d): "
+
+
+def check_halted(root, code, err, before, seq, count, most):
+    """A run the history says meets interrupted_max: exit 1, the one 'halted' line, nothing run, and the
+    halt recorded with its count."""
+    lines = [l for l in undated(err).splitlines() if l.startswith("isconf: error:")]
+    assert code == 1 and len(lines) == 1, (code, err)
+    assert lines[0].startswith(HALTED % (seq, count, most)), lines[0]
+    assert runs(root) == before
+    last = history(root)[-1]
+    assert (last["event"], last["seq"], last.get("interrupted")) == ("failed", seq, count), last
+
+
 def check_kill_point(root):
     """At any moment a snapped file is one whole version, never a mix."""
     for rel, versions in VERSIONS.items():
@@ -238,26 +290,34 @@ def check_kill_point(root):
             assert f.read() in versions, "%s is torn" % rel
 
 
-def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tmp_path):
+def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tmp_path, seed):
+    # A transaction the kills interrupt interrupted_max times is halted (exit 1): the harness, reading the history,
+    # knows beforehand which run that is, checks it, raises interrupted_max as an admin would, and carries on.
     reference = copy_host(every_kind, str(tmp_path / "reference"))
     started = time.monotonic()
     code, out, err = finish(agent(reference, "up"))
     duration = time.monotonic() - started
     assert code == 0, err
     assert sorted(runs(reference)) == [1, 3, 5, 7, 9] and out.count("re-executing") == 2
+    assert [e["seq"] for e in history(reference) if e["event"] == "done"] == list(range(1, TRANSACTIONS + 1))
     expected = tree(reference)
-    rng = random.Random(int(os.environ.get("ISCONF_SEED", "5")))
-    wanted, kills, rounds = int(os.environ.get("ISCONF_KILLS", "50")), 0, 0
+    rng = random.Random(seed)
+    kills, rounds, halts = 0, 0, 0
     reads, landed = 0, collections.Counter()  # the transaction each kill interrupted (0: none), for the figures
-    while kills < wanted:
+    while kills < KILLS:
         rounds += 1
         root = copy_host(every_kind, str(tmp_path / ("round%d" % rounds)))
+        most = INTERRUPTED_MAX
         while True:
             before, events = runs(root), history(root)
             done = {e["seq"] for e in events if e["event"] == "done"}
+            pending, count = attempts(events)
+            halting = pending is not None and count >= most
+            # At the largest interrupted_max a config may hold, a transaction one start short of it is left to end.
+            spare = halting or (count == most - 1 and most == INTERRUPTED_MOST)
             proc, watcher = agent(root, "up"), Watcher(root)
             try:
-                proc.wait(rng.uniform(0, duration))
+                proc.wait(None if spare else rng.uniform(0, duration))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             code, out, err = finish(proc)
@@ -269,22 +329,29 @@ def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tm
             reap(root)
             check_kill_point(root)
             again = runs(root)[len(before):]
-            # Only the transaction interrupted last time runs again; none recorded done ever does.
-            interrupted = events[-1]["seq"] if events and events[-1]["event"] == "started" else None
+            # Only the transaction interrupted before runs again; none recorded done ever does.
             assert not done & set(again), (done, again)
-            assert set(again) & set(before) <= {interrupted}, (before, again, interrupted)
+            assert set(again) & set(before) <= ({pending} if count else set()), (before, again, pending, count)
+            if halting:
+                check_halted(root, code, err, before, pending, count, most)
+                halts += 1
+                most = count + 1
+                raise_interrupted_max(root, most)
+                continue
             if code != -signal.SIGKILL:
                 assert code == 0, err
                 break
             kills += 1
         assert set(runs(root)) == {1, 3, 5, 7, 9}
         (got, links), (want, want_links) = tree(root), expected
-        differ = sorted(p for p in set(got) | set(want) if got.get(p) != want.get(p))
+        differ = sorted(p for p in set(got) | set(want) if got.get(p) != want.get(p) and p != CONFIG)
         assert not differ and links == want_links, "round %d differs from the uninterrupted run: %s" % (
             rounds, [(p, got.get(p), want.get(p)) for p in differ] or (links, want_links))
+        assert config(root) == config(reference, most)  # and the config by interrupted_max alone
         shutil.rmtree(root)
-    print("%d kills in %d rounds, by transaction interrupted %s; %d reads of snapped files during the runs; an "
-          "uninterrupted run takes %.2fs" % (kills, rounds, sorted(landed.items()), reads, duration))
+    print("%d kills in %d rounds, by transaction interrupted %s; %d halted at interrupted_max and raised; %d reads "
+          "of snapped files during the runs; an uninterrupted run takes %.2fs"
+          % (kills, rounds, sorted(landed.items()), halts, reads, duration))
 
 
 TRACED = "openat,write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,close,sync,syncfs,mkdir,mkdirat"
