@@ -211,7 +211,7 @@ def test_the_first_error_wins_and_no_worker_is_left_behind(isconf, tmp_path, rep
             gated.behave["/objects/" + sha(data)] = "trickle"
     before = set(threading.enumerate())
     host = isconf.Host(fresh.root)
-    host.ensure_state()
+    isconf.ensure_state(host)
     try:
         with pytest.raises(isconf.Refused, match="does not match the signed journal"):
             isconf.Sync(isconf.Run(host)).sync()
