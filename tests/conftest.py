@@ -3,8 +3,10 @@
 Environment variables that tune the suite (each has a default; none is needed):
   ISCONF_SEED         the seed of every randomised test (test_crash's kill times, test_fuzz's inputs and
                       mirrors); default 20261125.  A failed randomised test names its seed in its report
-                      ("ISCONF_SEED=N"): set it to replay the same choices.  Kill times are the same on a
-                      replay; where a kill lands in the agent's work still depends on the machine's speed.
+                      ("ISCONF_SEED=N"): set it to replay the same choices.  The in-process fuzz then feeds
+                      the same bytes (but for signatures, made with the session's own key), and prints a
+                      crashing input whole; the kill harness kills at the same times, but where a kill lands
+                      in the agent's work depends on the machine's speed.
   ISCONF_KILLS        how many SIGKILLs test_crash's random-kill harness lands (default 50)
   ISCONF_FUZZ_INPUTS  how many mutated inputs test_fuzz feeds the parsers in process (default 100000)
   ISCONF_FUZZ_RUNS    how many end-to-end runs test_fuzz makes against a mutating mirror (default 200)

@@ -151,12 +151,31 @@ def deep(kind_value_depth):
 
 # --- in process: every parser returns or refuses ---------------------------------------
 
+CORPUS_TIME, CORPUS_MTIME = "2026-11-25T06:30:00Z", 1700000000000000000
+
+
+def without_the_clock(isconf, lines):
+    """Journal lines with the session's clock taken out (each entry's time, each file's mtime) and
+    chained again: the same bytes in every session, so that a seed replays the same inputs."""
+    out = []
+    for line in lines:
+        fields = json.loads(line)
+        fields["time"] = CORPUS_TIME
+        for record in fields.get("files", []):
+            if "mtime_ns" in record:
+                record["mtime_ns"] = CORPUS_MTIME
+        fields["prev"] = isconf.sha256_hex(out[-1]) if out else isconf.ZERO_ID
+        out.append(isconf.canonical(fields))
+    return out
+
+
 class Corpus(object):
-    """Valid inputs: the real template's journal, heads and signatures, plus entries of
-    every kind and file type that the template does not have."""
+    """Valid inputs: the real template's journal and heads (without the session's clock) and
+    signatures (the session's key's), plus entries of every kind and file type that the template
+    does not have."""
 
     def __init__(self, isconf, template, keys):
-        self.lines = list(template.lines)
+        self.lines = without_the_clock(isconf, template.lines)
         prev = self.lines[-1]
         for fields in (
                 {"kind": "reboot"},
@@ -171,14 +190,21 @@ class Corpus(object):
                     {"path": "/srv/link", "type": "symlink", "target": "sparse", "mtime_ns": 2, "uid": 0,
                      "gid": 0, "user": "root", "group": "root"}]}):
             entry = json.loads(prev)
-            fields.update(seq=entry["seq"] + 1, prev=isconf.sha256_hex(prev), time="2026-11-25T06:30:00Z",
+            fields.update(seq=entry["seq"] + 1, prev=isconf.sha256_hex(prev), time=CORPUS_TIME,
                           author="alice@example", message="fuzz corpus")
             prev = isconf.canonical(fields)
             self.lines.append(prev)
         for line in self.lines:   # the corpus itself must be valid
             isconf.Entry.parse(line, "corpus entry")
         self.journal = b"".join(line + b"\n" for line in self.lines)
-        self.heads = [template.versions[seq][HEAD] for seq in sorted(template.versions)]
+        self.heads = []
+        for seq in sorted(template.versions):
+            head = json.loads(template.versions[seq][HEAD])
+            head.update(time=CORPUS_TIME, id=isconf.sha256_hex(self.lines[seq - 1]),
+                        length=sum(len(line) + 1 for line in self.lines[:seq]))
+            self.heads.append(isconf.canonical(head) + b"\n")
+            isconf.Head.parse(self.heads[-1], "corpus head")
+        isconf.verify_chain(self.journal, 0, isconf.ZERO_ID, "corpus journal")
         self.signed = [(template.versions[seq][HEAD], template.versions[seq][SIG]) for seq in template.versions]
         self.signers = isconf.parse_allowed_signers(open(keys.signers).read())
         expiring = json.loads(self.heads[-1])
