@@ -38,6 +38,7 @@ import errno
 import fcntl
 import getpass
 import hashlib
+import hmac
 import http.client
 import http.server
 import io
@@ -2827,12 +2828,12 @@ class StateDir(object):
         """Where name is, for messages."""
         return os.path.join(self.path, name)
 
-    def subdir(self, name, create=False):
+    def subdir(self, name, create=False, mode=0o700):
         """A subdirectory, opened once and kept: never a link, never anything but a directory."""
         if name not in self._subdirs:
             if create:
                 try:
-                    os.mkdir(name, 0o700, dir_fd=self.fd)
+                    os.mkdir(name, mode, dir_fd=self.fd)
                     os.fsync(self.fd)
                 except FileExistsError:
                     pass
@@ -5480,21 +5481,91 @@ def sign_head(data, key):
         return read_file(path + ".sig", SIGNATURE_MAX)
 
 
+def author_state_dir():
+    """The author's own state, outside every repository: $XDG_STATE_HOME/isconf, else
+    ~/.local/state/isconf; 0700, made when first needed."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    path = os.path.join(base, "isconf")
+    try:
+        os.makedirs(path, 0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as e:
+        raise StateError("cannot make the author's state directory %s: %s" % (path, e.strerror))
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise StateError("the author's state directory %s must be a directory of yours, mode 0700; fix it (chmod "
+                         "700) and run again" % path)
+    return StateDir.at(path)
+
+
+class Session(object):
+    """The secret of one author's lock of one branch, kept in the author's state directory (never in the
+    repository): every staged line carries a MAC under it, so what someone else adds to the staged
+    file, or changes or reorders in it, is refused at ci.  A new lock makes a new secret."""
+
+    def __init__(self, repo, branch):
+        digest = sha256_hex(("%s\0%s" % (repo.path, branch)).encode("utf-8", "surrogateescape"))[:32]
+        self.name, self.branch = "lock-%s" % digest, branch
+
+    def create(self):
+        state = author_state_dir()
+        try:
+            state.write(self.name, binascii.hexlify(os.urandom(32)) + b"\n", 0o600)
+        finally:
+            state.close()
+
+    def secret(self):
+        state = author_state_dir()
+        try:
+            text = state.read(self.name, 256).strip()
+        except FileNotFoundError:
+            raise Busy("branch %s is locked in your name, but not from here: this machine holds no secret of that "
+                       "lock (in %s); stage from where you took it, or 'isconf unlock' and lock again"
+                       % (self.branch, state.path))
+        finally:
+            state.close()
+        return text
+
+    def forget(self):
+        state = author_state_dir()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                state.unlink(self.name)
+        finally:
+            state.close()
+
+    def mac(self, secret, number, fields):
+        """The MAC of staged line number (from 1), fields as canonical JSON: a line moved is a line changed."""
+        return hmac.new(secret, b"%d\n" % number + canonical(fields), hashlib.sha256).hexdigest()
+
+
+def staged_line(session, secret, number, fields):
+    return canonical(dict(fields, mac=session.mac(secret, number, fields))) + b"\n"
+
+
 class Repository(object):
-    """A repository directory: what a web server publishes, plus the authors' work area."""
+    """A repository directory: what a web server publishes, plus the authors' work area.
+
+    Its files are reached as a host reaches its own state (StateDir): never through a link,
+    regular files and directories only, no open that can block on a FIFO or act on a device.
+    And write access to it yields no signed entry: every verb that writes a head first verifies
+    the branch as a host would (verified), staged work carries a MAC under its lock's secret, and
+    every object a new entry names is checked by its hash."""
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
-        marker = os.path.join(self.path, REPO_MARKER)
+        if not os.path.isdir(self.path):
+            raise StateError("%s is not an isconf repository (no such directory); create one with 'isconf "
+                             "init-repo DIR'" % self.path)
+        self.top = StateDir.at(self.path)
         try:
-            fields = json.loads(read_file(marker, HEAD_MAX).decode("utf-8"))
+            fields = json.loads(self.top.read(REPO_MARKER, HEAD_MAX).decode("utf-8"))
         except FileNotFoundError:
             raise StateError("%s is not an isconf repository (no %s); create one with 'isconf init-repo DIR'"
                              % (self.path, REPO_MARKER))
         except ValueError:
             fields = None
         if not isinstance(fields, dict):
-            raise StateError("%s is damaged: it should hold {\"format\":%d}" % (marker, FORMAT))
+            raise StateError("%s is damaged: it should hold {\"format\":%d}" % (self.top.file(REPO_MARKER), FORMAT))
         if fields.get("format") != FORMAT:
             raise StateError("%s has format %r; this isconf.py writes format %d" % (self.path, fields.get("format"),
                                                                                     FORMAT))
@@ -5502,76 +5573,138 @@ class Repository(object):
     @staticmethod
     def create(path):
         makedirs(path)
-        if os.path.exists(os.path.join(path, REPO_MARKER)):
+        if os.path.lexists(os.path.join(path, REPO_MARKER)):
             raise StateError("%s is already an isconf repository" % path)
-        for sub in ("branches", "objects", "authoring"):
-            makedirs(os.path.join(path, sub))
-        atomic_write(os.path.join(path, REPO_MARKER), canonical({"format": FORMAT}) + b"\n")
+        top = StateDir.at(path)
+        try:
+            for sub in ("branches", "objects", "authoring"):
+                top.subdir(sub, create=True, mode=0o700 if sub == "authoring" else 0o755)
+            top.write(REPO_MARKER, canonical({"format": FORMAT}) + b"\n")
+        finally:
+            top.close()
         return Repository(path)
 
-    def branch_dir(self, branch):
+    # Where things are: the published branches and objects, the authors' work area (never published).
+
+    def branches(self):
+        return self.top.subdir("branches")
+
+    def branch_dir(self, branch, create=False):
+        """branches/BRANCH (a StateDir), or None if the branch was never published."""
         check_branch(branch)
-        return os.path.join(self.path, "branches", branch)
+        if not create and not _lexists(branch, self.branches().fd):
+            return None
+        return self.branches().subdir(branch, create=create, mode=0o755)
 
     def work_dir(self, branch):
-        path = os.path.join(self.path, "authoring", check_branch(branch))
-        makedirs(path)
-        return path
+        return self.top.subdir("authoring", create=True).subdir(check_branch(branch), create=True)
+
+    def objects(self):
+        return self.top.subdir("objects", create=True, mode=0o755)
+
+    def exists(self, branch):
+        """Whether the branch was ever published (it has a head, whatever the head holds)."""
+        directory = self.branch_dir(branch)
+        return directory is not None and directory.stat("head") is not None
+
+    def branch_names(self):
+        return sorted(name for name in self.branches().listdir() if BRANCH_RE.match(name) and self.exists(name))
 
     def head(self, branch):
+        directory = self.branch_dir(branch)
+        if directory is None:
+            return None
         try:
-            return Head.parse(read_file(os.path.join(self.branch_dir(branch), "head"), HEAD_MAX),
-                              "head of branch %s" % branch)
+            data = directory.read("head", HEAD_MAX)
         except FileNotFoundError:
             return None
+        return Head.parse(data, "head of branch %s" % branch)
 
     def journal_bytes(self, branch, head):
         if head is None:
             return b""
-        with open(os.path.join(self.branch_dir(branch), "journal"), "rb") as f:
-            data = f.read(head.length)
+        try:
+            with os.fdopen(self.branch_dir(branch).open("journal"), "rb") as f:
+                data = f.read(head.length)
+        except FileNotFoundError:
+            data = b""
         if len(data) != head.length:
-            raise StateError("journal of branch %s is shorter than its head says; the repository is damaged"
-                             % branch)
+            raise Refused("the journal of branch %s is %d bytes, shorter than the %d its head says; the repository "
+                          "is damaged" % (branch, len(data), head.length))
         return data
+
+    def verified(self, branch, signers, adopt=None):
+        """(head, entries, journal bytes) of a branch, verified exactly as a host verifies it: the head,
+        its signature over the head's bytes by a key of signers, the journal's length and hash chain up to
+        the entry the head names.  (None, [], b"") for a branch never published.  An unsigned head
+        (published with --unsigned) verifies only through adopt, the seq up to which a human read its
+        entries (sign --adopt); else Refused (exit 4) saying what failed and the last entry that verified."""
+        head = self.head(branch)
+        if head is None:
+            return None, [], b""
+        if head.branch != branch:
+            raise Refused("the head of branch %s names branch %s; the repository was tampered with"
+                          % (branch, head.branch))
+        data = self.journal_bytes(branch, head)
+        entries, verified_seq = [], 0
+        try:
+            for entry in verify_chain(data, 0, ZERO_ID, "journal of branch %s" % branch):
+                entries.append(entry)
+                verified_seq = entry.seq
+        except Refused as e:
+            raise Refused("%s; the last entry that verified is seq %d: nothing written" % (e, verified_seq))
+        if (entries[-1].id if entries else ZERO_ID) != head.id or len(entries) != head.seq:
+            raise Refused("the journal of branch %s does not end at the entry its head names (seq %d): the "
+                          "repository was tampered with; nothing written" % (branch, head.seq))
+        try:
+            signature = self.branch_dir(branch).read("head.sig", SIGNATURE_MAX)
+        except FileNotFoundError:
+            signature = None
+        if signature is None:
+            if adopt is None or adopt != head.seq:
+                raise Refused("the head of branch %s (seq %d) is unsigned: nobody vouches for its entries. Read "
+                              "them ('isconf log' on a host, or the journal), then 'isconf sign --adopt %d' signs "
+                              "exactly those" % (branch, head.seq, head.seq))
+            return head, entries, data
+        if signers is None:
+            raise UsageError("to check branch %s as its hosts do, isconf needs the keys they trust: give "
+                             "--signers FILE (or set ISCONF_SIGNERS), or author on a host of the branch" % branch)
+        try:
+            verify_signature(head.data, signature, signers, now=parse_time(head.time))
+        except Refused as e:
+            raise Refused("the head of branch %s (seq %d) does not verify with the keys its hosts trust: %s; "
+                          "nothing of it is vouched for: nothing written" % (branch, head.seq, e))
+        return head, entries, data
 
     # The author lock: who holds the branch, why and since when.
 
-    def lock_path(self, branch):
-        return os.path.join(self.work_dir(branch), "lock")
-
     def lock_holder(self, branch):
+        work = self.work_dir(branch)
         try:
-            holder = json.loads(read_file(self.lock_path(branch), HEAD_MAX).decode("utf-8"))
+            holder = json.loads(work.read("lock", HEAD_MAX).decode("utf-8"))
         except FileNotFoundError:
             return None
-        except (ValueError, StateError):
+        except ValueError:
             holder = None
         if not (isinstance(holder, dict) and all(isinstance(holder.get(k), str) for k in ("who", "why", "time"))):
-            raise StateError("lock %s is damaged; 'isconf unlock --force' clears it" % self.lock_path(branch))
+            raise StateError("lock %s is damaged; 'isconf unlock --force' clears it" % work.file("lock"))
         return holder
 
-    def lock(self, branch, why):
-        with self.branch_mutex(branch):
-            self._lock(branch, why)
-
-    def _lock(self, branch, why):
-        me = author_name()
-        fields = canonical({"who": me, "why": why, "time": format_time(time.time())}) + b"\n"
-        try:
-            fd = os.open(self.lock_path(branch), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+    def lock(self, branch, why, signers=None):
+        with self.branch_mutex(branch, signers):
+            me = author_name()
             holder = self.lock_holder(branch)
             if holder and holder.get("who") != me:
                 raise Busy("branch %s is locked by %s since %s: %s; ask them, or 'isconf unlock --force'"
                            % (branch, holder.get("who"), holder.get("time"), holder.get("why")))
-            atomic_write(self.lock_path(branch), fields)  # our own lock: refresh the reason
-            return
-        try:
-            write_all(fd, fields)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            session = Session(self, branch)
+            if holder is None:
+                session.create()
+                work = self.work_dir(branch)
+                with contextlib.suppress(FileNotFoundError):
+                    work.unlink("staged")  # left by a lock that was broken: never this lock's work
+            self.work_dir(branch).write("lock", canonical({"who": me, "why": why,
+                                                           "time": format_time(time.time())}) + b"\n")
 
     def require_lock(self, branch):
         holder = self.lock_holder(branch)
@@ -5591,8 +5724,9 @@ class Repository(object):
             holder = {"who": "nobody known (the lock file is damaged)", "why": "?"}
         if holder is None:
             raise UsageError("branch %s is not locked" % branch)
+        work = self.work_dir(branch)
         try:
-            count = "%d" % len(self.staged(branch))
+            count = "%d" % len(work.read_records("staged", "staged work"))
         except StateError:
             count = "all (damaged)"
         if holder.get("who") != author_name():
@@ -5603,49 +5737,96 @@ class Repository(object):
                  % (holder.get("who"), branch, holder.get("why"), count))
         elif count != "0":
             warn("discarding %s staged transaction(s)" % count)
-        for name in ("staged", "lock"):
-            try:
-                os.unlink(os.path.join(self.work_dir(branch), name))
-            except FileNotFoundError:
-                pass
+        self.release(branch)
 
-    # Staging: entries waiting for ci, one canonical JSON object per line.
+    def release(self, branch):
+        work = self.work_dir(branch)
+        for name in ("staged", "lock"):
+            with contextlib.suppress(FileNotFoundError):
+                work.unlink(name)
+        work.fsync()
+        Session(self, branch).forget()
+
+    # Staging: entries waiting for ci, one canonical JSON object per line, each with its MAC.
 
     def staged(self, branch):
-        return read_records(os.path.join(self.work_dir(branch), "staged"), "staged work")
+        """The staged entries' fields, in order, each line's MAC checked under this lock's secret:
+        Refused (exit 4) for a line someone else wrote, changed or moved."""
+        records = self.work_dir(branch).read_records("staged", "staged work")
+        session = Session(self, branch)
+        secret = session.secret() if records else None
+        work = self.work_dir(branch)
+        found = []
+        for number, record in enumerate(records, 1):
+            mac = record.pop("mac", None)
+            if not isinstance(mac, str) or not hmac.compare_digest(mac, session.mac(secret, number, record)):
+                raise Refused("staged line %d of branch %s (%s) was not staged under this lock: someone wrote to "
+                              "the repository's work area; nothing written. 'isconf unlock' discards the staged "
+                              "work; find out who can write %s" % (number, branch, work.file("staged"), self.path))
+            found.append(record)
+        return found
 
     def stage(self, branch, fields):
         """Stage an entry, checked now as ci will check it, so a bad one fails at once."""
         self.require_lock(branch)
+        entry = self.check_staged(fields, "entry")
+        with self.branch_mutex(branch):
+            session = Session(self, branch)
+            secret = session.secret()
+            number = len(self.staged(branch)) + 1
+            work = self.work_dir(branch)
+            fd = work.open_records("staged")
+            try:
+                durable_append(fd, staged_line(session, secret, number, fields))
+            finally:
+                os.close(fd)
+        return entry
+
+    def unstage(self, branch, number):
+        """Drop staged entry number (from 1); the others keep their order."""
+        self.require_lock(branch)
+        with self.branch_mutex(branch):
+            staged = self.staged(branch)
+            if not 1 <= number <= len(staged):
+                raise UsageError("nothing is staged as number %d on branch %s (%s); see 'isconf staged'"
+                                 % (number, branch, "%d staged" % len(staged) if staged else "nothing staged"))
+            self.rewrite_staged(branch, staged[:number - 1] + staged[number:])
+            return self.check_staged(staged[number - 1], "entry")
+
+    def rewrite_staged(self, branch, staged):
+        session = Session(self, branch)
+        secret = session.secret()
+        data = b"".join(staged_line(session, secret, n, fields) for n, fields in enumerate(staged, 1))
+        self.work_dir(branch).write("staged", data)
+
+    @staticmethod
+    def check_staged(fields, what):
         try:
-            entry = Entry.parse(canonical(dict(fields, seq=1, prev=ZERO_ID, time=format_time(0), author="-",
-                                               message="")), "entry").check("entry")
+            return Entry.parse(canonical(dict(fields, seq=1, prev=ZERO_ID, time=format_time(0), author="-",
+                                              message="")), what).check(what)
         except UnicodeEncodeError:
             raise UsageError("a path or argument is not valid UTF-8; isconf journals UTF-8 text only")
         except Refused as e:
             raise UsageError(str(e))
-        append_record(os.path.join(self.work_dir(branch), "staged"), fields)
-        return entry
 
-    def checkin(self, branch, message, sign_key=None, expires=None):
-        """Append the staged entries to the journal, write and sign the head, unlock.
+    def checkin(self, branch, message, signers, sign_key=None, expires=None, dry_run=False):
+        """Verify the branch, then append the staged entries to the journal, write and sign the head,
+        unlock; returns (new head, the new entries).
 
-        The branch mutex keeps two authors' ci apart.  The head is signed before anything
-        is written, so a signing failure changes nothing; then the journal grows, then
-        the head is published (see publish_head).  A crash leaves the old head (and bytes
-        past its length, which readers never read and the next ci cuts off) or the new.
-        """
+        The branch mutex keeps two authors' ci apart.  The head is signed, and its signature checked
+        with the keys the branch's hosts trust, before anything is written, so a signing failure
+        changes nothing; then the journal grows, then the head is published (see publish_head).  A
+        crash leaves the old head (and bytes past its length, which readers never read and the next
+        ci cuts off) or the new."""
         holder = self.require_lock(branch)
-        with self.branch_mutex(branch):
+        with self.branch_mutex(branch, signers):
             staged = self.staged(branch)
             if not staged:
                 raise UsageError("nothing staged on branch %s; use exec, snap or reboot first" % branch)
-            head = self.head(branch)
-            data = self.journal_bytes(branch, head)
-            entries = verify_chain(data, 0, ZERO_ID, "journal of branch %s" % branch)
+            head, entries, data = self.verified(branch, signers)
             seq, prev = (entries[-1].seq, entries[-1].id) if entries else (0, ZERO_ID)
             now = new_head_time(head, expires)
-            lines = []
+            new_entries = []
             for number, fields in enumerate(staged, 1):
                 fields = dict(fields, seq=seq + 1, prev=prev, time=format_time(now), author=holder["who"],
                               message=fields.get("message") or message or holder.get("why", ""))
@@ -5656,29 +5837,149 @@ class Repository(object):
                     raise StateError("staged work of branch %s is damaged (%s); 'isconf unlock' discards it, "
                                      "then stage again" % (branch, e))
                 self.check_objects(entry)
-                lines.append(entry.line + b"\n")
+                new_entries.append(entry)
                 seq, prev = entry.seq, entry.id
+            lines = [entry.line + b"\n" for entry in new_entries]
             new = Head.build(branch, seq, prev, len(data) + sum(len(l) for l in lines), now,
                              now + expires if expires else None)
-            signature = sign_head(new.data, sign_key) if sign_key else None
-            makedirs(self.branch_dir(branch))
-            append_at(os.path.join(self.branch_dir(branch), "journal"), len(data), b"".join(lines))
+            signature = self.sign(new, sign_key, signers) if sign_key else None
+            if dry_run:
+                return new, new_entries
+            journal = self.branch_dir(branch, create=True)
+            journal.append_at("journal", len(data), b"".join(lines))
             self.publish_head(branch, new, signature, checkin=True)
-        return new, len(lines)
+        return new, new_entries
+
+    def sign(self, head, key, signers):
+        """head's signature by key, checked as the branch's hosts will check it (UsageError if they would
+        refuse it: a key they do not list, an ECDSA key, a namespace or validity it lacks at the head's time)."""
+        signature = sign_head(head.data, key)
+        if signers is None:
+            raise UsageError("to sign, isconf checks that the branch's hosts will accept the key: give --signers "
+                             "FILE (or set ISCONF_SIGNERS), the keys they trust, or author on a host of the branch")
+        try:
+            verify_signature(head.data, signature, signers, now=parse_time(head.time))
+        except Refused as e:
+            raise UsageError("the branch's hosts would refuse a head signed with %s: %s; sign with a key they "
+                             "trust" % (key, e))
+        return signature
 
     def check_objects(self, entry):
-        """Every object a new entry names is in the repository, whole: hosts would otherwise
-        find the signed journal naming a file no mirror has."""
+        """Every object a new entry names is in the repository, whole and with the bytes its hash says:
+        hosts would otherwise find the signed journal naming a file no mirror has (or a swapped one)."""
+        objects = self.objects()
         for sha, size in entry.objects():
+            where = entry.object_path(sha) or entry.summary()
             try:
-                st = os.stat(os.path.join(self.path, "objects", sha))
+                with os.fdopen(objects.open(sha), "rb") as f:
+                    digest, length = hashlib.sha256(), 0
+                    for chunk in iter(lambda: f.read(CHUNK), b""):
+                        digest.update(chunk)
+                        length += len(chunk)
+                        if length > size:
+                            break
+                problem = None if (length, digest.hexdigest()) == (size, sha) else "not what it was snapped as"
             except FileNotFoundError:
-                st = None
-            if st is None or st.st_size != size:
-                raise StateError("object %s for %s is %s in %s; snap the file again (unlock discards this "
-                                 "staged work)" % (sha[:16], entry.object_path(sha) or entry.summary(),
-                                                   "missing" if st is None else "the wrong size",
-                                                   os.path.join(self.path, "objects")))
+                problem = "missing"
+            if problem:
+                raise Refused("object %s for %s is %s in %s; snap the file again ('isconf unstage' or 'isconf "
+                              "unlock' drops this staged work); nothing written"
+                              % (sha[:16], where, problem, objects.path))
+
+    @contextlib.contextmanager
+    def branch_mutex(self, branch, signers=None):
+        """Held while a branch's files change; with signers, finishes a publication a crash interrupted."""
+        work = self.work_dir(branch)
+        with work.lock("ci.lock", "branch " + branch):
+            if work.stat("publishing") is not None:
+                self.finish_publication(branch, signers)
+            yield
+
+    def publish_head(self, branch, head, signature, checkin=False):
+        """Replace head.sig and head, which cannot change in one rename.
+
+        The pair is recorded first under authoring/, so that if we die between the two
+        renames (hosts would see a head and a signature that disagree, and refuse), the
+        next author command on the branch finishes the job.  For a ci, the record also
+        says the staged work and the lock are spent: once it exists, a retried ci cannot
+        append the same entries twice."""
+        self.work_dir(branch).write("publishing", canonical({
+            "head": head.data.decode("utf-8"), "checkin": checkin,
+            "sig": signature.decode("ascii") if signature else None}) + b"\n")
+        self.finish_publication(branch, None, trusted=True)
+
+    def finish_publication(self, branch, signers, trusted=False):
+        """Publish the head a record in authoring/ names: after publish_head (trusted), or after a crash,
+        only once the head verifies over the journal with the keys the branch's hosts trust: the record
+        lies in the repository, where anyone who can write it could have put a head of their own."""
+        work = self.work_dir(branch)
+        try:
+            pending = json.loads(work.read("publishing", HEAD_MAX + SIGNATURE_MAX).decode("utf-8"))
+        except FileNotFoundError:
+            return
+        except ValueError:
+            pending = None
+        if not (isinstance(pending, dict) and isinstance(pending.get("head"), str)
+                and isinstance(pending.get("sig"), (str, type(None)))
+                and isinstance(pending.get("checkin", False), bool)):
+            raise StateError("publication record %s is damaged; check that branch %s's head and head.sig agree "
+                             "('isconf verify-sig'), re-sign with 'isconf sign' if not, then remove the record"
+                             % (work.file("publishing"), branch))
+        data, signature = pending["head"].encode("utf-8"), pending["sig"]
+        if not trusted:
+            head = Head.parse(data, "the head of an interrupted publication of branch %s" % branch)
+            journal = self.journal_bytes(branch, head)
+            entries = verify_chain(journal, 0, ZERO_ID, "journal of branch %s" % branch)
+            if head.branch != branch or (entries[-1].id if entries else ZERO_ID) != head.id:
+                raise Refused("the interrupted publication of branch %s (%s) names a head its journal does not "
+                              "end at; nothing written: remove the record" % (branch, work.file("publishing")))
+            if signature is not None:
+                if signers is None:
+                    raise UsageError("a publication of branch %s was interrupted; to finish it, isconf checks its "
+                                     "head as the branch's hosts do: give --signers FILE (or set ISCONF_SIGNERS)"
+                                     % branch)
+                try:
+                    verify_signature(data, signature.encode("ascii"), signers, now=parse_time(head.time))
+                except Refused as e:
+                    raise Refused("the interrupted publication of branch %s (%s) does not verify: %s; nothing "
+                                  "written: remove the record" % (branch, work.file("publishing"), e))
+        directory = self.branch_dir(branch, create=True)
+        if signature is not None:
+            directory.write("head.sig", signature.encode("ascii"))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                directory.unlink("head.sig")
+        directory.write("head", data)
+        if pending.get("checkin"):
+            self.release(branch)
+        work.unlink("publishing")
+        work.fsync()
+
+    def fork(self, branch, new_branch, signers, sign_key=None, expires=None):
+        if self.head(new_branch) is not None:
+            raise UsageError("branch %s already exists" % new_branch)
+        if self.head(branch) is None:
+            raise UsageError("branch %s does not exist (nothing was ever checked in there)" % branch)
+        with self.branch_mutex(branch, signers):
+            head, entries, data = self.verified(branch, signers)
+            now = new_head_time(head, expires)
+            new = Head.build(new_branch, head.seq, head.id, len(data), now, now + expires if expires else None)
+            signature = self.sign(new, sign_key, signers) if sign_key else None
+            self.branch_dir(new_branch, create=True).write("journal", data)
+            self.publish_head(new_branch, new, signature)
+        return new
+
+    def resign(self, branch, signers, sign_key, expires=None, adopt=None):
+        """Sign the branch's current head again, with a new time and expiry and no new entry: to renew an
+        expiry, or (adopt) to vouch for the entries of a head published unsigned."""
+        with self.branch_mutex(branch, signers):
+            if self.head(branch) is None:
+                raise UsageError("branch %s does not exist (nothing was ever checked in there)" % branch)
+            head, entries, data = self.verified(branch, signers, adopt)
+            now = new_head_time(head, expires)
+            new = Head.build(branch, head.seq, head.id, head.length, now, now + expires if expires else None)
+            self.publish_head(branch, new, self.sign(new, sign_key, signers))
+        return new, entries
 
     def store_object(self, f, extents, path):
         """Copy the data extents of an open file into the objects directory, named by its SHA-256,
@@ -5696,95 +5997,11 @@ class Repository(object):
                     length -= len(chunk)
 
         def make(tmp):
-            write_new(objects, tmp, fill, 0o644)
+            write_new(objects.fd, tmp, fill, 0o644)
             return sink.hexdigest()
-        sink, objects = hashlib.sha256(), open_directory(os.path.join(self.path, "objects"))
-        try:
-            return replace_at(objects, path.replace("/", "_"), make)
-        finally:
-            os.close(objects)
+        sink, objects = hashlib.sha256(), self.objects()
+        return replace_at(objects.fd, path.replace("/", "_"), make)
 
-    @contextlib.contextmanager
-    def branch_mutex(self, branch):
-        """Held while a branch's files change; finishes a publication a crash interrupted."""
-        with FileLock(os.path.join(self.work_dir(branch), "ci.lock"), "branch " + branch):
-            self.finish_publication(branch)
-            yield
-
-    def publish_head(self, branch, head, signature, checkin=False):
-        """Replace head.sig and head, which cannot change in one rename.
-
-        The pair is recorded first under authoring/, so that if we die between the two
-        renames (hosts would see a head and a signature that disagree, and refuse), the
-        next author command on the branch finishes the job.  For a ci, the record also
-        says the staged work and the lock are spent: once it exists, a retried ci cannot
-        append the same entries twice.
-        """
-        record = os.path.join(self.work_dir(branch), "publishing")
-        atomic_write(record, canonical({"head": head.data.decode("utf-8"), "checkin": checkin,
-                                        "sig": signature.decode("ascii") if signature else None}) + b"\n")
-        self.finish_publication(branch)
-
-    def finish_publication(self, branch):
-        record = os.path.join(self.work_dir(branch), "publishing")
-        try:
-            pending = json.loads(read_file(record, HEAD_MAX + SIGNATURE_MAX).decode("utf-8"))
-        except FileNotFoundError:
-            return
-        except (ValueError, StateError):
-            pending = None
-        if not (isinstance(pending, dict) and isinstance(pending.get("head"), str)
-                and isinstance(pending.get("sig"), (str, type(None)))
-                and isinstance(pending.get("checkin", False), bool)):
-            raise StateError("publication record %s is damaged; check that branch %s's head and head.sig agree "
-                             "('isconf verify-sig'), re-sign with 'isconf sign' if not, then remove the record"
-                             % (record, branch))
-        directory = self.branch_dir(branch)
-        sig_path = os.path.join(directory, "head.sig")
-        if pending["sig"] is not None:
-            atomic_write(sig_path, pending["sig"].encode("ascii"))
-        else:
-            try:
-                os.unlink(sig_path)
-            except FileNotFoundError:
-                pass
-        atomic_write(os.path.join(directory, "head"), pending["head"].encode("utf-8"))
-        if pending.get("checkin"):
-            for name in ("staged", "lock"):
-                try:
-                    os.unlink(os.path.join(self.work_dir(branch), name))
-                except FileNotFoundError:
-                    pass
-        os.unlink(record)
-
-    def fork(self, branch, new_branch, sign_key=None, expires=None):
-        if self.head(new_branch) is not None:
-            raise UsageError("branch %s already exists" % new_branch)
-        if self.head(branch) is None:
-            raise UsageError("branch %s does not exist (nothing was ever checked in there)" % branch)
-        with self.branch_mutex(branch):
-            head = self.head(branch)
-            data = self.journal_bytes(branch, head)
-            now = new_head_time(head, expires)
-            new = Head.build(new_branch, head.seq, head.id, len(data), now,
-                             now + expires if expires else None)
-            signature = sign_head(new.data, sign_key) if sign_key else None
-            makedirs(self.branch_dir(new_branch))
-            atomic_write(os.path.join(self.branch_dir(new_branch), "journal"), data)
-            self.publish_head(new_branch, new, signature)
-        return new
-
-    def resign(self, branch, sign_key, expires=None):
-        """Sign the branch's current head again, with a new time and expiry and no new entry:
-        to renew an expiry, or to sign a publication that went out unsigned."""
-        with self.branch_mutex(branch):
-            head = self.head(branch)
-            if head is None:
-                raise UsageError("branch %s does not exist (nothing was ever checked in there)" % branch)
-            now = new_head_time(head, expires)
-            new = Head.build(branch, head.seq, head.id, head.length, now, now + expires if expires else None)
-            self.publish_head(branch, new, sign_head(new.data, sign_key))
-        return new
 
 
 # ---------------------------------------------------------------------------
@@ -5933,12 +6150,47 @@ def author_branch(args):
     raise UsageError("no branch given: use --branch NAME or set ISCONF_BRANCH")
 
 
-def author_context(args):
-    """(Repository, branch) for an author verb; the branch name is checked first."""
+def author_context(args, lock=False):
+    """(Repository, branch) for an author verb; the branch name is checked first.  A branch that was never
+    published is refused, naming those that were (a typo must not start a branch), unless this is the
+    'lock --new' that starts it."""
     branch = author_branch(args)
     if not args.repo:
         raise UsageError("no repository given: use --repo DIR or set ISCONF_REPO")
-    return Repository(args.repo), branch
+    repo = Repository(args.repo)
+    if not repo.exists(branch) and not (lock and getattr(args, "new", False)):
+        holder = repo.lock_holder(branch) if not lock else None
+        if holder is None:
+            names = repo.branch_names()
+            raise UsageError("branch %s does not exist (%s); 'isconf lock --new -m WHY' starts it, 'isconf fork' "
+                             "starts one from another" % (branch, "the branches are " + ", ".join(names) if names
+                                                          else "the repository has none yet"))
+    return repo, branch
+
+
+def author_signers(args, branch):
+    """The keys the branch's hosts trust, from outside the repository: --signers FILE or $ISCONF_SIGNERS,
+    else, authoring on a host of the branch, the keys that host trusts; None when there are none."""
+    path = getattr(args, "signers", None) or os.environ.get("ISCONF_SIGNERS")
+    if path:
+        try:
+            return load_signers(path)
+        except StateError as e:
+            raise UsageError("--signers: %s" % e)
+    host = Host(args.root, args.config)
+    try:
+        if host.has_config() and host.config.branch == branch and not host.config.insecure:
+            return load_signers(host.signers_path, host.read_signers)
+    except StateError:  # not a host this author can read as one: no keys from it
+        return None
+    return None
+
+
+def required_message(text, what):
+    """A -m that was given must say something: it is what whoever looks next reads."""
+    if text is not None and not text.strip():
+        raise UsageError("%s: -m WHY is empty; say why, for whoever reads the journal next" % what)
+    return text
 
 
 def cmd_init_repo(args):
@@ -5947,9 +6199,10 @@ def cmd_init_repo(args):
 
 
 def cmd_lock(args):
-    repo, branch = author_context(args)
-    repo.lock(branch, args.message)
-    say("locked branch %s: %s" % (branch, args.message))
+    required_message(args.message, "lock")
+    repo, branch = author_context(args, lock=True)
+    repo.lock(branch, args.message, author_signers(args, branch))
+    say("locked branch %s%s: %s" % (branch, "" if repo.exists(branch) else " (new)", args.message))
 
 
 def cmd_unlock(args):
@@ -5966,6 +6219,7 @@ def validate_path_arg(path, what):
 
 
 def cmd_exec(args):
+    required_message(args.message, "exec")
     repo, branch = author_context(args)
     repo.require_lock(branch)
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -5989,7 +6243,22 @@ def cmd_exec(args):
     say("staged " + staged.summary())
 
 
+def check_host_file(rootpath, record):
+    """A snap of this root's own trusted keys or config is parsed now with the parser the agent runs:
+    a file every host would refuse never ships (UsageError: the line and what is wrong)."""
+    checks = {SIGNERS_PATH: lambda data: load_signers(SIGNERS_PATH, lambda: data),
+              CONFIG_PATH: lambda data: Config(CONFIG_PATH, data)}
+    check = checks.get(record.get("path")) if record.get("type") == RegularFile.name else None
+    if check is not None:
+        try:
+            check(rootpath.read_file(record["path"], max(SIGNERS_MAX, CONFIG_MAX)))
+        except (StateError, OSError) as e:
+            raise UsageError("%s would be refused by every host that applies it: %s; fix it, then snap it again"
+                             % (record["path"], e))
+
+
 def cmd_snap(args):
+    required_message(args.message, "snap")
     repo, branch = author_context(args)
     repo.require_lock(branch)
     rootpath, links, records = RootPath(args.root), {}, []
@@ -5997,17 +6266,39 @@ def cmd_snap(args):
     for path in args.paths:
         path = validate_path_arg(path.rstrip("/") or "/", "snap path")
         try:
-            records.append(FileType.capture_path(rootpath, path, links, owners, repo.store_object))
+            record = FileType.capture_path(rootpath, path, links, owners, repo.store_object)
         except OSError as e:
             raise UsageError("cannot snap %s: %s" % (path, e.strerror or e))
+        check_host_file(rootpath, record)
+        records.append(record)
     staged = repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
     say("staged " + staged.summary())
 
 
 def cmd_reboot(args):
+    required_message(args.message, "reboot")
     repo, branch = author_context(args)
     staged = repo.stage(branch, {"kind": "reboot", "message": args.message or ""})
     say("staged " + staged.summary())
+
+
+def cmd_staged(args):
+    repo, branch = author_context(args)
+    repo.require_lock(branch)
+    items = [{"number": n, "kind": fields.get("kind"), "summary": repo.check_staged(fields, "staged entry %d" % n)
+              .summary(), "message": fields.get("message", "")} for n, fields in enumerate(repo.staged(branch), 1)]
+    if args.json:
+        emit(json.dumps(items, indent=2, sort_keys=True) + "\n")
+        return
+    for item in items:
+        show("%3d  %s%s" % (item["number"], item["summary"], "  # " + item["message"] if item["message"] else ""))
+    show("isconf: %d staged on branch %s" % (len(items), branch))
+
+
+def cmd_unstage(args):
+    repo, branch = author_context(args)
+    dropped = repo.unstage(branch, args.number)
+    say("unstaged %d: %s" % (args.number, dropped.summary()))
 
 
 def signing_key(args):
@@ -6026,30 +6317,78 @@ def signing_key(args):
 
 
 def cmd_ci(args):
-    repo, branch = author_context(args)
+    required_message(args.message, "ci")
     key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
-    head, count = repo.checkin(branch, args.message, key, expires)
+    repo, branch = author_context(args)
+    head, entries = repo.checkin(branch, args.message, author_signers(args, branch), key, expires, args.dry_run)
+    for entry in entries:
+        say("%s %d %s" % ("would append" if args.dry_run else "appended", entry.seq, entry.summary()))
+    if args.dry_run:
+        say("dry run: branch %s would be at seq %d (%d new); nothing written" % (branch, head.seq, len(entries)))
+        return
     say("branch %s now at seq %d (%d new), head %s%s" % (
-        branch, head.seq, count, head.id[:16], "" if key else " (UNSIGNED)"))
+        branch, head.seq, len(entries), head.id[:16], "" if key else " (UNSIGNED)"))
 
 
 def cmd_fork(args):
-    repo, branch = author_context(args)
     check_branch(args.new)
     key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
-    head = repo.fork(branch, args.new, key, expires)
+    repo, branch = author_context(args)
+    head = repo.fork(branch, args.new, author_signers(args, branch), key, expires)
     say("branch %s forked from %s at seq %d%s" % (args.new, branch, head.seq, "" if key else " (UNSIGNED)"))
 
 
 def cmd_sign(args):
-    repo, branch = author_context(args)
     key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
-    head = repo.resign(branch, key, expires)
+    repo, branch = author_context(args)
+    head, entries = repo.resign(branch, author_signers(args, branch), key, expires, args.adopt)
+    if args.adopt is not None:
+        for entry in entries:
+            say("vouched for %d %s" % (entry.seq, entry.summary()))
     say("head of branch %s at seq %d signed again%s" % (
         branch, head.seq, ", expires " + head.expires if head.expires else ""))
+
+
+def signature_key(signature):
+    """The fingerprint of the key that made an SSH signature, or None if it is not one."""
+    try:
+        blob = _dearmour(signature)
+        wire = _Wire(blob[len(_SSHSIG_MAGIC):], "signature")
+        wire.uint32()
+        return key_fingerprint(wire.string())
+    except Refused:
+        return None
+
+
+def cmd_branches(args):
+    repo = Repository(args.repo) if args.repo else None
+    if repo is None:
+        raise UsageError("no repository given: use --repo DIR or set ISCONF_REPO")
+    rows = []
+    for name in repo.branch_names():
+        head = repo.head(name)
+        try:
+            signature = repo.branch_dir(name).read("head.sig", SIGNATURE_MAX)
+        except FileNotFoundError:
+            signature = None
+        holder = repo.lock_holder(name)
+        rows.append({"branch": name, "seq": head.seq, "time": head.time, "expires": head.expires,
+                     "signed_by": signature_key(signature) if signature else None,
+                     "lock": dict(holder, age=int(time.time() - parse_time(holder["time"])))
+                     if holder and TIME_RE.match(holder["time"]) else holder})
+    if args.json:
+        emit(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+        return
+    for row in rows:
+        lock = row["lock"]
+        show("%-20s seq %-6d %s%s  %s%s" % (row["branch"], row["seq"], row["time"],
+                                           ", expires " + row["expires"] if row["expires"] else "",
+                                           row["signed_by"] or "UNSIGNED",
+                                           "  locked by %s %s ago: %s" % (lock["who"], age(lock.get("age", 0)),
+                                                                         lock["why"]) if lock else ""))
 
 
 def cmd_init(args):
@@ -6423,6 +6762,9 @@ def build_parser(only=None):
         if unsigned:
             p.add_argument("--unsigned", action="store_true", help="publish an unsigned head, for --insecure hosts "
                            "only (default: off)")
+        p.add_argument("--signers", metavar="FILE", help="the keys the branch's hosts trust (allowed_signers "
+                       "format), to verify the branch as they do before anything is written (default: "
+                       "$ISCONF_SIGNERS, else, on a host of the branch, the keys it trusts)")
 
     def now_option(p):
         p.add_argument("--now", metavar="TIME", help="judge expiry and key validity as if the UTC time were TIME, "
@@ -6518,9 +6860,14 @@ def build_parser(only=None):
     # The author's verbs, in the order of a change.
     p = verb("init-repo", cmd_init_repo, "create an empty repository directory", "isconf init-repo /srv/isconf")
     p.add_argument("dir", metavar="DIR", help="the directory to create (or an empty one)")
-    p = verb("lock", cmd_lock, "take the branch's author lock", "isconf --branch web lock -m 'upgrade nginx'")
+    p = verb("lock", cmd_lock, "take the branch's author lock", "isconf --branch web lock -m 'upgrade nginx'\n"
+             "isconf --branch web-canary lock --new -m 'a canary ring for web'")
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="what you are about to change "
                    "(required)")
+    p.add_argument("--new", action="store_true", help="start a branch that does not exist yet (default: refuse "
+                   "a branch never published, naming those that were)")
+    p.add_argument("--signers", metavar="FILE", help="the keys the branch's hosts trust, to finish a publication "
+                   "a crash interrupted (default: $ISCONF_SIGNERS, else, on a host of the branch, the keys it trusts)")
     p = verb("exec", cmd_exec, "run a command now (inside --root) and stage it if it exits 0",
              "isconf exec -m 'web server' -- apt-get install -y nginx")
     p.add_argument("--no-run", action="store_true", help="stage without running (default: run first)")
@@ -6537,7 +6884,14 @@ def build_parser(only=None):
     p = verb("ci", cmd_ci, "append staged entries to the journal, sign the head, unlock",
              "isconf ci --sign ~/.ssh/id_ed25519 --expires 30d")
     p.add_argument("-m", dest="message", metavar="WHY", help="check-in message (default: none)")
+    p.add_argument("--dry-run", action="store_true", help="verify the branch and the staged work, sign, and show "
+                   "what would be published; write nothing (default: off)")
     signing_options(p)
+    p = verb("staged", cmd_staged, "list what is staged on the branch, numbered from 1",
+             "isconf staged\nisconf staged --json")
+    p.add_argument("--json", action="store_true", help="a JSON list (default: text)")
+    p = verb("unstage", cmd_unstage, "drop staged entry N (as 'staged' numbers it)", "isconf unstage 2")
+    p.add_argument("number", type=whole_number, metavar="N", help="the staged entry's number")
     p = verb("unlock", cmd_unlock, "release your lock (--force: break another's, discarding their work)",
              "isconf unlock")
     p.add_argument("--force", action="store_true", help="break another author's lock and discard their staged "
@@ -6547,8 +6901,14 @@ def build_parser(only=None):
     p.add_argument("new", metavar="NEW", help="the new branch's name")
     signing_options(p)
     p = verb("sign", cmd_sign, "sign the branch's current head again (renew its expiry, or sign an unsigned one)",
-             "isconf sign --sign ~/.ssh/id_ed25519 --expires 30d")
+             "isconf sign --sign ~/.ssh/id_ed25519 --expires 30d\n"
+             "isconf sign --sign ~/.ssh/id_ed25519 --adopt 12   # vouch for an unsigned head's entries")
     signing_options(p, unsigned=False)
+    p.add_argument("--adopt", type=whole_number, metavar="SEQ", help="the head is unsigned, at seq SEQ: list its "
+                   "entries and sign it, vouching for exactly those (default: refuse an unsigned head)")
+    p = verb("branches", cmd_branches, "list the repository's branches: seq, head time, expiry, signing key, lock",
+             "isconf branches\nisconf branches --json")
+    p.add_argument("--json", action="store_true", help="a JSON list (default: text)")
 
     p = verb("serve", cmd_serve, "serve a repository directory over HTTP (for trying out and tests)",
              "isconf serve /srv/isconf --bind 0.0.0.0 --port 8000")

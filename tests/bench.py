@@ -356,7 +356,7 @@ def fake_applied_host(root, url, keys, repo):
     ones are read)."""
     new_host(root, url, keys)
     host = isconf.Host(root)
-    host.ensure_state()
+    isconf.ensure_state(host)
     shutil.copyfile(repo.file("journal"), host.path("journal"))
     with open(repo.file("head.sig"), "rb") as f:
         host.state.write("head.sig", f.read())

@@ -118,7 +118,8 @@ def main():
     try:
         step("The demo's directory, environment and isconf")
         shell = Shell(tmp)
-        shell.export("ISCONF_AUTHOR", "demo@example", "ISCONF_REPO", repo, "ISCONF_BRANCH", "web")
+        shell.export("ISCONF_AUTHOR", "demo@example", "ISCONF_REPO", repo, "ISCONF_BRANCH", "web",
+                     "ISCONF_SIGNERS", signers)
 
         step("An author builds a repository and a key")
         shell.isconf("init-repo", repo)
@@ -135,7 +136,7 @@ def main():
                  % shell.quote(os.path.join(src, "etc/motd")))
         shell.sh("printf 'listen 8080\\nroot /srv/www\\n' > %s" % shell.quote(os.path.join(src, "etc/web/site.conf")))
         shell.run("ln", os.path.join(src, "etc/web/site.conf"), os.path.join(src, "etc/web/site.conf.default"))
-        shell.isconf("lock", "-m", "base web host")
+        shell.isconf("lock", "--new", "-m", "base web host")
         shell.isconf("--root", src, "snap", "/etc/motd", "/etc/web", "/etc/web/site.conf", "/etc/web/site.conf.default")
         shell.isconf("exec", "--no-run", "--", "/bin/sh", "-c",
                      'mkdir -p /srv/www && echo "<h1>hello from $ROLE</h1>" > /srv/www/index.html')

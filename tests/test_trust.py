@@ -123,11 +123,12 @@ def test_keys_rotate_through_the_journal(author, server, keys, host, tmp_path, b
     author.commit(["--root", src, "snap", "/etc/isconf/allowed_signers"], why="trust the new key")
     host("up", expect="ok")
 
-    author.keys = new
+    author.keys, author.signers = new, both  # the hosts trust both keys now
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/signed-by-new"])
     with open(both, "w") as f:
         f.write(new_text)
     author.commit(["--root", src, "snap", "/etc/isconf/allowed_signers"], why="retire the old key")
+    author.signers = None  # new's own file: what the hosts trust from here on
     host("up", expect="ok")
     assert os.path.exists(host.path("/tmp/signed-by-new"))
     assert open(host.path("/etc/isconf/allowed_signers")).read() == new_text
@@ -138,10 +139,13 @@ def test_keys_rotate_through_the_journal(author, server, keys, host, tmp_path, b
     assert fingerprint.decode() in error_line(refused) and "rotation" in error_line(refused)
     assert not os.path.exists(late.path("/tmp/signed-by-new"))
 
-    # A signature by the retired key is no longer good enough.
-    author.keys = keys
-    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/signed-by-old"])
-    assert "not in allowed_signers" in error_line(host("up", expect="refused"))
+    # A signature by the retired key is no longer good enough: ci refuses it before anything is published.
+    journal = author.journal()
+    author("lock", "-m", "sign with the retired key")
+    author("exec", "--no-run", "--", "/bin/touch", "/tmp/signed-by-old")
+    refused = author("ci", "--sign", keys.private, expect="usage")
+    assert "hosts would refuse a head signed with" in error_line(refused), refused.err
+    assert "not in allowed_signers" in error_line(refused) and author.journal() == journal
 
 
 def test_unsigned_head_is_refused_by_a_host_that_has_signers(author, server, keys, host):
