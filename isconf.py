@@ -5654,8 +5654,11 @@ class Repository(object):
         except Refused as e:
             raise Refused("%s; the last entry that verified is seq %d: nothing written" % (e, verified_seq))
         if (entries[-1].id if entries else ZERO_ID) != head.id or len(entries) != head.seq:
-            raise Refused("the journal of branch %s does not end at the entry its head names (seq %d): the "
-                          "repository was tampered with; nothing written" % (branch, head.seq))
+            # Each entry names the one before it: only the last can change without breaking the chain.
+            last = min(len(entries), head.seq)
+            raise Refused("the journal of branch %s does not end at the entry its head names (seq %d): entry %d "
+                          "was altered, or entries added without a new head; the last entry that verified is seq "
+                          "%d: nothing written" % (branch, head.seq, last, max(0, last - 1)))
         try:
             signature = self.branch_dir(branch).read("head.sig", SIGNATURE_MAX)
         except FileNotFoundError:

@@ -1,0 +1,273 @@
+"""Write access to the repository directory alone never yields a signed entry (DESIGN rule 14): every
+verb that writes a head verifies the branch as a host would, staged work is bound to its lock, objects
+are checked by hash, trust files are parsed before they ship, and the repository is reached without
+following links or blocking on FIFOs."""
+
+import hashlib
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import Keys, error_line, source_tree
+
+
+def published(author):
+    """Everything a host could fetch of the branch: journal, head and its signature, byte for byte."""
+    files = {}
+    for name in ("journal", "head", "head.sig"):
+        path = author.path(name)
+        files[name] = open(path, "rb").read() if os.path.exists(path) else None
+    return files
+
+
+def append_forged_entry(author, argv):
+    """What someone who can write the repository but holds no key can do: append an entry and rewrite the
+    head to name it, keeping the old head.sig."""
+    journal = author.journal()
+    last = journal.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    previous = json.loads(last)
+    entry = {"seq": previous["seq"] + 1, "prev": hashlib.sha256(last).hexdigest(), "time": previous["time"],
+             "author": "mallory@example", "message": "", "kind": "exec", "argv": argv, "cwd": "/"}
+    line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+    with open(author.path("journal"), "ab") as f:
+        f.write(line + b"\n")
+    head = json.loads(open(author.path("head")).read())
+    head.update(seq=entry["seq"], id=hashlib.sha256(line).hexdigest(), length=len(journal) + len(line) + 1)
+    with open(author.path("head"), "w") as f:
+        f.write(json.dumps(head, sort_keys=True, separators=(",", ":")) + "\n")
+
+
+def staged_path(author):
+    return os.path.join(author.repo, "authoring", author.branch, "staged")
+
+
+@pytest.mark.parametrize("verb", ["sign", "ci", "fork"])
+def test_a_forged_entry_is_never_signed_by_a_writing_verb(verb, author, keys, server, host, busybox_root):
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    append_forged_entry(author, ["/bin/touch", "/forged"])
+    if verb == "ci":
+        author("lock", "-m", "an honest change")
+        author("exec", "--no-run", "--", "/bin/true")
+    before = published(author)
+    args = {"sign": ["sign", "--sign", keys.private, "--expires", "30d"], "ci": ["ci", "--sign", keys.private],
+            "fork": ["fork", "canary", "--sign", keys.private]}[verb]
+    line = error_line(author(*args, expect="refused"))
+    assert "does not verify" in line and "nothing written" in line, line
+    assert published(author) == before and not os.path.exists(os.path.join(author.repo, "branches", "canary"))
+    busybox_root(host.root)
+    host.init(server.url, keys)
+    host("up", expect="refused")
+    assert not os.path.exists(host.path("/forged"))
+
+
+def test_a_rewritten_entry_names_the_last_entry_that_verified(author, keys):
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    author.commit(["exec", "--no-run", "--", "/bin/false"])
+    journal = author.journal().replace(b"/bin/false", b"/bin/evil!")
+    with open(author.path("journal"), "wb") as f:
+        f.write(journal)
+    line = error_line(author("sign", "--sign", keys.private, expect="refused"))
+    assert "entry 2" in line and "the last entry that verified is seq 1" in line, line
+
+
+@pytest.mark.parametrize("mac", ["copied", "none"])
+def test_a_staged_line_someone_else_wrote_is_refused_at_ci(mac, author, keys):
+    author.commit(["reboot"])
+    author("lock", "-m", "x")
+    author("exec", "--no-run", "--", "/bin/echo", "mine")
+    with open(staged_path(author), "rb") as f:
+        mine = json.loads(f.read().splitlines()[0])
+    forged = dict(mine, argv=["/bin/touch", "/forged"])  # the MAC of another line, or none at all
+    if mac == "none":
+        del forged["mac"]
+    with open(staged_path(author), "ab") as f:
+        f.write(json.dumps(forged, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    before = published(author)
+    refused = error_line(author.ci(expect="refused"))
+    assert "staged line 2" in refused and "not staged under this lock" in refused, refused
+    assert published(author) == before and b"/forged" not in author.journal()
+
+
+def test_staged_lines_swapped_are_refused(author):
+    author.commit(["reboot"])
+    author("lock", "-m", "x")
+    author("exec", "--no-run", "--", "/bin/echo", "one")
+    author("exec", "--no-run", "--", "/bin/echo", "two")
+    with open(staged_path(author), "rb") as f:
+        one, two = f.read().splitlines()
+    with open(staged_path(author), "wb") as f:
+        f.write(two + b"\n" + one + b"\n")
+    assert "not staged under this lock" in error_line(author.ci(expect="refused"))
+
+
+def test_a_staged_object_with_the_right_size_and_wrong_bytes_is_refused(author, tmp_path):
+    author.commit(["reboot"])
+    src = source_tree(tmp_path, "/etc/motd", "the real banner\n")
+    author("lock", "-m", "banner")
+    author("--root", src, "snap", "/etc/motd")
+    sha = hashlib.sha256(b"the real banner\n").hexdigest()
+    obj = os.path.join(author.repo, "objects", sha)
+    os.chmod(obj, 0o644)
+    with open(obj, "wb") as f:
+        f.write(b"a swapped banner")  # the same length
+    before = published(author)
+    line = error_line(author.ci(expect="refused"))
+    assert sha[:16] in line and "not what it was snapped as" in line, line
+    assert published(author) == before
+
+
+def test_ci_refuses_a_key_the_hosts_do_not_trust(author, tmp_path):
+    author.commit(["reboot"])
+    stranger = Keys(str(tmp_path / "stranger"))
+    author("lock", "-m", "x")
+    author("reboot")
+    before = published(author)
+    line = error_line(author("ci", "--sign", stranger.private, expect="usage"))
+    assert "hosts would refuse a head signed with" in line and "not in allowed_signers" in line, line
+    assert published(author) == before
+
+
+def test_ci_refuses_an_ecdsa_key_hosts_cannot_verify(author, tmp_path):
+    author.commit(["reboot"])
+    key = str(tmp_path / "id_ecdsa")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", key], check=True, stdin=subprocess.DEVNULL)
+    author("lock", "-m", "x")
+    author("reboot")
+    before = published(author)
+    assert "hosts would refuse" in error_line(author("ci", "--sign", key, expect="usage"))
+    assert published(author) == before
+
+
+def test_the_first_signed_check_in_needs_the_hosts_keys(author, keys):
+    author("lock", "-m", "x")
+    author("reboot")
+    line = error_line(author("ci", "--sign", keys.private, env={"ISCONF_SIGNERS": ""}, expect="usage"))
+    assert "--signers FILE" in line and not os.path.exists(author.path("head"))
+
+
+@pytest.mark.parametrize("path,text,fragment", [
+    ("/etc/isconf/allowed_signers", "admin@example ssh-ed25519 AAAAnot-base64\n", "allowed_signers:1"),
+    ("/etc/isconf/isconf.conf", "[isconf]\nbranch = web\nurls = http://x/\ntimeout = soon\n", "timeout"),
+])
+def test_a_trust_or_config_file_hosts_would_refuse_never_ships(path, text, fragment, author, tmp_path):
+    author.commit(["reboot"])
+    src = source_tree(tmp_path, path, text)
+    author("lock", "-m", "trust")
+    line = error_line(author("--root", src, "snap", path, expect="usage"))
+    assert "would be refused by every host" in line and fragment in line, line
+    assert "nothing staged" in error_line(author.ci(expect="usage"))
+
+
+def test_a_branch_that_does_not_exist_is_refused_naming_those_that_do(author):
+    author.commit(["reboot"])
+    for args in (["lock", "-m", "x"], ["exec", "--no-run", "--", "/bin/true"], ["reboot"], ["ci", "--unsigned"]):
+        line = error_line(author("--branch", "wbe", *args, expect="usage"))
+        assert "branch wbe does not exist" in line and "the branches are web" in line, line
+    assert not os.path.exists(os.path.join(author.repo, "branches", "wbe"))
+    author("--branch", "wbe", "lock", "--new", "-m", "a branch on purpose")
+    author("--branch", "wbe", "reboot")
+    author("--branch", "wbe", "ci", "--unsigned")
+    assert os.path.exists(os.path.join(author.repo, "branches", "wbe", "head"))
+
+
+def test_branches_lists_seq_signer_and_lock(author, keys):
+    author.commit(["reboot"], ["reboot"])
+    author("lock", "-m", "the next change")
+    rows = json.loads(author("branches", "--json").out)
+    fingerprint = subprocess.run(["ssh-keygen", "-l", "-f", keys.public], stdout=subprocess.PIPE).stdout.split()[1]
+    assert [(r["branch"], r["seq"], r["signed_by"]) for r in rows] == [("web", 2, fingerprint.decode())]
+    assert rows[0]["lock"]["why"] == "the next change" and rows[0]["lock"]["age"] >= 0
+    assert "web" in author("branches").out
+
+
+def test_staged_lists_and_unstage_drops_one(author):
+    author.commit(["reboot"])
+    author("lock", "-m", "three changes")
+    for word in ("one", "two", "three"):
+        author("exec", "--no-run", "-m", "say " + word, "--", "/bin/echo", word)
+    items = json.loads(author("staged", "--json").out)
+    assert [(i["number"], i["summary"], i["message"]) for i in items] == [
+        (1, "exec /bin/echo one", "say one"), (2, "exec /bin/echo two", "say two"),
+        (3, "exec /bin/echo three", "say three")]
+    assert "not staged" not in author("unstage", "2").err
+    assert "nothing is staged as number 3" in error_line(author("unstage", "3", expect="usage"))
+    out = author.ci().out
+    assert "appended 2 exec /bin/echo one" in out and "appended 3 exec /bin/echo three" in out, out
+    assert b"two" not in author.journal() and author.journal().count(b"/bin/echo") == 2
+
+
+def test_ci_dry_run_shows_what_would_be_published_and_writes_nothing(author):
+    author.commit(["reboot"])
+    author("lock", "-m", "x")
+    author("exec", "--no-run", "--", "/bin/echo", "later")
+    before = published(author)
+    out = author.ci("--dry-run").out
+    assert "would append 2 exec /bin/echo later" in out and "nothing written" in out, out
+    assert published(author) == before
+    assert len(json.loads(author("staged", "--json").out)) == 1
+
+
+@pytest.mark.parametrize("args", [["lock", "-m", "  "], ["exec", "-m", "", "--no-run", "--", "/bin/true"],
+                                  ["reboot", "-m", " "], ["ci", "--unsigned", "-m", "\t"]])
+def test_a_blank_message_is_refused(args, author):
+    author.commit(["reboot"])
+    if args[0] != "lock":
+        author("lock", "-m", "x")
+    assert "-m WHY is empty" in error_line(author(*args, expect="usage"))
+
+
+def test_an_unsigned_head_is_signed_only_by_adopting_its_entries(author, keys):
+    author("lock", "-m", "x")
+    author("exec", "--no-run", "--", "/bin/echo", "unsigned")
+    author("ci", "--unsigned")
+    line = error_line(author("sign", "--sign", keys.private, expect="refused"))
+    assert "is unsigned" in line and "--adopt 1" in line, line
+    assert "vouched for 1 exec /bin/echo unsigned" in author("sign", "--sign", keys.private, "--adopt", "1").out
+    assert os.path.exists(author.path("head.sig"))
+
+
+def test_a_forged_publication_record_is_not_published(author, keys, tmp_path):
+    author.commit(["reboot"])
+    before = published(author)
+    head = json.loads(before["head"])
+    head["time"] = "2030-01-01T00:00:00Z"
+    record = os.path.join(author.repo, "authoring", author.branch, "publishing")
+    with open(record, "w") as f:
+        json.dump({"head": json.dumps(head, sort_keys=True, separators=(",", ":")) + "\n",
+                   "sig": before["head.sig"].decode(), "checkin": False}, f)
+    assert "interrupted publication" in error_line(author("lock", "-m", "next", expect="refused"))
+    assert published(author) == before
+
+
+@pytest.mark.parametrize("name", ["staged", "lock"])
+def test_a_link_planted_in_the_work_area_is_not_followed(name, author, tmp_path):
+    author.commit(["reboot"])
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    author("lock", "-m", "x")
+    author("reboot")
+    path = os.path.join(author.repo, "authoring", author.branch, name)
+    os.unlink(path)
+    os.symlink(str(victim), path)
+    proc = author.ci(expect="state")
+    assert "symbolic link" in error_line(proc) and victim.read_text() == "precious\n"
+
+
+def test_a_fifo_planted_at_the_lock_does_not_hang_lock(author):
+    author.commit(["reboot"])
+    os.mkfifo(os.path.join(author.repo, "authoring", author.branch, "lock"))
+    assert "FIFO" in error_line(author("lock", "-m", "x", expect="state", timeout=30))
+
+
+def test_a_link_planted_at_the_journal_is_not_followed(author, tmp_path):
+    author.commit(["reboot"])
+    victim = tmp_path / "victim"
+    victim.write_bytes(author.journal())
+    os.unlink(author.path("journal"))
+    os.symlink(str(victim), author.path("journal"))
+    author("lock", "-m", "x")
+    author("reboot")
+    assert "symbolic link" in error_line(author.ci(expect="state"))
+    assert victim.read_bytes().count(b"\n") == 1
