@@ -108,9 +108,15 @@ done
 """ % {"isconf": "%s -I %s" % (sys.executable, ISCONF), "key": author.keys.private})
     author.commit(["reboot"], why="the branch, started")
     env = dict(os.environ, ISCONF_REPO=author.repo, ISCONF_BRANCH=author.branch, ISCONF_SIGNERS=author.keys.signers)
-    procs = [subprocess.Popen(["sh", str(script)], env=dict(env, ISCONF_AUTHOR=who))
+    procs = [subprocess.Popen(["sh", str(script)], env=dict(env, ISCONF_AUTHOR=who), start_new_session=True)
              for who in ("alice@example", "bob@example")]
-    assert [p.wait(300) for p in procs] == [0, 0]
+    try:
+        assert [p.wait(300) for p in procs] == [0, 0]
+    finally:
+        for p in procs:  # a loop that cannot take the lock must not outlive the test
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
     journal = entries(author)[1:]
     assert len(journal) == 40
     # Each ci's two entries stay together, in order, under their author.
