@@ -2508,6 +2508,10 @@ class Kind(object):
         """Why a run stops before an entry of this kind, as (exit code, message); None to apply it now."""
         return None
 
+    def retracts(self, fields):
+        """(seq, id) of the earlier entry an entry of this kind retires for every host not past it, or None."""
+        return None
+
     def apply(self, fields, transaction):
         """Apply one interpreted entry on the host; what the run does next."""
         return DONE
@@ -2596,6 +2600,25 @@ class RebootKind(Kind):
         return REBOOT
 
 
+@entry_kind
+class RetractKind(Kind):
+    """Retire an earlier entry, named by seq and id, for every host that has not applied it: such a host
+    skips it when its turn comes (recorded 'retracted'); one that applied it changes nothing.  The one
+    signed, ordered exception to "never skip": a bad entry is fixed forward for the whole fleet."""
+    name = "retract"
+    fields = {"retracted_seq": int, "retracted_id": str}
+
+    def check(self, fields, what):
+        if not HEX64_RE.match(fields["retracted_id"]) or fields["retracted_seq"] < 1:
+            raise Refused("%s: a retract names an entry by its seq (1 or more) and its id (a SHA-256 in hex)" % what)
+
+    def summary(self, fields):
+        return "retract %d %s" % (fields["retracted_seq"], fields["retracted_id"][:16])
+
+    def retracts(self, fields):
+        return fields["retracted_seq"], fields["retracted_id"]
+
+
 class Entry(object):
     """One journal entry (one transaction) as it stands in the journal.
 
@@ -2669,6 +2692,9 @@ class Entry(object):
 
     def holds(self):
         return self.meaning().holds
+
+    def retracts(self):
+        return self.meaning().retracts(self.fields)
 
     def apply(self, transaction):
         return self.meaning().apply(self.fields, transaction)
@@ -3064,7 +3090,7 @@ class History(object):
     last done, skipped or baseline event.  A baseline event (init --baseline) says the
     image held everything up to its entry before isconf applied anything here."""
 
-    POSITION = ("done", "skipped", "baseline")  # the events that move the applied position
+    POSITION = ("done", "skipped", "retracted", "baseline")  # the events that move the applied position
 
     def __init__(self, state, recent=False):
         self.state, self.path = state, state.file("history")
@@ -3117,7 +3143,7 @@ class History(object):
             if event["event"] == "started":
                 count += running
                 running = True
-            elif event["event"] in ("done", "skipped"):
+            elif event["event"] in ("done", "skipped", "retracted"):
                 count, running = 0, False
             elif event["event"] == "failed" and "interrupted" not in event:
                 running = False
@@ -4461,6 +4487,17 @@ class Sync(object):
 # ---------------------------------------------------------------------------
 
 
+def retractions(entries):
+    """(seq, id) of each entry a retract entry among entries retires -> that retract entry; entries past one
+    this version cannot interpret are not looked at (the agent that can will)."""
+    found = {}
+    for entry in interpretable(entries):
+        target = entry.retracts()
+        if target is not None and target[0] < entry.seq:
+            found.setdefault(tuple(target), entry)
+    return found
+
+
 class Transaction(object):
     """What a kind's apply (Kind.apply) may use of the host while one entry applies, and nothing
     more: the root and the staged objects, its command's run, and the agent's self-upgrade hooks."""
@@ -4528,7 +4565,14 @@ class Applier(object):
     def apply(self, plan, allow_reboot=False):
         """Apply pending transactions in order, halting at the first failure."""
         host, history = self.host, self.history
+        retracted = retractions(plan.pending)
         for entry in plan.pending:
+            retraction = retracted.get((entry.seq, entry.id))
+            if retraction is not None:
+                history.record("retracted", entry, by=retraction.id, by_seq=retraction.seq, why=retraction.message)
+                REPORTER.end("[%d/%d]" % (entry.seq, plan.head.seq), entry.summary(),
+                             "retracted by %d" % retraction.seq, 0)
+                continue
             waits = entry.waits(allow_reboot)  # NeedsNewer halts here, unless an agent upgrade before it took over
             if waits is not None:
                 code, why = waits
@@ -4719,14 +4763,14 @@ def host_report(host, history=None):
     baseline_seq = (history.baseline() or (0, None))[0]
     marks = {}  # by id: after a migrate, another branch's seq N is another transaction
     for event in history.events:
-        if event["event"] in ("done", "skipped", "failed"):
+        if event["event"] in ("done", "skipped", "retracted", "failed"):
             marks[event["id"]] = event
     rows = []
     for entry in entries:
         event = marks.get(entry.id)
         if entry.seq <= applied_seq:
-            if event and event["event"] in ("done", "skipped"):
-                mark = "skipped" if event["event"] == "skipped" else "applied"
+            if event and event["event"] in ("done", "skipped", "retracted"):
+                mark = event["event"] if event["event"] != "done" else "applied"
             else:  # in the image before isconf ran here
                 mark = "baseline" if entry.seq <= baseline_seq else "applied"
         elif event and event["event"] == "failed":
@@ -4835,6 +4879,8 @@ def status_report(host):
                                                                                                  "failed")),
         "skipped": [{"seq": e.seq, "why": ev.get("why"), "who": ev.get("who")} for e, mark, ev in rows
                     if mark == "skipped"],
+        "retracted": [{"seq": e.seq, "id": e.id, "by_seq": ev.get("by_seq"), "by": ev.get("by"),
+                       "why": ev.get("why")} for e, mark, ev in rows if mark == "retracted"],
         "failed": None, "last_success": format_time(last) if last else None,
         "last_success_age": int(time.time() - last) if last else None, "insecure": config.insecure,
         "baseline": baseline, "disabled": host.disabled(), "fetched": head is not None,
@@ -4928,6 +4974,8 @@ def status_text(report, interrupted_max):
         lines.append("last run:     %s, exit %d (%s) after %.1f s, %d applied, %d bytes fetched%s"
                      % (last["end"], last["exit_code"], last.get("result"), last["duration"], last.get("applied", 0),
                         last.get("fetched_bytes", 0), ": " + last["reason"] if last.get("reason") else ""))
+    for item in report["retracted"]:
+        lines.append("retracted:    seq %d by seq %s: %s" % (item["seq"], item["by_seq"], item["why"]))
     for item in report["skipped"]:
         lines.append("skipped:      seq %d by %s: %s" % (item["seq"], item["who"], item["why"]))
     if report["failed"]:
@@ -5840,6 +5888,7 @@ class Repository(object):
                     raise StateError("staged work of branch %s is damaged (%s); 'isconf unlock' discards it, "
                                      "then stage again" % (branch, e))
                 self.check_objects(entry)
+                self.check_retraction(entry, entries + new_entries)
                 new_entries.append(entry)
                 seq, prev = entry.seq, entry.id
             lines = [entry.line + b"\n" for entry in new_entries]
@@ -5852,6 +5901,21 @@ class Repository(object):
             journal.append_at("journal", len(data), b"".join(lines))
             self.publish_head(branch, new, signature, checkin=True)
         return new, new_entries
+
+    @staticmethod
+    def check_retraction(entry, before):
+        """A retract must name, by its id, an entry before it that is not itself a retract."""
+        target = entry.retracts()
+        if target is None:
+            return
+        seq, entry_id = target
+        named = entry_at(before, seq)
+        if named is None or named.id != entry_id:
+            raise UsageError("the retract of seq %d names an entry the journal does not have there (%s); stage it "
+                             "again" % (seq, entry_id[:16]))
+        if named.retracts() is not None:
+            raise UsageError("seq %d is itself a retract; a retract cannot be retracted: fix forward with a new "
+                             "entry" % seq)
 
     def sign(self, head, key, signers):
         """head's signature by key, checked as the branch's hosts will check it (UsageError if they would
@@ -6285,6 +6349,21 @@ def cmd_reboot(args):
     say("staged " + staged.summary())
 
 
+def cmd_retract(args):
+    required_message(args.message, "retract")
+    repo, branch = author_context(args)
+    repo.require_lock(branch)
+    head, entries, _ = repo.verified(branch, author_signers(args, branch), adopt=repo.head(branch).seq
+                                     if repo.branch_dir(branch).stat("head.sig") is None else None)
+    named = entry_at(entries, args.seq)
+    if named is None:
+        raise UsageError("branch %s has no entry %d (its head is at seq %d)" % (branch, args.seq, head.seq))
+    fields = {"kind": "retract", "retracted_seq": named.seq, "retracted_id": named.id, "message": args.message}
+    Repository.check_retraction(repo.check_staged(dict(fields), "entry"), entries)
+    staged = repo.stage(branch, fields)
+    say("staged %s: %s" % (staged.summary(), named.summary()))
+
+
 def cmd_staged(args):
     repo, branch = author_context(args)
     repo.require_lock(branch)
@@ -6493,6 +6572,8 @@ def cmd_log(args):
             show("             # %s" % entry.message)
         if mark == "skipped":
             show("             skipped by %s: %s" % (event.get("who"), event.get("why")))
+        if mark == "retracted":
+            show("             retracted by seq %s: %s" % (event.get("by_seq"), event.get("why")))
 
 
 def cmd_verify(args):
@@ -6890,6 +6971,13 @@ def build_parser(only=None):
     p.add_argument("--dry-run", action="store_true", help="verify the branch and the staged work, sign, and show "
                    "what would be published; write nothing (default: off)")
     signing_options(p)
+    p = verb("retract", cmd_retract, "stage a retract of entry SEQ: every host that has not applied it skips "
+             "it, a host halted at it carries on", "isconf retract 41 -m 'wrong package name; fixed in 42'")
+    p.add_argument("seq", type=whole_number, metavar="SEQ", help="the entry to retract")
+    p.add_argument("-m", dest="message", required=True, metavar="WHY", help="why, shown by every host's status "
+                   "and log (required)")
+    p.add_argument("--signers", metavar="FILE", help="the keys the branch's hosts trust, to verify the entry it "
+                   "names (default: $ISCONF_SIGNERS, else, on a host of the branch, the keys it trusts)")
     p = verb("staged", cmd_staged, "list what is staged on the branch, numbered from 1",
              "isconf staged\nisconf staged --json")
     p.add_argument("--json", action="store_true", help="a JSON list (default: text)")

@@ -271,3 +271,55 @@ def test_a_link_planted_at_the_journal_is_not_followed(author, tmp_path):
     author("reboot")
     assert "symbolic link" in error_line(author.ci(expect="state"))
     assert victim.read_bytes().count(b"\n") == 1
+
+
+# --- a bad entry fixed forward for the whole fleet: retract -------------------------------------------
+
+
+def test_a_retraction_carries_a_halted_host_and_a_fresh_host_past_the_entry(author, keys, server, host, tmp_path,
+                                                                            busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/one"])
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "exit 3"], why="a bad change")
+    host.init(server.url, keys)
+    host("up", expect="failed")
+    author("lock", "-m", "fix forward")
+    assert "retract 2" in author("retract", "2", "-m", "exit 3 was a typo").out
+    author("exec", "--no-run", "--", "/bin/touch", "/three")
+    author.ci()
+    up = host("up", expect="ok")
+    assert "retracted by 3" in up.out and os.path.exists(host.path("/three")), up.out
+    status = host.status()
+    assert status["state"] == "up-to-date" and status["applied_seq"] == 4
+    assert [(r["seq"], r["by_seq"], r["why"]) for r in status["retracted"]] == [(2, 3, "exit 3 was a typo")]
+    assert "retracted by seq 3: exit 3 was a typo" in host("log", expect="ok").out
+    fresh = type(host)(str(tmp_path / "fresh"))
+    busybox_root(fresh.root)
+    fresh.init(server.url, keys)
+    fresh("up", expect="ok")
+    assert os.path.exists(fresh.path("/one")) and os.path.exists(fresh.path("/three"))
+    assert [e["state"] for e in json.loads(fresh("log", "--json", expect="ok").out)] == [
+        "applied", "applied", "retracted", "applied"]
+
+
+def test_a_host_that_applied_the_entry_records_the_retract_and_changes_nothing(author, keys, server, host,
+                                                                               busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /ran"])
+    host.init(server.url, keys)
+    host("up", expect="ok")
+    author("lock", "-m", "retire it")
+    author("retract", "1", "-m", "not wanted after all")
+    author.ci()
+    host("up", expect="ok")
+    assert open(host.path("/ran")).read() == "ran\n" and host.status()["applied_seq"] == 2
+
+
+@pytest.mark.parametrize("seq,fragment", [("5", "has no entry 5"), ("2", "itself a retract")])
+def test_a_retract_of_an_entry_that_is_not_there_or_is_a_retract_is_refused(seq, fragment, author):
+    author.commit(["reboot"])
+    author("lock", "-m", "x")
+    author("retract", "1", "-m", "no")
+    author.ci()
+    author("lock", "-m", "y")
+    assert fragment in error_line(author("retract", seq, "-m", "again", expect="usage"))

@@ -29,11 +29,12 @@ SAMPLES = {
     "exec": {"argv": ["/bin/echo", "a b"], "cwd": "/"},
     "snap": {"files": [FILE]},
     "reboot": {},
+    "retract": {"retracted_seq": 1, "retracted_id": "cd" * 32},
 }
 
 
-def test_the_kinds_table_holds_exec_snap_and_reboot_in_order(isconf):
-    assert list(isconf.KINDS) == ["exec", "snap", "reboot"]
+def test_the_kinds_table_holds_exec_snap_reboot_and_retract_in_order(isconf):
+    assert list(isconf.KINDS) == ["exec", "snap", "reboot", "retract"]
 
 
 def test_the_file_types_table_holds_file_hardlink_symlink_and_dir_in_order(isconf):
@@ -41,7 +42,7 @@ def test_the_file_types_table_holds_file_hardlink_symlink_and_dir_in_order(iscon
     assert all(isinstance(t, isconf.FileType) and t.name == n for n, t in isconf.FILE_TYPES.items())
 
 
-@pytest.mark.parametrize("name", ["exec", "snap", "reboot"])
+@pytest.mark.parametrize("name", ["exec", "snap", "reboot", "retract"])
 def test_an_entry_means_what_its_kinds_class_says(isconf, name):
     kind = isconf.KINDS[name]
     assert isinstance(kind, isconf.Kind) and kind.name == name
@@ -50,7 +51,7 @@ def test_an_entry_means_what_its_kinds_class_says(isconf, name):
     assert e.summary() == kind.summary(e.fields) and e.summary().split()[0] == name
 
 
-@pytest.mark.parametrize("name", ["exec", "snap", "reboot"])
+@pytest.mark.parametrize("name", ["exec", "snap", "reboot", "retract"])
 def test_an_entry_accepts_exactly_its_kinds_fields(isconf, name):
     # the fields come from the kind's class alone: one more is refused (a newer isconf's field)
     e = entry(isconf, kind=name, extra=1, **SAMPLES[name])
@@ -62,7 +63,7 @@ def test_only_snap_needs_objects_and_leaves_files_on_disk(isconf):
     snap = entry(isconf, kind="snap", **SAMPLES["snap"])
     assert snap.objects() == [("ab" * 32, 3)] and snap.object_path("ab" * 32) == "/etc/motd"
     assert snap.installs() == [FILE]
-    for name in ("exec", "reboot"):
+    for name in ("exec", "reboot", "retract"):
         other = entry(isconf, kind=name, **SAMPLES[name])
         assert other.objects() == [] and other.installs() == []
 
@@ -86,8 +87,14 @@ def test_applying_a_reboot_asks_the_run_to_reboot(isconf):
     assert entry(isconf, kind="reboot").apply(None) == isconf.REBOOT
 
 
+def test_only_a_retract_retires_an_entry_and_applying_it_changes_nothing(isconf):
+    retract = entry(isconf, kind="retract", **SAMPLES["retract"])
+    assert retract.retracts() == (1, "cd" * 32) and retract.apply(None) == isconf.DONE
+    assert all(entry(isconf, kind=n, **SAMPLES[n]).retracts() is None for n in ("exec", "snap", "reboot"))
+
+
 def test_an_unknown_kind_is_refused_naming_the_kinds_in_the_table(isconf):
-    with pytest.raises(isconf.NeedsNewer, match="kind 'note' is not exec, snap or reboot; isconf .* needs a newer"):
+    with pytest.raises(isconf.NeedsNewer, match="kind 'note' is not exec, snap, reboot or retract; isconf .* needs a newer"):
         entry(isconf, kind="note", text="hi").interpret()
 
 
@@ -113,7 +120,7 @@ def test_a_new_kind_is_one_class():
     note = entry(isconf, kind="note", text="hi")
     assert note.summary() == "note hi" and note.objects() == [] and note.installs() == []
     assert note.waits(allow_reboot=False) is None and note.apply(None) == isconf.DONE
-    with pytest.raises(isconf.NeedsNewer, match="kind 'other' is not exec, snap, reboot or note"):
+    with pytest.raises(isconf.NeedsNewer, match="kind 'other' is not exec, snap, reboot, retract or note"):
         entry(isconf, kind="other").interpret()
 
 
