@@ -6036,6 +6036,41 @@ class Repository(object):
             self.publish_head(new_branch, new, signature)
         return new
 
+    def promote(self, branch, source, signers, sign_key, expires=None):
+        """Fast-forward branch to branch source's journal, which must extend it (both verified), under a new
+        signed head: branch's hosts then apply exactly the entries, ids and order source's hosts applied.
+        Returns (the new head, the entries it adds)."""
+        holder = self.lock_holder(branch)
+        if holder and holder.get("who") != author_name():
+            raise Busy("branch %s is locked by %s: %s; promote when they are done" % (branch, holder.get("who"),
+                                                                                   holder.get("why")))
+        with self.branch_mutex(branch, signers):
+            head, entries, data = self.verified(branch, signers)
+            if head is None:
+                raise UsageError("branch %s does not exist; 'isconf fork' starts one from %s" % (branch, source))
+            source_head, source_entries, source_data = self.verified(source, signers)
+            if source_head is None:
+                raise UsageError("branch %s does not exist; the branches are %s" % (source, ", ".join(
+                    self.branch_names())))
+            if not source_data.startswith(data):
+                common = 0
+                for ours, theirs in zip(entries, source_entries):
+                    if ours.id != theirs.id:
+                        break
+                    common = ours.seq
+                raise Refused("branch %s has entries %s does not (they agree up to seq %d, then differ): it cannot "
+                              "be fast-forwarded; nothing written" % (branch, source, common))
+            added = source_entries[len(entries):]
+            if not added:
+                return head, []
+            now = new_head_time(head, expires)
+            new = Head.build(branch, source_head.seq, source_head.id, len(source_data), now,
+                             now + expires if expires else None)
+            signature = self.sign(new, sign_key, signers) if sign_key else None
+            self.branch_dir(branch).append_at("journal", len(data), source_data[len(data):])
+            self.publish_head(branch, new, signature)
+        return new, added
+
     def resign(self, branch, signers, sign_key, expires=None, adopt=None):
         """Sign the branch's current head again, with a new time and expiry and no new entry: to renew an
         expiry, or (adopt) to vouch for the entries of a head published unsigned."""
@@ -6432,6 +6467,21 @@ def cmd_sign(args):
             say("vouched for %d %s" % (entry.seq, entry.summary()))
     say("head of branch %s at seq %d signed again%s" % (
         branch, head.seq, ", expires " + head.expires if head.expires else ""))
+
+
+def cmd_promote(args):
+    check_branch(args.source)
+    key = signing_key(args)
+    expires = parse_duration(args.expires) if args.expires else None
+    repo, branch = author_context(args)
+    head, added = repo.promote(branch, args.source, author_signers(args, branch), key, expires)
+    if not added:
+        say("branch %s already holds every entry of %s (seq %d); nothing written" % (branch, args.source, head.seq))
+        return
+    for entry in added:
+        say("promoted %d %s" % (entry.seq, entry.summary()))
+    say("branch %s fast-forwarded to %s: now at seq %d (%d new)%s" % (branch, args.source, head.seq, len(added),
+                                                                     "" if key else " (UNSIGNED)"))
 
 
 def signature_key(signature):
@@ -6990,6 +7040,10 @@ def build_parser(only=None):
     p = verb("fork", cmd_fork, "create branch NEW starting as a copy of this branch",
              "isconf --branch web fork web2 --sign ~/.ssh/id_ed25519")
     p.add_argument("new", metavar="NEW", help="the new branch's name")
+    signing_options(p)
+    p = verb("promote", cmd_promote, "fast-forward this branch to branch FROM's journal (a ring after its "
+             "canary), under a new signed head", "isconf --branch web promote web-canary --sign ~/.ssh/id_ed25519")
+    p.add_argument("source", metavar="FROM", help="the branch whose journal extends this one's")
     signing_options(p)
     p = verb("sign", cmd_sign, "sign the branch's current head again (renew its expiry, or sign an unsigned one)",
              "isconf sign --sign ~/.ssh/id_ed25519 --expires 30d\n"

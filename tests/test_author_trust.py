@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import Keys, error_line, source_tree
+from conftest import Keys, canary_ahead, error_line, source_tree
 
 
 def published(author):
@@ -323,3 +323,32 @@ def test_a_retract_of_an_entry_that_is_not_there_or_is_a_retract_is_refused(seq,
     author.ci()
     author("lock", "-m", "y")
     assert fragment in error_line(author("retract", seq, "-m", "again", expect="usage"))
+
+
+# --- rings: promote -------------------------------------------------------------------------------------
+
+
+def test_promote_brings_the_canarys_entries_to_its_ring_unchanged(author, keys, server, host, busybox_root):
+    busybox_root(host.root)
+    host.init(server.url, keys)
+    canary = canary_ahead(author, keys, host)
+    before = author.journal()
+    out = author("promote", "canary", "--sign", keys.private).out
+    assert "promoted 2 exec /bin/touch /tmp/canary" in out and "now at seq 2 (1 new)" in out, out
+    assert author.journal() == canary.journal() and author.journal().startswith(before)
+    host("up", expect="ok")
+    assert os.path.exists(host.path("/tmp/canary"))
+    assert [e["id"] for e in json.loads(host("log", "--json", expect="ok").out)] == [
+        hashlib.sha256(line).hexdigest() for line in reversed(canary.journal().splitlines())]
+    assert "already holds every entry" in author("promote", "canary", "--sign", keys.private).out
+
+
+def test_promote_is_refused_once_the_ring_has_entries_the_canary_lacks(author, keys, server, host, busybox_root):
+    busybox_root(host.root)
+    host.init(server.url, keys)
+    canary = canary_ahead(author, keys, host)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/web-only"])
+    before = published(author)
+    line = error_line(author("promote", "canary", "--sign", keys.private, expect="refused"))
+    assert "agree up to seq 1, then differ" in line and "nothing written" in line, line
+    assert published(author) == before and canary.journal() != author.journal()
