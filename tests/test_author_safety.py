@@ -11,7 +11,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import ISCONF, Author, Server, error_line, run_isconf, source_tree
+from conftest import AUTHOR_STATE, ISCONF, Author, Server, error_line, run_isconf, source_tree
 
 
 def test_ci_without_a_key_is_refused_and_publishes_nothing(author):
@@ -66,7 +66,8 @@ def test_sign_repairs_an_unsigned_publication(tmp_path, keys, host, busybox_root
     try:
         host.init(s.url, keys, "--retries", "1")
         assert "no head.sig" in error_line(host("up", expect="refused"))
-        unsigned("sign", "--sign", keys.private)
+        assert "--adopt 1" in error_line(unsigned("sign", "--sign", keys.private, expect="refused"))
+        unsigned("sign", "--sign", keys.private, "--adopt", "1", env={"ISCONF_SIGNERS": keys.signers})
         host("up", expect="ok")  # verified now, and applied
         assert (host.status()["head_seq"], host.status()["applied_seq"]) == (1, 1)
     finally:
@@ -157,7 +158,9 @@ def test_a_head_dated_by_a_fast_clock_does_not_make_later_heads_look_expired(aut
     author("reboot")
     subprocess.run([sys.executable, "-I", "-c", SKEWED, os.path.dirname(ISCONF), "--repo", author.repo, "--branch",
                     "web", "ci", "--sign", keys.private], check=True, env={"ISCONF_AUTHOR": "alice@example",
-                                                                          "PATH": os.environ["PATH"]})
+                                                                          "PATH": os.environ["PATH"],
+                                                                          "ISCONF_SIGNERS": keys.signers,
+                                                                          "XDG_STATE_HOME": AUTHOR_STATE})
     host.init(server.url, keys)
     host("up", expect="reboot")
     author("lock", "-m", "from a machine with a good clock")
@@ -176,8 +179,8 @@ def test_ci_refuses_a_snap_whose_object_left_the_repository(author, tmp_path):
     author("--root", src, "snap", "/etc/motd")
     for name in os.listdir(os.path.join(author.repo, "objects")):
         os.unlink(os.path.join(author.repo, "objects", name))
-    line = error_line(author.ci(expect="state"))
-    assert "for /etc/motd is missing" in line
+    line = error_line(author.ci(expect="refused"))
+    assert "for /etc/motd is missing" in line and "nothing written" in line
     assert not os.path.exists(author.path("head"))
 
 
@@ -232,7 +235,10 @@ def test_an_author_who_cannot_read_the_host_config_runs_exec_without_its_env(aut
     for top, dirs, files in os.walk(author.repo):
         for name in dirs + files:
             os.chmod(os.path.join(top, name), 0o777)
-    env = {"ISCONF_AUTHOR": "nobody@example"}
+    state = tmp_path / "nobody-state"
+    state.mkdir(mode=0o700)
+    os.chown(str(state), 65534, 65534)
+    env = {"ISCONF_AUTHOR": "nobody@example", "XDG_STATE_HOME": str(state)}
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
                            ISCONF, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
                            author.repo, "lock", "-m", "x"], env=dict(env, PATH=os.environ["PATH"]),
@@ -240,7 +246,8 @@ def test_an_author_who_cannot_read_the_host_config_runs_exec_without_its_env(aut
     assert proc.returncode == 2 and b"--branch" in proc.stderr  # the host's branch cannot be read: say so
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
                            ISCONF, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
-                           author.repo, "--branch", "web", "lock", "-m", "x"], env=dict(env, PATH=os.environ["PATH"]),
+                           author.repo, "--branch", "web", "lock", "--new", "-m", "x"],
+                          env=dict(env, PATH=os.environ["PATH"]),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 0, proc.stderr
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
