@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import email.utils
 import errno
+import fnmatch
 import fcntl
 import getpass
 import hashlib
@@ -6359,20 +6360,51 @@ def check_host_file(rootpath, record):
                              % (record["path"], e))
 
 
+def snap_paths(rootpath, path, recursive, exclude):
+    """path, and with recursive, everything under it, in an order that puts each directory before what it
+    holds: the paths inside the root to snap.  exclude: shell patterns, matched against a path and its name."""
+    yield path
+    if not recursive:
+        return
+    try:
+        top = rootpath.resolve(path)
+    except OSError:
+        return
+    if not os.path.isdir(top) or os.path.islink(top):
+        return
+
+    def excluded(inside):
+        return any(fnmatch.fnmatchcase(inside, p) or fnmatch.fnmatchcase(posixpath.basename(inside), p)
+                   for p in exclude)
+    for directory, dirs, files in os.walk(top, onerror=None, followlinks=False):
+        rel = os.path.relpath(directory, top)
+        base = path if rel == "." else posixpath.join(path, rel.replace(os.sep, "/"))
+        dirs[:] = sorted(d for d in dirs if not excluded(posixpath.join(base, d)))
+        for name in sorted(dirs + files):
+            inside = posixpath.join(base, name)
+            if not excluded(inside):
+                yield inside
+
+
 def cmd_snap(args):
     required_message(args.message, "snap")
     repo, branch = author_context(args)
     repo.require_lock(branch)
     rootpath, links, records = RootPath(args.root), {}, []
     owners = Owners(rootpath)
-    for path in args.paths:
-        path = validate_path_arg(path.rstrip("/") or "/", "snap path")
-        try:
-            record = FileType.capture_path(rootpath, path, links, owners, repo.store_object)
-        except OSError as e:
-            raise UsageError("cannot snap %s: %s" % (path, e.strerror or e))
-        check_host_file(rootpath, record)
-        records.append(record)
+    for given in args.paths:
+        given = validate_path_arg(given.rstrip("/") or "/", "snap path")
+        for path in snap_paths(rootpath, given, args.recursive, args.exclude):
+            try:
+                record = FileType.capture_path(rootpath, validate_path_arg(path, "snap path"), links, owners,
+                                               repo.store_object)
+            except OSError as e:
+                raise UsageError("cannot snap %s: %s" % (path, e.strerror or e))
+            check_host_file(rootpath, record)
+            if record["type"] == Directory.name and not args.recursive:
+                warn("%s is a directory: the snap records it alone (its mode and owner), not what it holds; "
+                     "'isconf snap -r %s' records the tree" % (path, path))
+            records.append(record)
     staged = repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
     say("staged " + staged.summary())
 
@@ -7012,6 +7044,10 @@ def build_parser(only=None):
     p = verb("snap", cmd_snap, "stage the current content and metadata of files",
              "isconf snap -m 'banner' /etc/motd /etc/nginx/nginx.conf")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files, symlinks or directories, inside --root")
+    p.add_argument("-r", "--recursive", action="store_true", help="a directory with everything under it: "
+                   "directories, files, symbolic links and hard links (default: the directory alone)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="with -r, leave out paths "
+                   "whose full path or name matches the shell PATTERN (repeatable)")
     p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
     p = verb("reboot", cmd_reboot, "stage a reboot", "isconf reboot -m 'new kernel'")
     p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")

@@ -352,3 +352,54 @@ def test_promote_is_refused_once_the_ring_has_entries_the_canary_lacks(author, k
     line = error_line(author("promote", "canary", "--sign", keys.private, expect="refused"))
     assert "agree up to seq 1, then differ" in line and "nothing written" in line, line
     assert published(author) == before and canary.journal() != author.journal()
+
+
+# --- snap -r: a tree ----------------------------------------------------------------------------------
+
+
+def test_snap_r_records_a_tree_and_a_host_gets_it_whole(author, keys, server, host, tmp_path, busybox_root):
+    src = tmp_path / "src"
+    (src / "etc/web/conf.d").mkdir(parents=True)
+    (src / "etc/web/site.conf").write_text("listen 80\n")
+    (src / "etc/web/conf.d/a.conf").write_text("a\n")
+    (src / "etc/web/skip.swp").write_text("editor junk\n")
+    os.symlink("site.conf", str(src / "etc/web/current"))
+    os.link(str(src / "etc/web/site.conf"), str(src / "etc/web/site.conf.default"))
+    os.chmod(str(src / "etc/web/conf.d"), 0o750)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    author("lock", "-m", "the web tree")
+    author("--root", str(src), "snap", "-r", "--exclude", "*.swp", "/etc/web")
+    author.ci()
+    record = json.loads(author.journal().splitlines()[-1])
+    assert {r["path"]: r["type"] for r in record["files"]} == {
+        "/etc/web": "dir", "/etc/web/conf.d": "dir", "/etc/web/conf.d/a.conf": "file", "/etc/web/current": "symlink",
+        "/etc/web/site.conf": "file", "/etc/web/site.conf.default": "hardlink"}
+    busybox_root(host.root)
+    host.init(server.url, keys)
+    host("up", expect="ok")
+    web = host.path("/etc/web")
+    assert open(os.path.join(web, "conf.d/a.conf")).read() == "a\n" and os.readlink(os.path.join(web, "current")) \
+        == "site.conf"
+    assert os.stat(os.path.join(web, "site.conf")).st_ino == os.stat(os.path.join(web, "site.conf.default")).st_ino
+    assert os.stat(os.path.join(web, "conf.d")).st_mode & 0o777 == 0o750
+    assert not os.path.exists(os.path.join(web, "skip.swp"))
+
+
+def test_a_directory_snapped_without_r_warns_that_its_contents_are_not_recorded(author, tmp_path):
+    src = tmp_path / "src"
+    (src / "etc/web").mkdir(parents=True)
+    (src / "etc/web/site.conf").write_text("listen 80\n")
+    author.commit(["reboot"])
+    author("lock", "-m", "the directory alone")
+    err = author("--root", str(src), "snap", "/etc/web").err
+    assert "records it alone" in err and "snap -r /etc/web" in err, err
+
+
+def test_snap_r_refuses_a_fifo_in_the_tree_and_stages_nothing(author, tmp_path):
+    src = tmp_path / "src"
+    (src / "run/app").mkdir(parents=True)
+    os.mkfifo(str(src / "run/app/pipe"))
+    author.commit(["reboot"])
+    author("lock", "-m", "x")
+    assert "FIFO" in error_line(author("--root", str(src), "snap", "-r", "/run/app", expect="usage"))
+    assert "nothing staged" in error_line(author.ci(expect="usage"))
