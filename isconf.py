@@ -3091,7 +3091,8 @@ class History(object):
     last done, skipped or baseline event.  A baseline event (init --baseline) says the
     image held everything up to its entry before isconf applied anything here."""
 
-    POSITION = ("done", "skipped", "retracted", "baseline")  # the events that move the applied position
+    # The events that move the applied position; 'authored': applied on the reference host as it was authored.
+    POSITION = ("done", "authored", "skipped", "retracted", "baseline")
 
     def __init__(self, state, recent=False):
         self.state, self.path = state, state.file("history")
@@ -3144,7 +3145,7 @@ class History(object):
             if event["event"] == "started":
                 count += running
                 running = True
-            elif event["event"] in ("done", "skipped", "retracted"):
+            elif event["event"] in ("done", "authored", "skipped", "retracted"):
                 count, running = 0, False
             elif event["event"] == "failed" and "interrupted" not in event:
                 running = False
@@ -4764,14 +4765,14 @@ def host_report(host, history=None):
     baseline_seq = (history.baseline() or (0, None))[0]
     marks = {}  # by id: after a migrate, another branch's seq N is another transaction
     for event in history.events:
-        if event["event"] in ("done", "skipped", "retracted", "failed"):
+        if event["event"] in ("done", "authored", "skipped", "retracted", "failed"):
             marks[event["id"]] = event
     rows = []
     for entry in entries:
         event = marks.get(entry.id)
         if entry.seq <= applied_seq:
-            if event and event["event"] in ("done", "skipped", "retracted"):
-                mark = event["event"] if event["event"] != "done" else "applied"
+            if event and event["event"] in ("done", "authored", "skipped", "retracted"):
+                mark = event["event"] if event["event"] in ("skipped", "retracted") else "applied"
             else:  # in the image before isconf ran here
                 mark = "baseline" if entry.seq <= baseline_seq else "applied"
         elif event and event["event"] == "failed":
@@ -5818,10 +5819,12 @@ class Repository(object):
             found.append(record)
         return found
 
-    def stage(self, branch, fields):
-        """Stage an entry, checked now as ci will check it, so a bad one fails at once."""
+    def stage(self, branch, fields, took_effect=None):
+        """Stage an entry, checked now as ci will check it, so a bad one fails at once.  took_effect: the
+        root it is already in effect on (a snap of it, an exec that ran there), kept beside the entry."""
         self.require_lock(branch)
         entry = self.check_staged(fields, "entry")
+        fields = dict(fields, applied=took_effect) if took_effect else fields
         with self.branch_mutex(branch):
             session = Session(self, branch)
             secret = session.secret()
@@ -5853,6 +5856,7 @@ class Repository(object):
 
     @staticmethod
     def check_staged(fields, what):
+        fields = dict((k, v) for k, v in fields.items() if k != "applied")  # where it took effect, not the entry's
         try:
             return Entry.parse(canonical(dict(fields, seq=1, prev=ZERO_ID, time=format_time(0), author="-",
                                               message="")), what).check(what)
@@ -5878,8 +5882,9 @@ class Repository(object):
             head, entries, data = self.verified(branch, signers)
             seq, prev = (entries[-1].seq, entries[-1].id) if entries else (0, ZERO_ID)
             now = new_head_time(head, expires)
-            new_entries = []
+            new_entries, took_effect = [], []
             for number, fields in enumerate(staged, 1):
+                took_effect.append(fields.pop("applied", None))
                 fields = dict(fields, seq=seq + 1, prev=prev, time=format_time(now), author=holder["who"],
                               message=fields.get("message") or message or holder.get("why", ""))
                 try:
@@ -5896,12 +5901,13 @@ class Repository(object):
             new = Head.build(branch, seq, prev, len(data) + sum(len(l) for l in lines), now,
                              now + expires if expires else None)
             signature = self.sign(new, sign_key, signers) if sign_key else None
+            in_effect = list(zip(new_entries, took_effect))
             if dry_run:
-                return new, new_entries
+                return new, new_entries, in_effect
             journal = self.branch_dir(branch, create=True)
             journal.append_at("journal", len(data), b"".join(lines))
             self.publish_head(branch, new, signature, checkin=True)
-        return new, new_entries
+        return new, new_entries, in_effect
 
     @staticmethod
     def check_retraction(entry, before):
@@ -6289,6 +6295,52 @@ def author_signers(args, branch):
     return None
 
 
+def reference_host(args, branch):
+    """The Host at --root when it follows a branch (the author is on a reference host of it), else None."""
+    host = Host(args.root, args.config)
+    try:
+        return host if host.has_config() and host.config.branch else None
+    except StateError:  # a config this author cannot read: not authoring as that host
+        return None
+
+
+def require_at_head(args, repo, branch):
+    """Authoring on a host of the branch: it must follow this branch and be at its head, so that what the
+    author runs there is what its hosts will have run before it (DESIGN rule 15)."""
+    host = reference_host(args, branch)
+    if host is None:
+        return
+    if host.config.branch != branch:
+        raise UsageError("the root %s follows branch %s, not %s: author a branch on one of its own hosts"
+                         % (host.root, host.config.branch, branch))
+    head = repo.head(branch)
+    applied = host.history(recent=True).applied()[0] if os.path.isdir(host.state_path) else 0
+    if applied != (head.seq if head else 0):
+        raise Busy("this host is at seq %d, the branch at %d: run 'isconf up' first, then lock"
+                   % (applied, head.seq if head else 0))
+
+
+def record_authored(args, branch, entries):
+    """On the reference host, record as applied (event 'authored') the new entries that took effect on it
+    at author time: its next 'up' runs none of them again, and its history stays a prefix of the journal."""
+    host = reference_host(args, branch)
+    if host is None or host.config.branch != branch:
+        return
+    took = [root == host.root for _, root in entries] + [False]
+    entries = [entry for entry, _ in entries[:took.index(False)]]  # up to the first not in effect here
+    if not entries:
+        return
+    with host.lock():
+        history = host.history()
+        if history.applied()[0] != entries[0].seq - 1:
+            warn("this host is no longer at seq %d: entries %d to %d were not recorded as applied here; its next "
+                 "'up' runs them" % (entries[0].seq - 1, entries[0].seq, entries[-1].seq))
+            return
+        for entry in entries:
+            history.record("authored", entry)
+    say("recorded as applied on this host: seq %d to %d" % (entries[0].seq, entries[-1].seq))
+
+
 def required_message(text, what):
     """A -m that was given must say something: it is what whoever looks next reads."""
     if text is not None and not text.strip():
@@ -6304,6 +6356,7 @@ def cmd_init_repo(args):
 def cmd_lock(args):
     required_message(args.message, "lock")
     repo, branch = author_context(args, lock=True)
+    require_at_head(args, repo, branch)
     repo.lock(branch, args.message, author_signers(args, branch))
     say("locked branch %s%s: %s" % (branch, "" if repo.exists(branch) else " (new)", args.message))
 
@@ -6342,7 +6395,8 @@ def cmd_exec(args):
                                  mounts=not args.no_mounts)
         if status != 0:
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
-    staged = repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""})
+    staged = repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""},
+                        took_effect=None if args.no_run else os.path.abspath(args.root))
     say("staged " + staged.summary())
 
 
@@ -6405,7 +6459,8 @@ def cmd_snap(args):
                 warn("%s is a directory: the snap records it alone (its mode and owner), not what it holds; "
                      "'isconf snap -r %s' records the tree" % (path, path))
             records.append(record)
-    staged = repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""})
+    staged = repo.stage(branch, {"kind": "snap", "files": records, "message": args.message or ""},
+                        took_effect=os.path.abspath(args.root))
     say("staged " + staged.summary())
 
 
@@ -6470,7 +6525,8 @@ def cmd_ci(args):
     key = signing_key(args)
     expires = parse_duration(args.expires) if args.expires else None
     repo, branch = author_context(args)
-    head, entries = repo.checkin(branch, args.message, author_signers(args, branch), key, expires, args.dry_run)
+    head, entries, in_effect = repo.checkin(branch, args.message, author_signers(args, branch), key, expires,
+                                            args.dry_run)
     for entry in entries:
         say("%s %d %s" % ("would append" if args.dry_run else "appended", entry.seq, entry.summary()))
     if args.dry_run:
@@ -6478,6 +6534,7 @@ def cmd_ci(args):
         return
     say("branch %s now at seq %d (%d new), head %s%s" % (
         branch, head.seq, len(entries), head.id[:16], "" if key else " (UNSIGNED)"))
+    record_authored(args, branch, in_effect)
 
 
 def cmd_fork(args):

@@ -403,3 +403,41 @@ def test_snap_r_refuses_a_fifo_in_the_tree_and_stages_nothing(author, tmp_path):
     author("lock", "-m", "x")
     assert "FIFO" in error_line(author("--root", str(src), "snap", "-r", "/run/app", expect="usage"))
     assert "nothing staged" in error_line(author.ci(expect="usage"))
+
+
+# --- the reference host stays congruent ---------------------------------------------------------------
+
+
+def test_the_reference_host_records_what_it_ran_at_author_time_and_never_runs_it_twice(author, keys, server, host,
+                                                                                     busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host.init(server.url, keys)
+    host("up", expect="ok")
+    author("--root", host.root, "lock", "-m", "authored on a host of the branch")
+    author("--root", host.root, "exec", "--", "/bin/sh", "-c", "echo line >> /etc/appended")
+    author("--root", host.root, "exec", "--no-run", "--", "/bin/sh", "-c", "echo later >> /etc/later")
+    out = author("--root", host.root, "ci", "--sign", keys.private).out
+    assert "recorded as applied on this host: seq 2 to 2" in out, out
+    assert host.status()["applied_seq"] == 2
+    host("up", expect="ok")
+    assert open(host.path("/etc/appended")).read() == "line\n"  # once: at author time
+    assert open(host.path("/etc/later")).read() == "later\n"  # the --no-run one ran at the next up
+    assert host.status()["state"] == "up-to-date" and host.status()["applied_seq"] == 3
+
+
+def test_a_host_behind_the_head_cannot_lock(author, keys, server, host, busybox_root):
+    busybox_root(host.root)
+    host.init(server.url, keys)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    line = error_line(author("--root", host.root, "lock", "-m", "x", expect="busy"))
+    assert "this host is at seq 0, the branch at 1: run 'isconf up' first" in line, line
+    host("up", expect="ok")
+    author("--root", host.root, "lock", "-m", "x")
+
+
+def test_a_root_following_another_branch_cannot_author_this_one(author, keys, server, host):
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host("init", server.url, "--branch", "db", "--signers", keys.signers, expect="ok")
+    assert "follows branch db, not web" in error_line(author("--root", host.root, "lock", "-m", "x",
+                                                             expect="usage"))
