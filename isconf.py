@@ -5882,7 +5882,7 @@ class Repository(object):
             head, entries, data = self.verified(branch, signers)
             seq, prev = (entries[-1].seq, entries[-1].id) if entries else (0, ZERO_ID)
             now = new_head_time(head, expires)
-            new_entries, took_effect = [], []
+            new_entries, took_effect, shipped_signers = [], [], None
             for number, fields in enumerate(staged, 1):
                 took_effect.append(fields.pop("applied", None))
                 fields = dict(fields, seq=seq + 1, prev=prev, time=format_time(now), author=holder["who"],
@@ -5894,6 +5894,7 @@ class Repository(object):
                     raise StateError("staged work of branch %s is damaged (%s); 'isconf unlock' discards it, "
                                      "then stage again" % (branch, e))
                 self.check_objects(entry)
+                shipped_signers = self.check_host_files(entry) or shipped_signers
                 self.check_retraction(entry, entries + new_entries)
                 new_entries.append(entry)
                 seq, prev = entry.seq, entry.id
@@ -5901,6 +5902,12 @@ class Repository(object):
             new = Head.build(branch, seq, prev, len(data) + sum(len(l) for l in lines), now,
                              now + expires if expires else None)
             signature = self.sign(new, sign_key, signers) if sign_key else None
+            if signature is not None and shipped_signers is not None:
+                try:
+                    verify_signature(new.data, signature, shipped_signers, now=parse_time(new.time))
+                except Refused as e:
+                    warn("the allowed_signers this check-in ships does not trust %s (%s): hosts that apply it will "
+                         "refuse the next head signed with it; sign the next one with a key it lists" % (sign_key, e))
             in_effect = list(zip(new_entries, took_effect))
             if dry_run:
                 return new, new_entries, in_effect
@@ -5908,6 +5915,25 @@ class Repository(object):
             journal.append_at("journal", len(data), b"".join(lines))
             self.publish_head(branch, new, signature, checkin=True)
         return new, new_entries, in_effect
+
+    def check_host_files(self, entry):
+        """A new entry's trusted keys or host config, parsed again from its object with the agent's own parser
+        (as at snap time: a file every host would refuse never ships); the keys it ships, or None."""
+        shipped = None
+        for sha, _ in entry.objects():
+            path = entry.object_path(sha)
+            if path not in (SIGNERS_PATH, CONFIG_PATH):
+                continue
+            data = self.objects().read(sha, max(SIGNERS_MAX, CONFIG_MAX))
+            try:
+                if path == SIGNERS_PATH:
+                    shipped = load_signers(SIGNERS_PATH, lambda: data)
+                else:
+                    Config(CONFIG_PATH, data)
+            except StateError as e:
+                raise UsageError("%s in entry %d would be refused by every host that applies it: %s; nothing "
+                                 "written" % (path, entry.seq, e))
+        return shipped
 
     @staticmethod
     def check_retraction(entry, before):

@@ -441,3 +441,13 @@ def test_a_root_following_another_branch_cannot_author_this_one(author, keys, se
     host("init", server.url, "--branch", "db", "--signers", keys.signers, expect="ok")
     assert "follows branch db, not web" in error_line(author("--root", host.root, "lock", "-m", "x",
                                                              expect="usage"))
+
+
+def test_ci_warns_when_the_allowed_signers_it_ships_stops_trusting_its_key(author, keys, tmp_path):
+    other = Keys(str(tmp_path / "other"))
+    src = source_tree(tmp_path, "/etc/isconf/allowed_signers", open(other.signers).read())
+    author.commit(["reboot"])
+    author("lock", "-m", "hand over to the other key")
+    author("--root", src, "snap", "/etc/isconf/allowed_signers")
+    err = author.ci().err
+    assert "the allowed_signers this check-in ships does not trust" in err, err
