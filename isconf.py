@@ -323,71 +323,6 @@ def parse_duration(text):
     return seconds
 
 
-# Sparse files: a snap stores only the data extents of a file with holes.
-
-
-def data_extents(fd, size):
-    """The data extents of an open file, from SEEK_DATA/SEEK_HOLE: [[offset, length], ...]."""
-    extents, offset = [], 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole remains
-                break
-            raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        extents.append([start, end - start])
-        offset = end
-    return extents
-
-
-def zeros_outside(fd, extents, size):
-    """Whether the file holds nothing but zeros outside extents; holes are skipped, not read."""
-    gaps, end = [], 0
-    for offset, length in extents + [[size, 0]]:
-        if offset > end:
-            gaps.append((end, offset))
-        end = offset + length
-    for offset, stop in gaps:
-        while offset < stop:
-            try:
-                offset = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # only holes up to the end
-                    return True
-                raise
-            if offset >= stop:
-                break
-            data_end = min(os.lseek(fd, offset, os.SEEK_HOLE), stop)
-            while offset < data_end:
-                chunk = os.pread(fd, min(CHUNK, data_end - offset), offset)
-                if not chunk:
-                    return True
-                if chunk.count(0) != len(chunk):
-                    return False
-                offset += len(chunk)
-    return True
-
-
-def disk_digest(fd, recorded_size, extents=None):
-    """(SHA-256, size) of an open file read as a snap stored it: the bytes at the recorded
-    extents when it holds only zeros elsewhere (a sparse file's holes), else the whole file."""
-    size = os.fstat(fd).st_size
-    if extents is None or size != recorded_size or not zeros_outside(fd, extents, size):
-        extents = [[0, size]]
-    digest = hashlib.sha256()
-    for offset, length in extents:
-        end = offset + length
-        while offset < end:
-            chunk = os.pread(fd, min(CHUNK, end - offset), offset)
-            if not chunk:  # cut short while read
-                break
-            digest.update(chunk)
-            offset += len(chunk)
-    return digest.hexdigest(), size
-
-
 # --- durable files ---------------------------------------------------------------
 # Every file isconf writes goes through one of two primitives: replace_at (a whole new version
 # of a name: temp name in the same directory, written, fsynced, renamed over the name, the
@@ -569,6 +504,89 @@ def append_at(path, keep, data, dir_fd=None):
         durable_append(fd, data)
     finally:
         os.close(fd)
+
+
+# --- sparse files: a snap stores only the data extents of a file with holes ---------------------
+
+
+def data_extents(fd, size):
+    """The data extents of an open file, from SEEK_DATA/SEEK_HOLE: [[offset, length], ...]."""
+    extents, offset = [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole remains
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append([start, end - start])
+        offset = end
+    return extents
+
+
+def copy_extents(source, fd, extents, digest, into_holes, short):
+    """Copy a sparse file's data extents between a file object and a descriptor, hashing them on the way:
+    into_holes, from a stored object (extents back to back) into their places in fd; else from their
+    places in source to fd back to back.  StateError(short) if source ends before they do."""
+    for offset, length in extents:
+        if into_holes:
+            os.lseek(fd, offset, os.SEEK_SET)
+        else:
+            source.seek(offset)
+        while length:
+            chunk = source.read(min(CHUNK, length))
+            if not chunk:
+                raise StateError(short)
+            digest.update(chunk)
+            write_all(fd, chunk)
+            length -= len(chunk)
+
+
+def zeros_outside(fd, extents, size):
+    """Whether the file holds nothing but zeros outside extents; holes are skipped, not read."""
+    gaps, end = [], 0
+    for offset, length in extents + [[size, 0]]:
+        if offset > end:
+            gaps.append((end, offset))
+        end = offset + length
+    for offset, stop in gaps:
+        while offset < stop:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only holes up to the end
+                    return True
+                raise
+            if offset >= stop:
+                break
+            data_end = min(os.lseek(fd, offset, os.SEEK_HOLE), stop)
+            while offset < data_end:
+                chunk = os.pread(fd, min(CHUNK, data_end - offset), offset)
+                if not chunk:
+                    return True
+                if chunk.count(0) != len(chunk):
+                    return False
+                offset += len(chunk)
+    return True
+
+
+def disk_digest(fd, recorded_size, extents=None):
+    """(SHA-256, size) of an open file read as a snap stored it: the bytes at the recorded
+    extents when it holds only zeros elsewhere (a sparse file's holes), else the whole file."""
+    size = os.fstat(fd).st_size
+    if extents is None or size != recorded_size or not zeros_outside(fd, extents, size):
+        extents = [[0, size]]
+    digest = hashlib.sha256()
+    for offset, length in extents:
+        end = offset + length
+        while offset < end:
+            chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+            if not chunk:  # cut short while read
+                break
+            digest.update(chunk)
+            offset += len(chunk)
+    return digest.hexdigest(), size
 
 
 def write_record(fd, fields):
@@ -2327,15 +2345,8 @@ class RegularFile(FileType):
         def fill(fd):
             digest = hashlib.sha256()
             os.ftruncate(fd, size)  # holes stay holes: only data extents are written
-            for offset, length in record.get("extents", [[0, size]]):
-                os.lseek(fd, offset, os.SEEK_SET)
-                while length:
-                    chunk = source.read(min(CHUNK, length))
-                    if not chunk:
-                        raise StateError("staged object %s is short; run 'isconf up' again" % sha)
-                    digest.update(chunk)
-                    write_all(fd, chunk)
-                    length -= len(chunk)
+            copy_extents(source, fd, record.get("extents", [[0, size]]), digest, into_holes=True,
+                         short="staged object %s is short; run 'isconf up' again" % sha)
             if source.read(1) or digest.hexdigest() != sha:
                 raise StateError("staged object %s is damaged; run 'isconf up' again" % sha)
         with os.fdopen(objects.open(sha), "rb") as source:
@@ -6076,7 +6087,7 @@ class Repository(object):
         holder = self.lock_holder(branch)
         if holder and holder.get("who") != author_name():
             raise Busy("branch %s is locked by %s: %s; promote when they are done" % (branch, holder.get("who"),
-                                                                                   holder.get("why")))
+                                                                                      holder.get("why")))
         with self.branch_mutex(branch, signers):
             head, entries, data = self.verified(branch, signers)
             if head is None:
@@ -6121,22 +6132,14 @@ class Repository(object):
         durably (a signed head may name it the moment ci ends); streamed and hashed on the way,
         so a large file never sits in memory.  Returns its SHA-256."""
         def fill(fd):
-            for offset, length in extents:
-                f.seek(offset)
-                while length:
-                    chunk = f.read(min(CHUNK, length))
-                    if not chunk:
-                        raise StateError("%s changed while it was being snapped; snap it again" % path)
-                    sink.update(chunk)
-                    write_all(fd, chunk)
-                    length -= len(chunk)
+            copy_extents(f, fd, extents, sink, into_holes=False,
+                         short="%s changed while it was being snapped; snap it again" % path)
 
         def make(tmp):
             write_new(objects.fd, tmp, fill, 0o644)
             return sink.hexdigest()
         sink, objects = hashlib.sha256(), self.objects()
         return replace_at(objects.fd, path.replace("/", "_"), make)
-
 
 
 # ---------------------------------------------------------------------------
@@ -6596,7 +6599,7 @@ def cmd_promote(args):
     for entry in added:
         say("promoted %d %s" % (entry.seq, entry.summary()))
     say("branch %s fast-forwarded to %s: now at seq %d (%d new)%s" % (branch, args.source, head.seq, len(added),
-                                                                     "" if key else " (UNSIGNED)"))
+                                                                      "" if key else " (UNSIGNED)"))
 
 
 def signature_key(signature):
@@ -6632,10 +6635,10 @@ def cmd_branches(args):
     for row in rows:
         lock = row["lock"]
         show("%-20s seq %-6d %s%s  %s%s" % (row["branch"], row["seq"], row["time"],
-                                           ", expires " + row["expires"] if row["expires"] else "",
-                                           row["signed_by"] or "UNSIGNED",
-                                           "  locked by %s %s ago: %s" % (lock["who"], age(lock.get("age", 0)),
-                                                                         lock["why"]) if lock else ""))
+                                            ", expires " + row["expires"] if row["expires"] else "",
+                                            row["signed_by"] or "UNSIGNED",
+                                            "  locked by %s %s ago: %s" % (lock["who"], age(lock.get("age", 0)),
+                                                                           lock["why"]) if lock else ""))
 
 
 def cmd_init(args):

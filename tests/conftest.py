@@ -233,20 +233,26 @@ def make_source(src, busybox_root):
         f.write(b"end")
 
 
-def append_unknown_entry(author, keys, **fields):
-    """Append, as a newer isconf would, an entry this isconf cannot interpret, and sign the new head."""
-    journal = author.journal()
+def append_entry(repo_author, **fields):
+    """Append an entry to repo_author's branch's journal and rewrite its head to name it, leaving head.sig as it was:
+    what anyone who can write the repository directory can do, with or without a key."""
+    journal = repo_author.journal()
     last = journal.rstrip(b"\n").rsplit(b"\n", 1)[-1]
     previous = json.loads(last)
     entry = dict({"seq": previous["seq"] + 1, "prev": hashlib.sha256(last).hexdigest(), "time": previous["time"],
-                  "author": "alice@example", "message": "from a newer isconf"}, **fields)
+                  "author": "alice@example", "message": ""}, **fields)
     line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
-    with open(author.path("journal"), "ab") as f:
+    with open(repo_author.path("journal"), "ab") as f:
         f.write(line + b"\n")
-    head = json.loads(open(author.path("head")).read())
+    head = json.loads(open(repo_author.path("head")).read())
     head.update(seq=entry["seq"], id=hashlib.sha256(line).hexdigest(), length=len(journal) + len(line) + 1)
-    with open(author.path("head"), "w") as f:
+    with open(repo_author.path("head"), "w") as f:
         f.write(json.dumps(head, sort_keys=True, separators=(",", ":")) + "\n")
+
+
+def append_unknown_entry(author, keys, **fields):
+    """Append, as a newer isconf would, an entry this isconf cannot interpret, and sign the new head."""
+    append_entry(author, **dict({"message": "from a newer isconf"}, **fields))
     # Signed by a trusted key, as the newer isconf's ci would (this isconf's sign verifies the branch
     # first, and refuses a head whose old signature does not cover it).
     if os.path.exists(author.path("head.sig")):

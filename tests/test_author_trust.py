@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import Keys, canary_ahead, error_line, source_tree
+from conftest import Keys, append_entry, canary_ahead, error_line, source_tree
 
 
 def published(author):
@@ -23,20 +23,8 @@ def published(author):
 
 
 def append_forged_entry(author, argv):
-    """What someone who can write the repository but holds no key can do: append an entry and rewrite the
-    head to name it, keeping the old head.sig."""
-    journal = author.journal()
-    last = journal.rstrip(b"\n").rsplit(b"\n", 1)[-1]
-    previous = json.loads(last)
-    entry = {"seq": previous["seq"] + 1, "prev": hashlib.sha256(last).hexdigest(), "time": previous["time"],
-             "author": "mallory@example", "message": "", "kind": "exec", "argv": argv, "cwd": "/"}
-    line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
-    with open(author.path("journal"), "ab") as f:
-        f.write(line + b"\n")
-    head = json.loads(open(author.path("head")).read())
-    head.update(seq=entry["seq"], id=hashlib.sha256(line).hexdigest(), length=len(journal) + len(line) + 1)
-    with open(author.path("head"), "w") as f:
-        f.write(json.dumps(head, sort_keys=True, separators=(",", ":")) + "\n")
+    """An entry appended by someone who can write the repository but holds no key."""
+    append_entry(author, author="mallory@example", kind="exec", argv=argv, cwd="/")
 
 
 def staged_path(author):
