@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import Keys, append_entry, canary_ahead, error_line, source_tree
+from conftest import Author, Keys, append_entry, canary_ahead, error_line, source_tree
 
 
 def published(author):
@@ -439,3 +439,11 @@ def test_ci_warns_when_the_allowed_signers_it_ships_stops_trusting_its_key(autho
     author("--root", src, "snap", "/etc/isconf/allowed_signers")
     err = author.ci().err
     assert "the allowed_signers this check-in ships does not trust" in err, err
+
+
+def test_an_unsigned_branch_takes_unsigned_check_ins_for_insecure_hosts(tmp_path):
+    unsigned = Author(str(tmp_path / "repo"))  # no keys: every publication --unsigned
+    unsigned.commit(["reboot"])
+    unsigned.commit(["reboot"])
+    unsigned("fork", "canary", "--unsigned")
+    assert json.loads(open(unsigned.path("head")).read())["seq"] == 2
