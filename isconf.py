@@ -7136,7 +7136,7 @@ def build_parser(only=None):
     p.add_argument("-r", "--recursive", action="store_true", help="a directory with everything under it: "
                    "directories, files, symbolic links and hard links (default: the directory alone)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="with -r, leave out paths "
-                   "whose full path or name matches the shell PATTERN (repeatable)")
+                   "whose full path or name matches the shell PATTERN (repeatable; default: none)")
     p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
     p = verb("reboot", cmd_reboot, "stage a reboot", "isconf reboot -m 'new kernel'")
     p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
