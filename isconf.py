@@ -7017,9 +7017,12 @@ def build_parser(only=None):
         if unsigned:
             p.add_argument("--unsigned", action="store_true", help="publish an unsigned head, for --insecure hosts "
                            "only (default: off)")
+        signers_option(p, "to verify the branch as they do before anything is written")
+
+    def signers_option(p, what):
         p.add_argument("--signers", metavar="FILE", help="the keys the branch's hosts trust (allowed_signers "
-                       "format), to verify the branch as they do before anything is written (default: "
-                       "$ISCONF_SIGNERS, else, on a host of the branch, the keys it trusts)")
+                       "format), %s (default: $ISCONF_SIGNERS, else, on a host of the branch, the keys it trusts)"
+                       % what)
 
     def now_option(p):
         p.add_argument("--now", metavar="TIME", help="judge expiry and key validity as if the UTC time were TIME, "
@@ -7121,8 +7124,7 @@ def build_parser(only=None):
                    "(required)")
     p.add_argument("--new", action="store_true", help="start a branch that does not exist yet (default: refuse "
                    "a branch never published, naming those that were)")
-    p.add_argument("--signers", metavar="FILE", help="the keys the branch's hosts trust, to finish a publication "
-                   "a crash interrupted (default: $ISCONF_SIGNERS, else, on a host of the branch, the keys it trusts)")
+    signers_option(p, "to finish a publication a crash interrupted")
     p = verb("exec", cmd_exec, "run a command now (inside --root) and stage it if it exits 0",
              "isconf exec -m 'web server' -- apt-get install -y nginx")
     p.add_argument("--no-run", action="store_true", help="stage without running (default: run first)")
@@ -7151,8 +7153,7 @@ def build_parser(only=None):
     p.add_argument("seq", type=whole_number, metavar="SEQ", help="the entry to retract")
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="why, shown by every host's status "
                    "and log (required)")
-    p.add_argument("--signers", metavar="FILE", help="the keys the branch's hosts trust, to verify the entry it "
-                   "names (default: $ISCONF_SIGNERS, else, on a host of the branch, the keys it trusts)")
+    signers_option(p, "to verify the entry it names")
     p = verb("staged", cmd_staged, "list what is staged on the branch, numbered from 1",
              "isconf staged\nisconf staged --json")
     p.add_argument("--json", action="store_true", help="a JSON list (default: text)")
