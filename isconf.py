@@ -102,6 +102,7 @@ DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MI
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
 DEFAULT_REBOOT = "/sbin/reboot"
 DEFAULT_INTERRUPTED_MAX = 3     # starts of one transaction that never ended before it is halted: no boot loop
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"  # the running kernel's: a start records it, to tell a reboot after it
 INTERRUPTED_MOST = 1000         # the largest interrupted_max a config may set
 DEFAULT_BOOT_WAIT = 300         # seconds 'up --boot' waits for a repository before giving up the boot's run
 BOOT_WAIT_MAX = 86400           # a boot is never held longer than a day, whatever the config says
@@ -3094,6 +3095,18 @@ def check_config_value(value, what):
                          "without it (an exec can add it)" % what)
 
 
+def boot_id():
+    """The running kernel's boot id (BOOT_ID_PATH, a new one at every boot), or None where it cannot be
+    read (no /proc): a 'started' record carries it, so that a later run tells whether the machine rebooted
+    since.  The host's own kernel, even under --root: the target's /proc is not the machine's."""
+    try:
+        with open(BOOT_ID_PATH, "rb") as f:
+            text = f.read(64).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if re.match(r"^[0-9a-f-]{36}$", text) else None
+
+
 class History(object):
     """Append-only record of what this host did: started before, done or failed after.
 
@@ -3119,15 +3132,19 @@ class History(object):
         if len(extra.get("error", "")) > ERROR_MAX:  # a failed snap of many files names them all
             extra["error"] = extra["error"][:ERROR_MAX] + "..."
         fields = dict(extra, event=event, seq=entry.seq, id=entry.id, time=format_time(time.time()))
-        self.events.append(fields)
         if self.fd is None:
             self.fd = self.state.open_records("history")
+        # A signal that stops the run waits for the record: never torn by a Ctrl-C, and in events once on disk.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             write_record(self.fd, fields)
+            self.events.append(fields)
         except BaseException:
             os.close(self.fd)  # a record torn by a full disk: the next one opens the file again, cutting it
             self.fd = None
             raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def applied(self):
         """(seq, id) of the last transaction done or skipped, or of the baseline: the applied prefix."""
@@ -3144,23 +3161,47 @@ class History(object):
                 return event["seq"], event["id"]
         return None
 
-    def interrupted(self, entry):
-        """How many times this entry was started and never ended: a 'started' with no 'done' or
-        'failed' of that attempt after it (the machine rebooted or lost power under it, or the
-        agent was killed).  Counted since it was last done or skipped; the 'failed' that halts it
+    def interruptions(self, entry, boot=None):
+        """The attempts at this entry since it was last done or skipped that ended neither done nor failed.
+
+        An attempt counts toward interrupted_max when its 'started' has no end record (the agent
+        vanished: killed by SIGKILL or the OOM killer, or the machine went down under it), or when the
+        agent ended it on a signal it caught ('interrupted') and the machine rebooted before the next
+        start: init stopping the agent for a shutdown, as an exec that reboots the machine brings about.
+        One stopped by a signal with no reboot after it (Ctrl-C, SIGTERM from a human or timeout(1))
+        does not count.  Whether a reboot followed an attempt: its start's boot id against the next
+        start's, or for the last one against boot (the running kernel's, boot_id()).
+
+        {"attempts": how many count, "rebooted": how many of those a reboot followed, "unknown": how many
+        of those cannot tell (a start recorded without a boot id, by an older isconf or without /proc),
+        "signals": the names of the signals that stopped the others}.  The 'failed' that halts the entry
         for this (it carries 'interrupted') ends no attempt, so the halt holds at every run."""
-        count, running = 0, False
+        attempts = []  # [the start's boot id, how it ended: None (it did not), "failed", or a signal's name]
         for event in self.events:
             if event["id"] != entry.id or event["seq"] != entry.seq:
                 continue
-            if event["event"] == "started":
-                count += running
-                running = True
-            elif event["event"] in ("done", "authored", "skipped", "retracted"):
-                count, running = 0, False
-            elif event["event"] == "failed" and "interrupted" not in event:
-                running = False
-        return count + running
+            kind = event["event"]
+            if kind == "started":
+                attempts.append([event.get("boot_id"), None])
+            elif kind in ("done", "authored", "skipped", "retracted"):
+                attempts = []
+            elif attempts and attempts[-1][1] is None:
+                if kind == "failed" and "interrupted" not in event:
+                    attempts[-1][1] = "failed"
+                elif kind == "interrupted":
+                    attempts[-1][1] = str(event.get("signal") or "a signal")
+        seen = {"attempts": 0, "rebooted": 0, "unknown": 0, "signals": []}
+        for (started, ended), after in zip(attempts, [a[0] for a in attempts[1:]] + [boot]):
+            rebooted = started != after if isinstance(started, str) and after else None
+            if ended == "failed":
+                continue
+            if ended is not None and not rebooted:
+                seen["signals"].append(ended)
+                continue
+            seen["attempts"] += 1
+            seen["rebooted"] += rebooted is True
+            seen["unknown"] += rebooted is None
+        return seen
 
     def last(self, entry):
         """The last event recorded for this entry (by its id: another branch's entry of the
@@ -4571,12 +4612,22 @@ class Applier(object):
         self.boot, self._boot_bin = boot, None  # at boot, execs find a systemctl that does not wait (boot_bin)
         self.lock, self.argv = lock, argv
         self.interpreter, self.agent_files = interpreter_identity(), agent_files()
+        self.boot_id = boot_id()  # recorded in every 'started': a later run tells whether the machine rebooted
         # Who applied each transaction, as this process started: kept in its done or failed record.
         self.provenance = {"agent": __version__, "python": sys.version.split()[0],
                            "python_path": os.path.realpath(sys.executable)}
 
     def apply(self, plan, allow_reboot=False):
-        """Apply pending transactions in order, halting at the first failure."""
+        """Apply pending transactions in order, halting at the first failure.  An attempt the agent
+        stops on a signal it caught ends with a record of it (record_interrupted)."""
+        ran = len(self.history.events)  # what this run records comes after
+        try:
+            return self.apply_in_order(plan, allow_reboot)
+        except KeyboardInterrupt as e:
+            self.record_interrupted(plan, ran, e)
+            raise
+
+    def apply_in_order(self, plan, allow_reboot):
         host, history = self.host, self.history
         retracted = retractions(plan.pending)
         for entry in plan.pending:
@@ -4592,12 +4643,12 @@ class Applier(object):
                 say("transaction %d %s" % (entry.seq, why))
                 return code
             position, summary, started = "[%d/%d]" % (entry.seq, plan.head.seq), entry.summary(), time.monotonic()
-            interrupted = history.interrupted(entry)
-            if interrupted >= self.config.interrupted_max:
+            interrupted = history.interruptions(entry, self.boot_id)
+            if interrupted["attempts"] >= self.config.interrupted_max:
                 REPORTER.end(position, summary, "halted", 0)
                 self.halt_interrupted(entry, interrupted)
             REPORTER.begin(position, summary)
-            history.record("started", entry)
+            history.record("started", entry, **({"boot_id": self.boot_id} if self.boot_id else {}))
             try:
                 outcome = self.apply_one(entry)
             except (TransactionFailed, StateError) as e:
@@ -4622,13 +4673,40 @@ class Applier(object):
         self.finish(plan)
         return EXIT_OK
 
-    def halt_interrupted(self, entry, count):
-        """Fail a transaction that was started count times and never ended, without starting it again:
-        run again at every boot (rule 5), an exec that reboots the machine would loop its boots for ever."""
-        error = ("started %d times without ending (interrupted_max %d): it probably reboots or powers off the "
-                 "machine, or kills the agent, so it is not started again. A reboot belongs in a 'reboot' entry "
-                 "('isconf reboot'), not in an exec: once the journal has one, run 'isconf skip %d -m WHY'"
-                 % (count, self.config.interrupted_max, entry.seq))
+    def record_interrupted(self, plan, ran, error):
+        """End the attempt the agent stops on a signal it caught (Ctrl-C, SIGTERM, SIGHUP: error), once
+        the command's process group is gone: an 'interrupted' record naming the signal, on disk before
+        the agent exits.  Not counted toward interrupted_max unless the machine reboots before the next
+        start (History.interruptions).  Nothing when no attempt of this run (the records after ran) is
+        open: the signal came between two transactions, or before the first."""
+        events = self.history.events
+        if len(events) <= ran or events[-1]["event"] != "started":
+            return
+        entry = next((e for e in plan.pending if (e.seq, e.id) == (events[-1]["seq"], events[-1]["id"])), None)
+        if entry is None:
+            return
+        name = signal.Signals(getattr(error, "signum", signal.SIGINT)).name
+        self.history.record("interrupted", entry, signal=name)
+        self.host.logs.note(entry, "[isconf] interrupted by %s" % name)
+
+    def halt_interrupted(self, entry, seen):
+        """Fail a transaction started interrupted_max times that never ended (History.interruptions: seen),
+        without starting it again: run again at every boot (rule 5), an exec that reboots the machine would
+        loop its boots for ever.  The message says whether the machine rebooted during those attempts."""
+        count = seen["attempts"]
+        error = "started %d times without ending (interrupted_max %d)" % (count, self.config.interrupted_max)
+        reboot = ("A reboot belongs in a 'reboot' entry ('isconf reboot'), not in an exec: once the journal has one, "
+                  "run 'isconf skip %d -m WHY'" % entry.seq)
+        if seen["rebooted"]:
+            error += (", the machine rebooting during %d of them: it probably reboots or powers off the machine "
+                      "itself, so it is not started again. %s" % (seen["rebooted"], reboot))
+        elif seen["unknown"]:  # starts recorded by an older isconf, without a boot id
+            error += ": it probably reboots or powers off the machine, or kills the agent, so it is not started " \
+                     "again. %s" % reboot
+        else:
+            error += (", vanishing each time without a reboot: the agent was killed (SIGKILL, the OOM killer, or the "
+                      "command killing it), so it is not started again. Find what kills it, then run 'isconf skip "
+                      "%d -m WHY', or raise interrupted_max in the host config to let it run again" % entry.seq)
         self.history.record("failed", entry, error=error, interrupted=count, **self.provenance)
         self.host.logs.note(entry, "[isconf] %s halted: %s" % (format_time(time.time()), error))
         raise TransactionFailed("transaction %d halted: %s; log in %s" % (entry.seq, error, self.host.logs.path(entry)))
@@ -4916,17 +4994,25 @@ def status_report(host):
             report["needs_newer"] = {"seq": waiting[0].seq, "id": waiting[0].id, "kind": waiting[0].kind,
                                      "error": str(e)}
     # The last event (the recent history ends with it): a 'started' that is the run holding the lock, or
-    # one that never ended (killed, a power cut).
+    # one that never ended (killed, a power cut); or an 'interrupted', the end of one stopped by a signal.
     events = history.events
-    started = events[-1] if events and events[-1]["event"] == "started" else None
-    if started is not None:
-        entry = next((e for e, _, _ in rows if e.id == started["id"]), None)
-        # attempts: how many times it was started without ending, this one included (History.interrupted);
-        # at interrupted_max the next 'up' halts it instead.
-        started = {"seq": started["seq"], "id": started["id"], "summary": entry.summary() if entry else None,
-                   "since": started.get("time"), "attempts": history.interrupted(entry) if entry else 1}
+    last = events[-1] if events and events[-1]["event"] in ("started", "interrupted") else None
+    started = None
+    if last is not None:
+        start = next((e for e in reversed(events) if e["event"] == "started" and e["id"] == last["id"]), last)
+        entry = next((e for e, _, _ in rows if e.id == last["id"]), None)
+        # attempts: how many count toward interrupted_max, this one included if it never ended
+        # (History.interruptions); at interrupted_max the next 'up' halts it instead.  rebooted: how many of
+        # those the machine rebooted during; signal: what stopped this one (null: it never ended); signals:
+        # what stopped the attempts that do not count.
+        seen = history.interruptions(entry, boot_id()) if entry else {"attempts": 1, "rebooted": 0, "signals": []}
+        started = {"seq": last["seq"], "id": last["id"], "summary": entry.summary() if entry else None,
+                   "since": start.get("time"), "attempts": seen["attempts"], "rebooted": seen["rebooted"],
+                   "signal": last.get("signal") if last["event"] == "interrupted" else None,
+                   "signals": seen["signals"]}
     holder = lock_holder(host)
-    report["running"] = dict(holder, transaction=started) if holder else None
+    report["running"] = dict(holder, transaction=started if last and last["event"] == "started" else None) \
+        if holder else None
     report["interrupted"] = started if started and not holder else None
     report["last_run"] = last_run(host)
     result = (report["last_run"] or {}).get("result")
@@ -4972,9 +5058,17 @@ def status_text(report, interrupted_max):
                                                           ", transaction %d %s" % (doing["seq"], doing["summary"])
                                                           if doing else ""))
     if interrupted:
-        lines.append("INTERRUPTED:  seq %d %s (started %s, never ended; interrupted %d of %d times: the next 'up' %s)"
-                     % (interrupted["seq"], interrupted["summary"], interrupted["since"], interrupted["attempts"],
-                        interrupted_max, "halts it" if interrupted["attempts"] >= interrupted_max else "runs it again"))
+        said = ["started %s, %s" % (interrupted["since"], "stopped by %s" % interrupted["signal"]
+                                    if interrupted["signal"] else "never ended")]
+        if interrupted["signals"]:
+            said.append("stopped by a signal %d times without a reboot, not counted (%s)"
+                        % (len(interrupted["signals"]), ", ".join(sorted(set(interrupted["signals"])))))
+        said.append("interrupted %d of %d times%s" % (interrupted["attempts"], interrupted_max,
+                                                     ", the machine rebooting during %d" % interrupted["rebooted"]
+                                                     if interrupted["rebooted"] else ""))
+        lines.append("INTERRUPTED:  seq %d %s (%s: the next 'up' %s)"
+                     % (interrupted["seq"], interrupted["summary"], "; ".join(said),
+                        "halts it" if interrupted["attempts"] >= interrupted_max else "runs it again"))
     if report["fetched"]:
         lines.append("pending:      %d (verified head at seq %d)" % (report["pending"], report["head_seq"]))
     else:

@@ -109,8 +109,9 @@ def test_a_stopped_run_stops_its_command_and_leaves_the_transaction_to_run_again
         "isconf: interrupted by %s; nothing is left half-recorded: run the command again to carry on"
         % signal.Signals(signum).name]
     assert wait_gone(daemons[0])
-    events = [json.loads(l)["event"] for l in open(host.state("history"))]
-    assert events == ["started"]
+    events = [json.loads(l) for l in open(host.state("history"))]
+    assert [(e["event"], e.get("signal")) for e in events] == [("started", None),
+                                                               ("interrupted", signal.Signals(signum).name)]
     host("up", expect="ok")  # interrupted means run again
     assert host.status()["applied_seq"] == 1
 

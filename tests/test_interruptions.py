@@ -1,0 +1,243 @@
+"""Interruptions told apart: an attempt the agent stops on a signal it caught ends with an 'interrupted'
+record naming the signal; only attempts that vanished (or that a reboot followed) count toward
+interrupted_max, and the halt says whether the machine rebooted during them.  A reboot is modelled by
+the history alone: a start recorded under another boot id is what a rebooted machine finds."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ISCONF, undated
+
+
+# The command under test: counts its attempts, then sleeps (by exec: the pid it wrote is the sleep's)
+# until /tmp/go exists.
+LONG = "echo x >> /tmp/attempts; echo $$ > /tmp/pid; test -e /tmp/go || exec sleep 60"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def other_boot(n):
+    """The boot id of the n-th boot before this one (each boot has its own)."""
+    return "00000000-0000-4000-8000-%012d" % n
+
+
+def history(host):
+    with open(host.state("history")) as f:
+        return [json.loads(line) for line in f]
+
+
+def rewrite_history(host, change):
+    """The history as a later run finds it: change(event, n) edits each event in place (n: how many
+    starts came before it)."""
+    events, n = history(host), 0
+    for event in events:
+        change(event, n)
+        n += event["event"] == "started"
+    with open(host.state("history"), "w") as f:
+        f.write("".join(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n" for e in events))
+
+
+def attempts(host):
+    try:
+        with open(host.path("/tmp/attempts")) as f:
+            return len(f.read().split())
+    except FileNotFoundError:
+        return 0
+
+
+def pid_alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid, seconds=15):
+    deadline = time.time() + seconds
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+@pytest.fixture
+def leftovers():
+    """pids of commands a killed agent could not stop: killed after the test whatever happened."""
+    pids = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def long_host(author, host, busybox_root):
+    """A host whose only transaction runs a command that sleeps until told to go (interrupted_max 3)."""
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", LONG])
+    host.init(author.repo, author.keys)
+    return host
+
+
+def stopped_up(host, signum, leftovers):
+    """One 'up' stopped by signum while its command sleeps; returns its exit status.  The agent stops the
+    command itself on a signal it catches; after a SIGKILL the command is left running, and killed here."""
+    before = attempts(host)
+    agent = subprocess.Popen([sys.executable, "-I", ISCONF, "--root", host.root, "up"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while attempts(host) == before or not os.path.exists(host.path("/tmp/pid")):
+            assert agent.poll() is None and time.time() < deadline, "the command never started"
+            time.sleep(0.05)
+        time.sleep(0.2)  # the shell wrote its pid: it is the sleep now
+        with open(host.path("/tmp/pid")) as f:
+            command = int(f.read())
+        os.unlink(host.path("/tmp/pid"))
+        leftovers.append(command)
+        agent.send_signal(signum)
+        code = agent.wait(60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(30)
+    if signum == signal.SIGKILL:
+        os.kill(command, signal.SIGKILL)
+    assert wait_gone(command), "the command outlived the run"
+    return code
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_long_command_stopped_by_a_signal_three_times_is_never_halted(long_host, signum, leftovers):
+    host, name = long_host, signal.Signals(signum).name
+    for n in (1, 2, 3):
+        assert stopped_up(host, signum, leftovers) == 128 + signum
+        report = host.status()
+        assert report["state"] == "interrupted", report
+        assert report["interrupted"]["signal"] == name and report["interrupted"]["attempts"] == 0, report
+        assert report["interrupted"]["signals"] == [name] * n and report["interrupted"]["rebooted"] == 0, report
+    text = host("status").out
+    assert ("stopped by %s; stopped by a signal 3 times without a reboot, not counted (%s); interrupted 0 of 3 "
+            "times: the next 'up' runs it again" % (name, name)) in text, text
+    open(host.path("/tmp/go"), "w").close()
+    host("up", expect="ok")  # the fourth runs it to its end
+    assert attempts(host) == 4 and host.status()["state"] == "up-to-date"
+    events = history(host)
+    assert [(e["event"], e.get("signal")) for e in events] == \
+        [("started", None), ("interrupted", name)] * 3 + [("started", None), ("done", None)]
+    with open(BOOT_ID) as f:
+        boot = f.read().strip()
+    assert [e["boot_id"] for e in events if e["event"] == "started"] == [boot] * 4
+
+
+def test_only_attempts_that_vanished_count_and_the_halt_says_there_was_no_reboot(long_host, leftovers):
+    host = long_host
+    for signum in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        stopped_up(host, signum, leftovers)
+    report = host.status()
+    assert report["interrupted"]["attempts"] == 3 and report["interrupted"]["signal"] is None, report
+    assert report["interrupted"]["signals"] == ["SIGTERM", "SIGINT", "SIGTERM"], report
+    assert "never ended; stopped by a signal 3 times without a reboot, not counted (SIGINT, SIGTERM); interrupted " \
+        "3 of 3 times: the next 'up' halts it" in host("status").out
+    for _ in range(2):  # halted, and it stays halted
+        proc = host("up", expect="failed")
+        assert attempts(host) == 6
+        line = undated(proc.err).splitlines()[0]
+        assert line.startswith("isconf: error: transaction 1 halted: started 3 times without ending (interrupted_max "
+                               "3), vanishing each time without a reboot: the agent was killed (SIGKILL, the OOM "
+                               "killer, or the command killing it), so it is not started again."), line
+        assert "isconf skip 1 -m WHY" in line and "interrupted_max" in line and "reboot' entry" not in line
+    assert [e["interrupted"] for e in history(host) if e["event"] == "failed"] == [3, 3]
+
+
+@pytest.mark.parametrize("moved,rebooted", [([0, 1, 2], 3), ([0], 1)])
+def test_the_halt_says_the_machine_rebooted_during_the_attempts_that_vanished(long_host, leftovers, moved,
+                                                                                rebooted):
+    # Attempt n (0: the first) was made under a boot of its own: the machine rebooted before the next start.
+    host = long_host
+    for _ in range(3):
+        stopped_up(host, signal.SIGKILL, leftovers)
+    rewrite_history(host, lambda e, n: e.update(boot_id=other_boot(n + 1)) if e["event"] == "started" and n in moved
+                    else None)
+    report = host.status()
+    assert report["interrupted"]["attempts"] == 3 and report["interrupted"]["rebooted"] == rebooted, report
+    assert "interrupted 3 of 3 times, the machine rebooting during %d: the next 'up' halts it" % rebooted \
+        in host("status").out
+    proc = host("up", expect="failed")
+    line = undated(proc.err).splitlines()[0]
+    assert ("halted: started 3 times without ending (interrupted_max 3), the machine rebooting during %d of them: it "
+            "probably reboots or powers off the machine itself, so it is not started again. A reboot belongs in a "
+            "'reboot' entry" % rebooted) in line, line
+    assert attempts(host) == 3
+
+
+def test_a_signal_followed_by_a_reboot_counts_as_init_stopping_the_agent_for_a_shutdown(long_host, leftovers):
+    # An exec that reboots the machine: systemd stops the agent with SIGTERM as the machine goes down, and
+    # the agent records it; the next start is under a new boot id.  Three of them halt it: no boot loop.
+    host = long_host
+    for _ in range(3):
+        stopped_up(host, signal.SIGTERM, leftovers)
+    rewrite_history(host, lambda e, n: e.update(boot_id=other_boot(n + 1)) if e["event"] == "started" else None)
+    report = host.status()
+    assert report["interrupted"]["attempts"] == 3 and report["interrupted"]["signals"] == [], report
+    proc = host("up", expect="failed")
+    assert "started 3 times without ending (interrupted_max 3), the machine rebooting during 3 of them" in proc.err
+    assert attempts(host) == 3
+
+
+def test_a_history_without_boot_ids_still_halts_with_the_old_wording(long_host, leftovers):
+    # Starts recorded by an older isconf: whether the machine rebooted is unknown.
+    host = long_host
+    for _ in range(3):
+        stopped_up(host, signal.SIGKILL, leftovers)
+    rewrite_history(host, lambda e, n: e.pop("boot_id", None))
+    assert host.status()["interrupted"]["attempts"] == 3
+    proc = host("up", expect="failed")
+    assert "started 3 times without ending (interrupted_max 3): it probably reboots or powers off the machine, or " \
+        "kills the agent, so it is not started again. A reboot belongs in a 'reboot' entry" in proc.err
+    assert attempts(host) == 3
+
+
+def test_a_signal_outside_a_transaction_records_nothing(long_host, leftovers):
+    # The run is stopped while it waits for a mirror that never answers: the attempt a killed run left
+    # behind stays one that vanished (it is not this run's to end).
+    host = long_host
+    stopped_up(host, signal.SIGKILL, leftovers)
+    before = history(host)
+    silent = socket.socket()
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        config = host.path("/etc/isconf/isconf.conf")
+        with open(config) as f:
+            text = f.read()
+        text, found = re.subn(r"(?m)^urls = .*$", "urls = http://127.0.0.1:%d/" % silent.getsockname()[1], text)
+        assert found == 1, text
+        with open(config, "w") as f:
+            f.write(text)
+        agent = subprocess.Popen([sys.executable, "-I", ISCONF, "--root", host.root, "up"], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            silent.settimeout(60)
+            connection, _ = silent.accept()  # the agent is waiting for the answer
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(60) == 128 + signal.SIGTERM
+            connection.close()
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait(30)
+    finally:
+        silent.close()
+    assert history(host) == before
+    report = host.status()
+    assert report["interrupted"]["attempts"] == 1 and report["interrupted"]["signal"] is None, report
