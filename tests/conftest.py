@@ -7,7 +7,8 @@ Environment variables that tune the suite (each has a default; none is needed):
                       the same bytes (but for signatures, made with the session's own key), and prints a
                       crashing input whole; the kill harness kills at the same times, but where a kill lands
                       in the agent's work depends on the machine's speed.
-  ISCONF_KILLS        how many SIGKILLs test_crash's random-kill harness lands (default 50)
+  ISCONF_KILLS        how many kills test_crash's random-kill harness lands (default 50; half SIGKILL, the
+                      others SIGTERM or SIGINT, which the agent catches)
   ISCONF_FUZZ_INPUTS  how many mutated inputs test_fuzz feeds the parsers in process (default 100000)
   ISCONF_FUZZ_RUNS    how many end-to-end runs test_fuzz makes against a mutating mirror (default 200)
 """

@@ -1,4 +1,4 @@
-"""Crashes, power cuts, full disks (rule 5): random SIGKILLs over a journal of every kind,
+"""Crashes, power cuts, full disks (rule 5): random SIGKILLs (and SIGTERMs, SIGINTs) over a journal of every kind,
 a durability audit of an uninterrupted run from its system calls, and a full disk during a snap.
 
 The agent runs from inside the host root (as in test_upgrade) so that the journal can replace
@@ -183,14 +183,18 @@ def raise_interrupted_max(root, most):
 
 
 def attempts(events):
-    """(seq, n): the first transaction not done and how many times it was started, by the history.
+    """(seq, n, starts): the first transaction not done, how many of its attempts count toward
+    interrupted_max, and how many times it was started, by the history.
 
-    The harness's transactions never fail and are never skipped, so each 'started' of a transaction
-    not yet done is an attempt that never ended (README, interrupted_max): n of them.  The agent halts
+    The harness's transactions never fail and are never skipped, and the machine never reboots under
+    them, so an attempt counts (README, interrupted_max) when its 'started' is not followed by an
+    'interrupted' record of a signal the agent caught: SIGKILL left it without an end.  The agent halts
     that transaction, instead of starting it again, once n reaches interrupted_max."""
     done = {e["seq"] for e in events if e["event"] == "done"}
     seq = min(set(range(1, TRANSACTIONS + 1)) - done, default=None)
-    return seq, sum(1 for e in events if e["event"] == "started" and e["seq"] == seq)
+    own = [e["event"] for e in events if e["seq"] == seq]
+    vanished = sum(1 for i, e in enumerate(own) if e == "started" and own[i + 1:i + 2] != ["interrupted"])
+    return seq, vanished, own.count("started")
 
 
 def runs(root):
@@ -269,7 +273,8 @@ class Watcher(threading.Thread):
         return self.torn
 
 
-HALTED = "isconf: error: transaction %d halted: started %d times without ending (interrupted_max %d): "
+HALTED = ("isconf: error: transaction %d halted: started %d times without ending (interrupted_max %d), vanishing each "
+          "time without a reboot: ")
 
 
 def check_halted(root, code, err, before, seq, count, most):
@@ -290,9 +295,24 @@ def check_kill_point(root):
             assert f.read() in versions, "%s is torn" % rel
 
 
+# How the harness stops a run: half the kills are SIGKILLs, which alone leave an attempt without an end.
+STOPS = (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+
+
+def stopped_by(stop, code, err):
+    """Whether a run ended as the signal stop ends one: a signal the agent catches with 128 + the signal;
+    while the interpreter starts (a re-exec's too), before the handlers are in place, by the signal itself;
+    a SIGINT while it compiles the script, before any of it runs, with its one line 'KeyboardInterrupt'
+    and exit 1."""
+    if code == -stop or (stop != signal.SIGKILL and code == 128 + stop):
+        return True
+    return stop == signal.SIGINT and code == 1 and err.strip() == "KeyboardInterrupt"
+
+
 def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tmp_path, seed):
-    # A transaction the kills interrupt interrupted_max times is halted (exit 1): the harness, reading the history,
-    # knows beforehand which run that is, checks it, raises interrupted_max as an admin would, and carries on.
+    # A transaction the SIGKILLs interrupt interrupted_max times is halted (exit 1): the harness, reading the
+    # history, knows beforehand which run that is, checks it, raises interrupted_max as an admin would, and carries
+    # on.  A SIGTERM or SIGINT the agent catches ends its attempt with a record of it, which never counts.
     reference = copy_host(every_kind, str(tmp_path / "reference"))
     started = time.monotonic()
     code, out, err = finish(agent(reference, "up"))
@@ -304,6 +324,7 @@ def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tm
     rng = random.Random(seed)
     kills, rounds, halts = 0, 0, 0
     reads, landed = 0, collections.Counter()  # the transaction each kill interrupted (0: none), for the figures
+    stops = collections.Counter()  # the kills by signal, for the figures
     while kills < KILLS:
         rounds += 1
         root = copy_host(every_kind, str(tmp_path / ("round%d" % rounds)))
@@ -311,34 +332,42 @@ def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tm
         while True:
             before, events = runs(root), history(root)
             done = {e["seq"] for e in events if e["event"] == "done"}
-            pending, count = attempts(events)
+            pending, count, starts = attempts(events)
             halting = pending is not None and count >= most
             # At the largest interrupted_max a config may hold, a transaction one start short of it is left to end.
             spare = halting or (count == most - 1 and most == INTERRUPTED_MOST)
+            when, stop = rng.uniform(0, duration), rng.choice(STOPS)
             proc, watcher = agent(root, "up"), Watcher(root)
             try:
-                proc.wait(None if spare else rng.uniform(0, duration))
+                proc.wait(None if spare else when)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, stop)
             code, out, err = finish(proc)
             assert not watcher.stop(), "seen torn (name, size): %s" % watcher.torn[:5]
             reads += watcher.reads
-            if code == -signal.SIGKILL:
-                last = history(root)[-1:]
-                landed[last[0]["seq"] if last and last[0]["event"] == "started" else 0] += 1
+            new = history(root)[len(events):]
+            stopped = code != 0 and not halting
+            if stopped:
+                assert stopped_by(stop, code, err), (signal.Signals(stop).name, code, err)
+                if code == 128 + stop:  # the agent caught it: the attempt it stopped, if any, ends with a record of it
+                    assert not new or new[-1]["event"] != "started", (signal.Signals(stop).name, new)
+                    assert [e.get("signal") for e in new if e["event"] == "interrupted"] in (
+                        [], [signal.Signals(stop).name]), new
+                landed[new[-1]["seq"] if new and new[-1]["event"] in ("started", "interrupted") else 0] += 1
+                stops[signal.Signals(stop).name] += 1
             reap(root)
             check_kill_point(root)
             again = runs(root)[len(before):]
             # Only the transaction interrupted before runs again; none recorded done ever does.
             assert not done & set(again), (done, again)
-            assert set(again) & set(before) <= ({pending} if count else set()), (before, again, pending, count)
+            assert set(again) & set(before) <= ({pending} if starts else set()), (before, again, pending, starts)
             if halting:
                 check_halted(root, code, err, before, pending, count, most)
                 halts += 1
                 most = count + 1
                 raise_interrupted_max(root, most)
                 continue
-            if code != -signal.SIGKILL:
+            if not stopped:
                 assert code == 0, err
                 break
             kills += 1
@@ -349,9 +378,10 @@ def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tm
             rounds, [(p, got.get(p), want.get(p)) for p in differ] or (links, want_links))
         assert config(root) == config(reference, most)  # and the config by interrupted_max alone
         shutil.rmtree(root)
-    print("%d kills in %d rounds, by transaction interrupted %s; %d halted at interrupted_max and raised; %d reads "
-          "of snapped files during the runs; an uninterrupted run takes %.2fs"
-          % (kills, rounds, sorted(landed.items()), halts, reads, duration))
+    print("%d kills (%s) in %d rounds, by transaction interrupted %s; %d halted at interrupted_max and raised; %d "
+          "reads of snapped files during the runs; an uninterrupted run takes %.2fs"
+          % (kills, ", ".join("%d %s" % (n, name) for name, n in sorted(stops.items())), rounds,
+             sorted(landed.items()), halts, reads, duration))
 
 
 TRACED = "openat,write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,close,sync,syncfs,mkdir,mkdirat"

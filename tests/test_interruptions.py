@@ -3,6 +3,7 @@ record naming the signal; only attempts that vanished (or that a reboot followed
 interrupted_max, and the halt says whether the machine rebooted during them.  A reboot is modelled by
 the history alone: a start recorded under another boot id is what a rebooted machine finds."""
 
+import glob
 import json
 import os
 import re
@@ -92,8 +93,8 @@ def stopped_up(host, signum, leftovers):
     """One 'up' stopped by signum while its command sleeps; returns its exit status.  The agent stops the
     command itself on a signal it catches; after a SIGKILL the command is left running, and killed here."""
     before = attempts(host)
-    agent = subprocess.Popen([sys.executable, "-I", ISCONF, "--root", host.root, "up"], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen([host.python or sys.executable, "-I", ISCONF, "--root", host.root, "up"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
         while attempts(host) == before or not os.path.exists(host.path("/tmp/pid")):
@@ -116,9 +117,14 @@ def stopped_up(host, signum, leftovers):
     return code
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_a_long_command_stopped_by_a_signal_three_times_is_never_halted(long_host, signum, leftovers):
+@pytest.mark.parametrize("signum,python", [(signal.SIGTERM, None), (signal.SIGINT, None), (signal.SIGHUP, None),
+                                           (signal.SIGTERM, "3.6")], ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGTERM-3.6"])
+def test_a_long_command_stopped_by_a_signal_three_times_is_never_halted(long_host, signum, python, leftovers):
     host, name = long_host, signal.Signals(signum).name
+    if python:  # the oldest interpreter the agent supports
+        found = sorted(glob.glob("/root/.pyenv/versions/%s.*/bin/python3" % python))
+        assert found, "no Python %s under /root/.pyenv" % python
+        host.python = found[-1]
     for n in (1, 2, 3):
         assert stopped_up(host, signum, leftovers) == 128 + signum
         report = host.status()
@@ -159,7 +165,7 @@ def test_only_attempts_that_vanished_count_and_the_halt_says_there_was_no_reboot
     assert [e["interrupted"] for e in history(host) if e["event"] == "failed"] == [3, 3]
 
 
-@pytest.mark.parametrize("moved,rebooted", [([0, 1, 2], 3), ([0], 1)])
+@pytest.mark.parametrize("moved,rebooted", [([0, 1, 2], 3), ([0], 1)], ids=["after-each", "after-the-first"])
 def test_the_halt_says_the_machine_rebooted_during_the_attempts_that_vanished(long_host, leftovers, moved,
                                                                                 rebooted):
     # Attempt n (0: the first) was made under a boot of its own: the machine rebooted before the next start.
