@@ -3036,7 +3036,8 @@ CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
               "how long 'up --boot' waits for a mirror (default %d)" % DEFAULT_BOOT_WAIT),
     ConfigKey("interrupted_max", _number(int, INTERRUPTED_MOST), DEFAULT_INTERRUPTED_MAX, "N",
               "halt, as failed, a transaction started N times that never ended (it reboots the machine, or kills "
-              "the agent), instead of starting it again at every boot (default %d)" % DEFAULT_INTERRUPTED_MAX),
+              "the agent; a Ctrl-C or SIGTERM without a reboot does not count), instead of starting it again at "
+              "every boot (default %d)" % DEFAULT_INTERRUPTED_MAX),
     ConfigKey("metrics", _metrics, None, "PATH",
               "after every 'up', write a Prometheus text file at PATH inside the root, for node_exporter's "
               "textfile collector (a .prom file; default: none)"),
@@ -4687,7 +4688,10 @@ class Applier(object):
             return
         name = signal.Signals(getattr(error, "signum", signal.SIGINT)).name
         self.history.record("interrupted", entry, signal=name)
-        self.host.logs.note(entry, "[isconf] interrupted by %s" % name)
+        try:
+            self.host.logs.note(entry, "[isconf] interrupted by %s" % name)
+        except (OSError, IsconfError) as e:  # the history has it: the run still ends as the signal asked
+            warn("the log of transaction %d does not say it was interrupted: %s" % (entry.seq, e))
 
     def halt_interrupted(self, entry, seen):
         """Fail a transaction started interrupted_max times that never ended (History.interruptions: seen),

@@ -131,6 +131,9 @@ def test_a_long_command_stopped_by_a_signal_three_times_is_never_halted(long_hos
         assert report["state"] == "interrupted", report
         assert report["interrupted"]["signal"] == name and report["interrupted"]["attempts"] == 0, report
         assert report["interrupted"]["signals"] == [name] * n and report["interrupted"]["rebooted"] == 0, report
+        (log,) = glob.glob(host.state("logs", "000001-*.log"))
+        with open(log) as f:
+            assert f.read().rstrip().endswith("[isconf] interrupted by %s" % name)
     text = host("status").out
     assert ("stopped by %s; stopped by a signal 3 times without a reboot, not counted (%s); interrupted 0 of 3 "
             "times: the next 'up' runs it again" % (name, name)) in text, text
