@@ -573,9 +573,12 @@ def zeros_outside(fd, extents, size):
 
 def disk_digest(fd, recorded_size, extents=None):
     """(SHA-256, size) of an open file read as a snap stored it: the bytes at the recorded
-    extents when it holds only zeros elsewhere (a sparse file's holes), else the whole file."""
+    extents when it holds only zeros elsewhere (a sparse file's holes), else the whole file.
+    A file of another size is not read at all (its SHA-256 is None): the size says it differs."""
     size = os.fstat(fd).st_size
-    if extents is None or size != recorded_size or not zeros_outside(fd, extents, size):
+    if size != recorded_size:
+        return None, size
+    if extents is None or not zeros_outside(fd, extents, size):
         extents = [[0, size]]
     digest = hashlib.sha256()
     for offset, length in extents:
@@ -2359,6 +2362,8 @@ class RegularFile(FileType):
 
     def drift(self, look, record, st):
         drifts = []
+        # Sizes are compared before anything is hashed (disk_digest): a file of another size is drift
+        # without a byte read (attack: a sparse file of terabytes at a journaled path, days of holes to hash).
         if not (look.quick and st.st_size == record["size"] and st.st_mtime_ns == record["mtime_ns"]):
             with look.rootpath.open_file(record["path"]) as f:
                 digest, size = disk_digest(f.fileno(), record["size"], record.get("extents"))
@@ -4182,6 +4187,7 @@ class Sync(object):
         self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
         self.now = run.now
         self.signers = None
+        self.intact = set()   # staged objects whose bytes this run hashed: each is read once
         if self.config.insecure:
             warn("insecure mode: heads are not signature-checked; anyone on the network "
                  "can run commands as root here. Run 'isconf init --signers FILE' to fix.")
@@ -4384,8 +4390,7 @@ class Sync(object):
         objects = self.host.objects
         wanted = []
         for sha, size in needed.items():
-            staged = objects.stat(sha)
-            if staged is None or staged.st_size != size:
+            if not self.staged_intact(objects, sha, size):
                 wanted.append((sha, size))
         if not wanted:
             return
@@ -4404,6 +4409,28 @@ class Sync(object):
         for sha, _ in wanted:
             objects.rename(sha + ".part", sha)
         objects.fsync()
+
+    def staged_intact(self, objects, sha, size):
+        """Whether objects/SHA, staged by an earlier run, holds the object's bytes: its size, then its
+        hash, read once per run before any transaction (rule 4: an object damaged since it was
+        staged must not wait for its snap, after earlier transactions ran, to be found out).
+        A damaged one is removed, to be fetched again."""
+        if sha in self.intact:
+            return True
+        staged = objects.stat(sha)
+        if staged is None:
+            return False
+        if staged.st_size == size:
+            digest = hashlib.sha256()
+            with os.fdopen(objects.open(sha), "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() == sha:
+                self.intact.add(sha)
+                return True
+        warn("staged object %s is damaged (it changed since it was staged); fetching it again" % sha[:16])
+        objects.unlink(sha)
+        return False
 
     def fetch_objects(self, mirror, wanted, touched):
         """Fetch (sha, size) pairs with up to FETCH_THREADS requests in flight, each worker with
