@@ -83,6 +83,7 @@ MAX_REDIRECTS = 5               # a redirect loop must end
 FETCH_THREADS = 8               # objects in flight at once: a distant mirror's round trips overlap
 MAX_DEADLINE = 7 * 86400        # no one fetch may take longer, whatever its size
 INT_MAX = 2 ** 63 - 1           # every integer in the format fits a signed 64-bit field
+NUMBER_MAX = 32                 # characters of a JSON number: -INT_MAX-1 has 20, a float's repr at most 24
 ID_MAX = 2 ** 32 - 2            # the largest uid or gid; 2**32-1 means "unchanged" to chown
 MIN_RATE = 16 * 1024            # bytes/s a fetch may not fall below over its deadline
 SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
@@ -258,13 +259,31 @@ def canonical(obj):
                       ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
+def _bounded_number(convert):
+    def parse(text):
+        if len(text) > NUMBER_MAX:
+            raise ValueError("a number longer than %d characters" % NUMBER_MAX)
+        return convert(text)
+    return parse
+
+
+def parse_json(data):
+    """The one parse of JSON bytes, for every file and answer isconf reads.  A number's length is
+    checked before it is converted (attack: one number of megabytes of digits, which int() on
+    Python 3.6 to 3.10 converts in quadratic time), so a parse costs time linear in the bytes.
+    ValueError (UnicodeDecodeError among them) if it is not JSON."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_int=_bounded_number(int),
+                          parse_float=_bounded_number(float))
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise ValueError("arrays or objects nested too deep")
+
+
 def parse_canonical(data, what):
     """Parse bytes that must already be canonical; anything else is refused."""
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        # ValueError also covers an integer of more digits than int() converts (3.11+);
-        # RecursionError, arrays or objects nested thousands deep.
+        obj = parse_json(data)
+    except ValueError as e:  # a number longer than NUMBER_MAX, invalid UTF-8, nesting thousands deep
         raise Refused("%s is not valid JSON (%s); the file is damaged or not an isconf file"
                       % (what, str(e).split(":")[0][:80]))
     try:
@@ -672,8 +691,8 @@ def _lines_backward(fd, size, path, what):
 
 def _record(line, path, what, offset):
     try:
-        record = json.loads(line.decode("utf-8"))
-    except (ValueError, RecursionError):
+        record = parse_json(line)
+    except ValueError:
         record = None
     if not isinstance(record, dict):
         raise StateError("%s %s is damaged at byte %d; it was edited or the disk is failing" % (what, path, offset))
@@ -772,7 +791,7 @@ class FileLock(object):
         if not self.holder:
             return "another process"
         try:
-            fields = json.loads(os.pread(self.fd, 256, 0).decode("ascii"))
+            fields = parse_json(os.pread(self.fd, 256, 0))
         except (OSError, ValueError):  # empty: taken a moment ago, not yet named
             return "another process"
         if not (isinstance(fields, dict) and isinstance(fields.get("pid"), int)
@@ -2935,7 +2954,8 @@ class StateDir(object):
         os.fsync(self.fd)
 
 
-NUMBER_RE = re.compile(r"^\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\Z")
+# At most 18 digits on either side of the point: int() of a long decimal takes quadratic time before 3.11.
+NUMBER_RE = re.compile(r"^\+?(?:[0-9]{1,18}(?:\.[0-9]{0,18})?|\.[0-9]{1,18})(?:[eE][+-]?[0-9]{1,3})?\Z")
 
 
 def parse_positive(text, kind, what, most):
@@ -3489,7 +3509,7 @@ class Host(object):
         except FileNotFoundError:
             return None
         try:
-            record = json.loads(data.decode("utf-8"))
+            record = parse_json(data)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
         except ValueError:  # a damaged record still pauses the host: whoever wrote it meant that
@@ -4084,7 +4104,7 @@ def last_run(host):
     """What the last 'up' recorded (RunRecord.save), or None before the first; a damaged record is None too,
     as a monitor must still get the rest of the report (a torn one cannot be: it is replaced atomically)."""
     try:
-        record = json.loads(host.state.read("last-run", RECORD_MAX).decode("utf-8"))
+        record = parse_json(host.state.read("last-run", RECORD_MAX))
     except (FileNotFoundError, ValueError):
         return None
     if not (isinstance(record, dict) and isinstance(record.get("exit_code"), int) and TIME_RE.match(
@@ -4851,7 +4871,7 @@ def lock_holder(host):
     finally:
         os.close(fd)
     try:
-        named = json.loads(text.decode("ascii"))
+        named = parse_json(text)
     except ValueError:
         named = None
     if not (isinstance(named, dict) and isinstance(named.get("pid"), int) and TIME_RE.match(str(named.get("since")))):
@@ -5646,7 +5666,7 @@ class Repository(object):
                              "init-repo DIR'" % self.path)
         self.top = StateDir.at(self.path)
         try:
-            fields = json.loads(self.top.read(REPO_MARKER, HEAD_MAX).decode("utf-8"))
+            fields = parse_json(self.top.read(REPO_MARKER, HEAD_MAX))
         except FileNotFoundError:
             raise StateError("%s is not an isconf repository (no %s); create one with 'isconf init-repo DIR'"
                              % (self.path, REPO_MARKER))
@@ -5775,7 +5795,7 @@ class Repository(object):
     def lock_holder(self, branch):
         work = self.work_dir(branch)
         try:
-            holder = json.loads(work.read("lock", HEAD_MAX).decode("utf-8"))
+            holder = parse_json(work.read("lock", HEAD_MAX))
         except FileNotFoundError:
             return None
         except ValueError:
@@ -6055,7 +6075,7 @@ class Repository(object):
         lies in the repository, where anyone who can write it could have put a head of their own."""
         work = self.work_dir(branch)
         try:
-            pending = json.loads(work.read("publishing", HEAD_MAX + SIGNATURE_MAX).decode("utf-8"))
+            pending = parse_json(work.read("publishing", HEAD_MAX + SIGNATURE_MAX))
         except FileNotFoundError:
             return
         except ValueError:
