@@ -1119,52 +1119,76 @@ class RootPath(object):
     def __init__(self, root):
         self.root = os.path.abspath(root)
 
+    @staticmethod
+    def _identity(fd):
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
+
     def _walk(self, path, create=False):
         """Walk path's components as directories inside the root.
 
         Returns (descriptor of the last directory reached, the real names leading to
         it from the root, the components left over where one does not exist).  With
         create, missing directories are made (and made durable) instead.
+
+        Two descriptors at most are open, whatever the depth (a path 1,100 directories
+        deep must not need 1,100 under a limit of 1,024): a parent is closed once its
+        child is open.  '..' opens the parent again, and only if it is the very directory
+        (device and inode) the walk came down through: one moved meanwhile is not followed.
         """
-        fds, names = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)], []
+        fd, names = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), []
+        way = [self._identity(fd)]  # (device, inode) of each directory from the root down to fd
         todo = [p for p in path.split("/") if p]
         hops = 0
+
+        def step(name):
+            """Make the directory name inside fd the current one (fd closed); the caller records it."""
+            nonlocal fd
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            return self._identity(fd)
         try:
             while todo:
                 name = todo.pop(0)
                 if name == ".":
                     continue
                 if name == "..":
-                    if len(fds) > 1:
-                        os.close(fds.pop())
+                    if names:
+                        if step("..") != way[-2]:
+                            raise OSError(errno.ESTALE, "a directory on the way was moved while it was walked",
+                                          path)
+                        way.pop()
                         names.pop()
                     continue
                 try:
-                    st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
                     if not create:
-                        return fds.pop(), names, [name] + todo
-                    os.mkdir(name, 0o755, dir_fd=fds[-1])
-                    os.fsync(fds[-1])  # a done transaction must not lose its directory to a power cut
-                    st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+                        found, fd = fd, None
+                        return found, names, [name] + todo
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                    os.fsync(fd)  # a done transaction must not lose its directory to a power cut
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
                     hops += 1
                     if hops > SYMLINK_HOPS:
                         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-                    target = os.readlink(name, dir_fd=fds[-1])
+                    target = os.readlink(name, dir_fd=fd)
                     if target.startswith("/"):
-                        while len(fds) > 1:
-                            os.close(fds.pop())
-                        names = []
+                        top = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                        os.close(fd)
+                        fd, names, way = top, [], way[:1]
                     todo = [p for p in target.split("/") if p] + todo
                     continue
                 if not stat.S_ISDIR(st.st_mode):
                     raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-                fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+                way.append(step(name))
                 names.append(name)
-            return fds.pop(), names, []
+            found, fd = fd, None
+            return found, names, []
         finally:
-            for fd in fds:
+            if fd is not None:
                 os.close(fd)
 
     def open_dir(self, path, create=False):
