@@ -5483,16 +5483,38 @@ def manifest_record(item):
     return {"sha256": sha256_hex(item.data), "size": len(item.data)}
 
 
+def manifest_shape(path, want):
+    """Whether (path, want) is a record manifest_record writes: an absolute path, and a link's target or
+    a file's hash and size."""
+    try:
+        validate_path(path)
+    except Refused:
+        return False
+    if not isinstance(want, dict):
+        return False
+    if set(want) == {"link"}:
+        return isinstance(want["link"], str)
+    return (set(want) == {"sha256", "size"} and isinstance(want["sha256"], str) and HEX64_RE.match(want["sha256"])
+            and type(want["size"]) is int and 0 <= want["size"] <= INT_MAX)
+
+
 def read_manifest(host):
-    """What install wrote, by path: kept in the state directory so uninstall removes that and nothing else."""
+    """What install wrote, by path: kept in the state directory so uninstall removes that and nothing else.
+    Damage is a state error (exit 7), whatever its shape: not JSON, not canonical, a field of another type."""
     try:
         data = host.state.read("installed", RECORD_MAX)
     except FileNotFoundError:
         return {}
-    manifest = parse_canonical(data, host.path("installed"))
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("installed"), dict):
-        raise StateError("%s is damaged; remove it and the files 'install' wrote by hand" % host.path("installed"))
-    return manifest["installed"]
+    try:
+        manifest = parse_canonical(data, "it")
+    except Refused as e:
+        manifest = str(e)
+    records = manifest.get("installed") if isinstance(manifest, dict) else None
+    if not (isinstance(records, dict) and all(manifest_shape(path, want) for path, want in records.items())):
+        raise StateError("%s is damaged (%s); remove it and the files 'install' wrote by hand"
+                         % (host.path("installed"), manifest.split(";")[0] if isinstance(manifest, str)
+                            else "not the records 'install' writes"))
+    return records
 
 
 def cmd_install(args):
