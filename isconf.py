@@ -5506,14 +5506,12 @@ def read_manifest(host):
     except FileNotFoundError:
         return {}
     try:
-        manifest = parse_canonical(data, "it")
+        records, why = parse_canonical(data, "its text").get("installed"), "not the records 'install' writes"
     except Refused as e:
-        manifest = str(e)
-    records = manifest.get("installed") if isinstance(manifest, dict) else None
+        records, why = None, str(e).split(";")[0]
     if not (isinstance(records, dict) and all(manifest_shape(path, want) for path, want in records.items())):
         raise StateError("%s is damaged (%s); remove it and the files 'install' wrote by hand"
-                         % (host.path("installed"), manifest.split(";")[0] if isinstance(manifest, str)
-                            else "not the records 'install' writes"))
+                         % (host.path("installed"), why))
     return records
 
 
