@@ -83,6 +83,7 @@ MAX_REDIRECTS = 5               # a redirect loop must end
 FETCH_THREADS = 8               # objects in flight at once: a distant mirror's round trips overlap
 MAX_DEADLINE = 7 * 86400        # no one fetch may take longer, whatever its size
 INT_MAX = 2 ** 63 - 1           # every integer in the format fits a signed 64-bit field
+NUMBER_MAX = 32                 # characters of a JSON number: -INT_MAX-1 has 20, a float's repr at most 24
 ID_MAX = 2 ** 32 - 2            # the largest uid or gid; 2**32-1 means "unchanged" to chown
 MIN_RATE = 16 * 1024            # bytes/s a fetch may not fall below over its deadline
 SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
@@ -259,13 +260,31 @@ def canonical(obj):
                       ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
+def _bounded_number(convert):
+    def parse(text):
+        if len(text) > NUMBER_MAX:
+            raise ValueError("a number longer than %d characters" % NUMBER_MAX)
+        return convert(text)
+    return parse
+
+
+def parse_json(data):
+    """The one parse of JSON bytes, for every file and answer isconf reads.  A number's length is
+    checked before it is converted (attack: one number of megabytes of digits, which int() on
+    Python 3.6 to 3.10 converts in quadratic time), so a parse costs time linear in the bytes.
+    ValueError (UnicodeDecodeError among them) if it is not JSON."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_int=_bounded_number(int),
+                          parse_float=_bounded_number(float))
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise ValueError("arrays or objects nested too deep")
+
+
 def parse_canonical(data, what):
     """Parse bytes that must already be canonical; anything else is refused."""
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        # ValueError also covers an integer of more digits than int() converts (3.11+);
-        # RecursionError, arrays or objects nested thousands deep.
+        obj = parse_json(data)
+    except ValueError as e:  # a number longer than NUMBER_MAX, invalid UTF-8, nesting thousands deep
         raise Refused("%s is not valid JSON (%s); the file is damaged or not an isconf file"
                       % (what, str(e).split(":")[0][:80]))
     try:
@@ -574,9 +593,12 @@ def zeros_outside(fd, extents, size):
 
 def disk_digest(fd, recorded_size, extents=None):
     """(SHA-256, size) of an open file read as a snap stored it: the bytes at the recorded
-    extents when it holds only zeros elsewhere (a sparse file's holes), else the whole file."""
+    extents when it holds only zeros elsewhere (a sparse file's holes), else the whole file.
+    A file of another size is not read at all (its SHA-256 is None): the size says it differs."""
     size = os.fstat(fd).st_size
-    if extents is None or size != recorded_size or not zeros_outside(fd, extents, size):
+    if size != recorded_size:
+        return None, size
+    if extents is None or not zeros_outside(fd, extents, size):
         extents = [[0, size]]
     digest = hashlib.sha256()
     for offset, length in extents:
@@ -670,8 +692,8 @@ def _lines_backward(fd, size, path, what):
 
 def _record(line, path, what, offset):
     try:
-        record = json.loads(line.decode("utf-8"))
-    except (ValueError, RecursionError):
+        record = parse_json(line)
+    except ValueError:
         record = None
     if not isinstance(record, dict):
         raise StateError("%s %s is damaged at byte %d; it was edited or the disk is failing" % (what, path, offset))
@@ -770,7 +792,7 @@ class FileLock(object):
         if not self.holder:
             return "another process"
         try:
-            fields = json.loads(os.pread(self.fd, 256, 0).decode("ascii"))
+            fields = parse_json(os.pread(self.fd, 256, 0))
         except (OSError, ValueError):  # empty: taken a moment ago, not yet named
             return "another process"
         if not (isinstance(fields, dict) and isinstance(fields.get("pid"), int)
@@ -1098,52 +1120,76 @@ class RootPath(object):
     def __init__(self, root):
         self.root = os.path.abspath(root)
 
+    @staticmethod
+    def _identity(fd):
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
+
     def _walk(self, path, create=False):
         """Walk path's components as directories inside the root.
 
         Returns (descriptor of the last directory reached, the real names leading to
         it from the root, the components left over where one does not exist).  With
         create, missing directories are made (and made durable) instead.
+
+        Two descriptors at most are open, whatever the depth (a path 1,100 directories
+        deep must not need 1,100 under a limit of 1,024): a parent is closed once its
+        child is open.  '..' opens the parent again, and only if it is the very directory
+        (device and inode) the walk came down through: one moved meanwhile is not followed.
         """
-        fds, names = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)], []
+        fd, names = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), []
+        way = [self._identity(fd)]  # (device, inode) of each directory from the root down to fd
         todo = [p for p in path.split("/") if p]
         hops = 0
+
+        def step(name):
+            """Make the directory name inside fd the current one (fd closed); the caller records it."""
+            nonlocal fd
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            return self._identity(fd)
         try:
             while todo:
                 name = todo.pop(0)
                 if name == ".":
                     continue
                 if name == "..":
-                    if len(fds) > 1:
-                        os.close(fds.pop())
+                    if names:
+                        if step("..") != way[-2]:
+                            raise OSError(errno.ESTALE, "a directory on the way was moved while it was walked",
+                                          path)
+                        way.pop()
                         names.pop()
                     continue
                 try:
-                    st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
                     if not create:
-                        return fds.pop(), names, [name] + todo
-                    os.mkdir(name, 0o755, dir_fd=fds[-1])
-                    os.fsync(fds[-1])  # a done transaction must not lose its directory to a power cut
-                    st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+                        found, fd = fd, None
+                        return found, names, [name] + todo
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                    os.fsync(fd)  # a done transaction must not lose its directory to a power cut
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
                     hops += 1
                     if hops > SYMLINK_HOPS:
                         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-                    target = os.readlink(name, dir_fd=fds[-1])
+                    target = os.readlink(name, dir_fd=fd)
                     if target.startswith("/"):
-                        while len(fds) > 1:
-                            os.close(fds.pop())
-                        names = []
+                        top = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                        os.close(fd)
+                        fd, names, way = top, [], way[:1]
                     todo = [p for p in target.split("/") if p] + todo
                     continue
                 if not stat.S_ISDIR(st.st_mode):
                     raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-                fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+                way.append(step(name))
                 names.append(name)
-            return fds.pop(), names, []
+            found, fd = fd, None
+            return found, names, []
         finally:
-            for fd in fds:
+            if fd is not None:
                 os.close(fd)
 
     def open_dir(self, path, create=False):
@@ -2360,6 +2406,8 @@ class RegularFile(FileType):
 
     def drift(self, look, record, st):
         drifts = []
+        # Sizes are compared before anything is hashed (disk_digest): a file of another size is drift
+        # without a byte read (attack: a sparse file of terabytes at a journaled path, days of holes to hash).
         if not (look.quick and st.st_size == record["size"] and st.st_mtime_ns == record["mtime_ns"]):
             with look.rootpath.open_file(record["path"]) as f:
                 digest, size = disk_digest(f.fileno(), record["size"], record.get("extents"))
@@ -2931,7 +2979,8 @@ class StateDir(object):
         os.fsync(self.fd)
 
 
-NUMBER_RE = re.compile(r"^\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\Z")
+# At most 18 digits on either side of the point: int() of a long decimal takes quadratic time before 3.11.
+NUMBER_RE = re.compile(r"^\+?(?:[0-9]{1,18}(?:\.[0-9]{0,18})?|\.[0-9]{1,18})(?:[eE][+-]?[0-9]{1,3})?\Z")
 
 
 def parse_positive(text, kind, what, most):
@@ -3526,7 +3575,7 @@ class Host(object):
         except FileNotFoundError:
             return None
         try:
-            record = json.loads(data.decode("utf-8"))
+            record = parse_json(data)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
         except ValueError:  # a damaged record still pauses the host: whoever wrote it meant that
@@ -4121,7 +4170,7 @@ def last_run(host):
     """What the last 'up' recorded (RunRecord.save), or None before the first; a damaged record is None too,
     as a monitor must still get the rest of the report (a torn one cannot be: it is replaced atomically)."""
     try:
-        record = json.loads(host.state.read("last-run", RECORD_MAX).decode("utf-8"))
+        record = parse_json(host.state.read("last-run", RECORD_MAX))
     except (FileNotFoundError, ValueError):
         return None
     if not (isinstance(record, dict) and isinstance(record.get("exit_code"), int) and TIME_RE.match(
@@ -4224,6 +4273,7 @@ class Sync(object):
         self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
         self.now = run.now
         self.signers = None
+        self.intact = set()   # staged objects whose bytes this run hashed: each is read once
         if self.config.insecure:
             warn("insecure mode: heads are not signature-checked; anyone on the network "
                  "can run commands as root here. Run 'isconf init --signers FILE' to fix.")
@@ -4426,8 +4476,7 @@ class Sync(object):
         objects = self.host.objects
         wanted = []
         for sha, size in needed.items():
-            staged = objects.stat(sha)
-            if staged is None or staged.st_size != size:
+            if not self.staged_intact(objects, sha, size):
                 wanted.append((sha, size))
         if not wanted:
             return
@@ -4446,6 +4495,28 @@ class Sync(object):
         for sha, _ in wanted:
             objects.rename(sha + ".part", sha)
         objects.fsync()
+
+    def staged_intact(self, objects, sha, size):
+        """Whether objects/SHA, staged by an earlier run, holds the object's bytes: its size, then its
+        hash, read once per run before any transaction (rule 4: an object damaged since it was
+        staged must not wait for its snap, after earlier transactions ran, to be found out).
+        A damaged one is removed, to be fetched again."""
+        if sha in self.intact:
+            return True
+        staged = objects.stat(sha)
+        if staged is None:
+            return False
+        if staged.st_size == size:
+            digest = hashlib.sha256()
+            with os.fdopen(objects.open(sha), "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() == sha:
+                self.intact.add(sha)
+                return True
+        warn("staged object %s is damaged (it changed since it was staged); fetching it again" % sha[:16])
+        objects.unlink(sha)
+        return False
 
     def fetch_objects(self, mirror, wanted, touched):
         """Fetch (sha, size) pairs with up to FETCH_THREADS requests in flight, each worker with
@@ -4906,7 +4977,7 @@ def lock_holder(host):
     finally:
         os.close(fd)
     try:
-        named = json.loads(text.decode("ascii"))
+        named = parse_json(text)
     except ValueError:
         named = None
     if not (isinstance(named, dict) and isinstance(named.get("pid"), int) and TIME_RE.match(str(named.get("since")))):
@@ -5510,16 +5581,36 @@ def manifest_record(item):
     return {"sha256": sha256_hex(item.data), "size": len(item.data)}
 
 
+def manifest_shape(path, want):
+    """Whether (path, want) is a record manifest_record writes: an absolute path, and a link's target or
+    a file's hash and size."""
+    try:
+        validate_path(path)
+    except Refused:
+        return False
+    if not isinstance(want, dict):
+        return False
+    if set(want) == {"link"}:
+        return isinstance(want["link"], str)
+    return (set(want) == {"sha256", "size"} and isinstance(want["sha256"], str) and HEX64_RE.match(want["sha256"])
+            and type(want["size"]) is int and 0 <= want["size"] <= INT_MAX)
+
+
 def read_manifest(host):
-    """What install wrote, by path: kept in the state directory so uninstall removes that and nothing else."""
+    """What install wrote, by path: kept in the state directory so uninstall removes that and nothing else.
+    Damage is a state error (exit 7), whatever its shape: not JSON, not canonical, a field of another type."""
     try:
         data = host.state.read("installed", RECORD_MAX)
     except FileNotFoundError:
         return {}
-    manifest = parse_canonical(data, host.path("installed"))
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("installed"), dict):
-        raise StateError("%s is damaged; remove it and the files 'install' wrote by hand" % host.path("installed"))
-    return manifest["installed"]
+    try:
+        records, why = parse_canonical(data, "its text").get("installed"), "not the records 'install' writes"
+    except Refused as e:
+        records, why = None, str(e).split(";")[0]
+    if not (isinstance(records, dict) and all(manifest_shape(path, want) for path, want in records.items())):
+        raise StateError("%s is damaged (%s); remove it and the files 'install' wrote by hand"
+                         % (host.path("installed"), why))
+    return records
 
 
 def cmd_install(args):
@@ -5717,7 +5808,7 @@ class Repository(object):
                              "init-repo DIR'" % self.path)
         self.top = StateDir.at(self.path)
         try:
-            fields = json.loads(self.top.read(REPO_MARKER, HEAD_MAX).decode("utf-8"))
+            fields = parse_json(self.top.read(REPO_MARKER, HEAD_MAX))
         except FileNotFoundError:
             raise StateError("%s is not an isconf repository (no %s); create one with 'isconf init-repo DIR'"
                              % (self.path, REPO_MARKER))
@@ -5846,7 +5937,7 @@ class Repository(object):
     def lock_holder(self, branch):
         work = self.work_dir(branch)
         try:
-            holder = json.loads(work.read("lock", HEAD_MAX).decode("utf-8"))
+            holder = parse_json(work.read("lock", HEAD_MAX))
         except FileNotFoundError:
             return None
         except ValueError:
@@ -6126,7 +6217,7 @@ class Repository(object):
         lies in the repository, where anyone who can write it could have put a head of their own."""
         work = self.work_dir(branch)
         try:
-            pending = json.loads(work.read("publishing", HEAD_MAX + SIGNATURE_MAX).decode("utf-8"))
+            pending = parse_json(work.read("publishing", HEAD_MAX + SIGNATURE_MAX))
         except FileNotFoundError:
             return
         except ValueError:
