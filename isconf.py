@@ -111,6 +111,8 @@ SPLAY_MAX = 86400               # --splay spreads a fleet over at most a day
 SYSLOG_PATH = "/dev/log"        # inside --root: the local syslog socket
 MACHINE_ID_PATH = "/etc/machine-id"  # inside --root: names this host for --splay
 INSTALL_PATH = "/usr/local/sbin/isconf"  # inside --root: where 'install' puts the agent the units run
+AGENT_UMASK = 0o022             # what the agent makes is 0755 or 0644 (or tighter), whatever its caller's umask
+DEFAULT_EXEC_UMASK = 0o022      # what execs run with unless the config says otherwise (exec_umask)
 DEFAULT_WAIT = 3600             # seconds 'up --wait' waits for the host lock: a run longer than an hour is stuck
 LOCK_POLL = 0.5                 # seconds between tries for a busy lock: flock has no timeout of its own
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -357,6 +359,33 @@ def misplaced(path, found, wanted):
                       "put it there, move it away, and run again" % (path, found, wanted))
 
 
+def check_private(st, path):
+    """sshd's StrictModes for the host's own files: what the agent trusts (its config, trusted keys,
+    state, the agent file the units run, and each directory on the way to them inside the root) must be
+    owned by root (or by the user the agent runs as) and writable by no one else.  st is the fstat of the
+    descriptor about to be used, so what was checked is what is read (attack: a user who can write
+    etc/isconf renames his own allowed_signers into place, or edits a history he owns so that a
+    pending security fix counts as done)."""
+    mode, wrong, fixes = stat.S_IMODE(st.st_mode), [], []
+    if st.st_uid not in (0, os.geteuid()):
+        wrong.append("owned by uid %d, not root" % st.st_uid)
+        fixes.append("chown root %s" % shlex.quote(path))
+    writers = [who for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if mode & bit]
+    if writers:
+        wrong.append("writable by %s" % " and ".join(writers))
+        fixes.append("chmod go-w %s" % shlex.quote(path))
+    if wrong:
+        raise StateError("%s is %s (owner %s, mode %04o): run '%s'" % (
+            path, " and ".join(wrong), "root" if st.st_uid == 0 else "uid %d" % st.st_uid, mode,
+            " && ".join(fixes)))
+
+
+class CheckedDir(int):
+    """A descriptor of one of the host's own directories, found private (check_private): every file
+    open_regular opens in it is checked too, on the descriptor it opened.  An int, which every os
+    function takes as the descriptor it is."""
+
+
 def regular_stat(path, dir_fd):
     """lstat of path's last name in dir_fd: None if it does not exist, refused if it is not a regular file."""
     try:
@@ -391,6 +420,12 @@ def open_regular(path, flags, mode=0o644, dir_fd=None):
         # A hard link planted in the image could name a file of the miniroot on the same filesystem.
         os.close(fd)
         raise misplaced(path, "file with %d hard links" % st.st_nlink, "file of its own")
+    if isinstance(dir_fd, CheckedDir):
+        try:
+            check_private(st, path)
+        except StateError:
+            os.close(fd)
+            raise
     return fd
 
 
@@ -1097,17 +1132,20 @@ class RootPath(object):
     def __init__(self, root):
         self.root = os.path.abspath(root)
 
-    def _walk(self, path, create=False):
+    def _walk(self, path, create=False, private=False):
         """Walk path's components as directories inside the root.
 
         Returns (descriptor of the last directory reached, the real names leading to
         it from the root, the components left over where one does not exist).  With
-        create, missing directories are made (and made durable) instead.
+        create, missing directories are made (and made durable) instead.  With private,
+        the root and every directory opened on the way must pass check_private.
         """
         fds, names = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)], []
         todo = [p for p in path.split("/") if p]
         hops = 0
         try:
+            if private:
+                check_private(os.fstat(fds[0]), self.root)
             while todo:
                 name = todo.pop(0)
                 if name == ".":
@@ -1140,18 +1178,21 @@ class RootPath(object):
                     raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
                 fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
                 names.append(name)
+                if private:
+                    check_private(os.fstat(fds[-1]), os.path.join(self.root, *names))
             return fds.pop(), names, []
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def open_dir(self, path, create=False):
-        """An O_DIRECTORY descriptor for path inside the root (the caller closes it)."""
-        fd, _, missing = self._walk(path, create)
+    def open_dir(self, path, create=False, private=False):
+        """An O_DIRECTORY descriptor for path inside the root (the caller closes it); with private,
+        a CheckedDir, every directory on the way to it checked (see _walk)."""
+        fd, _, missing = self._walk(path, create, private)
         if missing:
             os.close(fd)
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-        return fd
+        return CheckedDir(fd) if private else fd
 
     def parent(self, path, create=False):
         """(directory fd, final name) for path; the final name itself is not followed."""
@@ -2832,6 +2873,8 @@ class StateDir(object):
     what isconf keeps there.  So nothing planted in the image, and nothing a transaction
     makes while it runs, can point the agent's own reads, writes or cleanup out of the
     root or block it on a FIFO (attack: 'ln -s /tmp/v /var/lib/isconf/objects').
+    A host's own directory (inside, or at with private) is held by a CheckedDir: it, every
+    directory on the way to it, its subdirectories and every file opened in it pass check_private.
     """
 
     def __init__(self, fd, path):
@@ -2839,9 +2882,9 @@ class StateDir(object):
 
     @classmethod
     def inside(cls, rootpath, path, create=False):
-        """The directory at path inside the root; made if create and missing."""
+        """The host's own directory at path inside the root; made if create and missing."""
         try:
-            fd = rootpath.open_dir(path, create)
+            fd = rootpath.open_dir(path, create, private=True)
         except FileNotFoundError:
             raise StateError("%s does not exist; run 'isconf init' first" % os.path.join(rootpath.root, path[1:]))
         except NotADirectoryError:
@@ -2850,12 +2893,26 @@ class StateDir(object):
         return cls(fd, rootpath.resolve(path))
 
     @classmethod
-    def at(cls, path):
-        """A directory named on the command line (--config): its path is the user's to choose."""
+    def at(cls, path, private=False):
+        """A directory named on the command line (--config): its path is the user's to choose; with
+        private (a host's config), the directory itself passes check_private."""
         try:
-            return cls(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), path)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise StateError("cannot open directory %s: %s" % (path, e.strerror))
+        if private:
+            fd = cls.checked(fd, path)
+        return cls(fd, path)
+
+    @staticmethod
+    def checked(fd, path):
+        """fd as a CheckedDir once it passed check_private; closed if it did not."""
+        try:
+            check_private(os.fstat(fd), path)
+        except StateError:
+            os.close(fd)
+            raise
+        return CheckedDir(fd)
 
     def close(self):
         for sub in self._subdirs.values():
@@ -2884,6 +2941,8 @@ class StateDir(object):
                     raise
                 st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
                 raise misplaced(self.file(name), file_kind(st.st_mode), "directory")
+            if isinstance(self.fd, CheckedDir):
+                fd = self.checked(fd, self.file(name))
             self._subdirs[name] = StateDir(fd, self.file(name))
         return self._subdirs[name]
 
@@ -3007,6 +3066,12 @@ def _metrics(text, what):
     return text or None
 
 
+def _umask(text, what):
+    if not re.match(r"^[0-7]{1,4}\Z", text) or int(text, 8) > 0o777:
+        raise ValueError("%s %r must be a umask in octal, 000 to 777 (e.g. 022 or 027)" % (what, text))
+    return int(text, 8)
+
+
 def _branch(text, what):
     if not BRANCH_RE.match(text):
         raise ValueError("%s %r must be letters, digits, '.', '_' or '-' (at most 64), starting with a letter or "
@@ -3031,6 +3096,9 @@ CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
     ConfigKey("exec_timeout", _number(float, MAX_DEADLINE), None, "SECONDS",
               "kill an exec still running after SECONDS, with its whole process group, and fail the transaction "
               "(default: no limit)"),
+    ConfigKey("exec_umask", _umask, DEFAULT_EXEC_UMASK, "UMASK",
+              "the umask execs run with, in octal: what they create is no more open than it allows "
+              "(default %03o)" % DEFAULT_EXEC_UMASK),
     ConfigKey("boot_wait", _number(float, BOOT_WAIT_MAX), float(DEFAULT_BOOT_WAIT), "SECONDS",
               "how long 'up --boot' waits for a mirror (default %d)" % DEFAULT_BOOT_WAIT),
     ConfigKey("interrupted_max", _number(int, INTERRUPTED_MOST), DEFAULT_INTERRUPTED_MAX, "N",
@@ -3298,7 +3366,7 @@ class Host(object):
             if self._config_dir is None:
                 if create:
                     makedirs(os.path.dirname(self.explicit_config))
-                self._config_dir = StateDir.at(os.path.dirname(self.explicit_config))
+                self._config_dir = StateDir.at(os.path.dirname(self.explicit_config), private=True)
             return self._config_dir, os.path.basename(self.explicit_config)
         return self.etc(create), posixpath.basename(CONFIG_PATH)
 
@@ -3331,6 +3399,20 @@ class Host(object):
     def read_signers(self):
         """The bytes of ROOT/etc/isconf/allowed_signers, confined like the state."""
         return self.etc().read(posixpath.basename(SIGNERS_PATH), SIGNERS_MAX)
+
+    def check_agent_file(self):
+        """The agent file the units run (INSTALL_PATH), when there is one, and every directory on the way
+        to it must pass check_private: whoever can change it runs code as root at the next boot."""
+        try:
+            dfd = self.rootpath.open_dir(posixpath.dirname(INSTALL_PATH), private=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # nothing installed
+        try:
+            os.close(open_regular(os.path.join(self.root, INSTALL_PATH[1:]), os.O_RDONLY, 0, dfd))
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(dfd)
 
     def make_state(self):
         """Make the state directory and what lives in it (0700: logs hold what commands print)."""
@@ -3732,7 +3814,7 @@ def kill_group(proc, sig):
         pass
 
 
-def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True):
+def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True, umask=AGENT_UMASK):
     """Start a transaction's process, chrooted into root: the one place isconf runs a program.
 
     log is a descriptor of the transaction's log, open for reading and appending; the
@@ -3745,7 +3827,9 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
     and a long output is cut in the log (see CommandOutput).
     The command leads a process group of its own, which a timeout kills whole.  Inside
     a --root, with mounts, it finds /proc, /sys, /dev (and /dev/pts) and /run mounted
-    in a mount namespace of its own (see enter_private_mounts).  Returns the exit status.
+    in a mount namespace of its own (see enter_private_mounts).  It runs with umask (the config's
+    exec_umask), not its caller's: the modes of what it creates do not depend on who ran 'up'.
+    Returns the exit status.
     """
     chroot = os.path.abspath(root) != "/"
     try:
@@ -3755,6 +3839,7 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
     pseudo = pseudo_mounts(root) if chroot and mounts else []
 
     def enter_root():
+        os.umask(umask)
         if pseudo:
             enter_private_mounts(pseudo)
         if chroot:
@@ -3765,8 +3850,10 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
     try:
         # With --root /, Popen changes directory itself and, with no Python code to run in the child,
         # can start it without copying this process (vfork): a millisecond or more per transaction.
+        # The command inherits the agent's own umask (AGENT_UMASK, set in main) unless another is due.
+        child = chroot or umask != AGENT_UMASK
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=enter_root if chroot else None, cwd=None if chroot else cwd,
+                                env=env, preexec_fn=enter_root if child else None, cwd=None if chroot else cwd,
                                 close_fds=True, start_new_session=True)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
@@ -4527,7 +4614,7 @@ class Transaction(object):
         log = self._host.logs.open(self._entry)
         try:
             status = run_command(self._host.root, argv, cwd, self._environment, log, timeout=self._timeout,
-                                 mounts=self._mounts)
+                                 mounts=self._mounts, umask=self._host.config.exec_umask)
             if status != 0:
                 os.fsync(log)  # what the failure printed outlives a power cut
             return status
@@ -5156,6 +5243,7 @@ def finish_run(host, record, code, reason=None):
 
 
 def up(args, host, record):
+    host.check_agent_file()
     if args.boot or args.syslog:
         REPORTER.syslog.open(host.rootpath)
     if args.splay is not None and not os.environ.get(REEXEC_ENV):  # a re-exec does not wait again
@@ -5426,6 +5514,7 @@ def read_manifest(host):
 
 def cmd_install(args):
     host = Host(args.root, args.config)
+    host.check_agent_file()
     kinds = args.kinds or default_install_kinds(host.rootpath)
     config = host.config if host.has_config() else None
     boot_wait = int(config.boot_wait) if config else DEFAULT_BOOT_WAIT
@@ -7220,6 +7309,7 @@ def internal_error(error, argv, args):
 def main(argv=None):
     args = None
     try:
+        os.umask(AGENT_UMASK)  # the modes of what isconf makes never depend on who started it
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, stop_on_signal)
         only = named_verb(sys.argv[1:] if argv is None else argv)
