@@ -3374,6 +3374,8 @@ class Host(object):
         try:
             directory, name = self.config_dir()
         except StateError:
+            if os.path.isdir(os.path.dirname(self.config_path)):
+                raise  # there, but not private (check_private): not to be taken for a host without one
             return False
         return directory.stat(name) is not None
 
