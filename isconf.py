@@ -1119,6 +1119,12 @@ def validate_path(path, what="path"):
     return path
 
 
+def in_state(path):
+    """Whether a journaled path names the agent's state directory or something in it: the journal never
+    writes the agent's own state (its history, lock, logs, objects, last-run...)."""
+    return path == STATE_PATH or path.startswith(STATE_PATH + "/")
+
+
 class RootPath(object):
     """Resolve paths inside a root directory the way the kernel would after chroot.
 
@@ -2230,6 +2236,9 @@ class FileType(object):
             raise Refused("%s: mode %o is not a permission mode" % (what, record["mode"]))
         if path == "/" and not ftype.may_be_root:
             raise Refused("%s: only a directory may be snapped at /" % what)
+        if in_state(path):
+            raise Refused("%s: %s is in %s, the agent's own state, which no journal entry may write"
+                          % (what, path, STATE_PATH))
         ftype.check(record, seen, what)
         if path in seen:
             raise Refused("%s: %s appears twice" % (what, path))
@@ -2621,6 +2630,10 @@ class SnapKind(Kind):
         return fields["files"]
 
     def apply(self, fields, transaction):
+        for record in fields["files"]:  # a link an earlier transaction made may lead there now
+            if transaction.writes_state(record["path"]):
+                raise TransactionFailed("%s leads into this host's state directory, which no journal entry may "
+                                        "write; nothing of this snap installed" % record["path"])
         agent = None
         for record in fields["files"]:
             if record["type"] == RegularFile.name and transaction.is_agent(record["path"]):
@@ -3415,6 +3428,21 @@ class Host(object):
             pass
         finally:
             os.close(dfd)
+
+    def writes_state(self, path):
+        """Whether a journaled path, installed as a snap installs it (the links of the directories on the
+        way followed inside the root, the last name not), is the state directory or in it."""
+        if in_state(path):
+            return True
+        if path == "/":
+            return False
+        head, name = posixpath.split(path)
+        try:
+            where = os.path.join(self.rootpath.resolve(head), name)
+        except OSError:  # a loop, or a file where a directory belongs: installing it fails on its own
+            return False
+        state = self.state_path.rstrip("/")
+        return where == state or where.startswith(state + "/")
 
     def make_state(self):
         """Make the state directory and what lives in it (0700: logs hold what commands print)."""
@@ -4357,6 +4385,7 @@ class Sync(object):
             local.check_expiry(self.now())  # a mirror serving the same head for ever is a freeze attack
             tied = self.tie_baseline(mirror, local_entries, baseline)
             plan = Plan(local, local_entries, tied.seq if tied else applied_seq, baseline=tied, history=self.history)
+            self.refuse_state_writes(mirror, plan.pending)
             if stage:
                 self.stage_objects(mirror, plan.pending)  # one lost since the last run (a damaged copy)
             return plan
@@ -4381,9 +4410,27 @@ class Sync(object):
                           % (branch, mirror, applied_seq, applied_id[:16]))
         tied = self.tie_baseline(mirror, entries, baseline)
         plan = Plan(head, entries, tied.seq if tied else applied_seq, signature, start, tail, tied, self.history)
+        self.refuse_state_writes(mirror, plan.pending)
         if stage:
             self.stage_objects(mirror, plan.pending)
         return plan
+
+    def refuse_state_writes(self, mirror, pending):
+        """Refused, before anything applies, if a pending entry would install a path that leads into
+        this host's state directory (attack: a signed snap of the history makes the agent forget what
+        it applied, and run transaction 1 again).  An entry naming STATE_PATH is refused on its own
+        (FileType.check_record); here the links in the root on the way are followed too."""
+        known = interpretable(pending)
+        retired = set(filter(None, (entry.retracts() for entry in known)))
+        for entry in known:
+            if (entry.seq, entry.id) in retired:
+                continue
+            for record in entry.installs():
+                if self.host.writes_state(record["path"]):
+                    raise Refused("journal from %s: entry %d snaps %s, which leads into this host's state "
+                                  "directory %s, and no journal entry may write the agent's own state; remove "
+                                  "the link on the way, or retract the entry" % (mirror, entry.seq, record["path"],
+                                                                                 self.host.state_path))
 
     def tie_baseline(self, mirror, entries, baseline):
         """The verified entry a declared baseline names (None without one): a journal that does not
@@ -4622,6 +4669,10 @@ class Transaction(object):
             return status
         finally:
             os.close(log)
+
+    def writes_state(self, path):
+        """Whether installing path would write the host's state directory (Host.writes_state)."""
+        return self._host.writes_state(path)
 
     def is_agent(self, path):
         """Whether path inside the root is the running agent's own file.  Known by device and inode,
@@ -6568,10 +6619,14 @@ def cmd_snap(args):
     repo, branch = author_context(args)
     repo.require_lock(branch)
     rootpath, links, records = RootPath(args.root), {}, []
-    owners = Owners(rootpath)
+    owners, reference = Owners(rootpath), Host(args.root)
     for given in args.paths:
         given = validate_path_arg(given.rstrip("/") or "/", "snap path")
         for path in snap_paths(rootpath, given, args.recursive, args.exclude):
+            if reference.writes_state(path):
+                raise UsageError("%s is in the agent's state directory (%s), which no journal entry may write; "
+                                 "leave it out%s" % (path, STATE_PATH, " (--exclude %s)" % shlex.quote(path)
+                                                     if path != given else ""))
             try:
                 record = FileType.capture_path(rootpath, validate_path_arg(path, "snap path"), links, owners,
                                                repo.store_object)
