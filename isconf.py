@@ -6558,15 +6558,15 @@ def cmd_exec(args):
     cwd = validate_path_arg(args.cwd, "--cwd")
     if not args.no_run:
         host = Host(args.root, args.config)
-        variables = {}
+        variables, umask = {}, DEFAULT_EXEC_UMASK
         if os.path.exists(host.config_path):
             try:
-                variables = host.config.env
+                variables, umask = host.config.env, host.config.exec_umask
             except StateError as e:  # the config is 0600: an author who is not root cannot read it
-                warn("the command runs without the host's [env] variables: %s" % e)
+                warn("the command runs without the host's [env] variables and exec_umask: %s" % e)
         with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log:
             status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.fileno(),
-                                 mounts=not args.no_mounts)
+                                 mounts=not args.no_mounts, umask=umask)
         if status != 0:
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
     staged = repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""},

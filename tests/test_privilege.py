@@ -173,6 +173,16 @@ def test_exec_umask_in_the_config_is_the_umask_execs_run_with(author, keys, host
     assert (mode(host.path("/tmp/made")), mode(host.path("/tmp/dir"))) == (0o640, 0o750)
 
 
+def test_an_exec_run_at_author_time_on_the_reference_host_takes_its_exec_umask(author, keys, host, busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host.init(author.repo, keys, "--exec-umask", "077")
+    host("up", expect="ok")
+    author("--root", host.root, "lock", "-m", "a private file")
+    author("--root", host.root, "exec", "--", "/bin/touch", "/tmp/private")
+    assert mode(host.path("/tmp/private")) == 0o600
+
+
 @pytest.mark.parametrize("value", ["8", "1000", "0o22", "u=rwx", "-022", ""])
 def test_init_refuses_an_exec_umask_that_is_not_octal_up_to_777(keys, host, tmp_path, value):
     proc = host("init", str(tmp_path / "repo"), "--branch", "web", "--signers", keys.signers, "--exec-umask",
