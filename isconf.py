@@ -3324,7 +3324,7 @@ class Host(object):
         self.config_path = self.explicit_config or self.rootpath.resolve(CONFIG_PATH)
         self.state_path = self.rootpath.resolve(STATE_PATH)
         self.signers_path = self.rootpath.resolve(SIGNERS_PATH)
-        self._config = self._state = self._etc = self._config_dir = self._logs = None
+        self._config = self._state = self._etc = self._config_dir = self._logs = self._links_to_state = None
 
     def path(self, *parts):
         """Where a state file is, for messages; files are opened through self.state."""
@@ -3431,18 +3431,44 @@ class Host(object):
 
     def writes_state(self, path):
         """Whether a journaled path, installed as a snap installs it (the links of the directories on the
-        way followed inside the root, the last name not), is the state directory or in it."""
+        way followed inside the root, the last name not), is the state directory or in it; or replaces a
+        link on the way to it (a target whose /var is a link: a snap of /var would move the state away)."""
         if in_state(path):
             return True
         if path == "/":
             return False
-        head, name = posixpath.split(path)
+        state = self.state_path.rstrip("/")
         try:
-            where = os.path.join(self.rootpath.resolve(head), name)
+            where = self.place(path)
         except OSError:  # a loop, or a file where a directory belongs: installing it fails on its own
             return False
-        state = self.state_path.rstrip("/")
-        return where == state or where.startswith(state + "/")
+        return where == state or where.startswith(state + "/") or where in self.links_to_state()
+
+    def place(self, path):
+        """Where a path inside the root is, as seen from outside it: the links of the directories on the
+        way followed inside the root, the last name not (what a snap of path replaces)."""
+        head, name = posixpath.split(path)
+        return os.path.join(self.rootpath.resolve(head), name) if name else self.root
+
+    def links_to_state(self):
+        """The places (see place) of the links the way to the state directory goes through, the links
+        in their targets included: a snap that replaces one of them moves the state away."""
+        if self._links_to_state is None:
+            self._links_to_state, todo = set(), [STATE_PATH]
+            while todo and len(self._links_to_state) < SYMLINK_HOPS:
+                parts = todo.pop().strip("/").split("/")
+                for n in range(1, len(parts) + 1):
+                    path = "/" + "/".join(parts[:n])
+                    try:
+                        where = self.place(path)
+                        if where in self._links_to_state or not os.path.islink(where):
+                            continue
+                        inside = "/" + os.path.relpath(os.path.dirname(where), self.root)
+                        todo.append(posixpath.join(inside, os.readlink(where)))
+                    except OSError:
+                        continue
+                    self._links_to_state.add(where)
+        return self._links_to_state
 
     def make_state(self):
         """Make the state directory and what lives in it (0700: logs hold what commands print)."""
@@ -6624,9 +6650,9 @@ def cmd_snap(args):
         given = validate_path_arg(given.rstrip("/") or "/", "snap path")
         for path in snap_paths(rootpath, given, args.recursive, args.exclude):
             if reference.writes_state(path):
-                raise UsageError("%s is in the agent's state directory (%s), which no journal entry may write; "
-                                 "leave it out%s" % (path, STATE_PATH, " (--exclude %s)" % shlex.quote(path)
-                                                     if path != given else ""))
+                raise UsageError("%s leads into the agent's state directory (%s), which no journal entry may "
+                                 "write; leave it out%s" % (path, STATE_PATH, " (--exclude %s)" % shlex.quote(path)
+                                                            if path != given else ""))
             try:
                 record = FileType.capture_path(rootpath, validate_path_arg(path, "snap path"), links, owners,
                                                repo.store_object)

@@ -248,6 +248,35 @@ def test_a_snap_record_naming_the_state_directory_is_refused_wherever_it_is_chec
     isconf.FileType.check_record(dict(record, path="/var/lib/isconf2"), {}, "entry 2")
 
 
+@pytest.mark.parametrize("real,links,snapped,kind", [
+    ("/data/var", [("/var", "data/var")], "/var", "dir"),
+    ("/data/var", [("/var", "data/var")], "/var", "symlink"),
+    ("/mnt/data/var", [("/var", "/data/var"), ("/data", "mnt/data")], "/data", "dir"),
+])
+def test_a_snap_replacing_a_link_on_the_way_to_the_state_is_refused(author, keys, host, busybox_root, real, links,
+                                                                    snapped, kind):
+    # On a target whose /var is a link, a snap of /var would leave the state behind: a new, empty one.
+    busybox_root(host.root)
+    os.makedirs(host.path(real))
+    for link, target in links:
+        os.symlink(target, host.path(link))
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    state = real.lstrip("/") + "/lib/isconf"
+    assert os.path.isfile(host.path(state + "/history"))
+    owner = {"uid": 0, "gid": 0, "user": "root", "group": "root"}
+    record = dict(owner, mode=0o755) if kind == "dir" else dict(owner, target="/srv", mtime_ns=0)
+    append_signed(author, keys, kind="snap", files=[dict(record, path=snapped, type=kind)], message="move it")
+
+    def snapshot():  # but for the record of the run, which the refused run writes
+        return {path: seen for path, seen in host.snapshot().items() if path != state + "/last-run"}
+    before = snapshot()
+    proc = host("up", expect="refused")
+    assert "entry 2 snaps %s, which leads into this host's state directory" % snapped in error_line(proc)
+    assert snapshot() == before
+
+
 def test_a_snap_through_a_link_an_earlier_transaction_made_fails_and_leaves_the_state_alone(author, keys, host,
                                                                                           busybox_root, tmp_path):
     # Verification sees no link yet; the first snap makes it; the second must not write through it.
@@ -282,7 +311,7 @@ def test_author_snap_of_the_state_directory_is_refused(author, tmp_path, path, a
     author("lock", "-m", "try")
     proc = author("--root", src, "snap", *(args + [path]), expect="usage")
     line = error_line(proc)
-    assert "is in the agent's state directory (/var/lib/isconf), which no journal entry may write" in line, line
+    assert "leads into the agent's state directory (/var/lib/isconf), which no journal entry may write" in line, line
     if args:
         assert "(--exclude /var/lib/isconf)" in line
         author("--root", src, "snap", "-r", "--exclude", "/var/lib/isconf", path)
@@ -294,4 +323,4 @@ def test_author_snap_through_a_link_into_the_reference_hosts_state_is_refused(au
     os.symlink("/var/lib/isconf", os.path.join(src, "srv/state"))
     author("lock", "-m", "try")
     proc = author("--root", src, "snap", "/srv/state/history", expect="usage")
-    assert "/srv/state/history is in the agent's state directory" in error_line(proc)
+    assert "/srv/state/history leads into the agent's state directory" in error_line(proc)
