@@ -3417,17 +3417,21 @@ class Host(object):
 
     def check_agent_file(self):
         """The agent file the units run (INSTALL_PATH), when there is one, and every directory on the way
-        to it must pass check_private: whoever can change it runs code as root at the next boot."""
-        try:
-            dfd = self.rootpath.open_dir(posixpath.dirname(INSTALL_PATH), private=True)
-        except (FileNotFoundError, NotADirectoryError):
-            return  # nothing installed
-        try:
-            os.close(open_regular(os.path.join(self.root, INSTALL_PATH[1:]), os.O_RDONLY, 0, dfd))
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(dfd)
+        to it must pass check_private: whoever can change it runs code as root at the next boot.  Where
+        it is a link (to an agent kept elsewhere), the way to the link and the file it leads to."""
+        real = "/" + os.path.relpath(self.rootpath.resolve(INSTALL_PATH), self.root)
+        for path in [INSTALL_PATH] + ([real] if real != INSTALL_PATH else []):
+            try:
+                dfd = self.rootpath.open_dir(posixpath.dirname(path), private=True)
+            except (FileNotFoundError, NotADirectoryError):
+                return  # nothing installed
+            try:
+                if path == real:
+                    os.close(open_regular(os.path.join(self.root, path[1:]), os.O_RDONLY, 0, dfd))
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(dfd)
 
     def writes_state(self, path):
         """Whether a journaled path, installed as a snap installs it (the links of the directories on the

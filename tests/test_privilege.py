@@ -124,6 +124,23 @@ def test_an_agent_file_others_can_change_is_refused_by_the_verbs_that_run_it(aut
                        % (path, mode, path), ("up", "install --sysv"))
 
 
+@pytest.mark.parametrize("what", ["/opt/isconf/isconf.py", "/opt/isconf"])
+def test_an_agent_file_linked_from_the_units_path_is_checked_where_it_is(author, keys, host, busybox_root, what):
+    applied_host(author, keys, host, busybox_root)
+    os.makedirs(host.path("/opt/isconf"))
+    os.makedirs(host.path("/usr/local/sbin"))
+    with open(ISCONF, "rb") as f, open(host.path("/opt/isconf/isconf.py"), "wb") as out:
+        out.write(f.read())
+    os.chmod(host.path("/opt/isconf/isconf.py"), 0o755)
+    os.symlink("/opt/isconf/isconf.py", host.path("/usr/local/sbin/isconf"))
+    host("status", expect="ok")
+    path = host.path(what)
+    mode = stat.S_IMODE(os.stat(path).st_mode) | 0o020
+    os.chmod(path, mode)
+    refused_then_fixed(host, "%s is writable by group (owner root, mode %04o): run 'chmod go-w %s'"
+                       % (path, mode, path))
+
+
 def test_the_state_owned_by_another_user_is_not_given_its_mode_back_by_up(author, keys, host, busybox_root):
     # The agent used to fix the mode of its state directory and keep using it whoever owned it.
     applied_host(author, keys, host, busybox_root)
