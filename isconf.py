@@ -113,6 +113,8 @@ SPLAY_MAX = 86400               # --splay spreads a fleet over at most a day
 SYSLOG_PATH = "/dev/log"        # inside --root: the local syslog socket
 MACHINE_ID_PATH = "/etc/machine-id"  # inside --root: names this host for --splay
 INSTALL_PATH = "/usr/local/sbin/isconf"  # inside --root: where 'install' puts the agent the units run
+AGENT_UMASK = 0o022             # what the agent makes is 0755 or 0644 (or tighter), whatever its caller's umask
+DEFAULT_EXEC_UMASK = 0o022      # what execs run with unless the config says otherwise (exec_umask)
 DEFAULT_WAIT = 3600             # seconds 'up --wait' waits for the host lock: a run longer than an hour is stuck
 LOCK_POLL = 0.5                 # seconds between tries for a busy lock: flock has no timeout of its own
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -377,6 +379,33 @@ def misplaced(path, found, wanted):
                       "put it there, move it away, and run again" % (path, found, wanted))
 
 
+def check_private(st, path):
+    """sshd's StrictModes for the host's own files: what the agent trusts (its config, trusted keys,
+    state, the agent file the units run, and each directory on the way to them inside the root) must be
+    owned by root (or by the user the agent runs as) and writable by no one else.  st is the fstat of the
+    descriptor about to be used, so what was checked is what is read (attack: a user who can write
+    etc/isconf renames his own allowed_signers into place, or edits a history he owns so that a
+    pending security fix counts as done)."""
+    mode, wrong, fixes = stat.S_IMODE(st.st_mode), [], []
+    if st.st_uid not in (0, os.geteuid()):
+        wrong.append("owned by uid %d, not root" % st.st_uid)
+        fixes.append("chown root %s" % shlex.quote(path))
+    writers = [who for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if mode & bit]
+    if writers:
+        wrong.append("writable by %s" % " and ".join(writers))
+        fixes.append("chmod go-w %s" % shlex.quote(path))
+    if wrong:
+        raise StateError("%s is %s (owner %s, mode %04o): run '%s'" % (
+            path, " and ".join(wrong), "root" if st.st_uid == 0 else "uid %d" % st.st_uid, mode,
+            " && ".join(fixes)))
+
+
+class CheckedDir(int):
+    """A descriptor of one of the host's own directories, found private (check_private): every file
+    open_regular opens in it is checked too, on the descriptor it opened.  An int, which every os
+    function takes as the descriptor it is."""
+
+
 def regular_stat(path, dir_fd):
     """lstat of path's last name in dir_fd: None if it does not exist, refused if it is not a regular file."""
     try:
@@ -411,6 +440,12 @@ def open_regular(path, flags, mode=0o644, dir_fd=None):
         # A hard link planted in the image could name a file of the miniroot on the same filesystem.
         os.close(fd)
         raise misplaced(path, "file with %d hard links" % st.st_nlink, "file of its own")
+    if isinstance(dir_fd, CheckedDir):
+        try:
+            check_private(st, path)
+        except StateError:
+            os.close(fd)
+            raise
     return fd
 
 
@@ -1107,6 +1142,12 @@ def validate_path(path, what="path"):
     return path
 
 
+def in_state(path):
+    """Whether a journaled path names the agent's state directory or something in it: the journal never
+    writes the agent's own state (its history, lock, logs, objects, last-run...)."""
+    return path == STATE_PATH or path.startswith(STATE_PATH + "/")
+
+
 class RootPath(object):
     """Resolve paths inside a root directory the way the kernel would after chroot.
 
@@ -1125,12 +1166,13 @@ class RootPath(object):
         st = os.fstat(fd)
         return st.st_dev, st.st_ino
 
-    def _walk(self, path, create=False):
+    def _walk(self, path, create=False, private=False):
         """Walk path's components as directories inside the root.
 
         Returns (descriptor of the last directory reached, the real names leading to
         it from the root, the components left over where one does not exist).  With
-        create, missing directories are made (and made durable) instead.
+        create, missing directories are made (and made durable) instead.  With private,
+        the root and every directory opened on the way must pass check_private.
 
         Two descriptors at most are open, whatever the depth (a path 1,100 directories
         deep must not need 1,100 under a limit of 1,024): a parent is closed once its
@@ -1150,6 +1192,8 @@ class RootPath(object):
             fd = child
             return self._identity(fd)
         try:
+            if private:
+                check_private(os.fstat(fd), self.root)
             while todo:
                 name = todo.pop(0)
                 if name == ".":
@@ -1179,26 +1223,32 @@ class RootPath(object):
                     if target.startswith("/"):
                         top = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                         os.close(fd)
-                        fd, names, way = top, [], way[:1]
+                        fd = top
+                        if self._identity(fd) != way[0]:  # the root checked at the start, not another
+                            raise OSError(errno.ESTALE, "the root was moved while a path was walked", path)
+                        names, way = [], way[:1]
                     todo = [p for p in target.split("/") if p] + todo
                     continue
                 if not stat.S_ISDIR(st.st_mode):
                     raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
                 way.append(step(name))
                 names.append(name)
+                if private:
+                    check_private(os.fstat(fd), os.path.join(self.root, *names))
             found, fd = fd, None
             return found, names, []
         finally:
             if fd is not None:
                 os.close(fd)
 
-    def open_dir(self, path, create=False):
-        """An O_DIRECTORY descriptor for path inside the root (the caller closes it)."""
-        fd, _, missing = self._walk(path, create)
+    def open_dir(self, path, create=False, private=False):
+        """An O_DIRECTORY descriptor for path inside the root (the caller closes it); with private,
+        a CheckedDir, every directory on the way to it checked (see _walk)."""
+        fd, _, missing = self._walk(path, create, private)
         if missing:
             os.close(fd)
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-        return fd
+        return CheckedDir(fd) if private else fd
 
     def parent(self, path, create=False):
         """(directory fd, final name) for path; the final name itself is not followed."""
@@ -2236,6 +2286,9 @@ class FileType(object):
             raise Refused("%s: mode %o is not a permission mode" % (what, record["mode"]))
         if path == "/" and not ftype.may_be_root:
             raise Refused("%s: only a directory may be snapped at /" % what)
+        if in_state(path):
+            raise Refused("%s: %s is in %s, the agent's own state, which no journal entry may write"
+                          % (what, path, STATE_PATH))
         ftype.check(record, seen, what)
         if path in seen:
             raise Refused("%s: %s appears twice" % (what, path))
@@ -2629,6 +2682,10 @@ class SnapKind(Kind):
         return fields["files"]
 
     def apply(self, fields, transaction):
+        for record in fields["files"]:  # a link an earlier transaction made may lead there now
+            if transaction.writes_state(record["path"]):
+                raise TransactionFailed("%s leads into this host's state directory, which no journal entry may "
+                                        "write; nothing of this snap installed" % record["path"])
         agent = None
         for record in fields["files"]:
             if record["type"] == RegularFile.name and transaction.is_agent(record["path"]):
@@ -2881,6 +2938,8 @@ class StateDir(object):
     what isconf keeps there.  So nothing planted in the image, and nothing a transaction
     makes while it runs, can point the agent's own reads, writes or cleanup out of the
     root or block it on a FIFO (attack: 'ln -s /tmp/v /var/lib/isconf/objects').
+    A host's own directory (inside, or at with private) is held by a CheckedDir: it, every
+    directory on the way to it, its subdirectories and every file opened in it pass check_private.
     """
 
     def __init__(self, fd, path):
@@ -2888,9 +2947,9 @@ class StateDir(object):
 
     @classmethod
     def inside(cls, rootpath, path, create=False):
-        """The directory at path inside the root; made if create and missing."""
+        """The host's own directory at path inside the root; made if create and missing."""
         try:
-            fd = rootpath.open_dir(path, create)
+            fd = rootpath.open_dir(path, create, private=True)
         except FileNotFoundError:
             raise StateError("%s does not exist; run 'isconf init' first" % os.path.join(rootpath.root, path[1:]))
         except NotADirectoryError:
@@ -2899,12 +2958,26 @@ class StateDir(object):
         return cls(fd, rootpath.resolve(path))
 
     @classmethod
-    def at(cls, path):
-        """A directory named on the command line (--config): its path is the user's to choose."""
+    def at(cls, path, private=False):
+        """A directory named on the command line (--config): its path is the user's to choose; with
+        private (a host's config), the directory itself passes check_private."""
         try:
-            return cls(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), path)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise StateError("cannot open directory %s: %s" % (path, e.strerror))
+        if private:
+            fd = cls.checked(fd, path)
+        return cls(fd, path)
+
+    @staticmethod
+    def checked(fd, path):
+        """fd as a CheckedDir once it passed check_private; closed if it did not."""
+        try:
+            check_private(os.fstat(fd), path)
+        except StateError:
+            os.close(fd)
+            raise
+        return CheckedDir(fd)
 
     def close(self):
         for sub in self._subdirs.values():
@@ -2933,6 +3006,8 @@ class StateDir(object):
                     raise
                 st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
                 raise misplaced(self.file(name), file_kind(st.st_mode), "directory")
+            if isinstance(self.fd, CheckedDir):
+                fd = self.checked(fd, self.file(name))
             self._subdirs[name] = StateDir(fd, self.file(name))
         return self._subdirs[name]
 
@@ -3057,6 +3132,12 @@ def _metrics(text, what):
     return text or None
 
 
+def _umask(text, what):
+    if not re.match(r"^[0-7]{1,4}\Z", text) or int(text, 8) > 0o777:
+        raise ValueError("%s %r must be a umask in octal, 000 to 777 (e.g. 022 or 027)" % (what, text))
+    return int(text, 8)
+
+
 def _branch(text, what):
     if not BRANCH_RE.match(text):
         raise ValueError("%s %r must be letters, digits, '.', '_' or '-' (at most 64), starting with a letter or "
@@ -3081,6 +3162,9 @@ CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
     ConfigKey("exec_timeout", _number(float, MAX_DEADLINE), None, "SECONDS",
               "kill an exec still running after SECONDS, with its whole process group, and fail the transaction "
               "(default: no limit)"),
+    ConfigKey("exec_umask", _umask, DEFAULT_EXEC_UMASK, "UMASK",
+              "the umask execs run with, in octal: what they create is no more open than it allows "
+              "(default %03o)" % DEFAULT_EXEC_UMASK),
     ConfigKey("boot_wait", _number(float, BOOT_WAIT_MAX), float(DEFAULT_BOOT_WAIT), "SECONDS",
               "how long 'up --boot' waits for a mirror (default %d)" % DEFAULT_BOOT_WAIT),
     ConfigKey("interrupted_max", _number(int, INTERRUPTED_MOST), DEFAULT_INTERRUPTED_MAX, "N",
@@ -3334,7 +3418,7 @@ class Host(object):
         self.config_path = self.explicit_config or self.rootpath.resolve(CONFIG_PATH)
         self.state_path = self.rootpath.resolve(STATE_PATH)
         self.signers_path = self.rootpath.resolve(SIGNERS_PATH)
-        self._config = self._state = self._etc = self._config_dir = self._logs = None
+        self._config = self._state = self._etc = self._config_dir = self._logs = self._links_to_state = None
 
     def path(self, *parts):
         """Where a state file is, for messages; files are opened through self.state."""
@@ -3389,7 +3473,7 @@ class Host(object):
             if self._config_dir is None:
                 if create:
                     makedirs(os.path.dirname(self.explicit_config))
-                self._config_dir = StateDir.at(os.path.dirname(self.explicit_config))
+                self._config_dir = StateDir.at(os.path.dirname(self.explicit_config), private=True)
             return self._config_dir, os.path.basename(self.explicit_config)
         return self.etc(create), posixpath.basename(CONFIG_PATH)
 
@@ -3397,6 +3481,8 @@ class Host(object):
         try:
             directory, name = self.config_dir()
         except StateError:
+            if os.path.isdir(os.path.dirname(self.config_path)):
+                raise  # there, but not private (check_private): not to be taken for a host without one
             return False
         return directory.stat(name) is not None
 
@@ -3422,6 +3508,65 @@ class Host(object):
     def read_signers(self):
         """The bytes of ROOT/etc/isconf/allowed_signers, confined like the state."""
         return self.etc().read(posixpath.basename(SIGNERS_PATH), SIGNERS_MAX)
+
+    def check_agent_file(self):
+        """The agent file the units run (INSTALL_PATH), when there is one, and every directory on the way
+        to it must pass check_private: whoever can change it runs code as root at the next boot.  Where
+        it is a link (to an agent kept elsewhere), the way to the link and the file it leads to."""
+        real = "/" + os.path.relpath(self.rootpath.resolve(INSTALL_PATH), self.root)
+        for path in [INSTALL_PATH] + ([real] if real != INSTALL_PATH else []):
+            try:
+                dfd = self.rootpath.open_dir(posixpath.dirname(path), private=True)
+            except (FileNotFoundError, NotADirectoryError):
+                return  # nothing installed
+            try:
+                if path == real:
+                    os.close(open_regular(os.path.join(self.root, path[1:]), os.O_RDONLY, 0, dfd))
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(dfd)
+
+    def writes_state(self, path):
+        """Whether a journaled path, installed as a snap installs it (the links of the directories on the
+        way followed inside the root, the last name not), is the state directory or in it; or replaces a
+        link on the way to it (a target whose /var is a link: a snap of /var would move the state away)."""
+        if in_state(path):
+            return True
+        if path == "/":
+            return False
+        state = self.state_path.rstrip("/")
+        try:
+            where = self.place(path)
+        except OSError:  # a loop, or a file where a directory belongs: installing it fails on its own
+            return False
+        return where == state or where.startswith(state + "/") or where in self.links_to_state()
+
+    def place(self, path):
+        """Where a path inside the root is, as seen from outside it: the links of the directories on the
+        way followed inside the root, the last name not (what a snap of path replaces)."""
+        head, name = posixpath.split(path)
+        return os.path.join(self.rootpath.resolve(head), name) if name else self.root
+
+    def links_to_state(self):
+        """The places (see place) of the links the way to the state directory goes through, the links
+        in their targets included: a snap that replaces one of them moves the state away."""
+        if self._links_to_state is None:
+            self._links_to_state, todo = set(), [STATE_PATH]
+            while todo and len(self._links_to_state) < SYMLINK_HOPS:
+                parts = todo.pop().strip("/").split("/")
+                for n in range(1, len(parts) + 1):
+                    path = "/" + "/".join(parts[:n])
+                    try:
+                        where = self.place(path)
+                        if where in self._links_to_state or not os.path.islink(where):
+                            continue
+                        inside = "/" + os.path.relpath(os.path.dirname(where), self.root)
+                        todo.append(posixpath.join(inside, os.readlink(where)))
+                    except OSError:
+                        continue
+                    self._links_to_state.add(where)
+        return self._links_to_state
 
     def make_state(self):
         """Make the state directory and what lives in it (0700: logs hold what commands print)."""
@@ -3823,7 +3968,7 @@ def kill_group(proc, sig):
         pass
 
 
-def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True):
+def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True, umask=AGENT_UMASK):
     """Start a transaction's process, chrooted into root: the one place isconf runs a program.
 
     log is a descriptor of the transaction's log, open for reading and appending; the
@@ -3836,7 +3981,9 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
     and a long output is cut in the log (see CommandOutput).
     The command leads a process group of its own, which a timeout kills whole.  Inside
     a --root, with mounts, it finds /proc, /sys, /dev (and /dev/pts) and /run mounted
-    in a mount namespace of its own (see enter_private_mounts).  Returns the exit status.
+    in a mount namespace of its own (see enter_private_mounts).  It runs with umask (the config's
+    exec_umask), not its caller's: the modes of what it creates do not depend on who ran 'up'.
+    Returns the exit status.
     """
     chroot = os.path.abspath(root) != "/"
     try:
@@ -3846,6 +3993,7 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
     pseudo = pseudo_mounts(root) if chroot and mounts else []
 
     def enter_root():
+        os.umask(umask)
         if pseudo:
             enter_private_mounts(pseudo)
         if chroot:
@@ -3856,8 +4004,10 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
     try:
         # With --root /, Popen changes directory itself and, with no Python code to run in the child,
         # can start it without copying this process (vfork): a millisecond or more per transaction.
+        # The command inherits the agent's own umask (AGENT_UMASK, set in main) unless another is due.
+        child = chroot or umask != AGENT_UMASK
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=enter_root if chroot else None, cwd=None if chroot else cwd,
+                                env=env, preexec_fn=enter_root if child else None, cwd=None if chroot else cwd,
                                 close_fds=True, start_new_session=True)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
@@ -4360,6 +4510,7 @@ class Sync(object):
             local.check_expiry(self.now())  # a mirror serving the same head for ever is a freeze attack
             tied = self.tie_baseline(mirror, local_entries, baseline)
             plan = Plan(local, local_entries, tied.seq if tied else applied_seq, baseline=tied, history=self.history)
+            self.refuse_state_writes(mirror, plan.pending)
             if stage:
                 self.stage_objects(mirror, plan.pending)  # one lost since the last run (a damaged copy)
             return plan
@@ -4384,9 +4535,27 @@ class Sync(object):
                           % (branch, mirror, applied_seq, applied_id[:16]))
         tied = self.tie_baseline(mirror, entries, baseline)
         plan = Plan(head, entries, tied.seq if tied else applied_seq, signature, start, tail, tied, self.history)
+        self.refuse_state_writes(mirror, plan.pending)
         if stage:
             self.stage_objects(mirror, plan.pending)
         return plan
+
+    def refuse_state_writes(self, mirror, pending):
+        """Refused, before anything applies, if a pending entry would install a path that leads into
+        this host's state directory (attack: a signed snap of the history makes the agent forget what
+        it applied, and run transaction 1 again).  An entry naming STATE_PATH is refused on its own
+        (FileType.check_record); here the links in the root on the way are followed too."""
+        known = interpretable(pending)
+        retired = set(filter(None, (entry.retracts() for entry in known)))
+        for entry in known:
+            if (entry.seq, entry.id) in retired:
+                continue
+            for record in entry.installs():
+                if self.host.writes_state(record["path"]):
+                    raise Refused("journal from %s: entry %d snaps %s, which leads into this host's state "
+                                  "directory %s, and no journal entry may write the agent's own state; remove "
+                                  "the link on the way, or retract the entry" % (mirror, entry.seq, record["path"],
+                                                                                 self.host.state_path))
 
     def tie_baseline(self, mirror, entries, baseline):
         """The verified entry a declared baseline names (None without one): a journal that does not
@@ -4640,12 +4809,16 @@ class Transaction(object):
         log = self._host.logs.open(self._entry)
         try:
             status = run_command(self._host.root, argv, cwd, self._environment, log, timeout=self._timeout,
-                                 mounts=self._mounts)
+                                 mounts=self._mounts, umask=self._host.config.exec_umask)
             if status != 0:
                 os.fsync(log)  # what the failure printed outlives a power cut
             return status
         finally:
             os.close(log)
+
+    def writes_state(self, path):
+        """Whether installing path would write the host's state directory (Host.writes_state)."""
+        return self._host.writes_state(path)
 
     def is_agent(self, path):
         """Whether path inside the root is the running agent's own file.  Known by device and inode,
@@ -5325,6 +5498,7 @@ def finish_run(host, record, code, reason=None):
 
 
 def up(args, host, record):
+    host.check_agent_file()
     if args.boot or args.syslog:
         REPORTER.syslog.open(host.rootpath)
     if args.splay is not None and not os.environ.get(REEXEC_ENV):  # a re-exec does not wait again
@@ -5615,6 +5789,7 @@ def read_manifest(host):
 
 def cmd_install(args):
     host = Host(args.root, args.config)
+    host.check_agent_file()
     kinds = args.kinds or default_install_kinds(host.rootpath)
     config = host.config if host.has_config() else None
     boot_wait = int(config.boot_wait) if config else DEFAULT_BOOT_WAIT
@@ -6605,15 +6780,15 @@ def cmd_exec(args):
     cwd = validate_path_arg(args.cwd, "--cwd")
     if not args.no_run:
         host = Host(args.root, args.config)
-        variables = {}
+        variables, umask = {}, DEFAULT_EXEC_UMASK
         if os.path.exists(host.config_path):
             try:
-                variables = host.config.env
+                variables, umask = host.config.env, host.config.exec_umask
             except StateError as e:  # the config is 0600: an author who is not root cannot read it
-                warn("the command runs without the host's [env] variables: %s" % e)
+                warn("the command runs without the host's [env] variables and exec_umask: %s" % e)
         with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log:
             status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.fileno(),
-                                 mounts=not args.no_mounts)
+                                 mounts=not args.no_mounts, umask=umask)
         if status != 0:
             raise TransactionFailed("%s exited with status %d; nothing staged" % (argv[0], status))
     staged = repo.stage(branch, {"kind": "exec", "argv": argv, "cwd": cwd, "message": args.message or ""},
@@ -6666,10 +6841,14 @@ def cmd_snap(args):
     repo, branch = author_context(args)
     repo.require_lock(branch)
     rootpath, links, records = RootPath(args.root), {}, []
-    owners = Owners(rootpath)
+    owners, reference = Owners(rootpath), Host(args.root)
     for given in args.paths:
         given = validate_path_arg(given.rstrip("/") or "/", "snap path")
         for path in snap_paths(rootpath, given, args.recursive, args.exclude):
+            if reference.writes_state(path):
+                raise UsageError("%s leads into the agent's state directory (%s), which no journal entry may "
+                                 "write; leave it out%s" % (path, STATE_PATH, " (--exclude %s)" % shlex.quote(path)
+                                                            if path != given else ""))
             try:
                 record = FileType.capture_path(rootpath, validate_path_arg(path, "snap path"), links, owners,
                                                repo.store_object)
@@ -7409,6 +7588,7 @@ def internal_error(error, argv, args):
 def main(argv=None):
     args = None
     try:
+        os.umask(AGENT_UMASK)  # the modes of what isconf makes never depend on who started it
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, stop_on_signal)
         only = named_verb(sys.argv[1:] if argv is None else argv)

@@ -154,7 +154,7 @@ def test_a_full_disk_while_staging_is_a_local_problem_not_the_mirror(author, ser
     src = source_tree(tmp_path, "/srv/big", os.urandom(3 * 1024 * 1024))
     author.commit(["--root", src, "snap", "/srv/big"])
     host.init(server.url, keys)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", host.state("objects")], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", host.state("objects")], check=True)
     try:
         full = host("up", expect="state")
     finally:
