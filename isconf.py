@@ -1410,6 +1410,116 @@ def parse_content_length(header):
     return int(header) if header is not None and CONTENT_LENGTH_RE.match(header) else None
 
 
+class _ShareRead(object):
+    """One file of a file-share mirror, opened and read by a daemon thread of its own while the
+    fetch waits for each chunk no longer than the silence timeout and the deadline.
+
+    A read(2) or open(2) on a hung network file system blocks in the kernel, where no clock is
+    looked at: the fetch gives up at its deadline all the same and leaves the thread behind,
+    blocked and holding only its descriptor; it ends when the kernel lets it go, and until then
+    the share is not read again in this run (Mirror.stuck).  The open never waits on a FIFO
+    (O_NONBLOCK) and only a regular file is read: a FIFO, a device or a socket planted in the
+    share is refused before it is opened, or at once after (attack: a FIFO no one writes hung
+    'up' for good, holding the host lock)."""
+
+    AHEAD = 4                  # chunks the thread reads ahead of the fetch, at most
+    lock = threading.Lock()    # guards stuck: the shares with a read that has not come back
+    stuck = {}
+
+    def __init__(self, directory, path, start, what):
+        self.directory, self.path, self.start, self.what = directory, path, start, what
+        self.ready = threading.Condition()
+        self.chunks, self.error, self.abandoned, self.ended = collections.deque(), None, False, False
+        self.gave_up = False   # the fetch stopped waiting for it
+        thread = threading.Thread(target=self._run, name="isconf-share")
+        thread.daemon = True   # blocked in the kernel, it must not keep the agent from exiting
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # Ctrl-C is for the waiting thread
+        try:
+            thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _refuse(self, mode):
+        return Refused("%s is a %s, not a regular file; the share is broken or hostile"
+                       % (self.what, file_kind(mode)))
+
+    def _run(self):
+        fd = None
+        try:
+            st = os.stat(self.path)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._refuse(st.st_mode)   # a device is never opened, even for a moment
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):    # swapped in since the stat
+                raise self._refuse(st.st_mode)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            offset = self.start
+            while True:
+                with self.ready:
+                    while len(self.chunks) >= self.AHEAD and not self.abandoned:
+                        self.ready.wait()
+                    if self.abandoned:
+                        return
+                chunk = os.pread(fd, CHUNK, offset)
+                offset += len(chunk)
+                with self.ready:
+                    self.chunks.append(chunk)
+                    self.ready.notify_all()
+                if not chunk:
+                    return
+        except Exception as e:   # handed to the fetch, raised there
+            with self.ready:
+                self.error = e
+                self.ready.notify_all()
+        finally:
+            if fd is not None:
+                os.close(fd)
+            with self.lock:
+                self.ended = True
+                self.stuck.get(self.directory, set()).discard(self)
+
+    def read(self, n, deadline, silence):
+        """At most n bytes, b"" at the end; Unreachable once silent for silence seconds or at the deadline."""
+        with self.ready:
+            until = time.monotonic() + silence
+            while not self.chunks and self.error is None:
+                if self.abandoned:
+                    raise Unreachable("%s: stopped" % self.what)
+                if time.monotonic() >= deadline.end:
+                    self.gave_up = True
+                    deadline.check()
+                left = min(until, deadline.end) - time.monotonic()
+                if left <= 0:
+                    self.gave_up = True
+                    raise Unreachable("%s: nothing read for %d seconds (a hung network file system?); try another "
+                                      "mirror or raise timeout" % (self.what, silence))
+                self.ready.wait(left)
+            if not self.chunks:
+                raise self.error
+            chunk = self.chunks.popleft()
+            if len(chunk) > n:
+                self.chunks.appendleft(chunk[n:])
+                chunk = chunk[:n]
+            self.ready.notify_all()
+            return chunk
+
+    def abandon(self):
+        """The fetch is over (or given up): the thread stops at its next chunk; one still blocked
+        in the kernel marks the share stuck until it comes back."""
+        with self.ready:
+            self.abandoned = True
+            self.ready.notify_all()
+        with self.lock:
+            if self.gave_up and not self.ended:
+                self.stuck.setdefault(self.directory, set()).add(self)
+
+    @classmethod
+    def is_stuck(cls, directory):
+        with cls.lock:
+            return bool(cls.stuck.get(directory))
+
+
 class Mirror(object):
     """One place a repository is published: http(s)://, file:// or a plain directory."""
 
@@ -1433,6 +1543,7 @@ class Mirror(object):
                              % url)
         self._connections = {}
         self._aborting, self.aborted = threading.Lock(), False
+        self._share = None   # the _ShareRead of the fetch going on, for abort()
 
     def __str__(self):
         return self.url
@@ -1451,6 +1562,9 @@ class Mirror(object):
             self.aborted = True
             for conn in list(self._connections.values()):
                 self._shut(conn)
+            share = self._share
+        if share is not None:
+            share.abandon()
 
     def connected(self, conn):
         with self._aborting:
@@ -1598,26 +1712,28 @@ class Mirror(object):
                 return total
 
     def _read_local(self, relpath, limit, start, stop, what, sink, deadline):
-        path = os.path.join(self.directory, *relpath.split("/"))
+        if self.aborted:
+            raise Unreachable("%s: stopped" % what)
+        if _ShareRead.is_stuck(self.directory):
+            raise Unreachable("%s: an earlier read from this share has not come back (a hung network file "
+                              "system?); try another mirror or try again later" % what)
         body = io.BytesIO() if sink is None else sink
+        share = _ShareRead(self.directory, os.path.join(self.directory, *relpath.split("/")), start, what)
+        self._share = share
         try:
-            with open(path, "rb") as f:
-                if start:
-                    f.seek(start)
-
-                def read(n):
-                    # Checked between reads: a share that trickles its bytes ends at the deadline.  (The
-                    # open above is not bounded: a FIFO no writer opens blocks there before any check.)
-                    deadline.check()
-                    return f.read1(n)   # what has arrived, as for HTTP
-                if stop is None:
-                    self._stream(read, limit - start, what, body)
-                else:
-                    self._stream(read, stop - start, what, body, cut=True)
+            def read(n):
+                return share.read(n, deadline, self.timeout)
+            if stop is None:
+                self._stream(read, limit - start, what, body)
+            else:
+                self._stream(read, stop - start, what, body, cut=True)
         except FileNotFoundError:
             raise NotFound("%s: not found; check the path and the branch name" % what)
         except OSError as e:
             raise Unreachable("%s: %s" % (what, e.strerror or e))
+        finally:
+            self._share = None
+            share.abandon()
         return Response(body.getvalue() if sink is None else None, partial=bool(start or stop is not None))
 
 

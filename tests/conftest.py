@@ -521,3 +521,37 @@ def world(template, mirror, host, keys, attacker, tmp_path, busybox_root):
     busybox_root(host.root)
     host.init(mirror.url, keys, *SLOW)
     return World(template, mirror, host, keys, attacker, tmp_path)
+
+
+class HungMount(object):
+    """A real file system that hangs: a FUSE mount whose server never answers, so every stat,
+    open and read under it blocks in the kernel, as on an NFS share whose server died.
+    release() ends the connection: whatever waits on it then fails (ENOTCONN) and returns."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        subprocess.run(["mount", "-i", "-t", "fuse", "-o", "fd=%d,rootmode=40000,user_id=0,group_id=0" % self.fd,
+                        "isconf-hung", path], check=True, pass_fds=(self.fd,), stdin=subprocess.DEVNULL)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            subprocess.run(["umount", "-l", self.path], check=True)
+
+
+@pytest.fixture
+def hung_mount():
+    """A function that mounts a HungMount at a path; each is released and unmounted at the end."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.fail("/dev/fuse is missing: a hung file system cannot be made here")
+    mounts = []
+
+    def make(path):
+        mounts.append(HungMount(str(path)))
+        return mounts[-1]
+    yield make
+    for mount in mounts:
+        mount.release()

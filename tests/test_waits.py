@@ -1,0 +1,119 @@
+"""A deadline on every wait: a file-share mirror reads regular files only, and a share that hangs in the
+kernel (a dead network file system) ends at the deadline like a slow server; the next mirror is tried."""
+
+import os
+import shutil
+import socket
+import stat
+import threading
+
+import pytest
+
+from conftest import source_tree
+
+RUN_TIMEOUT = 120   # generous: no run comes near it; one that waits on a hung share for ever fails instead
+
+
+def in_thread(call, seconds=60):
+    """call() in a thread, joined for at most seconds: what it returned or raised, or 'still waiting'."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except Exception as e:   # noqa: B902 - what it raised is the point
+            outcome.append(e)
+    thread = threading.Thread(target=run)
+    thread.daemon = True
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else "still waiting"
+
+
+def plant(path, kind):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "character device":
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))   # /dev/null's numbers
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path)
+        return sock
+    elif kind == "link to a FIFO":
+        os.mkfifo(path + ".fifo")
+        os.symlink(os.path.basename(path) + ".fifo", path)
+    return None
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "character device", "socket", "link to a FIFO", "directory"])
+def test_a_share_file_that_is_not_a_regular_file_is_refused_at_once(isconf, tmp_path, kind):
+    # A FIFO no one writes blocked the open for good; a device could act on being opened.
+    head = str(tmp_path / "branches" / "web" / "head")
+    sock = os.makedirs(head) if kind == "directory" else plant(head, kind)
+    try:
+        mirror = isconf.Mirror(str(tmp_path), timeout=30, deadline=60)
+        error = in_thread(lambda: mirror.fetch("branches/web/head", 1000), seconds=30)
+    finally:
+        if sock is not None:
+            sock.close()
+    assert isinstance(error, isconf.Refused), error
+    assert "not a regular file" in str(error) and kind.replace("link to a ", "") in str(error), error
+
+
+@pytest.mark.parametrize("timeout,deadline,fragment", [
+    (1, 30, "nothing read for 1 seconds"),             # silent for the timeout
+    (30, 2, "too slow, gave up after 2 seconds"),      # past the deadline
+])
+def test_a_share_on_a_hung_file_system_ends_at_its_deadline(isconf, tmp_path, hung_mount, timeout, deadline,
+                                                             fragment):
+    # The open and the read block in the kernel, where no clock is looked at between two reads.
+    share = hung_mount(tmp_path / "share")
+    before = set(threading.enumerate())
+    mirror = isconf.Mirror(share.path, timeout=timeout, deadline=deadline)
+    error = in_thread(lambda: mirror.fetch("branches/web/head", 1000))
+    assert isinstance(error, isconf.Unreachable) and fragment in str(error), error
+    # The share is not read again while that read has not come back: no second thread blocks on it.
+    again = in_thread(lambda: mirror.fetch("branches/web/journal", 1000), seconds=30)
+    assert isinstance(again, isconf.Unreachable) and "has not come back" in str(again), again
+    left = [t for t in threading.enumerate() if t not in before and t.name == "isconf-share"]
+    assert len(left) == 1
+    share.release()   # the blocked read fails now: its thread ends, and the share is usable again
+    left[0].join(30)
+    assert not left[0].is_alive()
+    error = in_thread(lambda: mirror.fetch("branches/web/head", 1000), seconds=30)
+    assert isinstance(error, isconf.NotFound), error
+
+
+def published_share(tmp_path, author):
+    """A copy of author's repository, as a file share would hold it."""
+    share = str(tmp_path / "share")
+    shutil.copytree(author.repo, share, symlinks=True)
+    return share
+
+
+def test_a_fifo_in_a_share_fails_that_mirror_and_the_next_one_is_used(tmp_path, author, server, host, keys,
+                                                                       busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/ran"])
+    share = published_share(tmp_path, author)
+    os.unlink(os.path.join(share, "branches/web/journal"))
+    os.mkfifo(os.path.join(share, "branches/web/journal"))
+    host.init([share, server.url], keys, "--timeout", "30", "--deadline", "60")
+    proc = host("up", expect="ok", timeout=RUN_TIMEOUT)
+    assert os.path.exists(host.path("/tmp/ran"))
+    assert "mirror %s: " % share in proc.err and "is a FIFO, not a regular file" in proc.err, proc.err
+
+
+def test_a_share_whose_objects_hang_fails_at_the_deadline_and_the_next_mirror_is_used(tmp_path, author, server,
+                                                                                       host, keys, hung_mount):
+    # Head and journal read well; the objects directory is a file system that never answers.
+    src = source_tree(tmp_path, "/etc/motd", b"from the share\n" * 100)
+    author.commit(["--root", src, "snap", "/etc/motd"])
+    share = published_share(tmp_path, author)
+    hung_mount(os.path.join(share, "objects"))
+    host.init([share, server.url], keys, "--timeout", "1", "--deadline", "3")
+    proc = host("up", expect="ok", timeout=RUN_TIMEOUT)   # it ends, with the blocked read left behind
+    with open(host.path("/etc/motd"), "rb") as f:
+        assert f.read() == b"from the share\n" * 100
+    assert "mirror %s: " % share in proc.err and "objects/" in proc.err, proc.err
