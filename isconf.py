@@ -98,6 +98,8 @@ LOG_NOTES = 1024                # of ATTEMPT_MAX kept for isconf's own lines: th
 LOG_LINE_MAX = 240              # bytes of one such line: a snap of 10,000 files names them all
 ERROR_MAX = 4096                # of a failure's message kept in the history: a record stays under RECORD_MAX
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
+OUTPUT_DEFERRED = 4 * 1024 * 1024  # bytes of our own output kept for a stdout that reads slowly; then dropped
+OUTPUT_WAIT = 10                # seconds the end of a run waits for a stdout that takes nothing
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
 DEFAULT_REBOOT = "/sbin/reboot"
@@ -931,6 +933,9 @@ class Reporter(object):
         self.syslog = Syslog()
         self.open_line = None   # (stream, text) of a transaction line begun on a terminal, not yet ended
         self.progress_shown = False
+        self.deferred = {}      # per descriptor: what a stream could not take yet (bytearray)
+        self.dropped, self.dropped_total = {}, 0   # bytes dropped while a stream was blocked: per descriptor, in all
+        self.ends_line = {}     # per descriptor: whether what was written last ended a line
 
     @staticmethod
     def terminal(stream):
@@ -939,29 +944,97 @@ class Reporter(object):
         except (OSError, ValueError):
             return False
 
-    def write(self, data, stream=None):
-        """Write text or bytes as they are (the one place that writes to a stream)."""
+    def write(self, data, stream=None, wait=True):
+        """Write text or bytes as they are (the one place that writes to a stream).
+
+        Without wait, nothing waits on the stream: what it cannot take now (a pipe to a logger
+        that reads slowly, or stopped reading; a stuck journal socket) is deferred, up to
+        OUTPUT_DEFERRED bytes, and written as it takes them (pump(), and run_command wakes for
+        it); what is beyond that is dropped, counted, and said once where the stream goes on.  So
+        a transaction's timeout and its log's bound never wait on the agent's own output.  Pipes
+        and sockets are written PIPE_BUF bytes at a time, each after poll() said there is room,
+        so no one write blocks; a regular file always has room.  Reports wait: 'isconf log | less'
+        must show it all."""
         stream = stream or sys.stdout
         if stream is None:  # started with the descriptor closed
             return
-        self._interrupt(stream)
+        self._interrupt(stream, wait)
+        if not isinstance(data, bytes):
+            encoding = getattr(stream, "encoding", None) or "utf-8"
+            try:
+                data = data.encode(encoding, getattr(stream, "errors", None) or "strict")
+            except (UnicodeError, LookupError):
+                data = data.encode(encoding, "replace")
         try:
-            if isinstance(data, bytes):
+            stream.flush()   # nothing is buffered there (all output comes here), unless a library printed
+            fd = stream.fileno()
+        except (OSError, ValueError):
+            fd = None        # not a descriptor: as it is (an in-process caller's buffer)
+        try:
+            if fd is None:
                 stream.buffer.write(data)
-            else:
-                stream.write(data)
-            stream.flush()
+                stream.flush()
+                return
+            pending = self.deferred.setdefault(fd, bytearray())
+            if self.dropped.get(fd) and len(pending) + len(data) + 200 <= OUTPUT_DEFERRED or wait:
+                self._say_dropped(fd, stream)
+            if len(pending) + len(data) > OUTPUT_DEFERRED and not wait:
+                self.dropped[fd] = self.dropped.get(fd, 0) + len(data)
+                self.dropped_total += len(data)
+                return
+            pending += data
+            self.ends_line[fd] = pending[-1:] == b"\n" if pending else self.ends_line.get(fd, True)
+            self._drain(fd, wait)
         except (OSError, ValueError):  # a closed pipe, a full disk under a cron log, a closed stream
+            self.deferred.pop(fd, None)
             silence(stream)
 
-    def _interrupt(self, stream):
+    def _say_dropped(self, fd, stream):
+        """The one line that says what was dropped, in the stream where it was dropped (and to syslog)."""
+        if not self.dropped.get(fd):
+            return
+        notice = "output to %s blocked: %d bytes dropped" % ("stderr" if stream is sys.stderr else "stdout",
+                                                              self.dropped.pop(fd))
+        self.syslog.send("warning: " + notice, Syslog.WARNING)
+        stamp = "" if self.terminal(stream) else format_time(time.time()) + " "
+        pending = self.deferred.setdefault(fd, bytearray())
+        pending += ("%s%sisconf: warning: %s\n" % ("" if self.ends_line.get(fd, True) else "\n", stamp, notice)).encode()
+        self.ends_line[fd] = True
+
+    def _drain(self, fd, wait, seconds=None):
+        """Write what is deferred for fd: what fits now, or (with wait) all of it; with seconds too,
+        waiting at most that long each time for room.  Whether all was written."""
+        pending, poller = self.deferred.get(fd), select.poll()
+        poller.register(fd, select.POLLOUT)
+        while pending:
+            if not wait and not poller.poll(0):
+                return False
+            if seconds is not None and not poller.poll(seconds * 1000):
+                return False
+            del pending[:os.write(fd, pending[:select.PIPE_BUF])]
+        return True
+
+    def waiting(self):
+        """Descriptors with output deferred, for a wait to wake when they take some (see pump)."""
+        return [fd for fd, pending in self.deferred.items() if pending]
+
+    def pump(self):
+        """Write what the streams can take now of what was deferred."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None and self.deferred.get(stream.fileno()):
+                    self._drain(stream.fileno(), False)
+            except (OSError, ValueError):
+                silence(stream)
+
+    def _interrupt(self, stream, wait=True):
         """Before other output: end a transaction line begun on this stream, clear a progress line."""
         if self.progress_shown and sys.stderr is not None:
             self.progress_shown = False
-            self.write("\r\x1b[K", sys.stderr)
+            self.write("\r\x1b[K", sys.stderr, wait)
         if self.open_line is not None and self.open_line[0] is stream:
             self.open_line = None
-            self.write("\n", stream)
+            self.write("\n", stream, wait)
 
     def line(self, text, stream=None):
         """One line of a report: escaped, always shown."""
@@ -969,7 +1042,7 @@ class Reporter(object):
 
     def _stamped(self, text, stream):
         stamp = "" if self.terminal(stream) else format_time(time.time()) + " "
-        self.write(stamp + printable(text) + "\n", stream)
+        self.write(stamp + printable(text) + "\n", stream, wait=False)
 
     def say(self, message):
         """A message of the run ('isconf: ...'): dropped with -q."""
@@ -988,24 +1061,38 @@ class Reporter(object):
         text = "%s: %s" % (label, message) if label else message
         self.syslog.send(text if code is None else "%s (exit %d)" % (text, code), Syslog.ERR)
         if label is None and self.terminal(sys.stderr):
-            self.write("\n", sys.stderr)  # after the ^C the terminal echoed
+            self.write("\n", sys.stderr, wait=False)  # after the ^C the terminal echoed
         self._stamped("isconf: " + text, sys.stderr)
 
     def trace(self, text):
         """A traceback, whole, on stderr (--debug)."""
-        self.write(text, sys.stderr)
+        self.write(text, sys.stderr, wait=False)
 
     def log(self, text):
         """One line of a server's log ('serve': its start and each request), on stderr, escaped."""
-        self.write(printable(text) + "\n", sys.stderr)
+        self.write(printable(text) + "\n", sys.stderr, wait=False)
 
     def flush(self):
-        """Before the process ends or execs another: what is buffered would be lost; a stream that
-        cannot be written (a closed pipe, a full cron log) is silenced, as every write does."""
+        """Before the process ends or execs another: what is buffered or deferred would be lost.  A
+        stream that takes nothing for OUTPUT_WAIT seconds gets no more (a logger that stopped reading
+        must not keep the run from ending); what it missed is said on stderr and to syslog.  A stream
+        that cannot be written (a closed pipe, a full cron log) is silenced, as every write does."""
         for stream in (sys.stdout, sys.stderr):
             try:
-                if stream is not None:
-                    stream.flush()
+                if stream is None:
+                    continue
+                stream.flush()
+                fd = stream.fileno()
+                if self.deferred.get(fd) and not self._drain(fd, True, OUTPUT_WAIT):
+                    self.dropped[fd] = self.dropped.get(fd, 0) + len(self.deferred.pop(fd))
+                if self.dropped.get(fd):
+                    count = self.dropped[fd]
+                    self._say_dropped(fd, stream)   # at its place, if the stream takes it
+                    if not self._drain(fd, False):
+                        self.deferred.pop(fd, None)
+                        if stream is sys.stdout:   # then where it can be read
+                            self._stamped("isconf: warning: output to stdout blocked: %d bytes dropped" % count,
+                                          sys.stderr)
             except (OSError, ValueError):
                 silence(stream)
 
@@ -1016,14 +1103,14 @@ class Reporter(object):
     def output(self, data):
         """What a transaction's command wrote (it is in the log whatever this shows)."""
         if not self.quiet:
-            self.write(data, sys.stdout)
+            self.write(data, sys.stdout, wait=False)
 
     def begin(self, position, summary):
         """A transaction starts: on a terminal its line starts now."""
         text = "%s %s ... " % (position, printable(summary))
         if self.quiet or not self.terminal(sys.stdout):
             return
-        self.write(text, sys.stdout)
+        self.write(text, sys.stdout, wait=False)
         self.open_line = (sys.stdout, text)
 
     def end(self, position, summary, outcome, seconds):
@@ -1033,7 +1120,7 @@ class Reporter(object):
                          Syslog.INFO if outcome == "ok" else Syslog.ERR)
         if self.open_line is not None and self.open_line[0] is sys.stdout:
             self.open_line = None
-            self.write(result + "\n", sys.stdout)
+            self.write(result + "\n", sys.stdout, wait=False)
         elif not self.quiet or outcome != "ok":
             self._stamped("%s %s ... %s" % (position, summary, result), sys.stdout)
 
@@ -1041,7 +1128,7 @@ class Reporter(object):
         """A progress line, on a terminal only, rewritten in place."""
         if self.quiet or not self.terminal(sys.stderr) or self.open_line is not None:
             return
-        self.write("\r" + printable(text)[:120] + "\x1b[K", sys.stderr)
+        self.write("\r" + printable(text)[:120] + "\x1b[K", sys.stderr, wait=False)
         self.progress_shown = True
 
 
@@ -3772,6 +3859,7 @@ class CommandOutput(object):
         self.cut_at = None                              # where the log is cut back to, once it passed its bound
         self.tail, self.tail_size, self.cut = collections.deque(), 0, 0  # the last bytes; bytes left out
         self.finished = False
+        self.dropped = REPORTER.dropped_total   # the echo's bytes our own stdout could not take, so far
 
     def follow(self):
         """Echo what the command added since the last look; cut the log back if it passed its bound."""
@@ -3813,6 +3901,10 @@ class CommandOutput(object):
             self.cut += max(0, len(tail) - self.tail_max)
             write_all(self.log, ("\n[isconf] log cut: %d bytes of output left out here (a log keeps %d bytes "
                                  "per attempt)\n" % (self.cut, ATTEMPT_MAX)).encode() + tail[-self.tail_max:])
+        dropped = REPORTER.dropped_total - self.dropped
+        if dropped:
+            write_all(self.log, b"\n" + log_line("[isconf] output to stdout blocked: %d bytes of the echo dropped "
+                                                  "(they are in this log, but for what was cut)" % dropped))
 
 
 def open_pidfd(pid):
@@ -3827,8 +3919,9 @@ def open_pidfd(pid):
         return None
 
 
-def wait_for_exit(proc, pidfd, seconds):
-    """proc's exit status as soon as it exits, or None after seconds."""
+def wait_for_exit(proc, pidfd, seconds, outputs=()):
+    """proc's exit status as soon as it exits, or None after seconds, or sooner when one of
+    the descriptors outputs can be written (our stdout taking what was deferred for it)."""
     if pidfd is None:
         try:
             return proc.wait(seconds)
@@ -3836,6 +3929,8 @@ def wait_for_exit(proc, pidfd, seconds):
             return None
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
+    for fd in outputs:
+        poller.register(fd, select.POLLOUT)
     poller.poll(seconds * 1000)
     return proc.poll()
 
@@ -3893,7 +3988,7 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
     try:
         status = None
         while status is None:
-            status = wait_for_exit(proc, pidfd, 0.1)
+            status = wait_for_exit(proc, pidfd, 0.1, REPORTER.waiting())
             if status is None and timeout is not None and time.monotonic() - started > timeout:
                 kill_group(proc, signal.SIGKILL)
                 output.finish()
@@ -3901,6 +3996,7 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True)
                 raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
                                         "command, or raise exec_timeout in the host config" % (argv[0], timeout))
             output.follow()
+            REPORTER.pump()
     except BaseException:
         if proc.returncode is None:  # Ctrl-C or an error of ours: the command must not outlive the run
             kill_group(proc, signal.SIGTERM)

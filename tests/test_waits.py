@@ -1,15 +1,18 @@
 """A deadline on every wait: a file-share mirror reads regular files only, and a share that hangs in the
 kernel (a dead network file system) ends at the deadline like a slow server; the next mirror is tried."""
 
+import glob
 import os
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
 
-from conftest import source_tree
+from conftest import ISCONF, source_tree, undated
 
 RUN_TIMEOUT = 120   # generous: no run comes near it; one that waits on a hung share for ever fails instead
 
@@ -117,3 +120,33 @@ def test_a_share_whose_objects_hang_fails_at_the_deadline_and_the_next_mirror_is
     with open(host.path("/etc/motd"), "rb") as f:
         assert f.read() == b"from the share\n" * 100
     assert "mirror %s: " % share in proc.err and "objects/" in proc.err, proc.err
+
+
+# --- the agent's own output never holds up a transaction ------------------------------------
+
+def test_a_stdout_nobody_reads_never_holds_up_a_transaction_its_log_or_its_timeout(isconf, author, server, keys,
+                                                                                   host, busybox_root):
+    # A pipe to a logger that stopped reading: the echo of 16 MiB cannot be written, and must not be waited for.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c",
+                   "busybox yes 0123456789abcdef | busybox head -c 16777216; echo ALL-WRITTEN; sleep 60"])
+    host.init(server.url, keys, "--exec-timeout", "3")
+    agent = subprocess.Popen([sys.executable, "-I", ISCONF, "--root", host.root, "up"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"})
+    try:
+        code = agent.wait(RUN_TIMEOUT)   # neither pipe is read until the run ended by itself
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        agent.communicate()
+        pytest.fail("up waited on a stdout nobody reads")
+    out, err = agent.communicate()
+    err = undated(err.decode())
+    assert code == 1, err
+    assert "killed after running for exec_timeout 3 s" in err
+    assert "isconf: warning: output to stdout blocked: " in err   # said once, where it can be read
+    logs = glob.glob(host.state("logs", "*.log"))
+    with open(logs[0], "rb") as f:
+        log = f.read()
+    assert len(log) <= isconf.ATTEMPT_MAX
+    assert b"[isconf] output to stdout blocked: " in log and b"[isconf] killed: " in log
