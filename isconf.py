@@ -1454,10 +1454,79 @@ class _DeadlineSocket(object):
         return io.BufferedReader(_DeadlineReader(self))
 
 
+# The user:password@ of a URL, wherever it sits (attack: a password in a mirror URL copied into every error
+# line, the last-run record and status).
+USERINFO_RE = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?(?://)?)[^/?#]*@")
+
+
+def redact_url(url):
+    """A URL as messages show it: any user name or password replaced by '***' (the one place that does it)."""
+    return USERINFO_RE.sub(r"\1***@", url)
+
+
+def check_no_credentials(url):
+    """A mirror URL holds no user:password: isconf sends none, and the secret would be in the config,
+    the logs and every error line.  UsageError, naming the URL without its secret."""
+    if USERINFO_RE.match(url):
+        raise UsageError("mirror %s holds a user name or password, which isconf never sends and would print: "
+                         "remove it (what a mirror serves is signed; restrict who reaches it by the network)"
+                         % redact_url(url))
+
+
+ASCII_NUMBER_RE = re.compile(r"^[0-9]{1,18}\Z")
+STATUS_LINE_RE = re.compile(r"^(HTTP/1\.[01]) ([0-9]{3})(?: ([^\r\n]*))?\r?\n\Z")
+CHUNK_SIZE_RE = re.compile(br"^([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r?\n\Z")
+INTERIM_MAX = 10                # 1xx answers skipped before the real one, at most
+INTERIM_LINES = 100             # header lines of all of them, at most (http.client's own limit per answer)
+
+
+def ascii_number(text):
+    """A whole number written in ASCII digits only, or None: int() also takes other scripts' digits
+    ('١٢', '１２'), '_', a sign and white space, so one number could have many spellings."""
+    return int(text) if isinstance(text, str) and ASCII_NUMBER_RE.match(text) else None
+
+
+class _Response(http.client.HTTPResponse):
+    """http.client's answer, read stricter: the status code in three ASCII digits; every interim 1xx
+    answer skipped with its headers (http.client skips only 100 Continue: a '103 Early Hints' before
+    the 200 was taken for the answer, and the mirror was unusable), a bounded number of them;
+    101 Switching Protocols is no interim answer, and fails the fetch; a chunk size in hex digits
+    only (int() takes '1_a', a sign and white space)."""
+
+    def _read_status(self):
+        lines = 0
+        for _ in range(INTERIM_MAX + 1):
+            raw = self.fp.readline(65537)
+            if not raw:
+                raise http.client.RemoteDisconnected("the server closed the connection without an answer")
+            m = STATUS_LINE_RE.match(raw.decode("iso-8859-1"))
+            if len(raw) > 65536 or not m:
+                raise http.client.BadStatusLine(repr(raw[:80]))
+            status = int(m.group(2))
+            if not 100 <= status < 200 or status == 101:
+                return m.group(1), status, m.group(3) or ""
+            while True:   # the interim answer's headers, never kept
+                line = self.fp.readline(65537)
+                lines += 1
+                if len(line) > 65536 or lines > INTERIM_LINES:
+                    raise http.client.HTTPException("interim (1xx) answers with too many or too long headers")
+                if line in (b"\r\n", b"\n", b""):
+                    break
+        raise http.client.HTTPException("more than %d interim (1xx) answers" % INTERIM_MAX)
+
+    def _read_next_chunk_size(self):
+        line = self.fp.readline(65537)
+        m = CHUNK_SIZE_RE.match(line)
+        if not m:
+            raise ValueError("chunk size %r" % line[:20])   # http.client's callers make it IncompleteRead
+        return int(m.group(1), 16)
+
+
 class _BoundedConnection(object):
     """Mixed into http.client's connections: connect within the time left, then read and
     write through a _DeadlineSocket.  Mirror._request sets deadline and silence per fetch."""
     deadline, silence, mirror = None, DEFAULT_TIMEOUT, None
+    response_class = _Response
 
     def connect(self):
         self.timeout = self.deadline.wait(self.silence)
@@ -1476,7 +1545,6 @@ class _HTTPSConnection(_BoundedConnection, http.client.HTTPSConnection):
 
 
 CONTENT_RANGE_RE = re.compile(r"^bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)\Z")
-CONTENT_LENGTH_RE = re.compile(r"^[0-9]{1,18}\Z")
 
 
 def parse_content_range(header, start, what):
@@ -1494,7 +1562,7 @@ def parse_content_range(header, start, what):
 def parse_content_length(header):
     """Content-Length as a number, or None when absent or not a plain ASCII number
     (http.client then reads to the close, and our own limit still holds)."""
-    return int(header) if header is not None and CONTENT_LENGTH_RE.match(header) else None
+    return ascii_number(header)
 
 
 class _ShareRead(object):
@@ -1613,11 +1681,12 @@ class Mirror(object):
     def __init__(self, url, timeout=DEFAULT_TIMEOUT, deadline=DEFAULT_DEADLINE):
         self.url = url
         self.timeout, self.deadline = timeout, deadline
+        check_no_credentials(url)
         try:
             parsed = urllib.parse.urlsplit(url)
             parsed.port  # a malformed port is an error here, not at the first fetch
         except ValueError as e:
-            raise UsageError("mirror %r is not a valid URL: %s" % (url, e))
+            raise UsageError("mirror %r is not a valid URL: %s" % (redact_url(url), e))
         if parsed.scheme in ("http", "https") and parsed.hostname:
             self.directory = None
             self.base = url if url.endswith("/") else url + "/"
@@ -1627,7 +1696,7 @@ class Mirror(object):
             self.directory = url
         else:
             raise UsageError("mirror %r is not an http://, https:// or file:// URL or an absolute directory"
-                             % url)
+                             % redact_url(url))
         self._connections = {}
         self._aborting, self.aborted = threading.Lock(), False
         self._share = None   # the _ShareRead of the fetch going on, for abort()
@@ -1711,8 +1780,9 @@ class Mirror(object):
     def _request(self, url, headers, deadline):
         """Send a GET on a kept-alive connection to the URL's server, or a new one."""
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise Unreachable("redirect to %r: only http and https URLs are followed" % url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+            raise Unreachable("redirect to %r: only http and https URLs without a user or password are followed"
+                              % redact_url(url))
         key = (parts.scheme, parts.netloc)
         target = parts.path + ("?" + parts.query if parts.query else "")
         # A kept-alive connection may have been closed by the server: retry once, fresh.
@@ -3210,6 +3280,16 @@ def _metrics(text, what):
     return text or None
 
 
+def _urls(text, what):
+    urls = text.split()
+    for url in urls:
+        try:
+            check_no_credentials(url)
+        except UsageError as e:
+            raise ValueError(str(e))
+    return urls
+
+
 def _branch(text, what):
     if not BRANCH_RE.match(text):
         raise ValueError("%s %r must be letters, digits, '.', '_' or '-' (at most 64), starting with a letter or "
@@ -3221,7 +3301,7 @@ def _branch(text, what):
 # and Config.render writes it.  A new key is one row.
 CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
     ConfigKey("branch", _branch, ""),
-    ConfigKey("urls", lambda text, what: text.split(), []),
+    ConfigKey("urls", _urls, []),
     ConfigKey("insecure", lambda text, what: text.lower() in ("yes", "true", "1"), False),
     ConfigKey("reboot_command", _command, DEFAULT_REBOOT, "COMMAND",
               "what 'up -r' runs to reboot (default %s)" % DEFAULT_REBOOT),
@@ -4260,7 +4340,10 @@ class RunRecord(object):
         if carried and os.environ.get(REEXEC_ENV):
             try:
                 start, applied, fetched = carried.split(",")
-                self.start, self.applied, self.fetched = float(start), int(applied), int(fetched)
+                numbers = [ascii_number(n) for n in start.split(".") + [applied, fetched]]
+                if len(numbers) != 4 or None in numbers:
+                    raise ValueError(carried)
+                self.start, self.applied, self.fetched = float(start), numbers[2], numbers[3]
                 self.before = max(0.0, time.time() - self.start)
             except ValueError:  # not what a parent wrote: this run starts its own record
                 pass
@@ -6863,10 +6946,11 @@ def cmd_init(args):
     check_branch(args.branch)
     host = Host(args.root, args.config)
     for url in args.urls:
-        check_config_value(url, "URL %s" % printable(url))
+        check_no_credentials(url)
+        check_config_value(url, "URL %s" % printable(redact_url(url)))
         if len(url.split()) > 1:  # white space separates the mirrors in the config
             raise UsageError("URL %s holds white space, which separates mirrors in the config; write it "
-                             "percent-encoded (%%20), a directory as a file:// URL" % url)
+                             "percent-encoded (%%20), a directory as a file:// URL" % redact_url(url))
         Mirror(url)
     if not args.signers and not args.insecure:
         raise UsageError("init needs --signers FILE (the authors' keys, allowed_signers format) or an explicit "
