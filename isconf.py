@@ -1629,7 +1629,8 @@ class _ShareRead(object):
                 self.ready.notify_all()
         finally:
             if fd is not None:
-                os.close(fd)
+                with contextlib.suppress(OSError):   # a share gone away fails the close too (ENOTCONN)
+                    os.close(fd)
             with self.lock:
                 self.ended = True
                 self.stuck.get(self.directory, set()).discard(self)

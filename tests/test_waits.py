@@ -2,6 +2,7 @@
 kernel (a dead network file system) ends at the deadline like a slow server; the next mirror is tried."""
 
 import glob
+import hashlib
 import os
 import shutil
 import socket
@@ -64,16 +65,25 @@ def test_a_share_file_that_is_not_a_regular_file_is_refused_at_once(isconf, tmp_
     assert "not a regular file" in str(error) and kind.replace("link to a ", "") in str(error), error
 
 
+def hang(hung_mount, share, stall, files):
+    """The directory of files (their paths in share: size) on a file system that hangs at the open or, with
+    the files there to be found and opened, at the first read."""
+    where = os.path.join(share, os.path.dirname(next(iter(files))))
+    return hung_mount(where, None if stall == "open" else {os.path.basename(p): n for p, n in files.items()})
+
+
+@pytest.mark.parametrize("stall", ["open", "read"])
 @pytest.mark.parametrize("timeout,deadline,fragment", [
     (1, 30, "nothing read for 1 seconds"),             # silent for the timeout
     (30, 2, "too slow, gave up after 2 seconds"),      # past the deadline
 ])
 def test_a_share_on_a_hung_file_system_ends_at_its_deadline(isconf, tmp_path, hung_mount, timeout, deadline,
-                                                             fragment):
-    # The open and the read block in the kernel, where no clock is looked at between two reads.
-    share = hung_mount(tmp_path / "share")
+                                                             fragment, stall):
+    # The open or the read blocks in the kernel, where no clock is looked at between two reads.
+    share = str(tmp_path / "share")
+    hung = hang(hung_mount, share, stall, {"branches/web/head": 200, "branches/web/journal": 900})
     before = set(threading.enumerate())
-    mirror = isconf.Mirror(share.path, timeout=timeout, deadline=deadline)
+    mirror = isconf.Mirror(share, timeout=timeout, deadline=deadline)
     error = in_thread(lambda: mirror.fetch("branches/web/head", 1000))
     assert isinstance(error, isconf.Unreachable) and fragment in str(error), error
     # The share is not read again while that read has not come back: no second thread blocks on it.
@@ -81,7 +91,7 @@ def test_a_share_on_a_hung_file_system_ends_at_its_deadline(isconf, tmp_path, hu
     assert isinstance(again, isconf.Unreachable) and "has not come back" in str(again), again
     left = [t for t in threading.enumerate() if t not in before and t.name == "isconf-share"]
     assert len(left) == 1
-    share.release()   # the blocked read fails now: its thread ends, and the share is usable again
+    hung.release()   # the blocked read fails now: its thread ends, and the share is usable again
     left[0].join(30)
     assert not left[0].is_alive()
     error = in_thread(lambda: mirror.fetch("branches/web/head", 1000), seconds=30)
@@ -108,17 +118,19 @@ def test_a_fifo_in_a_share_fails_that_mirror_and_the_next_one_is_used(tmp_path, 
     assert "mirror %s: " % share in proc.err and "is a FIFO, not a regular file" in proc.err, proc.err
 
 
+@pytest.mark.parametrize("stall", ["open", "read"])
 def test_a_share_whose_objects_hang_fails_at_the_deadline_and_the_next_mirror_is_used(tmp_path, author, server,
-                                                                                       host, keys, hung_mount):
-    # Head and journal read well; the objects directory is a file system that never answers.
-    src = source_tree(tmp_path, "/etc/motd", b"from the share\n" * 100)
+                                                                                       host, keys, hung_mount, stall):
+    # Head and journal read well; the objects directory is a file system that never answers, or never a read.
+    content = b"from the share\n" * 100
+    src = source_tree(tmp_path, "/etc/motd", content)
     author.commit(["--root", src, "snap", "/etc/motd"])
     share = published_share(tmp_path, author)
-    hung_mount(os.path.join(share, "objects"))
+    hang(hung_mount, share, stall, {"objects/" + hashlib.sha256(content).hexdigest(): len(content)})
     host.init([share, server.url], keys, "--timeout", "1", "--deadline", "3")
     proc = host("up", expect="ok", timeout=RUN_TIMEOUT)   # it ends, with the blocked read left behind
     with open(host.path("/etc/motd"), "rb") as f:
-        assert f.read() == b"from the share\n" * 100
+        assert f.read() == content
     assert "mirror %s: " % share in proc.err and "objects/" in proc.err, proc.err
 
 
