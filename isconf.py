@@ -99,7 +99,7 @@ LOG_LINE_MAX = 240              # bytes of one such line: a snap of 10,000 files
 ERROR_MAX = 4096                # of a failure's message kept in the history: a record stays under RECORD_MAX
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 OUTPUT_DEFERRED = 4 * 1024 * 1024  # bytes of our own output kept for a stdout that reads slowly; then dropped
-OUTPUT_WAIT = 10                # seconds the end of a run waits for a stdout that takes nothing
+OUTPUT_WAIT = 10                # seconds the end of a run waits, at most, for a stream to take what is deferred
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
 DEFAULT_REBOOT = "/sbin/reboot"
@@ -1003,13 +1003,14 @@ class Reporter(object):
 
     def _drain(self, fd, wait, seconds=None):
         """Write what is deferred for fd: what fits now, or (with wait) all of it; with seconds too,
-        waiting at most that long each time for room.  Whether all was written."""
+        waiting at most that long in all.  Whether all was written."""
         pending, poller = self.deferred.get(fd), select.poll()
         poller.register(fd, select.POLLOUT)
+        end = None if seconds is None else time.monotonic() + seconds
         while pending:
             if not wait and not poller.poll(0):
                 return False
-            if seconds is not None and not poller.poll(seconds * 1000):
+            if end is not None and not poller.poll(max(0, end - time.monotonic()) * 1000):
                 return False
             del pending[:os.write(fd, pending[:select.PIPE_BUF])]
         return True
@@ -1074,8 +1075,8 @@ class Reporter(object):
 
     def flush(self):
         """Before the process ends or execs another: what is buffered or deferred would be lost.  A
-        stream that takes nothing for OUTPUT_WAIT seconds gets no more (a logger that stopped reading
-        must not keep the run from ending); what it missed is said on stderr and to syslog.  A stream
+        stream gets OUTPUT_WAIT seconds to take it, no more (a logger that stopped reading must not
+        keep the run from ending); what it missed is said on stderr and to syslog.  A stream
         that cannot be written (a closed pipe, a full cron log) is silenced, as every write does."""
         for stream in (sys.stdout, sys.stderr):
             try:
