@@ -1573,7 +1573,7 @@ class _ShareRead(object):
     A read(2) or open(2) on a hung network file system blocks in the kernel, where no clock is
     looked at: the fetch gives up at its deadline all the same and leaves the thread behind,
     blocked and holding only its descriptor; it ends when the kernel lets it go, and until then
-    the share is not read again in this run (Mirror.stuck).  The open never waits on a FIFO
+    the share is not read again in this run (stuck, below).  The open never waits on a FIFO
     (O_NONBLOCK) and only a regular file is read: a FIFO, a device or a socket planted in the
     share is refused before it is opened, or at once after (attack: a FIFO no one writes hung
     'up' for good, holding the host lock)."""
@@ -1871,14 +1871,15 @@ class Mirror(object):
                 return total
 
     def _read_local(self, relpath, limit, start, stop, what, sink, deadline):
-        if self.aborted:
-            raise Unreachable("%s: stopped" % what)
         if _ShareRead.is_stuck(self.directory):
             raise Unreachable("%s: an earlier read from this share has not come back (a hung network file "
                               "system?); try another mirror or try again later" % what)
         body = io.BytesIO() if sink is None else sink
         share = _ShareRead(self.directory, os.path.join(self.directory, *relpath.split("/")), start, what)
-        self._share = share
+        with self._aborting:
+            self._share = share
+            if self.aborted:   # abort() came first: this fetch ends at once too
+                share.abandon()
         try:
             def read(n):
                 return share.read(n, deadline, self.timeout)
