@@ -99,6 +99,8 @@ LOG_NOTES = 1024                # of ATTEMPT_MAX kept for isconf's own lines: th
 LOG_LINE_MAX = 240              # bytes of one such line: a snap of 10,000 files names them all
 ERROR_MAX = 4096                # of a failure's message kept in the history: a record stays under RECORD_MAX
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
+OUTPUT_DEFERRED = 4 * 1024 * 1024  # bytes of our own output kept for a stdout that reads slowly; then dropped
+OUTPUT_WAIT = 10                # seconds the end of a run waits, at most, for a stream to take what is deferred
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
 DEFAULT_REBOOT = "/sbin/reboot"
@@ -989,6 +991,9 @@ class Reporter(object):
         self.syslog = Syslog()
         self.open_line = None   # (stream, text) of a transaction line begun on a terminal, not yet ended
         self.progress_shown = False
+        self.deferred = {}      # per descriptor: what a stream could not take yet (bytearray)
+        self.dropped, self.dropped_total = {}, 0   # bytes dropped while a stream was blocked: per descriptor, in all
+        self.ends_line = {}     # per descriptor: whether what was written last ended a line
 
     @staticmethod
     def terminal(stream):
@@ -997,29 +1002,98 @@ class Reporter(object):
         except (OSError, ValueError):
             return False
 
-    def write(self, data, stream=None):
-        """Write text or bytes as they are (the one place that writes to a stream)."""
+    def write(self, data, stream=None, wait=True):
+        """Write text or bytes as they are (the one place that writes to a stream).
+
+        Without wait, nothing waits on the stream: what it cannot take now (a pipe to a logger
+        that reads slowly, or stopped reading; a stuck journal socket) is deferred, up to
+        OUTPUT_DEFERRED bytes, and written as it takes them (pump(), and run_command wakes for
+        it); what is beyond that is dropped, counted, and said once where the stream goes on.  So
+        a transaction's timeout and its log's bound never wait on the agent's own output.  Pipes
+        and sockets are written PIPE_BUF bytes at a time, each after poll() said there is room,
+        so no one write blocks; a regular file always has room.  Reports wait: 'isconf log | less'
+        must show it all."""
         stream = stream or sys.stdout
         if stream is None:  # started with the descriptor closed
             return
-        self._interrupt(stream)
+        self._interrupt(stream, wait)
+        if not isinstance(data, bytes):
+            encoding = getattr(stream, "encoding", None) or "utf-8"
+            try:
+                data = data.encode(encoding, getattr(stream, "errors", None) or "strict")
+            except (UnicodeError, LookupError):
+                data = data.encode(encoding, "replace")
         try:
-            if isinstance(data, bytes):
+            stream.flush()   # nothing is buffered there (all output comes here), unless a library printed
+            fd = stream.fileno()
+        except (OSError, ValueError):
+            fd = None        # not a descriptor: as it is (an in-process caller's buffer)
+        try:
+            if fd is None:
                 stream.buffer.write(data)
-            else:
-                stream.write(data)
-            stream.flush()
+                stream.flush()
+                return
+            pending = self.deferred.setdefault(fd, bytearray())
+            if self.dropped.get(fd) and len(pending) + len(data) + 200 <= OUTPUT_DEFERRED or wait:
+                self._say_dropped(fd, stream)
+            if len(pending) + len(data) > OUTPUT_DEFERRED and not wait:
+                self.dropped[fd] = self.dropped.get(fd, 0) + len(data)
+                self.dropped_total += len(data)
+                return
+            pending += data
+            self.ends_line[fd] = pending[-1:] == b"\n" if pending else self.ends_line.get(fd, True)
+            self._drain(fd, wait)
         except (OSError, ValueError):  # a closed pipe, a full disk under a cron log, a closed stream
+            self.deferred.pop(fd, None)
             silence(stream)
 
-    def _interrupt(self, stream):
+    def _say_dropped(self, fd, stream):
+        """The one line that says what was dropped, in the stream where it was dropped (and to syslog)."""
+        if not self.dropped.get(fd):
+            return
+        notice = "output to %s blocked: %d bytes dropped" % ("stderr" if stream is sys.stderr else "stdout",
+                                                              self.dropped.pop(fd))
+        self.syslog.send("warning: " + notice, Syslog.WARNING)
+        stamp = "" if self.terminal(stream) else format_time(time.time()) + " "
+        pending = self.deferred.setdefault(fd, bytearray())
+        pending += ("%s%sisconf: warning: %s\n" % ("" if self.ends_line.get(fd, True) else "\n", stamp, notice)).encode()
+        self.ends_line[fd] = True
+
+    def _drain(self, fd, wait, seconds=None):
+        """Write what is deferred for fd: what fits now, or (with wait) all of it; with seconds too,
+        waiting at most that long in all.  Whether all was written."""
+        pending, poller = self.deferred.get(fd), select.poll()
+        poller.register(fd, select.POLLOUT)
+        end = None if seconds is None else time.monotonic() + seconds
+        while pending:
+            if not wait and not poller.poll(0):
+                return False
+            if end is not None and not poller.poll(max(0, end - time.monotonic()) * 1000):
+                return False
+            del pending[:os.write(fd, pending[:select.PIPE_BUF])]
+        return True
+
+    def waiting(self):
+        """Descriptors with output deferred, for a wait to wake when they take some (see pump)."""
+        return [fd for fd, pending in self.deferred.items() if pending]
+
+    def pump(self):
+        """Write what the streams can take now of what was deferred."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None and self.deferred.get(stream.fileno()):
+                    self._drain(stream.fileno(), False)
+            except (OSError, ValueError):
+                silence(stream)
+
+    def _interrupt(self, stream, wait=True):
         """Before other output: end a transaction line begun on this stream, clear a progress line."""
         if self.progress_shown and sys.stderr is not None:
             self.progress_shown = False
-            self.write("\r\x1b[K", sys.stderr)
+            self.write("\r\x1b[K", sys.stderr, wait)
         if self.open_line is not None and self.open_line[0] is stream:
             self.open_line = None
-            self.write("\n", stream)
+            self.write("\n", stream, wait)
 
     def line(self, text, stream=None):
         """One line of a report: escaped, always shown."""
@@ -1027,7 +1101,7 @@ class Reporter(object):
 
     def _stamped(self, text, stream):
         stamp = "" if self.terminal(stream) else format_time(time.time()) + " "
-        self.write(stamp + printable(text) + "\n", stream)
+        self.write(stamp + printable(text) + "\n", stream, wait=False)
 
     def say(self, message):
         """A message of the run ('isconf: ...'): dropped with -q."""
@@ -1046,24 +1120,38 @@ class Reporter(object):
         text = "%s: %s" % (label, message) if label else message
         self.syslog.send(text if code is None else "%s (exit %d)" % (text, code), Syslog.ERR)
         if label is None and self.terminal(sys.stderr):
-            self.write("\n", sys.stderr)  # after the ^C the terminal echoed
+            self.write("\n", sys.stderr, wait=False)  # after the ^C the terminal echoed
         self._stamped("isconf: " + text, sys.stderr)
 
     def trace(self, text):
         """A traceback, whole, on stderr (--debug)."""
-        self.write(text, sys.stderr)
+        self.write(text, sys.stderr, wait=False)
 
     def log(self, text):
         """One line of a server's log ('serve': its start and each request), on stderr, escaped."""
-        self.write(printable(text) + "\n", sys.stderr)
+        self.write(printable(text) + "\n", sys.stderr, wait=False)
 
     def flush(self):
-        """Before the process ends or execs another: what is buffered would be lost; a stream that
-        cannot be written (a closed pipe, a full cron log) is silenced, as every write does."""
+        """Before the process ends or execs another: what is buffered or deferred would be lost.  A
+        stream gets OUTPUT_WAIT seconds to take it, no more (a logger that stopped reading must not
+        keep the run from ending); what it missed is said on stderr and to syslog.  A stream
+        that cannot be written (a closed pipe, a full cron log) is silenced, as every write does."""
         for stream in (sys.stdout, sys.stderr):
             try:
-                if stream is not None:
-                    stream.flush()
+                if stream is None:
+                    continue
+                stream.flush()
+                fd = stream.fileno()
+                if self.deferred.get(fd) and not self._drain(fd, True, OUTPUT_WAIT):
+                    self.dropped[fd] = self.dropped.get(fd, 0) + len(self.deferred.pop(fd))
+                if self.dropped.get(fd):
+                    count = self.dropped[fd]
+                    self._say_dropped(fd, stream)   # at its place, if the stream takes it
+                    if not self._drain(fd, False):
+                        self.deferred.pop(fd, None)
+                        if stream is sys.stdout:   # then where it can be read
+                            self._stamped("isconf: warning: output to stdout blocked: %d bytes dropped" % count,
+                                          sys.stderr)
             except (OSError, ValueError):
                 silence(stream)
 
@@ -1074,14 +1162,14 @@ class Reporter(object):
     def output(self, data):
         """What a transaction's command wrote (it is in the log whatever this shows)."""
         if not self.quiet:
-            self.write(data, sys.stdout)
+            self.write(data, sys.stdout, wait=False)
 
     def begin(self, position, summary):
         """A transaction starts: on a terminal its line starts now."""
         text = "%s %s ... " % (position, printable(summary))
         if self.quiet or not self.terminal(sys.stdout):
             return
-        self.write(text, sys.stdout)
+        self.write(text, sys.stdout, wait=False)
         self.open_line = (sys.stdout, text)
 
     def end(self, position, summary, outcome, seconds):
@@ -1091,7 +1179,7 @@ class Reporter(object):
                          Syslog.INFO if outcome == "ok" else Syslog.ERR)
         if self.open_line is not None and self.open_line[0] is sys.stdout:
             self.open_line = None
-            self.write(result + "\n", sys.stdout)
+            self.write(result + "\n", sys.stdout, wait=False)
         elif not self.quiet or outcome != "ok":
             self._stamped("%s %s ... %s" % (position, summary, result), sys.stdout)
 
@@ -1099,7 +1187,7 @@ class Reporter(object):
         """A progress line, on a terminal only, rewritten in place."""
         if self.quiet or not self.terminal(sys.stderr) or self.open_line is not None:
             return
-        self.write("\r" + printable(text)[:120] + "\x1b[K", sys.stderr)
+        self.write("\r" + printable(text)[:120] + "\x1b[K", sys.stderr, wait=False)
         self.progress_shown = True
 
 
@@ -1464,10 +1552,79 @@ class _DeadlineSocket(object):
         return io.BufferedReader(_DeadlineReader(self))
 
 
+# The user:password@ of a URL, wherever it sits (attack: a password in a mirror URL copied into every error
+# line, the last-run record and status).
+USERINFO_RE = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?(?://)?)[^/?#]*@")
+
+
+def redact_url(url):
+    """A URL as messages show it: any user name or password replaced by '***' (the one place that does it)."""
+    return USERINFO_RE.sub(r"\1***@", url)
+
+
+def check_no_credentials(url):
+    """A mirror URL holds no user:password: isconf sends none, and the secret would be in the config,
+    the logs and every error line.  UsageError, naming the URL without its secret."""
+    if USERINFO_RE.match(url):
+        raise UsageError("mirror %s holds a user name or password, which isconf never sends and would print: "
+                         "remove it (what a mirror serves is signed; restrict who reaches it by the network)"
+                         % redact_url(url))
+
+
+ASCII_NUMBER_RE = re.compile(r"^[0-9]{1,18}\Z")
+STATUS_LINE_RE = re.compile(r"^(HTTP/1\.[01]) ([0-9]{3})(?: ([^\r\n]*))?\r?\n\Z")
+CHUNK_SIZE_RE = re.compile(br"^([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r?\n\Z")
+INTERIM_MAX = 10                # 1xx answers skipped before the real one, at most
+INTERIM_LINES = 100             # header lines of all of them, at most (http.client's own limit per answer)
+
+
+def ascii_number(text):
+    """A whole number written in ASCII digits only, or None: int() also takes other scripts' digits
+    ('١٢', '１２'), '_', a sign and white space, so one number could have many spellings."""
+    return int(text) if isinstance(text, str) and ASCII_NUMBER_RE.match(text) else None
+
+
+class _Response(http.client.HTTPResponse):
+    """http.client's answer, read stricter: the status code in three ASCII digits; every interim 1xx
+    answer skipped with its headers (http.client skips only 100 Continue: a '103 Early Hints' before
+    the 200 was taken for the answer, and the mirror was unusable), a bounded number of them;
+    101 Switching Protocols is no interim answer, and fails the fetch; a chunk size in hex digits
+    only (int() takes '1_a', a sign and white space)."""
+
+    def _read_status(self):
+        lines = 0
+        for _ in range(INTERIM_MAX + 1):
+            raw = self.fp.readline(65537)
+            if not raw:
+                raise http.client.RemoteDisconnected("the server closed the connection without an answer")
+            m = STATUS_LINE_RE.match(raw.decode("iso-8859-1"))
+            if len(raw) > 65536 or not m:
+                raise http.client.BadStatusLine(repr(raw[:80]))
+            status = int(m.group(2))
+            if not 100 <= status < 200 or status == 101:
+                return m.group(1), status, m.group(3) or ""
+            while True:   # the interim answer's headers, never kept
+                line = self.fp.readline(65537)
+                lines += 1
+                if len(line) > 65536 or lines > INTERIM_LINES:
+                    raise http.client.HTTPException("interim (1xx) answers with too many or too long headers")
+                if line in (b"\r\n", b"\n", b""):
+                    break
+        raise http.client.HTTPException("more than %d interim (1xx) answers" % INTERIM_MAX)
+
+    def _read_next_chunk_size(self):
+        line = self.fp.readline(65537)
+        m = CHUNK_SIZE_RE.match(line)
+        if not m:
+            raise ValueError("chunk size %r" % line[:20])   # http.client's callers make it IncompleteRead
+        return int(m.group(1), 16)
+
+
 class _BoundedConnection(object):
     """Mixed into http.client's connections: connect within the time left, then read and
     write through a _DeadlineSocket.  Mirror._request sets deadline and silence per fetch."""
     deadline, silence, mirror = None, DEFAULT_TIMEOUT, None
+    response_class = _Response
 
     def connect(self):
         self.timeout = self.deadline.wait(self.silence)
@@ -1486,7 +1643,6 @@ class _HTTPSConnection(_BoundedConnection, http.client.HTTPSConnection):
 
 
 CONTENT_RANGE_RE = re.compile(r"^bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)\Z")
-CONTENT_LENGTH_RE = re.compile(r"^[0-9]{1,18}\Z")
 
 
 def parse_content_range(header, start, what):
@@ -1504,7 +1660,118 @@ def parse_content_range(header, start, what):
 def parse_content_length(header):
     """Content-Length as a number, or None when absent or not a plain ASCII number
     (http.client then reads to the close, and our own limit still holds)."""
-    return int(header) if header is not None and CONTENT_LENGTH_RE.match(header) else None
+    return ascii_number(header)
+
+
+class _ShareRead(object):
+    """One file of a file-share mirror, opened and read by a daemon thread of its own while the
+    fetch waits for each chunk no longer than the silence timeout and the deadline.
+
+    A read(2) or open(2) on a hung network file system blocks in the kernel, where no clock is
+    looked at: the fetch gives up at its deadline all the same and leaves the thread behind,
+    blocked and holding only its descriptor; it ends when the kernel lets it go, and until then
+    the share is not read again in this run (stuck, below).  The open never waits on a FIFO
+    (O_NONBLOCK) and only a regular file is read: a FIFO, a device or a socket planted in the
+    share is refused before it is opened, or at once after (attack: a FIFO no one writes hung
+    'up' for good, holding the host lock)."""
+
+    AHEAD = 4                  # chunks the thread reads ahead of the fetch, at most
+    lock = threading.Lock()    # guards stuck: the shares with a read that has not come back
+    stuck = {}
+
+    def __init__(self, directory, path, start, what):
+        self.directory, self.path, self.start, self.what = directory, path, start, what
+        self.ready = threading.Condition()
+        self.chunks, self.error, self.abandoned, self.ended = collections.deque(), None, False, False
+        self.gave_up = False   # the fetch stopped waiting for it
+        thread = threading.Thread(target=self._run, name="isconf-share")
+        thread.daemon = True   # blocked in the kernel, it must not keep the agent from exiting
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # Ctrl-C is for the waiting thread
+        try:
+            thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _refuse(self, mode):
+        return Refused("%s is a %s, not a regular file; the share is broken or hostile"
+                       % (self.what, file_kind(mode)))
+
+    def _run(self):
+        fd = None
+        try:
+            st = os.stat(self.path)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._refuse(st.st_mode)   # a device is never opened, even for a moment
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):    # swapped in since the stat
+                raise self._refuse(st.st_mode)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            offset = self.start
+            while True:
+                with self.ready:
+                    while len(self.chunks) >= self.AHEAD and not self.abandoned:
+                        self.ready.wait()
+                    if self.abandoned:
+                        return
+                chunk = os.pread(fd, CHUNK, offset)
+                offset += len(chunk)
+                with self.ready:
+                    self.chunks.append(chunk)
+                    self.ready.notify_all()
+                if not chunk:
+                    return
+        except Exception as e:   # handed to the fetch, raised there
+            with self.ready:
+                self.error = e
+                self.ready.notify_all()
+        finally:
+            if fd is not None:
+                with contextlib.suppress(OSError):   # a share gone away fails the close too (ENOTCONN)
+                    os.close(fd)
+            with self.lock:
+                self.ended = True
+                self.stuck.get(self.directory, set()).discard(self)
+
+    def read(self, n, deadline, silence):
+        """At most n bytes, b"" at the end; Unreachable once silent for silence seconds or at the deadline."""
+        with self.ready:
+            until = time.monotonic() + silence
+            while not self.chunks and self.error is None:
+                if self.abandoned:
+                    raise Unreachable("%s: stopped" % self.what)
+                if time.monotonic() >= deadline.end:
+                    self.gave_up = True
+                    deadline.check()
+                left = min(until, deadline.end) - time.monotonic()
+                if left <= 0:
+                    self.gave_up = True
+                    raise Unreachable("%s: nothing read for %d seconds (a hung network file system?); try another "
+                                      "mirror or raise timeout" % (self.what, silence))
+                self.ready.wait(left)
+            if not self.chunks:
+                raise self.error
+            chunk = self.chunks.popleft()
+            if len(chunk) > n:
+                self.chunks.appendleft(chunk[n:])
+                chunk = chunk[:n]
+            self.ready.notify_all()
+            return chunk
+
+    def abandon(self):
+        """The fetch is over (or given up): the thread stops at its next chunk; one still blocked
+        in the kernel marks the share stuck until it comes back."""
+        with self.ready:
+            self.abandoned = True
+            self.ready.notify_all()
+        with self.lock:
+            if self.gave_up and not self.ended:
+                self.stuck.setdefault(self.directory, set()).add(self)
+
+    @classmethod
+    def is_stuck(cls, directory):
+        with cls.lock:
+            return bool(cls.stuck.get(directory))
 
 
 class Mirror(object):
@@ -1513,11 +1780,12 @@ class Mirror(object):
     def __init__(self, url, timeout=DEFAULT_TIMEOUT, deadline=DEFAULT_DEADLINE):
         self.url = url
         self.timeout, self.deadline = timeout, deadline
+        check_no_credentials(url)
         try:
             parsed = urllib.parse.urlsplit(url)
             parsed.port  # a malformed port is an error here, not at the first fetch
         except ValueError as e:
-            raise UsageError("mirror %r is not a valid URL: %s" % (url, e))
+            raise UsageError("mirror %r is not a valid URL: %s" % (redact_url(url), e))
         if parsed.scheme in ("http", "https") and parsed.hostname:
             self.directory = None
             self.base = url if url.endswith("/") else url + "/"
@@ -1527,9 +1795,10 @@ class Mirror(object):
             self.directory = url
         else:
             raise UsageError("mirror %r is not an http://, https:// or file:// URL or an absolute directory"
-                             % url)
+                             % redact_url(url))
         self._connections = {}
         self._aborting, self.aborted = threading.Lock(), False
+        self._share = None   # the _ShareRead of the fetch going on, for abort()
 
     def __str__(self):
         return self.url
@@ -1548,6 +1817,9 @@ class Mirror(object):
             self.aborted = True
             for conn in list(self._connections.values()):
                 self._shut(conn)
+            share = self._share
+        if share is not None:
+            share.abandon()
 
     def connected(self, conn):
         with self._aborting:
@@ -1607,8 +1879,9 @@ class Mirror(object):
     def _request(self, url, headers, deadline):
         """Send a GET on a kept-alive connection to the URL's server, or a new one."""
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise Unreachable("redirect to %r: only http and https URLs are followed" % url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+            raise Unreachable("redirect to %r: only http and https URLs without a user or password are followed"
+                              % redact_url(url))
         key = (parts.scheme, parts.netloc)
         target = parts.path + ("?" + parts.query if parts.query else "")
         # A kept-alive connection may have been closed by the server: retry once, fresh.
@@ -1695,26 +1968,29 @@ class Mirror(object):
                 return total
 
     def _read_local(self, relpath, limit, start, stop, what, sink, deadline):
-        path = os.path.join(self.directory, *relpath.split("/"))
+        if _ShareRead.is_stuck(self.directory):
+            raise Unreachable("%s: an earlier read from this share has not come back (a hung network file "
+                              "system?); try another mirror or try again later" % what)
         body = io.BytesIO() if sink is None else sink
+        share = _ShareRead(self.directory, os.path.join(self.directory, *relpath.split("/")), start, what)
+        with self._aborting:
+            self._share = share
+            if self.aborted:   # abort() came first: this fetch ends at once too
+                share.abandon()
         try:
-            with open(path, "rb") as f:
-                if start:
-                    f.seek(start)
-
-                def read(n):
-                    # Checked between reads: a share that trickles its bytes ends at the deadline.  (The
-                    # open above is not bounded: a FIFO no writer opens blocks there before any check.)
-                    deadline.check()
-                    return f.read1(n)   # what has arrived, as for HTTP
-                if stop is None:
-                    self._stream(read, limit - start, what, body)
-                else:
-                    self._stream(read, stop - start, what, body, cut=True)
+            def read(n):
+                return share.read(n, deadline, self.timeout)
+            if stop is None:
+                self._stream(read, limit - start, what, body)
+            else:
+                self._stream(read, stop - start, what, body, cut=True)
         except FileNotFoundError:
             raise NotFound("%s: not found; check the path and the branch name" % what)
         except OSError as e:
             raise Unreachable("%s: %s" % (what, e.strerror or e))
+        finally:
+            self._share = None
+            share.abandon()
         return Response(body.getvalue() if sink is None else None, partial=bool(start or stop is not None))
 
 
@@ -3138,6 +3414,16 @@ def _umask(text, what):
     return int(text, 8)
 
 
+def _urls(text, what):
+    urls = text.split()
+    for url in urls:
+        try:
+            check_no_credentials(url)
+        except UsageError as e:
+            raise ValueError(str(e))
+    return urls
+
+
 def _branch(text, what):
     if not BRANCH_RE.match(text):
         raise ValueError("%s %r must be letters, digits, '.', '_' or '-' (at most 64), starting with a letter or "
@@ -3149,7 +3435,7 @@ def _branch(text, what):
 # and Config.render writes it.  A new key is one row.
 CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
     ConfigKey("branch", _branch, ""),
-    ConfigKey("urls", lambda text, what: text.split(), []),
+    ConfigKey("urls", _urls, []),
     ConfigKey("insecure", lambda text, what: text.lower() in ("yes", "true", "1"), False),
     ConfigKey("reboot_command", _command, DEFAULT_REBOOT, "COMMAND",
               "what 'up -r' runs to reboot (default %s)" % DEFAULT_REBOOT),
@@ -3892,6 +4178,7 @@ class CommandOutput(object):
         self.cut_at = None                              # where the log is cut back to, once it passed its bound
         self.tail, self.tail_size, self.cut = collections.deque(), 0, 0  # the last bytes; bytes left out
         self.finished = False
+        self.dropped = REPORTER.dropped_total   # the echo's bytes our own stdout could not take, so far
 
     def follow(self):
         """Echo what the command added since the last look; cut the log back if it passed its bound."""
@@ -3933,6 +4220,10 @@ class CommandOutput(object):
             self.cut += max(0, len(tail) - self.tail_max)
             write_all(self.log, ("\n[isconf] log cut: %d bytes of output left out here (a log keeps %d bytes "
                                  "per attempt)\n" % (self.cut, ATTEMPT_MAX)).encode() + tail[-self.tail_max:])
+        dropped = REPORTER.dropped_total - self.dropped
+        if dropped:
+            write_all(self.log, b"\n" + log_line("[isconf] output to stdout blocked: %d bytes of the echo dropped "
+                                                  "(they are in this log, but for what was cut)" % dropped))
 
 
 def open_pidfd(pid):
@@ -3947,8 +4238,9 @@ def open_pidfd(pid):
         return None
 
 
-def wait_for_exit(proc, pidfd, seconds):
-    """proc's exit status as soon as it exits, or None after seconds."""
+def wait_for_exit(proc, pidfd, seconds, outputs=()):
+    """proc's exit status as soon as it exits, or None after seconds, or sooner when one of
+    the descriptors outputs can be written (our stdout taking what was deferred for it)."""
     if pidfd is None:
         try:
             return proc.wait(seconds)
@@ -3956,6 +4248,8 @@ def wait_for_exit(proc, pidfd, seconds):
             return None
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
+    for fd in outputs:
+        poller.register(fd, select.POLLOUT)
     poller.poll(seconds * 1000)
     return proc.poll()
 
@@ -4018,7 +4312,7 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True,
     try:
         status = None
         while status is None:
-            status = wait_for_exit(proc, pidfd, 0.1)
+            status = wait_for_exit(proc, pidfd, 0.1, REPORTER.waiting())
             if status is None and timeout is not None and time.monotonic() - started > timeout:
                 kill_group(proc, signal.SIGKILL)
                 output.finish()
@@ -4026,6 +4320,7 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True,
                 raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
                                         "command, or raise exec_timeout in the host config" % (argv[0], timeout))
             output.follow()
+            REPORTER.pump()
     except BaseException:
         if proc.returncode is None:  # Ctrl-C or an error of ours: the command must not outlive the run
             kill_group(proc, signal.SIGTERM)
@@ -4289,7 +4584,10 @@ class RunRecord(object):
         if carried and os.environ.get(REEXEC_ENV):
             try:
                 start, applied, fetched = carried.split(",")
-                self.start, self.applied, self.fetched = float(start), int(applied), int(fetched)
+                numbers = [ascii_number(n) for n in start.split(".") + [applied, fetched]]
+                if len(numbers) != 4 or None in numbers:
+                    raise ValueError(carried)
+                self.start, self.applied, self.fetched = float(start), numbers[2], numbers[3]
                 self.before = max(0.0, time.time() - self.start)
             except ValueError:  # not what a parent wrote: this run starts its own record
                 pass
@@ -7019,10 +7317,11 @@ def cmd_init(args):
     check_branch(args.branch)
     host = Host(args.root, args.config)
     for url in args.urls:
-        check_config_value(url, "URL %s" % printable(url))
+        check_no_credentials(url)
+        check_config_value(url, "URL %s" % printable(redact_url(url)))
         if len(url.split()) > 1:  # white space separates the mirrors in the config
             raise UsageError("URL %s holds white space, which separates mirrors in the config; write it "
-                             "percent-encoded (%%20), a directory as a file:// URL" % url)
+                             "percent-encoded (%%20), a directory as a file:// URL" % redact_url(url))
         Mirror(url)
     if not args.signers and not args.insecure:
         raise UsageError("init needs --signers FILE (the authors' keys, allowed_signers format) or an explicit "

@@ -14,17 +14,22 @@ Environment variables that tune the suite (each has a default; none is needed):
 """
 
 import atexit
+import errno
 import glob
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import select
 import shutil
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -522,3 +527,91 @@ def world(template, mirror, host, keys, attacker, tmp_path, busybox_root):
     busybox_root(host.root)
     host.init(mirror.url, keys, *SLOW)
     return World(template, mirror, host, keys, attacker, tmp_path)
+
+
+class HungMount(object):
+    """A real file system that hangs: a FUSE mount served by a thread here that answers nothing
+    (files=None: every stat, open and read under it blocks in the kernel, as on an NFS share whose
+    server died) or only what it takes to find and open the regular files of one directory
+    (files: name -> size), never a READ: then the open works and the first read blocks.
+    release() stops the thread and closes the last descriptor of the connection, which the
+    kernel then aborts: whatever waits on it fails (ENOTCONN) and returns."""
+
+    def __init__(self, path, files=None):
+        self.path, self.files = path, files
+        self.names = list(files or ())
+        os.makedirs(path, exist_ok=True)
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        subprocess.run(["mount", "-i", "-t", "fuse", "-o", "fd=%d,rootmode=40000,user_id=0,group_id=0" % self.fd,
+                        "isconf-hung", path], check=True, pass_fds=(self.fd,), stdin=subprocess.DEVNULL)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="hung-fuse")
+        if files is not None:
+            self.thread.start()
+
+    @staticmethod
+    def _attr(ino, mode, size):   # struct fuse_attr
+        return struct.pack("<QQQQQQIIIIIIIIII", ino, size, (size + 511) // 512, 0, 0, 0, 0, 0, 0, mode, 1, 0, 0, 0,
+                           4096, 0)
+
+    def _reply(self, unique, payload=b"", error=0):
+        os.write(self.fd, struct.pack("<IiQ", 16 + len(payload), -error, unique) + payload)
+
+    def _serve(self):
+        # FUSE's wire format (linux/fuse.h): a 40-byte request header, a 16-byte reply header.
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while not self.stopping.is_set():
+            if not poller.poll(100):
+                continue
+            request = os.read(self.fd, 1 << 20)
+            length, opcode, unique, node = struct.unpack_from("<IIQQ", request)
+            body = request[40:length]
+            if opcode == 26:                                       # INIT: protocol 7.31, no options
+                readahead = struct.unpack_from("<III", body)[2]
+                self._reply(unique, struct.pack("<IIIIHHIIHH", 7, 31, readahead, 0, 16, 12, 65536, 1, 32, 0)
+                            + b"\0" * 32)
+            elif opcode == 1:                                      # LOOKUP
+                name = body.split(b"\0")[0].decode()
+                if name not in self.files:
+                    self._reply(unique, error=errno.ENOENT)
+                else:
+                    ino = 2 + self.names.index(name)
+                    self._reply(unique, struct.pack("<QQQQII", ino, 0, 0, 0, 0, 0)
+                                + self._attr(ino, stat.S_IFREG | 0o644, self.files[name]))
+            elif opcode == 3:                                      # GETATTR
+                attr = (self._attr(1, stat.S_IFDIR | 0o755, 0) if node == 1 else
+                        self._attr(node, stat.S_IFREG | 0o644, self.files[self.names[node - 2]]))
+                self._reply(unique, struct.pack("<QII", 0, 0, 0) + attr)
+            elif opcode in (14, 27):                               # OPEN, OPENDIR
+                self._reply(unique, struct.pack("<QII", 1, 0, 0))
+            elif opcode in (18, 25, 29):                           # RELEASE, FLUSH, RELEASEDIR
+                self._reply(unique)
+            elif opcode == 36:                                     # INTERRUPT: a reader killed (its process ends)
+                self._reply(struct.unpack_from("<Q", body)[0], error=errno.EINTR)   # as NFS's killable waits
+            elif opcode not in (2, 15, 42):                        # FORGET, READ (never), BATCH_FORGET
+                self._reply(unique, error=errno.ENOSYS)
+
+    def release(self):
+        if self.fd is not None:
+            self.stopping.set()
+            if self.thread.is_alive():
+                self.thread.join(10)
+            os.close(self.fd)   # the connection's last descriptor: the kernel aborts it
+            self.fd = None
+            subprocess.run(["umount", "-l", self.path], check=True)
+
+
+@pytest.fixture
+def hung_mount():
+    """A function that mounts a HungMount at a path; each is released and unmounted at the end."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.fail("/dev/fuse is missing: a hung file system cannot be made here")
+    mounts = []
+
+    def make(path, files=None):
+        mounts.append(HungMount(str(path), files))
+        return mounts[-1]
+    yield make
+    for mount in mounts:
+        mount.release()

@@ -71,30 +71,6 @@ def test_a_trickled_fetch_in_another_thread_ends_at_its_deadline(isconf, body):
     assert isinstance(error, isconf.Unreachable) and "too slow, gave up after 2 seconds" in str(error), error
 
 
-def test_a_trickled_file_mirror_ends_at_its_deadline(isconf, tmp_path):
-    # A FIFO where the head should be, fed a byte every 0.3 s: a file share that never finishes.
-    os.makedirs(str(tmp_path / "branches" / "web"))
-    fifo = str(tmp_path / "branches" / "web" / "head")
-    os.mkfifo(fifo)
-    stopping = threading.Event()
-
-    def trickle():
-        with open(fifo, "wb", buffering=0) as f:
-            while not stopping.wait(0.3):
-                try:
-                    f.write(b"x")
-                except OSError:   # the reader gave up: that is the point
-                    return
-    writer = threading.Thread(target=trickle)
-    writer.start()
-    try:
-        with pytest.raises(isconf.Unreachable, match="too slow, gave up after 2 seconds"):
-            isconf.Mirror(str(tmp_path), timeout=1, deadline=2).fetch("branches/web/head", 1000)
-    finally:
-        stopping.set()
-        writer.join(10)
-
-
 # --- headers and times: exactly what the format and HTTP say ----------------------------------
 
 @pytest.mark.parametrize("header,start,ok", [
