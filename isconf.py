@@ -7007,8 +7007,9 @@ def global_options(suppress):
     options.add_argument("--repo", default=default(os.environ.get("ISCONF_REPO")),
                          help="repository directory, for author verbs (default: $ISCONF_REPO)")
     options.add_argument("--no-mounts", action="store_true", default=default(False),
-                         help="inside a --root other than /, do not mount /proc, /sys, /dev and /run for execs "
-                         "(default: mount them)")
+                         help="inside a --root other than /, do not mount /proc, /sys, /dev and /run for execs, "
+                         "and at boot do not put isconf's systemctl over the root's (execs then find it by PATH "
+                         "only) (default: mount them)")
     options.add_argument("-q", "--quiet", action="store_true", default=default(False),
                          help="print nothing unless something goes wrong: warnings and errors only, for cron "
                          "(default: off)")

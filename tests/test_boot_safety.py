@@ -166,6 +166,17 @@ def test_execs_from_cron_run_systemctl_as_it_is(author, systemctl_root):
     assert not os.path.exists(host.state("boot-bin"))
 
 
+def test_at_boot_a_user_other_than_root_is_told_that_it_cannot_reach_systemctl(author, systemctl_root):
+    # The real one is bound inside the state directory, which only root may enter; the wrapper must not
+    # fall back to the path it stands over (itself): that would exec itself for ever.
+    host = systemctl_root
+    os.symlink("busybox", host.path("/bin/su"))
+    author.commit(["exec", "--no-run", "--", "/bin/su", "-s", "/bin/sh", "daemon", "-c", "/usr/bin/systemctl status x"])
+    proc = host("up", "--boot", expect="failed", timeout=60)
+    assert "systemctl: at boot, execs of isconf reach systemctl as root only" in proc.out
+    assert called(host) == ["systemctl --no-block restart nginx"]
+
+
 def test_without_mounts_execs_at_boot_find_the_queueing_systemctl_by_name_only(author, systemctl_root):
     host = systemctl_root
     author.commit(["exec", "--no-run", "--", "/usr/bin/systemctl", "restart", "a"])
