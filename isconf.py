@@ -3971,7 +3971,7 @@ SYSTEMCTL_NO_BLOCK = """\
 # after isconf.service cannot deadlock the boot; it starts when isconf.service is done.
 real=%(real)s
 if [ ! -x "$real/systemctl" ]; then
-    real=%(directory)s  # no namespace (--no-mounts): found by PATH, the root's own is there
+    real=%(directory)s  # no namespace (--no-mounts), or not root: the root's own, unless it is this
     if [ "$real/systemctl" -ef "$0" ]; then
         echo "systemctl: at boot, execs of isconf reach systemctl as root only" >&2
         exit 1
@@ -4014,7 +4014,7 @@ def systemctl_covers(rootpath, boot_bin):
     boot_bin/systemctl (a path seen from outside the root) over each of the root's systemctl
     binaries, read-only: a tmpfs on boot_bin/real, the first binary bound onto a file
     'systemctl' in it and linked there by its other names, then the wrapper bound over each.
-    Made for each exec, in microseconds: an earlier transaction may have moved the binaries
+    Made for each exec, in about a millisecond: an earlier transaction may have moved the binaries
     (an upgrade, a /usr merge), and a namespace kept for the whole run would hold every
     later exec to files already replaced."""
     files = systemctl_files(rootpath)
