@@ -168,7 +168,8 @@ ExecStart=/bin/sh -c 'echo "package $(cat /proc/sys/kernel/random/boot_id)" >> %
 [Install]
 WantedBy=multi-user.target
 """ % ORDER
-# As debhelper writes it, and once more by the absolute path: either would wait for the start it asks for.
+# As debhelper writes it, through invoke-rc.d (which asks /sbin/runlevel, a link to systemctl), and by the
+# absolute path: each would wait for the start it asks for.
 PACKAGE_POSTINST = """\
 #!/bin/sh
 set -e
@@ -176,9 +177,22 @@ if [ "$1" = configure ]; then
     deb-systemd-helper enable %(name)s.service
     systemctl daemon-reload
     deb-systemd-invoke start %(name)s.service
+    invoke-rc.d %(name)s start
     /usr/bin/systemctl start %(name)s.service
 fi
 """ % {"name": PACKAGE}
+PACKAGE_INIT_SCRIPT = """\
+#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          %s
+# Required-Start:    $local_fs
+# Required-Stop:     $local_fs
+# Default-Start:     2 3 4 5
+# Default-Stop:      0 1 6
+# Short-Description: test: what invoke-rc.d needs to see; systemd runs the unit of the same name
+### END INIT INFO
+exit 0
+""" % PACKAGE
 PACKAGE_FILE = "/root/%s_1_all.deb" % PACKAGE
 
 
@@ -189,6 +203,7 @@ def build_package(tmp):
     realboot.write(os.path.join(tree, "DEBIAN/control"),
                    "Package: %s\nVersion: 1\nArchitecture: all\nMaintainer: test <test@example.invalid>\n"
                    "Description: a service its postinst starts\n" % PACKAGE)
+    realboot.write(os.path.join(tree, "etc/init.d", PACKAGE), PACKAGE_INIT_SCRIPT, 0o755)
     realboot.write(os.path.join(tree, "DEBIAN/postinst"), PACKAGE_POSTINST, 0o755)
     os.makedirs(os.path.dirname(os.path.join(src, PACKAGE_FILE.lstrip("/"))))
     subprocess.run(["dpkg-deb", "--root-owner-group", "--build", tree, os.path.join(src, PACKAGE_FILE.lstrip("/"))],
@@ -198,7 +213,8 @@ def build_package(tmp):
 
 def test_services_ordered_after_isconf_and_started_at_boot_by_any_path_do_not_deadlock(guest, keys):
     # Each exec waits for a job that waits for isconf.service: by name, by absolute path, through service,
-    # and in a package's postinst run by a dpkg whose PATH lacks isconf's boot-bin.
+    # and in a package's postinst (deb-systemd-invoke, invoke-rc.d, systemctl) run by a dpkg whose PATH
+    # lacks isconf's boot-bin.
     src = build_package(guest.tmp)
     with guest.mounted():
         units = guest.path("/etc/systemd/system")
