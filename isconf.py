@@ -4103,8 +4103,9 @@ def exec_environment(branch, seq, entry_id, variables):
     return env
 
 
-# Linux mount(2) and unshare(2) flags, for the pseudo-filesystems of a --root's execs.
-CLONE_NEWNS, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x20000, 2, 4, 8, 4096, 16384, 1 << 18
+# Linux mount(2) and unshare(2) flags: the pseudo-filesystems of a --root's execs, the systemctl of execs at boot.
+CLONE_NEWNS, MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x20000, 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_SLAVE = 4096, 16384, 1 << 19
 PSEUDO_FILESYSTEMS = [  # (where inside the root, source, type, flags, data); /dev brings /dev/pts along
     ("/proc", b"proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
     ("/sys", b"/sys", None, MS_BIND | MS_REC, None),
@@ -4142,20 +4143,30 @@ def pseudo_mounts(root):
     return todo
 
 
-def enter_private_mounts(mounts):
+def libc_call(name, *arguments):
+    """A libc system call wrapper (mount, unshare) called in this process, no program started; OSError if it fails."""
+    if getattr(ctypes.CDLL(None, use_errno=True), name)(*arguments) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def enter_private_mounts(mounts, covers=()):
     """In the child, before exec: a mount namespace of its own, the pseudo-filesystems
-    mounted in it.  They vanish with the last process in it, even if the agent is killed;
-    nothing is mounted in the miniroot's namespace, and no program is started for it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    steps = [(libc.unshare, (CLONE_NEWNS,), "make a mount namespace"),
-             (libc.mount, (b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")]
-    steps += [(libc.mount, m, "mount %s on %s" % (m[0].decode(), m[1].decode("utf-8", "replace")))
+    mounted in it, then covers, steps (what, function, arguments) run in it (see
+    systemctl_covers).  It is the agent's slave: what the host mounts meanwhile (systemd
+    at boot) reaches the command, and nothing mounted in it reaches the host.  Its mounts
+    vanish with the last process in it, even if the agent is killed; nothing is mounted in
+    the miniroot's namespace, and no program is started for it."""
+    steps = [("make a mount namespace", libc_call, ("unshare", CLONE_NEWNS)),
+             ("keep its mounts from the host", libc_call, ("mount", b"none", b"/", None, MS_REC | MS_SLAVE, None))]
+    steps += [("mount %s on %s" % (m[0].decode(), m[1].decode("utf-8", "replace")), libc_call, ("mount",) + m)
               for m in mounts]
-    for call, arguments, what in steps:
-        if call(*arguments) != 0:
-            error = ctypes.get_errno()
+    for what, function, arguments in steps + list(covers):
+        try:
+            function(*arguments)
+        except OSError as e:
             os.write(2, ("isconf: cannot %s: %s; run with --no-mounts to go without\n"
-                         % (what, os.strerror(error))).encode("utf-8", "replace"))
+                         % (what, e.strerror)).encode("utf-8", "replace"))
             os._exit(126)
 
 
@@ -4262,7 +4273,7 @@ def kill_group(proc, sig):
         pass
 
 
-def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True, umask=AGENT_UMASK):
+def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True, covers=(), umask=AGENT_UMASK):
     """Start a transaction's process, chrooted into root: the one place isconf runs a program.
 
     log is a descriptor of the transaction's log, open for reading and appending; the
@@ -4275,8 +4286,10 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True,
     and a long output is cut in the log (see CommandOutput).
     The command leads a process group of its own, which a timeout kills whole.  Inside
     a --root, with mounts, it finds /proc, /sys, /dev (and /dev/pts) and /run mounted
-    in a mount namespace of its own (see enter_private_mounts).  It runs with umask (the config's
-    exec_umask), not its caller's: the modes of what it creates do not depend on who ran 'up'.
+    in a mount namespace of its own (see enter_private_mounts), which covers (at boot, the
+    systemctl that does not wait: systemctl_covers) also give it, --root / included.  It runs
+    with umask (the config's exec_umask), not its caller's: the modes of what it creates do not
+    depend on who ran 'up'.
     Returns the exit status.
     """
     chroot = os.path.abspath(root) != "/"
@@ -4285,11 +4298,12 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True,
     except OSError as e:
         raise TransactionFailed("working directory %s cannot be entered inside %s: %s" % (cwd, root, e.strerror))
     pseudo = pseudo_mounts(root) if chroot and mounts else []
+    namespace = bool(pseudo or covers)
 
     def enter_root():
         os.umask(umask)
-        if pseudo:
-            enter_private_mounts(pseudo)
+        if namespace:
+            enter_private_mounts(pseudo, covers)
         if chroot:
             os.chroot(root)
         os.chdir(cwd)
@@ -4299,9 +4313,9 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True,
         # With --root /, Popen changes directory itself and, with no Python code to run in the child,
         # can start it without copying this process (vfork): a millisecond or more per transaction.
         # The command inherits the agent's own umask (AGENT_UMASK, set in main) unless another is due.
-        child = chroot or umask != AGENT_UMASK
+        child = chroot or namespace or umask != AGENT_UMASK
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=enter_root if child else None, cwd=None if chroot else cwd,
+                                env=env, preexec_fn=enter_root if child else None, cwd=None if child else cwd,
                                 close_fds=True, start_new_session=True)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
@@ -4467,27 +4481,95 @@ def cmd_self_test(args):
 
 # While isconf.service runs, its start job is still open: a service ordered after it cannot start until
 # the agent is done, so a transaction's 'systemctl restart S' (or a maintainer script's, an init
-# script's through /lib/lsb/init-functions) that waited for S would wait for ever: the boot deadlocks.
-# At boot every exec finds this systemctl first in its PATH; it queues the job and returns, and S
-# starts once isconf.service is done.  Debian's invoke-rc.d and deb-systemd-invoke find it by PATH too.
-SYSTEMCTL_PATHS = ("/usr/bin/systemctl", "/bin/systemctl")  # inside the root: the real one
+# script's through /lib/lsb/init-functions, service's, invoke-rc.d's, deb-systemd-invoke's) that waited
+# for S would wait for ever: the boot deadlocks.  At boot every exec runs in a mount namespace of its
+# own where each systemctl of the root, by whatever path it is called (/usr/bin/systemctl, /bin/systemctl,
+# a name found in PATH, /sbin/reboot's link), is this script: it queues the jobs and returns, and S
+# starts once isconf.service is done.  The real systemctl is bound under boot-bin/real, by its names.
+# The price: in that namespace the systemctl files are mount points, which an exec at boot cannot
+# replace or remove (EBUSY: a systemd upgrade fails there, and the timer's run applies it), and what
+# an exec mounts itself stays in its namespace (mount through systemd, e.g. 'systemctl start X.mount').
+SYSTEMCTL_PATHS = ("/usr/bin/systemctl", "/bin/systemctl")  # inside the root: the real one, the first found
+# The names systemctl takes other meanings by (its links in /sbin); the wrapper keeps them, with no --no-block.
+SYSTEMCTL_NAMES = ("halt", "poweroff", "reboot", "shutdown", "telinit", "runlevel")
+# The words that make systemctl start or stop units (the verbs, their aliases, enable --now): it waits for
+# those jobs unless told --no-block.  Any argument equal to one queues: a false match costs nothing.
+SYSTEMCTL_JOB_WORDS = ("start", "stop", "reload", "restart", "try-restart", "reload-or-restart",
+                       "try-reload-or-restart", "reload-or-try-restart", "force-reload", "condrestart", "condreload",
+                       "condstop", "isolate", "default", "rescue", "emergency", "halt", "poweroff", "reboot", "kexec",
+                       "soft-reboot", "exit", "switch-root", "suspend", "hibernate", "hybrid-sleep",
+                       "suspend-then-hibernate", "sleep", "--now")
 SYSTEMCTL_NO_BLOCK = """\
 #!/bin/sh
-# Written by 'isconf up --boot' for its execs: jobs are queued, not waited for, so that a service
-# ordered after isconf.service cannot deadlock the boot; it starts when isconf.service is done.
-exec %(systemctl)s --no-block "$@"
+# Written by 'isconf up --boot' for its execs: in their mount namespace it stands over the root's
+# systemctl (and comes first in their PATH).  A job is queued, not waited for, so that a service ordered
+# after isconf.service cannot deadlock the boot; it starts when isconf.service is done.
+real=%(real)s
+if [ ! -x "$real/systemctl" ]; then
+    real=%(directory)s  # no namespace (--no-mounts), or not root: the root's own, unless it is this
+    if [ "$real/systemctl" -ef "$0" ]; then
+        echo "systemctl: at boot, execs of isconf reach systemctl as root only" >&2
+        exit 1
+    fi
+fi
+case ${0##*/} in
+%(names)s) exec "$real/${0##*/}" "$@" ;;
+esac
+for word in "$@"; do
+    case $word in
+    %(words)s) exec "$real/systemctl" --no-block "$@" ;;
+    esac
+done
+exec "$real/systemctl" "$@"
 """
 
 
-def systemctl_inside(rootpath):
-    """The path inside the root of its systemctl, or None."""
+def systemctl_files(rootpath):
+    """The root's systemctl binaries: (path inside the root, where it is seen from outside) of each
+    regular file SYSTEMCTL_PATHS lead to, its links followed inside the root, each file once (on a
+    merged /usr, /bin/systemctl is /usr/bin/systemctl)."""
+    found = []
     for path in SYSTEMCTL_PATHS:
         try:
-            if stat.S_ISREG(os.stat(rootpath.resolve(path)).st_mode):
-                return path
+            where = rootpath.resolve(path)
+            if stat.S_ISREG(os.lstat(where).st_mode) and where not in [w for _, w in found]:
+                found.append((path, where))
         except OSError:
             continue
-    return None
+    return found
+
+
+def new_empty_file(path):
+    """A mount point for a file, in a directory of the exec's namespace."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o755))
+
+
+def systemctl_covers(rootpath, boot_bin):
+    """The steps (enter_private_mounts) that, in an exec's mount namespace, put the wrapper
+    boot_bin/systemctl (a path seen from outside the root) over each of the root's systemctl
+    binaries, read-only: a tmpfs on boot_bin/real, the first binary bound onto a file
+    'systemctl' in it and linked there by its other names, then the wrapper bound over each.
+    Made for each exec, in about a millisecond: an earlier transaction may have moved the binaries
+    (an upgrade, a /usr merge), and a namespace kept for the whole run would hold every
+    later exec to files already replaced."""
+    files = systemctl_files(rootpath)
+    if not files:
+        return []
+    wrapper, real = os.fsencode(os.path.join(boot_bin, "systemctl")), os.path.join(boot_bin, "real")
+    steps = [("mount a tmpfs on %s" % real, libc_call,
+              ("mount", b"tmpfs", os.fsencode(real), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755")),
+             ("make %s/systemctl" % real, new_empty_file, (os.path.join(real, "systemctl"),))]
+    steps += [("link %s/%s" % (real, name), os.symlink, ("systemctl", os.path.join(real, name)))
+              for name in SYSTEMCTL_NAMES]
+    steps.append(("bind %s on %s/systemctl" % (files[0][1], real), libc_call,
+                  ("mount", os.fsencode(files[0][1]), os.fsencode(os.path.join(real, "systemctl")), None, MS_BIND,
+                   None)))
+    for _, where in files:
+        steps += [("bind %s on %s" % (wrapper.decode("utf-8", "replace"), where), libc_call,
+                   ("mount", wrapper, os.fsencode(where), None, MS_BIND, None)),
+                  ("make %s read-only" % where, libc_call,
+                   ("mount", None, os.fsencode(where), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None))]
+    return steps
 
 
 def jitter():
@@ -5095,10 +5177,10 @@ class Transaction(object):
     """What a kind's apply (Kind.apply) may use of the host while one entry applies, and nothing
     more: the root and the staged objects, its command's run, and the agent's self-upgrade hooks."""
 
-    def __init__(self, host, entry, environment, timeout, mounts, agent_files):
+    def __init__(self, host, entry, environment, timeout, mounts, agent_files, covers=()):
         self.rootpath, self.objects = host.rootpath, host.objects
         self._host, self._entry = host, entry
-        self._environment, self._timeout, self._mounts = environment, timeout, mounts
+        self._environment, self._timeout, self._mounts, self._covers = environment, timeout, mounts, covers
         self._agent_files = agent_files
 
     def run(self, argv, cwd):
@@ -5107,7 +5189,7 @@ class Transaction(object):
         log = self._host.logs.open(self._entry)
         try:
             status = run_command(self._host.root, argv, cwd, self._environment, log, timeout=self._timeout,
-                                 mounts=self._mounts, umask=self._host.config.exec_umask)
+                                 mounts=self._mounts, covers=self._covers, umask=self._host.config.exec_umask)
             if status != 0:
                 os.fsync(log)  # what the failure printed outlives a power cut
             return status
@@ -5151,7 +5233,7 @@ class Applier(object):
 
     def __init__(self, run, mounts=True, lock=None, argv=None, boot=False):
         self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
-        self.mounts = mounts  # pseudo-filesystems for execs inside a --root (run_command)
+        self.mounts = mounts  # pseudo-filesystems for execs inside a --root, and the systemctl at boot (run_command)
         self.boot, self._boot_bin = boot, None  # at boot, execs find a systemctl that does not wait (boot_bin)
         self.lock, self.argv = lock, argv
         self.interpreter, self.agent_files = interpreter_identity(), agent_files()
@@ -5259,20 +5341,31 @@ class Applier(object):
 
     def boot_bin(self):
         """At boot, the directory (a path inside the root) put first in the PATH of every exec: it holds
-        a systemctl that queues jobs without waiting for them (see SYSTEMCTL_NO_BLOCK).  None otherwise,
-        and where the root has no systemctl."""
+        a systemctl that queues jobs without waiting for them (see SYSTEMCTL_NO_BLOCK), and the empty
+        directory 'real' where an exec's namespace finds the real one (systemctl_covers).  None
+        otherwise, and where the root has no systemctl."""
         if not self.boot:
             return None
         if self._boot_bin is None:
-            systemctl = systemctl_inside(self.host.rootpath)
+            files = systemctl_files(self.host.rootpath)
             self._boot_bin = ""
-            if systemctl:
+            if files:
                 directory = self.host.state.subdir("boot-bin", create=True)
-                script = (SYSTEMCTL_NO_BLOCK % {"systemctl": shlex.quote(systemctl)}).encode()
+                directory.subdir("real", create=True)
+                inside = "/" + os.path.relpath(directory.path, self.host.root)
+                script = (SYSTEMCTL_NO_BLOCK % {
+                    "real": shlex.quote(inside + "/real"), "directory": shlex.quote(posixpath.dirname(files[0][0])),
+                    "names": "|".join(SYSTEMCTL_NAMES), "words": "|".join(SYSTEMCTL_JOB_WORDS)}).encode()
                 if directory.stat("systemctl") is None or directory.read("systemctl", len(script) + 1) != script:
                     directory.write("systemctl", script, 0o755)
-                self._boot_bin = "/" + os.path.relpath(directory.path, self.host.root)
+                self._boot_bin = inside
         return self._boot_bin or None
+
+    def boot_covers(self):
+        """At boot, what each exec's mount namespace gets (systemctl_covers), unless mounts are off."""
+        if not self.mounts or not self.boot_bin():
+            return []
+        return systemctl_covers(self.host.rootpath, self.host.state.subdir("boot-bin").path)
 
     def finish(self, plan):
         self.release_objects(plan)
@@ -5320,7 +5413,7 @@ class Applier(object):
         if boot_bin:
             environment["PATH"] = boot_bin + ":" + environment["PATH"]
         return entry.apply(Transaction(self.host, entry, environment, self.config.exec_timeout, self.mounts,
-                                       self.agent_files))
+                                       self.agent_files, self.boot_covers()))
 
     def handover(self, entry, upgraded):
         """The interpreter to re-execute under after this transaction, or None to carry on here:
@@ -7580,8 +7673,9 @@ def global_options(suppress):
     options.add_argument("--repo", default=default(os.environ.get("ISCONF_REPO")),
                          help="repository directory, for author verbs (default: $ISCONF_REPO)")
     options.add_argument("--no-mounts", action="store_true", default=default(False),
-                         help="inside a --root other than /, do not mount /proc, /sys, /dev and /run for execs "
-                         "(default: mount them)")
+                         help="inside a --root other than /, do not mount /proc, /sys, /dev and /run for execs, "
+                         "and at boot do not put isconf's systemctl over the root's (execs then find it by PATH "
+                         "only) (default: mount them)")
     options.add_argument("-q", "--quiet", action="store_true", default=default(False),
                          help="print nothing unless something goes wrong: warnings and errors only, for cron "
                          "(default: off)")

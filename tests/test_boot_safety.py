@@ -91,17 +91,21 @@ def test_a_transaction_that_fails_is_not_an_interrupted_one(author, host, busybo
         assert "exited with status 3" in proc.err and attempts(host) == n
 
 
-FAKE_SYSTEMCTL = "#!/bin/sh\necho \"$*\" >> /tmp/systemctl.args\n"
+FAKE_SYSTEMCTL = "#!/bin/sh\necho \"${0##*/} $*\" >> /tmp/systemctl.args\n"  # the name it was run by, its args
 
 
 @pytest.fixture
 def systemctl_root(author, host, busybox_root):
-    """A root with a systemctl that notes how it was called, and a transaction restarting a service."""
+    """A root with a systemctl in /usr/bin and another in /bin (as before /usr was merged) that note how
+    they were called, /sbin/runlevel a link to one, and a transaction restarting a service."""
     busybox_root(host.root)
     os.makedirs(host.path("/usr/bin"))
-    with open(host.path("/usr/bin/systemctl"), "w") as f:
-        f.write(FAKE_SYSTEMCTL)
-    os.chmod(host.path("/usr/bin/systemctl"), 0o755)
+    os.makedirs(host.path("/sbin"))
+    for path in ("/usr/bin/systemctl", "/bin/systemctl"):
+        with open(host.path(path), "w") as f:
+            f.write(FAKE_SYSTEMCTL)
+        os.chmod(host.path(path), 0o755)
+    os.symlink("/bin/systemctl", host.path("/sbin/runlevel"))
     author.commit(["exec", "--no-run", "--", "systemctl", "restart", "nginx"],
                   ["exec", "--no-run", "--", "/bin/sh", "-c", "echo \"$PATH\" > /tmp/path"])
     host.init(author.repo, author.keys)
@@ -113,22 +117,73 @@ def called(host):
         return f.read().splitlines()
 
 
+def mounted_inside(root):
+    """The mount points inside root that this process sees (other tests may mount elsewhere meanwhile)."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p == root or p.startswith(root.rstrip("/") + "/")]
+
+
 def test_execs_at_boot_queue_systemctl_jobs_without_waiting(systemctl_root):
     # A service ordered after isconf.service cannot start before the boot run ends: waiting for it deadlocks.
     host = systemctl_root
     host("up", "--boot", expect="ok")
-    assert called(host) == ["--no-block restart nginx"]
+    assert called(host) == ["systemctl --no-block restart nginx"]
     with open(host.path("/tmp/path")) as f:
         assert f.read().strip().startswith("/var/lib/isconf/boot-bin:/usr/local/sbin:")
     with open(host.state("boot-bin", "systemctl")) as f:
-        assert f.read().endswith('exec /usr/bin/systemctl --no-block "$@"\n')
+        assert f.read().endswith('exec "$real/systemctl" "$@"\n')
 
 
-def test_execs_from_cron_run_systemctl_as_it_is(systemctl_root):
+# However a transaction reaches systemctl at boot: (the command, what the root's real systemctl is called with).
+REACHED = [(["/usr/bin/systemctl", "restart", "a"], "systemctl --no-block restart a"),
+           (["/bin/systemctl", "restart", "b"], "systemctl --no-block restart b"),
+           (["/bin/sh", "-c", "PATH=/usr/bin:/bin systemctl try-restart c"], "systemctl --no-block try-restart c"),
+           (["/bin/sh", "-c", "env -i /bin/systemctl -q enable --now d"], "systemctl --no-block -q enable --now d"),
+           (["/usr/bin/systemctl", "is-active", "e"], "systemctl is-active e"),   # starts no job: as it is
+           (["/sbin/runlevel"], "runlevel ")]                                     # its other names keep their meaning
+
+
+def test_execs_at_boot_reach_the_queueing_systemctl_by_any_path_and_the_host_sees_no_mount(author, systemctl_root):
     host = systemctl_root
+    author.commit(*[["exec", "--no-run", "--"] + argv for argv, _ in REACHED])
+    assert mounted_inside(host.root) == []
+    host("up", "--boot", expect="ok")
+    assert called(host)[1:] == [seen for _, seen in REACHED]
+    # Nothing was mounted where the agent runs, nor changed on the disk: the wrapper lived in each exec's namespace.
+    assert mounted_inside(host.root) == []
+    for path in ("/usr/bin/systemctl", "/bin/systemctl"):
+        with open(host.path(path)) as f:
+            assert f.read() == FAKE_SYSTEMCTL, path
+    assert os.listdir(host.state("boot-bin", "real")) == []
+
+
+def test_execs_from_cron_run_systemctl_as_it_is(author, systemctl_root):
+    host = systemctl_root
+    author.commit(*[["exec", "--no-run", "--"] + argv for argv, _ in REACHED])
     host("up", expect="ok")
-    assert called(host) == ["restart nginx"]
+    assert called(host) == ["systemctl restart nginx", "systemctl restart a", "systemctl restart b",
+                            "systemctl try-restart c", "systemctl -q enable --now d", "systemctl is-active e",
+                            "runlevel "]
     assert not os.path.exists(host.state("boot-bin"))
+
+
+def test_at_boot_a_user_other_than_root_is_told_that_it_cannot_reach_systemctl(author, systemctl_root):
+    # The real one is bound inside the state directory, which only root may enter; the wrapper must not
+    # fall back to the path it stands over (itself): that would exec itself for ever.
+    host = systemctl_root
+    os.symlink("busybox", host.path("/bin/su"))
+    author.commit(["exec", "--no-run", "--", "/bin/su", "-s", "/bin/sh", "daemon", "-c", "/usr/bin/systemctl status x"])
+    proc = host("up", "--boot", expect="failed", timeout=60)
+    assert "systemctl: at boot, execs of isconf reach systemctl as root only" in proc.out
+    assert called(host) == ["systemctl --no-block restart nginx"]
+
+
+def test_without_mounts_execs_at_boot_find_the_queueing_systemctl_by_name_only(author, systemctl_root):
+    host = systemctl_root
+    author.commit(["exec", "--no-run", "--", "/usr/bin/systemctl", "restart", "a"])
+    host("up", "--boot", "--no-mounts", expect="ok")
+    assert called(host) == ["systemctl --no-block restart nginx", "systemctl restart a"]
 
 
 def test_the_boot_systemctl_is_written_inside_the_root_never_through_a_link(systemctl_root, tmp_path):

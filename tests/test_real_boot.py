@@ -7,6 +7,7 @@ systemd's journal.  The image is built once and cached (see realboot.py); each b
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -152,25 +153,97 @@ WantedBy=multi-user.target
 """ % ORDER
 
 
-def test_a_service_ordered_after_isconf_and_restarted_at_boot_does_not_deadlock(guest, keys):
+PACKAGE = "isconf-test-pkg"  # a package whose postinst starts its service, ordered after isconf
+PACKAGE_SERVICE = """\
+[Unit]
+Description=test: a packaged service ordered after isconf, started by its postinst at boot
+After=isconf.service
+Before=isconf-test-poweroff.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'echo "package $(cat /proc/sys/kernel/random/boot_id)" >> %s'
+
+[Install]
+WantedBy=multi-user.target
+""" % ORDER
+# As debhelper writes it, through invoke-rc.d (which asks /sbin/runlevel, a link to systemctl), and by the
+# absolute path: each would wait for the start it asks for.
+PACKAGE_POSTINST = """\
+#!/bin/sh
+set -e
+if [ "$1" = configure ]; then
+    deb-systemd-helper enable %(name)s.service
+    systemctl daemon-reload
+    deb-systemd-invoke start %(name)s.service
+    invoke-rc.d %(name)s start
+    /usr/bin/systemctl start %(name)s.service
+fi
+""" % {"name": PACKAGE}
+PACKAGE_INIT_SCRIPT = """\
+#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          %s
+# Required-Start:    $local_fs
+# Required-Stop:     $local_fs
+# Default-Start:     2 3 4 5
+# Default-Stop:      0 1 6
+# Short-Description: test: what invoke-rc.d needs to see; systemd runs the unit of the same name
+### END INIT INFO
+exit 0
+""" % PACKAGE
+PACKAGE_FILE = "/root/%s_1_all.deb" % PACKAGE
+
+
+def build_package(tmp):
+    """The package, built with dpkg-deb in a tree of tmp that snap takes it from; returns the tree."""
+    tree, src = os.path.join(tmp, "package"), os.path.join(tmp, "src")
+    realboot.write(os.path.join(tree, "lib/systemd/system", PACKAGE + ".service"), PACKAGE_SERVICE)
+    realboot.write(os.path.join(tree, "DEBIAN/control"),
+                   "Package: %s\nVersion: 1\nArchitecture: all\nMaintainer: test <test@example.invalid>\n"
+                   "Description: a service its postinst starts\n" % PACKAGE)
+    realboot.write(os.path.join(tree, "etc/init.d", PACKAGE), PACKAGE_INIT_SCRIPT, 0o755)
+    realboot.write(os.path.join(tree, "DEBIAN/postinst"), PACKAGE_POSTINST, 0o755)
+    os.makedirs(os.path.dirname(os.path.join(src, PACKAGE_FILE.lstrip("/"))))
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", tree, os.path.join(src, PACKAGE_FILE.lstrip("/"))],
+                   check=True, stdout=subprocess.DEVNULL)
+    return src
+
+
+def test_services_ordered_after_isconf_and_started_at_boot_by_any_path_do_not_deadlock(guest, keys):
+    # Each exec waits for a job that waits for isconf.service: by name, by absolute path, through service,
+    # and in a package's postinst (deb-systemd-invoke, invoke-rc.d, systemctl) run by a dpkg whose PATH
+    # lacks isconf's boot-bin.
+    src = build_package(guest.tmp)
     with guest.mounted():
         units = guest.path("/etc/systemd/system")
         with open(os.path.join(units, LATE), "w") as f:
             f.write(LATE_SERVICE)
         os.symlink("../" + LATE, os.path.join(units, "multi-user.target.wants", LATE))
         author = author_in(guest, keys)
-        author.commit(mark("one"), ["exec", "--no-run", "--", "systemctl", "restart", LATE], mark("two"))
+        author.commit(mark("one"), ["exec", "--no-run", "--", "systemctl", "restart", LATE],
+                      ["exec", "--no-run", "--", "/usr/bin/systemctl", "restart", LATE],
+                      ["exec", "--no-run", "--", "/bin/systemctl", "restart", LATE],
+                      ["exec", "--no-run", "--", "service", LATE[:-len(".service")], "restart"],
+                      ["--root", src, "snap", PACKAGE_FILE],
+                      ["exec", "--no-run", "--", "/usr/bin/env", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                       "dpkg", "-i", PACKAGE_FILE],
+                      mark("two"))
         host = Host(guest.target)
         host.init(MIRROR, keys)
         host("install", "--systemd", expect="ok")
-    # Were the restart waited for, the boot would hang until the guest is killed.
+    # Were a start or restart waited for, the boot would hang until the guest is killed.
     assert realboot.powered_off(guest.boot())
     with guest.mounted():
-        # The service started once, after the agent was done.
-        assert guest.order() == [("one", 1), ("two", 1), ("late", 1)]
-        assert host.status()["applied_seq"] == 3
+        # Each service started once, after the agent was done.
+        order = guest.order()
+        assert order[:2] == [("one", 1), ("two", 1)] and sorted(order[2:]) == [("late", 1), ("package", 1)], order
+        assert host.status()["applied_seq"] == 8
         runs = guest.unit_messages("isconf.service")
         assert len(runs) == 1 and ended_cleanly(runs[0]), runs
+        with open(guest.path("/var/lib/dpkg/status")) as f:
+            assert "Package: %s\nStatus: install ok installed\n" % PACKAGE in f.read()
 
 
 def test_an_exec_that_reboots_is_halted_after_three_interrupted_attempts(guest, keys):
