@@ -1,13 +1,16 @@
 """Power cuts under a real filesystem (rules 5 and 17): the real-boot image booted under qemu, its agent
-replaying a journal of every kind at boot, and the power cut at a random moment.
+replaying a journal of every kind at boot, and the power cut at a random moment of its run.
 
 The guest's disk is served to qemu by WriteBackDisk, an NBD server in this process that behaves as a disk
 with a volatile write cache: what the guest writes stays in the cache until the guest flushes it (ext4's
 barriers, the agent's fsync and sync); only a flush puts it on the image file.  Killing qemu alone would
-lose nothing at the disk: its writes are already in this machine's page cache.  At a cut, qemu is killed
-and of the writes the guest made since its last flush a random part reaches the image (none, all, or each
-4 KiB piece by chance), the rest is gone, as on a disk losing power.  What the guest had not even written
-(its own page cache) is gone with qemu.
+lose nothing at the disk: its writes are already in this machine's page cache.  The cut comes as the guest
+sends a write or a flush drawn at random, counted from the agent's start (the disk changes nowhere else, so
+these moments leave every state a cut at any instant could; half the cuts count flushes only, so that a
+transaction that writes little, the new agent's, has its share).  qemu is killed, and of the writes the
+guest made since its last flush a random part reaches the image (none, all, or each 4 KiB piece by chance),
+the rest is gone, as on a disk losing power.  What the guest had not even written (its own page cache) is
+gone with qemu.
 
 Each boot is a short one: the kernel starts, instead of systemd, a script that runs the agent as the boot
 unit does ('up -r --boot'), and the reboot entry's command resets the machine at once (no sync).  Between
@@ -17,8 +20,6 @@ lost, nothing recorded done has run again (each exec appends a line to a file: c
 Then the same image boots again, and may be cut again; the last boot of each round ends the journal, and
 its files must be those of a run that was never cut.  ISCONF_POWERCUTS (conftest.py) sets the number of
 cuts and ISCONF_SEED the cut times and what the cache keeps.
-
-Anything booting qemu runs alone on a small machine: run it under 'flock /tmp/isconf-qemu.lock'.
 """
 
 import collections
@@ -26,7 +27,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import signal
 import socket
 import struct
@@ -95,8 +95,8 @@ PLAN = {1: "exec",
         7: "exec",
         8: "reboot",
         9: "exec"}
-LAST = max(PLAN)
 BASE = {TREE + "/a.conf": OLD, TREE + "/big.bin": BIG_OLD, AGENT_REL: OLD_AGENT}  # in the image before the journal
+REBOOT_SEQ = min(seq for seq, step in PLAN.items() if step == "reboot")
 SNAPPED = sorted(set(path for step in PLAN.values() if isinstance(step, dict) for path in step))
 
 
@@ -111,6 +111,7 @@ FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
 FLAG_HAS_FLAGS, FLAG_SEND_FLUSH = 1, 4      # neither FUA, TRIM nor WRITE_ZEROES: qemu does without them
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH = 0, 1, 2, 3
 SECTOR, PIECE = 512, 4096
+CHANGES, FLUSH = "write or flush", "flush"  # what the cuts count
 EINVAL = 22
 
 
@@ -120,7 +121,9 @@ class WriteBackDisk(threading.Thread):
 
     def __init__(self, image, sock, cut_at=None):
         threading.Thread.__init__(self, daemon=True)
-        self.cut_at, self.changes = cut_at, 0  # the power fails as the cut_at'th write or flush arrives
+        # The power fails as the guest sends its cut_at = (n, kind)'th write or flush (kind CHANGES) or flush (FLUSH).
+        self.cut_at, self.counts = cut_at, {CHANGES: 0, FLUSH: 0}
+        self.counting = threading.Event()  # set once the agent starts: the cuts come after
         self.fd = os.open(image, os.O_RDWR)
         self.size = os.fstat(self.fd).st_size
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -187,9 +190,10 @@ class WriteBackDisk(threading.Thread):
             magic, _, command, handle, offset, length = struct.unpack(">IHHQQI", header)
             assert magic == REQUEST, "bad request magic %x" % magic
             data = receive(conn, length) if command == CMD_WRITE else None
-            if command in (CMD_WRITE, CMD_FLUSH):
-                self.changes += 1
-                if self.changes == self.cut_at:
+            if command in (CMD_WRITE, CMD_FLUSH) and self.counting.is_set():
+                self.counts[CHANGES] += 1
+                self.counts[FLUSH] += command == CMD_FLUSH
+                if self.cut_at and self.counts[self.cut_at[1]] == self.cut_at[0]:
                     self.tripped.set()  # it never runs: qemu is killed
                     return
             if command in (CMD_READ, CMD_WRITE) and offset + length > self.size:
@@ -289,9 +293,11 @@ def receive(conn, n, eof_ok=False):
 
 def boot(image, kernel, initrd, work, name, cut_at=None, rng=None):
     """Boot image through a WriteBackDisk until the guest powers off or resets, or cut the power as the guest
-    sends its cut_at'th write or flush (the disk changes nowhere else: a cut between two of them leaves what
-    a cut as the second arrives leaves).  Returns (console text, (pieces kept, written) if cut else None,
-    the writes and flushes the disk got, seconds to the start of the agent, seconds from then to the end)."""
+    sends its n'th write or flush, or its n'th flush (cut_at = (n, CHANGES or FLUSH)), counted from the start
+    of the agent: the disk changes nowhere else, so a cut between two of them leaves what a cut as the second
+    arrives leaves.  Returns
+    (console text, (pieces kept, written) if cut else None, the disk's counts, seconds to the start of
+    the agent, seconds from then to the end)."""
     sock = os.path.join(work, "nbd.sock")
     console = os.path.join(work, "console-" + name)
     disk = WriteBackDisk(image, sock, cut_at)
@@ -307,6 +313,7 @@ def boot(image, kernel, initrd, work, name, cut_at=None, rng=None):
         while proc.poll() is None and time.monotonic() < deadline and not disk.tripped.is_set():
             if started is None and START in realboot.read_text(console):
                 started = time.monotonic()
+                disk.counting.set()
             time.sleep(0.01)
     finally:
         if proc.poll() is None:
@@ -323,7 +330,7 @@ def boot(image, kernel, initrd, work, name, cut_at=None, rng=None):
         assert proc.returncode == 0, "qemu failed (%s): %s\nconsole:\n%s" % (proc.returncode, out, text[-4000:])
         assert realboot.powered_off(text) or reset(text), "the guest ended otherwise:\n%s" % text[-4000:]
     started = started or ended
-    return text, kept, disk.changes, started - began, ended - started
+    return text, kept, disk.counts, started - began, ended - started
 
 
 def reset(console):
@@ -509,7 +516,7 @@ def exec_step():
 @pytest.fixture(scope="module")
 def template(tmp_path_factory, keys):
     """A copy of the real-boot image that boots into BOOT_SCRIPT, its agent (version 1.0.0) following a journal of
-    every kind in a repository on its own disk."""
+    every kind in a repository on its own disk; removed afterwards, with what the test made of it."""
     realboot.require_tools()
     image, kernel, initrd = realboot.build_image()
     work = str(tmp_path_factory.mktemp("powercut"))
@@ -541,7 +548,10 @@ def template(tmp_path_factory, keys):
                       ["reboot", "-m", "the reboot entry"], exec_step())
         host = Host(mnt)
         host.init(MIRROR, keys, "--reboot-command", REBOOT, "--interrupted-max", "1000")
-    return disk, kernel, initrd, work
+    yield disk, kernel, initrd, work
+    for image in ("template.img", "reference.img", "round.img"):  # a gigabyte each
+        if os.path.exists(os.path.join(work, image)):
+            os.unlink(os.path.join(work, image))
 
 
 def test_power_cut(template, seed):
@@ -550,8 +560,16 @@ def test_power_cut(template, seed):
     target = os.path.join(work, "target")
 
     def read_disk(image):
-        with realboot.mounted(image, target) as mnt:  # replays ext4's journal, as the next boot would
-            return State(mnt), tree(mnt)
+        mount = realboot.mounted(image, target)
+        try:
+            mount.__enter__()  # replays ext4's journal, as the next boot would
+        except subprocess.CalledProcessError:
+            e2fsck(image)  # what is wrong with it
+            raise
+        try:
+            return State(target), tree(target)
+        finally:
+            mount.__exit__()
 
     # An uncut run: how many writes and flushes each boot makes, and the files every cut run must end with.
     reference = realboot.copy_image(disk, os.path.join(work, "reference.img"))
@@ -576,9 +594,13 @@ def test_power_cut(template, seed):
         before, chain = None, []
         while True:
             boots += 1
-            # Before the reboot entry is done, a boot makes about as many changes as the reference's first.
-            phase = 0 if before is None or 8 not in before.done else 1
-            cut_at = rng.randint(1, changes[phase]) if cuts < POWERCUTS else None
+            # A boot makes at most about as many changes as the reference's first, or its second once the reboot
+            # entry is done.
+            phase = 0 if before is None or REBOOT_SEQ not in before.done else 1
+            # Half the cuts at any change, half at a flush: a transaction that writes little (the new agent,
+            # a reboot) still has its share.
+            kind = rng.choice((CHANGES, FLUSH))
+            cut_at = (rng.randint(1, changes[phase][kind]), kind) if cuts < POWERCUTS else None
             text, kept, _, starting, _ = boot(image, kernel, initrd, work, "%d-%d" % (rounds, len(chain) + 1),
                                               cut_at, rng)
             to_start.append(starting)
@@ -586,10 +608,12 @@ def test_power_cut(template, seed):
             if kept:
                 cuts += 1
                 pieces = [pieces[0] + kept[0], pieces[1] + kept[1]]
-                begun = [int(n) for n in re.findall(r"^\[(\d+)/%d\] " % LAST, text, re.M)]
-                landed[max(begun, default=0)] += 1
-                chain.append("cut at change %d, in transaction %s, %d of %d pieces kept" % (
-                    cut_at, max(begun, default="none"), kept[0], kept[1]))
+                last = state.events[-1] if state.events else {}
+                running = last["seq"] if last.get("event") == "started" else 0  # by the history on the disk
+                landed[running] += 1
+                chain.append("cut at %s %d, %s, %d of %d pieces kept" % (
+                    cut_at[1], cut_at[0], "in transaction %d" % running if running else "between transactions",
+                    kept[0], kept[1]))
             elif reset(text):
                 chain.append("ended by the reboot entry")
             else:
@@ -612,8 +636,9 @@ def test_power_cut(template, seed):
         print("round %d: %s" % (rounds, "; ".join(chain)))
     took = time.monotonic() - began
     print("%d power cuts in %d rounds of %d boots, %.0f s (%.1f s per cut; a boot takes %.1f s to start the agent; "
-          "an uncut run makes %d writes and flushes before the reboot entry (in %.1f s) and %d after (%.1f s)); the "
-          "cuts landed in transactions %s (0: before the first); of the writes not flushed at the cuts, %d of %d "
-          "4 KiB pieces reached the disk" % (cuts, rounds, boots, took, took / max(cuts, 1), sum(to_start) /
-                                             len(to_start), changes[0], times[0], changes[1], times[1],
-                                             sorted(landed.items()), pieces[0], pieces[1]))
+          "an uncut run makes %d writes and flushes (%d flushes) before the reboot entry, in %.1f s, and %d (%d) "
+          "after, in %.1f s); the cuts landed in transactions %s (0: between two); of the writes not flushed "
+          "at the cuts, %d of %d 4 KiB pieces reached the disk"
+          % (cuts, rounds, boots, took, took / max(cuts, 1), sum(to_start) / len(to_start), changes[0][CHANGES],
+             changes[0][FLUSH], times[0], changes[1][CHANGES], changes[1][FLUSH], times[1], sorted(landed.items()),
+             pieces[0], pieces[1]))
