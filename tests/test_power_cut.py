@@ -461,9 +461,9 @@ def check(state, before):
         allowed = {whole} | ({pending[path]} if isinstance(pending, dict) and path in pending else set())
         found = state.files[path]
         if found not in allowed:
-            what = "torn: %s" if found is not None and found not in NAMES else "%s where the transactions done leave "
-            raise AssertionError("%s is %s%s (done: %s)" % (path, what % describe(found), describe(whole),
-                                                              sorted(done)))
+            torn = found is not None and found not in NAMES
+            raise AssertionError("%s is %s%s, where the transactions done (%s) leave %s" % (
+                path, "torn: " if torn else "", describe(found), sorted(done), describe(whole)))
     if 2 in done:
         assert state.linked, "the snap of h1 and h2 is recorded done but they are not one file"
         assert state.sparse_blocks * 512 < SPARSE_SIZE // 4, "the sparse file lost its holes: %d blocks" % (
