@@ -11,6 +11,7 @@ Environment variables that tune the suite (each has a default; none is needed):
                       others SIGTERM or SIGINT, which the agent catches)
   ISCONF_FUZZ_INPUTS  how many mutated inputs test_fuzz feeds the parsers in process (default 100000)
   ISCONF_FUZZ_RUNS    how many end-to-end runs test_fuzz makes against a mutating mirror (default 200)
+  ISCONF_POWERCUTS    how many times test_power_cut cuts a booted guest's power (default 20)
 """
 
 import atexit
@@ -38,6 +39,7 @@ pytest.register_assert_rewrite("hostile")  # its checks report like a test's own
 
 SEED = int(os.environ.get("ISCONF_SEED", "20261125"))
 KILLS = int(os.environ.get("ISCONF_KILLS", "50"))
+POWERCUTS = int(os.environ.get("ISCONF_POWERCUTS", "20"))
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISCONF = os.path.join(TOP, "isconf.py")
