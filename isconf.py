@@ -1030,7 +1030,10 @@ class Reporter(object):
             fd = None        # not a descriptor: as it is (an in-process caller's buffer)
         try:
             if fd is None:
-                stream.buffer.write(data)
+                if getattr(stream, "buffer", None) is None:   # a text buffer (io.StringIO)
+                    stream.write(data.decode(getattr(stream, "encoding", None) or "utf-8", "replace"))
+                else:
+                    stream.buffer.write(data)
                 stream.flush()
                 return
             pending = self.deferred.setdefault(fd, bytearray())
@@ -1135,14 +1138,23 @@ class Reporter(object):
         """Before the process ends or execs another: what is buffered or deferred would be lost.  A
         stream gets OUTPUT_WAIT seconds to take it, no more (a logger that stopped reading must not
         keep the run from ending); what it missed is said on stderr and to syslog.  A stream
-        that cannot be written (a closed pipe, a full cron log) is silenced, as every write does."""
+        that cannot be written (a closed pipe, a full cron log) is silenced, as every write does.
+        OUTPUT_WAIT holds for both streams together (they are often one pipe); a stop signal during
+        the wait ends it at once: the run is over, only output it could not take is lost."""
+        end = time.monotonic() + OUTPUT_WAIT
+        try:
+            self._flush_streams(end)
+        except KeyboardInterrupt:
+            self.deferred.clear()
+
+    def _flush_streams(self, end):
         for stream in (sys.stdout, sys.stderr):
             try:
                 if stream is None:
                     continue
                 stream.flush()
                 fd = stream.fileno()
-                if self.deferred.get(fd) and not self._drain(fd, True, OUTPUT_WAIT):
+                if self.deferred.get(fd) and not self._drain(fd, True, max(0, end - time.monotonic())):
                     self.dropped[fd] = self.dropped.get(fd, 0) + len(self.deferred.pop(fd))
                 if self.dropped.get(fd):
                     count = self.dropped[fd]
@@ -1234,6 +1246,17 @@ def in_state(path):
     """Whether a journaled path names the agent's state directory or something in it: the journal never
     writes the agent's own state (its history, lock, logs, objects, last-run...)."""
     return path == STATE_PATH or path.startswith(STATE_PATH + "/")
+
+
+def guards_trust(path):
+    """Whether a journaled path is one the agent holds to root alone (check_private) when it runs: the
+    config directory and what is in it, the agent file the units run, or a directory on the way to them
+    or to the state.  A snap may write them, but only as root's alone: one that left them writable by
+    others would lock the host out of every later run, this snap's repair included."""
+    config = posixpath.dirname(CONFIG_PATH)
+    if path == config or path.startswith(config + "/") or path == INSTALL_PATH:
+        return True
+    return any(path == "/" or target.startswith(path + "/") for target in (config, INSTALL_PATH, STATE_PATH))
 
 
 class RootPath(object):
@@ -1554,7 +1577,7 @@ class _DeadlineSocket(object):
 
 # The user:password@ of a URL, wherever it sits (attack: a password in a mirror URL copied into every error
 # line, the last-run record and status).
-USERINFO_RE = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?(?://)?)[^/?#]*@")
+USERINFO_RE = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?(?://)?)[^/]*@")  # "#" and "?" too: "u:p#ss@h"
 
 
 def redact_url(url):
@@ -2565,6 +2588,14 @@ class FileType(object):
         if in_state(path):
             raise Refused("%s: %s is in %s, the agent's own state, which no journal entry may write"
                           % (what, path, STATE_PATH))
+        if "mode" in ftype.fields and guards_trust(path):
+            # as a host resolves it (Owners): the name root, or uid 0 under no name (a source without passwd)
+            by_root = record["user"] == "root" or (record["uid"] == 0 and record["user"] == "0")
+            if record["mode"] & 0o022 or not by_root:
+                raise Refused("%s: %s would be %s, but the agent refuses to run while it is not root's alone; "
+                              "snap it again owned by root and writable by no one else"
+                              % (what, path, "owned by %s, not root" % record.get("user", record.get("uid"))
+                                 if not by_root else "writable by group or others (mode %04o)" % record["mode"]))
         ftype.check(record, seen, what)
         if path in seen:
             raise Refused("%s: %s appears twice" % (what, path))
@@ -3798,8 +3829,13 @@ class Host(object):
     def check_agent_file(self):
         """The agent file the units run (INSTALL_PATH), when there is one, and every directory on the way
         to it must pass check_private: whoever can change it runs code as root at the next boot.  Where
-        it is a link (to an agent kept elsewhere), the way to the link and the file it leads to."""
-        real = "/" + os.path.relpath(self.rootpath.resolve(INSTALL_PATH), self.root)
+        it is a link (to an agent kept elsewhere), the way to the link and the file it leads to.  With
+        no agent installed, nothing is checked (a group-writable /usr/local/sbin, Debian's old 2775
+        root:staff, holds nothing the agent runs)."""
+        resolved = self.rootpath.resolve(INSTALL_PATH)
+        if not os.path.lexists(resolved):
+            return
+        real = "/" + os.path.relpath(resolved, self.root)
         for path in [INSTALL_PATH] + ([real] if real != INSTALL_PATH else []):
             try:
                 dfd = self.rootpath.open_dir(posixpath.dirname(path), private=True)
@@ -4336,14 +4372,20 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True,
             output.follow()
             REPORTER.pump()
     except BaseException:
-        if proc.returncode is None:  # Ctrl-C or an error of ours: the command must not outlive the run
-            kill_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                kill_group(proc, signal.SIGKILL)
-                proc.wait()
-        output.finish()
+        # Ctrl-C or an error of ours: the command must not outlive the run, and a second Ctrl-C
+        # during the wait must not leave it running (it comes once the group is gone).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            if proc.returncode is None:
+                kill_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    kill_group(proc, signal.SIGKILL)
+                    proc.wait()
+            output.finish()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise
     finally:
         if pidfd is not None:
@@ -4517,9 +4559,16 @@ case ${0##*/} in
 esac
 for word in "$@"; do
     case $word in
-    %(words)s) exec "$real/systemctl" --no-block "$@" ;;
+    %(words)s) queue=1 ;;
     esac
 done
+if [ -n "$queue" ]; then
+    for word in "$@"; do  # --wait contradicts --no-block (systemctl refuses both): queued, it waits for nothing
+        shift
+        [ "$word" = --wait ] || set -- "$@" "$word"
+    done
+    exec "$real/systemctl" --no-block "$@"
+fi
 exec "$real/systemctl" "$@"
 """
 

@@ -141,6 +141,7 @@ REACHED = [(["/usr/bin/systemctl", "restart", "a"], "systemctl --no-block restar
            (["/bin/sh", "-c", "PATH=/usr/bin:/bin systemctl try-restart c"], "systemctl --no-block try-restart c"),
            (["/bin/sh", "-c", "env -i /bin/systemctl -q enable --now d"], "systemctl --no-block -q enable --now d"),
            (["/usr/bin/systemctl", "is-active", "e"], "systemctl is-active e"),   # starts no job: as it is
+           (["/bin/systemctl", "--wait", "start", "f"], "systemctl --no-block start f"),  # queued: --wait dropped
            (["/sbin/runlevel"], "runlevel ")]                                     # its other names keep their meaning
 
 
@@ -164,7 +165,7 @@ def test_execs_from_cron_run_systemctl_as_it_is(author, systemctl_root):
     host("up", expect="ok")
     assert called(host) == ["systemctl restart nginx", "systemctl restart a", "systemctl restart b",
                             "systemctl try-restart c", "systemctl -q enable --now d", "systemctl is-active e",
-                            "runlevel "]
+                            "systemctl --wait start f", "runlevel "]
     assert not os.path.exists(host.state("boot-bin"))
 
 

@@ -341,3 +341,48 @@ def test_author_snap_through_a_link_into_the_reference_hosts_state_is_refused(au
     author("lock", "-m", "try")
     proc = author("--root", src, "snap", "/srv/state/history", expect="usage")
     assert "/srv/state/history leads into the agent's state directory" in error_line(proc)
+
+
+@pytest.mark.parametrize("path,mode,user,refused", [
+    ("/etc/isconf/allowed_signers", 0o666, "root", True),
+    ("/etc/isconf/isconf.conf", 0o600, "daemon", True),
+    ("/etc/isconf", 0o775, "root", True),
+    ("/etc", 0o757, "root", True),
+    ("/usr/local/sbin/isconf", 0o775, "root", True),
+    ("/usr/local/sbin", 0o755, "staff", True),
+    ("/var/lib", 0o777, "root", True),
+    ("/", 0o775, "root", True),
+    ("/etc/isconf/allowed_signers", 0o644, "root", False),
+    ("/usr/local/sbin/isconf", 0o755, "root", False),
+    ("/etc/motd", 0o666, "daemon", False),
+    ("/usr/local/bin", 0o777, "staff", False),
+    ("/etc/isconf/allowed_signers", 0o644, "0", False),
+])
+def test_a_snap_leaving_the_hosts_own_files_open_to_others_is_refused(isconf, path, mode, user, refused):
+    # Applied, it would lock the host out of every later run (exit 7), the entry that could repair it included.
+    kind = "dir" if path in ("/", "/etc", "/etc/isconf", "/usr/local/sbin", "/var/lib", "/usr/local/bin") else "file"
+    record = {"path": path, "type": "dir", "uid": 0, "gid": 0, "user": user, "group": "root", "mode": mode}
+    if kind == "file":
+        record = dict(record, type="file", mtime_ns=0, size=0, object=isconf.sha256_hex(b""))
+    if refused:
+        with pytest.raises(isconf.Refused, match="the agent refuses to run while it is not root's alone"):
+            isconf.FileType.check_record(record, {}, "entry 2")
+    else:
+        isconf.FileType.check_record(record, {}, "entry 2")
+
+
+def test_a_signed_snap_opening_the_trusted_keys_to_others_is_refused_before_anything_applies(author, keys, host,
+                                                                                            busybox_root, tmp_path):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
+    record = snap_record(author, tmp_path)
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/pending"])
+    append_signed(author, keys, kind="snap", message="open the keys",
+                  files=[dict(record, path="/etc/isconf/allowed_signers", mode=0o666)])
+    before = host.snapshot()
+    line = error_line(host("up", expect="refused"))
+    assert "/etc/isconf/allowed_signers would be writable by group or others (mode 0666)" in line, line
+    assert host.snapshot() == before
+    assert not os.path.exists(host.path("/tmp/pending"))
