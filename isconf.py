@@ -1277,6 +1277,14 @@ class RootPath(object):
         st = os.fstat(fd)
         return st.st_dev, st.st_ino
 
+    @staticmethod
+    def _step(fd, name):
+        """The directory name inside fd, opened without following a link; fd is closed once it is open
+        (on failure fd stays open, for the caller to close)."""
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        os.close(fd)
+        return child
+
     def _walk(self, path, create=False, private=False):
         """Walk path's components as directories inside the root.
 
@@ -1294,14 +1302,6 @@ class RootPath(object):
         way = [self._identity(fd)]  # (device, inode) of each directory from the root down to fd
         todo = [p for p in path.split("/") if p]
         hops = 0
-
-        def step(name):
-            """Make the directory name inside fd the current one (fd closed); the caller records it."""
-            nonlocal fd
-            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = child
-            return self._identity(fd)
         try:
             if private:
                 check_private(os.fstat(fd), self.root)
@@ -1311,7 +1311,8 @@ class RootPath(object):
                     continue
                 if name == "..":
                     if names:
-                        if step("..") != way[-2]:
+                        fd = self._step(fd, "..")
+                        if self._identity(fd) != way[-2]:
                             raise OSError(errno.ESTALE, "a directory on the way was moved while it was walked",
                                           path)
                         way.pop()
@@ -1342,7 +1343,8 @@ class RootPath(object):
                     continue
                 if not stat.S_ISDIR(st.st_mode):
                     raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-                way.append(step(name))
+                fd = self._step(fd, name)
+                way.append(self._identity(fd))
                 names.append(name)
                 if private:
                     check_private(os.fstat(fd), os.path.join(self.root, *names))
@@ -1603,7 +1605,7 @@ INTERIM_LINES = 100             # header lines of all of them, at most (http.cli
 
 def ascii_number(text):
     """A whole number written in ASCII digits only, or None: int() also takes other scripts' digits
-    ('١٢', '１２'), '_', a sign and white space, so one number could have many spellings."""
+    (Arabic-Indic or fullwidth ones), '_', a sign and white space, so one number could have many spellings."""
     return int(text) if isinstance(text, str) and ASCII_NUMBER_RE.match(text) else None
 
 
