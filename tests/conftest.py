@@ -24,6 +24,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -617,3 +618,31 @@ def hung_mount():
     yield make
     for mount in mounts:
         mount.release()
+
+
+def pid_alive(pid):
+    """Whether pid runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid, seconds=15):
+    deadline = time.time() + seconds
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+@pytest.fixture
+def daemons():
+    """pids a test started, or a killed agent could not stop; killed afterwards whatever happened."""
+    pids = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -9,35 +9,7 @@ import time
 
 import pytest
 
-from conftest import ISCONF, error_line, undated
-
-
-def pid_alive(pid):
-    """Whether pid runs (a zombie waiting for its reaper counts as gone)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_gone(pid, seconds=10):
-    deadline = time.time() + seconds
-    while pid_alive(pid) and time.time() < deadline:
-        time.sleep(0.05)
-    return not pid_alive(pid)
-
-
-@pytest.fixture
-def daemons():
-    """pids a test started in the background; killed afterwards whatever happened."""
-    pids = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+from conftest import ISCONF, error_line, pid_alive, undated, wait_gone
 
 
 def with_dev_null(root):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ISCONF, undated
+from conftest import ISCONF, undated, wait_gone
 
 
 # The command under test: counts its attempts, then sleeps (by exec: the pid it wrote is the sleep's)
@@ -53,33 +53,6 @@ def attempts(host):
         return 0
 
 
-def pid_alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_gone(pid, seconds=15):
-    deadline = time.time() + seconds
-    while pid_alive(pid) and time.time() < deadline:
-        time.sleep(0.05)
-    return not pid_alive(pid)
-
-
-@pytest.fixture
-def leftovers():
-    """pids of commands a killed agent could not stop: killed after the test whatever happened."""
-    pids = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture
 def long_host(author, host, busybox_root):
     """A host whose only transaction runs a command that sleeps until told to go (interrupted_max 3)."""
@@ -89,7 +62,7 @@ def long_host(author, host, busybox_root):
     return host
 
 
-def stopped_up(host, signum, leftovers):
+def stopped_up(host, signum, daemons):
     """One 'up' stopped by signum while its command sleeps; returns its exit status.  The agent stops the
     command itself on a signal it catches; after a SIGKILL the command is left running, and killed here."""
     before = attempts(host)
@@ -104,7 +77,7 @@ def stopped_up(host, signum, leftovers):
         with open(host.path("/tmp/pid")) as f:
             command = int(f.read())
         os.unlink(host.path("/tmp/pid"))
-        leftovers.append(command)
+        daemons.append(command)
         agent.send_signal(signum)
         code = agent.wait(60)
     finally:
@@ -119,14 +92,14 @@ def stopped_up(host, signum, leftovers):
 
 @pytest.mark.parametrize("signum,python", [(signal.SIGTERM, None), (signal.SIGINT, None), (signal.SIGHUP, None),
                                            (signal.SIGTERM, "3.6")], ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGTERM-3.6"])
-def test_a_long_command_stopped_by_a_signal_three_times_is_never_halted(long_host, signum, python, leftovers):
+def test_a_long_command_stopped_by_a_signal_three_times_is_never_halted(long_host, signum, python, daemons):
     host, name = long_host, signal.Signals(signum).name
     if python:  # the oldest interpreter the agent supports
         found = sorted(glob.glob("/root/.pyenv/versions/%s.*/bin/python3" % python))
         assert found, "no Python %s under /root/.pyenv" % python
         host.python = found[-1]
     for n in (1, 2, 3):
-        assert stopped_up(host, signum, leftovers) == 128 + signum
+        assert stopped_up(host, signum, daemons) == 128 + signum
         report = host.status()
         assert report["state"] == "interrupted", report
         assert report["interrupted"]["signal"] == name and report["interrupted"]["attempts"] == 0, report
@@ -148,10 +121,10 @@ def test_a_long_command_stopped_by_a_signal_three_times_is_never_halted(long_hos
     assert [e["boot_id"] for e in events if e["event"] == "started"] == [boot] * 4
 
 
-def test_only_attempts_that_vanished_count_and_the_halt_says_there_was_no_reboot(long_host, leftovers):
+def test_only_attempts_that_vanished_count_and_the_halt_says_there_was_no_reboot(long_host, daemons):
     host = long_host
     for signum in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
-        stopped_up(host, signum, leftovers)
+        stopped_up(host, signum, daemons)
     report = host.status()
     assert report["interrupted"]["attempts"] == 3 and report["interrupted"]["signal"] is None, report
     assert report["interrupted"]["signals"] == ["SIGTERM", "SIGINT", "SIGTERM"], report
@@ -169,12 +142,12 @@ def test_only_attempts_that_vanished_count_and_the_halt_says_there_was_no_reboot
 
 
 @pytest.mark.parametrize("moved,rebooted", [([0, 1, 2], 3), ([0], 1)], ids=["after-each", "after-the-first"])
-def test_the_halt_says_the_machine_rebooted_during_the_attempts_that_vanished(long_host, leftovers, moved,
+def test_the_halt_says_the_machine_rebooted_during_the_attempts_that_vanished(long_host, daemons, moved,
                                                                                 rebooted):
     # Attempt n (0: the first) was made under a boot of its own: the machine rebooted before the next start.
     host = long_host
     for _ in range(3):
-        stopped_up(host, signal.SIGKILL, leftovers)
+        stopped_up(host, signal.SIGKILL, daemons)
     rewrite_history(host, lambda e, n: e.update(boot_id=other_boot(n + 1)) if e["event"] == "started" and n in moved
                     else None)
     report = host.status()
@@ -189,12 +162,12 @@ def test_the_halt_says_the_machine_rebooted_during_the_attempts_that_vanished(lo
     assert attempts(host) == 3
 
 
-def test_a_signal_followed_by_a_reboot_counts_as_init_stopping_the_agent_for_a_shutdown(long_host, leftovers):
+def test_a_signal_followed_by_a_reboot_counts_as_init_stopping_the_agent_for_a_shutdown(long_host, daemons):
     # An exec that reboots the machine: systemd stops the agent with SIGTERM as the machine goes down, and
     # the agent records it; the next start is under a new boot id.  Three of them halt it: no boot loop.
     host = long_host
     for _ in range(3):
-        stopped_up(host, signal.SIGTERM, leftovers)
+        stopped_up(host, signal.SIGTERM, daemons)
     rewrite_history(host, lambda e, n: e.update(boot_id=other_boot(n + 1)) if e["event"] == "started" else None)
     report = host.status()
     assert report["interrupted"]["attempts"] == 3 and report["interrupted"]["signals"] == [], report
@@ -203,11 +176,11 @@ def test_a_signal_followed_by_a_reboot_counts_as_init_stopping_the_agent_for_a_s
     assert attempts(host) == 3
 
 
-def test_a_history_without_boot_ids_still_halts_with_the_old_wording(long_host, leftovers):
+def test_a_history_without_boot_ids_still_halts_with_the_old_wording(long_host, daemons):
     # Starts recorded by an older isconf: whether the machine rebooted is unknown.
     host = long_host
     for _ in range(3):
-        stopped_up(host, signal.SIGKILL, leftovers)
+        stopped_up(host, signal.SIGKILL, daemons)
     rewrite_history(host, lambda e, n: e.pop("boot_id", None))
     assert host.status()["interrupted"]["attempts"] == 3
     proc = host("up", expect="failed")
@@ -216,11 +189,11 @@ def test_a_history_without_boot_ids_still_halts_with_the_old_wording(long_host, 
     assert attempts(host) == 3
 
 
-def test_a_signal_outside_a_transaction_records_nothing(long_host, leftovers):
+def test_a_signal_outside_a_transaction_records_nothing(long_host, daemons):
     # The run is stopped while it waits for a mirror that never answers: the attempt a killed run left
     # behind stays one that vanished (it is not this run's to end).
     host = long_host
-    stopped_up(host, signal.SIGKILL, leftovers)
+    stopped_up(host, signal.SIGKILL, daemons)
     before = history(host)
     silent = socket.socket()
     try:
