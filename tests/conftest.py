@@ -646,3 +646,20 @@ def daemons():
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def extents(path):
+    """(offset, end) of each data extent of a file: where its holes are."""
+    found, fd = [], os.open(path, os.O_RDONLY)
+    try:
+        end, offset = os.fstat(fd).st_size, 0
+        while offset < end:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:
+                break
+            offset = os.lseek(fd, start, os.SEEK_HOLE)
+            found.append((start, offset))
+    finally:
+        os.close(fd)
+    return found

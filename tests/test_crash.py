@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import AGENT, AUTHOR, KILLS, build, error_line, install_busybox, put, undated
+from conftest import AGENT, AUTHOR, KILLS, build, error_line, extents, install_busybox, put, undated
 
 OLD, V1, V2 = b"old\n", b"version one\n", b"version two\n"
 BIG = 4 << 20  # large enough that a kill can land while it is being written
@@ -203,23 +203,6 @@ def runs(root):
             return [int(x) for x in f.read().split()]
     except FileNotFoundError:
         return []
-
-
-def extents(path):
-    """(offset, end) of each data extent: where the holes are."""
-    found, fd = [], os.open(path, os.O_RDONLY)
-    try:
-        end, offset = os.fstat(fd).st_size, 0
-        while offset < end:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:
-                break
-            offset = os.lseek(fd, start, os.SEEK_HOLE)
-            found.append((start, offset))
-    finally:
-        os.close(fd)
-    return found
 
 
 def tree(root):

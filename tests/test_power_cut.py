@@ -37,7 +37,7 @@ import time
 import pytest
 
 import realboot
-from conftest import AGENT, POWERCUTS, Author, Host, build
+from conftest import AGENT, POWERCUTS, Author, Host, build, extents
 
 MIRROR = "/srv/isconf"
 TREE = "srv/pc"                 # what the journal manages, besides the agent
@@ -369,22 +369,6 @@ def runs(root):
     for line in (read_file(os.path.join(root, RUNS)) or b"").splitlines():
         count[int(line.split()[0])] += 1
     return count
-
-
-def extents(path):
-    found, fd = [], os.open(path, os.O_RDONLY)
-    try:
-        end, offset = os.fstat(fd).st_size, 0
-        while offset < end:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:
-                break
-            offset = os.lseek(fd, start, os.SEEK_HOLE)
-            found.append((start, offset))
-    finally:
-        os.close(fd)
-    return found
 
 
 def tree(root):

@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from conftest import ISCONF, MTIME, PYTHONS, Host, canary_ahead, error_line, make_source, source_tree
+from conftest import ISCONF, MTIME, PYTHONS, Host, canary_ahead, error_line, extents, make_source, source_tree
 
 def author_journal(author, src):
     author("lock", "-m", "build the app host")
@@ -19,23 +19,6 @@ def author_journal(author, src):
     author("exec", "--no-run", "--", "/bin/sh", "-c", "cat /etc/app/app.conf > /tmp/seen; echo $ISCONF_SEQ >> /tmp/seen")
     author("exec", "--no-run", "--cwd", "/etc/app", "--", "/bin/sh", "-c", "pwd > /tmp/cwd")
     author.ci()
-
-
-def extents(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        out, offset, size = [], 0, os.fstat(fd).st_size
-        while offset < size:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end))
-            offset = end
-        return out
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("python", PYTHONS, ids=lambda p: p.split("/")[-3])
