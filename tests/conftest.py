@@ -663,3 +663,17 @@ def extents(path):
     finally:
         os.close(fd)
     return found
+
+
+def replace_file(root, path, data, mode=0o644, uid=0, gid=0):
+    """A new file at path inside root (any old one unlinked first, so a hard link to it keeps its content)
+    holding the bytes data, with its mode and owner; its directories made."""
+    full = os.path.join(root, path)
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    if os.path.lexists(full):
+        os.unlink(full)
+    with open(full, "wb") as f:
+        f.write(data)
+    os.chmod(full, mode)
+    os.chown(full, uid, gid)
+    return full

@@ -21,7 +21,8 @@ import time
 
 import pytest
 
-from conftest import AGENT, AUTHOR, KILLS, build, error_line, extents, install_busybox, put, undated
+from conftest import (AGENT, AUTHOR, KILLS, build, error_line, extents, install_busybox, put, replace_file,
+                      undated)
 
 OLD, V1, V2 = b"old\n", b"version one\n", b"version two\n"
 BIG = 4 << 20  # large enough that a kill can land while it is being written
@@ -56,18 +57,6 @@ def counted():
     return ["exec", "--no-run", "--", "/bin/sh", "-c", "echo $ISCONF_SEQ >> /var/runs; sleep 0.2"]
 
 
-def write(root, path, data, mode=0o644, uid=0, gid=0):
-    full = os.path.join(root, path)
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    if os.path.lexists(full):
-        os.unlink(full)
-    with open(full, "wb") as f:
-        f.write(data)
-    os.chmod(full, mode)
-    os.chown(full, uid, gid)
-    return full
-
-
 @pytest.fixture
 def every_kind(tmp_path, author, server, keys):
     """A template host (busybox, agent 1.0.0 inside it, Python 3.11 as /usr/bin/python3, old
@@ -75,22 +64,22 @@ def every_kind(tmp_path, author, server, keys):
     old_python, new_python = pyenv("3.11"), pyenv("3.12")
     src = str(tmp_path / "src")
     install_busybox(src)
-    write(src, "etc/app/a.conf", V1, 0o640, 33, 33)
-    write(src, "etc/app/big.bin", BIG_V1)
+    replace_file(src, "etc/app/a.conf", V1, 0o640, 33, 33)
+    replace_file(src, "etc/app/big.bin", BIG_V1)
     os.symlink("a.conf", os.path.join(src, "etc/app/link"))
     os.mkdir(os.path.join(src, "etc/app/d"))
     os.chmod(os.path.join(src, "etc/app/d"), 0o750)
-    write(src, "etc/app/h1", b"hard\n", 0o600)
+    replace_file(src, "etc/app/h1", b"hard\n", 0o600)
     os.link(os.path.join(src, "etc/app/h1"), os.path.join(src, "etc/app/h2"))
-    with open(write(src, "etc/app/sparse", b""), "r+b") as f:
+    with open(replace_file(src, "etc/app/sparse", b""), "r+b") as f:
         f.truncate(8 << 20)
         f.seek(3 << 20)
         f.write(b"data in the middle")
     snap = lambda *paths: ["--root", src, "snap"] + ["/" + p for p in paths]  # noqa: E731
     author.commit(counted(), snap("etc/app/a.conf", "etc/app/big.bin", "etc/app/link", "etc/app/d",
                                   "etc/app/h1", "etc/app/h2", "etc/app/sparse"), counted())
-    write(src, "etc/app/a.conf", V2, 0o600)
-    write(src, "etc/app/big.bin", BIG_V2, 0o644)
+    replace_file(src, "etc/app/a.conf", V2, 0o600)
+    replace_file(src, "etc/app/big.bin", BIG_V2, 0o644)
     put(src, AGENT, build("1.1.0"))
     author.commit(snap("etc/app/a.conf", "etc/app/big.bin"), counted(), snap(AGENT.lstrip("/")), counted(),
                   ["exec", "--no-run", "--", "/bin/ln", "-sf", new_python, "/usr/bin/python3"], counted())
@@ -101,8 +90,8 @@ def every_kind(tmp_path, author, server, keys):
     os.makedirs(os.path.join(root, "var"))
     os.symlink(old_python, os.path.join(root, "usr/bin/python3"))
     put(root, AGENT, build("1.0.0"))
-    write(root, "etc/app/a.conf", OLD)
-    write(root, "etc/app/big.bin", BIG_OLD)
+    replace_file(root, "etc/app/a.conf", OLD)
+    replace_file(root, "etc/app/big.bin", BIG_OLD)
     code, out, err = finish(agent(root, "init", server.url, "--branch", "web", "--signers", keys.signers,
                                   "--interrupted-max", str(INTERRUPTED_MAX)))
     assert code == 0, err
@@ -456,9 +445,9 @@ def test_a_full_disk_during_a_snap_keeps_the_old_file_and_halts_until_space_is_f
         small_disk, author, server, keys, host, tmp_path):
     src = str(tmp_path / "src")
     new = pattern(b"new", 2 << 20)
-    write(src, "etc/big/data.bin", new, 0o644)
+    replace_file(src, "etc/big/data.bin", new, 0o644)
     author.commit(["--root", src, "snap", "/etc/big/data.bin"])
-    old = write(host.root, "etc/big/data.bin", pattern(b"old", 256 << 10), 0o640)
+    old = replace_file(host.root, "etc/big/data.bin", pattern(b"old", 256 << 10), 0o640)
     host.init(server.url, keys)
     failed = host("up", expect="failed")
     assert "cannot install /etc/big/data.bin: No space left on device" in error_line(failed)

@@ -37,7 +37,7 @@ import time
 import pytest
 
 import realboot
-from conftest import AGENT, POWERCUTS, Author, Host, build, extents
+from conftest import AGENT, POWERCUTS, Author, Host, build, extents, replace_file
 
 MIRROR = "/srv/isconf"
 TREE = "srv/pc"                 # what the journal manages, besides the agent
@@ -480,17 +480,6 @@ def snap(src, *paths):
     return ["--root", src, "snap"] + ["/" + p for p in paths]
 
 
-def put(root, rel, data, mode=0o644):
-    full = os.path.join(root, rel)
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    if os.path.lexists(full):
-        os.unlink(full)
-    with open(full, "wb") as f:
-        f.write(data)
-    os.chmod(full, mode)
-    return full
-
-
 def exec_step():
     script = ('yes "transaction $ISCONF_SEQ" | head -c %d > /%s/exec-$ISCONF_SEQ; '
               'echo "$ISCONF_SEQ $(cat /proc/sys/kernel/random/boot_id)" >> /%s' % (256 * 1024, TREE, RUNS))
@@ -508,14 +497,14 @@ def template(tmp_path_factory, keys):
     src = os.path.join(work, "src")
     with realboot.mounted(disk, os.path.join(work, "mnt")) as mnt:
         os.unlink(os.path.join(mnt, "sbin/init"))
-        put(mnt, "sbin/init", BOOT_SCRIPT.encode(), 0o755)
-        put(mnt, AGENT_REL, OLD_AGENT, 0o755)
+        replace_file(mnt, "sbin/init", BOOT_SCRIPT.encode(), 0o755)
+        replace_file(mnt, AGENT_REL, OLD_AGENT, 0o755)
         for rel, content in BASE.items():
             if rel != AGENT_REL:
-                put(mnt, rel, content)
+                replace_file(mnt, rel, content)
         for rel, content in PLAN[2].items():
             if rel != TREE + "/h2" and rel != TREE + "/sparse.img":
-                put(src, rel, content, 0o600 if rel.endswith("/h1") else 0o644)
+                replace_file(src, rel, content, 0o600 if rel.endswith("/h1") else 0o644)
         os.link(os.path.join(src, TREE, "h1"), os.path.join(src, TREE, "h2"))
         with open(os.path.join(src, TREE, "sparse.img"), "wb") as f:
             f.truncate(SPARSE_SIZE)
@@ -526,8 +515,8 @@ def template(tmp_path_factory, keys):
         author = Author(os.path.join(mnt, MIRROR.lstrip("/")), keys=keys)
         author.commit(exec_step(), snap(src, *sorted(PLAN[2])), exec_step())
         for rel, content in PLAN[4].items():
-            put(src, rel, content)
-        put(src, AGENT_REL, NEW_AGENT, 0o755)
+            replace_file(src, rel, content)
+        replace_file(src, AGENT_REL, NEW_AGENT, 0o755)
         author.commit(snap(src, *sorted(PLAN[4])), exec_step(), snap(src, AGENT_REL), exec_step(),
                       ["reboot", "-m", "the reboot entry"], exec_step())
         host = Host(mnt)
