@@ -101,6 +101,7 @@ ERROR_MAX = 4096                # of a failure's message kept in the history: a 
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 OUTPUT_DEFERRED = 4 * 1024 * 1024  # bytes of our own output kept for a stdout that reads slowly; then dropped
 OUTPUT_WAIT = 10                # seconds the end of a run waits, at most, for a stream to take what is deferred
+REPOSITORY_STALL = 120          # seconds an author verb may make no progress at all on its repository
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
 DEFAULT_REBOOT = "/sbin/reboot"
@@ -6289,6 +6290,91 @@ def cmd_uninstall(args):
 # ---------------------------------------------------------------------------
 
 
+class StallGuard(object):
+    """A deadline on every wait of an author verb, whose repository may sit on a network file system.
+
+    A read(2), open(2) or stat(2) on a hung mount blocks in the kernel, where no timeout of ours
+    reaches it, and an author verb reaches its repository through dozens of them.  So a thread
+    watches the verb's (the main thread): once it has neither run nor made a read or write call
+    (its counters in /proc) for `seconds`, the file system under it hangs, and the verb ends, saying
+    so, with exit 3.  Ending the process is the only way out of a wait the kernel holds (NFS and
+    FUSE waits end for a dying process).  Nothing is torn by it: repository files are replaced by a
+    rename, a line appended without its end is ignored, and a publication cut short is finished by
+    the next verb on the branch.
+    The guard pauses while the verb waits on purpose: the command of an author's exec, and
+    ssh-keygen asking for a passphrase.  Without /proc it cannot tell, and does nothing."""
+
+    def __init__(self, seconds):
+        self.seconds, self.paused_at, self.lock = seconds, 0, threading.Lock()
+        pid = os.getpid()   # the main thread's id is the process's
+        self.io, self.cpu = "/proc/%d/task/%d/io" % (pid, pid), "/proc/%d/task/%d/stat" % (pid, pid)
+
+    @classmethod
+    def start(cls):
+        """The guard of this process's repository, running (ISCONF_REPO_TIMEOUT seconds; 0 turns it off)."""
+        global STALL_GUARD
+        if STALL_GUARD is None:
+            text = os.environ.get("ISCONF_REPO_TIMEOUT", "%d" % REPOSITORY_STALL)
+            try:
+                seconds = 0 if text.strip() == "0" else parse_positive(text, float, "ISCONF_REPO_TIMEOUT",
+                                                                        MAX_DEADLINE)
+            except ValueError as e:
+                raise UsageError("%s (seconds the repository may not answer; 0 for no limit)" % e)
+            STALL_GUARD = cls(seconds)
+            if seconds and STALL_GUARD.progress() is not None:
+                thread = threading.Thread(target=STALL_GUARD._watch, name="isconf-stall")
+                thread.daemon = True
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # Ctrl-C is for the verb
+                try:
+                    thread.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return STALL_GUARD
+
+    def progress(self):
+        """What the verb's thread has done so far: read and write calls and bytes, CPU time."""
+        try:
+            with open(self.io, "rb") as f:
+                io_counts = f.read()
+            with open(self.cpu, "rb") as f:
+                times = f.read().rsplit(b")", 1)[-1].split()[11:13]   # utime, stime
+        except OSError:
+            return None
+        return io_counts, times
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Around a wait that is meant (a command, a passphrase): no limit while it lasts."""
+        with self.lock:
+            self.paused_at += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.paused_at -= 1
+
+    def _watch(self):
+        last, since = self.progress(), time.monotonic()
+        step = min(1.0, self.seconds / 4.0)
+        while True:
+            time.sleep(step)
+            now, seen = time.monotonic(), self.progress()
+            with self.lock:
+                paused = self.paused_at > 0
+            if paused or seen != last:
+                last, since = seen, now
+            elif now - since >= self.seconds:
+                break
+        REPORTER.error("the repository's file system has not answered for %g s (a hung network mount?); "
+                       "nothing half-written is used: check the mount, then run the command again (ISCONF_REPO_TIMEOUT "
+                       "sets the limit)" % self.seconds, EXIT_UNREACHABLE)
+        REPORTER.flush()
+        os._exit(EXIT_UNREACHABLE)
+
+
+STALL_GUARD = None   # StallGuard.start() makes it when an author verb first opens its repository
+
+
 def author_name():
     """Who is authoring: ISCONF_AUTHOR, else the human behind sudo, at this host."""
     who = os.environ.get("ISCONF_AUTHOR")
@@ -6338,8 +6424,10 @@ def sign_head(data, key):
         with open(path, "wb") as f:
             f.write(data)
         try:
-            proc = subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", key, "-n", SIGNATURE_NAMESPACE, path],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            with StallGuard.start().paused():   # it may ask for a passphrase
+                proc = subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", key, "-n", SIGNATURE_NAMESPACE,
+                                       path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)
         except OSError as e:
             raise StateError("cannot run ssh-keygen to sign the head: %s; install openssh-client" % e)
         if proc.returncode != 0:
@@ -7097,14 +7185,20 @@ def author_branch(args):
     raise UsageError("no branch given: use --branch NAME or set ISCONF_BRANCH")
 
 
+def open_repository(args):
+    """The repository an author verb works on (--repo), its waits under the StallGuard."""
+    if not args.repo:
+        raise UsageError("no repository given: use --repo DIR or set ISCONF_REPO")
+    StallGuard.start()
+    return Repository(args.repo)
+
+
 def author_context(args, lock=False):
     """(Repository, branch) for an author verb; the branch name is checked first.  A branch that was never
     published is refused, naming those that were (a typo must not start a branch), unless this is the
     'lock --new' that starts it."""
     branch = author_branch(args)
-    if not args.repo:
-        raise UsageError("no repository given: use --repo DIR or set ISCONF_REPO")
-    repo = Repository(args.repo)
+    repo = open_repository(args)
     if not repo.exists(branch) and not (lock and getattr(args, "new", False)):
         holder = repo.lock_holder(branch) if not lock else None
         if holder is None:
@@ -7187,6 +7281,7 @@ def required_message(text, what):
 
 
 def cmd_init_repo(args):
+    StallGuard.start()
     Repository.create(args.dir)
     say("created an empty repository in %s" % args.dir)
 
@@ -7228,7 +7323,7 @@ def cmd_exec(args):
                 variables, umask = host.config.env, host.config.exec_umask
             except StateError as e:  # the config is 0600: an author who is not root cannot read it
                 warn("the command runs without the host's [env] variables and exec_umask: %s" % e)
-        with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log:
+        with tempfile.NamedTemporaryFile(prefix="isconf-exec-", suffix=".log") as log, StallGuard.start().paused():
             status = run_command(args.root, argv, cwd, exec_environment(branch, 0, "", variables), log.fileno(),
                                  mounts=not args.no_mounts, umask=umask)
         if status != 0:
@@ -7427,10 +7522,7 @@ def signature_key(signature):
 
 
 def cmd_branches(args):
-    repo = Repository(args.repo) if args.repo else None
-    if repo is None:
-        raise UsageError("no repository given: use --repo DIR or set ISCONF_REPO")
-    rows = []
+    repo, rows = open_repository(args), []
     for name in repo.branch_names():
         head = repo.head(name)
         try:

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from conftest import ISCONF, source_tree, undated
+from conftest import ISCONF, error_line, source_tree, undated
 
 RUN_TIMEOUT = 120   # generous: no run comes near it; one that waits on a hung share for ever fails instead
 
@@ -162,3 +162,37 @@ def test_a_stdout_nobody_reads_never_holds_up_a_transaction_its_log_or_its_timeo
         log = f.read()
     assert len(log) <= isconf.ATTEMPT_MAX
     assert b"[isconf] output to stdout blocked: " in log and b"[isconf] killed: " in log
+
+
+# --- the author's side: a repository on a file system that hangs ---------------------------------
+
+@pytest.mark.parametrize("stall", ["open", "read"])
+def test_an_author_verb_on_a_hung_repository_ends_with_exit_3(tmp_path, author, hung_mount, stall):
+    # The repository on a network mount whose server died: the verb ends, saying so, instead of waiting for ever.
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    author("lock", "-m", "next change")
+    if stall == "open":      # the object store: nothing under it answers, not even its own stat
+        where, verb = os.path.join(author.repo, "objects"), lambda **kw: author("snap", "/etc/hostname", **kw)
+        files = None
+    else:                    # the branch's directory: its files are found and opened, never read
+        author("exec", "--no-run", "--", "/bin/true")
+        where, verb = author.path(), author.ci
+        files = {name: os.path.getsize(author.path(name)) for name in os.listdir(author.path())}
+    os.rename(where, where + ".real")
+    os.makedirs(where)
+    hung_mount(where, files)
+    proc = verb(expect="unreachable", env={"ISCONF_REPO_TIMEOUT": "2"}, timeout=RUN_TIMEOUT)
+    assert "the repository's file system has not answered for 2 s" in error_line(proc), proc.err
+
+
+def test_the_command_of_an_author_exec_may_take_longer_than_the_repository_timeout(author):
+    # The guard watches the repository's waits, not the command the author runs on purpose.
+    author("lock", "-m", "a slow command")
+    proc = author("exec", "--", "/bin/sleep", "3", env={"ISCONF_REPO_TIMEOUT": "1"}, timeout=RUN_TIMEOUT)
+    assert "staged" in proc.out, proc.out
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "1e999"])
+def test_a_bad_repository_timeout_is_a_usage_error(author, value):
+    proc = author("staged", expect="usage", env={"ISCONF_REPO_TIMEOUT": value})
+    assert "ISCONF_REPO_TIMEOUT" in error_line(proc), proc.err
