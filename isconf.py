@@ -139,6 +139,7 @@ LOCK_FD_ENV = "ISCONF_LOCK_FD"          # a re-executed agent finds here the hos
 REEXEC_ENV = "ISCONF_REEXECS"           # ids of the transactions re-execs followed: never twice for one
 RUN_ENV = "ISCONF_RUN"                  # a re-executed agent carries on its parent's run record: start, counts
 SELF_TEST_TIMEOUT = 120                 # seconds a new agent's self-test may take: it reads a little state
+FALLBACK_PYTHON = "/usr/bin/python3"    # a next agent's interpreter when the running one is gone and #! names none
 SELF_TEST_RE = re.compile(r"^isconf (\S+) self-test ok$", re.M)  # the line every version prints: keep it
 # A signed sample the self-test verifies: the new file's own signature code, on a fixed message and key.
 SELF_TEST_SIGNER = ("isconf-self-test ssh-ed25519 "
@@ -4488,6 +4489,46 @@ def quote_output(text, most=400):
     return quoted if len(quoted) <= most else "..." + quoted[-most:]
 
 
+def runnable(path):
+    """Whether path is a file that can be executed (an interpreter a transaction purged is not)."""
+    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def shebang_interpreter(agent):
+    """The interpreter agent's #! line names, a name after /usr/bin/env looked up in $PATH as env
+    would; None when the line names none that is there."""
+    try:
+        with open(agent, "rb") as f:
+            line = f.readline(256)
+    except OSError:
+        return None
+    words = line[2:].decode("utf-8", "replace").split() if line.startswith(b"#!") else []
+    if words and posixpath.basename(words[0]) == "env":  # env's options and NAME=VALUE come before the name
+        names = [w for w in words[1:] if not w.startswith("-") and "=" not in w][:1]
+        found = [posixpath.join(d, name) for name in names for d in os.environ.get("PATH", os.defpath).split(":")
+                 if d.startswith("/")]
+        return next((path for path in found if runnable(path)), None)
+    return words[0] if words and words[0].startswith("/") and runnable(words[0]) else None
+
+
+def next_interpreter(agent):
+    """The one home of which interpreter runs the agent file agent next (its self-test, the hand-over
+    to it): the running one, else, when that is gone from disk (a transaction purged the versioned
+    python the agent was started by, as '/usr/bin/python3.11 isconf up' from an admin or an old cron
+    line), the one agent's #! line names, then FALLBACK_PYTHON.  Returns (python, None) for the
+    running one, (python, how it was found) for a fallback; TransactionFailed when there is none."""
+    if runnable(sys.executable):
+        return sys.executable, None
+    named = shebang_interpreter(agent)
+    if named:
+        return named, "named by the #! line of %s" % agent
+    if runnable(FALLBACK_PYTHON):
+        return FALLBACK_PYTHON, "the default, as the #! line of %s names none that is there" % agent
+    raise TransactionFailed("no interpreter to run the next agent: %s, which runs this one, is gone from disk, and "
+                            "neither the one its #! line names nor %s is there; install one"
+                            % (sys.executable or "the interpreter", FALLBACK_PYTHON))
+
+
 def self_test_agent(python, path, root, config=None):
     """Run an agent file's --self-test under python, in a fresh process: the one program isconf
     starts for its own work (rule 12).  Returns the version it printed; raises TransactionFailed
@@ -5283,13 +5324,14 @@ class Transaction(object):
         objects, name = self.objects, sha256_hex(path.encode("utf-8", "surrogateescape"))[:16] + ".agent"
         write(objects.fd, name)
         try:
-            version = self_test_agent(sys.executable, objects.file(name), self._host.root,
-                                      self._host.explicit_config)
+            python, fallback = next_interpreter(objects.file(name))
+            version = self_test_agent(python, objects.file(name), self._host.root, self._host.explicit_config)
         except TransactionFailed as e:
             raise TransactionFailed("new agent %s not installed: %s" % (path, e))
         finally:
             objects.unlink(name)
-        say("new agent %s passed its self-test: isconf %s" % (path, version))
+        say("new agent %s passed its self-test: isconf %s%s" % (path, version, " under %s" % python if fallback
+                                                                 else ""))
 
 
 class Applier(object):
@@ -5492,15 +5534,24 @@ class Applier(object):
         if entry.id in os.environ.get(REEXEC_ENV, "").split(","):
             warn("already re-executed after transaction %d; carrying on in this process" % entry.seq)
             return None
+        try:
+            python, fallback = next_interpreter(AGENT_PATH)
+        except TransactionFailed as e:
+            self.interpreter = interpreter_identity()  # warned once; a later change is looked at again
+            warn("%s; carrying on in the running one" % e)
+            return None
         if changed and not upgraded:
             try:
-                self_test_agent(sys.executable, AGENT_PATH, self.host.root, self.host.explicit_config)
+                self_test_agent(python, AGENT_PATH, self.host.root, self.host.explicit_config)
             except TransactionFailed as e:
                 self.interpreter = interpreter_identity()  # warned once; a later change is looked at again
                 warn("the interpreter changed on disk, but this agent fails its self-test under it; "
                      "carrying on in the running one: %s" % e)
                 return None
-        return sys.executable
+        if fallback:
+            warn("%s, which this agent runs under, is gone from disk; the next agent runs under %s, %s: start "
+                 "isconf by its #! line, not by a versioned interpreter" % (sys.executable, python, fallback))
+        return python
 
     def reexec(self, python, entry):
         """Become the agent at AGENT_PATH under python, with the same arguments and pid, the host
