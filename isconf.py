@@ -140,6 +140,7 @@ LOCK_FD_ENV = "ISCONF_LOCK_FD"          # a re-executed agent finds here the hos
 REEXEC_ENV = "ISCONF_REEXECS"           # ids of the transactions re-execs followed: never twice for one
 RUN_ENV = "ISCONF_RUN"                  # a re-executed agent carries on its parent's run record: start, counts
 SELF_TEST_TIMEOUT = 120                 # seconds a new agent's self-test may take: it reads a little state
+FALLBACK_PYTHON = "/usr/bin/python3"    # a next agent's interpreter when the running one is gone and #! names none
 SELF_TEST_RE = re.compile(r"^isconf (\S+) self-test ok$", re.M)  # the line every version prints: keep it
 # A signed sample the self-test verifies: the new file's own signature code, on a fixed message and key.
 SELF_TEST_SIGNER = ("isconf-self-test ssh-ed25519 "
@@ -163,21 +164,38 @@ STATE_NAMES = ("state-format", "history", "journal", "head", "head.sig", "lock",
                "disabled", "last-run",
                "boot-bin")  # what isconf keeps in it: one of them marks a state directory as ours
 
-# Exit codes: documented in README.md, stable across versions.
+# Exit codes: stable across versions.  EXIT_CODES is the one home of what each means: the --help of isconf and of
+# each verb list theirs from it, and README.md's Exit codes table lists the same codes.
 EXIT_OK = 0
-EXIT_FAILED = 1       # a transaction failed; the host halts there
-EXIT_USAGE = 2        # bad command line or input
-EXIT_UNREACHABLE = 3  # no mirror answered
-EXIT_REFUSED = 4      # verification failed; nothing applied
-EXIT_REBOOT = 5       # the next transaction is a reboot; run 'up -r'
-EXIT_BUSY = 6         # another run or author holds the lock
-EXIT_STATE = 7        # local state or configuration problem
-EXIT_DRIFT = 8        # 'verify' found a journaled file changed on disk since it was applied
-EXIT_DISABLED = 9     # 'isconf disable' paused this host
-EXIT_NEWER = 10       # a verified entry this version cannot interpret: it needs a newer isconf
-EXIT_PENDING = 11     # 'up --dry-run': something would run (0: nothing is pending)
-EXIT_SOFTWARE = 70    # a bug in isconf itself (sysexits' EX_SOFTWARE), never a failed transaction
-EXIT_SIGNAL = 128     # plus the signal: 130 Ctrl-C, 129 SIGHUP, 143 SIGTERM, as a shell reports it
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+EXIT_REBOOT = 5
+EXIT_BUSY = 6
+EXIT_STATE = 7
+EXIT_DRIFT = 8
+EXIT_DISABLED = 9
+EXIT_NEWER = 10
+EXIT_PENDING = 11
+EXIT_SOFTWARE = 70    # sysexits' EX_SOFTWARE
+EXIT_SIGNAL = 128     # plus the signal, as a shell reports it
+EXIT_CODES = (  # code, the result name last-run and the metrics give it, its meaning in one line
+    (EXIT_OK, "ok", "success"),
+    (EXIT_FAILED, "failed", "a transaction failed; the host halts there (status: halted there)"),
+    (EXIT_USAGE, "usage", "bad command line or input"),
+    (EXIT_UNREACHABLE, "unreachable", "no mirror reached, or none had the file"),
+    (EXIT_REFUSED, "refused", "verification failed; nothing applied or written"),
+    (EXIT_REBOOT, "reboot", "the next transaction is a reboot: run 'isconf up -r'"),
+    (EXIT_BUSY, "busy", "another run holds this host's lock, or another author the branch's"),
+    (EXIT_STATE, "state", "local state or configuration problem (or a full disk)"),
+    (EXIT_DRIFT, "drift", "'verify' found a journaled file changed on disk since it was applied"),
+    (EXIT_DISABLED, "disabled", "'isconf disable' paused this host; nothing applied"),
+    (EXIT_NEWER, "needs-newer", "the next transaction needs a newer isconf"),
+    (EXIT_PENDING, "pending", "'up --dry-run': something would run (0: nothing)"),
+    (EXIT_SOFTWARE, "internal-error", "a bug in isconf, never a failed transaction: please report it"),
+    (EXIT_SIGNAL, "interrupted", "stopped by signal N (129 SIGHUP, 130 Ctrl-C, 143 SIGTERM): run again"),
+)
 
 # ---------------------------------------------------------------------------
 # Errors: one root, each subclass carries its exit code.
@@ -4472,6 +4490,46 @@ def quote_output(text, most=400):
     return quoted if len(quoted) <= most else "..." + quoted[-most:]
 
 
+def runnable(path):
+    """Whether path is a file that can be executed (an interpreter a transaction purged is not)."""
+    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def shebang_interpreter(agent):
+    """The interpreter agent's #! line names, a name after /usr/bin/env looked up in $PATH as env
+    would; None when the line names none that is there."""
+    try:
+        with open(agent, "rb") as f:
+            line = f.readline(256)
+    except OSError:
+        return None
+    words = line[2:].decode("utf-8", "replace").split() if line.startswith(b"#!") else []
+    if words and posixpath.basename(words[0]) == "env":  # env's options and NAME=VALUE come before the name
+        names = [w for w in words[1:] if not w.startswith("-") and "=" not in w][:1]
+        found = [posixpath.join(d, name) for name in names for d in os.environ.get("PATH", os.defpath).split(":")
+                 if d.startswith("/")]
+        return next((path for path in found if runnable(path)), None)
+    return words[0] if words and words[0].startswith("/") and runnable(words[0]) else None
+
+
+def next_interpreter(agent):
+    """The one home of which interpreter runs the agent file agent next (its self-test, the hand-over
+    to it): the running one, else, when that is gone from disk (a transaction purged the versioned
+    python the agent was started by, as '/usr/bin/python3.11 isconf up' from an admin or an old cron
+    line), the one agent's #! line names, then FALLBACK_PYTHON.  Returns (python, None) for the
+    running one, (python, how it was found) for a fallback; TransactionFailed when there is none."""
+    if runnable(sys.executable):
+        return sys.executable, None
+    named = shebang_interpreter(agent)
+    if named:
+        return named, "named by the #! line of %s" % agent
+    if runnable(FALLBACK_PYTHON):
+        return FALLBACK_PYTHON, "the default, as the #! line of %s names none that is there" % agent
+    raise TransactionFailed("no interpreter to run the next agent: %s, which runs this one, is gone from disk, and "
+                            "neither the one its #! line names nor %s is there; install one"
+                            % (sys.executable or "the interpreter", FALLBACK_PYTHON))
+
+
 def self_test_agent(python, path, root, config=None):
     """Run an agent file's --self-test under python, in a fresh process: the one program isconf
     starts for its own work (rule 12).  Returns the version it printed; raises TransactionFailed
@@ -4707,9 +4765,7 @@ class RunRecord(object):
     A busy run does not hold the host lock, so the record is one small file replaced atomically
     (last-run), never appended to.  A re-executed agent carries on its parent's record."""
 
-    RESULTS = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_USAGE: "usage", EXIT_UNREACHABLE: "unreachable",
-               EXIT_REFUSED: "refused", EXIT_REBOOT: "reboot", EXIT_BUSY: "busy", EXIT_STATE: "state",
-               EXIT_DISABLED: "disabled", EXIT_NEWER: "needs-newer", EXIT_SOFTWARE: "internal-error"}
+    RESULTS = dict((code, result) for code, result, _ in EXIT_CODES)
 
     def __init__(self):
         self.start, self.clock, self.before = time.time(), time.monotonic(), 0.0
@@ -5269,13 +5325,14 @@ class Transaction(object):
         objects, name = self.objects, sha256_hex(path.encode("utf-8", "surrogateescape"))[:16] + ".agent"
         write(objects.fd, name)
         try:
-            version = self_test_agent(sys.executable, objects.file(name), self._host.root,
-                                      self._host.explicit_config)
+            python, fallback = next_interpreter(objects.file(name))
+            version = self_test_agent(python, objects.file(name), self._host.root, self._host.explicit_config)
         except TransactionFailed as e:
             raise TransactionFailed("new agent %s not installed: %s" % (path, e))
         finally:
             objects.unlink(name)
-        say("new agent %s passed its self-test: isconf %s" % (path, version))
+        say("new agent %s passed its self-test: isconf %s%s" % (path, version, " under %s" % python if fallback
+                                                                 else ""))
 
 
 class Applier(object):
@@ -5478,15 +5535,24 @@ class Applier(object):
         if entry.id in os.environ.get(REEXEC_ENV, "").split(","):
             warn("already re-executed after transaction %d; carrying on in this process" % entry.seq)
             return None
+        try:
+            python, fallback = next_interpreter(AGENT_PATH)
+        except TransactionFailed as e:
+            self.interpreter = interpreter_identity()  # warned once; a later change is looked at again
+            warn("%s; carrying on in the running one" % e)
+            return None
         if changed and not upgraded:
             try:
-                self_test_agent(sys.executable, AGENT_PATH, self.host.root, self.host.explicit_config)
+                self_test_agent(python, AGENT_PATH, self.host.root, self.host.explicit_config)
             except TransactionFailed as e:
                 self.interpreter = interpreter_identity()  # warned once; a later change is looked at again
                 warn("the interpreter changed on disk, but this agent fails its self-test under it; "
                      "carrying on in the running one: %s" % e)
                 return None
-        return sys.executable
+        if fallback:
+            warn("%s, which this agent runs under, is gone from disk; the next agent runs under %s, %s: start "
+                 "isconf by its #! line, not by a versioned interpreter" % (sys.executable, python, fallback))
+        return python
 
     def reexec(self, python, entry):
         """Become the agent at AGENT_PATH under python, with the same arguments and pid, the host
@@ -7787,12 +7853,6 @@ As an author (working on a repository directory, --repo or ISCONF_REPO):
   isconf snap /etc/nginx/nginx.conf
   isconf ci --sign ~/.ssh/id_ed25519
   isconf sign --sign ~/.ssh/id_ed25519 --expires 30d   renew the head's expiry
-
-Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
-4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem,
-8 drift found by 'isconf verify', 9 disabled ('isconf disable'), 10 needs a newer isconf,
-11 something would run ('up --dry-run'), 70 internal error (a bug: please report it),
-130 interrupted.
 """
 VERIFY_ABOUT = """\
 Each path's last applied snap is the reference (a file an exec removed since is still
@@ -7804,30 +7864,35 @@ journal and the host state only, never the network.  One line per drift:
 
 
 def global_options(suppress):
-    """--root, --config, --repo, --branch: accepted before or after the verb."""
+    """--root, --config, --repo, --branch: accepted before or after the verb.  suppress: the verb's copy,
+    out of its --help (which points to 'isconf --help' for them) and without defaults of its own."""
     options = argparse.ArgumentParser(add_help=False)
 
-    def default(value):
-        return argparse.SUPPRESS if suppress else value
-    options.add_argument("--root", default=default(os.environ.get("ISCONF_ROOT", "/")),
-                         help="the host's root directory, e.g. a mounted target disk (default /)")
-    options.add_argument("--config", default=default(None),
-                         help="host config file (default ROOT%s)" % CONFIG_PATH)
-    options.add_argument("--repo", default=default(os.environ.get("ISCONF_REPO")),
-                         help="repository directory, for author verbs (default: $ISCONF_REPO)")
-    options.add_argument("--no-mounts", action="store_true", default=default(False),
-                         help="inside a --root other than /, do not mount /proc, /sys, /dev and /run for execs, "
-                         "and at boot do not put isconf's systemctl over the root's (execs then find it by PATH "
-                         "only) (default: mount them)")
-    options.add_argument("-q", "--quiet", action="store_true", default=default(False),
-                         help="print nothing unless something goes wrong: warnings and errors only, for cron "
-                         "(default: off)")
-    options.add_argument("--debug", action="store_true", default=default(False),
-                         help="show the traceback of an internal error (default: keep it in the state directory)")
-    options.add_argument("--branch", default=default(None),
-                         help="branch: for 'init', the one this host follows (required); for author verbs, "
-                         "the one to work on (default: $ISCONF_BRANCH, else the host's branch)")
+    def option(*names, **kw):
+        if suppress:
+            kw.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        options.add_argument(*names, **kw)
+    option("--root", default=os.environ.get("ISCONF_ROOT", "/"),
+           help="the host's root directory, e.g. a mounted target disk (default /)")
+    option("--config", help="host config file (default ROOT%s)" % CONFIG_PATH)
+    option("--repo", default=os.environ.get("ISCONF_REPO"),
+           help="repository directory, for author verbs (default: $ISCONF_REPO)")
+    option("--no-mounts", action="store_true",
+           help="inside a --root other than /, do not mount /proc, /sys, /dev and /run for execs, and at boot do "
+           "not put isconf's systemctl over the root's (execs then find it by PATH only) (default: mount them)")
+    option("-q", "--quiet", action="store_true",
+           help="print nothing unless something goes wrong: warnings and errors only, for cron (default: off)")
+    option("--debug", action="store_true",
+           help="show the traceback of an internal error (default: keep it in the state directory)")
+    option("--branch", help="branch: for 'init', the one this host follows (required); for author verbs, the one "
+           "to work on (default: $ISCONF_BRANCH, else the host's branch)")
     return options
+
+
+def exit_codes_help(codes):
+    """The 'exit codes' block of a --help: each of codes with its meaning, from EXIT_CODES."""
+    return "exit codes:\n" + "\n".join("%5s %s: %s" % ("128+N" if code == EXIT_SIGNAL else code, result, meaning)
+                                         for code, result, meaning in EXIT_CODES if code in codes)
 
 
 def whole_number(text):
@@ -7894,21 +7959,29 @@ def build_parser(only=None):
     up-to-date run adds to starting the interpreter."""
     common = global_options(suppress=True)
     parser = Parser(prog="isconf", description=HELP, formatter_class=HelpFormatter,
-                    parents=[global_options(suppress=False)])
+                    parents=[global_options(suppress=False)],
+                    epilog=exit_codes_help([code for code, _, _ in EXIT_CODES]))
     parser.add_argument("--version", action="version", version="isconf " + __version__)
     parser.add_argument("--self-test", action="store_true", help="check this file can run here (it loads, "
                         "verifies a built-in signature, reads --root's state) and print its version; an agent "
                         "runs it on a new agent before installing it")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
 
-    def verb(name, func, help_text, example, about=None):
-        """A command; its --help ends with an example, as a man page's EXAMPLES does."""
+    pointer = "global options (%s): see 'isconf --help'" % ", ".join(
+        action.option_strings[0] for action in common._actions)
+    every = (EXIT_OK, EXIT_USAGE, EXIT_STATE, EXIT_SOFTWARE, EXIT_SIGNAL)  # what any verb may return
+
+    def verb(name, func, help_text, example, about=None, codes=()):
+        """A command; its --help lists its own options, points to 'isconf --help' for the global ones, and
+        ends with its exit codes (codes: those beyond every verb's) and an example, as a man page's do."""
         if only is not None and name != only:
             sub.add_parser(name, help=help_text, add_help=False)
             return UnbuiltParser()
         p = sub.add_parser(name, parents=[common], help=help_text,
                            description=help_text + ("\n\n" + about if about else ""),
-                           epilog="example:\n" + "\n".join("  " + line for line in example.splitlines()),
+                           epilog="%s\n\n%s\n\nexample:\n%s" % (
+                               pointer, exit_codes_help(every + tuple(codes)),
+                               "\n".join("  " + line for line in example.splitlines())),
                            formatter_class=HelpFormatter)
         p.set_defaults(func=func)
         return p
@@ -7936,7 +8009,7 @@ def build_parser(only=None):
     # The agent's verbs, in the order a host meets them.
     p = verb("init", cmd_init, "configure this host to follow a branch",
              "isconf init http://repo.example/isconf/ http://10.1.0.5/isconf/ --branch web \\\n"
-             "    --signers /root/isconf-signers --var ROLE=web")
+             "    --signers /root/isconf-signers --var ROLE=web", codes=(EXIT_BUSY,))
     p.add_argument("urls", nargs="+", metavar="URL", help="repository mirrors, tried in order (http(s)://, "
                    "file://, or a directory)")
     p.add_argument("--signers", help="trusted authors' keys, OpenSSH allowed_signers format (this or --insecure "
@@ -7956,7 +8029,9 @@ def build_parser(only=None):
              "isconf up                     # by hand: one line per transaction\n"
              "isconf up --dry-run --json    # what would run, and what it would fetch\n"
              "isconf up -q --splay 600      # from cron: quiet unless something is wrong\n"
-             "isconf up -r --boot           # at boot: wait for a mirror, reboot at a reboot entry")
+             "isconf up -r --boot           # at boot: wait for a mirror, reboot at a reboot entry",
+             codes=(EXIT_FAILED, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_REBOOT, EXIT_BUSY, EXIT_DISABLED, EXIT_NEWER,
+                    EXIT_PENDING))
     wait_option(p, "a running 'up' (or skip, migrate, init) to finish")
     p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and reboot "
                    "(default: stop there with exit 5)")
@@ -7975,32 +8050,33 @@ def build_parser(only=None):
     p.add_argument("--json", action="store_true", help="with --dry-run, print the plan as JSON (default: text)")
     now_option(p)
     p = verb("status", cmd_status, "show branch, applied position, pending work and any failure",
-             "isconf status\nisconf status --json | jq .pending")
+             "isconf status\nisconf status --json | jq .pending", codes=(EXIT_FAILED, EXIT_NEWER))
     p.add_argument("--json", action="store_true", help="one JSON object, for monitoring (default: text)")
     p = verb("log", cmd_log, "show the journal, newest first, with each entry's state here",
              "isconf log -n 5\nisconf log --json")
     p.add_argument("--json", action="store_true", help="a JSON list, newest first (default: text)")
     p.add_argument("-n", type=whole_number, metavar="N", help="show only the newest N entries (default: all)")
     p = verb("verify", cmd_verify, "compare the files the journal last snapped with the disk; exit %d on any "
-             "drift" % EXIT_DRIFT, "isconf verify\nisconf verify --quick --json", about=VERIFY_ABOUT)
+             "drift" % EXIT_DRIFT, "isconf verify\nisconf verify --quick --json", about=VERIFY_ABOUT,
+             codes=(EXIT_DRIFT,))
     p.add_argument("--json", action="store_true", help="print the drifts as a JSON list of {path, what, expected, "
                    "found} (default: one line each)")
     p.add_argument("--quick", action="store_true", help="take a file whose size and mtime are the journal's to "
                    "hold its content, without reading it (default: read and hash every file)")
     p = verb("skip", cmd_skip, "mark the failed transaction SEQ as skipped on this host, for good",
-             "isconf skip 3 -m 'site.conf not used on this host'")
+             "isconf skip 3 -m 'site.conf not used on this host'", codes=(EXIT_BUSY,))
     p.add_argument("seq", type=whole_number, metavar="SEQ", help="the failed transaction's seq (as status shows it)")
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="why, kept in the history (required)")
     p = verb("migrate", cmd_migrate, "follow another branch that extends what this host applied",
-             "isconf migrate web2 && isconf up")
+             "isconf migrate web2 && isconf up", codes=(EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("new_branch", metavar="BRANCH", help="the branch to follow from now on")
     now_option(p)
     p = verb("disable", cmd_disable, "pause this host: 'up' applies nothing until 'enable'",
-             "isconf disable -m 'disk swap, ticket 4242'")
+             "isconf disable -m 'disk swap, ticket 4242'", codes=(EXIT_BUSY,))
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="why, shown by status and up "
                    "(required)")
     wait_option(p, "a running 'up' to finish")
-    p = verb("enable", cmd_enable, "lift a 'disable'", "isconf enable")
+    p = verb("enable", cmd_enable, "lift a 'disable'", "isconf enable", codes=(EXIT_BUSY,))
     wait_option(p, "a running 'up' to finish")
     p = verb("install", cmd_install, "put this agent at ROOT%s and write the units that run it at boot and "
              "periodically (default: --systemd --timer where ROOT has systemd, else --sysv --cron)" % INSTALL_PATH,
@@ -8010,7 +8086,8 @@ def build_parser(only=None):
     verb("uninstall", cmd_uninstall, "remove what install wrote, unless it was changed since",
          "isconf uninstall")
     p = verb("verify-sig", cmd_verify_sig, "check an SSH signature of FILE the way hosts check heads",
-             "isconf verify-sig head --signature head.sig --signers /etc/isconf/allowed_signers")
+             "isconf verify-sig head --signature head.sig --signers /etc/isconf/allowed_signers",
+             codes=(EXIT_REFUSED,))
     p.add_argument("file", metavar="FILE", help="the signed file")
     p.add_argument("--signature", required=True, metavar="SIG", help="its signature, as ssh-keygen -Y sign "
                    "writes it (required)")
@@ -8023,61 +8100,65 @@ def build_parser(only=None):
     p = verb("init-repo", cmd_init_repo, "create an empty repository directory", "isconf init-repo /srv/isconf")
     p.add_argument("dir", metavar="DIR", help="the directory to create (or an empty one)")
     p = verb("lock", cmd_lock, "take the branch's author lock", "isconf --branch web lock -m 'upgrade nginx'\n"
-             "isconf --branch web-canary lock --new -m 'a canary ring for web'")
+             "isconf --branch web-canary lock --new -m 'a canary ring for web'", codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="what you are about to change "
                    "(required)")
     p.add_argument("--new", action="store_true", help="start a branch that does not exist yet (default: refuse "
                    "a branch never published, naming those that were)")
     signers_option(p, "to finish a publication a crash interrupted")
     p = verb("exec", cmd_exec, "run a command now (inside --root) and stage it if it exits 0",
-             "isconf exec -m 'web server' -- apt-get install -y nginx")
+             "isconf exec -m 'web server' -- apt-get install -y nginx", codes=(EXIT_FAILED, EXIT_BUSY))
     p.add_argument("--no-run", action="store_true", help="stage without running (default: run first)")
     p.add_argument("--cwd", default="/", help="working directory inside the root (default /)")
     p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]", help="the command and its "
                    "arguments, after --")
     p = verb("snap", cmd_snap, "stage the current content and metadata of files",
-             "isconf snap -m 'banner' /etc/motd /etc/nginx/nginx.conf")
+             "isconf snap -m 'banner' /etc/motd /etc/nginx/nginx.conf", codes=(EXIT_BUSY,))
     p.add_argument("paths", nargs="+", metavar="PATH", help="files, symlinks or directories, inside --root")
     p.add_argument("-r", "--recursive", action="store_true", help="a directory with everything under it: "
                    "directories, files, symbolic links and hard links (default: the directory alone)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="with -r, leave out paths "
                    "whose full path or name matches the shell PATTERN (repeatable; default: none)")
     p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
-    p = verb("reboot", cmd_reboot, "stage a reboot", "isconf reboot -m 'new kernel'")
+    p = verb("reboot", cmd_reboot, "stage a reboot", "isconf reboot -m 'new kernel'", codes=(EXIT_BUSY,))
     p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
     p = verb("ci", cmd_ci, "append staged entries to the journal, sign the head, unlock",
-             "isconf ci --sign ~/.ssh/id_ed25519 --expires 30d")
+             "isconf ci --sign ~/.ssh/id_ed25519 --expires 30d", codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("-m", dest="message", metavar="WHY", help="check-in message (default: none)")
     p.add_argument("--dry-run", action="store_true", help="verify the branch and the staged work, sign, and show "
                    "what would be published; write nothing (default: off)")
     signing_options(p)
     p = verb("retract", cmd_retract, "stage a retract of entry SEQ: every host that has not applied it skips "
-             "it, a host halted at it carries on", "isconf retract 41 -m 'wrong package name; fixed in 42'")
+             "it, a host halted at it carries on", "isconf retract 41 -m 'wrong package name; fixed in 42'",
+             codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("seq", type=whole_number, metavar="SEQ", help="the entry to retract")
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="why, shown by every host's status "
                    "and log (required)")
     signers_option(p, "to verify the entry it names")
     p = verb("staged", cmd_staged, "list what is staged on the branch, numbered from 1",
-             "isconf staged\nisconf staged --json")
+             "isconf staged\nisconf staged --json", codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("--json", action="store_true", help="a JSON list (default: text)")
-    p = verb("unstage", cmd_unstage, "drop staged entry N (as 'staged' numbers it)", "isconf unstage 2")
+    p = verb("unstage", cmd_unstage, "drop staged entry N (as 'staged' numbers it)", "isconf unstage 2",
+             codes=(EXIT_BUSY,))
     p.add_argument("number", type=whole_number, metavar="N", help="the staged entry's number")
     p = verb("unlock", cmd_unlock, "release your lock (--force: break another's, discarding their work)",
-             "isconf unlock")
+             "isconf unlock", codes=(EXIT_BUSY,))
     p.add_argument("--force", action="store_true", help="break another author's lock and discard their staged "
                    "work (default: off)")
     p = verb("fork", cmd_fork, "create branch NEW starting as a copy of this branch",
-             "isconf --branch web fork web2 --sign ~/.ssh/id_ed25519")
+             "isconf --branch web fork web2 --sign ~/.ssh/id_ed25519", codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("new", metavar="NEW", help="the new branch's name")
     signing_options(p)
     p = verb("promote", cmd_promote, "fast-forward this branch to branch FROM's journal (a ring after its "
-             "canary), under a new signed head", "isconf --branch web promote web-canary --sign ~/.ssh/id_ed25519")
+             "canary), under a new signed head", "isconf --branch web promote web-canary --sign ~/.ssh/id_ed25519",
+             codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("source", metavar="FROM", help="the branch whose journal extends this one's")
     signing_options(p)
     p = verb("sign", cmd_sign, "sign the branch's current head again (renew its expiry, or sign an unsigned one)",
              "isconf sign --sign ~/.ssh/id_ed25519 --expires 30d\n"
-             "isconf sign --sign ~/.ssh/id_ed25519 --adopt 12   # vouch for an unsigned head's entries")
+             "isconf sign --sign ~/.ssh/id_ed25519 --adopt 12   # vouch for an unsigned head's entries",
+             codes=(EXIT_REFUSED, EXIT_BUSY))
     signing_options(p, unsigned=False)
     p.add_argument("--adopt", type=whole_number, metavar="SEQ", help="the head is unsigned, at seq SEQ: list its "
                    "entries and sign it, vouching for exactly those (default: refuse an unsigned head)")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import AUTHOR, ISCONF, error_line, import_isconf, run_isconf
+from conftest import AUTHOR, ISCONF, TOP, error_line, import_isconf, run_isconf
 
 
 def parser_verbs():
@@ -179,11 +179,14 @@ def verb_parsers(isconf):
 
 def test_every_option_has_help_that_gives_its_default(isconf):
     parser, verbs = verb_parsers(isconf)
+    global_dests = set(a.dest for a in isconf.global_options(suppress=False)._actions)
     missing = []
     for name, p in [("isconf", parser)] + sorted(verbs.items()):
         for action in p._actions:
             if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
                 continue
+            if name != "isconf" and action.help == argparse.SUPPRESS and action.dest in global_dests:
+                continue  # a global option after the verb: its help is isconf's own, checked there
             text = action.help or ""
             takes_value = action.option_strings and action.nargs != 0
             if not text or (takes_value and "default" not in text and "required" not in text):
@@ -203,10 +206,62 @@ def test_every_verbs_help_ends_with_an_example(isconf):
 
 @pytest.mark.parametrize("shape", ["--root R status --json", "--root=R status --json", "status --root R --json",
                                    "--debug --root R status --json", "-q --root R status --json",
-                                   "--ro R status --json"])
+                                   "--ro R status --json", "status --json --root R --no-mounts --debug -q",
+                                   "status --repo /nonexistent --branch other --root=R --json"])
 def test_global_options_before_or_after_the_verb_however_spelled(shape, server, keys, host):
     # Only the named verb's parser is built; an option argparse could read otherwise builds them all.
     host.init(server.url, keys)
     proc = run_isconf(*[host.root if a == "R" else a.replace("=R", "=" + host.root) for a in shape.split()],
                       expect="ok")
     assert '"applied_seq": 0' in proc.out
+
+
+GLOBAL_OPTION = re.compile(r"^\s+(-q, )?--(root|config|repo|no-mounts|quiet|debug|branch)\b", re.M)
+HELP_EXIT_CODE = re.compile(r"^ *([0-9]+|128\+N) ([a-z-]+): (.+)$")
+
+
+def help_exit_codes(out):
+    """The (code, result, meaning) rows of a --help's 'exit codes' block, in order; 128+N as 128."""
+    block = out.split("\nexit codes:\n")[1].split("\n\n")[0].splitlines()
+    rows = [HELP_EXIT_CODE.match(line) for line in block]
+    assert all(rows), block
+    return [(128 if m.group(1) == "128+N" else int(m.group(1)), m.group(2), m.group(3)) for m in rows]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_each_verbs_help_lists_its_options_then_points_to_the_global_ones_then_its_exit_codes(verb, isconf):
+    out = run_isconf(verb, "--help", expect="ok").out
+    own = [a for a in verb_parsers(isconf)[1][verb]._actions if a.help != argparse.SUPPRESS]
+    assert all(any(s in out for s in a.option_strings or [a.metavar or a.dest]) for a in own), out
+    assert not GLOBAL_OPTION.search(out), out
+    assert "[--root" not in out and "[-q]" not in out and "[--debug]" not in out  # nor in the usage line
+    pointers = [line for line in out.splitlines() if "isconf --help" in line]
+    assert len(pointers) == 1 and pointers[0].startswith("global options (--root, "), out
+    last_option = max(out.index("\n  " + (a.option_strings or [a.metavar or a.dest])[0]) for a in own)
+    assert last_option < out.index(pointers[0]) < out.index("\nexit codes:\n") < out.index("\nexample:\n")
+    codes = [code for code, _, _ in help_exit_codes(out)]
+    assert codes == sorted(codes) and {0, 2, 7, 70, 128} <= set(codes), codes
+
+
+def test_every_exit_code_a_help_lists_is_a_row_of_the_one_table(isconf):
+    table = list(isconf.EXIT_CODES)
+    assert run_isconf("--help", expect="ok").out.count("\nexit codes:\n") == 1
+    assert help_exit_codes(run_isconf("--help", expect="ok").out) == table  # isconf's own --help: all of them
+    for verb in VERBS:
+        listed = help_exit_codes(run_isconf(verb, "--help", expect="ok").out)
+        assert all(row in table for row in listed), (verb, listed)
+    constants = set(v for k, v in vars(isconf).items() if k.startswith("EXIT_") and isinstance(v, int))
+    assert constants == set(code for code, _, _ in table)  # a new EXIT_ constant needs its row
+    assert len(set(code for code, _, _ in table)) == len(table)
+
+
+def test_readme_exit_codes_table_lists_the_codes_of_the_code(isconf):
+    with open(os.path.join(TOP, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("\n## Exit codes\n")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| ([0-9][0-9, ]*) \| (.+) \|$", section, re.M)
+    readme = [int(code) for codes, _ in rows for code in codes.split(",")]
+    assert len(readme) == len(set(readme))
+    signals = [code for code in readme if code > isconf.EXIT_SIGNAL]
+    table = dict((code, meaning) for code, _, meaning in isconf.EXIT_CODES)
+    assert set(readme) - set(signals) == set(table) - {isconf.EXIT_SIGNAL}
+    assert signals and all(str(code) in table[isconf.EXIT_SIGNAL] for code in signals)

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,12 +19,12 @@ import pytest
 
 from conftest import AGENT, AUTHOR, append_unknown_entry, build, error_line, put, undated
 
-def run_agent(host_root, *args, python=sys.executable, env=None, pass_fds=()):
-    """The agent installed inside the root, run by `python`, against that root."""
+def run_agent(host_root, *args, python=sys.executable, env=None, pass_fds=(), wrap=()):
+    """The agent installed inside the root, run by `python` (under the command wrap), against that root."""
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ISCONF_AUTHOR": AUTHOR, "LC_ALL": "C.UTF-8"}
     base.update(env or {})
-    proc = subprocess.run([python, "-I", os.path.join(host_root, AGENT.lstrip("/")), "--root", host_root]
-                          + list(args), env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    argv = list(wrap) + [python, "-I", os.path.join(host_root, AGENT.lstrip("/")), "--root", host_root]
+    proc = subprocess.run(argv + list(args), env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           stdin=subprocess.DEVNULL, timeout=300, pass_fds=pass_fds)
     proc.out, proc.err = undated(proc.stdout.decode("utf-8", "replace")), undated(proc.stderr.decode("utf-8", "replace"))
     return proc
@@ -297,3 +298,92 @@ def test_without_the_new_agent_the_old_one_halts_at_the_entry_it_cannot_read(age
     up = run_agent(agent_host.root, "up")
     assert up.returncode == 10 and "needs a newer isconf" in error_line(up)
     assert os.path.exists(agent_host.path("/tmp/a"))
+
+
+SHEBANG = "#!/usr/bin/env python3\n"
+WITHOUT_USR_BIN_PYTHON3 = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           'mount --bind /dev/null /usr/bin/python3 && exec "$@"', "sh"]  # this process alone
+
+
+@pytest.fixture
+def versioned_python(agent_host):
+    """A real interpreter copied inside the host root, so that an exec can remove it as a dist-upgrade
+    purges the /usr/bin/python3.11 an admin or an old cron line started the agent by."""
+    copy = agent_host.path("/opt/python3.11")
+    os.makedirs(os.path.dirname(copy))
+    shutil.copy2(pyenv("3.11"), copy)
+    assert subprocess.run([copy, "-I", "-c", "import json"]).returncode == 0  # it runs from where it is
+    return copy
+
+
+def purge_then_upgrade(author, src, shebang):
+    """Remove the interpreter the agent runs under, then ship agent 1.1.0 (its #! line shebang)."""
+    author.commit(["exec", "--no-run", "--", "/bin/rm", "/opt/python3.11"],
+                  snap_agent(src, build("1.1.0", (SHEBANG, shebang))), touch("after"))
+
+
+@pytest.mark.parametrize("how", ["shebang", "env-shebang", "usr-bin-python3"])
+def test_an_interpreter_purged_under_the_agent_falls_back_to_the_agent_files_own(
+        how, agent_host, versioned_python, author, src, tmp_path):
+    # Its #! line names an interpreter (or, through env, one found in $PATH), else /usr/bin/python3.
+    fallback = {"shebang": pyenv("3.12"), "env-shebang": str(tmp_path / "bin" / "python3"),
+                "usr-bin-python3": "/usr/bin/python3"}[how]
+    shebang = {"shebang": "#!%s\n" % fallback, "env-shebang": SHEBANG,
+               "usr-bin-python3": "#!/nowhere/python3\n"}[how]
+    os.makedirs(str(tmp_path / "bin"))
+    os.symlink(pyenv("3.12"), str(tmp_path / "bin" / "python3"))
+    put(agent_host.root, AGENT, build("1.0.0", (SHEBANG, shebang)))
+    purge_then_upgrade(author, src, shebang)
+    up = run_agent(agent_host.root, "up", python=versioned_python,
+                   env={"PATH": str(tmp_path / "bin") + ":/usr/bin:/bin"})
+    assert up.returncode == 0, up.err
+    notes = [line for line in up.err.splitlines() if "is gone from disk" in line]
+    assert notes == ["isconf: warning: %s, which this agent runs under, is gone from disk; the next agent runs under "
+                     "%s, %s: start isconf by its #! line, not by a versioned interpreter"
+                     % (versioned_python, fallback, "the default, as the #! line of %s names none that is there"
+                        % agent_host.path(AGENT) if how == "usr-bin-python3" else
+                        "named by the #! line of %s" % agent_host.path(AGENT))], up.err
+    assert "after transaction 1: re-executing %s under %s" % (agent_host.path(AGENT), fallback) in up.out
+    assert not os.path.exists(versioned_python) and os.path.exists(agent_host.path("/tmp/after"))
+    assert agent_text(agent_host) == build("1.1.0", (SHEBANG, shebang))
+    log = dict((e["seq"], e["run_by"]) for e in json.loads(run_agent(agent_host.root, "log", "--json").out))
+    assert log[1]["python_path"] == versioned_python
+    assert log[2]["python_path"] == log[3]["python_path"] == os.path.realpath(fallback)
+    assert (log[2]["agent"], log[3]["agent"]) == ("1.0.0", "1.1.0")
+
+
+def test_with_no_interpreter_left_the_new_agent_is_not_installed_and_the_error_says_why(
+        agent_host, versioned_python, author, src):
+    # Neither #! line names one that is there, and /usr/bin/python3 is hidden from this run.
+    shebang = "#!/nowhere/python3\n"
+    put(agent_host.root, AGENT, build("1.0.0", (SHEBANG, shebang)))
+    before = agent_text(agent_host)
+    purge_then_upgrade(author, src, shebang)
+    up = run_agent(agent_host.root, "up", python=versioned_python, wrap=WITHOUT_USR_BIN_PYTHON3)
+    assert up.returncode == 1, up.err
+    gone = ("no interpreter to run the next agent: %s, which runs this one, is gone from disk, and neither the one "
+            "its #! line names nor /usr/bin/python3 is there; install one" % versioned_python)
+    assert "isconf: warning: %s; carrying on in the running one" % gone in up.err  # at the hand-over
+    assert error_line(up).startswith("isconf: error: transaction 2 failed: new agent %s not installed: %s; log in "
+                                     % (AGENT, gone)), up.err
+    assert agent_text(agent_host) == before and not glob.glob(agent_host.state("objects", "*.agent"))
+    assert not os.path.exists(agent_host.path("/tmp/after"))
+    assert json.loads(run_agent(agent_host.root, "status", "--json").out)["applied_seq"] == 1
+
+
+def test_a_new_agent_is_self_tested_under_the_interpreter_its_own_shebang_names(
+        agent_host, versioned_python, author, src):
+    # The running agent's #! line names none, and /usr/bin/python3 is hidden: after the purge it carries on
+    # where it is; the new agent's own #! line then names the interpreter for its self-test and the hand-over.
+    put(agent_host.root, AGENT, build("1.0.0", (SHEBANG, "#!/nowhere/python3\n")))
+    newer = pyenv("3.12")
+    purge_then_upgrade(author, src, "#!%s\n" % newer)
+    up = run_agent(agent_host.root, "up", python=versioned_python, wrap=WITHOUT_USR_BIN_PYTHON3)
+    assert up.returncode == 0, up.err
+    assert "no interpreter to run the next agent" in up.err and "after transaction 1" not in up.out
+    assert "new agent %s passed its self-test: isconf 1.1.0 under %s" % (AGENT, newer) in up.out
+    assert "after transaction 2: re-executing %s under %s" % (agent_host.path(AGENT), newer) in up.out
+    assert len([line for line in up.err.splitlines() if "is gone from disk; the next agent runs under" in line]) == 1
+    assert os.path.exists(agent_host.path("/tmp/after"))
+    seen = run_by(agent_host)
+    assert seen[2][0] == "1.0.0" and seen[3][0] == "1.1.0" and seen[3][1] == newer.split("/versions/")[1].split("/")[0]
