@@ -15,6 +15,11 @@ The machine may be shared and busy: compare the ratios, not the raw times.  Figu
             request after another
   verify    verifying a signed head (Ed25519, RSA) in process, against `ssh-keygen -Y verify`
 
+  peers     the same work for each tool, side by side: 100 commands and 100 small files on a fresh
+            host, then a no-op, by isconf and by CFEngine (`cf-agent`) and Puppet (`puppet apply`) when
+            installed (`apt-get install cfengine3 puppet-agent`; a missing one is skipped), each run checked
+            for its work; ratios against isconf
+
 Usage: tests/bench.py [--runs N] [FIGURE ...]   (all figures by default)
 
 Journals and host states are written directly (entries made with isconf's own functions), never
@@ -673,13 +678,291 @@ def bench_verify(tmp, runs):
                 "floor: ssh-keygen -Y verify (a process)")
 
 
-FIGURES = ("verify", "exec", "noop", "snap", "large", "sparse", "many")
+# --- peers: the same work done by other tools ---------------------------------------------------
+
+class Peer(object):
+    """One tool doing the peers' work in a directory of its own: a fresh host per run, a first run,
+    then a no-op, each checked for what it did (a row timing a tool that failed would be a lie)."""
+
+    label = binary = package = ""
+    markers = ()  # paths a tool leaves to know a command ran
+
+    def __init__(self, directory, commands, files):
+        self.dir, self.commands, self.files = directory, commands, files
+        self.root = os.path.join(directory, "tree")
+        os.makedirs(directory)
+
+    def fresh(self):
+        os.makedirs(self.root)
+
+    def clean(self):
+        shutil.rmtree(self.root)
+
+    def close(self):
+        pass
+
+
+def run_tool(name, argv, env, codes=(0,)):
+    """(wall seconds, output) of one run of a tool, whose exit status must be one of codes."""
+    with tempfile.TemporaryFile() as out:
+        start = time.perf_counter()
+        status = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env).returncode
+        elapsed = time.perf_counter() - start
+        out.seek(0)
+        text = out.read().decode("utf-8", "replace")
+    if status not in codes:
+        raise RuntimeError("%s exited with status %d (expected %s):\n%s" % (name, status, codes, text[-3000:]))
+    return elapsed, text
+
+
+class IsconfPeer(Peer):
+    """A repository of one exec entry per command and one snap of all the files, served by the
+    bench's server (isconf's own handler), replayed by `up` into a busybox chroot."""
+
+    def __init__(self, directory, commands, files, keys):
+        Peer.__init__(self, directory, commands, files)
+        self.label, self.keys = "isconf.py %s (`up`, busybox chroot)" % isconf.__version__, keys
+        repo = Repo(os.path.join(directory, "repo"), keys)
+        lines, prev = [], isconf.ZERO_ID
+        for seq, argv in enumerate(commands, 1):
+            lines += exec_lines(1, seq, prev, argv)
+            prev = isconf.sha256_hex(lines[-1])
+        records = [file_record(path, len(data), store_object(repo.path, data)) for path, data in files]
+        lines += snap_lines([records], len(commands) + 1, prev)
+        repo.append(lines)
+        self.entries = len(lines)
+        self.server = Server(repo.path, os.path.join(directory, "server.log"))
+
+    def fresh(self):
+        new_host(self.root, self.server.url, self.keys)
+        self.done = 0
+
+    def run(self, first):
+        seconds, _, text, _ = agent(self.root, "up")
+        return seconds, text.decode("utf-8", "replace")
+
+    def actions(self, text):
+        """Transactions the last run recorded done, from the host's history."""
+        with open(isconf.Host(self.root).path("history")) as f:
+            done = sum(json.loads(line).get("event") == "done" for line in f if line.strip())
+        new, self.done = done - self.done, done
+        return new
+
+    def expected(self):
+        return self.entries
+
+    def close(self):
+        self.server.stop()
+
+
+CF_POLICY = """body common control
+{
+  bundlesequence => { "bench" };
+}
+
+body classes repaired(class)
+{
+  promise_repaired => { "$(class)" };
+}
+
+body perms mode644
+{
+  mode => "644";
+}
+
+bundle agent bench
+{
+  files:
+%(files)s
+%(markers)s
+  commands:
+%(commands)s
+}
+"""
+
+
+class CFEngine(Peer):
+    """cf-agent -K -f on a policy of its own, its work directory (-w) and targets in the bench's
+    directory: each file a content promise, each command guarded by a marker file that a files
+    promise creates once the command's class says it ran."""
+
+    binary, package = "cf-agent", "cfengine3"
+
+    def __init__(self, directory, commands, files):
+        Peer.__init__(self, directory, commands, files)
+        version = subprocess.run([self.binary, "--version"], stdout=subprocess.PIPE, env=ENV).stdout.decode()
+        self.label = "%s (`cf-agent -I -K -f`)" % version.strip().splitlines()[0]
+        self.markers = ["/markers/%d" % n for n in range(1, len(commands) + 1)]
+        self.template, self.workdir = os.path.join(directory, "template"), os.path.join(directory, "workdir")
+        os.makedirs(os.path.join(self.template, "bin"))  # cf-agent validates a policy with its workdir's cf-promises
+        os.symlink(os.path.join(os.path.dirname(os.path.realpath(shutil.which(self.binary))), "cf-promises"),
+                   os.path.join(self.template, "bin", "cf-promises"))
+        subprocess.run(["cf-key"], env=dict(ENV, CFENGINE_TEST_OVERRIDE_WORKDIR=self.template), check=True,
+                       stdout=subprocess.DEVNULL)
+        text = {"files": "", "markers": "", "commands": ""}
+        for path, data in files:
+            text["files"] += ('    "%s%s"\n      create => "true",\n      perms => mode644,\n'
+                              '      content => "%s$(const.n)";\n' % (self.root, path, data.decode().rstrip("\n")))
+        for n, (argv, marker) in enumerate(zip(commands, self.markers), 1):
+            text["markers"] += '    "%s%s"\n      create => "true",\n      if => "ran_%d";\n' % (self.root, marker, n)
+            text["commands"] += ('    "%s"\n      if => not(fileexists("%s%s")),\n'
+                                 '      classes => repaired("ran_%d");\n' % (" ".join(argv), self.root, marker, n))
+        self.policy = os.path.join(directory, "policy.cf")
+        with open(os.open(self.policy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(CF_POLICY % text)
+
+    def fresh(self):
+        Peer.fresh(self)
+        shutil.copytree(self.template, self.workdir, symlinks=True)
+
+    def clean(self):
+        Peer.clean(self)
+        shutil.rmtree(self.workdir)
+
+    def run(self, first):
+        seconds, text = run_tool("cf-agent", [self.binary, "-I", "-K", "-w", self.workdir, "-f", self.policy], ENV)
+        if re.search(r"^\s*error:|failsafe", text, re.M):  # a policy it refuses is replaced by a failsafe, status 0
+            raise RuntimeError("cf-agent reported errors:\n%s" % text[-3000:])
+        return seconds, text
+
+    def actions(self, text):
+        return (len(re.findall(r"^\s*info: Executing .* '/bin/true \d+'$", text, re.M))
+                + len(re.findall(r"^\s*info: Updated file '[^']*/etc/bench/f\d+' with content", text, re.M)))
+
+    def expected(self):
+        return len(self.commands) + len(self.files)
+
+
+class Puppet(Peer):
+    """puppet apply of a manifest of its own, every directory it writes (--confdir, --vardir,
+    --codedir, --logdir, --rundir, --publicdir) in the bench's directory: each command an exec with
+    `creates` on a marker that a file resource requiring it creates, each file a content resource."""
+
+    binary, package = "puppet", "puppet-agent"
+
+    def __init__(self, directory, commands, files):
+        Peer.__init__(self, directory, commands, files)
+        version = subprocess.run([self.binary, "--version"], stdout=subprocess.PIPE, env=ENV).stdout.decode()
+        self.label = "Puppet %s (`puppet apply`)" % version.strip()
+        self.markers = ["/markers/%d" % n for n in range(1, len(commands) + 1)]
+        lines = ['file { ["%s/etc", "%s/etc/bench", "%s/markers"]: ensure => directory }' % ((self.root,) * 3)]
+        for argv, marker in zip(commands, self.markers):
+            lines.append('exec { "%s": creates => "%s%s" }\n-> file { "%s%s": ensure => file }'
+                         % (" ".join(argv), self.root, marker, self.root, marker))
+        for path, data in files:
+            lines.append('file { "%s%s": content => "%s\\n", mode => "0644" }'
+                         % (self.root, path, data.decode().rstrip("\n")))
+        self.manifest = os.path.join(directory, "site.pp")
+        with open(self.manifest, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.state = os.path.join(directory, "state")
+        self.argv = [self.binary, "apply", "--detailed-exitcodes", "--color=false"]
+        for name in ("confdir", "vardir", "codedir", "logdir", "rundir", "publicdir"):
+            self.argv += ["--" + name, os.path.join(self.state, name)]
+        self.argv.append(self.manifest)
+
+    def fresh(self):
+        Peer.fresh(self)
+        os.makedirs(os.path.join(self.state, "home"))
+
+    def clean(self):
+        Peer.clean(self)
+        shutil.rmtree(self.state)
+
+    def run(self, first):
+        # --detailed-exitcodes: 2 when it changed something, 0 when nothing; 4 or 6 when something failed
+        return run_tool("puppet apply", self.argv, dict(ENV, HOME=os.path.join(self.state, "home")),
+                        (2,) if first else (0,))
+
+    def actions(self, text):
+        return (len(re.findall(r"Exec\[/bin/true \d+\]/returns: executed successfully", text))
+                + len(re.findall(r"File\[[^\]]*/etc/bench/f\d+\]/ensure: defined content", text)))
+
+    def expected(self):
+        return len(self.commands) + len(self.files)
+
+
+def tree_state(root, paths):
+    """Per path under root: its content, inode, mtime and ctime; None when it is missing."""
+    state = {}
+    for path in paths:
+        try:
+            with open(root + path, "rb") as f:
+                st = os.fstat(f.fileno())
+                state[path] = (f.read(), st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        except FileNotFoundError:
+            state[path] = None
+    return state
+
+
+def measure_peer(peer):
+    """(first run, no-op) seconds of a tool on a fresh host; each run checked, failing loudly."""
+    peer.fresh()
+    paths = [path for path, _ in peer.files] + list(peer.markers)
+    first, text = peer.run(first=True)
+    state = tree_state(peer.root, paths)
+    wrong = [path for path, data in peer.files if not state[path] or state[path][0] != data]
+    wrong += [marker for marker in peer.markers if state[marker] is None]
+    done = peer.actions(text)
+    if wrong or done != peer.expected():
+        raise RuntimeError("%s's first run did %d actions (expected %d); wrong or missing: %s\n%s"
+                           % (peer.label, done, peer.expected(), " ".join(wrong[:5]), text[-3000:]))
+    noop, text = peer.run(first=False)
+    after = tree_state(peer.root, paths)
+    changed = [path for path in paths if after[path] != state[path]]
+    done = peer.actions(text)
+    if changed or done:
+        raise RuntimeError("%s's no-op did %d actions and changed %s\n%s"
+                           % (peer.label, done, " ".join(changed[:5]), text[-3000:]))
+    peer.clean()
+    return first, noop
+
+
+def bench_peers(tmp, keys, runs, count=100):
+    heading("The same work for each tool, side by side: %d commands (`/bin/true N`) and %d files of 100 bytes"
+            " on a fresh host (first run), then a run that finds nothing to do (no-op):" % (count, count))
+    commands = [("/bin/true", str(n)) for n in range(1, count + 1)]
+    files = [("/etc/bench/f%d" % n, ("file %d of the peers bench " % n).ljust(99, "-").encode() + b"\n")
+             for n in range(1, count + 1)]
+    base = os.path.join(tmp, "peers")
+    peers = [IsconfPeer(os.path.join(base, "isconf"), commands, files, keys)]
+    try:
+        for cls in (CFEngine, Puppet):
+            if shutil.which(cls.binary):
+                peers.append(cls(os.path.join(base, cls.package), commands, files))
+            else:
+                print("  SKIPPED %s: %s is not installed (apt-get install %s)" % (cls.__name__, cls.binary,
+                                                                                 cls.package))
+        times = dict((peer, ([], [])) for peer in peers)
+        for _ in range(runs):  # interleaved, so that a busy moment of the machine weighs on all alike
+            for peer in peers:
+                first, noop = measure_peer(peer)
+                times[peer][0].append(first)
+                times[peer][1].append(noop)
+    finally:
+        for peer in peers:
+            peer.close()
+    base_first, base_noop = median(times[peers[0]][0]), median(times[peers[0]][1])
+    print("  %-52s %10s %10s %13s %13s" % ("tool (each run checked for its work)", "first run", "no-op",
+                                          "first/isconf", "no-op/isconf"))
+    for peer in peers:
+        first, noop = median(times[peer][0]), median(times[peer][1])
+        print("  %-52s %8.3f s %8.3f s %13.2f %13.2f" % (peer.label, first, noop, first / base_first,
+                                                        noop / base_noop))
+    print("  (ratio: the tool's time / isconf.py's; above 1, isconf.py is faster; below 1, the tool is)")
+    sys.stdout.flush()
+
+
+FIGURES = ("verify", "exec", "noop", "snap", "large", "sparse", "many", "peers")
 
 
 def main():
     parser = argparse.ArgumentParser(description="isconf.py figures, each beside a floor measured in the same run")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is shown (default 3)")
-    parser.add_argument("figures", nargs="*", metavar="FIGURE", help="any of %s (default: all)" % ", ".join(FIGURES))
+    parser.add_argument("figures", nargs="*", metavar="FIGURE",
+                        help="any of %s (default: all); peers compares with cf-agent and puppet apply when they are "
+                        "installed (apt-get install cfengine3 puppet-agent)" % ", ".join(FIGURES))
     args = parser.parse_args()
     unknown = set(args.figures) - set(FIGURES + ("tail",))
     if unknown:
@@ -705,7 +988,8 @@ def main():
                  "snap": lambda: bench_snap(tmp, keys, args.runs),
                  "large": lambda: bench_large(tmp, keys, args.runs),
                  "sparse": lambda: bench_sparse(tmp, keys, args.runs),
-                 "many": lambda: bench_many(tmp, keys, args.runs)}[name]()
+                 "many": lambda: bench_many(tmp, keys, args.runs),
+                 "peers": lambda: bench_peers(tmp, keys, args.runs)}[name]()
     finally:
         shutil.rmtree(tmp)
     print("\nbench: %.0f s in all" % (time.perf_counter() - started))
