@@ -7889,8 +7889,9 @@ def global_options(suppress):
     options.add_argument("--debug", action="store_true", default=default(False),
                          help="show the traceback of an internal error (default: keep it in the state directory)")
     options.add_argument("--branch", default=default(None),
-                         help="branch: for 'init', the one this host follows (required); for author verbs, "
-                         "the one to work on (default: $ISCONF_BRANCH, else the host's branch)")
+                         help="branch: for 'init', the one this host follows (required; with --force, kept "
+                         "unless given); for author verbs, the one to work on (default: $ISCONF_BRANCH, else the "
+                         "host's branch)")
     return options
 
 
@@ -8000,7 +8001,8 @@ def build_parser(only=None):
     # The agent's verbs, in the order a host meets them.
     p = verb("init", cmd_init, "configure this host to follow a branch",
              "isconf init http://repo.example/isconf/ http://10.1.0.5/isconf/ --branch web \\\n"
-             "    --signers /root/isconf-signers --var ROLE=web")
+             "    --signers /root/isconf-signers --var ROLE=web\n"
+             "isconf init --force --retries 5     # one option changed, the rest of the config kept")
     p.add_argument("urls", nargs="*", metavar="URL", help="repository mirrors, tried in order (http(s)://, "
                    "file://, or a directory); with --force, the URLs given replace the config's, none keeps them")
     p.add_argument("--signers", help="trusted authors' keys, OpenSSH allowed_signers format (this or --insecure "
@@ -8009,7 +8011,8 @@ def build_parser(only=None):
     p.add_argument("--insecure", action="store_true", help="accept unsigned heads (warned about on every run; "
                    "default: off; with --force, kept as it was unless this or --signers is given)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
-                   help="per-host variable for every exec (repeatable; default: none)")
+                   help="per-host variable for every exec (repeatable; with --force, sets NAME and keeps the "
+                   "others; default: none)")
     for key in CONFIG_KEYS.values():
         if key.metavar:
             p.add_argument(key.option, dest=key.name, metavar=key.metavar, help=key.help)
