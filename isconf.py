@@ -3553,13 +3553,13 @@ class Config(object):
                 raise self.damaged(lines.get(("isconf", name)), "unknown key %r in [isconf]; %s"
                                    % (name, nearest(name, CONFIG_KEYS)))
         for key in CONFIG_KEYS.values():
-            text = section.get(key.name)
+            given = section.get(key.name)
             try:
-                setattr(self, key.name, key.default if text is None else key.value(text))
+                setattr(self, key.name, key.default if given is None else key.value(given))
             except ValueError as e:
                 raise self.damaged(lines.get(("isconf", key.name)), str(e))
-            if text is not None:
-                self.texts[key.name] = text
+            if given is not None:
+                self.texts[key.name] = given
         if not self.branch or not self.urls:
             raise StateError("config %s needs a valid branch and at least one URL; rerun 'isconf init'" % path)
         self.reboot_argv = parse_command(self.reboot_command)
