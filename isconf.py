@@ -33,6 +33,7 @@ import collections
 import configparser
 import contextlib
 import ctypes
+import difflib
 import email.utils
 import errno
 import fnmatch
@@ -3476,6 +3477,12 @@ def _urls(text, what):
     return urls
 
 
+def _yes_no(text, what):
+    if text.lower() in ("yes", "true", "1", "no", "false", "0"):
+        return text.lower() in ("yes", "true", "1")
+    raise ValueError("%s %r must be yes, true or 1, or no, false or 0" % (what, text))
+
+
 def _branch(text, what):
     if not BRANCH_RE.match(text):
         raise ValueError("%s %r must be letters, digits, '.', '_' or '-' (at most 64), starting with a letter or "
@@ -3488,7 +3495,7 @@ def _branch(text, what):
 CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
     ConfigKey("branch", _branch, ""),
     ConfigKey("urls", _urls, []),
-    ConfigKey("insecure", lambda text, what: text.lower() in ("yes", "true", "1"), False),
+    ConfigKey("insecure", _yes_no, False),
     ConfigKey("reboot_command", _command, DEFAULT_REBOOT, "COMMAND",
               "what 'up -r' runs to reboot (default %s)" % DEFAULT_REBOOT),
     ConfigKey("timeout", _number(float, 3600), float(DEFAULT_TIMEOUT), "SECONDS",
@@ -3515,33 +3522,98 @@ CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
 ])
 
 
+def nearest(word, choices, form="%r"):
+    """'did you mean X?' for the choice nearest a mistyped word (case aside), else the choices."""
+    lower = collections.OrderedDict((choice.lower(), choice) for choice in choices)
+    found = difflib.get_close_matches(word.lower(), list(lower), 1)
+    if found:
+        return "did you mean %s?" % (form % lower[found[0]])
+    return "the valid ones are %s" % ", ".join(form % choice for choice in choices)
+
+
 class Config(object):
     """ROOT/etc/isconf/isconf.conf: which branch, which mirrors, the keys of CONFIG_KEYS, and the
-    per-host variables of [env]; each key is an attribute of the same name."""
+    per-host variables of [env]; each key is an attribute of the same name, texts holds the keys
+    the file gives as written.  What it does not understand (a section, a key, a value) is refused
+    with its line, never ignored: a typo must not leave a host on a default its admin meant to change."""
+
+    SECTIONS = ("isconf", "env")
 
     def __init__(self, path, data):
         self.path = path
         parser = configparser.ConfigParser(interpolation=None)
         parser.optionxform = str  # variable names keep their case
         try:
-            parser.read_string(data.decode("utf-8"), path)
-        except (UnicodeDecodeError, configparser.Error) as e:
+            text = data.decode("utf-8")
+            parser.read_string(text, path)
+        except UnicodeDecodeError as e:
+            raise StateError("cannot read config %s: %s" % (path, e))
+        except configparser.DuplicateOptionError as e:
+            raise self.damaged(e.lineno, "key %r appears twice in [%s]" % (e.option, e.section))
+        except configparser.DuplicateSectionError as e:
+            raise self.damaged(e.lineno, "section [%s] appears twice" % e.section)
+        except configparser.MissingSectionHeaderError as e:
+            raise self.damaged(e.lineno, "a key before the first [section]")
+        except configparser.ParsingError as e:
+            raise self.damaged(e.errors[0][0], "not KEY = VALUE, a [section] nor a comment")
+        except configparser.Error as e:
             raise StateError("cannot read config %s: %s" % (path, str(e).splitlines()[0]))
+        sections, lines = self.lines(text)
+        for name, number in sections:
+            if name not in self.SECTIONS:
+                raise self.damaged(number, "unknown section [%s]; %s" % (name, nearest(name, self.SECTIONS,
+                                                                                        "[%s]")))
         if not parser.has_section("isconf"):
             raise StateError("config %s has no [isconf] section; rerun 'isconf init'" % path)
         section = parser["isconf"]
-        if not BRANCH_RE.match(section.get("branch", "")) or not section.get("urls", "").split():
+        self.texts = collections.OrderedDict()
+        for name in section:
+            if name not in CONFIG_KEYS:
+                raise self.damaged(lines.get(("isconf", name)), "unknown key %r in [isconf]; %s"
+                                   % (name, nearest(name, CONFIG_KEYS)))
+        for key in CONFIG_KEYS.values():
+            given = section.get(key.name)
+            try:
+                setattr(self, key.name, key.default if given is None else key.value(given))
+            except ValueError as e:
+                raise self.damaged(lines.get(("isconf", key.name)), str(e))
+            if given is not None:
+                self.texts[key.name] = given
+        if not self.branch or not self.urls:
             raise StateError("config %s needs a valid branch and at least one URL; rerun 'isconf init'" % path)
-        try:
-            for key in CONFIG_KEYS.values():
-                text = section.get(key.name)
-                setattr(self, key.name, key.default if text is None else key.value(text))
-            self.reboot_argv = parse_command(self.reboot_command)
-            self.env = dict(parser["env"]) if parser.has_section("env") else {}
-            for name, value in self.env.items():
+        self.reboot_argv = parse_command(self.reboot_command)
+        self.env = dict(parser["env"]) if parser.has_section("env") else {}
+        for name, value in self.env.items():
+            try:
                 check_variable(name, value)
-        except ValueError as e:
-            raise StateError("config %s: %s; fix it or rerun 'isconf init --force'" % (path, e))
+            except ValueError as e:
+                raise self.damaged(lines.get(("env", name)), str(e))
+
+    def damaged(self, number, what):
+        """The error for the line of the config that does not read."""
+        return StateError("config %s%s: %s%s the file, or write it anew with 'isconf init --force --reset'"
+                          % (self.path, " line %d" % number if number else "", what,
+                             " Fix" if what.endswith("?") else "; fix"))
+
+    @staticmethod
+    def lines(text):
+        """Where each section header and each key is, by line number, as configparser reads the file
+        (which does not say): [(section, number)] and {(section, key): number}."""
+        sections, keys, section, open_key = [], {}, None, False
+        for number, line in enumerate(text.split("\n"), 1):
+            stripped = line.strip()
+            if not stripped or stripped[0] in "#;":
+                continue
+            if line[0] in " \t" and open_key:
+                continue  # a continuation line of the value above
+            header = re.match(r"\[(.+)\]", stripped)
+            if header:
+                section, open_key = header.group(1), False
+                sections.append((section, number))
+            else:
+                keys.setdefault((section, re.split(r"[=:]", stripped, 1)[0].strip()), number)
+                open_key = True
+        return sections, keys
 
     @staticmethod
     def render(values, env):
@@ -3836,6 +3908,11 @@ class Host(object):
                 raise StateError("cannot read config %s: %s" % (self.config_path, e.strerror))
             self._config = Config(self.config_path, data)
         return self._config
+
+    def reread_config(self):
+        """The config as it is on disk now, not as first read."""
+        self._config = None
+        return self.config
 
     def write_config(self, data):
         """The config holds [env], where admins put site secrets: 0600 when new, and a rewrite
@@ -7612,11 +7689,63 @@ def cmd_branches(args):
                                                                            lock["why"]) if lock else ""))
 
 
+def signer_names(signers):
+    """Each trusted key as a warning names it: its principals, fingerprint and type."""
+    return ", ".join("%s %s" % (",".join(signer.principals), _key_name(signer.key_blob)) for signer in signers)
+
+
+def signers_change(host, text):
+    """The warning for allowed_signers replaced by text: the keys it adds and removes (None if the same)."""
+    try:
+        old = parse_allowed_signers(host.read_signers(), host.signers_path)
+    except FileNotFoundError:
+        old = []
+    except (OSError, Refused, StateError) as e:
+        return "%s, which could not be read (%s), replaced by --signers" % (host.signers_path, e)
+    new = parse_allowed_signers(text)
+    added = [s for s in new if s.key_blob not in set(o.key_blob for o in old)]
+    removed = [o for o in old if o.key_blob not in set(s.key_blob for s in new)]
+    if not added and not removed:
+        return None
+    return "trusted keys in %s replaced by --signers: added %s; removed %s" % (
+        host.signers_path, signer_names(added) or "none", signer_names(removed) or "none")
+
+
+def reset_drops(host, values, variables):
+    """What init --reset drops from the config it replaces, as one warning (None if nothing)."""
+    try:
+        old = host.config
+    except StateError as e:
+        return "--reset replaces a config that could not be read: %s" % e
+    dropped = ["variable %s" % name for name in sorted(old.env) if name not in variables]
+    dropped += ["option %s = %s" % (name, text) for name, text in old.texts.items()
+                if name not in ("branch", "urls", "insecure") and name not in values]
+    dropped += ["mirror %s" % redact_url(url) for url in old.urls if url not in values["urls"].split()]
+    if old.insecure and values["insecure"] != "yes":
+        dropped.append("insecure = yes")
+    return "--reset drops from %s: %s" % (old.path, "; ".join(dropped)) if dropped else None
+
+
+def check_branch_move(host, previous, branch):
+    """A host that fetched or applied anything changes branch through migrate alone, which checks that
+    the new branch extends what it applied; else status and the next run would speak of the other
+    branch's journal ('up to date', 'rewritten')."""
+    local = host.local_head()
+    followed = previous or (local.branch if local is not None else None)
+    if followed is None or followed == branch:
+        return
+    applied_seq = host.history().applied()[0]
+    if local is not None or applied_seq:
+        raise UsageError("this host follows branch %s and has %s; init --force does not change its branch: run "
+                         "'isconf migrate %s', which checks that %s extends what this host applied"
+                         % (followed, "applied through seq %d" % applied_seq if applied_seq else
+                            "fetched its journal", branch, branch))
+
+
 def cmd_init(args):
-    if not args.branch:
+    if args.branch:
         # Not taken from ISCONF_BRANCH: an author's shell setting must not pick a host's branch.
-        raise UsageError("init needs --branch NAME, the branch this host follows")
-    check_branch(args.branch)
+        check_branch(args.branch)
     host = Host(args.root, args.config)
     for url in args.urls:
         check_no_credentials(url)
@@ -7625,9 +7754,6 @@ def cmd_init(args):
             raise UsageError("URL %s holds white space, which separates mirrors in the config; write it "
                              "percent-encoded (%%20), a directory as a file:// URL" % redact_url(url))
         Mirror(url)
-    if not args.signers and not args.insecure:
-        raise UsageError("init needs --signers FILE (the authors' keys, allowed_signers format) or an explicit "
-                         "--insecure")
     if args.signers and args.insecure:
         raise UsageError("--insecure and --signers contradict each other: give --signers FILE alone to check "
                          "signatures, or --insecure alone not to")
@@ -7642,12 +7768,30 @@ def cmd_init(args):
             raise UsageError("--var %r is not NAME=VALUE with a shell-style NAME (ISCONF_* are reserved)" % item)
         check_config_value(value, "--var %s" % printable(item))
         variables[name] = value
-    if host.has_config() and not args.force:
-        raise UsageError("%s exists; use --force to overwrite it (the applied history is kept)" % host.config_path)
+    exists = host.has_config()
+    # --force starts from the config there (a damaged one is exit 7, unless --reset); --reset from nothing.
+    keep = exists and args.force and not args.reset
+    if not keep:
+        if not args.branch:
+            raise UsageError("init needs --branch NAME, the branch this host follows")
+        if not args.urls:
+            raise UsageError("init needs at least one URL, a mirror of the repository")
+        if not args.signers and not args.insecure:
+            raise UsageError("init needs --signers FILE (the authors' keys, allowed_signers format) or an "
+                             "explicit --insecure")
+    if exists and not args.force:
+        raise UsageError("%s exists; use --force to change it (what is not given is kept, the applied history "
+                         "too)" % host.config_path)
+    old = host.config if keep else None
     if args.baseline is not None and args.baseline < 1:
         raise UsageError("--baseline %d is not a seq: give the seq of the last transaction the image holds (1 or "
                          "more)" % args.baseline)
-    values = {"branch": args.branch, "urls": "\n".join(args.urls), "insecure": "yes" if args.insecure else "no"}
+    values = collections.OrderedDict(old.texts if old else ())
+    values["branch"] = args.branch or old.branch
+    if args.urls:
+        values["urls"] = "\n".join(args.urls)
+    if args.signers or args.insecure:
+        values["insecure"] = "yes" if args.insecure else "no"
     try:
         for key in CONFIG_KEYS.values():
             text = getattr(args, key.name, None) if key.metavar else None
@@ -7665,16 +7809,38 @@ def cmd_init(args):
             raise UsageError("--signers %s: %s" % (args.signers, e.strerror))
         except StateError as e:
             raise UsageError("--signers: %s" % e)
-    config = Config.render(values, variables)
+    env = dict(old.env) if old else {}
+    env.update(variables)
+    config = Config.render(values, env)
     host.make_state()
     with host.lock():  # not while an up runs: the state upgrade and the config are its too
         ensure_state(host)
+        previous = old.branch if old else None
+        if old is not None:
+            now = host.reread_config()   # under the lock: a migrate may have moved the host meanwhile
+            if now.texts != old.texts or now.env != old.env:
+                raise Busy("%s changed while init read it (a migrate, or an edit); run init again"
+                           % host.config_path)
+        if exists and args.reset:
+            try:
+                previous = host.config.branch
+            except StateError:
+                pass
+            dropped = reset_drops(host, values, variables)
+            if dropped:
+                warn(dropped)
+        if exists:
+            check_branch_move(host, previous, values["branch"])
         if args.baseline is not None:
             declare_baseline(host, args.baseline)
         if args.signers:
+            change = signers_change(host, text) if exists else None
+            if change:
+                warn(change)
             host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
         host.write_config(config)
-    say("%s follows branch %s from %s" % (host.root, args.branch, ", ".join(args.urls)))
+    urls = values["urls"].split()
+    say("%s follows branch %s from %s" % (host.root, values["branch"], ", ".join(redact_url(u) for u in urls)))
 
 
 def cmd_up(args):
@@ -7884,8 +8050,8 @@ def global_options(suppress):
            help="print nothing unless something goes wrong: warnings and errors only, for cron (default: off)")
     option("--debug", action="store_true",
            help="show the traceback of an internal error (default: keep it in the state directory)")
-    option("--branch", help="branch: for 'init', the one this host follows (required); for author verbs, the one "
-           "to work on (default: $ISCONF_BRANCH, else the host's branch)")
+    option("--branch", help="branch: for 'init', the one this host follows (required; with --force, kept unless "
+           "given); for author verbs, the one to work on (default: $ISCONF_BRANCH, else the host's branch)")
     return options
 
 
@@ -8009,19 +8175,27 @@ def build_parser(only=None):
     # The agent's verbs, in the order a host meets them.
     p = verb("init", cmd_init, "configure this host to follow a branch",
              "isconf init http://repo.example/isconf/ http://10.1.0.5/isconf/ --branch web \\\n"
-             "    --signers /root/isconf-signers --var ROLE=web", codes=(EXIT_BUSY,))
-    p.add_argument("urls", nargs="+", metavar="URL", help="repository mirrors, tried in order (http(s)://, "
-                   "file://, or a directory)")
+             "    --signers /root/isconf-signers --var ROLE=web\n"
+             "isconf init --force --retries 5     # one option changed, the rest of the config kept",
+             codes=(EXIT_BUSY,))
+    p.add_argument("urls", nargs="*", metavar="URL", help="repository mirrors, tried in order (http(s)://, "
+                   "file://, or a directory); with --force, the URLs given replace the config's, none keeps them")
     p.add_argument("--signers", help="trusted authors' keys, OpenSSH allowed_signers format (this or --insecure "
-                   "is required)")
+                   "is required, but with --force: then it replaces the trusted keys, warning which it adds and "
+                   "removes; without it they are kept)")
     p.add_argument("--insecure", action="store_true", help="accept unsigned heads (warned about on every run; "
-                   "default: off)")
+                   "default: off; with --force, kept as it was unless this or --signers is given)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
-                   help="per-host variable for every exec (repeatable; default: none)")
+                   help="per-host variable for every exec (repeatable; with --force, sets NAME and keeps the "
+                   "others; default: none)")
     for key in CONFIG_KEYS.values():
         if key.metavar:
             p.add_argument(key.option, dest=key.name, metavar=key.metavar, help=key.help)
-    p.add_argument("--force", action="store_true", help="overwrite an existing config (default: refuse)")
+    p.add_argument("--force", action="store_true", help="change an existing config: what is given replaces its "
+                   "value (--var sets one variable), what is not given is kept; a new --branch only before the "
+                   "first fetch (then 'isconf migrate BRANCH') (default: refuse)")
+    p.add_argument("--reset", action="store_true", help="with --force, start from nothing instead, warning what "
+                   "it drops (default: off)")
     p.add_argument("--baseline", type=whole_number, metavar="SEQ", help="the image already holds every "
                    "transaction up to SEQ (built without isconf): the first fetch checks SEQ exists, 'up' applies "
                    "what follows (default: none, replay from seq 1)")

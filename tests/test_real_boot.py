@@ -116,8 +116,8 @@ def test_from_a_miniroot_to_the_first_boot_across_two_journaled_reboots(guest, k
         host.init(guest.path(MIRROR), keys, "--reboot-command", "/bin/true")
         up = host("up", "-r", expect="ok")
         assert "rebooting: /bin/true" in up.out
-        # The booted host sees it at /srv/isconf, and reboots for real.
-        host.init(MIRROR, keys, "--force")
+        # The booted host sees it at /srv/isconf, and reboots for real (init --force keeps what it is not told).
+        host.init(MIRROR, keys, "--force", "--reboot-command", "/sbin/reboot")
         host("install", "--systemd", expect="ok")
         with open(guest.path("/etc/systemd/system/isconf.service")) as f:
             assert "RequiresMountsFor=%s\n" % MIRROR in f.read()

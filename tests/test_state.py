@@ -128,7 +128,7 @@ def test_migrate_and_init_force_keep_the_configs_mode_and_owner(author, server, 
     host("migrate", "canary", expect="ok")
     assert "branch = canary" in open(conf).read()
     assert mode(conf) == 0o640 and os.stat(conf).st_gid == 1234
-    host("init", server.url, "--branch", "web", "--signers", keys.signers, "--force", expect="ok")
+    host("init", server.url, "--branch", "canary", "--signers", keys.signers, "--force", expect="ok")
     assert mode(conf) == 0o640 and os.stat(conf).st_gid == 1234
 
 
