@@ -2729,7 +2729,8 @@ class FileType(object):
         there is none: binary, large, or a secret, whose content, size and hash are never shown).
         fetch(sha, stored size) gives an object's verified bytes."""
         ftype = FILE_TYPES[record["type"]]
-        return [dict(ftype.change(look, record, what, expected, found, fetch), path=record["path"])
+        return [dict({"diff": None, "note": None}, path=record["path"],
+                     **ftype.change(look, record, what, expected, found, fetch))
                 for what, expected, found in FileType.drift_of(look, record)]
 
     def change(self, look, record, what, expected, found, fetch):
@@ -2865,13 +2866,14 @@ class RegularFile(FileType):
                     "note": "mode %04o: not shown" % (mode if private_mode(mode) else on_disk)}
         shown["before"], shown["after"] = dict(found, type=self.label), dict(expected, type=self.label)
         shown["diff"], shown["note"] = None, "larger than %d bytes" % DIFF_MAX
-        if found["size"] <= DIFF_MAX and record["size"] <= DIFF_MAX:
+        if found["size"] <= DIFF_MAX:
             with look.rootpath.open_file(path) as f:
                 old = f.read(DIFF_MAX + 1)
             if shown["before"]["sha256"] is None:  # of another size: drift read none of it
                 shown["before"]["sha256"] = sha256_hex(old)
-            shown["diff"] = None if b"\0" in old else text_diff(path, old, self.content(record, fetch))
-            shown["note"] = None if shown["diff"] is not None else "binary"
+            if record["size"] <= DIFF_MAX:
+                shown["diff"] = None if b"\0" in old else text_diff(path, old, self.content(record, fetch))
+                shown["note"] = None if shown["diff"] is not None else "binary"
         return shown
 
 
@@ -6022,15 +6024,15 @@ def pending_changes(host, entry, fetch, written):
     for record in files:
         if record["path"] in written:
             changes.append({"path": record["path"], "what": "earlier", "before": written[record["path"]],
-                            "after": None})
+                            "after": None, "diff": None, "note": None})
         changes.extend(FileType.changes_of(look, record, fetch))
         written.setdefault(record["path"], entry.seq)
     return changes
 
 
 # How the dry run names each part of a new path (FileType.describe), in this order.
-NEW_PATH_DETAILS = (("mode", "mode %s"), ("owner", "owner %s"), ("group", "group %s"), ("target", "-> %s"),
-                    ("hardlink", "a hard link of %s"), ("size", "%d bytes"), ("sha256", "sha256 %s"))
+NEW_PATH_DETAILS = (("target", "-> %s"), ("hardlink", "a hard link of %s"), ("mode", "mode %s"),
+                    ("owner", "owner %s"), ("group", "group %s"), ("size", "%d bytes"), ("sha256", "sha256 %s"))
 
 
 def change_text(change):

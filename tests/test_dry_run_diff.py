@@ -92,6 +92,19 @@ def test_a_binary_file_shows_its_sizes_and_hashes_not_its_bytes(author, site):
     assert change["after"] == {"type": "regular file", "size": len(new), "sha256": hashlib.sha256(new).hexdigest()}
 
 
+def test_a_file_over_a_mebibyte_shows_its_sizes_and_hashes(author, site):
+    host, src = site
+    old, new = b"small\n", b"x" * (1024 * 1024) + b"\n"
+    replace_file(src, "srv/big.txt", new)
+    replace_file(host.root, "srv/big.txt", old)
+    snap(author, src, "/srv/big.txt")
+    text, plan = dry(host)
+    assert ("  /srv/big.txt: content (larger than 1048576 bytes): regular file, 6 bytes, sha256 %s -> regular file, "
+            "1048577 bytes, sha256 %s" % (hashlib.sha256(old).hexdigest(), hashlib.sha256(new).hexdigest())) \
+        in text.splitlines(), text
+    assert "@@" not in text and changes(plan, 1)[0]["diff"] is None
+
+
 @pytest.mark.parametrize("disk_mode,snap_mode", [(0o600, 0o600), (0o644, 0o600), (0o600, 0o644), (0o640, 0o400)],
                          ids=["both-private", "made-private", "was-private", "group-readable-to-private"])
 def test_a_secret_shows_only_that_it_changes(author, site, disk_mode, snap_mode):
@@ -139,6 +152,28 @@ def test_mode_owner_link_target_directory_and_hard_link_changes_are_one_line_eac
     assert ("/etc/app/app.conf", "mode", "0664", "0644") in found
     assert ("/etc/app/current", "target", "old.conf", "app.conf") in found
     assert ("/etc/app/app.conf.link", "hardlink", None, "/etc/app/app.conf") in found
+    assert all(set(c) == {"path", "what", "before", "after", "diff", "note"} for c in changes(plan, 1))
+
+
+def test_a_new_link_shows_its_target(author, site):
+    host, src = site
+    os.symlink("sites-available/web", os.path.join(src, "etc/site"))
+    snap(author, src, "/etc/site")
+    text, plan = dry(host)
+    assert "  /etc/site: new symbolic link (-> sites-available/web, owner root, group root)" in text.splitlines(), text
+
+
+def test_a_path_an_earlier_pending_snap_writes_says_so(author, site):
+    host, src = site
+    replace_file(host.root, "etc/motd", b"one\n")
+    replace_file(src, "etc/motd", b"two\n")
+    snap(author, src, "/etc/motd")
+    replace_file(src, "etc/motd", b"three\n")
+    snap(author, src, "/etc/motd")
+    text, plan = dry(host)
+    assert "  /etc/motd: written by transaction 1 first; shown against the disk as it is now" in text.splitlines()
+    assert "    +three" in text.split("would apply 2")[1] and "    -one" in text.split("would apply 2")[1]
+    assert changes(plan, 2)[0]["what"] == "earlier" and changes(plan, 2)[0]["before"] == 1
 
 
 def test_a_type_change_says_so(author, site):
