@@ -2872,7 +2872,7 @@ class RegularFile(FileType):
             if shown["before"]["sha256"] is None:  # of another size: drift read none of it
                 shown["before"]["sha256"] = sha256_hex(old)
             if record["size"] <= DIFF_MAX:
-                shown["diff"] = None if b"\0" in old else text_diff(path, old, self.content(record, fetch))
+                shown["diff"] = text_diff(path, old, self.content(record, fetch))
                 shown["note"] = None if shown["diff"] is not None else "binary"
         return shown
 
