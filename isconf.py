@@ -2724,9 +2724,9 @@ class FileType(object):
 
     @staticmethod
     def changes_of(look, record, fetch):
-        """[{"path", "what", "before", "after"}]: what installing record would change on the disk, one per
-        drift, in drift_of's order.  A file's content adds "diff" (a unified diff, or null) and "note" (why
-        there is none: binary, large, or a secret, whose content, size and hash are never shown).
+        """[{"path", "what", "before", "after", "diff", "note"}]: what installing record would change on the
+        disk, one per drift, in drift_of's order.  A file's content has its "diff" (unified), or a "note" why
+        there is none: binary, large, or a secret, whose content, size and hash are never shown.
         fetch(sha, stored size) gives an object's verified bytes."""
         ftype = FILE_TYPES[record["type"]]
         return [dict({"diff": None, "note": None}, path=record["path"],

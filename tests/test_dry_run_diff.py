@@ -1,6 +1,7 @@
 """up --dry-run --diff: what each pending snap would change on this host's disk, and a dry run that stops where
 a plain 'up' would stop and marks a transaction that failed at its last run."""
 
+import glob
 import hashlib
 import json
 import os
@@ -40,8 +41,13 @@ def changes(plan, seq):
     return item["changes"]
 
 
-def test_a_changed_text_file_shows_as_a_unified_diff_and_the_disk_is_untouched(author, site):
+@pytest.mark.parametrize("python", [None, "3.6"], ids=["default", "3.6"])
+def test_a_changed_text_file_shows_as_a_unified_diff_and_the_disk_is_untouched(author, site, python):
     host, src = site
+    if python:  # the oldest interpreter the agent supports
+        found = sorted(glob.glob("/root/.pyenv/versions/%s.*/bin/python3" % python))
+        assert found, "no Python %s under /root/.pyenv" % python
+        host.python = found[-1]
     replace_file(src, "etc/app.conf", b"listen 8080\nworkers 4\nlog /var/log/app\n")
     replace_file(host.root, "etc/app.conf", b"listen 80\nworkers 4\nlog /var/log/app\n")
     snap(author, src, "/etc/app.conf")
