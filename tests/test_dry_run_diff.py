@@ -264,3 +264,33 @@ def test_a_transaction_up_would_halt_stops_the_listing(author, site):
 def test_diff_without_dry_run_is_a_usage_error(site):
     host, _ = site
     assert "--diff goes with --dry-run" in error_line(host("up", "--diff", expect="usage"))
+
+
+def test_the_json_carries_what_the_text_shows(author, site):
+    host, src = site
+    replace_file(src, "etc/motd", b"new\n")
+    replace_file(host.root, "etc/motd", b"old\n")
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "exit 2"])
+    host("up", expect="failed")
+    author.commit(["--root", src, "snap", "/etc/motd"], ["reboot"], ["exec", "--no-run", "--", "/bin/true"])
+    text, plan = dry(host)
+    assert set(plan) == {"schema", "branch", "head_seq", "applied_seq", "transactions", "stop", "objects",
+                         "fetch_bytes", "needs_newer"}
+    assert (plan["schema"], plan["applied_seq"], plan["head_seq"], plan["needs_newer"]) == (1, 0, 4, None)
+    assert [(t["seq"], t["kind"], t["action"]) for t in plan["transactions"]] == \
+        [(1, "exec", "apply"), (2, "snap", "apply"), (3, "reboot", "stop"), (4, "exec", "not-reached")]
+    assert all({"seq", "id", "kind", "summary", "action", "failed_last_run", "changes"} <= set(t)
+               for t in plan["transactions"])
+    first, snapped = plan["transactions"][:2]
+    assert first["failed_last_run"]["status"] == 2 and first["changes"] is None  # an exec: its command only
+    assert "(failed last run: exit 2)" in text
+    (change,) = snapped["changes"]
+    assert change["diff"] == "--- /etc/motd\n+++ /etc/motd\n@@ -1 +1 @@\n-old\n+new"
+    assert "\n".join("    " + line for line in change["diff"].splitlines()) in text
+    assert plan["stop"] == {"seq": 3, "exit_code": 5, "message": "transaction 3 is a reboot: run 'isconf up -r' "
+                                                               "to record it and reboot"}
+    assert plan["stop"]["message"] + "; 1 more after it not reached" in text
+    # without --diff, the same listing, and no changes
+    bare = json.loads(host("up", "--dry-run", "--json", expect="pending").out)
+    assert [t["action"] for t in bare["transactions"]] == ["apply", "apply", "stop", "not-reached"]
+    assert all(t["changes"] is None for t in bare["transactions"]) and bare["stop"] == plan["stop"]
