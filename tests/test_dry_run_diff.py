@@ -294,3 +294,30 @@ def test_the_json_carries_what_the_text_shows(author, site):
     bare = json.loads(host("up", "--dry-run", "--json", expect="pending").out)
     assert [t["action"] for t in bare["transactions"]] == ["apply", "apply", "stop", "not-reached"]
     assert all(t["changes"] is None for t in bare["transactions"]) and bare["stop"] == plan["stop"]
+
+
+def object_path(author, content):
+    return os.path.join(author.repo, "objects", hashlib.sha256(content).hexdigest())
+
+
+def test_the_diff_reads_a_staged_object_before_asking_a_mirror(author, site):
+    host, src = site
+    replace_file(src, "etc/motd", b"from the journal\n")
+    replace_file(host.root, "etc/motd", b"on this host\n")
+    # an up halted at a failure before the snap has staged the snap's object (everything is fetched first)
+    author.commit(["exec", "--no-run", "--", "/bin/false"], ["--root", src, "snap", "/etc/motd"])
+    host("up", expect="failed")
+    os.unlink(object_path(author, b"from the journal\n"))
+    text, plan = dry(host)
+    assert "    +from the journal" in text and "    -on this host" in text
+
+
+def test_a_fetched_object_that_does_not_match_the_journal_is_refused_and_not_shown(author, site):
+    host, src = site
+    replace_file(src, "etc/motd", b"from the journal\n")
+    replace_file(host.root, "etc/motd", b"on this host\n")
+    snap(author, src, "/etc/motd")
+    with open(object_path(author, b"from the journal\n"), "wb") as f:
+        f.write(b"swapped by a mirror\n"[:17])  # the same size, other bytes
+    proc = host("up", "--dry-run", "--diff", expect="refused")
+    assert "does not match the signed journal" in error_line(proc) and "swapped" not in proc.out
