@@ -210,7 +210,7 @@ def test_a_snap_that_changes_nothing_says_so(author, site):
 
 
 def test_the_listing_stops_at_a_reboot_entry_as_up_does(author, site):
-    host, src = site
+    host, _ = site
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/before"], ["reboot"],
                   ["exec", "--no-run", "--", "/bin/touch", "/tmp/after"])
     text, plan = dry(host)
@@ -226,10 +226,9 @@ def test_the_listing_stops_at_a_reboot_entry_as_up_does(author, site):
     assert (plan["stop"]["seq"], plan["stop"]["exit_code"]) == (2, 0)
 
 
-def test_a_retracted_entry_is_listed_as_skipped(author, site, keys):
-    host, src = site
+def test_a_retracted_entry_is_listed_as_skipped(author, site):
+    host, _ = site
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/bad"])
-    entry_id = json.loads(author.journal().splitlines()[0])
     author.commit(["retract", "1", "-m", "wrong file"])
     text, plan = dry(host)
     assert "would skip 1 exec /bin/touch /tmp/bad (retracted by 2)" in text and "would apply 1" not in text
@@ -237,7 +236,7 @@ def test_a_retracted_entry_is_listed_as_skipped(author, site, keys):
 
 
 def test_a_transaction_that_failed_last_run_is_marked(author, site):
-    host, src = site
+    host, _ = site
     author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "exit 3"])
     host("up", expect="failed")
     text, plan = dry(host)
@@ -247,7 +246,7 @@ def test_a_transaction_that_failed_last_run_is_marked(author, site):
 
 
 def test_a_transaction_up_would_halt_stops_the_listing(author, site):
-    host, src = site
+    host, _ = site
     # the command kills the agent: a start that never ends, counted toward interrupted_max (1 here)
     author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "kill -KILL $PPID"],
                   ["exec", "--no-run", "--", "/bin/touch", "/tmp/after"])
