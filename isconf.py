@@ -99,6 +99,7 @@ ATTEMPT_MAX = LOG_MAX // LOG_ATTEMPTS  # bytes one attempt's part of the log kee
 LOG_NOTES = 1024                # of ATTEMPT_MAX kept for isconf's own lines: the attempt, a cut, the exit status
 LOG_LINE_MAX = 240              # bytes of one such line: a snap of 10,000 files names them all
 ERROR_MAX = 4096                # of a failure's message kept in the history: a record stays under RECORD_MAX
+DIFF_MAX = 1024 * 1024         # bytes of a file 'up --dry-run --diff' shows as a diff; a larger one by size and hash
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 OUTPUT_DEFERRED = 4 * 1024 * 1024  # bytes of our own output kept for a stdout that reads slowly; then dropped
 OUTPUT_WAIT = 10                # seconds the end of a run waits, at most, for a stream to take what is deferred
@@ -209,6 +210,7 @@ class IsconfError(Exception):
 
 class TransactionFailed(IsconfError):
     exit_code = EXIT_FAILED
+    status = None   # the exit status of the command that failed it, when one did
 
 
 class UsageError(IsconfError):
@@ -2555,6 +2557,23 @@ REBOOT = "reboot"        # reboot the machine: the run ends once the reboot comm
 HANDOVER = "handover"    # a new agent is installed: re-execute it, it carries on
 
 
+def private_mode(mode):
+    """Whether a file of this mode is a secret: neither its group nor others may read it."""
+    return not mode & 0o044
+
+
+def text_diff(path, old, new, new_file=False):
+    """A unified diff of two files' bytes, for the dry run; None unless both are text (UTF-8, no NUL)."""
+    try:
+        if b"\0" in old or b"\0" in new:
+            return None
+        old, new = old.decode("utf-8"), new.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "\n".join(difflib.unified_diff(old.splitlines(), new.splitlines(), "/dev/null" if new_file else path,
+                                         path, lineterm=""))
+
+
 # --- file types inside a snap --------------------------------------------------------
 # One class per type of path a snap records, and only here: its record's fields and checks,
 # how the author's side captures it from a disk, how a host installs it, how 'verify' finds
@@ -2719,6 +2738,36 @@ class FileType(object):
                                owners.group_names.get(st.st_gid, str(st.st_gid))))
         return drifts
 
+    # A host: what a pending snap would change ('up --dry-run --diff').  Installing a record changes
+    # exactly what 'verify' would find drifted at its path (drift_of), before: the disk, after: the record.
+
+    @staticmethod
+    def changes_of(look, record, fetch):
+        """[{"path", "what", "before", "after", "diff", "note"}]: what installing record would change on the
+        disk, one per drift, in drift_of's order.  A file's content has its "diff" (unified), or a "note" why
+        there is none: binary, large, or a secret, whose content, size and hash are never shown.
+        fetch(sha, stored size) gives an object's verified bytes."""
+        ftype = FILE_TYPES[record["type"]]
+        return [dict({"diff": None, "note": None}, path=record["path"],
+                     **ftype.change(look, record, what, expected, found, fetch))
+                for what, expected, found in FileType.drift_of(look, record)]
+
+    def change(self, look, record, what, expected, found, fetch):
+        """One drift as the dry run shows it; a path missing or of another type is the record's path, new."""
+        if what in ("missing", "type"):
+            return {"what": "new" if what == "missing" else "type", "before": found,
+                    "after": self.describe(record)}
+        return {"what": what, "before": found, "after": expected}
+
+    def describe(self, record):
+        """The record as a new path: its type, and its mode and owner."""
+        shown = {"type": self.label}
+        if "mode" in self.fields:
+            shown["mode"] = "%04o" % record["mode"]
+        if "uid" in self.fields:
+            shown.update(owner=record["user"], group=record["group"])
+        return shown
+
 
 @file_type
 class RegularFile(FileType):
@@ -2798,6 +2847,54 @@ class RegularFile(FileType):
                                {"sha256": digest, "size": size}))
         return drifts + FileType.drift(self, look, record, st)
 
+    def describe(self, record):
+        shown = FileType.describe(self, record)
+        if not private_mode(record["mode"]):
+            shown.update(size=record["size"], sha256=record["object"])
+        return shown
+
+    def content(self, record, fetch):
+        """The bytes of the file of record, from its object (fetch), its holes zeros; at most DIFF_MAX."""
+        data, stored = bytearray(record["size"]), fetch(record["object"], self.objects(record)[0][1])
+        at = 0
+        for offset, length in record.get("extents", [[0, record["size"]]]):
+            data[offset:offset + length] = stored[at:at + length]
+            at += length
+        return bytes(data)
+
+    def change(self, look, record, what, expected, found, fetch):
+        shown = FileType.change(self, look, record, what, expected, found, fetch)
+        path, mode = record["path"], record["mode"]
+        if what in ("missing", "type"):  # all of its content is new
+            if private_mode(mode):
+                shown["note"] = "content not shown"
+            elif record["size"] > DIFF_MAX:
+                shown["note"] = "larger than %d bytes" % DIFF_MAX
+            else:
+                shown["diff"] = text_diff(path, b"", self.content(record, fetch), new_file=True)
+                shown["note"] = None if shown["diff"] is not None else "binary"
+            return shown
+        if what != "content":
+            return shown
+        try:
+            on_disk = stat.S_IMODE(look.rootpath.lstat(path).st_mode)
+        except OSError:
+            on_disk = 0  # gone meanwhile: nothing of it is shown
+        if private_mode(mode) or private_mode(on_disk):
+            return {"what": what, "before": None, "after": None, "diff": None,
+                    "note": "mode %04o: not shown" % (mode if private_mode(mode) else on_disk)}
+        shown["before"], shown["after"] = dict(found, type=self.label), dict(expected, type=self.label)
+        shown["diff"], shown["note"] = None, "larger than %d bytes" % DIFF_MAX
+        if found["size"] <= DIFF_MAX:
+            with look.rootpath.open_file(path) as f:
+                old = f.read(DIFF_MAX + 1)
+            if shown["before"]["sha256"] is None:  # of another size: drift read none of it
+                shown["before"]["sha256"] = sha256_hex(old)
+            if record["size"] <= DIFF_MAX:
+                shown["diff"] = text_diff(path, old, self.content(record, fetch))
+                shown["note"] = None if shown["diff"] is not None else "binary"
+        return shown
+
 
 @file_type
 class HardLink(FileType):
@@ -2846,6 +2943,15 @@ class HardLink(FileType):
                               ("hardlink", record["target"], None))
         return drifts
 
+    def describe(self, record):
+        return {"type": self.label, "hardlink": record["target"]}
+
+    def change(self, look, record, what, expected, found, fetch):
+        if what == "content":  # its file's own record shows how
+            return {"what": what, "before": None, "after": None, "diff": None,
+                    "note": "that of %s" % record["target"]}
+        return FileType.change(self, look, record, what, expected, found, fetch)
+
 
 @file_type
 class SymbolicLink(FileType):
@@ -2874,6 +2980,9 @@ class SymbolicLink(FileType):
         target = look.rootpath.readlink(record["path"])
         drifts = [("target", record["target"], target)] if target != record["target"] else []
         return drifts + FileType.drift(self, look, record, st)
+
+    def describe(self, record):
+        return dict(FileType.describe(self, record), target=record["target"])
 
 
 @file_type
@@ -2928,6 +3037,7 @@ class Kind(object):
     name = None
     fields = {}        # the kind's own fields, beside the envelope's (ENTRY_FIELDS)
     holds = None       # the state (STATES) a host is in while an entry of this kind is its next
+    ends_run = False   # a run ends once it applied one (the machine reboots): what follows waits for the next
 
     def check(self, fields, what):
         """Refused, saying what is wrong, beyond the field names and types check_fields saw."""
@@ -2977,7 +3087,9 @@ class ExecKind(Kind):
     def apply(self, fields, transaction):
         status = transaction.run(fields["argv"], fields["cwd"])
         if status != 0:
-            raise TransactionFailed("%s exited with status %d" % (self.summary(fields), status))
+            failure = TransactionFailed("%s exited with status %d" % (self.summary(fields), status))
+            failure.status = status
+            raise failure
         # What the command wrote, and its log, must outlive a power cut once 'done' is recorded (rule 5):
         # one sync covers both (a command may write anywhere, so no fsync of ours would do).
         os.sync()
@@ -3037,6 +3149,7 @@ class RebootKind(Kind):
     """Reboot the machine: recorded done first, then the configured reboot command runs."""
     name = "reboot"
     holds = "reboot"
+    ends_run = True
 
     def waits(self, fields, allow_reboot):
         if not allow_reboot:
@@ -3139,6 +3252,9 @@ class Entry(object):
 
     def holds(self):
         return self.meaning().holds
+
+    def ends_run(self):
+        return self.meaning().ends_run
 
     def retracts(self):
         return self.meaning().retracts(self.fields)
@@ -5464,7 +5580,8 @@ class Applier(object):
                 outcome = self.apply_one(entry)
             except (TransactionFailed, StateError) as e:
                 REPORTER.end(position, summary, "failed", time.monotonic() - started)
-                history.record("failed", entry, error=str(e), **self.provenance)
+                status = {"status": e.status} if getattr(e, "status", None) is not None else {}
+                history.record("failed", entry, error=str(e), **dict(self.provenance, **status))
                 host.logs.note(entry, "[isconf] failed: %s" % e)
                 if isinstance(e, StateError):
                     raise
@@ -6008,9 +6125,94 @@ def fetched_bytes(host, plan, staged):
     return total
 
 
-def dry_run(host, plan, as_json):
-    """What 'up' would do: the transactions in order and the objects they need, from a verified
-    journal; nothing is applied, staged or recorded.  EXIT_PENDING when something would run."""
+class ObjectBytes(object):
+    """Objects' bytes for the dry run's diffs, in memory only (a dry run writes nothing): a staged copy whose
+    hash is right, else one fetched from the mirrors in turn, each checked against the signed journal."""
+
+    def __init__(self, host, sync):
+        self.objects, self.sync, self.got = host.objects, sync, {}
+
+    def __call__(self, sha, size):
+        if sha not in self.got:
+            self.got[sha] = self.read(sha, size)
+        return self.got[sha]
+
+    def read(self, sha, size):
+        staged = self.objects.stat(sha)
+        if staged is not None and staged.st_size == size:
+            data = self.objects.read(sha, size)
+            if sha256_hex(data) == sha:
+                return data
+        errors = []
+        for mirror in self.sync.mirrors():
+            try:
+                data = mirror.fetch("objects/" + sha, size).body
+                if len(data) == size and sha256_hex(data) == sha:
+                    return data
+                errors.append(Refused("object %s from %s does not match the signed journal; the mirror holds a "
+                                      "damaged or swapped file" % (sha[:16], mirror)))
+            except (Refused, Unreachable) as e:
+                errors.append(e)
+            finally:
+                mirror.close()
+        raise next((e for e in errors if isinstance(e, Refused)), errors[-1])
+
+
+def pending_changes(host, entry, fetch, written):
+    """What a pending entry would change on the disk, path by path (FileType.changes_of), against the disk as
+    it is now; a path an earlier pending entry writes first (written: path -> its seq) says so."""
+    files = entry.installs()
+    look = Look(host.rootpath, Owners(host.rootpath), FileType.last_records([files]), False)
+    changes = []
+    for record in files:
+        if record["path"] in written:
+            changes.append({"path": record["path"], "what": "earlier", "before": written[record["path"]],
+                            "after": None, "diff": None, "note": None})
+        changes.extend(FileType.changes_of(look, record, fetch))
+        written.setdefault(record["path"], entry.seq)
+    return changes
+
+
+# How the dry run names each part of a new path (FileType.describe), in this order.
+NEW_PATH_DETAILS = (("target", "-> %s"), ("hardlink", "a hard link of %s"), ("mode", "mode %s"),
+                    ("owner", "owner %s"), ("group", "group %s"), ("size", "%d bytes"), ("sha256", "sha256 %s"))
+
+
+def change_text(change):
+    """The lines of one change as the dry run shows it (pending_changes)."""
+    what, before, after = change["what"], change["before"], change["after"]
+    if what in ("new", "type"):
+        details = ", ".join([text % after[key] for key, text in NEW_PATH_DETAILS if key in after] +
+                            [change.get("note")] * bool(change.get("note")))
+        head = ("new %s" % after["type"] if what == "new" else "type change: %s -> %s" % (before, after["type"]))
+        line = "%s: %s%s" % (change["path"], head, " (%s)" % details if details else "")
+    elif what == "content" and change["diff"] is None:
+        if before is None:
+            line = "%s: content changes (%s)" % (change["path"], change["note"])
+        else:
+            line = "%s: content (%s): %s -> %s" % (change["path"], change["note"], "%s, %d bytes, sha256 %s" % (
+                before["type"], before["size"], before["sha256"] or "not read"), "%s, %d bytes, sha256 %s" % (
+                after["type"], after["size"], after["sha256"]))
+    elif what == "content":
+        line = "%s: content" % change["path"]
+    elif what == "earlier":
+        line = "%s: written by transaction %d first; shown against the disk as it is now" % (change["path"], before)
+    elif what == "hardlink":
+        line = "%s: becomes a hard link of %s" % (change["path"], after)
+    elif what == "unreadable":
+        line = "%s: cannot be read: %s" % (change["path"], before)
+    else:
+        line = "%s: %s %s -> %s" % (change["path"], "link target" if what == "target" else what, before, after)
+    return [line] + ["  " + diff for diff in (change.get("diff") or "").splitlines()]
+
+
+def dry_run(run, plan, sync, args):
+    """What 'up' would do: the transactions in order as it would take them (skipping the retracted), up to
+    where it would stop (a reboot entry without -r, a halt, an entry this version cannot interpret), with
+    a mark on one that failed at its last attempt, and the objects they need, from a verified journal;
+    with args.diff, what each snap would change on the disk.  Nothing is applied, staged or recorded.
+    EXIT_PENDING when something would run."""
+    host, history = run.host, run.history
     known = interpretable(plan.pending)
     objects, seen = [], set()
     for entry in known:
@@ -6020,18 +6222,68 @@ def dry_run(host, plan, as_json):
                 st = host.objects.stat(sha)
                 objects.append({"sha": sha, "size": size, "staged": st is not None and st.st_size == size})
     waiting = plan.pending[len(known)] if len(known) < len(plan.pending) else None
+    retracted, fetch, written = retractions(plan.pending), ObjectBytes(host, sync), {}
+    transactions, stop = [], None
+    for entry in plan.pending:
+        item = {"seq": entry.seq, "id": entry.id, "kind": entry.kind, "summary": entry.summary(),
+                "action": "not-reached", "failed_last_run": None, "changes": None}
+        transactions.append(item)
+        if stop is not None:
+            continue
+        retraction = retracted.get((entry.seq, entry.id))
+        if retraction is not None:
+            item.update(action="retracted", by_seq=retraction.seq)
+            continue
+        try:  # as Applier.apply_in_order takes it
+            waits = entry.waits(args.reboot)
+            if waits is not None:
+                waits = waits[0], "transaction %d %s" % (entry.seq, waits[1])
+        except NeedsNewer as e:
+            waits = EXIT_NEWER, str(e)
+        interrupted = history.interruptions(entry, boot_id())
+        if waits is None and interrupted["attempts"] >= run.config.interrupted_max:
+            waits = EXIT_FAILED, "transaction %d halts: started %d times without ending (interrupted_max %d)" % (
+                entry.seq, interrupted["attempts"], run.config.interrupted_max)
+        if waits is not None:
+            item["action"] = "stop"
+            stop = {"seq": entry.seq, "exit_code": waits[0], "message": waits[1]}
+            continue
+        item["action"] = "apply"
+        last = history.last(entry)
+        if last is not None and last["event"] == "failed":
+            item["failed_last_run"] = {"time": last["time"], "error": last.get("error"), "status": last.get("status")}
+        if args.diff and entry.installs():
+            item["changes"] = pending_changes(host, entry, fetch, written)
+        if entry.ends_run():
+            stop = {"seq": entry.seq, "exit_code": EXIT_OK, "message": "transaction %d ends the run: what follows "
+                    "waits for the next 'up'" % entry.seq}
     report = {
         "schema": STATUS_SCHEMA, "branch": plan.head.branch, "head_seq": plan.head.seq,
-        "applied_seq": plan.head.seq - len(plan.pending),
-        "transactions": [{"seq": e.seq, "id": e.id, "kind": e.kind, "summary": e.summary()} for e in plan.pending],
+        "applied_seq": plan.head.seq - len(plan.pending), "transactions": transactions, "stop": stop,
         "objects": objects, "fetch_bytes": sum(o["size"] for o in objects if not o["staged"]),
         "needs_newer": waiting.seq if waiting is not None else None,
     }
-    if as_json:
+    if args.json:
         emit(json.dumps(report, indent=2, sort_keys=True) + "\n")
     else:
-        for item in report["transactions"]:
-            show("would apply %d %s" % (item["seq"], item["summary"]))
+        for item in transactions:
+            failed = item["failed_last_run"]
+            mark = "" if failed is None else " (failed last run: %s)" % (
+                "exit %d" % failed["status"] if failed["status"] is not None else failed["error"])
+            if item["action"] == "apply":
+                show("would apply %d %s%s" % (item["seq"], item["summary"], mark))
+            elif item["action"] == "retracted":
+                show("would skip %d %s (retracted by %d)" % (item["seq"], item["summary"], item["by_seq"]))
+            elif item["action"] == "stop":
+                show("would stop at %d %s" % (item["seq"], item["summary"]))
+            for change in item["changes"] or ():
+                for line in change_text(change):
+                    show("  " + line)
+            if item["changes"] == []:
+                show("  (no change on disk)")
+        if stop is not None:
+            after = plan.head.seq - stop["seq"]
+            show("  %s%s" % (stop["message"], "; %d more after it not reached" % after if after else ""))
         for item in objects:
             show("  object %s %d bytes%s" % (item["sha"], item["size"], " (staged)" if item["staged"] else ""))
         show("isconf: %d pending on branch %s, %d bytes to fetch (dry run: nothing applied)"
@@ -6102,9 +6354,10 @@ def up(args, host, record):
         # The interpreter and agent files are known as this process started, before any wait.
         applier = Applier(run, mounts=not args.no_mounts, lock=lock, argv=args.argv, boot=args.boot)
         staged = set(host.objects.listdir())
-        plan = Sync(run).sync(stage=not args.dry_run, wait=boot_wait(args, run.config))
+        sync = Sync(run)
+        plan = sync.sync(stage=not args.dry_run, wait=boot_wait(args, run.config))
         if args.dry_run:
-            return dry_run(host, plan, args.json)
+            return dry_run(run, plan, sync, args)
         record.fetched += fetched_bytes(host, plan, staged)
         plan.commit(host)
         if not plan.pending:
@@ -7846,6 +8099,8 @@ def cmd_init(args):
 def cmd_up(args):
     if args.json and not args.dry_run:
         raise UsageError("--json goes with --dry-run; for the state of this host, run 'isconf status --json'")
+    if args.diff and not args.dry_run:
+        raise UsageError("--diff goes with --dry-run: 'isconf up --dry-run --diff'")
     return recorded_up(args, Host(args.root, args.config))
 
 
@@ -8202,6 +8457,7 @@ def build_parser(only=None):
     p = verb("up", cmd_up, "fetch, verify and apply every pending transaction",
              "isconf up                     # by hand: one line per transaction\n"
              "isconf up --dry-run --json    # what would run, and what it would fetch\n"
+             "isconf up --dry-run --diff    # what each snap would change on this host's disk\n"
              "isconf up -q --splay 600      # from cron: quiet unless something is wrong\n"
              "isconf up -r --boot           # at boot: wait for a mirror, reboot at a reboot entry",
              codes=(EXIT_FAILED, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_REBOOT, EXIT_BUSY, EXIT_DISABLED, EXIT_NEWER,
@@ -8222,6 +8478,9 @@ def build_parser(only=None):
                    "to fetch, apply nothing; exit %d if something would run, 0 if nothing (default: off)"
                    % EXIT_PENDING)
     p.add_argument("--json", action="store_true", help="with --dry-run, print the plan as JSON (default: text)")
+    p.add_argument("--diff", action="store_true", help="with --dry-run, show what each snap would change on the "
+                   "disk: a diff of each text file (a file of mode 0600 or tighter only as changing), one line "
+                   "for each other change (default: off)")
     now_option(p)
     p = verb("status", cmd_status, "show branch, applied position, pending work and any failure",
              "isconf status\nisconf status --json | jq .pending", codes=(EXIT_FAILED, EXIT_NEWER))
