@@ -9,7 +9,7 @@ import stat
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Host, error_line, extents, make_source, source_tree
+from conftest import PYTHONS, Host, error_line, extents, interpreter_version, make_source, source_tree
 
 SNAPPED = ("/etc/app", "/etc/app/app.conf", "/etc/app/app.conf.link", "/etc/app/current", "/etc/app/sparse.img")
 METRICS = "/var/lib/node_exporter/textfile_collector/isconf.prom"
@@ -150,6 +150,15 @@ def test_each_drift_is_put_back_exactly_as_the_journal_made_it(replayed, drift, 
     verify(host)
     assert [(e["seq"], e["count"], e["paths"]) for e in events(host)] == [(1, len(paths), paths)]
     assert not os.listdir(host.state("objects"))  # what was fetched for the repair alone is pruned again
+
+
+@pytest.mark.parametrize("python", sorted({PYTHONS[0], PYTHONS[-1]}), ids=lambda p: "%d.%d" % interpreter_version(p)[:2])
+def test_a_repair_runs_under_the_oldest_and_newest_python(replayed, python):
+    host = Host(replayed.root, python=python)
+    before = look(host)
+    delete_directory(host)
+    verify(host, "--repair")
+    assert look(host) == before
 
 
 def test_a_path_filter_repairs_those_paths_alone(replayed):
@@ -343,3 +352,40 @@ def test_a_directory_holding_files_is_not_removed(replayed):
 ])
 def test_bad_repair_command_lines(replayed, args, wanted):
     assert wanted in error_line(verify(replayed, *args, code=2))
+
+
+def test_a_hard_link_whose_file_a_later_snap_replaced_is_put_back_as_its_own_file(author, keys, host, tmp_path,
+                                                                                 busybox_root):
+    # /etc/a.link is held to the first /etc/a it was linked to (a later snap gave /etc/a a new inode).
+    src = source_tree(tmp_path, "/etc/a", "first\n")
+    os.link(os.path.join(src, "etc/a"), os.path.join(src, "etc/a.link"))
+    author.commit(["--root", src, "snap", "/etc/a", "/etc/a.link"])
+    os.unlink(os.path.join(src, "etc/a"))
+    with open(os.path.join(src, "etc/a"), "w") as f:
+        f.write("second\n")
+    author.commit(["--root", src, "snap", "/etc/a"])
+    busybox_root(host.root)
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    os.unlink(host.path("/etc/a.link"))
+    os.link(host.path("/etc/a"), host.path("/etc/a.link"))
+    assert drifted(host) == ["/etc/a.link"]
+    verify(host, "--repair")
+    assert open(host.path("/etc/a.link")).read() == "first\n" and open(host.path("/etc/a")).read() == "second\n"
+    assert os.stat(host.path("/etc/a")).st_nlink == 1
+    verify(host)
+
+
+def test_a_path_that_leads_into_the_state_now_is_not_written(author, keys, host, tmp_path, busybox_root):
+    # /etc/app became a link to the state directory since: a file snapped under it would land in the state.
+    src = source_tree(tmp_path, "/etc/app/lock", "not the host lock\n")
+    author.commit(["--root", src, "snap", "/etc/app/lock"])
+    busybox_root(host.root)
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    shutil.rmtree(host.path("/etc/app"))
+    os.symlink("/var/lib/isconf", host.path("/etc/app"))
+    proc = verify(host, "--repair", code=8)
+    assert ("not repaired: /etc/app/lock: leads into this host's state directory, which no journal entry may "
+            "write") in proc.out
+    assert open(host.state("lock"), "rb").read() != b"not the host lock\n"
