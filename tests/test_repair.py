@@ -5,11 +5,14 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PYTHONS, Host, error_line, extents, interpreter_version, make_source, source_tree
+from conftest import (AGENT, AUTHOR, PYTHONS, Host, build, error_line, extents, interpreter_version, make_source, put,
+                      source_tree, undated)
 
 SNAPPED = ("/etc/app", "/etc/app/app.conf", "/etc/app/app.conf.link", "/etc/app/current", "/etc/app/sparse.img")
 METRICS = "/var/lib/node_exporter/textfile_collector/isconf.prom"
@@ -184,6 +187,17 @@ def test_a_file_repaired_alone_keeps_its_hard_link(replayed):
     assert (st.st_ino, st.st_nlink) == (link.st_ino, 2)
 
 
+def test_a_hard_link_repaired_alone_takes_its_drifted_file_along(replayed):
+    # A link is made to its file: the file is put back first, or the link would share its drift.
+    host = replayed
+    rewrite_content(host)
+    change_owner(host)
+    proc = verify(host, "--repair", "/etc/app/app.conf.link")
+    assert [l for l in proc.out.splitlines() if l.startswith("repaired: ")] == ["repaired: /etc/app/app.conf",
+                                                                               "repaired: /etc/app/app.conf.link"]
+    verify(host)
+
+
 def test_an_undrifted_path_asked_for_is_left_and_exits_0(replayed):
     host = replayed
     retarget_link(host)
@@ -222,9 +236,10 @@ def test_a_damaged_staged_object_is_not_used(replayed, author, server):
     with open(host.state("objects", record["object"]), "w") as f:
         f.write("LISTEN 8080\n")
     server.stop()
-    delete_files(host)
+    os.unlink(host.path("/etc/app/app.conf"))
     proc = verify(host, "--repair", code=3)
-    assert "damaged" in proc.err and "no mirror could be reached" in error_line(proc)
+    assert "is damaged (it changed since it was staged); fetching it again" in proc.err
+    assert "no mirror could be reached" in error_line(proc)
     assert not os.path.exists(host.path("/etc/app/app.conf")) and events(host) == []
 
 
@@ -264,7 +279,7 @@ def test_a_repair_is_shown_by_log_and_status(replayed):
     host = replayed
     retarget_link(host)
     verify(host, code=8)
-    assert "verified:     " in host("status").out and "1 drifted (run 'isconf verify --repair')" in host("status").out
+    assert "1 of 5 journaled paths drifted: run 'isconf verify --repair'" in host("status").out
     verify(host, "--repair")
     out = host("status").out
     assert "no drift in 5 journaled paths" in out
@@ -389,3 +404,50 @@ def test_a_path_that_leads_into_the_state_now_is_not_written(author, keys, host,
     assert ("not repaired: /etc/app/lock: leads into this host's state directory, which no journal entry may "
             "write") in proc.out
     assert open(host.state("lock"), "rb").read() != b"not the host lock\n"
+
+
+def test_the_running_agents_own_file_passes_its_self_test_before_it_is_put_back(author, keys, host, tmp_path,
+                                                                              busybox_root, server):
+    # As a snap of it does: the agent running from inside the root is the file repaired.
+    busybox_root(host.root)
+    put(host.root, AGENT, build("1.0.0"))
+    src = str(tmp_path / "src")
+    put(src, AGENT, build("1.1.0"))
+    author.commit(["--root", src, "snap", AGENT])
+    host.init(server.url, keys)
+
+    def agent(*args):
+        return subprocess.run([sys.executable, "-I", host.path(AGENT), "--root", host.root] + list(args),
+                              env={"PATH": os.environ["PATH"], "ISCONF_AUTHOR": AUTHOR, "LC_ALL": "C.UTF-8"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=300)
+    assert agent("up").returncode == 0
+    os.chmod(host.path(AGENT), 0o600)
+    proc = agent("verify", "--repair")
+    out = undated(proc.stdout.decode() + proc.stderr.decode())
+    assert proc.returncode == 0, out
+    assert "new agent %s passed its self-test: isconf 1.1.0" % AGENT in out and "repaired: %s" % AGENT in out
+    assert stat.S_IMODE(os.stat(host.path(AGENT)).st_mode) == 0o644
+
+
+def test_a_hard_link_of_a_file_out_of_reach_is_left_too(author, keys, host, tmp_path, busybox_root):
+    src = source_tree(tmp_path, "/etc/a", "first\n")
+    os.link(os.path.join(src, "etc/a"), os.path.join(src, "etc/a.link"))
+    author.commit(["--root", src, "snap", "/etc/a", "/etc/a.link"], ["exec", "--no-run", "--", "/bin/rm", "/etc/a"])
+    busybox_root(host.root)
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    os.chown(host.path("/etc/a.link"), 1, 1)
+    proc = verify(host, "--repair", code=8)
+    assert "not repaired: /etc/a.link: a hard link of /etc/a, which is not repaired" in proc.out
+    assert os.stat(host.path("/etc/a.link")).st_uid == 1
+
+
+def test_status_shows_the_last_repair_alone(replayed):
+    host = replayed
+    change_owner(host)
+    retarget_link(host)
+    verify(host, "--repair", "/etc/app/current")
+    verify(host, "--repair")
+    assert [r["paths"] for r in json.loads(host("status", "--json").out)["repaired"]] == [
+        ["/etc/app/app.conf", "/etc/app/app.conf.link"]]
+    assert len([l for l in host("log").out.splitlines() if "repaired" in l]) == 2  # log keeps them all
