@@ -5806,13 +5806,15 @@ def status_report(host):
     report["state"] = next(state for state in STATES if holds[state])
     report["verify"] = host.last_verify()
     # The last 'verify --repair' that put something back: its events, one per snap (Repair.record).
-    repaired = []
+    repaired, last = [], None
     for event in reversed(events):
-        if event["event"] == "repaired":
-            repaired.insert(0, {"seq": event["seq"], "id": event["id"], "time": event.get("time"),
-                                "who": event.get("who"), "count": event.get("count"), "paths": event.get("paths")})
-        elif repaired:
+        if event["event"] != "repaired":
+            continue
+        if last is not None and (event.get("started"), event.get("pid")) != last:
             break
+        last = (event.get("started"), event.get("pid"))
+        repaired.insert(0, {"seq": event["seq"], "id": event["id"], "time": event.get("time"),
+                            "who": event.get("who"), "count": event.get("count"), "paths": event.get("paths")})
     report["repaired"] = repaired
     return report
 
@@ -5881,10 +5883,11 @@ def status_text(report, interrupted_max):
                         last.get("fetched_bytes", 0), ": " + last["reason"] if last.get("reason") else ""))
     verified = report.get("verify")
     if verified:
-        lines.append("verified:     %s: %s in %d journaled paths%s"
-                     % (verified["time"], "%d drifted (run 'isconf verify --repair')" % verified["drift_paths"]
-                        if verified["drift_paths"] else "no drift", verified["paths"],
-                        " (--quick)" if verified.get("quick") else ""))
+        lines.append("verified:     %s%s: %s" % (verified["time"], " (--quick)" if verified.get("quick") else "",
+                                                  "%d of %d journaled paths drifted: run 'isconf verify --repair'"
+                                                  % (verified["drift_paths"], verified["paths"])
+                                                  if verified["drift_paths"] else
+                                                  "no drift in %d journaled paths" % verified["paths"]))
     for item in report.get("repaired", []):
         lines.append("repaired:     %s by %s: %s from seq %d" % (item["time"], item["who"], repaired_text(item),
                                                                  item["seq"]))
@@ -6196,6 +6199,7 @@ class Repair(object):
     def __init__(self, host, asked, quick, who):
         self.host, self.asked, self.quick, self.who = host, asked, quick, who
         self.repaired, self.left, self.still, self.files, self.applied_seq = [], [], [], {}, 0
+        self.started = format_time(time.time())
 
     def run(self):
         host = self.host
@@ -6294,12 +6298,14 @@ class Repair(object):
 
     def record(self, history, sources):
         """One 'repaired' event per snap the repaired paths came from: its seq and id, the paths (as many
-        as REPAIR_NAMES_MAX holds), their count, and who."""
+        as REPAIR_NAMES_MAX holds), their count, who, and when and by which process the repair started
+        (the events of one repair share them)."""
         by_entry = collections.OrderedDict()
         for path in self.repaired:
             by_entry.setdefault(sources[path], []).append(path)
         for entry, paths in by_entry.items():
-            history.record("repaired", entry, paths=bounded_names(paths), count=len(paths), who=self.who)
+            history.record("repaired", entry, paths=bounded_names(paths), count=len(paths), who=self.who,
+                           started=self.started, pid=os.getpid())
 
 
 # ---------------------------------------------------------------------------

@@ -451,3 +451,19 @@ def test_status_shows_the_last_repair_alone(replayed):
     assert [r["paths"] for r in json.loads(host("status", "--json").out)["repaired"]] == [
         ["/etc/app/app.conf", "/etc/app/app.conf.link"]]
     assert len([l for l in host("log").out.splitlines() if "repaired" in l]) == 2  # log keeps them all
+
+
+def test_a_link_on_the_way_never_leads_a_repair_out_of_the_root(author, keys, host, tmp_path, busybox_root):
+    # /etc/app became a link to a directory outside the root: followed inside the root, as a chroot would.
+    src = source_tree(tmp_path, "/etc/app/motd", "hello\n")
+    author.commit(["--root", src, "snap", "/etc/app/motd"])
+    busybox_root(host.root)
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.rmtree(host.path("/etc/app"))
+    os.symlink(str(outside), host.path("/etc/app"))
+    verify(host, "--repair")
+    assert os.listdir(str(outside)) == []
+    assert open(host.path(str(outside / "motd"))).read() == "hello\n"  # the link's target, inside the root
