@@ -122,6 +122,7 @@ AGENT_UMASK = 0o022             # what the agent makes is 0755 or 0644 (or tight
 DEFAULT_EXEC_UMASK = 0o022      # what execs run with unless the config says otherwise (exec_umask)
 DEFAULT_WAIT = 3600             # seconds 'up --wait' waits for the host lock: a run longer than an hour is stuck
 LOCK_POLL = 0.5                 # seconds between tries for a busy lock: flock has no timeout of its own
+REPAIR_NAMES_MAX = 64 * 1024    # bytes of path names one 'repaired' history record keeps, far under RECORD_MAX
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -2722,6 +2723,26 @@ class FileType(object):
         """The record whose shape, content and metadata the disk must show at this record's path."""
         return record
 
+    # A host: repair ('verify --repair').
+
+    @staticmethod
+    def repair_record(files, path):
+        """The record 'verify --repair' installs at path (files: journaled_files)."""
+        record = files[path][0]
+        return FILE_TYPES[record["type"]].repaired_as(files, record)
+
+    @staticmethod
+    def shared_with(files, path):
+        """The journaled path whose inode path shares on a host (a hard link's file), or None."""
+        record = files[path][0]
+        return FILE_TYPES[record["type"]].shares_with(files, record)
+
+    def repaired_as(self, files, record):
+        return record
+
+    def shares_with(self, files, record):
+        return None
+
     def drift(self, look, record, st):
         """This type's drifts at a path that is of its type: its metadata, unless the type adds more."""
         drifts = []
@@ -2928,6 +2949,15 @@ class HardLink(FileType):
         # the records of the snap that last named this path: the file record it links to is among them
         return look.last[record["path"]][1][record["target"]]
 
+    def repaired_as(self, files, record):
+        """Linked to its file while that path's last record is still it; else (a later snap gave that path a
+        new inode) a file of its own, with the content it is held to (drift)."""
+        want = files[record["path"]][1][record["target"]]
+        return record if files.get(record["target"], (None,))[0] is want else dict(want, path=record["path"])
+
+    def shares_with(self, files, record):
+        return record["target"] if self.repaired_as(files, record) is record else None
+
     def drift(self, look, record, st):
         """Held to the file it links to and, while that path's last record is still that one, sharing
         its inode; once a later snap replaced the other path (a new inode), it keeps its content."""
@@ -3057,6 +3087,11 @@ class Kind(object):
         """The file records an entry of this kind leaves on disk: what 'verify' holds the disk to."""
         return []
 
+    def names(self, fields, path):
+        """Whether an entry of this kind names path beside what it installs: what it did to path may be
+        the journal's last word on it, which 'verify --repair' cannot redo."""
+        return False
+
     def waits(self, fields, allow_reboot):
         """Why a run stops before an entry of this kind, as (exit code, message); None to apply it now."""
         return None
@@ -3083,6 +3118,9 @@ class ExecKind(Kind):
 
     def summary(self, fields):
         return "exec " + " ".join(shlex.quote(a) for a in fields["argv"])
+
+    def names(self, fields, path):
+        return any(path in argument for argument in fields["argv"])  # 'rm PATH', 'sed -i ... PATH'
 
     def apply(self, fields, transaction):
         status = transaction.run(fields["argv"], fields["cwd"])
@@ -3246,6 +3284,9 @@ class Entry(object):
 
     def installs(self):
         return self.meaning().installs(self.fields)
+
+    def names(self, path):
+        return self.meaning().names(self.fields, path)
 
     def waits(self, allow_reboot):
         return self.meaning().waits(self.fields, allow_reboot)
@@ -4272,6 +4313,22 @@ class Host(object):
     def record_success(self):
         self.state.write("last-success", (format_time(time.time()) + "\n").encode())
 
+    def record_verify(self, drift_paths, paths, quick):
+        """What the last 'verify' found, for status and the metrics: replaced atomically, as last-run."""
+        record = {"time": format_time(time.time()), "drift_paths": drift_paths, "paths": paths, "quick": quick}
+        self.state.write("last-verify", json.dumps(record, sort_keys=True).encode("utf-8") + b"\n", 0o644)
+
+    def last_verify(self):
+        """The record_verify record, or None before the first verify; a damaged one is None too."""
+        try:
+            record = parse_json(self.state.read("last-verify", RECORD_MAX))
+        except (FileNotFoundError, ValueError):
+            return None
+        if not (isinstance(record, dict) and TIME_RE.match(str(record.get("time")))
+                and all(isinstance(record.get(key), int) for key in ("drift_paths", "paths"))):
+            return None
+        return record
+
 
 def upgrade_state(host):
     """From format 1 (0.1.0): logs were named by seq alone, and 0644; name each by the entry
@@ -4621,11 +4678,12 @@ def journaled_files(rows):
     return FileType.last_records(entry.installs() for entry, mark, _ in rows if mark in ("applied", "baseline"))
 
 
-def disk_drifts(rootpath, files, quick):
-    """Every drift of the journaled files (journaled_files) on the disk, by path."""
+def disk_drifts(rootpath, files, quick, paths=None):
+    """Every drift of the journaled files (journaled_files) on the disk, by path; with paths, of those alone."""
     look = Look(rootpath, Owners(rootpath), files, quick)
     return [{"path": path, "what": what, "expected": expected, "found": found}
-            for path in sorted(files) for what, expected, found in FileType.drift_of(look, files[path][0])]
+            for path in sorted(files if paths is None else paths)
+            for what, expected, found in FileType.drift_of(look, files[path][0])]
 
 
 def drift_text(what, expected, found):
@@ -5323,15 +5381,22 @@ class Sync(object):
         for entry in interpretable(pending):  # what comes after is for the agent that can read it
             for sha, size in entry.objects():
                 needed[sha] = size
+        self.stage(mirror, self.missing(needed))
+
+    def missing(self, needed):
+        """The (sha, size) of needed ({sha: size}) not staged intact (staged_intact), largest first: a big
+        object started last would hold up the end of the run alone."""
         objects = self.host.objects
-        wanted = []
-        for sha, size in needed.items():
-            if not self.staged_intact(objects, sha, size):
-                wanted.append((sha, size))
+        wanted = [(sha, size) for sha, size in needed.items() if not self.staged_intact(objects, sha, size)]
+        wanted.sort(key=lambda item: (-item[1], item[0]))
+        return wanted
+
+    def stage(self, mirror, wanted):
+        """Fetch the (sha, size) pairs of wanted from mirror, each verified, and rename them into the
+        staging area once all verified (stage_objects)."""
         if not wanted:
             return
-        # Largest first: a big object started last would hold up the end of the run alone.
-        wanted.sort(key=lambda item: (-item[1], item[0]))
+        objects = self.host.objects
         touched = []
         try:
             self.fetch_objects(mirror, wanted, touched)
@@ -5345,6 +5410,32 @@ class Sync(object):
         for sha, _ in wanted:
             objects.rename(sha + ".part", sha)
         objects.fsync()
+
+    def stage_any(self, needed):
+        """Stage needed objects ({sha: size}) no longer staged intact here (pruned once applied) from the
+        first mirror that serves them all, each verified by the hash and size the local journal gives;
+        for 'verify --repair', which reads no head.  Nothing is staged unless all of them verified."""
+        wanted = self.missing(needed)
+        refusals, failures = [], []
+        for mirror in (self.mirrors() if wanted else []):
+            try:
+                self.stage(mirror, wanted)
+                return
+            except Refused as e:
+                refusals.append(e)
+            except Unreachable as e:
+                failures.append((mirror, e))
+            finally:
+                mirror.close()
+        if not wanted:
+            return
+        for mirror, e in failures if refusals else failures[:-1]:
+            warn("mirror %s: %s" % (mirror, e))
+        for e in refusals[1:]:
+            warn(str(e))
+        raise refusals[0] if refusals else Unreachable(
+            "no mirror could be reached (%s); check the network and the URLs in %s"
+            % (failures[-1][1] if failures else "none configured", self.config.path))
 
     def staged_intact(self, objects, sha, size):
         """Whether objects/SHA, staged by an earlier run, holds the object's bytes: its size, then its
@@ -5974,7 +6065,26 @@ def status_report(host):
         "pending": report["pending"], "up-to-date": True,
     }
     report["state"] = next(state for state in STATES if holds[state])
+    report["verify"] = host.last_verify()
+    # The last 'verify --repair' that put something back: its events, one per snap (Repair.record).
+    repaired, last = [], None
+    for event in reversed(events):
+        if event["event"] != "repaired":
+            continue
+        if last is not None and (event.get("started"), event.get("pid")) != last:
+            break
+        last = (event.get("started"), event.get("pid"))
+        repaired.insert(0, {"seq": event["seq"], "id": event["id"], "time": event.get("time"),
+                            "who": event.get("who"), "count": event.get("count"), "paths": event.get("paths")})
+    report["repaired"] = repaired
     return report
+
+
+def repaired_text(event):
+    """The paths of a 'repaired' event, as status and log say them: the first few, and how many in all."""
+    paths, count = event.get("paths") or [], event.get("count") or 0
+    shown = ", ".join(paths[:3]) + (", ..." if count > 3 else "")
+    return "%s (%d path%s)" % (shown, count, "s"[count == 1:])
 
 
 def age(seconds):
@@ -6032,6 +6142,16 @@ def status_text(report, interrupted_max):
         lines.append("last run:     %s, exit %d (%s) after %.1f s, %d applied, %d bytes fetched%s"
                      % (last["end"], last["exit_code"], last.get("result"), last["duration"], last.get("applied", 0),
                         last.get("fetched_bytes", 0), ": " + last["reason"] if last.get("reason") else ""))
+    verified = report.get("verify")
+    if verified:
+        lines.append("verified:     %s%s: %s" % (verified["time"], " (--quick)" if verified.get("quick") else "",
+                                                  "%d of %d journaled paths drifted: run 'isconf verify --repair'"
+                                                  % (verified["drift_paths"], verified["paths"])
+                                                  if verified["drift_paths"] else
+                                                  "no drift in %d journaled paths" % verified["paths"]))
+    for item in report.get("repaired", []):
+        lines.append("repaired:     %s by %s: %s from seq %d" % (item["time"], item["who"], repaired_text(item),
+                                                                 item["seq"]))
     for item in report["retracted"]:
         lines.append("retracted:    seq %d by seq %s: %s" % (item["seq"], item["by_seq"], item["why"]))
     for item in report["skipped"]:
@@ -6069,6 +6189,8 @@ METRICS = [  # (name, help, the value from a status report)
     ("isconf_failed_seq", "Seq of the failed transaction the host is halted at (0: none).",
      lambda r, run: r["failed"]["seq"] if r["failed"] else 0),
     ("isconf_disabled", "1 while 'isconf disable' pauses the host.", lambda r, run: 1 if r["disabled"] else 0),
+    ("isconf_drift_paths", "Journaled paths the last 'isconf verify' found drifted (0: none, or never verified).",
+     lambda r, run: r["verify"]["drift_paths"] if r["verify"] else 0),
 ]
 
 
@@ -6111,6 +6233,17 @@ def write_metrics(host, path, report):
         directory.write(posixpath.basename(path), render_metrics(report), 0o644)
     finally:
         directory.close()
+
+
+def refresh_metrics(host):
+    """Write the metrics (if the config names a file) from a fresh status report, the host lock let go (else
+    the report says 'running'); for verbs other than 'up' whose result they carry.  A failure is a warning."""
+    try:
+        metrics = host.config.metrics
+        if metrics:
+            write_metrics(host, metrics, status_report(host))
+    except (IsconfError, OSError) as e:
+        warn("metrics not written: %s" % e)
 
 
 def fetched_bytes(host, plan, staged):
@@ -6391,6 +6524,185 @@ def recorded_up(args, host):
         raise
     finish_run(host, record, code)
     return code
+
+
+# ---------------------------------------------------------------------------
+# Repair: drifted paths put back as the journal last made them ('verify --repair').
+# ---------------------------------------------------------------------------
+
+
+def snapped_by(rows):
+    """path -> the applied snap entry (of host_report's rows) whose record 'verify' holds the path to."""
+    by = {}
+    for entry, mark, _ in rows:
+        if mark in ("applied", "baseline"):
+            for record in entry.installs():
+                by[record["path"]] = entry
+    return by
+
+
+def named_after(rows, path, after):
+    """The first entry applied after seq after that names path beside what it installs (Kind.names: an
+    exec whose arguments name it), or None: what it did, not the snap, may be the journal's last word on
+    the path ('rm PATH', 'sed -i ... PATH'), which a repair from the snap would undo."""
+    for entry, mark, _ in rows:
+        if mark in ("applied", "baseline") and entry.seq > after and entry.names(path):
+            return entry
+    return None
+
+
+def clear_way(rootpath, record):
+    """Remove an empty directory where the record is of another type (no rename replaces it); one that
+    holds anything is left as it is (StateError)."""
+    if record["type"] == Directory.name:
+        return
+    try:
+        dfd, name = rootpath.parent(record["path"])
+    except FileNotFoundError:
+        return
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+            os.rmdir(name, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise StateError("a directory holding files stands where the journal has a %s: move it away and "
+                         "repair again" % FILE_TYPES[record["type"]].label)
+    finally:
+        os.close(dfd)
+
+
+def bounded_names(paths):
+    """The first of paths whose names fit in REPAIR_NAMES_MAX bytes: a history record stays small."""
+    kept, size = [], 0
+    for path in paths:
+        size += len(path.encode("utf-8", "surrogateescape")) + 4
+        if size > REPAIR_NAMES_MAX:
+            break
+        kept.append(path)
+    return kept
+
+
+class Repair(object):
+    """'verify --repair': each drifted path (of asked, or all) put back under the host lock as the last
+    applied snap recorded it, through the install a snap uses (FileType.install_record), from staged
+    objects verified by hash (Sync.stage_any fetches the pruned ones first: nothing is installed unless
+    all verified).  A path no applied snap records, or one an exec after its snap names, is out of reach.
+    Its results: repaired (paths), left ([(path, why)]), still (drifts of every journaled path after),
+    files (journaled_files), applied_seq; 'repaired' events in the history, by snap."""
+
+    def __init__(self, host, asked, quick, who):
+        self.host, self.asked, self.quick, self.who = host, asked, quick, who
+        self.repaired, self.left, self.still, self.files, self.applied_seq = [], [], [], {}, 0
+        self.started = format_time(time.time())
+
+    def run(self):
+        host = self.host
+        host.check_agent_file()
+        with host.lock():
+            ensure_state(host)
+            paused = host.disabled()
+            if paused:
+                raise Disabled("this host was disabled by %s at %s: %s; nothing is repaired until 'isconf enable'"
+                               % (paused["who"], paused["time"], paused["why"]))
+            history = host.history()
+            if history.events and history.events[-1]["event"] in ("started", "interrupted"):
+                raise StateError("transaction %d started and never ended; run 'isconf up' to finish it, then "
+                                 "repair" % history.events[-1]["seq"])
+            _, rows, self.applied_seq, _ = host_report(host, history)
+            self.files = files = journaled_files(rows)
+            sources = snapped_by(rows)
+            drifts = disk_drifts(host.rootpath, files, self.quick)
+            records = self.chosen(rows, sources, set(d["path"] for d in drifts))
+            touched = set(path for path, _ in records)
+            try:
+                self.install(rows, sources, records)
+            finally:
+                self.record(history, sources)
+            self.still = sorted([d for d in drifts if d["path"] not in touched]
+                                + disk_drifts(host.rootpath, files, False, touched), key=lambda d: d["path"])
+            host.record_verify(len(set(d["path"] for d in self.still)), len(files), self.quick)
+        return self
+
+    def chosen(self, rows, sources, drifted):
+        """[(path, record to install)] in journal order: the drifted paths asked for within reach, with
+        what hard links tie to them (a link's drifted file first; the links of a file that gets a new inode)."""
+        files, left = self.files, self.left
+        for path in self.asked or []:
+            if path not in files:
+                left.append((path, "no snap this host applied records it (an exec's work, or not the journal's): "
+                                   "out of repair's reach"))
+        chosen = set(p for p in drifted if self.asked is None or p in self.asked)
+        for _ in range(2):
+            for path in files:
+                target = FileType.shared_with(files, path)
+                if target is not None and path in chosen and target in drifted:
+                    chosen.add(target)
+                if target is not None and target in chosen:
+                    chosen.add(path)
+        out = {}
+        for path in sorted(chosen):
+            entry = sources[path]
+            writer = named_after(rows, path, entry.seq)
+            if writer is not None:
+                out[path] = ("%s %d, applied after its snap (seq %d), names it: the journal may last have changed "
+                             "it there, out of repair's reach (snap it again to make a snap its reference)"
+                             % (writer.kind, writer.seq, entry.seq))
+            elif self.host.writes_state(path):
+                out[path] = "leads into this host's state directory, which no journal entry may write"
+        for path in sorted(chosen):
+            target = FileType.shared_with(files, path)
+            if path not in out and target in out:
+                out[path] = "a hard link of %s, which is not repaired" % target
+        left.extend(sorted(out.items()))
+        order = {}
+        for entry in set(sources.values()):
+            for number, record in enumerate(entry.installs()):
+                order[(entry.id, record["path"])] = number
+        keep = sorted((p for p in chosen if p not in out), key=lambda p: (sources[p].seq, order[(sources[p].id, p)]))
+        return [(path, FileType.repair_record(files, path)) for path in keep]
+
+    def install(self, rows, sources, records):
+        host = self.host
+        objects = host.objects
+        needed = dict(need for _, record in records for need in FILE_TYPES[record["type"]].objects(record))
+        before = set(objects.listdir())
+        try:
+            if needed:
+                Sync(Run(host)).stage_any(needed)  # every object verified before anything is installed
+            site, agent = Site(host.rootpath, Owners(host.rootpath), objects), agent_files()
+            for path, record in records:
+                transaction = Transaction(host, sources[path], {}, None, False, agent)
+                try:
+                    clear_way(host.rootpath, record)
+                    if record["type"] == RegularFile.name and transaction.is_agent(path):
+                        transaction.try_agent(path, lambda dfd, name: FILE_TYPES[RegularFile.name].write_copy(
+                            objects, dfd, name, record, (os.getuid(), os.getgid()), 0o600))
+                    FileType.install_record(site, record)
+                except (OSError, OverflowError, TransactionFailed, StateError) as e:
+                    self.left.append((path, "cannot install it: %s" % (getattr(e, "strerror", None) or e)))
+                    continue
+                self.repaired.append(path)
+        finally:  # what was fetched for this alone goes, as an 'up' prunes what it applied
+            pending = interpretable(e for e, mark, _ in rows if mark in ("pending", "failed"))
+            keep = set(sha for e in pending for sha, _ in e.objects())
+            for sha in needed:
+                if sha not in before and sha not in keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        objects.unlink(sha)
+
+    def record(self, history, sources):
+        """One 'repaired' event per snap the repaired paths came from: its seq and id, the paths (as many
+        as REPAIR_NAMES_MAX holds), their count, who, and when and by which process the repair started
+        (the events of one repair share them)."""
+        by_entry = collections.OrderedDict()
+        for path in self.repaired:
+            by_entry.setdefault(sources[path], []).append(path)
+        for entry, paths in by_entry.items():
+            history.record("repaired", entry, paths=bounded_names(paths), count=len(paths), who=self.who,
+                           started=self.started, pid=os.getpid())
 
 
 # ---------------------------------------------------------------------------
@@ -8120,11 +8432,17 @@ def cmd_status(args):
 def cmd_log(args):
     host = Host(args.root, args.config)
     host.config  # an uninitialised host is told to run init
-    head, rows, _, _ = host_report(host)
+    history = host.history()
+    head, rows, _, _ = host_report(host, history)
     rows = list(reversed(rows))[:args.n] if args.n is not None else list(reversed(rows))
+    repairs = {}  # by id, as every event: 'verify --repair' put back paths this entry snapped
+    for event in history.events:
+        if event["event"] == "repaired":
+            repairs.setdefault(event["id"], []).append({key: event.get(key) for key in ("time", "who", "count",
+                                                                                       "paths")})
     if args.json:
-        emit(json.dumps([entry.as_json(state=mark, run_by=run_by(event)) for entry, mark, event in rows],
-                        indent=2, sort_keys=True) + "\n")
+        emit(json.dumps([entry.as_json(state=mark, run_by=run_by(event), repaired=repairs.get(entry.id, []))
+                         for entry, mark, event in rows], indent=2, sort_keys=True) + "\n")
         return
     for entry, mark, event in rows:
         show("%-7s %4d %s %s %s" % (mark, entry.seq, entry.id[:12], entry.time, entry.author))
@@ -8135,14 +8453,50 @@ def cmd_log(args):
             show("             skipped by %s: %s" % (event.get("who"), event.get("why")))
         if mark == "retracted":
             show("             retracted by seq %s: %s" % (event.get("by_seq"), event.get("why")))
+        for repair in repairs.get(entry.id, []):
+            show("             repaired %s by %s: %s" % (repair["time"], repair["who"], repaired_text(repair)))
+
+
+def verify_repair(args, host):
+    """verify --repair: Repair, then one line per path it put back or could not, the drift left, and
+    exit 0 only when every path asked (every drifted one, without PATH) no longer drifts."""
+    asked = None
+    if args.paths:
+        asked = list(collections.OrderedDict((validate_path_arg(p, "PATH"), None) for p in args.paths))
+    repair = Repair(host, asked, args.quick, author_name()).run()
+    refresh_metrics(host)
+    for path in repair.repaired:
+        show("repaired: %s" % path)
+    for path, why in repair.left:
+        show("not repaired: %s: %s" % (path, why))
+    wanted = set(asked) if asked is not None else None
+    remaining = [d for d in repair.still if wanted is None or d["path"] in wanted or d["path"] in repair.repaired]
+    for drift in remaining:
+        show("drift: %s: %s" % (drift["path"], drift_text(drift["what"], drift["expected"], drift["found"])))
+    left = len(set(d["path"] for d in repair.still))
+    show("isconf: %d repaired, %d not repaired; %s in %d journaled paths (applied up to seq %d)"
+         % (len(repair.repaired), len(repair.left), "%d drifted" % left if left else "no drift", len(repair.files),
+            repair.applied_seq))
+    return EXIT_DRIFT if repair.left or remaining else EXIT_OK
 
 
 def cmd_verify(args):
     host = Host(args.root, args.config)
     host.config  # an uninitialised host is told to run init
+    if args.paths and not args.repair:
+        raise UsageError("PATH names what --repair puts back; 'isconf verify' alone checks every journaled path")
+    if args.repair and args.json:
+        raise UsageError("--json is for 'verify' alone; --repair says what it did one line per path")
+    if args.repair:
+        return verify_repair(args, host)
     _, rows, applied_seq, _ = host_report(host)
     files = journaled_files(rows)
     drifts = disk_drifts(host.rootpath, files, args.quick)
+    try:  # for status and the metrics (isconf_drift_paths); verify itself takes no lock and needs none
+        host.record_verify(len(set(d["path"] for d in drifts)), len(files), args.quick)
+    except (IsconfError, OSError) as e:
+        warn("the result of this verify was not recorded: %s" % e)
+    refresh_metrics(host)
     if args.json:
         emit(json.dumps(drifts, indent=2, sort_keys=True) + "\n")
     else:
@@ -8151,6 +8505,8 @@ def cmd_verify(args):
         show("isconf: %s in %d journaled paths (applied up to seq %d)"
              % ("%d drift%s" % (len(drifts), "s"[len(drifts) == 1:]) if drifts else "no drift", len(files),
                 applied_seq))
+        if drifts:
+            show("isconf: 'isconf verify --repair [PATH...]' puts them back as the journal last made them")
     return EXIT_DRIFT if drifts else EXIT_OK
 
 
@@ -8281,6 +8637,19 @@ drift): content, type, mode, owner, group, link target.  It reads the verified l
 journal and the host state only, never the network.  One line per drift:
   drift: /etc/motd: content differs
   drift: /etc/ssh/sshd_config: mode 0644, journal says 0600
+
+--repair puts each drifted path (or each PATH, as the journal names it) back as its
+last applied snap made it: content, type, mode, owner, group, link target, hard links,
+through the install a snap uses, under the host lock, from staged objects or, pruned
+since, fetched from the mirrors and verified by hash (nothing installed unless all
+verify).  Out of its reach, said one line each: a path no applied snap records (an
+exec's work), one an exec applied after its snap names.  Recorded in the history
+('repaired', shown by log and status).  Refused while the host is disabled.
+
+exit codes: 0 no drift (--repair: every path asked for repaired), 8 drift found
+(--repair: drift remains, or a path out of its reach), 2 usage, 3 a pruned object
+reached no mirror, 4 a mirror's object failed its hash (nothing installed), 6 busy,
+7 local state problem, 9 disabled (--repair).
 """
 
 
@@ -8490,12 +8859,17 @@ def build_parser(only=None):
     p.add_argument("--json", action="store_true", help="a JSON list, newest first (default: text)")
     p.add_argument("-n", type=whole_number, metavar="N", help="show only the newest N entries (default: all)")
     p = verb("verify", cmd_verify, "compare the files the journal last snapped with the disk; exit %d on any "
-             "drift" % EXIT_DRIFT, "isconf verify\nisconf verify --quick --json", about=VERIFY_ABOUT,
-             codes=(EXIT_DRIFT,))
+             "drift, or --repair it" % EXIT_DRIFT, "isconf verify\nisconf verify --quick --json\n"
+             "isconf verify --repair /etc/motd", about=VERIFY_ABOUT,
+             codes=(EXIT_DRIFT, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_BUSY, EXIT_DISABLED))
     p.add_argument("--json", action="store_true", help="print the drifts as a JSON list of {path, what, expected, "
                    "found} (default: one line each)")
     p.add_argument("--quick", action="store_true", help="take a file whose size and mtime are the journal's to "
                    "hold its content, without reading it (default: read and hash every file)")
+    p.add_argument("--repair", action="store_true", help="put each drifted path back as the journal last made it "
+                   "(default: only report drift)")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="with --repair, only these journaled paths, absolute "
+                   "inside the root (default: every drifted path)")
     p = verb("skip", cmd_skip, "mark the failed transaction SEQ as skipped on this host, for good",
              "isconf skip 3 -m 'site.conf not used on this host'", codes=(EXIT_BUSY,))
     p.add_argument("seq", type=whole_number, metavar="SEQ", help="the failed transaction's seq (as status shows it)")
