@@ -79,7 +79,7 @@ def test_interrupted_max_is_the_hosts_to_set(author, killer):
     host.init(author.repo, author.keys, "--interrupted-max", "1")
     assert host("up").returncode == -9
     proc = host("up", expect="failed")
-    assert "started 1 times without ending (interrupted_max 1)" in proc.err and attempts(host) == 1
+    assert "started 1 time without ending (interrupted_max 1)" in proc.err and attempts(host) == 1
 
 
 def test_a_transaction_that_fails_is_not_an_interrupted_one(author, host, busybox_root):
