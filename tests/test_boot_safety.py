@@ -230,7 +230,7 @@ def test_a_boot_run_that_gives_up_is_retried_by_the_timer_installed_by_default(s
     with open(os.path.join(units, "isconf-update.timer")) as f:
         assert "OnBootSec=15min\n" in f.read()
     with open(os.path.join(units, "isconf-update.service")) as f:
-        assert "ExecStart=/usr/local/sbin/isconf up\n" in f.read()
+        assert "ExecStart=/usr/local/sbin/isconf up --periodic\n" in f.read()
     verify(host)
 
 
