@@ -247,6 +247,15 @@ def test_a_branch_no_mirror_has_is_refused_at_once_naming_the_mirror(author, ser
     assert report["state"] == "refused" and "branch wbe does not exist" in report["last_run"]["reason"]
 
 
+def test_at_boot_a_branch_no_mirror_has_is_waited_for_then_refused(author, server, host):
+    # At boot a repository may still be on its way to a mirror: the boot wait runs out first.
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host("init", server.url, "--branch", "wbe", "--insecure", "--boot-wait", "1", expect="ok")
+    proc = host("up", "--boot", expect="refused")
+    assert "waiting up to 1 s for a mirror" in proc.err
+    assert error_line(proc).startswith("isconf: error: branch wbe does not exist on %s; " % server.url)
+
+
 def test_a_directory_mirror_says_which_branches_it_has(author, server, host):
     author.commit(["exec", "--no-run", "--", "/bin/true"])
     Author(author.repo, branch="db", keys=author.keys).commit(["exec", "--no-run", "--", "/bin/true"])
