@@ -167,7 +167,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1       # a transaction failed; the host halts there
 EXIT_USAGE = 2        # bad command line or input
 EXIT_UNREACHABLE = 3  # no mirror answered
-EXIT_REFUSED = 4      # verification failed; nothing applied
+EXIT_REFUSED = 4      # verification failed, or no mirror has the branch; nothing applied
 EXIT_REBOOT = 5       # the next transaction is a reboot; run 'up -r'
 EXIT_BUSY = 6         # another run or author holds the lock
 EXIT_STATE = 7        # local state or configuration problem
@@ -7893,8 +7893,9 @@ As an author (working on a repository directory, --repo or ISCONF_REPO):
   isconf sign --sign ~/.ssh/id_ed25519 --expires 30d   renew the head's expiry
 
 Exit codes: 0 ok, 1 a transaction failed, 2 usage, 3 repository unreachable,
-4 refused (verification failed), 5 reboot required, 6 busy, 7 local state problem,
-8 drift found by 'isconf verify', 9 disabled ('isconf disable'), 10 needs a newer isconf,
+4 refused (verification failed, or no mirror has the branch), 5 reboot required, 6 busy,
+7 local state problem, 8 drift found by 'isconf verify', 9 disabled ('isconf disable'),
+10 needs a newer isconf,
 11 something would run ('up --dry-run'), 70 internal error (a bug: please report it),
 130 interrupted.
 """
