@@ -5096,7 +5096,10 @@ class Sync(object):
         """After a journal's new part did not verify: whether the mirror's journal starts with this
         host's copy at all.  Where it does not, the branch was forked or rewritten past what this host
         verified, and the error says so, not what the bytes at that offset happen to look like."""
-        got = mirror.fetch(relpath, local.length, start=0, stop=local.length).body
+        try:
+            got = mirror.fetch(relpath, local.length, start=0, stop=local.length).body
+        except IsconfError:
+            return  # the mirror cannot say: the error about its new part stands
         ours = self.host.journal_bytes(local.length)
         if got == ours:
             return
@@ -8063,8 +8066,9 @@ def build_parser(only=None):
              "isconf up -q --splay 600      # from cron: quiet unless something is wrong\n"
              "isconf up -r --boot           # at boot: wait for a mirror, reboot at a reboot entry")
     wait_option(p, "a running 'up' (or skip, migrate, init) to finish")
-    p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and reboot "
-                   "(default: stop there with exit 5)")
+    p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and run the "
+                   "config's reboot_command, on the machine running isconf even with --root (default: stop there "
+                   "with exit 5)")
     p.add_argument("--boot", action="store_true", help="run from init: wait for a mirror (backing off) up to "
                    "the boot wait, and log to syslog too (default: off)")
     p.add_argument("--boot-wait", type=real_number, metavar="SECONDS", help="with --boot, wait this long instead of "
