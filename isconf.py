@@ -1890,8 +1890,11 @@ class Mirror(object):
 
         def listing():
             top = os.path.join(self.directory, "branches")
-            found.append(sorted(name for name in os.listdir(top)
-                                if os.path.isfile(os.path.join(top, name, "head"))))
+            try:
+                found.append(sorted(name for name in os.listdir(top)
+                                    if os.path.isfile(os.path.join(top, name, "head"))))
+            except OSError:  # no branches there: no repository, or not one this host may read
+                pass
         thread = threading.Thread(target=listing, name="isconf-share")
         thread.daemon = True
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # Ctrl-C is for the waiting thread
