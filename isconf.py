@@ -188,7 +188,7 @@ EXIT_CODES = (  # code, the result name last-run and the metrics give it, its me
     (EXIT_FAILED, "failed", "a transaction failed; the host halts there (status: halted there)"),
     (EXIT_USAGE, "usage", "bad command line or input"),
     (EXIT_UNREACHABLE, "unreachable", "no mirror reached, or none had the file"),
-    (EXIT_REFUSED, "refused", "verification failed; nothing applied or written"),
+    (EXIT_REFUSED, "refused", "verification failed, or no mirror has the branch; nothing applied or written"),
     (EXIT_REBOOT, "reboot", "the next transaction is a reboot: run 'isconf up -r'"),
     (EXIT_BUSY, "busy", "another run holds this host's lock, or another author the branch's"),
     (EXIT_STATE, "state", "local state or configuration problem (or a full disk)"),
@@ -226,6 +226,10 @@ class NotFound(Unreachable):
     """A mirror answered, but has no such file."""
 
 
+class BranchMissing(NotFound):
+    """A mirror answered, but has no head for the branch: it does not exist there (see Sync.sync)."""
+
+
 class ShortFile(Unreachable):
     """A mirror answered a Range with 416: its file ends before the first byte asked for (a
     cache's stale journal; or an object whose start a host kept from another mirror)."""
@@ -233,6 +237,11 @@ class ShortFile(Unreachable):
 
 class Refused(IsconfError):
     exit_code = EXIT_REFUSED
+
+
+class NoSuchBranch(Refused):
+    """Every mirror answered that the branch has no head: a wrong name, never the network's fault,
+    so not tried again."""
 
 
 class Unknown(Refused):
@@ -340,6 +349,11 @@ class HashingWriter(object):
 
     def hexdigest(self):
         return self.sha256.hexdigest()
+
+
+def plural(count, noun):
+    """'1 time', '3 times': a count said as a person says it."""
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
 
 
 def format_time(seconds):
@@ -1135,6 +1149,12 @@ class Reporter(object):
         if not self.quiet:
             self._stamped("isconf: " + message, sys.stdout)
 
+    def notice(self, message):
+        """A message for a person watching ('isconf: ...'), on stderr when it is a terminal; nowhere
+        else (a cron log, a journal, syslog) and not with -q."""
+        if not self.quiet and self.terminal(sys.stderr):
+            self._stamped("isconf: " + message, sys.stderr)
+
     def warn(self, message):
         """Something the admin should know ('isconf: warning: ...'); always shown, on stderr."""
         self.syslog.send("warning: " + message, Syslog.WARNING)
@@ -1882,6 +1902,31 @@ class Mirror(object):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass   # closed already: nothing waits on it
+
+    def branches(self):
+        """The branches a directory mirror holds (those with a head), sorted; None where the mirror cannot
+        say: an HTTP one (the format has no listing), or a share that is no repository, or does not
+        answer within the timeout (a hung share: the thread is left behind, blocked, as _ShareRead's)."""
+        if self.directory is None or _ShareRead.is_stuck(self.directory):
+            return None
+        found = []
+
+        def listing():
+            top = os.path.join(self.directory, "branches")
+            try:
+                found.append(sorted(name for name in os.listdir(top)
+                                    if os.path.isfile(os.path.join(top, name, "head"))))
+            except OSError:  # no branches there: no repository, or not one this host may read
+                pass
+        thread = threading.Thread(target=listing, name="isconf-share")
+        thread.daemon = True
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # Ctrl-C is for the waiting thread
+        try:
+            thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        thread.join(self.timeout)
+        return found[0] if found else None
 
     def fetch(self, relpath, limit, start=0, stop=None, sink=None):
         """GET relpath, a file of at most `limit` bytes, or its bytes [start, stop).
@@ -3182,6 +3227,27 @@ class SnapKind(Kind):
         return HANDOVER if agent is not None else DONE
 
 
+def reboot_advice(root, command):
+    """What to do at a reboot entry.  On a --root other than /, 'up -r' runs the reboot command on the
+    machine running isconf, not in the root: with the default one that reboots this machine (a miniroot,
+    or an admin's workstation), so the advice names --reboot-command and README's miniroot procedure."""
+    if os.path.realpath(root) == "/":
+        return "run 'isconf up -r' to record it and reboot"
+    if command != DEFAULT_REBOOT:
+        return "run 'isconf --root %s up -r' to record it and run the reboot command (%s)" % (root, command)
+    return ("%s is not the machine running isconf, whose reboot 'up -r' would start (%s): give the host "
+            "--reboot-command (init --force) to boot the target, or /bin/true to record the entry and boot it "
+            "yourself (README: Building a target disk from a miniroot)" % (root, command))
+
+
+def waiting_message(entry, waits, root, reboot_command):
+    """(exit code, what up says) for an entry a run stops at (Kind.waits), a reboot's advice for this root added."""
+    code, why = waits
+    if code == EXIT_REBOOT:
+        why += ": " + reboot_advice(root, reboot_command)
+    return code, "transaction %d %s" % (entry.seq, why)
+
+
 @entry_kind
 class RebootKind(Kind):
     """Reboot the machine: recorded done first, then the configured reboot command runs."""
@@ -3191,7 +3257,7 @@ class RebootKind(Kind):
 
     def waits(self, fields, allow_reboot):
         if not allow_reboot:
-            return EXIT_REBOOT, "is a reboot: run 'isconf up -r' to record it and reboot"
+            return EXIT_REBOOT, "is a reboot"  # the run adds reboot_advice: it knows the root
         return None
 
     def apply(self, fields, transaction):
@@ -4302,7 +4368,12 @@ class Host(object):
                 raise ValueError("not an object")
         except ValueError:  # a damaged record still pauses the host: whoever wrote it meant that
             record = {}
-        return {key: str(record.get(key, "?")) for key in ("who", "why", "time")}
+        paused = {key: str(record.get(key, "?")) for key in ("who", "why", "time")}
+        # 'disable --force' over another's: theirs, kept whole, oldest first
+        earlier = record.get("earlier") if isinstance(record.get("earlier"), list) else []
+        paused["earlier"] = [{key: str(item.get(key, "?")) for key in ("who", "why", "time")}
+                             for item in earlier if isinstance(item, dict)]
+        return paused
 
     def last_success(self):
         try:
@@ -4982,6 +5053,8 @@ def splay(host, seconds):
         raise UsageError(str(e))
     delay = splay_delay(machine_id(host), seconds) + min(1.0, seconds / 100.0) * jitter()
     REPORTER.syslog.send("splay: waiting %.1f s" % delay)
+    REPORTER.notice("--splay: waiting %.1f s before this run: this host's share of %g s, so that a fleet started "
+                    "at once does not knock at once" % (delay, seconds))
     time.sleep(delay)
 
 
@@ -5196,7 +5269,9 @@ class Sync(object):
                         if attempt == 1:
                             warn("waiting up to %d s for a mirror (%s)" % (wait, failures[-1]))
                     time.sleep(delay)
-                for mirror in self.mirrors():
+                missing = []  # the mirrors of this round that answered the branch has no head
+                mirrors = self.mirrors()
+                for mirror in mirrors:
                     try:
                         plan = self._sync_from(mirror, stage, branch)
                         failed.pop(mirror.url, None)
@@ -5207,13 +5282,25 @@ class Sync(object):
                     except Unreachable as e:
                         failures.append(e)
                         failed[mirror.url] = e
+                        if isinstance(e, BranchMissing):
+                            missing.append(mirror)
                     finally:
                         mirror.close()
+                if len(missing) == len(mirrors) and not give_up:
+                    # Every mirror answered: a wrong name is not cured by asking again.  At boot a
+                    # repository may still be on its way there: that waits on.
+                    for mirror in missing:
+                        failed.pop(mirror.url, None)
+                    raise self.no_such_branch(branch or self.config.branch, missing)
                 if refusals:
                     break  # a hostile answer is not cured by asking again
                 attempt += 1
                 if (time.monotonic() >= give_up) if give_up else attempt >= max(1, self.config.retries):
                     break
+            if len(missing) == len(mirrors) and not refusals:
+                for mirror in missing:
+                    failed.pop(mirror.url, None)
+                raise self.no_such_branch(branch or self.config.branch, missing)
             error = refusals[0] if refusals else failures[-1]
             for url, e in list(failed.items()):
                 if e is error:
@@ -5225,6 +5312,17 @@ class Sync(object):
             for url, e in failed.items():
                 warn("mirror %s: %s" % (url, e))
 
+    @staticmethod
+    def no_such_branch(branch, mirrors):
+        """The error for a branch none of the mirrors has, naming the branches each one that can say holds."""
+        said = []
+        for mirror in mirrors:
+            names = mirror.branches()
+            said.append("%s%s" % (mirror, "" if names is None else " (branches there: %s)"
+                                  % (", ".join(names) if names else "none")))
+        return NoSuchBranch("branch %s does not exist on %s; check the branch name (and the mirror URLs)"
+                            % (branch, ", ".join(said)))
+
     def _sync_from(self, mirror, stage, branch):
         """Fetch and verify one mirror's head and journal tail, then stage what pending
         transactions need.  Only objects/ changes here; the Plan commits the rest later."""
@@ -5234,7 +5332,8 @@ class Sync(object):
         baseline = None if applied_seq else host.declared_baseline()
         local = host.local_head()
         local_entries = host.local_journal(local, parse_after=applied_seq)
-        if local is not None and local.branch != branch:
+        moving = local if local is not None and local.branch != branch else None
+        if moving is not None:
             # Moving to another branch (or finishing a move a crash interrupted): its
             # journal is fetched whole and replaces the local copy once it verified.
             local, local_entries = None, []
@@ -5244,7 +5343,14 @@ class Sync(object):
         # are the mtime in whole seconds and the size, so two same-size heads published
         # within one second look alike, and a 304 would leave the host behind for good.
         # The head is ~200 bytes: an up-to-date run is still one small request.
-        response = mirror.fetch(prefix + "head", HEAD_MAX)
+        try:
+            response = mirror.fetch(prefix + "head", HEAD_MAX)
+        except NotFound as e:
+            # No head: the branch does not exist there, unless a directory mirror holds no repository
+            # at all (a share not mounted yet), which is a mirror not reached.
+            if mirror.directory is not None and mirror.branches() is None:
+                raise
+            raise BranchMissing(str(e))
         if local is not None and response.body == local.data and self.local_head_trusted(local):
             local.check_expiry(self.now())  # a mirror serving the same head for ever is a freeze attack
             tied = self.tie_baseline(mirror, local_entries, baseline)
@@ -5255,13 +5361,19 @@ class Sync(object):
             return plan
         signature = self.check_signature(mirror, prefix, branch, response.body)
         head = Head.parse(response.body, "head from %s" % mirror)
-        self.check_head(mirror, head, branch, local, applied_seq)
+        # Moving, the journal fetched whole says where the branch leaves this host's history.
+        self.check_head(mirror, head, branch, local, 0 if moving else applied_seq)
 
         base = local_entries
         start = local.length if local is not None else 0
         tail = self.fetch_tail(mirror, prefix + "journal", start, head.length)
-        entries = base + verify_chain(tail, base[-1].seq if base else 0, base[-1].id if base else ZERO_ID,
-                                      "journal from %s" % mirror)
+        try:
+            entries = base + verify_chain(tail, base[-1].seq if base else 0, base[-1].id if base else ZERO_ID,
+                                          "journal from %s" % mirror)
+        except Refused:
+            if start:
+                self.check_same_start(mirror, prefix + "journal", branch, local)
+            raise
         if (entries[-1].id if entries else ZERO_ID) != head.id or (entries[-1].seq if entries else 0) != head.seq:
             raise Refused("journal from %s does not end at the entry the signed head names (seq %d); "
                           "head and journal are from different times" % (mirror, head.seq))
@@ -5269,6 +5381,8 @@ class Sync(object):
         # makes one id comparison enough: equal ids at applied_seq mean equal prefixes.
         applied = entry_at(entries, applied_seq)
         if applied_seq and (applied is None or applied.id != applied_id):
+            if moving is not None:
+                raise Refused(self.not_extending(branch, mirror, moving, entries, applied_seq))
             raise Refused("branch %s from %s does not extend what this host has applied (seq %d, %s): the "
                           "journal was rewritten; reinstall the host and replay"
                           % (branch, mirror, applied_seq, applied_id[:16]))
@@ -5278,6 +5392,42 @@ class Sync(object):
         if stage:
             self.stage_objects(mirror, plan.pending)
         return plan
+
+    def own_ids(self, head):
+        """The ids of the entries of this host's verified journal copy up to head, in order (read whole:
+        for an error's message only)."""
+        return [sha256_hex(line) for line in self.host.journal_lines(head.length) or []]
+
+    def not_extending(self, branch, mirror, moving, entries, applied_seq):
+        """Why branch (a move's target) cannot follow what this host applied: where the two part."""
+        ours = self.own_ids(moving)[:applied_seq]
+        seq = next((i + 1 for i, (mine, theirs) in enumerate(zip(ours, entries)) if mine != theirs.id),
+                   min(len(ours), len(entries)) + 1)
+        if seq > len(entries):
+            return ("branch %s from %s does not extend this host's history: it ends at seq %d, before the %d "
+                    "this host applied; migrate once it has them (promote), or to a branch that has"
+                    % (branch, mirror, len(entries), applied_seq))
+        return ("branch %s from %s does not extend this host's history (diverges at seq %d): it holds other "
+                "transactions than this host applied; migrate to a branch that extends it, or reinstall the host "
+                "and replay that branch" % (branch, mirror, seq))
+
+    def check_same_start(self, mirror, relpath, branch, local):
+        """After a journal's new part did not verify: whether the mirror's journal starts with this
+        host's copy at all.  Where it does not, the branch was forked or rewritten past what this host
+        verified, and the error says so, not what the bytes at that offset happen to look like."""
+        try:
+            got = mirror.fetch(relpath, local.length, start=0, stop=local.length).body
+        except IsconfError:
+            return  # the mirror cannot say: the error about its new part stands
+        ours = self.host.journal_bytes(local.length)
+        if got == ours:
+            return
+        theirs = got.split(b"\n")
+        seq = next((i + 1 for i, (mine, line) in enumerate(zip(ours.split(b"\n"), theirs)) if mine != line),
+                   len(theirs))
+        raise Refused("journal of branch %s from %s diverges from this host's copy at seq %d: the branch was "
+                      "forked or rewritten after this host verified it (seq %d); reinstall the host and replay, or "
+                      "migrate to a branch that extends it" % (branch, mirror, seq, local.seq))
 
     def refuse_state_writes(self, mirror, pending):
         """Refused, before anything applies, if a pending entry would install a path that leads into
@@ -5657,8 +5807,8 @@ class Applier(object):
                 continue
             waits = entry.waits(allow_reboot)  # NeedsNewer halts here, unless an agent upgrade before it took over
             if waits is not None:
-                code, why = waits
-                say("transaction %d %s" % (entry.seq, why))
+                code, why = waiting_message(entry, waits, host.root, self.config.reboot_command)
+                say(why)
                 return code
             position, summary, started = "[%d/%d]" % (entry.seq, plan.head.seq), entry.summary(), time.monotonic()
             interrupted = history.interruptions(entry, self.boot_id)
@@ -5716,7 +5866,8 @@ class Applier(object):
         without starting it again: run again at every boot (rule 5), an exec that reboots the machine would
         loop its boots for ever.  The message says whether the machine rebooted during those attempts."""
         count = seen["attempts"]
-        error = "started %d times without ending (interrupted_max %d)" % (count, self.config.interrupted_max)
+        error = "started %s without ending (interrupted_max %d)" % (plural(count, "time"),
+                                                                    self.config.interrupted_max)
         reboot = ("A reboot belongs in a 'reboot' entry ('isconf reboot'), not in an exec: once the journal has one, "
                   "run 'isconf skip %d -m WHY'" % entry.seq)
         if seen["rebooted"]:
@@ -5986,7 +6137,7 @@ STATES = collections.OrderedDict([  # the state status reports: the first that h
     ("unreachable", "no mirror reachable at the last run"),
     ("baseline", "baseline declared, never fetched: run 'isconf up'"),
     ("never-fetched", "never fetched: run 'isconf up'"),
-    ("reboot", "waiting for a reboot: run 'isconf up -r'"),
+    ("reboot", "waiting for a reboot"),  # status adds reboot_advice: it depends on the root
     ("pending", "transactions pending: run 'isconf up'"),
     ("up-to-date", "up to date"),
 ])
@@ -6087,6 +6238,12 @@ def repaired_text(event):
     return "%s (%d path%s)" % (shown, count, "s"[count == 1:])
 
 
+def disabled_text(paused):
+    """Who disabled the host, when and why, the latest first, then the earlier reasons 'disable --force' kept."""
+    return "; and before, by ".join("%s at %s: %s" % (item["who"], item["time"], item["why"])
+                                    for item in [paused] + list(reversed(paused.get("earlier", []))))
+
+
 def age(seconds):
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -6094,10 +6251,13 @@ def age(seconds):
     return "%ds" % seconds
 
 
-def status_text(report, interrupted_max):
-    """The lines of 'status' for a status report."""
+def status_text(report, interrupted_max, advice=None):
+    """The lines of 'status' for a status report; advice: what to do at a reboot entry (reboot_advice)."""
     lines = []
+    advice = advice or reboot_advice("/", DEFAULT_REBOOT)
     state = STATES[report["state"]]
+    if report["state"] == "reboot":
+        state += ": " + advice
     run, interrupted, last = report["running"], report["interrupted"], report["last_run"]
     if report["state"] in ("refused", "unreachable") and last.get("reason"):
         state += ": " + last["reason"]
@@ -6113,6 +6273,8 @@ def status_text(report, interrupted_max):
         paused = report["disabled"]
         lines.append("DISABLED:     by %s at %s: %s ('isconf enable' lifts it)" % (paused["who"], paused["time"],
                                                                                    paused["why"]))
+        for item in reversed(paused["earlier"]):
+            lines.append("              and before, by %s at %s: %s" % (item["who"], item["time"], item["why"]))
     if run:
         doing = run["transaction"]
         lines.append("running:      pid %d since %s%s" % (run["pid"], run["since"] or "a moment ago",
@@ -6122,8 +6284,8 @@ def status_text(report, interrupted_max):
         said = ["started %s, %s" % (interrupted["since"], "stopped by %s" % interrupted["signal"]
                                     if interrupted["signal"] else "never ended")]
         if interrupted["signals"]:
-            said.append("stopped by a signal %d times without a reboot, not counted (%s)"
-                        % (len(interrupted["signals"]), ", ".join(sorted(set(interrupted["signals"])))))
+            said.append("stopped by a signal %s without a reboot, not counted (%s)"
+                        % (plural(len(interrupted["signals"]), "time"), ", ".join(sorted(set(interrupted["signals"])))))
         said.append("interrupted %d of %d times%s" % (interrupted["attempts"], interrupted_max,
                                                      ", the machine rebooting during %d" % interrupted["rebooted"]
                                                      if interrupted["rebooted"] else ""))
@@ -6135,7 +6297,7 @@ def status_text(report, interrupted_max):
     else:
         lines.append("pending:      unknown: never fetched")
     if report["reboot"]:
-        lines.append("reboot:       seq %d is a reboot: run 'isconf up -r'" % report["reboot"]["seq"])
+        lines.append("reboot:       seq %d is a reboot: %s" % (report["reboot"]["seq"], advice))
     lines.append("last success: %s" % ("%s (%s ago)" % (report["last_success"], age(report["last_success_age"]))
                                        if report["last_success"] else "never"))
     if last:
@@ -6370,7 +6532,7 @@ def dry_run(run, plan, sync, args):
         try:  # as Applier.apply_in_order takes it
             waits = entry.waits(args.reboot)
             if waits is not None:
-                waits = waits[0], "transaction %d %s" % (entry.seq, waits[1])
+                waits = waiting_message(entry, waits, host.root, run.config.reboot_command)
         except NeedsNewer as e:
             waits = EXIT_NEWER, str(e)
         interrupted = history.interruptions(entry, boot_id())
@@ -6438,6 +6600,23 @@ def parse_now(text):
         raise UsageError(str(e))
 
 
+def refresh_metrics(host, reason=None):
+    """Write the metrics file, when the config names one, from the report status gives: after every
+    run, and after each verb that changes what it shows (disable, enable, skip).  A failure is a
+    warning (unless reason, a run's own error, says it already): the change itself is made."""
+    try:
+        metrics = host.config.metrics
+        if metrics:
+            try:
+                report = status_report(host)
+            except (IsconfError, OSError):  # damaged state: still this run's result, and what can be read
+                report = {"last_run": last_run(host)}
+            write_metrics(host, metrics, report)
+    except (IsconfError, OSError) as e:
+        if str(e) != reason:  # the run's own error says it already
+            warn("metrics not written: %s" % e)
+
+
 def finish_run(host, record, code, reason=None):
     """Record the run's result, then write the metrics from the report status gives.  After a run that
     went well, a record that cannot be written (a link where last-run belongs) is the run's error;
@@ -6455,17 +6634,7 @@ def finish_run(host, record, code, reason=None):
             raise
         warn("the result of this run was not recorded: %s" % e)
         return
-    try:
-        metrics = host.config.metrics
-        if metrics:
-            try:
-                report = status_report(host)
-            except (IsconfError, OSError):  # damaged state: still this run's result, and what can be read
-                report = {"last_run": last_run(host)}
-            write_metrics(host, metrics, report)
-    except (IsconfError, OSError) as e:
-        if str(e) != reason:  # the run's own error says it already
-            warn("metrics not written: %s" % e)
+    refresh_metrics(host, reason)
 
 
 def up(args, host, record):
@@ -6480,8 +6649,8 @@ def up(args, host, record):
         ensure_state(host)
         paused = host.disabled()
         if paused:
-            raise Disabled("this host was disabled by %s at %s: %s; nothing applied until 'isconf enable'"
-                           % (paused["who"], paused["time"], paused["why"]))
+            raise Disabled("this host was disabled by %s; nothing applied until 'isconf enable'"
+                           % disabled_text(paused))
         run = Run(host, parse_now(args.now))
         run.record = record
         # The interpreter and agent files are known as this process started, before any wait.
@@ -6743,9 +6912,10 @@ After=network-online.target isconf.service
 [Service]
 Type=oneshot
 # Without -r: a reboot entry waits for the next boot, where isconf.service takes it.
-ExecStart=%(agent)s up
-# 6: the boot run (or an admin's) is still at work; 9: the host is paused (isconf disable). Neither is a failure.
-SuccessExitStatus=6 9
+ExecStart=%(agent)s up --periodic
+# 5: a reboot entry waits for the next boot (status and the metrics show it); 6: the boot run (or an admin's)
+# is still at work; 9: the host is paused (isconf disable). States, not failures.
+SuccessExitStatus=5 6 9
 TimeoutStartSec=%(timeout)d
 """
 PERIODIC_TIMER = WRITTEN_BY + """\
@@ -6789,8 +6959,9 @@ esac
 CRON_ENTRY = WRITTEN_BY + """\
 SHELL=/bin/sh
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-# Every 30 minutes, each host at its own minute (--splay); errors reach syslog and cron's mail.
-*/30 * * * * root %(agent)s up --splay 1500 --syslog >/dev/null
+# Every 30 minutes, each host at its own minute (--splay); errors reach syslog and cron's mail; a host
+# busy, disabled or waiting for a reboot is a state, said in syslog only (--periodic).
+*/30 * * * * root %(agent)s up --splay 1500 --periodic --syslog >/dev/null
 """
 SYSV_RUNLEVELS = (2, 3, 4, 5)
 InstallItem = collections.namedtuple("InstallItem", "path data mode link")
@@ -7117,8 +7288,8 @@ def new_head_time(previous, expires):
              "head is dated %s too, so that hosts accept it: check both clocks"
              % (previous.time, format_time(now), previous.time))
     if previous.expires and not expires:
-        warn("the last head expired at %s; this one never expires (give --expires to keep "
-             "one)" % previous.expires)
+        warn("the last head %s at %s; this one never expires (give --expires to keep one)"
+             % ("expired" if parse_time(previous.expires) <= now else "expires", previous.expires))
     return max(now, before)
 
 
@@ -7858,6 +8029,17 @@ class StaticHandler(http.server.BaseHTTPRequestHandler):
         REPORTER.log("%s - [%s] %s" % (self.client_address[0], self.log_date_time_string(), fmt % args))
 
 
+def holds_repository(directory):
+    """Whether directory looks like a repository: its marker, or a branch's head."""
+    if os.path.isfile(os.path.join(directory, REPO_MARKER)):
+        return True
+    try:
+        names = os.listdir(os.path.join(directory, "branches"))
+    except OSError:
+        return False
+    return any(os.path.isfile(os.path.join(directory, "branches", name, "head")) for name in names)
+
+
 def serve(directory, bind, port):
     handler = type("Handler", (StaticHandler,), {"directory": os.path.abspath(directory)})
     try:
@@ -7867,11 +8049,19 @@ def serve(directory, bind, port):
             raise UsageError("port %d on %s is in use; pick another with --port N (0 picks a free one)"
                              % (port, bind))
         raise UsageError("cannot listen on %s port %d: %s" % (bind, port, e.strerror or e))
-    REPORTER.log("isconf: serving %s on http://%s:%d/" % (directory, bind, server.server_address[1]))
     try:
+        REPORTER.log("isconf: serving %s on http://%s:%d/" % (directory, bind, server.server_address[1]))
+        if not holds_repository(directory):
+            warn("%s holds no repository (no %s, no branches/NAME/head): every request will be answered 404; "
+                 "serve the directory 'isconf init-repo' made" % (directory, REPO_MARKER))
         server.serve_forever()
+    except KeyboardInterrupt as e:  # the way a server is stopped: nothing to carry on
+        signum = getattr(e, "signum", signal.SIGINT)
+        REPORTER.log("isconf: stopped serving %s (%s)" % (directory, signal.Signals(signum).name))
+        return EXIT_SIGNAL + signum
     finally:
         server.server_close()
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -8161,7 +8351,8 @@ def signing_key(args):
         return None
     if not key:
         raise UsageError("%s needs a signing key: --sign KEY or ISCONF_SIGN_KEY (hosts that check signatures "
-                         "refuse an unsigned head); --unsigned publishes one for --insecure hosts only" % args.verb)
+                         "refuse an unsigned head)%s" % (args.verb, "; --unsigned publishes one for --insecure hosts "
+                                                         "only" if hasattr(args, "unsigned") else ""))
     return key
 
 
@@ -8413,7 +8604,13 @@ def cmd_up(args):
         raise UsageError("--json goes with --dry-run; for the state of this host, run 'isconf status --json'")
     if args.diff and not args.dry_run:
         raise UsageError("--diff goes with --dry-run: 'isconf up --dry-run --diff'")
-    return recorded_up(args, Host(args.root, args.config))
+    try:
+        return recorded_up(args, Host(args.root, args.config))
+    except (Busy, Disabled) as e:
+        if not args.periodic:
+            raise
+        say(str(e))  # a state, recorded as any run's result: the next run comes anyway
+        return e.exit_code
 
 
 def cmd_status(args):
@@ -8424,7 +8621,8 @@ def cmd_status(args):
     if args.json:
         emit(json.dumps(report, indent=2, sort_keys=True) + "\n")
         return code
-    for line in status_text(report, host.config.interrupted_max):
+    for line in status_text(report, host.config.interrupted_max,
+                            reboot_advice(host.root, host.config.reboot_command)):
         show(line)
     return code
 
@@ -8432,6 +8630,8 @@ def cmd_status(args):
 def cmd_log(args):
     host = Host(args.root, args.config)
     host.config  # an uninitialised host is told to run init
+    if args.n is not None and args.n < 0:
+        raise UsageError("-n %d: give the number of newest entries to show, 0 or more" % args.n)
     history = host.history()
     head, rows, _, _ = host_report(host, history)
     rows = list(reversed(rows))[:args.n] if args.n is not None else list(reversed(rows))
@@ -8503,7 +8703,7 @@ def cmd_verify(args):
         for drift in drifts:
             show("drift: %s: %s" % (drift["path"], drift_text(drift["what"], drift["expected"], drift["found"])))
         show("isconf: %s in %d journaled paths (applied up to seq %d)"
-             % ("%d drift%s" % (len(drifts), "s"[len(drifts) == 1:]) if drifts else "no drift", len(files),
+             % (plural(len(drifts), "drift") if drifts else "no drift", len(files),
                 applied_seq))
         if drifts:
             show("isconf: 'isconf verify --repair [PATH...]' puts them back as the journal last made them")
@@ -8548,6 +8748,7 @@ def cmd_skip(args):
             raise UsageError("transaction %d has not failed here; only a failed transaction can be skipped"
                              % args.seq)
         history.record("skipped", entries[args.seq - 1], why=args.message, who=author_name())
+    refresh_metrics(host)
     say("transaction %d marked skipped on this host: %s" % (args.seq, args.message))
 
 
@@ -8560,7 +8761,14 @@ def cmd_disable(args):
     with host.lock(args.wait):  # not in the middle of an up: it is paused between runs, never within one
         ensure_state(host)
         record = {"who": author_name(), "why": args.message, "time": format_time(time.time())}
+        paused = host.disabled()
+        if paused is not None:
+            if not args.force:  # another admin's pause is not silently taken over
+                raise Disabled("this host is already disabled by %s; 'isconf disable --force -m WHY' adds your "
+                               "reason to theirs, 'isconf enable' lifts it" % disabled_text(paused))
+            record["earlier"] = paused.pop("earlier") + [paused]
         host.state.write("disabled", canonical(record) + b"\n", 0o644)
+    refresh_metrics(host)
     say("%s disabled: 'isconf up' does nothing (exit %d) until 'isconf enable'" % (host.root, EXIT_DISABLED))
 
 
@@ -8574,8 +8782,8 @@ def cmd_enable(args):
             return
         host.state.unlink("disabled")
         host.state.fsync()
-    say("%s enabled (it was disabled by %s at %s: %s)" % (host.root, paused["who"], paused["time"],
-                                                          paused["why"]))
+    refresh_metrics(host)
+    say("%s enabled (it was disabled by %s)" % (host.root, disabled_text(paused)))
 
 
 def cmd_verify_sig(args):
@@ -8599,7 +8807,7 @@ def cmd_serve(args):
         raise UsageError("%s is not a directory" % args.dir)
     if not 0 <= args.port <= 65535:
         raise UsageError("--port %d is not a TCP port (0 to 65535; 0 picks a free one)" % args.port)
-    serve(args.dir, args.bind, args.port)
+    return serve(args.dir, args.bind, args.port)
 
 
 class Parser(argparse.ArgumentParser):
@@ -8832,8 +9040,9 @@ def build_parser(only=None):
              codes=(EXIT_FAILED, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_REBOOT, EXIT_BUSY, EXIT_DISABLED, EXIT_NEWER,
                     EXIT_PENDING))
     wait_option(p, "a running 'up' (or skip, migrate, init) to finish")
-    p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and reboot "
-                   "(default: stop there with exit 5)")
+    p.add_argument("-r", "--reboot", action="store_true", help="at a reboot entry, record it and run the "
+                   "config's reboot_command, on the machine running isconf, even for a --root (default: stop there "
+                   "with exit 5)")
     p.add_argument("--boot", action="store_true", help="run from init: wait for a mirror (backing off) up to "
                    "the boot wait, and log to syslog too (default: off)")
     p.add_argument("--boot-wait", type=real_number, metavar="SECONDS", help="with --boot, wait this long instead of "
@@ -8843,6 +9052,9 @@ def build_parser(only=None):
                    "(default: no sleep)")
     p.add_argument("--syslog", action="store_true", help="log to syslog (ROOT/dev/log) as well as the console "
                    "(default: only with --boot)")
+    p.add_argument("--periodic", action="store_true", help="a scheduled run (the timer and cron pass it): a host "
+                   "busy (exit %d) or disabled (exit %d) is said as a message on stdout, not as an error on "
+                   "stderr, so cron mails nothing; the exit code stays (default: off)" % (EXIT_BUSY, EXIT_DISABLED))
     p.add_argument("--dry-run", action="store_true", help="fetch and verify, show what would run and the objects "
                    "to fetch, apply nothing; exit %d if something would run, 0 if nothing (default: off)"
                    % EXIT_PENDING)
@@ -8879,9 +9091,11 @@ def build_parser(only=None):
     p.add_argument("new_branch", metavar="BRANCH", help="the branch to follow from now on")
     now_option(p)
     p = verb("disable", cmd_disable, "pause this host: 'up' applies nothing until 'enable'",
-             "isconf disable -m 'disk swap, ticket 4242'", codes=(EXIT_BUSY,))
+             "isconf disable -m 'disk swap, ticket 4242'", codes=(EXIT_BUSY, EXIT_DISABLED))
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="why, shown by status and up "
                    "(required)")
+    p.add_argument("--force", action="store_true", help="on a host already disabled, add this reason to the "
+                   "earlier ones, all shown by status (default: refuse, exit %d)" % EXIT_DISABLED)
     wait_option(p, "a running 'up' to finish")
     p = verb("enable", cmd_enable, "lift a 'disable'", "isconf enable", codes=(EXIT_BUSY,))
     wait_option(p, "a running 'up' to finish")

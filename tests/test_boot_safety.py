@@ -79,7 +79,7 @@ def test_interrupted_max_is_the_hosts_to_set(author, killer):
     host.init(author.repo, author.keys, "--interrupted-max", "1")
     assert host("up").returncode == -9
     proc = host("up", expect="failed")
-    assert "started 1 times without ending (interrupted_max 1)" in proc.err and attempts(host) == 1
+    assert "started 1 time without ending (interrupted_max 1)" in proc.err and attempts(host) == 1
 
 
 def test_a_transaction_that_fails_is_not_an_interrupted_one(author, host, busybox_root):
@@ -230,7 +230,7 @@ def test_a_boot_run_that_gives_up_is_retried_by_the_timer_installed_by_default(s
     with open(os.path.join(units, "isconf-update.timer")) as f:
         assert "OnBootSec=15min\n" in f.read()
     with open(os.path.join(units, "isconf-update.service")) as f:
-        assert "ExecStart=/usr/local/sbin/isconf up\n" in f.read()
+        assert "ExecStart=/usr/local/sbin/isconf up --periodic\n" in f.read()
     verify(host)
 
 

@@ -111,7 +111,7 @@ def test_a_baseline_host_migrates_only_to_a_branch_that_extends_its_baseline(aut
     other.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/t2"], ["exec", "--no-run", "--", "/bin/true"],
                  ["exec", "--no-run", "--", "/bin/touch", "/tmp/t3"])
     line = error_line(host("migrate", "other", expect="refused"))
-    assert "does not extend what this host has applied (seq 2" in line, line
+    assert "branch other from %s does not extend this host's history (diverges at seq 1)" % server.url in line, line
     author("fork", "canary", "--sign", keys.private)
     canary = type(author)(author.repo, branch="canary", keys=keys)
     canary.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/t3"])
