@@ -103,6 +103,8 @@ DIFF_MAX = 1024 * 1024         # bytes of a file 'up --dry-run --diff' shows as 
 DEFAULT_TIMEOUT = 30            # seconds a connection may sit silent
 OUTPUT_DEFERRED = 4 * 1024 * 1024  # bytes of our own output kept for a stdout that reads slowly; then dropped
 OUTPUT_WAIT = 10                # seconds the end of a run waits, at most, for a stream to take what is deferred
+DISABLED_KEPT = 16              # earlier reasons 'disable --force' keeps beside the latest
+BRANCHES_SHOWN = 20            # branches a missing branch's error names, at most, per mirror
 REPOSITORY_STALL = 120          # seconds an author verb may make no progress at all on its repository
 DEFAULT_DEADLINE = 300          # seconds any one fetch may take, plus size / MIN_RATE
 DEFAULT_RETRIES = 3             # rounds over all mirrors before "unreachable"
@@ -124,11 +126,11 @@ DEFAULT_WAIT = 3600             # seconds 'up --wait' waits for the host lock: a
 LOCK_POLL = 0.5                 # seconds between tries for a busy lock: flock has no timeout of its own
 REPAIR_NAMES_MAX = 64 * 1024    # bytes of path names one 'repaired' history record keeps, far under RECORD_MAX
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-ID_RE = re.compile(r"^[0-9]{1,10}$")
-KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
+ID_RE = re.compile(r"^[0-9]{1,10}\Z")
+KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 TIME_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z\Z")
 # The line each attempt's part of a transaction's log starts with (Applier.apply_one writes it).
@@ -187,7 +189,8 @@ EXIT_CODES = (  # code, the result name last-run and the metrics give it, its me
     (EXIT_OK, "ok", "success"),
     (EXIT_FAILED, "failed", "a transaction failed; the host halts there (status: halted there)"),
     (EXIT_USAGE, "usage", "bad command line or input"),
-    (EXIT_UNREACHABLE, "unreachable", "no mirror reached, or none had the file"),
+    (EXIT_UNREACHABLE, "unreachable", "no mirror reached, or none had the file; an author's repository not "
+     "answering"),
     (EXIT_REFUSED, "refused", "verification failed, or no mirror has the branch; nothing applied or written"),
     (EXIT_REBOOT, "reboot", "the next transaction is a reboot: run 'isconf up -r'"),
     (EXIT_BUSY, "busy", "another run holds this host's lock, or another author the branch's"),
@@ -1911,11 +1914,16 @@ class Mirror(object):
             return None
         found = []
 
-        def listing():
-            top = os.path.join(self.directory, "branches")
+        def listing():   # branch names only, and a few: a hostile share must not make the error line a book
+            top, names = os.path.join(self.directory, "branches"), []
             try:
-                found.append(sorted(name for name in os.listdir(top)
-                                    if os.path.isfile(os.path.join(top, name, "head"))))
+                for name in sorted(name for name in os.listdir(top) if BRANCH_RE.match(name)):
+                    if os.path.isfile(os.path.join(top, name, "head")):
+                        names.append(name)
+                        if len(names) > BRANCHES_SHOWN:
+                            names[BRANCHES_SHOWN:] = ["..."]
+                            break
+                found.append(names)
             except OSError:  # no branches there: no repository, or not one this host may read
                 pass
         thread = threading.Thread(target=listing, name="isconf-share")
@@ -2604,8 +2612,9 @@ HANDOVER = "handover"    # a new agent is installed: re-execute it, it carries o
 
 
 def private_mode(mode):
-    """Whether a file of this mode is a secret: neither its group nor others may read it."""
-    return not mode & 0o044
+    """Whether a file of this mode is a secret the dry run never shows: one others may not read (0600, and
+    0640 too: /etc/shadow and TLS keys are group-readable by a group made to read them, not by all)."""
+    return not mode & 0o004
 
 
 def text_diff(path, old, new, new_file=False):
@@ -3767,7 +3776,7 @@ class Config(object):
         parser = configparser.ConfigParser(interpolation=None)
         parser.optionxform = str  # variable names keep their case
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")   # a byte-order mark an editor added is no error
             parser.read_string(text, path)
         except UnicodeDecodeError as e:
             raise StateError("cannot read config %s: %s" % (path, e))
@@ -3834,20 +3843,27 @@ class Config(object):
                 section, open_key = header.group(1), False
                 sections.append((section, number))
             else:
-                keys.setdefault((section, re.split(r"[=:]", stripped, 1)[0].strip()), number)
+                keys.setdefault((section, re.split(r"[=:]", stripped, maxsplit=1)[0].strip()), number)
                 open_key = True
         return sections, keys
 
     @staticmethod
     def render(values, env):
-        """The config file holding values (key name -> its text, as CONFIG_KEYS reads it back) and env."""
+        """The config file holding values (key name -> its text, as CONFIG_KEYS reads it back) and env,
+        read back before it is returned: a file that would not read as given is never written (a value
+        on several lines, kept by 'init --force', continues on indented lines)."""
+        def line(name, text):
+            return "%s = %s" % (name, "\n    ".join(text.split("\n")))
         lines = ["# isconf host configuration; see 'isconf init --help'", "[isconf]"]
-        for name in CONFIG_KEYS:
-            if name in values:
-                lines.append("%s = %s" % (name, "\n    ".join(values[name].split("\n"))))
+        lines += [line(name, values[name]) for name in CONFIG_KEYS if name in values]
         lines += ["", "# Per-host variables, given to every exec as environment variables.", "[env]"]
-        lines += ["%s = %s" % item for item in sorted(env.items())]
-        return ("\n".join(lines) + "\n").encode("utf-8")
+        lines += [line(name, value) for name, value in sorted(env.items())]
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+        written = Config("the new config", data)
+        if written.env != env or dict(written.texts) != {k: v for k, v in values.items() if k in CONFIG_KEYS}:
+            raise StateError("the new config would not read back as given (a value with a blank line or white "
+                             "space at a line's end?); nothing written: edit the file by hand")
+        return data
 
 
 def check_config_value(value, what):
@@ -6397,17 +6413,6 @@ def write_metrics(host, path, report):
         directory.close()
 
 
-def refresh_metrics(host):
-    """Write the metrics (if the config names a file) from a fresh status report, the host lock let go (else
-    the report says 'running'); for verbs other than 'up' whose result they carry.  A failure is a warning."""
-    try:
-        metrics = host.config.metrics
-        if metrics:
-            write_metrics(host, metrics, status_report(host))
-    except (IsconfError, OSError) as e:
-        warn("metrics not written: %s" % e)
-
-
 def fetched_bytes(host, plan, staged):
     """What a sync fetched: the head, and when it was new its signature and the journal's new bytes,
     and the objects staged since (staged: the names in objects/ before it)."""
@@ -6537,8 +6542,8 @@ def dry_run(run, plan, sync, args):
             waits = EXIT_NEWER, str(e)
         interrupted = history.interruptions(entry, boot_id())
         if waits is None and interrupted["attempts"] >= run.config.interrupted_max:
-            waits = EXIT_FAILED, "transaction %d halts: started %d times without ending (interrupted_max %d)" % (
-                entry.seq, interrupted["attempts"], run.config.interrupted_max)
+            waits = EXIT_FAILED, "transaction %d halts: started %s without ending (interrupted_max %d)" % (
+                entry.seq, plural(interrupted["attempts"], "time"), run.config.interrupted_max)
         if waits is not None:
             item["action"] = "stop"
             stop = {"seq": entry.seq, "exit_code": waits[0], "message": waits[1]}
@@ -6583,7 +6588,9 @@ def dry_run(run, plan, sync, args):
             show("  object %s %d bytes%s" % (item["sha"], item["size"], " (staged)" if item["staged"] else ""))
         show("isconf: %d pending on branch %s, %d bytes to fetch (dry run: nothing applied)"
              % (len(plan.pending), plan.head.branch, report["fetch_bytes"]))
-    return EXIT_PENDING if plan.pending else EXIT_OK
+    # 11 only if a plain 'up' would change something: not for a pending reboot entry it stops at without -r
+    acts = any(item["action"] in ("apply", "retracted") for item in report["transactions"])
+    return EXIT_PENDING if acts else EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -6602,8 +6609,9 @@ def parse_now(text):
 
 def refresh_metrics(host, reason=None):
     """Write the metrics file, when the config names one, from the report status gives: after every
-    run, and after each verb that changes what it shows (disable, enable, skip).  A failure is a
-    warning (unless reason, a run's own error, says it already): the change itself is made."""
+    run, and after each verb that changes what it shows (disable, enable, skip, verify), the host lock
+    let go (else the report says 'running').  A failure is a warning (unless reason, a run's own error,
+    says it already): the change itself is made."""
     try:
         metrics = host.config.metrics
         if metrics:
@@ -6774,8 +6782,8 @@ class Repair(object):
             ensure_state(host)
             paused = host.disabled()
             if paused:
-                raise Disabled("this host was disabled by %s at %s: %s; nothing is repaired until 'isconf enable'"
-                               % (paused["who"], paused["time"], paused["why"]))
+                raise Disabled("this host was disabled by %s; nothing is repaired until 'isconf enable'"
+                               % disabled_text(paused))
             history = host.history()
             if history.events and history.events[-1]["event"] in ("started", "interrupted"):
                 raise StateError("transaction %d started and never ended; run 'isconf up' to finish it, then "
@@ -8731,9 +8739,18 @@ def cmd_migrate(args):
     say("now following branch %s (%d pending); run 'isconf up'" % (args.new_branch, len(plan.pending)))
 
 
+def host_reason(text, verb):
+    """A -m WHY an admin gives a host (skip, disable): said, and short enough for its one record."""
+    if not text.strip():
+        raise UsageError("%s needs a reason: -m WHY is kept for whoever looks next" % verb)
+    if len(text) > ERROR_MAX:
+        raise UsageError("%s: -m WHY is %d characters; say it in at most %d (a ticket number can point to the "
+                         "rest)" % (verb, len(text), ERROR_MAX))
+    return text
+
+
 def cmd_skip(args):
-    if not args.message.strip():
-        raise UsageError("skip needs a reason: -m WHY is kept in the history for whoever looks next")
+    host_reason(args.message, "skip")
     host = Host(args.root, args.config)
     with host.lock():
         head = host.local_head()
@@ -8753,8 +8770,7 @@ def cmd_skip(args):
 
 
 def cmd_disable(args):
-    if not args.message.strip():
-        raise UsageError("disable needs a reason: -m WHY is what 'up' and 'status' tell whoever looks next")
+    host_reason(args.message, "disable")
     host = Host(args.root, args.config)
     host.config  # an uninitialised host is told to run init
     host.make_state()
@@ -8766,7 +8782,7 @@ def cmd_disable(args):
             if not args.force:  # another admin's pause is not silently taken over
                 raise Disabled("this host is already disabled by %s; 'isconf disable --force -m WHY' adds your "
                                "reason to theirs, 'isconf enable' lifts it" % disabled_text(paused))
-            record["earlier"] = paused.pop("earlier") + [paused]
+            record["earlier"] = (paused.pop("earlier") + [paused])[-DISABLED_KEPT:]
         host.state.write("disabled", canonical(record) + b"\n", 0o644)
     refresh_metrics(host)
     say("%s disabled: 'isconf up' does nothing (exit %d) until 'isconf enable'" % (host.root, EXIT_DISABLED))
@@ -8776,7 +8792,11 @@ def cmd_enable(args):
     host = Host(args.root, args.config)
     host.config
     with host.lock(args.wait):
-        paused = host.disabled()
+        try:
+            paused = host.disabled()
+        except StateError as e:   # too damaged to read: it still pauses the host, and enable still lifts it
+            warn("%s; removing it" % e)
+            paused = {"who": "someone", "time": "?", "why": "(the record is damaged)"}
         if paused is None:
             say("%s was not disabled" % host.root)
             return
@@ -9101,11 +9121,11 @@ def build_parser(only=None):
     wait_option(p, "a running 'up' to finish")
     p = verb("install", cmd_install, "put this agent at ROOT%s and write the units that run it at boot and "
              "periodically (default: --systemd --timer where ROOT has systemd, else --sysv --cron)" % INSTALL_PATH,
-             "isconf --root /mnt/target install --systemd --timer")
+             "isconf --root /mnt/target install --systemd --timer", codes=(EXIT_BUSY,))
     for kind, what in INSTALL_KINDS:
         p.add_argument("--" + kind, dest="kinds", action="append_const", const=kind, help=what)
     verb("uninstall", cmd_uninstall, "remove what install wrote, unless it was changed since",
-         "isconf uninstall")
+         "isconf uninstall", codes=(EXIT_BUSY,))
     p = verb("verify-sig", cmd_verify_sig, "check an SSH signature of FILE the way hosts check heads",
              "isconf verify-sig head --signature head.sig --signers /etc/isconf/allowed_signers",
              codes=(EXIT_REFUSED,))
@@ -9118,23 +9138,27 @@ def build_parser(only=None):
     now_option(p)
 
     # The author's verbs, in the order of a change.
-    p = verb("init-repo", cmd_init_repo, "create an empty repository directory", "isconf init-repo /srv/isconf")
+
+    def author_verb(name, func, help_text, example, codes=(), **kw):
+        # Each may end with exit 3: its repository's file system stopped answering (StallGuard).
+        return verb(name, func, help_text, example, codes=tuple(codes) + (EXIT_UNREACHABLE,), **kw)
+    p = author_verb("init-repo", cmd_init_repo, "create an empty repository directory", "isconf init-repo /srv/isconf")
     p.add_argument("dir", metavar="DIR", help="the directory to create (or an empty one)")
-    p = verb("lock", cmd_lock, "take the branch's author lock", "isconf --branch web lock -m 'upgrade nginx'\n"
+    p = author_verb("lock", cmd_lock, "take the branch's author lock", "isconf --branch web lock -m 'upgrade nginx'\n"
              "isconf --branch web-canary lock --new -m 'a canary ring for web'", codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="what you are about to change "
                    "(required)")
     p.add_argument("--new", action="store_true", help="start a branch that does not exist yet (default: refuse "
                    "a branch never published, naming those that were)")
     signers_option(p, "to finish a publication a crash interrupted")
-    p = verb("exec", cmd_exec, "run a command now (inside --root) and stage it if it exits 0",
+    p = author_verb("exec", cmd_exec, "run a command now (inside --root) and stage it if it exits 0",
              "isconf exec -m 'web server' -- apt-get install -y nginx", codes=(EXIT_FAILED, EXIT_BUSY))
     p.add_argument("--no-run", action="store_true", help="stage without running (default: run first)")
     p.add_argument("--cwd", default="/", help="working directory inside the root (default /)")
     p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]", help="the command and its "
                    "arguments, after --")
-    p = verb("snap", cmd_snap, "stage the current content and metadata of files",
+    p = author_verb("snap", cmd_snap, "stage the current content and metadata of files",
              "isconf snap -m 'banner' /etc/motd /etc/nginx/nginx.conf", codes=(EXIT_BUSY,))
     p.add_argument("paths", nargs="+", metavar="PATH", help="files, symlinks or directories, inside --root")
     p.add_argument("-r", "--recursive", action="store_true", help="a directory with everything under it: "
@@ -9142,48 +9166,48 @@ def build_parser(only=None):
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="with -r, leave out paths "
                    "whose full path or name matches the shell PATTERN (repeatable; default: none)")
     p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
-    p = verb("reboot", cmd_reboot, "stage a reboot", "isconf reboot -m 'new kernel'", codes=(EXIT_BUSY,))
+    p = author_verb("reboot", cmd_reboot, "stage a reboot", "isconf reboot -m 'new kernel'", codes=(EXIT_BUSY,))
     p.add_argument("-m", dest="message", metavar="WHY", help="why, kept in the journal (default: none)")
-    p = verb("ci", cmd_ci, "append staged entries to the journal, sign the head, unlock",
+    p = author_verb("ci", cmd_ci, "append staged entries to the journal, sign the head, unlock",
              "isconf ci --sign ~/.ssh/id_ed25519 --expires 30d", codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("-m", dest="message", metavar="WHY", help="check-in message (default: none)")
     p.add_argument("--dry-run", action="store_true", help="verify the branch and the staged work, sign, and show "
                    "what would be published; write nothing (default: off)")
     signing_options(p)
-    p = verb("retract", cmd_retract, "stage a retract of entry SEQ: every host that has not applied it skips "
+    p = author_verb("retract", cmd_retract, "stage a retract of entry SEQ: every host that has not applied it skips "
              "it, a host halted at it carries on", "isconf retract 41 -m 'wrong package name; fixed in 42'",
              codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("seq", type=whole_number, metavar="SEQ", help="the entry to retract")
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="why, shown by every host's status "
                    "and log (required)")
     signers_option(p, "to verify the entry it names")
-    p = verb("staged", cmd_staged, "list what is staged on the branch, numbered from 1",
+    p = author_verb("staged", cmd_staged, "list what is staged on the branch, numbered from 1",
              "isconf staged\nisconf staged --json", codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("--json", action="store_true", help="a JSON list (default: text)")
-    p = verb("unstage", cmd_unstage, "drop staged entry N (as 'staged' numbers it)", "isconf unstage 2",
+    p = author_verb("unstage", cmd_unstage, "drop staged entry N (as 'staged' numbers it)", "isconf unstage 2",
              codes=(EXIT_BUSY,))
     p.add_argument("number", type=whole_number, metavar="N", help="the staged entry's number")
-    p = verb("unlock", cmd_unlock, "release your lock (--force: break another's, discarding their work)",
+    p = author_verb("unlock", cmd_unlock, "release your lock (--force: break another's, discarding their work)",
              "isconf unlock", codes=(EXIT_BUSY,))
     p.add_argument("--force", action="store_true", help="break another author's lock and discard their staged "
                    "work (default: off)")
-    p = verb("fork", cmd_fork, "create branch NEW starting as a copy of this branch",
+    p = author_verb("fork", cmd_fork, "create branch NEW starting as a copy of this branch",
              "isconf --branch web fork web2 --sign ~/.ssh/id_ed25519", codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("new", metavar="NEW", help="the new branch's name")
     signing_options(p)
-    p = verb("promote", cmd_promote, "fast-forward this branch to branch FROM's journal (a ring after its "
+    p = author_verb("promote", cmd_promote, "fast-forward this branch to branch FROM's journal (a ring after its "
              "canary), under a new signed head", "isconf --branch web promote web-canary --sign ~/.ssh/id_ed25519",
              codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("source", metavar="FROM", help="the branch whose journal extends this one's")
     signing_options(p)
-    p = verb("sign", cmd_sign, "sign the branch's current head again (renew its expiry, or sign an unsigned one)",
+    p = author_verb("sign", cmd_sign, "sign the branch's current head again (renew its expiry, or sign an unsigned one)",
              "isconf sign --sign ~/.ssh/id_ed25519 --expires 30d\n"
              "isconf sign --sign ~/.ssh/id_ed25519 --adopt 12   # vouch for an unsigned head's entries",
              codes=(EXIT_REFUSED, EXIT_BUSY))
     signing_options(p, unsigned=False)
     p.add_argument("--adopt", type=whole_number, metavar="SEQ", help="the head is unsigned, at seq SEQ: list its "
                    "entries and sign it, vouching for exactly those (default: refuse an unsigned head)")
-    p = verb("branches", cmd_branches, "list the repository's branches: seq, head time, expiry, signing key, lock",
+    p = author_verb("branches", cmd_branches, "list the repository's branches: seq, head time, expiry, signing key, lock",
              "isconf branches\nisconf branches --json")
     p.add_argument("--json", action="store_true", help="a JSON list (default: text)")
 

@@ -190,3 +190,16 @@ def test_init_refuses_a_bad_value_on_its_command_line(insecure_host, option):
     before = read(insecure_host.path(CONF))
     insecure_host("init", "--force", *option, expect="usage")
     assert read(insecure_host.path(CONF)) == before
+
+
+def test_init_force_keeps_a_variable_on_several_lines_and_a_byte_order_mark_is_no_error(host):
+    host("init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
+    with open(host.path(CONF), "rb") as f:
+        text = f.read()
+    with open(host.path(CONF), "wb") as f:   # as an editor may leave it: a BOM, a value continued below
+        f.write(b"\xef\xbb\xbf" + text + b"MOTD = first line\n    second line\n")
+    host("status", expect="ok")
+    host("init", "--force", "--timeout", "20", expect="ok")
+    kept = config(host)
+    assert (kept.env["MOTD"], kept.timeout) == ("first line\nsecond line", 20.0)
+    host("status", expect="ok")   # what init --force wrote reads back

@@ -232,6 +232,25 @@ def test_a_second_disable_refuses_without_force_and_with_it_keeps_both_reasons(m
     assert "kernel test; and before, by alice@admin1" in proc.out
 
 
+
+def test_disable_reasons_stay_bounded_and_enable_lifts_even_a_damaged_pause(monitored):
+    host = monitored
+    proc = host("disable", "-m", "x" * 5000, expect="usage")   # a record that must stay one small record
+    assert "-m WHY is 5000 characters; say it in at most 4096" in error_line(proc)
+    assert host("skip", "1", "-m", "x" * 5000, expect="usage").returncode == 2
+    host("disable", "-m", "first", expect="ok")
+    for n in range(20):
+        host("disable", "--force", "-m", "reason %d" % n, expect="ok")
+    report = host.status()["disabled"]
+    assert report["why"] == "reason 19" and len(report["earlier"]) == 16   # the latest kept, the oldest let go
+    assert report["earlier"][-1]["why"] == "reason 18" and report["earlier"][0]["why"] == "reason 3"
+    with open(host.path("/var/lib/isconf/disabled"), "wb") as f:
+        f.write(b"x" * (2 << 20))   # past any record's bound: unreadable, and still a pause
+    host("up", expect="state")
+    proc = host("enable", expect="ok")
+    assert "removing it" in proc.err and not os.path.exists(host.path("/var/lib/isconf/disabled"))
+
+
 # --- item 7: a branch that does not exist, a migrate or a fork that does not extend the host ------
 
 def test_a_branch_no_mirror_has_is_refused_at_once_naming_the_mirror(author, server, host):
@@ -266,6 +285,19 @@ def test_a_directory_mirror_says_which_branches_it_has(author, server, host):
     proc = host("migrate", "dbx", expect="refused")
     assert "branch dbx does not exist on %s, %s (branches there: db, web)" % (server.url, author.repo) \
         in error_line(proc)
+
+
+def test_a_directory_mirror_names_few_branches_and_only_branch_names(author, host):
+    # A share holding thousands of directories, or names with control characters, makes no book of an error line.
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    for name in ["b%02d" % n for n in range(30)] + ["evil\nname", "\x1b[2J"]:
+        os.makedirs(os.path.join(author.repo, "branches", name))
+        open(os.path.join(author.repo, "branches", name, "head"), "w").close()
+    host("init", author.repo, "--branch", "wbe", "--insecure", expect="ok")
+    line = error_line(host("up", expect="refused"))
+    shown = re.search(r"\(branches there: (.*?)\);", line).group(1).split(", ")
+    assert shown == ["b%02d" % n for n in range(20)] + ["..."], line   # "web" sorts after b29: not reached
+    assert "evil" not in line and "[2J" not in line
 
 
 def test_a_mirror_that_does_not_answer_is_still_unreachable_beside_one_without_the_branch(author, server, host):
