@@ -8801,7 +8801,8 @@ def build_parser(only=None):
                     epilog=exit_codes_help([code for code, _, _ in EXIT_CODES]))
     parser.add_argument("--version", action="version", version="isconf " + __version__)
     parser.add_argument("--self-test", action="store_true", help="check this file can run here (it loads, "
-                        "verifies a built-in signature, reads --root's state) and print its version; an agent "
+                        "imports every module it uses, verifies a built-in signature, reads --root's state) and "
+                        "print its version; an agent "
                         "runs it on a new agent before installing it")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
 
