@@ -27,8 +27,7 @@ __version__ = "0.2.0"
 # only applying, an author verb, serve or the dry run's diff needs (LATE_MODULES)
 # is imported by import_late(): all of it before the first transaction of a run
 # (Applier.apply_in_order), in a new agent's self-test, and before any verb but
-# those a run that applies nothing can be (LIGHT_VERBS) starts.  An up-to-date
-# 'up' imports none of it.
+# LIGHT_VERBS starts.  An up-to-date 'up' imports none of it.
 # ---------------------------------------------------------------------------
 
 import argparse
@@ -66,7 +65,7 @@ import encodings.idna   # noqa: F401  (by socket, for host names)
 LATE_MODULES = ("ctypes", "difflib", "fnmatch", "getpass", "hmac", "http.server", "socketserver", "subprocess",
                 "tempfile", "traceback")
 ctypes = difflib = fnmatch = getpass = hmac = socketserver = subprocess = tempfile = traceback = None
-LIGHT_VERBS = ("up", "status")  # verbs that import late what they use: an up-to-date 'up' applies nothing
+LIGHT_VERBS = ("up", "status")  # verbs that import late only what they use: an up-to-date 'up' needs none of it
 
 
 def import_late(*names):
