@@ -21,8 +21,13 @@ if sys.version_info < (3, 6):
 __version__ = "0.2.0"
 
 # ---------------------------------------------------------------------------
-# Imports: everything is imported at start, so a transaction that replaces the
-# interpreter or its standard library cannot pull modules out from under us.
+# Imports: everything is imported before the first transaction runs (rule 6), so a
+# transaction that replaces the interpreter or its standard library cannot pull
+# modules out from under us.  What every run needs is imported here, at start; what
+# only applying, an author verb, serve or the dry run's diff needs (LATE_MODULES)
+# is imported by import_late(): all of it before the first transaction of a run
+# (Applier.apply_in_order), in a new agent's self-test, and before any verb but
+# LIGHT_VERBS starts.  An up-to-date 'up' imports none of it.
 # ---------------------------------------------------------------------------
 
 import argparse
@@ -32,17 +37,11 @@ import calendar
 import collections
 import configparser
 import contextlib
-import ctypes
-import difflib
-import email.utils
+import email.utils      # http.client imports it too
 import errno
-import fnmatch
 import fcntl
-import getpass
 import hashlib
-import hmac
 import http.client
-import http.server
 import io
 import json
 import os
@@ -52,19 +51,39 @@ import select
 import shlex
 import signal
 import socket
-import socketserver
-import ssl
+import ssl              # http.client imports it too
 import stat
 import struct
-import subprocess
-import tempfile
 import threading
 import time
-import traceback
 import urllib.parse
 
 # Modules the standard library would import on first use, in the middle of a run:
 import encodings.idna   # noqa: F401  (by socket, for host names)
+
+# Imported by import_late(), bound to these names then: None until.
+LATE_MODULES = ("ctypes", "difflib", "fnmatch", "getpass", "hmac", "http.server", "socketserver", "subprocess",
+                "tempfile", "traceback")
+ctypes = difflib = fnmatch = getpass = hmac = socketserver = subprocess = tempfile = traceback = None
+LIGHT_VERBS = ("up", "status")  # verbs that import late only what they use: an up-to-date 'up' needs none of it
+
+
+def import_late(*names):
+    """The one home of late imports: import the named LATE_MODULES (all of them when none is named)
+    and bind each to its global name.  Called with none before the first transaction of a run, so
+    that no transaction runs before everything is imported (rule 6); with names where a verb or an
+    error path that never comes after a transaction needs one."""
+    for name in names or LATE_MODULES:
+        __import__(name)
+        top = name.partition(".")[0]
+        globals()[top] = sys.modules[top]
+
+
+def imported_late():
+    """Whether every module of LATE_MODULES is imported and bound: what a transaction needs first."""
+    return all(name in sys.modules and globals()[name.partition(".")[0]] is sys.modules[name.partition(".")[0]]
+               for name in LATE_MODULES)
+
 
 # A descriptor that wakes us when a transaction's command exits: Linux 5.3 and Python 3.9 have one.
 PIDFD_OPEN = getattr(os, "pidfd_open", None)
@@ -2625,6 +2644,7 @@ def text_diff(path, old, new, new_file=False):
         old, new = old.decode("utf-8"), new.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    import_late("difflib")
     return "\n".join(difflib.unified_diff(old.splitlines(), new.splitlines(), "/dev/null" if new_file else path,
                                          path, lineterm=""))
 
@@ -3757,6 +3777,7 @@ CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
 def nearest(word, choices, form="%r"):
     """'did you mean X?' for the choice nearest a mistyped word (case aside), else the choices."""
     lower = collections.OrderedDict((choice.lower(), choice) for choice in choices)
+    import_late("difflib")
     found = difflib.get_close_matches(word.lower(), list(lower), 1)
     if found:
         return "did you mean %s?" % (form % lower[found[0]])
@@ -4900,6 +4921,7 @@ def cmd_self_test(args):
     """What a new agent must pass before an older one installs it: it loads, it verifies a
     signature built into it with its own code, and it reads this host's config, keys, state
     and journal.  Its last line, 'isconf VERSION self-test ok', is a contract every version keeps."""
+    import_late()  # all that it will import before its first transaction imports under this interpreter
     try:
         verify_signature(SELF_TEST_MESSAGE, SELF_TEST_SIGNATURE, parse_allowed_signers(SELF_TEST_SIGNER, "self-test"))
     except Refused as e:
@@ -5736,6 +5758,8 @@ class Transaction(object):
     more: the root and the staged objects, its command's run, and the agent's self-upgrade hooks."""
 
     def __init__(self, host, entry, environment, timeout, mounts, agent_files, covers=()):
+        if not imported_late():  # rule 6: no transaction runs before everything is imported
+            raise AssertionError("transaction %d would run before the late imports (import_late)" % entry.seq)
         self.rootpath, self.objects = host.rootpath, host.objects
         self._host, self._entry = host, entry
         self._environment, self._timeout, self._mounts, self._covers = environment, timeout, mounts, covers
@@ -5813,6 +5837,8 @@ class Applier(object):
 
     def apply_in_order(self, plan, allow_reboot):
         host, history = self.host, self.history
+        if plan.pending:
+            import_late()  # rule 6: everything, before the first transaction runs
         retracted = retractions(plan.pending)
         for entry in plan.pending:
             retraction = retracted.get((entry.seq, entry.id))
@@ -7931,11 +7957,6 @@ class Repository(object):
 # ---------------------------------------------------------------------------
 
 
-class ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
 def parse_range(header, size):
     """A single 'bytes=' range -> (start, stop), or None if it cannot be satisfied."""
     m = re.match(r"^bytes=([0-9]{0,18})-([0-9]{0,18})\Z", header.strip())
@@ -7951,8 +7972,9 @@ def parse_range(header, size):
     return start, stop
 
 
-class StaticHandler(http.server.BaseHTTPRequestHandler):
-    """GET and HEAD of plain files with Range, ETag and Last-Modified; nothing else."""
+class StaticHandler(object):
+    """GET and HEAD of plain files with Range, ETag and Last-Modified; nothing else.  Mixed into
+    http.server's request handler by static_server."""
 
     protocol_version = "HTTP/1.1"   # keep-alive
     server_version = "isconf/" + __version__
@@ -8048,10 +8070,19 @@ def holds_repository(directory):
     return any(os.path.isfile(os.path.join(directory, "branches", name, "head")) for name in names)
 
 
+def static_server(address, handler):
+    """A threaded HTTP server on address, each request answered by handler (StaticHandler or a
+    subclass) mixed into http.server's request handler: only serving imports http.server."""
+    import_late("http.server", "socketserver")
+    server = type("ThreadingServer", (socketserver.ThreadingMixIn, http.server.HTTPServer),
+                  {"daemon_threads": True, "allow_reuse_address": True})
+    return server(address, type(handler.__name__, (handler, http.server.BaseHTTPRequestHandler), {}))
+
+
 def serve(directory, bind, port):
     handler = type("Handler", (StaticHandler,), {"directory": os.path.abspath(directory)})
     try:
-        server = ThreadingServer((bind, port), handler)
+        server = static_server((bind, port), handler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise UsageError("port %d on %s is in use; pick another with --port N (0 picks a free one)"
@@ -8830,6 +8861,26 @@ def cmd_serve(args):
     return serve(args.dir, args.bind, args.port)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written: their line breaks are part of what they teach.  Its width
+    found as argparse finds it (COLUMNS, the terminal, else 80), but without shutil, which argparse
+    would import in every run for it, help or not."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            try:
+                width = int(os.environ.get("COLUMNS", ""))
+            except ValueError:
+                width = 0
+            if width <= 0:
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    width = 0
+            width = (width if width > 0 else 80) - 2
+        super(HelpFormatter, self).__init__(prog, indent_increment, max_help_position, width)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, as every other error is."""
 
@@ -8884,7 +8935,7 @@ reached no mirror, 4 a mirror's object failed its hash (nothing installed), 6 bu
 def global_options(suppress):
     """--root, --config, --repo, --branch: accepted before or after the verb.  suppress: the verb's copy,
     out of its --help (which points to 'isconf --help' for them) and without defaults of its own."""
-    options = argparse.ArgumentParser(add_help=False)
+    options = argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
 
     def option(*names, **kw):
         if suppress:
@@ -8940,10 +8991,6 @@ def wait_option(p, what):
                    % (DEFAULT_WAIT, what))
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions and examples as written: their line breaks are part of what they teach."""
-
-
 class UnbuiltParser(object):
     """Stands for the parser of a verb this run does not parse: what is added to it is dropped."""
 
@@ -8981,7 +9028,8 @@ def build_parser(only=None):
                     epilog=exit_codes_help([code for code, _, _ in EXIT_CODES]))
     parser.add_argument("--version", action="version", version="isconf " + __version__)
     parser.add_argument("--self-test", action="store_true", help="check this file can run here (it loads, "
-                        "verifies a built-in signature, reads --root's state) and print its version; an agent "
+                        "imports every module it uses, verifies a built-in signature, reads --root's state) and "
+                        "print its version; an agent "
                         "runs it on a new agent before installing it")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
 
@@ -9230,6 +9278,7 @@ def save_crash_report(root, report):
 def internal_error(error, argv, args):
     """One line for the user, the whole traceback for whoever fixes it: shown with --debug,
     else kept in the host's state directory when there is one."""
+    import_late("traceback")
     report = "isconf %s on Python %s, argv %r\n%s" % (__version__, sys.version.split()[0],
                                                       sys.argv[1:] if argv is None else argv,
                                                       traceback.format_exc())
@@ -9267,6 +9316,8 @@ def main(argv=None):
         if not getattr(args, "func", None):
             emit(parser.format_help())
             return EXIT_USAGE
+        if args.verb not in LIGHT_VERBS:
+            import_late()
         code = args.func(args)
         return EXIT_OK if code is None else code
     except IsconfError as e:

@@ -7,7 +7,8 @@ The machine may be shared and busy: compare the ratios, not the raw times.  Figu
   snap      a catch-up of 10,000 snaps of one small file each, against writing and fsyncing the
             same files from Python
   noop      an up-to-date `up` on journals of 10 and of 1,000,000 entries (wall time, requests,
-            bytes), against the interpreter importing what the agent imports and compiling it
+            bytes), against the interpreter importing what the agent imports at start (what an
+            up-to-date run needs) and compiling it
   tail      10 new entries on the 1,000,000-entry journal: bytes fetched against their size
   large     a 1 GiB object against `curl -s URL | sha256sum` of the same URL from the same nginx
   sparse    a sparse 1 GiB file holding 1 MiB, snapped and applied: its size on the host's disk
@@ -197,7 +198,7 @@ class Counted(object):
 
 class Handler(isconf.StaticHandler):
     def setup(self):
-        isconf.StaticHandler.setup(self)
+        super(Handler, self).setup()  # http.server.BaseHTTPRequestHandler's, mixed in by static_server
         self.rfile, self.wfile = Counted(self.rfile), Counted(self.wfile)
 
     def do_GET(self):
@@ -215,7 +216,7 @@ class Handler(isconf.StaticHandler):
 
 
 Handler.directory = os.path.abspath(directory)
-server = isconf.ThreadingServer(("127.0.0.1", 0), Handler)
+server = isconf.static_server(("127.0.0.1", 0), Handler)
 sys.stdout.write("http://127.0.0.1:%d\n" % server.server_address[1])
 sys.stdout.flush()
 server.serve_forever()
@@ -427,8 +428,10 @@ def bench_snap(tmp, keys, runs, count=10000):
 
 
 def import_floor_code():
-    """Python code that imports what the agent imports and compiles the agent's file: the floor
-    of any run of the agent (a script is compiled every time it runs)."""
+    """Python code that imports what the agent imports at start (its Imports section: what an
+    up-to-date run needs; the modules it imports late, before a first transaction, are left out)
+    and compiles the agent's file: the floor of any run of the agent (a script is compiled every
+    time it runs)."""
     with open(ISCONF) as f:
         top = f.read().split("\n# Constants", 1)[0]
     modules = re.findall(r"^import ([\w.]+)", top, re.M)
@@ -477,7 +480,7 @@ def bench_noop(tmp, keys, runs, big=1000000, tail=10):
                 results[name] = traffic(server.since(mark))
         for name, label in (("10", "10 entries"), ("big", "%d entries" % big)):
             row("no-op, %s (target < 1.15)" % label, median(times[name]) * 1000, median(floor) * 1000, "ms",
-                "floor: imports + compile")
+                "floor: start imports + compile")
             row("  CPU time (user + system)", median(cpu[name]) * 1000, median(floor_cpu) * 1000, "ms")
             requests, sent, received = results[name]
             row("  requests, bytes sent, bytes received", "%d, %d, %d" % (requests, sent, received))

@@ -252,6 +252,71 @@ def test_a_standard_library_upgrade_alone_re_executes(agent_host, author, busybo
     assert os.path.exists(agent_host.path("/tmp/b"))
 
 
+def late_module_paths(isconf, stdlib):
+    """The file (or package directory) of each module the agent imports late, inside stdlib."""
+    found = []
+    for name in isconf.LATE_MODULES:
+        path = os.path.join(stdlib, *name.split("."))
+        found.append(path if os.path.isdir(path) else path + ".py")
+    return found
+
+
+def test_what_the_agent_imports_late_is_imported_before_the_first_transaction_runs(agent_host, author, isconf):
+    # Rule 6: a first exec removes from the interpreter's standard library every module the agent imports
+    # late; the run still applies everything, and the changed interpreter fails the self-test (which imports
+    # them), so the agent carries on in the process that has them instead of re-executing into one without.
+    python = pyenv("3.11")
+    home = os.path.dirname(os.path.dirname(python))
+    copy = agent_host.path("/opt/python")
+    os.makedirs(os.path.dirname(copy))
+    subprocess.run(["cp", "-al", home, copy], check=True)  # hard links: the pyenv files are never written
+    inside = [p.replace(copy, "/opt/python", 1)
+              for p in late_module_paths(isconf, os.path.join(copy, "lib", "python3.11"))]
+    assert all(os.path.exists(agent_host.path(p)) for p in inside), inside
+    remove = " && ".join("/bin/busybox mv %s %s.gone" % (p, p) for p in inside)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", remove], touch("b"))
+    agent_python = os.path.join(copy, "bin", os.path.basename(python))
+    up = run_agent(agent_host.root, "up", python=agent_python)
+    assert up.returncode == 0, up.err
+    assert not any(os.path.exists(agent_host.path(p)) for p in inside)
+    assert os.path.exists(agent_host.path("/tmp/b"))
+    assert "fails its self-test" in up.err and "re-executing" not in up.out, up.err
+    again = run_agent(agent_host.root, "up", python=agent_python)  # an up-to-date run needs none of them
+    assert again.returncode == 0, again.err
+
+
+# Run in process by the script under test's interpreter: which late modules are missing as each
+# transaction's command starts (isconf.run_command, called through), and after an up-to-date run.
+AT_FIRST_COMMAND = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import isconf
+missing = lambda: [m for m in isconf.LATE_MODULES if getattr(isconf, m.partition(".")[0]) is not sys.modules.get(
+    m.partition(".")[0]) or m not in sys.modules]
+seen, run_command = [], isconf.run_command
+def recording(*args, **kw):
+    seen.append(missing())
+    return run_command(*args, **kw)
+isconf.run_command = recording
+code = isconf.main(["--root", sys.argv[2], "-q", "up"])
+sys.stderr.write(json.dumps({"code": code, "at_commands": seen, "after": missing(),
+                             "late": isconf.LATE_MODULES}) + "\n")
+"""
+
+
+def test_an_up_to_date_run_imports_nothing_late_and_a_transaction_starts_with_all_of_it(agent_host, author):
+    def up():
+        proc = subprocess.run([sys.executable, "-I", "-c", AT_FIRST_COMMAND, os.path.dirname(agent_host.path(AGENT)),
+                               agent_host.root], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        return json.loads(proc.stderr.decode().splitlines()[-1])
+    author.commit(touch("a"), touch("b"))
+    first = up()
+    assert first["code"] == 0 and first["at_commands"] == [[], []], first
+    again = up()
+    assert again["code"] == 0 and again["at_commands"] == [], again
+    assert again["after"] == list(again["late"]), again  # none of them imported
+
+
 def test_an_interpreter_the_agent_cannot_run_under_is_warned_about_and_the_run_carries_on(swap_host, author):
     python2 = glob.glob("/root/.pyenv/versions/2.*/bin/python")
     if not python2:
