@@ -3816,9 +3816,12 @@ class History(object):
     """Append-only record of what this host did: started before, done or failed after.
 
     It grows with every transaction for the life of the host, so a run that only needs
-    the applied position (recent=True) reads it backwards from the end, as far as the
-    last done, skipped or baseline event.  A baseline event (init --baseline) says the
-    image held everything up to its entry before isconf applied anything here."""
+    the applied position and the attempts since (recent=True) reads it backwards from the
+    end, as far as a done, skipped or baseline event more than BATCH_MOST + 1 entries before
+    the last: the starts of a batch's transactions, and of the one a signal or a failure
+    stopped, come before its done records (DoneBatch), and those of a batch a crash lost
+    before the done records a later run wrote for them.  A baseline event (init --baseline)
+    says the image held everything up to its entry before isconf applied anything here."""
 
     # The events that move the applied position; 'authored': applied on the reference host as it was authored.
     POSITION = ("done", "authored", "skipped", "retracted", "baseline")
@@ -3826,12 +3829,23 @@ class History(object):
     def __init__(self, state, recent=False):
         self.state, self.path = state, state.file("history")
         self.fd = None  # opened at the first record, then kept for the run (under the host lock)
-        self.events = state.read_records("history", "history",
-                                         (lambda e: e.get("event") in self.POSITION) if recent else None)
+        self.events = state.read_records("history", "history", self.far_enough() if recent else None)
         for event in self.events:
             if not (isinstance(event.get("event"), str) and isinstance(event.get("seq"), int)
                     and isinstance(event.get("id"), str)):
                 raise StateError("history %s holds an event without event, seq and id; it was edited" % self.path)
+
+    def far_enough(self):
+        """The test a backwards read stops at (see above): a start of an entry not applied was written
+        after the position its run had on disk, at most BATCH_MOST + 1 entries before that entry."""
+        last = []
+
+        def far(event):
+            if event.get("event") not in self.POSITION or not isinstance(event.get("seq"), int):
+                return False
+            last[:] = last or [event["seq"]]
+            return event["seq"] < last[0] - BATCH_MOST - 1
+        return far
 
     @staticmethod
     def new_record(event, entry, **extra):
