@@ -3837,14 +3837,15 @@ class History(object):
 
     def far_enough(self):
         """The test a backwards read stops at (see above): a start of an entry not applied was written
-        after the position its run had on disk, at most BATCH_MOST + 1 entries before that entry."""
+        after the position its run had on disk, at most BATCH_MOST + 1 entries before that entry.  Positions
+        only grow; one past the last is out of that order (another branch's history): the read stops there too."""
         last = []
 
         def far(event):
             if event.get("event") not in self.POSITION or not isinstance(event.get("seq"), int):
                 return False
             last[:] = last or [event["seq"]]
-            return event["seq"] < last[0] - BATCH_MOST - 1
+            return not last[0] - BATCH_MOST - 1 <= event["seq"] <= last[0]
         return far
 
     @staticmethod
