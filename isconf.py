@@ -131,6 +131,11 @@ DEFAULT_REBOOT = "/sbin/reboot"
 DEFAULT_INTERRUPTED_MAX = 3     # starts of one transaction that never ended before it is halted: no boot loop
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"  # the running kernel's: a start records it, to tell a reboot after it
 INTERRUPTED_MOST = 1000         # the largest interrupted_max a config may set
+# Group commit: the done records of a run's transactions wait for one barrier together (Applier, DoneBatch).
+# What a crash or power cut can make run again is bounded by these: the transactions ended in the last
+# second, at most 64 of them, and the one running.
+BATCH_MOST = 64                 # transactions whose done records one barrier covers, at most
+BATCH_SECONDS = 1.0             # seconds a done record may wait for its barrier, counted as transactions end
 DEFAULT_BOOT_WAIT = 300         # seconds 'up --boot' waits for a repository before giving up the boot's run
 BOOT_WAIT_MAX = 86400           # a boot is never held longer than a day, whatever the config says
 BOOT_BACKOFF_MAX = 30           # seconds between two rounds over the mirrors at boot, at most
@@ -3202,9 +3207,8 @@ class ExecKind(Kind):
             failure = TransactionFailed("%s exited with status %d" % (self.summary(fields), status))
             failure.status = status
             raise failure
-        # What the command wrote, and its log, must outlive a power cut once 'done' is recorded (rule 5):
-        # one sync covers both (a command may write anywhere, so no fsync of ours would do).
-        os.sync()
+        # What the command wrote, and its log, must outlive a power cut once 'done' is recorded (rule 5): the
+        # batch's syncfs covers both before its done records are written (Transaction.ran, DoneBatch).
         return DONE
 
 
@@ -3915,9 +3919,12 @@ class History(object):
     """Append-only record of what this host did: started before, done or failed after.
 
     It grows with every transaction for the life of the host, so a run that only needs
-    the applied position (recent=True) reads it backwards from the end, as far as the
-    last done, skipped or baseline event.  A baseline event (init --baseline) says the
-    image held everything up to its entry before isconf applied anything here."""
+    the applied position and the attempts since (recent=True) reads it backwards from the
+    end, as far as a done, skipped or baseline event more than BATCH_MOST + 1 entries before
+    the last: the starts of a batch's transactions, and of the one a signal or a failure
+    stopped, come before its done records (DoneBatch), and those of a batch a crash lost
+    before the done records a later run wrote for them.  A baseline event (init --baseline)
+    says the image held everything up to its entry before isconf applied anything here."""
 
     # The events that move the applied position; 'authored': applied on the reference host as it was authored.
     POSITION = ("done", "authored", "skipped", "retracted", "baseline")
@@ -3925,24 +3932,44 @@ class History(object):
     def __init__(self, state, recent=False):
         self.state, self.path = state, state.file("history")
         self.fd = None  # opened at the first record, then kept for the run (under the host lock)
-        self.events = state.read_records("history", "history",
-                                         (lambda e: e.get("event") in self.POSITION) if recent else None)
+        self.events = state.read_records("history", "history", self.far_enough() if recent else None)
         for event in self.events:
             if not (isinstance(event.get("event"), str) and isinstance(event.get("seq"), int)
                     and isinstance(event.get("id"), str)):
                 raise StateError("history %s holds an event without event, seq and id; it was edited" % self.path)
 
-    def record(self, event, entry, **extra):
+    def far_enough(self):
+        """The test a backwards read stops at (see above): a start of an entry not applied was written
+        after the position its run had on disk, at most BATCH_MOST + 1 entries before that entry.  Positions
+        only grow; one past the last is out of that order (another branch's history): the read stops there too."""
+        last = []
+
+        def far(event):
+            if event.get("event") not in self.POSITION or not isinstance(event.get("seq"), int):
+                return False
+            last[:] = last or [event["seq"]]
+            return not last[0] - BATCH_MOST - 1 <= event["seq"] <= last[0]
+        return far
+
+    @staticmethod
+    def new_record(event, entry, **extra):
+        """One record, as record writes it now or DoneBatch later."""
         if len(extra.get("error", "")) > ERROR_MAX:  # a failed snap of many files names them all
             extra["error"] = extra["error"][:ERROR_MAX] + "..."
-        fields = dict(extra, event=event, seq=entry.seq, id=entry.id, time=format_time(time.time()))
+        return dict(extra, event=event, seq=entry.seq, id=entry.id, time=format_time(time.time()))
+
+    def record(self, event, entry, **extra):
+        self.record_all([self.new_record(event, entry, **extra)])
+
+    def record_all(self, records):
+        """Append records (new_record) with one write and one fsync."""
         if self.fd is None:
             self.fd = self.state.open_records("history")
         # A signal that stops the run waits for the record: never torn by a Ctrl-C, and in events once on disk.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            write_record(self.fd, fields)
-            self.events.append(fields)
+            durable_append(self.fd, b"".join(canonical(fields) + b"\n" for fields in records))
+            self.events.extend(records)
         except BaseException:
             os.close(self.fd)  # a record torn by a full disk: the next one opens the file again, cutting it
             self.fd = None
@@ -3979,12 +4006,23 @@ class History(object):
         {"attempts": how many count, "rebooted": how many of those a reboot followed, "unknown": how many
         of those cannot tell (a start recorded without a boot id, by an older isconf or without /proc),
         "signals": the names of the signals that stopped the others}.  The 'failed' that halts the entry
-        for this (it carries 'interrupted') ends no attempt, so the halt holds at every run."""
-        attempts = []  # [the start's boot id, how it ended: None (it did not), "failed", or a signal's name]
+        for this (it carries 'interrupted') ends no attempt, so the halt holds at every run.
+
+        An attempt whose next start is of a later entry ended applied: a run starts the next transaction
+        only once this one succeeded, its done record waiting for the batch's barrier (DoneBatch), which a
+        crash may have lost.  A next start of an earlier entry (a run begun again after a crash, from the
+        first transaction not recorded done) leaves it never ended."""
+        attempts = []  # [the start's boot id, how it ended: None (it did not), "failed", "applied", a signal's name]
+        following = False  # the last attempt has not yet seen the next start after it
         for event in self.events:
             if event["id"] != entry.id or event["seq"] != entry.seq:
+                if following and event["event"] == "started":
+                    following = False
+                    if event["seq"] > entry.seq and attempts[-1][1] is None:
+                        attempts[-1][1] = "applied"
                 continue
             kind = event["event"]
+            following = kind == "started"
             if kind == "started":
                 attempts.append([event.get("boot_id"), None])
             elif kind in ("done", "authored", "skipped", "retracted"):
@@ -3997,7 +4035,7 @@ class History(object):
         seen = {"attempts": 0, "rebooted": 0, "unknown": 0, "signals": []}
         for (started, ended), after in zip(attempts, [a[0] for a in attempts[1:]] + [boot]):
             rebooted = started != after if isinstance(started, str) and after else None
-            if ended == "failed":
+            if ended in ("failed", "applied"):
                 continue
             if ended is not None and not rebooted:
                 seen["signals"].append(ended)
@@ -4529,15 +4567,73 @@ PSEUDO_FILESYSTEMS = [  # (where inside the root, source, type, flags, data); /d
 ]
 
 
-def mount_points():
-    """Where something is mounted now, from /proc/self/mountinfo (octal escapes undone)."""
+def mount_table():
+    """(where, file system type) of each mount now, from /proc/self/mountinfo (octal escapes undone); None
+    where it cannot be read."""
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             lines = f.read().splitlines()
     except OSError:
-        return set()
-    return set(re.sub(br"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), line.split()[4])
-               for line in lines if len(line.split()) > 4)
+        return None
+    table = []
+    for line in lines:  # 36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw
+        fields, _, tail = line.partition(b" - ")
+        if len(fields.split()) > 4:
+            table.append((re.sub(br"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields.split()[4]),
+                          (tail.split() or [b""])[0]))
+    return table
+
+
+def mount_points():
+    """Where something is mounted now (mount_table)."""
+    return set(where for where, _ in mount_table() or ())
+
+
+# File systems with no disk under them: nothing to sync there (an autofs one would mount something if opened).
+UNBACKED_FILESYSTEMS = frozenset([
+    b"proc", b"sysfs", b"devtmpfs", b"devpts", b"tmpfs", b"ramfs", b"cgroup", b"cgroup2", b"securityfs",
+    b"debugfs", b"tracefs", b"mqueue", b"hugetlbfs", b"bpf", b"pstore", b"configfs", b"fusectl", b"autofs",
+    b"binfmt_misc", b"nsfs", b"rpc_pipefs", b"selinuxfs", b"efivarfs"])
+
+
+def sync_filesystems(root):
+    """Make what commands wrote under root durable, wherever in it: syncfs(2) of root's file system and of
+    each one mounted inside it (a separate /var or /boot; with --root /, every one with a disk), once each.
+    Not sync(2), which waits for every file system of the machine, other jobs' writes included; sync(2)
+    only where libc has no syncfs, /proc/self/mountinfo cannot be read, or a mount inside cannot be
+    opened.  StateError if a file system reports a write error (syncfs returns it since Linux 5.8)."""
+    table = mount_table()
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):
+        syncfs = None
+    if syncfs is None or table is None:
+        os.sync()
+        return
+    inside = os.fsencode(os.path.abspath(root)).rstrip(b"/") + b"/"
+    places = [os.fsencode(os.path.abspath(root))] + [where for where, kind in table
+                                                     if where.startswith(inside) and kind not in UNBACKED_FILESYSTEMS]
+    synced = set()
+    for place in places:
+        try:
+            fd = os.open(place, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # unmounted since: the unmount synced it
+        except OSError:
+            os.sync()
+            return
+        try:
+            device = os.fstat(fd).st_dev
+            if device in synced:
+                continue
+            if syncfs(fd) != 0:
+                error = ctypes.get_errno()
+                raise StateError("cannot sync the file system of %s: %s; the transactions applied since the last "
+                                 "done record are not recorded done and run again: check the disk"
+                                 % (os.fsdecode(place), os.strerror(error)))
+            synced.add(device)
+        finally:
+            os.close(fd)
 
 
 def pseudo_mounts(root):
@@ -5764,10 +5860,12 @@ class Transaction(object):
         self._host, self._entry = host, entry
         self._environment, self._timeout, self._mounts, self._covers = environment, timeout, mounts, covers
         self._agent_files = agent_files
+        self.ran = False  # a command ran: what it wrote, anywhere, waits for the batch's syncfs (DoneBatch)
 
     def run(self, argv, cwd):
         """Run the transaction's command chrooted into the root, its output appended to the
         transaction's log (run_command); its exit status.  What a failure printed is synced."""
+        self.ran = True
         log = self._host.logs.open(self._entry)
         try:
             status = run_command(self._host.root, argv, cwd, self._environment, log, timeout=self._timeout,
@@ -5809,6 +5907,45 @@ class Transaction(object):
                                                                  else ""))
 
 
+class DoneBatch(object):
+    """Group commit: the done (and retracted) records of transactions applied one after another, written
+    together once their effects are durable: what commands wrote by one syncfs of the root's file systems
+    (sync_filesystems), a snap's files by its own fsyncs (old or new, never torn, needs them anyway), then
+    the records in one write and one fsync.  So no done record exists, even in the page cache, before its
+    transaction's effects are on disk, and a crash loses at most the records of the batch not yet written:
+    those transactions run again (at least once).  A batch is flushed when it holds BATCH_MOST records or
+    its first waited BATCH_SECONDS, and by Applier before whatever must find them on disk: a reboot, a
+    re-exec, a failure's or an interruption's record, a halt, the end of the run."""
+
+    def __init__(self, history, root):
+        self.history, self.root = history, root
+        self.records, self.since, self.unsynced = [], None, False
+
+    def add(self, event, entry, ran=False, **extra):
+        """Queue a record of entry; ran: its command ran, so the flush syncs the file systems first."""
+        if not self.records:
+            self.since = time.monotonic()
+        self.records.append(self.history.new_record(event, entry, **extra))
+        self.unsynced = self.unsynced or ran
+
+    def due(self):
+        return len(self.records) >= BATCH_MOST or time.monotonic() - self.since >= BATCH_SECONDS
+
+    def flush(self):
+        """Effects synced, then the records written and fsynced; a signal that stops the run waits for
+        both.  Records a failure here leaves unwritten are dropped: their transactions run again."""
+        if not self.records:
+            return
+        records, unsynced, self.records, self.unsynced = self.records, self.unsynced, [], False
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            if unsynced:
+                sync_filesystems(self.root)
+            self.history.record_all(records)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 class Applier(object):
     """Apply a Plan's pending transactions in order, halting at the first failure, and hand
     over to a new agent or interpreter between transactions.  For a hand-over (cmd_up), lock
@@ -5821,6 +5958,7 @@ class Applier(object):
         self.lock, self.argv = lock, argv
         self.interpreter, self.agent_files = interpreter_identity(), agent_files()
         self.boot_id = boot_id()  # recorded in every 'started': a later run tells whether the machine rebooted
+        self.batch = DoneBatch(self.history, self.host.root)
         # Who applied each transaction, as this process started: kept in its done or failed record.
         self.provenance = {"agent": __version__, "python": sys.version.split()[0],
                            "python_path": os.path.realpath(sys.executable)}
@@ -5832,7 +5970,11 @@ class Applier(object):
         try:
             return self.apply_in_order(plan, allow_reboot)
         except KeyboardInterrupt as e:
+            self.batch.flush()  # what ended before the signal is recorded done
             self.record_interrupted(plan, ran, e)
+            raise
+        except BaseException:
+            self.batch.flush()  # every other way out, as the failure's own record did
             raise
 
     def apply_in_order(self, plan, allow_reboot):
@@ -5842,14 +5984,15 @@ class Applier(object):
         retracted = retractions(plan.pending)
         for entry in plan.pending:
             retraction = retracted.get((entry.seq, entry.id))
-            if retraction is not None:
-                history.record("retracted", entry, by=retraction.id, by_seq=retraction.seq, why=retraction.message)
+            if retraction is not None:  # a position in the history, in order with the done records
+                self.batch.add("retracted", entry, by=retraction.id, by_seq=retraction.seq, why=retraction.message)
                 REPORTER.end("[%d/%d]" % (entry.seq, plan.head.seq), entry.summary(),
                              "retracted by %d" % retraction.seq, 0)
                 continue
             waits = entry.waits(allow_reboot)  # NeedsNewer halts here, unless an agent upgrade before it took over
             if waits is not None:
                 code, why = waiting_message(entry, waits, host.root, self.config.reboot_command)
+                self.batch.flush()
                 say(why)
                 return code
             position, summary, started = "[%d/%d]" % (entry.seq, plan.head.seq), entry.summary(), time.monotonic()
@@ -5858,12 +6001,14 @@ class Applier(object):
                 REPORTER.end(position, summary, "halted", 0)
                 self.halt_interrupted(entry, interrupted)
             REPORTER.begin(position, summary)
+            # On disk before anything of it runs: a command that resets the machine is counted (interrupted_max).
             history.record("started", entry, **({"boot_id": self.boot_id} if self.boot_id else {}))
             try:
-                outcome = self.apply_one(entry)
+                outcome, ran = self.apply_one(entry)
             except (TransactionFailed, StateError) as e:
                 REPORTER.end(position, summary, "failed", time.monotonic() - started)
                 status = {"status": e.status} if getattr(e, "status", None) is not None else {}
+                self.batch.flush()
                 history.record("failed", entry, error=str(e), **dict(self.provenance, **status))
                 host.logs.note(entry, "[isconf] failed: %s" % e)
                 if isinstance(e, StateError):
@@ -5871,7 +6016,7 @@ class Applier(object):
                 raise TransactionFailed("transaction %d failed: %s; log in %s. Fix the cause and run 'isconf up' "
                                         "again, or 'isconf skip %d -m WHY'"
                                         % (entry.seq, e, host.logs.path(entry), entry.seq))
-            history.record("done", entry, **self.provenance)
+            self.batch.add("done", entry, ran, **self.provenance)
             REPORTER.end(position, summary, "ok", time.monotonic() - started)
             if self.run.record is not None:
                 self.run.record.applied += 1
@@ -5880,7 +6025,10 @@ class Applier(object):
                 return self.reboot()
             python = self.handover(entry, outcome == HANDOVER)
             if python:
+                self.batch.flush()
                 self.reexec(python, entry)
+            if self.batch.due():
+                self.batch.flush()
         self.finish(plan)
         return EXIT_OK
 
@@ -5889,11 +6037,14 @@ class Applier(object):
         the command's process group is gone: an 'interrupted' record naming the signal, on disk before
         the agent exits.  Not counted toward interrupted_max unless the machine reboots before the next
         start (History.interruptions).  Nothing when no attempt of this run (the records after ran) is
-        open: the signal came between two transactions, or before the first."""
-        events = self.history.events
-        if len(events) <= ran or events[-1]["event"] != "started":
+        open: the signal came between two transactions, or before the first (the last start has its done
+        record, the batch flushed first)."""
+        events = self.history.events[ran:]
+        starts = [i for i, e in enumerate(events) if e["event"] == "started"]
+        if not starts or any(e["id"] == events[starts[-1]]["id"] for e in events[starts[-1] + 1:]):
             return
-        entry = next((e for e in plan.pending if (e.seq, e.id) == (events[-1]["seq"], events[-1]["id"])), None)
+        entry = next((e for e in plan.pending if (e.seq, e.id) == (events[starts[-1]]["seq"],
+                                                                   events[starts[-1]]["id"])), None)
         if entry is None:
             return
         name = signal.Signals(getattr(error, "signum", signal.SIGINT)).name
@@ -5907,6 +6058,7 @@ class Applier(object):
         """Fail a transaction started interrupted_max times that never ended (History.interruptions: seen),
         without starting it again: run again at every boot (rule 5), an exec that reboots the machine would
         loop its boots for ever.  The message says whether the machine rebooted during those attempts."""
+        self.batch.flush()
         count = seen["attempts"]
         error = "started %s without ending (interrupted_max %d)" % (plural(count, "time"),
                                                                     self.config.interrupted_max)
@@ -5955,6 +6107,7 @@ class Applier(object):
         return systemctl_covers(self.host.rootpath, self.host.state.subdir("boot-bin").path)
 
     def finish(self, plan):
+        self.batch.flush()  # before the applied position is read, and before a reboot entry's command
         self.release_objects(plan)
         if self.history.applied()[0] >= plan.head.seq:  # not after a reboot entry with more behind it
             self.host.record_success()
@@ -5991,7 +6144,8 @@ class Applier(object):
         return EXIT_OK
 
     def apply_one(self, entry):
-        """Log the transaction's start, then apply it as its kind says; what the run does next."""
+        """Log the transaction's start, then apply it as its kind says; what the run does next, and
+        whether a command ran (Transaction.ran)."""
         with os.fdopen(self.host.logs.open(entry, attempt=True), "ab") as log:
             log.write(log_line("[isconf] %s transaction %d %s %s" % (format_time(time.time()), entry.seq,
                                                                      entry.id, entry.summary())))
@@ -5999,8 +6153,9 @@ class Applier(object):
         boot_bin = self.boot_bin()
         if boot_bin:
             environment["PATH"] = boot_bin + ":" + environment["PATH"]
-        return entry.apply(Transaction(self.host, entry, environment, self.config.exec_timeout, self.mounts,
-                                       self.agent_files, self.boot_covers()))
+        transaction = Transaction(self.host, entry, environment, self.config.exec_timeout, self.mounts,
+                                  self.agent_files, self.boot_covers())
+        return entry.apply(transaction), transaction.ran
 
     def handover(self, entry, upgraded):
         """The interpreter to re-execute under after this transaction, or None to carry on here:

@@ -16,13 +16,14 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import (AGENT, AUTHOR, KILLS, build, error_line, extents, install_busybox, put, replace_file,
-                      undated)
+from conftest import (AGENT, AUTHOR, ISCONF, KILLS, append_entry, build, error_line, extents, install_busybox, put,
+                      replace_file, undated)
 
 OLD, V1, V2 = b"old\n", b"version one\n", b"version two\n"
 BIG = 4 << 20  # large enough that a kill can land while it is being written
@@ -171,19 +172,33 @@ def raise_interrupted_max(root, most):
         f.write(text)
 
 
-def attempts(events):
-    """(seq, n, starts): the first transaction not done, how many of its attempts count toward
-    interrupted_max, and how many times it was started, by the history.
+def counted_starts(events, seq):
+    """How many attempts at seq count toward interrupted_max (README, interrupted_max), by the history.
 
     The harness's transactions never fail and are never skipped, and the machine never reboots under
-    them, so an attempt counts (README, interrupted_max) when its 'started' is not followed by an
-    'interrupted' record of a signal the agent caught: SIGKILL left it without an end.  The agent halts
-    that transaction, instead of starting it again, once n reaches interrupted_max."""
+    them, so an attempt counts when its 'started' is followed neither by an 'interrupted' record of a
+    signal the agent caught nor, as the next start, by a later transaction's start: then it ended applied,
+    its done record waiting for the batch's barrier when SIGKILL came (group commit)."""
+    n = 0
+    for i, event in enumerate(events):
+        if event["seq"] != seq or event["event"] != "started":
+            continue
+        after = next((e for e in events[i + 1:] if e["event"] == "started" or
+                      (e["seq"] == seq and e["event"] == "interrupted")), None)
+        n += not (after and (after["event"] == "interrupted" or after["seq"] > seq))
+    return n
+
+
+def attempts(events):
+    """(seq, halt, n, started): the first transaction not done; the first from it on that a run halts
+    instead of starting it, having run again those before it (their done records lost with a batch), by
+    how many of its attempts count (None, and the most any counts: no halt); the transactions started
+    and not done.  The agent halts a transaction once n reaches interrupted_max."""
     done = {e["seq"] for e in events if e["event"] == "done"}
     seq = min(set(range(1, TRANSACTIONS + 1)) - done, default=None)
-    own = [e["event"] for e in events if e["seq"] == seq]
-    vanished = sum(1 for i, e in enumerate(own) if e == "started" and own[i + 1:i + 2] != ["interrupted"])
-    return seq, vanished, own.count("started")
+    started = {e["seq"] for e in events if e["event"] == "started"} - done
+    counts = [(s, counted_starts(events, s)) for s in sorted(started)]
+    return seq, counts, started
 
 
 def runs(root):
@@ -249,13 +264,14 @@ HALTED = ("isconf: error: transaction %d halted: started %d times without ending
           "time without a reboot: ")
 
 
-def check_halted(root, code, err, before, seq, count, most):
-    """A run the history says meets interrupted_max: exit 1, the one 'halted' line, nothing run, and the
+def check_halted(root, code, err, before, pending, seq, count, most):
+    """A run the history says meets interrupted_max at seq: exit 1, the one 'halted' line, nothing run but
+    the transactions from pending to it (run again: their done records were lost with a batch), and the
     halt recorded with its count."""
     lines = [l for l in undated(err).splitlines() if l.startswith("isconf: error:")]
     assert code == 1 and len(lines) == 1, (code, err)
     assert lines[0].startswith(HALTED % (seq, count, most)), lines[0]
-    assert runs(root) == before
+    assert runs(root) == before + [s for s in (1, 3, 5, 7, 9) if pending <= s < seq], (before, runs(root))
     last = history(root)[-1]
     assert (last["event"], last["seq"], last.get("interrupted")) == ("failed", seq, count), last
 
@@ -308,8 +324,9 @@ def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tm
         while True:
             before, events = runs(root), history(root)
             done = {e["seq"] for e in events if e["event"] == "done"}
-            pending, count, starts = attempts(events)
-            halting = pending is not None and count >= most
+            pending, counts, started = attempts(events)
+            halt, count = next(((s, n) for s, n in counts if n >= most), (None, max([0] + [n for _, n in counts])))
+            halting = halt is not None
             # At the largest interrupted_max a config may hold, a transaction one start short of it is left to end.
             spare = halting or (count == most - 1 and most == INTERRUPTED_MOST)
             when, stop = rng.uniform(0, duration), rng.choice(STOPS)
@@ -334,11 +351,12 @@ def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tm
             reap(root)
             check_kill_point(root)
             again = runs(root)[len(before):]
-            # Only the transaction interrupted before runs again; none recorded done ever does.
+            # Only transactions started before and not recorded done run again (the one interrupted, and those
+            # whose done records a SIGKILL lost with their batch); none recorded done ever does.
             assert not done & set(again), (done, again)
-            assert set(again) & set(before) <= ({pending} if starts else set()), (before, again, pending, starts)
+            assert set(again) & set(before) <= started, (before, again, started)
             if halting:
-                check_halted(root, code, err, before, pending, count, most)
+                check_halted(root, code, err, before, pending, halt, count, most)
                 halts += 1
                 most = count + 1
                 raise_interrupted_max(root, most)
@@ -360,16 +378,47 @@ def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tm
              sorted(landed.items()), halts, reads, duration))
 
 
-TRACED = "openat,write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,close,sync,syncfs,mkdir,mkdirat"
+TRACED = ("openat,write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,close,sync,syncfs,mkdir,mkdirat,"
+          "execve")
+BARRIERS = ("fsync", "fdatasync", "syncfs", "sync")
 
 
-def audit(trace, root):
-    """Check from an strace -f -y log that each done record is written only after every file
-    written under root, and every directory renamed or made a directory in, was fsync'd (or the
-    whole system synced), and that each history record is fsync'd before the next is written.
-    Returns the number of done records."""
+def strace_prefix(trace):
+    if not shutil.which("strace"):
+        pytest.fail("strace is not installed; .ci/run installs it")
+    return ["strace", "-f", "-y", "-qq", "-s", "256", "-e", "trace=" + TRACED, "-o", trace]
+
+
+def history_size(root):
+    try:
+        return os.path.getsize(os.path.join(root, STATE, "history"))
+    except FileNotFoundError:
+        return 0
+
+
+def audit(trace, root, history_from, reboot_marker=None):
+    """Check from an strace -f -y log of one run the order of its disk barriers (group commit, rule 17):
+
+    - no done record is written, even to the page cache, while anything its transactions wrote under root
+      (a file written, a directory renamed or made a directory in) is not yet on disk: fsync'd, or the
+      root's file system synced by syncfs(2) of the root (a syncfs of another file system covers nothing);
+      sync(2) of the whole machine is never called;
+    - each history write is fsync'd before the next;
+    - the records are flushed (no transaction started and not yet recorded done, failed or interrupted)
+      before a re-exec of the agent (execve in its own process), before the reboot command (an execve whose
+      arguments hold reboot_marker), when a failure is recorded (only the failed one is open), and at the end.
+
+    Which records each history write holds is read from the history file itself: the writes append, from
+    history_from bytes on, each as many bytes as it returned.  Returns counts: dones, barriers (fsync,
+    fdatasync, syncfs and sync calls of every process), syncfs, reexecs, reboots, failures, exec_writes
+    (files the commands wrote, which only the syncfs covered)."""
     state, history_path = os.path.join(root, STATE) + "/", os.path.join(root, STATE, "history")
-    unfinished, dirty, unsynced_history, dones = {}, {}, False, 0
+    with open(history_path, "rb") as f:
+        f.seek(history_from)
+        appended = f.read()
+    unfinished, dirty, unsynced_history = {}, {}, False
+    counts = collections.Counter()
+    open_seqs, offset, main = set(), 0, None
     with open(trace) as f:
         lines = f.read().splitlines()
     for line in lines:
@@ -377,6 +426,7 @@ def audit(trace, root):
         if not m:
             continue
         pid, text = m.groups()
+        main = main or pid
         if text.endswith("<unfinished ...>"):
             unfinished[pid] = text[:-len("<unfinished ...>")]
             continue
@@ -386,26 +436,53 @@ def audit(trace, root):
         call = re.match(r"^(\w+)\((.*)\)\s+=\s+(-?\d+)", text, re.S)
         if not call or call.group(3).startswith("-"):
             continue
-        name, args = call.group(1), call.group(2)
+        name, args, result = call.group(1), call.group(2), int(call.group(3))
         fds = re.findall(r"\d+<([^>]*)>", args)
         strings = re.findall(r'"((?:[^"\\]|\\.)*)"', args)
+        if name in BARRIERS:
+            counts["barriers"] += 1
         if name in ("write", "pwrite64") and fds:
             path = fds[0]
             if path == history_path:
                 assert not unsynced_history, "history record written before the last one was fsync'd"
-                event = re.search(r'event\\":\\"(\w+)', args)
-                if event and event.group(1) == "done":
-                    assert not dirty, "done recorded before these were fsync'd: %s" % sorted(dirty)
-                    dones += 1
+                records = [json.loads(r) for r in appended[offset:offset + result].splitlines()]
+                offset += result
+                for record in records:
+                    event, seq = record["event"], record["seq"]
+                    if event == "done":
+                        assert not dirty, "done of %d recorded before these were on disk: %s" % (seq, sorted(dirty))
+                        counts["dones"] += 1
+                    if event == "failed":
+                        assert open_seqs <= {seq}, "failure of %d recorded before the done records of %s" % (
+                            seq, sorted(open_seqs - {seq}))
+                        counts["failures"] += 1
+                    if event == "started":
+                        open_seqs.add(seq)
+                    elif event in ("done", "failed", "interrupted"):
+                        open_seqs.discard(seq)
                 unsynced_history = True
             elif path.startswith(root + "/") and not path.startswith(state):
                 dirty[path] = "written"
+                counts["exec_writes"] += pid != main
         elif name in ("fsync", "fdatasync") and fds:
             dirty.pop(fds[0], None)
             if fds[0] == history_path:
                 unsynced_history = False
-        elif name in ("sync", "syncfs"):
-            dirty.clear()
+        elif name == "syncfs":
+            counts["syncfs"] += 1
+            if fds and fds[0] == root:
+                dirty.clear()
+        elif name == "sync":
+            raise AssertionError("sync(2) of the whole machine called, not syncfs(2) of the root's file system")
+        elif name == "execve":
+            if pid == main and counts["execs_of_agent"]:
+                assert not open_seqs, "re-executed with transactions %s not recorded done" % sorted(open_seqs)
+                counts["reexecs"] += 1
+            elif reboot_marker and reboot_marker in args:
+                assert not open_seqs and not unsynced_history, (
+                    "reboot command started with transactions %s not recorded done" % sorted(open_seqs))
+                counts["reboots"] += 1
+            counts["execs_of_agent"] += pid == main
         elif name in ("mkdir", "mkdirat"):
             made = strings[0] if name == "mkdir" else os.path.join(fds[0], strings[0])
             if made.startswith(root + "/") and not made.startswith(state):
@@ -420,19 +497,73 @@ def audit(trace, root):
             if dirty.pop(old, None):
                 dirty[new] = "written"
             dirty[os.path.dirname(new)] = "renamed into"
+    assert offset == len(appended), "the history grew by %d bytes the trace does not show" % (len(appended) - offset)
     assert not unsynced_history, "the last history record was never fsync'd"
-    return dones
+    assert not open_seqs, "the run ended with transactions %s not recorded done" % sorted(open_seqs)
+    return counts
 
 
 def test_each_done_record_follows_the_fsync_of_everything_its_transaction_wrote(every_kind, tmp_path):
-    if not shutil.which("strace"):
-        pytest.fail("strace is not installed; .ci/run installs it")
+    # Over every kind, two re-execs among them (a new agent, then a new interpreter).
     root = copy_host(every_kind, str(tmp_path / "traced"))
-    trace = str(tmp_path / "trace")
-    code, out, err = finish(agent(root, "up", prefix=["strace", "-f", "-y", "-qq", "-s", "256",
-                                                       "-e", "trace=" + TRACED, "-o", trace]))
+    trace, before = str(tmp_path / "trace"), history_size(root)
+    code, out, err = finish(agent(root, "up", prefix=strace_prefix(trace)))
     assert code == 0, err
-    assert audit(trace, root) == 9
+    counts = audit(trace, root, before)
+    assert counts["dones"] == 9 and counts["reexecs"] == 2 and counts["exec_writes"], counts
+
+
+CATCH_UP = 50
+
+
+def test_a_catch_up_shares_its_barriers_and_flushes_before_a_reboot_and_a_failure(author, host, busybox_root,
+                                                                                   keys, tmp_path):
+    # 50 execs, a reboot entry, 3 more execs and a failing one.  The first run (up -r) ends at the reboot
+    # command, the second at the failure; between them every transaction ran once and is recorded done.
+    busybox_root(host.root)
+    os.makedirs(host.path("/var"))
+    count = "echo $ISCONF_SEQ >> /var/runs"
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", count])
+    for _ in range(CATCH_UP - 1):
+        append_entry(author, kind="exec", argv=["/bin/sh", "-c", count], cwd="/")
+    append_entry(author, kind="reboot")
+    for _ in range(3):
+        append_entry(author, kind="exec", argv=["/bin/sh", "-c", count], cwd="/")
+    append_entry(author, kind="exec", argv=["/bin/false"], cwd="/")
+    sign_head(author, keys)
+    marker = "isconf-test-reboot-%d" % os.getpid()
+    host.init(author.repo, keys, "--reboot-command", "/bin/echo " + marker)
+    trace, before = str(tmp_path / "trace-1"), history_size(host.root)
+    code, out, err = finish(agent_of(host, "up", "-r", prefix=strace_prefix(trace)))
+    assert code == 0 and marker in out, (code, out, err)
+    first = audit(trace, host.root, before, marker)
+    assert first["dones"] == CATCH_UP + 1 and first["reboots"] == 1 and first["exec_writes"] >= CATCH_UP, first
+    # Three barriers each before (started, sync, done): now a start each, and a syncfs and an fsync per batch,
+    # and what any run costs (the fetched journal and head, the run's own record).
+    assert first["barriers"] < 2 * CATCH_UP, first
+    assert first["syncfs"] <= -(-CATCH_UP // 64) + 1, first
+    trace, before = str(tmp_path / "trace-2"), history_size(host.root)
+    code, out, err = finish(agent_of(host, "up", prefix=strace_prefix(trace)))
+    assert code == 1, (code, out, err)
+    second = audit(trace, host.root, before)
+    assert second["dones"] == 3 and second["failures"] == 1, second
+    with open(host.path("/var/runs")) as f:
+        assert [int(n) for n in f.read().split()] == list(range(1, CATCH_UP + 1)) + [52, 53, 54]
+
+
+def sign_head(author, keys):
+    """Sign the head append_entry rewrote, as ci would."""
+    os.unlink(author.path("head.sig"))
+    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", keys.private, "-n", "isconf", author.path("head")],
+                   check=True, stdin=subprocess.DEVNULL)
+
+
+def agent_of(host, *args, **kw):
+    """The agent under test run on host (not from inside it) by this interpreter."""
+    return subprocess.Popen(list(kw.get("prefix", [])) + [sys.executable, "-I", ISCONF, "--root", host.root]
+                            + list(args), env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
 
 
 @pytest.fixture

@@ -223,3 +223,78 @@ def test_a_signal_outside_a_transaction_records_nothing(long_host, daemons):
     assert history(host) == before
     report = host.status()
     assert report["interrupted"]["attempts"] == 1 and report["interrupted"]["signal"] is None, report
+
+
+COUNT = "echo $ISCONF_SEQ >> /tmp/runs"
+
+
+def runs(host):
+    try:
+        with open(host.path("/tmp/runs")) as f:
+            return [int(n) for n in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture
+def batch_host(author, host, busybox_root):
+    """A host (interrupted_max 1) whose two first transactions count their runs and whose third is LONG:
+    the done records of the first two wait in a batch while it runs."""
+    busybox_root(host.root)
+    author.commit(*[["exec", "--no-run", "--", "/bin/sh", "-c", command] for command in (COUNT, COUNT, LONG)])
+    host.init(author.repo, author.keys, "--interrupted-max", "1")
+    return host
+
+
+def test_the_starts_of_a_batch_a_crash_lost_count_only_for_the_transaction_that_was_running(batch_host):
+    # What a SIGKILL or a power cut during the third leaves: three starts, the done records of the first
+    # two lost with their batch.  They ended (the next start is a later transaction's): run again, not
+    # halted; the third never did: at interrupted_max 1, halted.
+    host = batch_host
+    open(host.path("/tmp/go"), "w").close()
+    host("up", expect="ok")
+    rewrite = [e for e in history(host) if e["event"] == "started"]
+    with open(host.state("history"), "w") as f:
+        f.write("".join(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n" for e in rewrite))
+    assert host.status()["interrupted"]["seq"] == 3
+    proc = host("up", expect="failed")
+    assert "transaction 3 halted: started 1 time without ending (interrupted_max 1)" in proc.err, proc.err
+    assert runs(host) == [1, 2, 1, 2] and attempts(host) == 1
+    assert [(e["event"], e["seq"]) for e in history(host)][3:] == [
+        ("started", 1), ("started", 2), ("done", 1), ("done", 2), ("failed", 3)]
+
+
+def test_a_signal_during_a_batch_records_what_ended_before_it_then_the_interruption(batch_host, daemons):
+    host = batch_host
+    agent = subprocess.Popen([sys.executable, "-I", ISCONF, "--root", host.root, "up"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not os.path.exists(host.path("/tmp/pid")):
+            assert agent.poll() is None and time.time() < deadline, "the command never started"
+            time.sleep(0.05)
+        time.sleep(0.2)  # the shell wrote its pid: it is the sleep now
+        with open(host.path("/tmp/pid")) as f:
+            daemons.append(int(f.read()))
+        report = host.status()  # the first two applied, not yet recorded: the batch is in flight
+        assert report["state"] == "running" and report["running"]["transaction"]["seq"] == 3, report
+        assert report["applied_seq"] == 0 and runs(host) == [1, 2]
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(30)
+    # (A second between two commands of a loaded machine ends the batch before the third starts.)
+    assert [(e["event"], e["seq"]) for e in history(host)] in (
+        [("started", 1), ("started", 2), ("started", 3), ("done", 1), ("done", 2), ("interrupted", 3)],
+        [("started", 1), ("started", 2), ("done", 1), ("done", 2), ("started", 3), ("interrupted", 3)])
+    # Systemd's SIGTERM as the machine went down: the next start is under another boot id.  The next run,
+    # reading its history back from the end, finds that start before the done records: at interrupted_max
+    # 1, halted.
+    rewrite_history(host, lambda e, n: e.update(boot_id=other_boot(1)) if e["event"] == "started" else None)
+    open(host.path("/tmp/go"), "w").close()
+    proc = host("up", expect="failed")
+    assert "transaction 3 halted: started 1 time without ending (interrupted_max 1), the machine rebooting " \
+           "during 1 of them" in proc.err, proc.err
+    assert runs(host) == [1, 2] and attempts(host) == 1
