@@ -260,7 +260,7 @@ class Watcher(threading.Thread):
         return self.torn
 
 
-HALTED = ("isconf: error: transaction %d halted: started %d times without ending (interrupted_max %d), vanishing each "
+HALTED = ("isconf: error: transaction %d halted: started %s without ending (interrupted_max %d), vanishing each "
           "time without a reboot: ")
 
 
@@ -270,7 +270,7 @@ def check_halted(root, code, err, before, pending, seq, count, most):
     halt recorded with its count."""
     lines = [l for l in undated(err).splitlines() if l.startswith("isconf: error:")]
     assert code == 1 and len(lines) == 1, (code, err)
-    assert lines[0].startswith(HALTED % (seq, count, most)), lines[0]
+    assert lines[0].startswith(HALTED % (seq, "%d time%s" % (count, "" if count == 1 else "s"), most)), lines[0]
     assert runs(root) == before + [s for s in (1, 3, 5, 7, 9) if pending <= s < seq], (before, runs(root))
     last = history(root)[-1]
     assert (last["event"], last["seq"], last.get("interrupted")) == ("failed", seq, count), last
