@@ -50,9 +50,12 @@ def test_a_huge_history_is_refused_as_damaged_not_read_whole(author, keys, host,
     assert host.state("history") in line and "longer than 1048576 bytes" in line, line
 
 
-def test_a_long_history_is_read_from_its_end_as_far_as_the_last_done(author, keys, host, busybox_root):
-    # Megabytes of damage far back are not read by a run that finds its position near the end.
+def test_a_long_history_is_read_from_its_end_only_as_far_as_a_batch_reaches(author, keys, host, busybox_root):
+    # Megabytes of damage far back are not read by a run that finds its position near the end: a run reads
+    # back only past the done records of the last batches (BATCH_MOST + 1 entries), never the whole history.
     applied_host(author, keys, host, busybox_root)
+    author.commit(*[["exec", "--no-run", "--", "/bin/true"]] * 70)   # more than a batch, read back by the next run
+    host("up", expect="ok")
     with open(host.state("history"), "rb") as f:
         good = f.read()
     with open(host.state("history"), "wb") as f:
