@@ -3,6 +3,7 @@
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -231,6 +232,9 @@ def test_an_author_who_cannot_read_the_host_config_runs_exec_without_its_env(aut
     run_isconf("--root", str(root), "init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
     for parent in (tmp_path, tmp_path.parent, tmp_path.parent.parent):  # pytest makes them 0700
         os.chmod(str(parent), 0o755)
+    agent = str(tmp_path / "isconf.py")   # the checkout may sit in a directory only root can read (mktemp -d)
+    shutil.copy(ISCONF, agent)
+    os.chmod(agent, 0o755)
     os.chmod(author.repo, 0o777)
     for top, dirs, files in os.walk(author.repo):
         for name in dirs + files:
@@ -240,18 +244,18 @@ def test_an_author_who_cannot_read_the_host_config_runs_exec_without_its_env(aut
     os.chown(str(state), 65534, 65534)
     env = {"ISCONF_AUTHOR": "nobody@example", "XDG_STATE_HOME": str(state)}
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
-                           ISCONF, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
+                           agent, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
                            author.repo, "lock", "-m", "x"], env=dict(env, PATH=os.environ["PATH"]),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 2 and b"--branch" in proc.stderr  # the host's branch cannot be read: say so
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
-                           ISCONF, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
+                           agent, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
                            author.repo, "--branch", "web", "lock", "--new", "-m", "x"],
                           env=dict(env, PATH=os.environ["PATH"]),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 0, proc.stderr
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
-                           ISCONF, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
+                           agent, "--root", "/", "--config", str(root / "etc/isconf/isconf.conf"), "--repo",
                            author.repo, "--branch", "web", "exec", "--", "/bin/true"],
                           env=dict(env, PATH=os.environ["PATH"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 0, proc.stderr
