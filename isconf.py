@@ -40,6 +40,7 @@ import contextlib
 import email.utils      # http.client imports it too
 import errno
 import fcntl
+import gc
 import hashlib
 import http.client
 import io
@@ -4641,7 +4642,7 @@ def pseudo_mounts(root):
     target, type, flags, data), each target resolved inside the root (a link planted at
     ROOT/proc must not aim a mount at the miniroot) and an existing directory there.
     What the admin mounted already is used as it is."""
-    rootpath, mounted, todo = RootPath(root), mount_points(), []
+    rootpath, wanted = RootPath(root), []
     for where, source, fstype, flags, data in PSEUDO_FILESYSTEMS:
         target = rootpath.resolve(where)
         try:
@@ -4649,9 +4650,9 @@ def pseudo_mounts(root):
                 continue
         except OSError:
             continue  # a root without /proc gets none: isconf does not change the target's layout
-        if os.fsencode(target) not in mounted:
-            todo.append((source, os.fsencode(target), fstype, flags, data))
-    return todo
+        wanted.append((source, os.fsencode(target), fstype, flags, data))
+    mounted = mount_points() if wanted else ()  # asked before each command: read only when it matters
+    return [mount for mount in wanted if mount[1] not in mounted]
 
 
 def libc_call(name, *arguments):
@@ -4662,12 +4663,13 @@ def libc_call(name, *arguments):
 
 
 def enter_private_mounts(mounts, covers=()):
-    """In the child, before exec: a mount namespace of its own, the pseudo-filesystems
-    mounted in it, then covers, steps (what, function, arguments) run in it (see
-    systemctl_covers).  It is the agent's slave: what the host mounts meanwhile (systemd
-    at boot) reaches the command, and nothing mounted in it reaches the host.  Its mounts
-    vanish with the last process in it, even if the agent is killed; nothing is mounted in
-    the miniroot's namespace, and no program is started for it."""
+    """In the process that starts the commands (Launcher), before any starts: a mount namespace
+    of its own, the pseudo-filesystems mounted in it, then covers, steps (what, function,
+    arguments) run in it (see systemctl_covers).  It is the agent's slave: what the host mounts
+    meanwhile (systemd at boot) reaches the commands, and nothing mounted in it reaches the host.
+    Its mounts vanish with the last process in it, even if the agent is killed; nothing is
+    mounted in the miniroot's namespace, and no program is started for it.  TransactionFailed
+    says which step failed."""
     steps = [("make a mount namespace", libc_call, ("unshare", CLONE_NEWNS)),
              ("keep its mounts from the host", libc_call, ("mount", b"none", b"/", None, MS_REC | MS_SLAVE, None))]
     steps += [("mount %s on %s" % (m[0].decode(), m[1].decode("utf-8", "replace")), libc_call, ("mount",) + m)
@@ -4676,9 +4678,7 @@ def enter_private_mounts(mounts, covers=()):
         try:
             function(*arguments)
         except OSError as e:
-            os.write(2, ("isconf: cannot %s: %s; run with --no-mounts to go without\n"
-                         % (what, e.strerror)).encode("utf-8", "replace"))
-            os._exit(126)
+            raise TransactionFailed("cannot %s: %s; run with --no-mounts to go without" % (what, e.strerror))
 
 
 class CommandOutput(object):
@@ -4760,16 +4760,17 @@ def open_pidfd(pid):
         return None
 
 
-def wait_for_exit(proc, pidfd, seconds, outputs=()):
+def wait_for_exit(proc, seconds, outputs=()):
     """proc's exit status as soon as it exits, or None after seconds, or sooner when one of
-    the descriptors outputs can be written (our stdout taking what was deferred for it)."""
-    if pidfd is None:
+    the descriptors outputs can be written (our stdout taking what was deferred for it).
+    proc.exit_fd turns readable when it exits (a pidfd, the Launcher's socket), or is None."""
+    if proc.exit_fd is None:
         try:
             return proc.wait(seconds)
         except subprocess.TimeoutExpired:
             return None
     poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
+    poller.register(proc.exit_fd, select.POLLIN)
     for fd in outputs:
         poller.register(fd, select.POLLOUT)
     poller.poll(seconds * 1000)
@@ -4784,62 +4785,265 @@ def kill_group(proc, sig):
         pass
 
 
-def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True, covers=(), umask=AGENT_UMASK):
-    """Start a transaction's process, chrooted into root: the one place isconf runs a program.
+def send_frame(sock, message, fds=()):
+    """One message of the Launcher's protocol: its JSON, length first, fds passed along (SCM_RIGHTS)."""
+    data = json.dumps(message).encode()
+    data = struct.pack("!I", len(data)) + data
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))] if fds else []
+    sent = sock.sendmsg([data], ancillary)
+    sock.sendall(data[sent:])
 
-    log is a descriptor of the transaction's log, open for reading and appending; the
-    caller closes it, and syncs it if it must outlive a power cut.  stdin is /dev/null
-    (a prompt would hang a host for ever).
-    Output goes straight into the log, not through a pipe: an init script that leaves
-    a daemon holding its output must not keep the transaction open, and the daemon
-    must not die of SIGPIPE when we stop reading.  The transaction ends when the
-    command exits; with echo, what it wrote so far is copied to our stdout as it comes,
-    and a long output is cut in the log (see CommandOutput).
-    The command leads a process group of its own, which a timeout kills whole.  Inside
-    a --root, with mounts, it finds /proc, /sys, /dev (and /dev/pts) and /run mounted
-    in a mount namespace of its own (see enter_private_mounts), which covers (at boot, the
-    systemctl that does not wait: systemctl_covers) also give it, --root / included.  It runs
-    with umask (the config's exec_umask), not its caller's: the modes of what it creates do not
-    depend on who ran 'up'.
-    Returns the exit status.
-    """
-    chroot = os.path.abspath(root) != "/"
+
+def receive_frame(sock):
+    """The next message (send_frame) and the descriptors that came with it, or (None, []) at the end."""
+    data, fds = b"", []
+    while len(data) < 4:
+        chunk, ancillary, _, _ = sock.recvmsg(4 - len(data), socket.CMSG_SPACE(struct.calcsize("i")),
+                                              getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+        for level, kind, payload in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                fds += struct.unpack("%di" % (len(payload) // 4), payload[:len(payload) // 4 * 4])
+                for fd in fds:
+                    os.set_inheritable(fd, False)  # no command gets it but as its stdout and stderr
+        if not chunk:
+            return None, fds
+        data += chunk
+    size = struct.unpack("!I", data)[0]
+    body = b""
+    while len(body) < size:
+        chunk = sock.recv(size - len(body))
+        if not chunk:
+            return None, fds
+        body += chunk
+    return json.loads(body.decode()), fds
+
+
+def exit_code(status):
+    """A waitpid status as Popen gives it: the exit status, or minus the signal that ended it."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+# Signals the process that starts commands ignores (and Python ignores from the start): each command gets them back.
+SPAWN_DEFAULT_SIGNALS = STOP_SIGNALS + (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def spawn(argv, env, null, log):
+    """Start argv as its own session's leader, stdin null, stdout and stderr log, with posix_spawn,
+    looking it up in env's PATH as Popen does; its pid, or the OSError of the first candidate that
+    exists."""
+    actions = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2)]
+    names = [argv[0]] if "/" in argv[0] else [os.path.join(d, argv[0]) for d in os.get_exec_path(env)]
+    failure = None
+    for name in names:
+        try:
+            return os.posix_spawn(name, argv, env, file_actions=actions, setsid=True, setsigmask=(),
+                                  setsigdef=SPAWN_DEFAULT_SIGNALS)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR) and failure is None:
+                failure = e
+            last = e
+    raise failure or last
+
+
+class Spawned(object):
+    """A command the Launcher's process started: what run_command needs of a Popen (pid, poll,
+    wait), its exit status told by that process on the Launcher's socket (exit_fd)."""
+
+    def __init__(self, launcher, pid):
+        self.launcher, self.pid, self.returncode = launcher, pid, None
+        self.exit_fd = launcher.sock.fileno()
+
+    def poll(self):
+        if self.returncode is None and select.select([self.exit_fd], [], [], 0)[0]:
+            try:
+                self.returncode = self.launcher.receive()["status"]
+            except TransactionFailed:  # the process that waits for it is gone: so is the command's group
+                kill_group(self, signal.SIGKILL)
+                self.returncode = -signal.SIGKILL
+                raise
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None and not select.select([self.exit_fd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(self.pid, timeout)
+        return self.poll()
+
+
+class Launcher(object):
+    """What starts a run's commands.  A command inside a --root needs a chroot, a mount namespace
+    with the pseudo-filesystems (enter_private_mounts) and its umask: set up in a child for each
+    command, that is a copy of this whole process running Python code before the exec, several
+    times the cost of the command itself.  So one process is made for the run, forked once, set up
+    once (umask, namespace, chroot), and it starts each command with posix_spawn (vfork and exec:
+    no copy of the agent, no Python in the child); the run's commands share its mount namespace,
+    where a command's own mounts stay for the later ones until the run ends, as on a host.  It is
+    made again when what it set up would differ (a transaction made ROOT/proc, a systemctl was
+    replaced).  Without os.posix_spawn (Python 3.6, 3.7) each command gets the set-up child.
+    With --root / and nothing to set up, Popen starts the command itself (vfork)."""
+
+    def __init__(self):
+        self.pid = self.sock = self.setup = None
+
+    def start(self, root, argv, cwd, env, log, setup):
+        """Start argv in root (setup: (chroot, pseudo mounts, covers, umask), made by run_command);
+        a Popen-like (pid, poll, wait, exit_fd).  OSError or TransactionFailed if it cannot start."""
+        chroot, pseudo, covers, umask = setup
+        if not (chroot or pseudo or covers or umask != AGENT_UMASK):
+            # The command inherits the agent's own umask (AGENT_UMASK, set in main); no Python runs in the child.
+            return self.popen(argv, cwd, env, log)
+        if not hasattr(os, "posix_spawn"):
+            def enter_root():
+                os.umask(umask)
+                try:
+                    if pseudo or covers:
+                        enter_private_mounts(pseudo, covers)
+                except TransactionFailed as e:
+                    os.write(2, ("isconf: %s\n" % e).encode("utf-8", "replace"))
+                    os._exit(126)
+                if chroot:
+                    os.chroot(root)
+                os.chdir(cwd)
+            return self.popen(argv, None, env, log, enter_root)
+        setup = (setup, self.bound(covers))
+        if setup != self.setup or self.pid is None:
+            self.close()
+            self.fork(root, setup)
+        try:
+            send_frame(self.sock, {"command": argv, "directory": cwd, "environment": env}, [log])
+            message = self.receive()
+        except OSError:
+            self.close()
+            raise
+        if "error" in message:
+            raise OSError(message["errno"], message["error"])
+        return Spawned(self, message["pid"])
+
+    def popen(self, argv, cwd, env, log, preexec_fn=None):
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=preexec_fn, cwd=cwd, close_fds=True, start_new_session=True)
+        proc.exit_fd = open_pidfd(proc.pid)
+        return proc
+
+    def receive(self):
+        message, fds = receive_frame(self.sock)
+        for fd in fds:
+            os.close(fd)
+        if message is None:
+            self.close()
+            raise TransactionFailed("the process that starts commands in the root has ended (killed?); run "
+                                    "'isconf up' again")
+        return message
+
+    @staticmethod
+    def bound(covers):
+        """Which files the covers bind (device, inode): one replaced since is bound again, in a new process."""
+        found = []
+        for _, function, arguments in covers:
+            if function is libc_call and arguments[0] == "mount" and arguments[4] == MS_BIND:
+                try:
+                    st = os.stat(arguments[1])
+                    found.append((st.st_dev, st.st_ino))
+                except OSError:
+                    found.append(None)
+        return found
+
+    def fork(self, root, setup):
+        """Make the process that starts the commands: it tells 'ready' once set up, or what failed."""
+        chroot, pseudo, covers, umask = setup[0]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:  # the child: nothing of the agent's may run here, and nothing but os._exit ends it
+            try:
+                gc.disable()  # an object of the agent's collected here would close a descriptor number reused
+                for signum in STOP_SIGNALS:  # the agent stops the commands; this ends when the agent does
+                    signal.signal(signum, signal.SIG_IGN)
+                ours.close()
+                self.serve(theirs, root, chroot, pseudo, covers, umask)
+            finally:
+                os._exit(0)
+        theirs.close()
+        self.pid, self.sock, self.setup = pid, ours, setup
+        message = self.receive()
+        if "error" in message:
+            self.close()
+            raise TransactionFailed(message["error"])
+
+    @staticmethod
+    def serve(sock, root, chroot, pseudo, covers, umask):
+        """The child's life: set up once, then start each command asked for and tell its pid and
+        exit status, until the agent closes its end."""
+        keep = sock.fileno()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+            if int(name) not in (0, 1, 2, keep, null):  # the host lock and every file of the agent's
+                try:
+                    os.close(int(name))
+                except OSError:
+                    pass
+        try:
+            os.umask(umask)
+            if pseudo or covers:
+                enter_private_mounts(pseudo, covers)
+            if chroot:
+                os.chroot(root)
+            os.chdir("/")
+        except (OSError, TransactionFailed) as e:
+            send_frame(sock, {"error": str(e) if isinstance(e, TransactionFailed) else
+                              "cannot enter %s: %s" % (root, e.strerror)})
+            return
+        send_frame(sock, {"ready": True})
+        while True:
+            request, fds = receive_frame(sock)
+            if request is None:
+                return
+            try:
+                os.chdir(request["directory"])
+                pid = spawn(request["command"], request["environment"], null, fds[0])
+            except OSError as e:
+                send_frame(sock, {"error": e.strerror or str(e), "errno": e.errno or errno.EIO})
+                continue
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            send_frame(sock, {"pid": pid})
+            send_frame(sock, {"status": exit_code(os.waitpid(pid, 0)[1])})
+
+    def close(self):
+        """End the process (it exits once its end of the socket closes) and reap it."""
+        if self.sock is not None:
+            self.sock.close()
+        if self.pid is not None:
+            for _ in range(100):
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    break
+                time.sleep(0.01)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        self.pid = self.sock = self.setup = None
+
+
+def follow_command(launcher, root, argv, cwd, env, log, setup, output, timeout):
+    """Start argv (run_command) and follow it to its end; its exit status."""
     try:
-        os.close(RootPath(root).open_dir(cwd))
-    except OSError as e:
-        raise TransactionFailed("working directory %s cannot be entered inside %s: %s" % (cwd, root, e.strerror))
-    pseudo = pseudo_mounts(root) if chroot and mounts else []
-    namespace = bool(pseudo or covers)
-
-    def enter_root():
-        os.umask(umask)
-        if namespace:
-            enter_private_mounts(pseudo, covers)
-        if chroot:
-            os.chroot(root)
-        os.chdir(cwd)
-
-    output = CommandOutput(log, echo)
-    try:
-        # With --root /, Popen changes directory itself and, with no Python code to run in the child,
-        # can start it without copying this process (vfork): a millisecond or more per transaction.
-        # The command inherits the agent's own umask (AGENT_UMASK, set in main) unless another is due.
-        child = chroot or namespace or umask != AGENT_UMASK
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=enter_root if child else None, cwd=None if child else cwd,
-                                close_fds=True, start_new_session=True)
+        proc = launcher.start(root, argv, cwd, env, log, setup)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
         write_all(log, log_line(message))
         raise TransactionFailed(message)
+    except TransactionFailed as e:
+        write_all(log, log_line("isconf: %s" % e))
+        raise
     started = time.monotonic()
-    pidfd = open_pidfd(proc.pid)
     try:
         status = None
         while status is None:
-            status = wait_for_exit(proc, pidfd, 0.1, REPORTER.waiting())
+            status = wait_for_exit(proc, 0.1, REPORTER.waiting())
             if status is None and timeout is not None and time.monotonic() - started > timeout:
                 kill_group(proc, signal.SIGKILL)
+                proc.wait()
                 output.finish()
                 write_all(log, ("\n[isconf] killed: still running after exec_timeout %g s\n" % timeout).encode())
                 raise TransactionFailed("%s was killed after running for exec_timeout %g s; fix the "
@@ -4863,11 +5067,49 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True,
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise
     finally:
-        if pidfd is not None:
-            os.close(pidfd)
+        if isinstance(proc, subprocess.Popen) and proc.exit_fd is not None:
+            os.close(proc.exit_fd)
     output.finish()
     write_all(log, ("[isconf] exit status %d\n" % status).encode())
     return status
+
+
+def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True, covers=(), umask=AGENT_UMASK,
+                launcher=None):
+    """Start a transaction's process, chrooted into root: the one place isconf runs a program.
+
+    log is a descriptor of the transaction's log, open for reading and appending; the
+    caller closes it, and syncs it if it must outlive a power cut.  stdin is /dev/null
+    (a prompt would hang a host for ever).
+    Output goes straight into the log, not through a pipe: an init script that leaves
+    a daemon holding its output must not keep the transaction open, and the daemon
+    must not die of SIGPIPE when we stop reading.  The transaction ends when the
+    command exits; with echo, what it wrote so far is copied to our stdout as it comes,
+    and a long output is cut in the log (see CommandOutput).
+    The command leads a process group of its own, which a timeout kills whole.  Inside
+    a --root, with mounts, it finds /proc, /sys, /dev (and /dev/pts) and /run mounted
+    in a mount namespace (see enter_private_mounts), which covers (at boot, the systemctl
+    that does not wait: systemctl_covers) also give it, --root / included.  It runs with
+    umask (the config's exec_umask), not its caller's: the modes of what it creates do not
+    depend on who ran 'up'.  launcher (a run's Launcher) starts it; without one, one is
+    made for this command.
+    Returns the exit status.
+    """
+    chroot = os.path.abspath(root) != "/"
+    try:
+        os.close(RootPath(root).open_dir(cwd))
+    except OSError as e:
+        raise TransactionFailed("working directory %s cannot be entered inside %s: %s" % (cwd, root, e.strerror))
+    pseudo = pseudo_mounts(root) if chroot and mounts else []
+    setup = (chroot, pseudo, list(covers), umask)
+    output = CommandOutput(log, echo)
+    own = launcher is None
+    launcher = launcher or Launcher()
+    try:
+        return follow_command(launcher, root, argv, cwd, env, log, setup, output, timeout)
+    finally:
+        if own:
+            launcher.close()
 
 
 # --- verify: the disk held to the journal ------------------------------------------------
@@ -5115,9 +5357,9 @@ def systemctl_covers(rootpath, boot_bin):
     boot_bin/systemctl (a path seen from outside the root) over each of the root's systemctl
     binaries, read-only: a tmpfs on boot_bin/real, the first binary bound onto a file
     'systemctl' in it and linked there by its other names, then the wrapper bound over each.
-    Made for each exec, in about a millisecond: an earlier transaction may have moved the binaries
-    (an upgrade, a /usr merge), and a namespace kept for the whole run would hold every
-    later exec to files already replaced."""
+    Looked at for each exec: an earlier transaction may have moved or replaced the binaries
+    (an upgrade, a /usr merge), and the Launcher's namespace is made again when the steps or
+    the files they bind differ, never holding a later exec to files already replaced."""
     files = systemctl_files(rootpath)
     if not files:
         return []
@@ -5853,13 +6095,13 @@ class Transaction(object):
     """What a kind's apply (Kind.apply) may use of the host while one entry applies, and nothing
     more: the root and the staged objects, its command's run, and the agent's self-upgrade hooks."""
 
-    def __init__(self, host, entry, environment, timeout, mounts, agent_files, covers=()):
+    def __init__(self, host, entry, environment, timeout, mounts, agent_files, covers=(), launcher=None):
         if not imported_late():  # rule 6: no transaction runs before everything is imported
             raise AssertionError("transaction %d would run before the late imports (import_late)" % entry.seq)
         self.rootpath, self.objects = host.rootpath, host.objects
         self._host, self._entry = host, entry
         self._environment, self._timeout, self._mounts, self._covers = environment, timeout, mounts, covers
-        self._agent_files = agent_files
+        self._agent_files, self._launcher = agent_files, launcher
         self.ran = False  # a command ran: what it wrote, anywhere, waits for the batch's syncfs (DoneBatch)
 
     def run(self, argv, cwd):
@@ -5869,7 +6111,8 @@ class Transaction(object):
         log = self._host.logs.open(self._entry)
         try:
             status = run_command(self._host.root, argv, cwd, self._environment, log, timeout=self._timeout,
-                                 mounts=self._mounts, covers=self._covers, umask=self._host.config.exec_umask)
+                                 mounts=self._mounts, covers=self._covers, umask=self._host.config.exec_umask,
+                                 launcher=self._launcher)
             if status != 0:
                 os.fsync(log)  # what the failure printed outlives a power cut
             return status
@@ -5959,6 +6202,7 @@ class Applier(object):
         self.interpreter, self.agent_files = interpreter_identity(), agent_files()
         self.boot_id = boot_id()  # recorded in every 'started': a later run tells whether the machine rebooted
         self.batch = DoneBatch(self.history, self.host.root)
+        self.launcher = Launcher()  # starts the run's commands (ended with the run, and before a re-exec)
         # Who applied each transaction, as this process started: kept in its done or failed record.
         self.provenance = {"agent": __version__, "python": sys.version.split()[0],
                            "python_path": os.path.realpath(sys.executable)}
@@ -5976,6 +6220,8 @@ class Applier(object):
         except BaseException:
             self.batch.flush()  # every other way out, as the failure's own record did
             raise
+        finally:
+            self.launcher.close()
 
     def apply_in_order(self, plan, allow_reboot):
         host, history = self.host, self.history
@@ -6026,6 +6272,7 @@ class Applier(object):
             python = self.handover(entry, outcome == HANDOVER)
             if python:
                 self.batch.flush()
+                self.launcher.close()
                 self.reexec(python, entry)
             if self.batch.due():
                 self.batch.flush()
@@ -6154,7 +6401,7 @@ class Applier(object):
         if boot_bin:
             environment["PATH"] = boot_bin + ":" + environment["PATH"]
         transaction = Transaction(self.host, entry, environment, self.config.exec_timeout, self.mounts,
-                                  self.agent_files, self.boot_covers())
+                                  self.agent_files, self.boot_covers(), self.launcher)
         return entry.apply(transaction), transaction.ran
 
     def handover(self, entry, upgraded):

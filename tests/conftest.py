@@ -412,6 +412,9 @@ def systemd_root(host):
 
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+# A command that kills the agent running it, as a reboot would: the one holding the host lock (its parent starts
+# commands, and is not the agent).
+KILL_AGENT = "kill -KILL $(/bin/busybox sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p' /var/lib/isconf/lock)"
 APPLETS = ["sh", "cat", "echo", "touch", "mkdir", "rm", "ls", "sleep", "false", "true", "test", "env", "pwd"]
 
 
@@ -625,7 +628,7 @@ def pid_alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped between the open and the read
         return False
 
 

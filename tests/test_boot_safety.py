@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from conftest import KILL_AGENT, source_tree
+
 
 UNIT_DIR = "/etc/systemd/system"
 
@@ -38,7 +40,7 @@ def killer(author, host, busybox_root):
     """A branch whose second transaction kills the agent (as a reboot would) and counts its attempts."""
     busybox_root(host.root)
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/first"],
-                  ["exec", "--no-run", "--", "/bin/sh", "-c", "echo x >> /tmp/attempts; kill -KILL $PPID"],
+                  ["exec", "--no-run", "--", "/bin/sh", "-c", "echo x >> /tmp/attempts; " + KILL_AGENT],
                   ["exec", "--no-run", "--", "/bin/touch", "/tmp/third"])
     return host
 
@@ -157,6 +159,21 @@ def test_execs_at_boot_reach_the_queueing_systemctl_by_any_path_and_the_host_see
         with open(host.path(path)) as f:
             assert f.read() == FAKE_SYSTEMCTL, path
     assert os.listdir(host.state("boot-bin", "real")) == []
+
+
+def test_a_systemctl_replaced_mid_run_is_the_one_later_execs_at_boot_reach(author, systemctl_root, tmp_path):
+    # The run's commands share one mount namespace, the wrapper bound over each systemctl: a transaction that
+    # replaces the binary must not leave the later ones queueing jobs through the file it replaced.
+    host = systemctl_root
+    src = source_tree(tmp_path, "/usr/bin/systemctl", FAKE_SYSTEMCTL.replace("echo \"", "echo \"new "))
+    os.chmod(os.path.join(src, "usr/bin/systemctl"), 0o755)
+    author("lock", "-m", "systemd upgraded")
+    author("--root", src, "snap", "/usr/bin/systemctl")
+    author("exec", "--no-run", "--", "/usr/bin/systemctl", "restart", "b")
+    author.ci()
+    host("up", "--boot", expect="ok")
+    assert called(host) == ["systemctl --no-block restart nginx", "new systemctl --no-block restart b"]
+    assert mounted_inside(host.root) == []
 
 
 def test_execs_from_cron_run_systemctl_as_it_is(author, systemctl_root):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import error_line, replace_file
+from conftest import KILL_AGENT, error_line, replace_file
 
 SECRET_OLD = b"db_password=old-Vq8xZ3\n"
 SECRET_NEW = b"db_password=new-Kp4wT9\n"
@@ -252,13 +252,13 @@ def test_a_transaction_that_failed_last_run_is_marked(author, site):
 def test_a_transaction_up_would_halt_stops_the_listing(author, site):
     host, _ = site
     # the command kills the agent: a start that never ends, counted toward interrupted_max (1 here)
-    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "kill -KILL $PPID"],
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", KILL_AGENT],
                   ["exec", "--no-run", "--", "/bin/touch", "/tmp/after"])
     host("init", "--force", author.repo, "--branch", "web", "--signers", author.keys.signers,
          "--interrupted-max", "1", expect="ok")
     assert host("up").returncode == -9
     text, plan = dry(host, expect="ok")   # nothing would run: 0, not 11
-    assert "would stop at 1 exec /bin/sh -c 'kill -KILL $PPID'" in text
+    assert "would stop at 1 exec /bin/sh -c 'kill -KILL $(" in text
     assert "transaction 1 halts: started 1 time without ending (interrupted_max 1)" in text
     assert "/tmp/after" not in text
     assert (plan["stop"]["seq"], plan["stop"]["exit_code"]) == (1, 1)

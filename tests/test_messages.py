@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from conftest import EXIT, ISCONF, Author, error_line, undated
+from conftest import EXIT, ISCONF, KILL_AGENT, Author, error_line, undated
 
 METRICS = "/var/lib/node_exporter/textfile_collector/isconf.prom"
 
@@ -368,7 +368,7 @@ def test_log_n_refuses_a_negative_count(author, monitored):
 
 def test_one_interrupted_attempt_is_said_as_one_time(author, host, busybox_root):
     busybox_root(host.root)
-    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "kill -KILL $PPID"])
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", KILL_AGENT])
     host.init(author.repo, author.keys, "--interrupted-max", "1")
     assert host("up").returncode == -9
     line = error_line(host("up", expect="failed"))

@@ -1,0 +1,98 @@
+"""How a run starts its commands inside a --root: one process, set up once for the run (chroot, mount
+namespace, umask), starts each with posix_spawn; it is made again when what it set up would differ."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ISCONF, error_line
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "posix_spawn"), reason="Python 3.6 and 3.7 start each command alone")
+
+BUSYBOX = "/bin/busybox"
+
+
+def mounts_under(root):
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(root + "/")]
+
+
+@pytest.fixture
+def target(host, busybox_root):
+    busybox_root(host.root)
+    for name in ("proc", "sys", "dev", "run", "mnt"):
+        os.makedirs(host.path("/" + name), exist_ok=True)
+    return host
+
+
+def up(target):
+    """isconf up as a process of its own: (its pid, exit status, output)."""
+    agent = subprocess.Popen([sys.executable, "-I", ISCONF, "--root", target.root, "up"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    out = agent.communicate(timeout=120)[0].decode()
+    return agent.pid, agent.returncode, out
+
+
+def test_a_runs_commands_are_started_by_one_process_the_agent_made_once(author, server, keys, target):
+    # Each command notes its parent and its parent's parent (field 4 of /proc/PID/stat).
+    note = 'echo "$PPID $(%s cut -d" " -f4 /proc/$PPID/stat)" >> /tmp/parents' % BUSYBOX
+    for _ in range(3):
+        author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", note])
+    target.init(server.url, keys)
+    pid, code, out = up(target)
+    assert code == 0, out
+    parents = [tuple(int(n) for n in line.split()) for line in open(target.path("/tmp/parents"))]
+    assert len(parents) == 3 and len(set(parents)) == 1, parents
+    assert parents[0][0] != pid and parents[0][1] == pid, (parents, pid)
+    assert mounts_under(target.root) == []
+
+
+def test_a_mount_one_command_makes_is_seen_by_the_next_and_ends_with_the_run(author, server, keys, target):
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c",
+                   "%s mount -t tmpfs run-scratch /mnt && echo made > /mnt/f" % BUSYBOX])
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "cat /mnt/f > /tmp/seen"])
+    target.init(server.url, keys)
+    target("up", expect="ok")
+    assert open(target.path("/tmp/seen")).read() == "made\n"
+    assert mounts_under(target.root) == [] and os.listdir(target.path("/mnt")) == []
+
+
+def test_a_root_that_gains_its_proc_mid_run_has_it_mounted_for_the_later_commands(author, server, keys, host,
+                                                                                   busybox_root):
+    busybox_root(host.root)  # no /proc, /sys, /dev, /run: the first command makes /proc, as an unpacked base would
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "test -e /proc/self || mkdir /proc"])
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "test -r /proc/self/status && echo seen > /tmp/seen"])
+    host.init(server.url, keys)
+    host("up", expect="ok")
+    assert open(host.path("/tmp/seen")).read() == "seen\n"
+    assert mounts_under(host.root) == [] and os.listdir(host.path("/proc")) == []
+
+
+def test_a_command_that_kills_what_started_it_fails_its_transaction_and_the_next_run_carries_on(
+        author, server, keys, target):
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c",
+                   "test -e /tmp/once || { touch /tmp/once; kill -9 $PPID; sleep 1; }; echo ran >> /tmp/ran"])
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo second > /tmp/second"])
+    target.init(server.url, keys)
+    proc = target("up", expect="failed")
+    assert "the process that starts commands in the root has ended" in error_line(proc), proc.err
+    assert not os.path.exists(target.path("/tmp/second"))
+    target("up", expect="ok")
+    assert open(target.path("/tmp/second")).read() == "second\n"
+    assert mounts_under(target.root) == []
+
+
+def test_a_command_is_looked_up_in_its_path_and_one_the_root_lacks_fails_with_the_reason(
+        author, server, keys, target):
+    author.commit(["exec", "--no-run", "--", "sh", "-c", "echo found > /tmp/found"])
+    author.commit(["exec", "--no-run", "--", "no-such-command", "x"])
+    target.init(server.url, keys)
+    proc = target("up", expect="failed")
+    assert open(target.path("/tmp/found")).read() == "found\n"
+    assert "cannot start no-such-command" in error_line(proc) and "No such file" in error_line(proc), proc.err
+    author.commit(["exec", "--no-run", "--", "/tmp", "x"])
+    target("skip", "2", "-m", "typo", expect="ok")
+    proc = target("up", expect="failed")
+    assert "cannot start /tmp" in error_line(proc) and "Permission denied" in error_line(proc), proc.err
