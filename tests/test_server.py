@@ -1,7 +1,9 @@
 """`isconf serve`, and replaying from a real nginx."""
 
+import ctypes
 import http.client
 import os
+import socket
 import urllib.parse
 
 import pytest
@@ -81,6 +83,42 @@ def test_keep_alive_serves_several_requests_on_one_connection(site):
         sock = conn.sock
         assert request(site, "/dir/inner", conn=conn)[2] == b"inner"
         assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def server_side_of(pid, conn):
+    """The server's own socket of connection conn, copied out of process pid (pidfd_getfd, Linux 5.6)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir("/proc/%d/fd" % pid):
+            if not os.readlink("/proc/%d/fd/%s" % (pid, name)).startswith("socket:"):
+                continue
+            fd = libc.syscall(438, pidfd, int(name), 0)  # SYS_pidfd_getfd
+            assert fd >= 0, os.strerror(ctypes.get_errno())
+            sock = socket.socket(fileno=fd)
+            try:  # the listening socket has the same name, and no peer
+                if sock.getsockname() == conn.sock.getpeername() and sock.getpeername():
+                    return sock
+            except OSError:
+                pass
+            sock.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError("no socket of the server's serves this connection")
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs os.pidfd_open (Python 3.9)")
+def test_a_kept_alive_connection_sends_each_answer_at_once(site):
+    # Headers and body leave in two writes: with Nagle's algorithm on, the body waits for the client's delayed
+    # ACK of the headers, 40 ms per request of a run fetching small objects one after another.
+    url = urllib.parse.urlsplit(site.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        assert request(site, "/file", conn=conn)[2] == b"0123456789"
+        with server_side_of(site.proc.pid, conn) as sock:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         conn.close()
 
