@@ -2976,10 +2976,11 @@ class RegularFile(FileType):
         """Write the file of record at name in dfd from its staged object (staged: StagedObjects), as a
         new file given its mode, owner and mtime and fsynced before it is renamed over name (replace_at).
         An object this command verified, unchanged since, is not read again: with move (no install
-        still names it), when it holds the file's bytes as they are (no holes), on dfd's file system,
-        the object itself becomes the file; else it is copied inside the kernel (copy_in_kernel).  Any
-        other object is copied through the agent and checked against the record on the way: a short
-        or damaged one is removed, so that the next run fetches it again."""
+        still names it), when it holds the file's bytes as they are (no holes) and has no other link,
+        the object itself becomes the file, unless the rename finds it on another file system or mount
+        (EXDEV); else it is copied inside the kernel (copy_in_kernel).  Any other object is copied
+        through the agent and checked against the record on the way: a short or damaged one is
+        removed, so that the next run fetches it again."""
         size, sha = record["size"], record["object"]
         short = "staged object %s is short; run 'isconf up' again" % sha
 
@@ -2997,14 +2998,13 @@ class RegularFile(FileType):
             st = os.fstat(source.fileno())
             verified = staged.unchanged(sha, st)
             try:
-                if (verified and move and "extents" not in record and st.st_nlink == 1
-                        and st.st_dev == os.fstat(dfd).st_dev):
+                if verified and move and "extents" not in record and st.st_nlink == 1:
                     try:
                         replace_at(dfd, name, lambda tmp: staged.move(sha, source.fileno(), dfd, tmp, mode, owner,
                                                                       record["mtime_ns"]), locked=locked, sync=False)
                         return
                     except OSError as e:
-                        if e.errno != errno.EXDEV:  # another mount of the same file system: copied below
+                        if e.errno != errno.EXDEV:  # staged on another file system, or seen through another mount
                             raise
                 replace_at(dfd, name, lambda tmp: write_new(dfd, tmp, fill_verified if verified else fill, mode,
                                                             owner, record["mtime_ns"]), locked=locked, sync=False)
