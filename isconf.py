@@ -692,16 +692,17 @@ def _read_write(source, fd, count, at, offset):
 
 # How copy_in_kernel copies, best first; a way the kernel refuses for these two files gives way to the next.
 KERNEL_COPIES = tuple(way for way in (COPY_FILE_RANGE and _copy_file_range, _sendfile, _read_write) if way)
-KERNEL_REFUSALS = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
+KERNEL_REFUSALS = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def copy_in_kernel(source, fd, extents, short):
     """Copy a stored object (its extents back to back in the descriptor source) into their places in
-    fd without its bytes passing through the agent: copy_file_range (a reflink, or a copy inside the
-    kernel), else sendfile, else pread and write, CHUNK bytes at a time.  A way the kernel refuses
-    (EXDEV: another file system, from Linux 5.19 one of another type; EINVAL, ENOSYS, EOPNOTSUPP: a
-    file system or kernel without it), or that ends early, gives way to the next.  Nothing is hashed:
-    the object was verified in this run (StagedObjects).  StateError(short) if source ends first."""
+    fd, its bytes kept out of the agent where the kernel can: copy_file_range (a reflink, or a copy
+    inside the kernel), else sendfile, else pread and write, CHUNK bytes at a time.  A way the kernel
+    refuses for these two files (EXDEV: across file systems, as most kernels refuse it; EINVAL,
+    ENOSYS, EOPNOTSUPP: a file system or kernel without it), or that ends early, gives way to the
+    next.  Nothing is hashed: the object was verified in this run (StagedObjects).  Memory stays flat.
+    StateError(short) if source ends first."""
     ways, at = list(KERNEL_COPIES), 0
     for offset, length in extents:
         done = 0
