@@ -420,7 +420,8 @@ def parse_duration(text):
 # directory fsynced) and durable_append (records added to an append-only file, fsynced).  The
 # system-call hazards live here once: a partial write (write_all), a full disk or a failed rename
 # (ENOSPC, EISDIR, ENAMETOOLONG: the temp name is removed on every failure, so no hidden copy with
-# its final mode stays behind), EXDEV (the temp name is always in the target's own directory).
+# its final mode stays behind), EXDEV (the temp name is always in the target's own directory; the
+# one rename from another, of a staged object into place, copies it instead: RegularFile.write_copy).
 # EINTR is retried by Python itself (PEP 475).
 
 
@@ -5869,8 +5870,8 @@ class Sync(object):
         hash, read once per run before any transaction (rule 4: an object damaged since it was
         staged must not wait for its snap, after earlier transactions ran, to be found out), and
         recorded verified (StagedObjects).  A damaged one is removed, to be fetched again."""
-        verified = self.host.staged
-        if sha in verified.verified:
+        known = self.host.staged
+        if sha in known.verified:
             return True
         staged = objects.stat(sha)
         if staged is None:
@@ -5882,7 +5883,7 @@ class Sync(object):
                 for chunk in iter(lambda: f.read(CHUNK), b""):
                     digest.update(chunk)
             if digest.hexdigest() == sha:
-                verified.verify(sha, st)
+                known.verify(sha, st)
                 return True
         warn("staged object %s is damaged (it changed since it was staged); fetching it again" % sha[:16])
         objects.unlink(sha)
