@@ -88,6 +88,8 @@ def imported_late():
 
 # A descriptor that wakes us when a transaction's command exits: Linux 5.3 and Python 3.9 have one.
 PIDFD_OPEN = getattr(os, "pidfd_open", None)
+# A copy between two files inside the kernel (a reflink where the file system shares blocks): Python 3.8 has it.
+COPY_FILE_RANGE = getattr(os, "copy_file_range", None)
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -100,6 +102,7 @@ REPO_MARKER = "isconf-repo"     # marks a directory as a repository and names it
 HEAD_MAX = 64 * 1024            # a head is ~200 bytes; anything bigger is an attack
 SIGNATURE_MAX = 64 * 1024       # an RSA-8192 SSHSIG is under 2 KiB
 CHUNK = 64 * 1024               # read and hash size for streams
+KERNEL_COPY = 16 * 1024 * 1024  # bytes one copy_file_range or sendfile moves: a signal waits for no more
 MAX_REDIRECTS = 5               # a redirect loop must end
 FETCH_THREADS = 8               # objects in flight at once: a distant mirror's round trips overlap
 MAX_DEADLINE = 7 * 86400        # no one fetch may take longer, whatever its size
@@ -418,7 +421,8 @@ def parse_duration(text):
 # directory fsynced) and durable_append (records added to an append-only file, fsynced).  The
 # system-call hazards live here once: a partial write (write_all), a full disk or a failed rename
 # (ENOSPC, EISDIR, ENAMETOOLONG: the temp name is removed on every failure, so no hidden copy with
-# its final mode stays behind), EXDEV (the temp name is always in the target's own directory).
+# its final mode stays behind), EXDEV (the temp name is always in the target's own directory; the
+# one rename from another, of a staged object into place, copies it instead: RegularFile.write_copy).
 # EINTR is retried by Python itself (PEP 475).
 
 
@@ -537,20 +541,22 @@ def temp_name(name, locked=False):
     return ".isconf-" + digest if locked else ".isconf-%d-%s" % (os.getpid(), digest)
 
 
-def rename_into_place(dfd, old, new, sync=True, temporary=True):
+def rename_into_place(dfd, old, new, sync=True, temporary=True, old_dfd=None):
     """The one rename: old becomes new inside the directory dfd, durably (the directory is fsynced,
     unless sync is false: the caller fsyncs it once after several).  When old is a temporary name,
     a failed rename removes it, so that nothing of it stays hidden beside new; and a rename onto
     the same file through another of its names, which does nothing (POSIX), removes old too
-    rather than leave it as a second link."""
+    rather than leave it as a second link.  With old_dfd, old is in that directory (on dfd's file
+    system, or EXDEV), and only dfd is fsynced."""
+    source = dfd if old_dfd is None else old_dfd
     try:
-        os.rename(old, new, src_dir_fd=dfd, dst_dir_fd=dfd)
-        if temporary and _lexists(old, dfd):
-            os.unlink(old, dir_fd=dfd)
+        os.rename(old, new, src_dir_fd=source, dst_dir_fd=dfd)
+        if temporary and _lexists(old, source):
+            os.unlink(old, dir_fd=source)
     except BaseException:
         if temporary:
             with contextlib.suppress(OSError):
-                os.unlink(old, dir_fd=dfd)
+                os.unlink(old, dir_fd=source)
         raise
     if sync:
         os.fsync(dfd)
@@ -575,19 +581,24 @@ def replace_at(dfd, name, make, locked=False, sync=True):
     return final
 
 
+def finish_new(fd, mode, owner=None, mtime_ns=None):
+    """Give a new file, its content whole, its owner, mode and mtime, and fsync it: a set-id mode
+    is given last, after chown (which clears it)."""
+    if owner is not None:
+        os.fchown(fd, *owner)
+    os.fchmod(fd, mode)
+    if mtime_ns is not None:
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    os.fsync(fd)
+
+
 def write_new(dfd, name, fill, mode, owner=None, mtime_ns=None):
     """Create the new file name in dfd (never through a link, never over an existing one), let
-    fill(fd) write its content, give it its owner, mode and mtime, and fsync it.  It is 0600
-    until its content is whole: a set-id mode is given last, after chown (which clears it)."""
+    fill(fd) write its content, then finish it (finish_new).  It is 0600 until its content is whole."""
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
     try:
         fill(fd)
-        if owner is not None:
-            os.fchown(fd, *owner)
-        os.fchmod(fd, mode)
-        if mtime_ns is not None:
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
-        os.fsync(fd)
+        finish_new(fd, mode, owner, mtime_ns)
     finally:
         os.close(fd)
 
@@ -663,6 +674,54 @@ def copy_extents(source, fd, extents, digest, into_holes, short):
             digest.update(chunk)
             write_all(fd, chunk)
             length -= len(chunk)
+
+
+def _copy_file_range(source, fd, count, at, offset):
+    return COPY_FILE_RANGE(source, fd, count, at, offset)
+
+
+def _sendfile(source, fd, count, at, offset):
+    os.lseek(fd, offset, os.SEEK_SET)  # sendfile writes at fd's position (a regular file: Linux 2.6.33)
+    return os.sendfile(fd, source, at, count)
+
+
+def _read_write(source, fd, count, at, offset):
+    chunk = os.pread(source, min(count, CHUNK), at)
+    os.lseek(fd, offset, os.SEEK_SET)
+    write_all(fd, chunk)
+    return len(chunk)
+
+
+# How copy_in_kernel copies, best first; a way the kernel refuses for these two files gives way to the next.
+KERNEL_COPIES = tuple(way for way in (COPY_FILE_RANGE and _copy_file_range, _sendfile, _read_write) if way)
+KERNEL_REFUSALS = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def copy_in_kernel(source, fd, extents, short):
+    """Copy a stored object (its extents back to back in the descriptor source) into their places in
+    fd, its bytes kept out of the agent where the kernel can: copy_file_range (a reflink, or a copy
+    inside the kernel), else sendfile, else pread and write, CHUNK bytes at a time.  A way the kernel
+    refuses for these two files (EXDEV: across file systems, as most kernels refuse it; EINVAL,
+    ENOSYS, EOPNOTSUPP: a file system or kernel without it), or that ends early, gives way to the
+    next.  Nothing is hashed: the object was verified in this run (StagedObjects).  Memory stays flat.
+    StateError(short) if source ends first."""
+    ways, at = list(KERNEL_COPIES), 0
+    for offset, length in extents:
+        done = 0
+        while done < length:
+            try:
+                n = ways[0](source, fd, min(length - done, KERNEL_COPY), at + done, offset + done)
+            except OSError as e:
+                if len(ways) == 1 or e.errno not in KERNEL_REFUSALS:
+                    raise
+                n = None
+            if not n:
+                if len(ways) == 1:
+                    raise StateError(short)
+                ways.pop(0)
+                continue
+            done += n
+        at += length
 
 
 def zeros_outside(fd, extents, size):
@@ -2664,7 +2723,7 @@ def text_diff(path, old, new, new_file=False):
 
 OWNER_FIELDS = {"uid": int, "gid": int, "user": str, "group": str}
 FILE_TYPES = collections.OrderedDict()   # type name -> FileType, in the order they are declared
-Site = collections.namedtuple("Site", "rootpath owners objects")
+Site = collections.namedtuple("Site", "rootpath owners staged")
 Look = collections.namedtuple("Look", "rootpath owners last quick")  # last: path -> (record, its snap's by path)
 
 
@@ -2913,27 +2972,47 @@ class RegularFile(FileType):
         return record
 
     def install(self, site, dfd, name, record):
-        self.write_copy(site.objects, dfd, name, record, site.owners.ids(record), record["mode"], locked=True)
+        self.write_copy(site.staged, dfd, name, record, site.owners.ids(record), record["mode"], locked=True,
+                        move=site.staged.last_use(record["object"]))
 
-    def write_copy(self, objects, dfd, name, record, owner, mode, locked=False):
-        """Write the file of record at name in dfd from its staged object (in objects, a StateDir),
-        checking the object's bytes against the record as they are copied.  A short or damaged
-        object is removed, so that the next run fetches it again."""
+    def write_copy(self, staged, dfd, name, record, owner, mode, locked=False, move=False):
+        """Write the file of record at name in dfd from its staged object (staged: StagedObjects), as a
+        new file given its mode, owner and mtime and fsynced before it is renamed over name (replace_at).
+        An object this command verified, unchanged since, is not read again: with move (no install
+        still names it), when it holds the file's bytes as they are (no holes) and has no other link,
+        the object itself becomes the file, unless the rename finds it on another file system or mount
+        (EXDEV); else it is copied inside the kernel (copy_in_kernel).  Any other object is copied
+        through the agent and checked against the record on the way: a short or damaged one is
+        removed, so that the next run fetches it again."""
         size, sha = record["size"], record["object"]
+        short = "staged object %s is short; run 'isconf up' again" % sha
 
         def fill(fd):
             digest = hashlib.sha256()
             os.ftruncate(fd, size)  # holes stay holes: only data extents are written
-            copy_extents(source, fd, record.get("extents", [[0, size]]), digest, into_holes=True,
-                         short="staged object %s is short; run 'isconf up' again" % sha)
+            copy_extents(source, fd, record.get("extents", [[0, size]]), digest, into_holes=True, short=short)
             if source.read(1) or digest.hexdigest() != sha:
                 raise StateError("staged object %s is damaged; run 'isconf up' again" % sha)
-        with os.fdopen(objects.open(sha), "rb") as source:
+
+        def fill_verified(fd):
+            os.ftruncate(fd, size)
+            copy_in_kernel(source.fileno(), fd, record.get("extents", [[0, size]]), short)
+        with os.fdopen(staged.open(sha), "rb") as source:
+            st = os.fstat(source.fileno())
+            verified = staged.unchanged(sha, st)
             try:
-                replace_at(dfd, name, lambda tmp: write_new(dfd, tmp, fill, mode, owner, record["mtime_ns"]),
-                           locked=locked, sync=False)
+                if verified and move and "extents" not in record and st.st_nlink == 1:
+                    try:
+                        replace_at(dfd, name, lambda tmp: staged.move(sha, source.fileno(), dfd, tmp, mode, owner,
+                                                                      record["mtime_ns"]), locked=locked, sync=False)
+                        return
+                    except OSError as e:
+                        if e.errno != errno.EXDEV:  # staged on another file system, or seen through another mount
+                            raise
+                replace_at(dfd, name, lambda tmp: write_new(dfd, tmp, fill_verified if verified else fill, mode,
+                                                            owner, record["mtime_ns"]), locked=locked, sync=False)
             except StateError:
-                objects.unlink(sha)
+                staged.unlink(sha)
                 raise
 
     def drift(self, look, record, st):
@@ -3249,9 +3328,9 @@ class SnapKind(Kind):
             if record["type"] == RegularFile.name and transaction.is_agent(record["path"]):
                 agent = record
                 transaction.try_agent(record["path"], lambda dfd, name: FILE_TYPES[RegularFile.name].write_copy(
-                    transaction.objects, dfd, name, agent, (os.getuid(), os.getgid()), 0o600))
+                    transaction.staged, dfd, name, agent, (os.getuid(), os.getgid()), 0o600))
                 break
-        site = Site(transaction.rootpath, Owners(transaction.rootpath), transaction.objects)
+        site = Site(transaction.rootpath, Owners(transaction.rootpath), transaction.staged)
         for record in fields["files"]:
             try:
                 FileType.install_record(site, record)
@@ -3638,6 +3717,62 @@ class StateDir(object):
 
     def fsync(self):
         os.fsync(self.fd)
+
+
+class StagedObjects(object):
+    """The staging area (objects/ of the state, a StateDir) as one command of the agent uses it: which
+    objects it verified by hash (Sync: as each was fetched, or, staged by an earlier run, read whole
+    before any transaction, rule 4), each with its file's identity then, and how many installs still
+    name each (uses).  An object is installed without being hashed again only while its file is the
+    one verified, unchanged since (unchanged: a write, a truncation or another file put there changes
+    its inode, size, mtime or ctime); one no install still names is moved into place, not copied
+    (RegularFile.write_copy)."""
+
+    def __init__(self, directory):
+        self.directory, self.verified, self.uses = directory, {}, collections.Counter()
+
+    @staticmethod
+    def identity(st):
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def verify(self, sha, st):
+        """Record that the object's file, as st found it before it was hashed, holds its bytes."""
+        self.verified[sha] = self.identity(st)
+
+    def unchanged(self, sha, st):
+        """Whether st is the file of an object verified by this command, unchanged since."""
+        return self.verified.get(sha) == self.identity(st)
+
+    def count(self, shas):
+        """One more install of each of shas to come (or one more reason to keep it staged)."""
+        self.uses.update(shas)
+
+    def last_use(self, sha):
+        """Count one install of sha done; whether it was the last one counted (none was: False)."""
+        if self.uses[sha] <= 0:
+            return False
+        self.uses[sha] -= 1
+        return self.uses[sha] == 0
+
+    def open(self, sha):
+        return self.directory.open(sha)
+
+    def unlink(self, sha):
+        self.verified.pop(sha, None)
+        with contextlib.suppress(FileNotFoundError):
+            self.directory.unlink(sha)
+
+    def move(self, sha, fd, dfd, name, mode, owner, mtime_ns):
+        """Make the object sha (open as fd, found unchanged) the new file name in dfd, on the same file
+        system, without copying a byte: moved out of the staging area, then finished (finish_new).  It
+        is no longer staged: a later run that needs it fetches it again.  EXDEV (another mount) moves
+        nothing."""
+        rename_into_place(dfd, sha, name, sync=False, temporary=False, old_dfd=self.directory.fd)
+        self.verified.pop(sha, None)
+        moved, opened = os.stat(name, dir_fd=dfd, follow_symlinks=False), os.fstat(fd)
+        if (moved.st_dev, moved.st_ino) != (opened.st_dev, opened.st_ino):  # replaced since it was opened
+            raise StateError("staged object %s changed while it was installed; run 'isconf up' again" % sha)
+        finish_new(fd, mode, owner, mtime_ns)
 
 
 # At most 18 digits on either side of the point: int() of a long decimal takes quadratic time before 3.11.
@@ -4128,6 +4263,7 @@ class Host(object):
         self.state_path = self.rootpath.resolve(STATE_PATH)
         self.signers_path = self.rootpath.resolve(SIGNERS_PATH)
         self._config = self._state = self._etc = self._config_dir = self._logs = self._links_to_state = None
+        self._staged = None
 
     def path(self, *parts):
         """Where a state file is, for messages; files are opened through self.state."""
@@ -4412,6 +4548,13 @@ class Host(object):
     @property
     def objects(self):
         return self.state.subdir("objects")
+
+    @property
+    def staged(self):
+        """The staging area as this command uses it (StagedObjects): one for the Host's life, one command."""
+        if self._staged is None:
+            self._staged = StagedObjects(self.objects)
+        return self._staged
 
     @property
     def logs(self):
@@ -5611,7 +5754,6 @@ class Sync(object):
         self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
         self.now = run.now
         self.signers = None
-        self.intact = set()   # staged objects whose bytes this run hashed: each is read once
         if self.config.insecure:
             warn("insecure mode: heads are not signature-checked; anyone on the network "
                  "can run commands as root here. Run 'isconf init --signers FILE' to fix.")
@@ -5936,6 +6078,8 @@ class Sync(object):
         for sha, _ in wanted:
             objects.rename(sha + ".part", sha)
         objects.fsync()
+        for sha, _ in wanted:  # each hashed as it was fetched (fetch_object): as the rename left it
+            self.host.staged.verify(sha, objects.stat(sha))
 
     def stage_any(self, needed):
         """Stage needed objects ({sha: size}) no longer staged intact here (pruned once applied) from the
@@ -5966,9 +6110,10 @@ class Sync(object):
     def staged_intact(self, objects, sha, size):
         """Whether objects/SHA, staged by an earlier run, holds the object's bytes: its size, then its
         hash, read once per run before any transaction (rule 4: an object damaged since it was
-        staged must not wait for its snap, after earlier transactions ran, to be found out).
-        A damaged one is removed, to be fetched again."""
-        if sha in self.intact:
+        staged must not wait for its snap, after earlier transactions ran, to be found out), and
+        recorded verified (StagedObjects).  A damaged one is removed, to be fetched again."""
+        known = self.host.staged
+        if sha in known.verified:
             return True
         staged = objects.stat(sha)
         if staged is None:
@@ -5976,10 +6121,11 @@ class Sync(object):
         if staged.st_size == size:
             digest = hashlib.sha256()
             with os.fdopen(objects.open(sha), "rb") as f:
+                st = os.fstat(f.fileno())  # before it is read: a write while it is hashed shows as a change
                 for chunk in iter(lambda: f.read(CHUNK), b""):
                     digest.update(chunk)
             if digest.hexdigest() == sha:
-                self.intact.add(sha)
+                known.verify(sha, st)
                 return True
         warn("staged object %s is damaged (it changed since it was staged); fetching it again" % sha[:16])
         objects.unlink(sha)
@@ -6093,12 +6239,13 @@ def retractions(entries):
 
 class Transaction(object):
     """What a kind's apply (Kind.apply) may use of the host while one entry applies, and nothing
-    more: the root and the staged objects, its command's run, and the agent's self-upgrade hooks."""
+    more: the root and the staged objects (objects, and staged: what this command verified of them),
+    its command's run, and the agent's self-upgrade hooks."""
 
     def __init__(self, host, entry, environment, timeout, mounts, agent_files, covers=(), launcher=None):
         if not imported_late():  # rule 6: no transaction runs before everything is imported
             raise AssertionError("transaction %d would run before the late imports (import_late)" % entry.seq)
-        self.rootpath, self.objects = host.rootpath, host.objects
+        self.rootpath, self.objects, self.staged = host.rootpath, host.objects, host.staged
         self._host, self._entry = host, entry
         self._environment, self._timeout, self._mounts, self._covers = environment, timeout, mounts, covers
         self._agent_files, self._launcher = agent_files, launcher
@@ -6228,6 +6375,9 @@ class Applier(object):
         if plan.pending:
             import_late()  # rule 6: everything, before the first transaction runs
         retracted = retractions(plan.pending)
+        # Every install of the run to come: an object is moved into place only at the last (write_copy).
+        host.staged.count(sha for entry in interpretable(plan.pending) if (entry.seq, entry.id) not in retracted
+                          for sha, _ in entry.objects())
         for entry in plan.pending:
             retraction = retracted.get((entry.seq, entry.id))
             if retraction is not None:  # a position in the history, in order with the done records
@@ -7271,28 +7421,32 @@ class Repair(object):
 
     def install(self, rows, sources, records):
         host = self.host
-        objects = host.objects
+        objects, staged = host.objects, host.staged
         needed = dict(need for _, record in records for need in FILE_TYPES[record["type"]].objects(record))
         before = set(objects.listdir())
+        pending = interpretable(e for e, mark, _ in rows if mark in ("pending", "failed"))
+        keep = set(sha for e in pending for sha, _ in e.objects())
+        # What was staged before stays staged, and what pending transactions need: the rest of what the
+        # repair fetched is moved into place at its last install (write_copy).
+        staged.count(sha for _, record in records for sha, _ in FILE_TYPES[record["type"]].objects(record))
+        staged.count(before | keep)
         try:
             if needed:
                 Sync(Run(host)).stage_any(needed)  # every object verified before anything is installed
-            site, agent = Site(host.rootpath, Owners(host.rootpath), objects), agent_files()
+            site, agent = Site(host.rootpath, Owners(host.rootpath), staged), agent_files()
             for path, record in records:
                 transaction = Transaction(host, sources[path], {}, None, False, agent)
                 try:
                     clear_way(host.rootpath, record)
                     if record["type"] == RegularFile.name and transaction.is_agent(path):
                         transaction.try_agent(path, lambda dfd, name: FILE_TYPES[RegularFile.name].write_copy(
-                            objects, dfd, name, record, (os.getuid(), os.getgid()), 0o600))
+                            staged, dfd, name, record, (os.getuid(), os.getgid()), 0o600))
                     FileType.install_record(site, record)
                 except (OSError, OverflowError, TransactionFailed, StateError) as e:
                     self.left.append((path, "cannot install it: %s" % (getattr(e, "strerror", None) or e)))
                     continue
                 self.repaired.append(path)
         finally:  # what was fetched for this alone goes, as an 'up' prunes what it applied
-            pending = interpretable(e for e, mark, _ in rows if mark in ("pending", "failed"))
-            keep = set(sha for e in pending for sha, _ in e.objects())
             for sha in needed:
                 if sha not in before and sha not in keep:
                     with contextlib.suppress(FileNotFoundError):
