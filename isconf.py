@@ -102,6 +102,7 @@ REPO_MARKER = "isconf-repo"     # marks a directory as a repository and names it
 HEAD_MAX = 64 * 1024            # a head is ~200 bytes; anything bigger is an attack
 SIGNATURE_MAX = 64 * 1024       # an RSA-8192 SSHSIG is under 2 KiB
 CHUNK = 64 * 1024               # read and hash size for streams
+DIRECTORIES_OPEN = 64           # directories a snap holds open to fsync once at its end (DirectorySyncs)
 KERNEL_COPY = 16 * 1024 * 1024  # bytes one copy_file_range or sendfile moves: a signal waits for no more
 MAX_REDIRECTS = 5               # a redirect loop must end
 FETCH_THREADS = 8               # objects in flight at once: a distant mirror's round trips overlap
@@ -590,6 +591,33 @@ def finish_new(fd, mode, owner=None, mtime_ns=None):
     if mtime_ns is not None:
         os.utime(fd, ns=(mtime_ns, mtime_ns))
     os.fsync(fd)
+
+
+class DirectorySyncs(object):
+    """Directories that took renames and must be made durable once after all of them (a snap of a
+    hundred files in one directory: one fsync of it, not a hundred).  At most DIRECTORIES_OPEN are
+    held open: when full, they are synced then, not at the end."""
+
+    def __init__(self):
+        self.open = collections.OrderedDict()  # (device, inode) -> a descriptor of the directory
+
+    def add(self, dfd):
+        st = os.fstat(dfd)
+        if (st.st_dev, st.st_ino) not in self.open:
+            if len(self.open) >= DIRECTORIES_OPEN:
+                self.sync()
+            self.open[(st.st_dev, st.st_ino)] = os.dup(dfd)
+
+    def sync(self):
+        try:
+            for fd in self.open.values():
+                os.fsync(fd)
+        finally:
+            self.close()
+
+    def close(self):
+        while self.open:
+            os.close(self.open.popitem()[1])
 
 
 def write_new(dfd, name, fill, mode, owner=None, mtime_ns=None):
@@ -2812,8 +2840,9 @@ class FileType(object):
     # A host: install.
 
     @staticmethod
-    def install_record(site, record):
-        """Put one record on the disk under the root, atomically, and make its directory durable."""
+    def install_record(site, record, directories=None):
+        """Put one record on the disk under the root, atomically, and make its directory durable: now,
+        or once for several records, by directories (DirectorySyncs)."""
         path = record["path"]
         if path == "/":
             dfd, name = site.rootpath.open_dir("/"), "."
@@ -2821,7 +2850,10 @@ class FileType(object):
             dfd, name = site.rootpath.parent(path, create=True)
         try:
             FILE_TYPES[record["type"]].install(site, dfd, name, record)
-            os.fsync(dfd)
+            if directories is None:
+                os.fsync(dfd)
+            else:
+                directories.add(dfd)
         finally:
             os.close(dfd)
 
@@ -3331,12 +3363,20 @@ class SnapKind(Kind):
                     transaction.staged, dfd, name, agent, (os.getuid(), os.getgid()), 0o600))
                 break
         site = Site(transaction.rootpath, Owners(transaction.rootpath), transaction.staged)
-        for record in fields["files"]:
+        directories = DirectorySyncs()  # each file is durable before its rename; its directory once at the end
+        try:
+            for record in fields["files"]:
+                try:
+                    FileType.install_record(site, record, directories)
+                except (OSError, OverflowError) as e:
+                    raise TransactionFailed("cannot install %s: %s" % (record["path"], getattr(e, "strerror", None)
+                                                                       or e))
             try:
-                FileType.install_record(site, record)
-            except (OSError, OverflowError) as e:
-                raise TransactionFailed("cannot install %s: %s" % (record["path"], getattr(e, "strerror", None)
-                                                                   or e))
+                directories.sync()
+            except OSError as e:
+                raise TransactionFailed("cannot make the snap's directories durable: %s" % e.strerror)
+        finally:
+            directories.close()
         return HANDOVER if agent is not None else DONE
 
 

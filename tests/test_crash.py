@@ -551,6 +551,34 @@ def test_a_catch_up_shares_its_barriers_and_flushes_before_a_reboot_and_a_failur
         assert [int(n) for n in f.read().split()] == list(range(1, CATCH_UP + 1)) + [52, 53, 54]
 
 
+def test_a_snap_fsyncs_each_file_before_its_rename_and_each_directory_once(author, host, busybox_root, tmp_path):
+    # 30 files in one directory, 3 in another: 33 file fsyncs, then one of each directory, not one per file.
+    src = str(tmp_path / "src")
+    for n in range(33):
+        path = os.path.join(src, "etc/many" if n < 30 else "etc/few", "f%d" % n)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("file %d\n" % n)
+    busybox_root(host.root)
+    author("lock", "-m", "many files")
+    author("--root", src, "snap", *["/etc/many/f%d" % n for n in range(30)] + ["/etc/few/f%d" % n for n in (30, 31, 32)])
+    author.ci()
+    host.init(author.repo, author.keys)
+    trace, before = str(tmp_path / "trace"), history_size(host.root)
+    code, out, err = finish(agent_of(host, "up", prefix=strace_prefix(trace)))
+    assert code == 0, err
+    audit(trace, host.root, before)
+    synced = collections.Counter()
+    with open(trace) as f:
+        for line in f:
+            found = re.search(r"\bfsync\(\d+<([^>]*)>\) = 0", line)
+            if found and found.group(1).startswith(host.path("/etc/")):
+                synced[os.path.relpath(found.group(1), host.root)] += 1
+    directories = {path: n for path, n in synced.items() if not re.search(r"/f\d+$|isconf", path)}
+    assert directories == {"etc/many": 1, "etc/few": 1}, synced
+    assert sum(synced.values()) == 33 + 2, synced
+
+
 def sign_head(author, keys):
     """Sign the head append_entry rewrote, as ci would."""
     os.unlink(author.path("head.sig"))
