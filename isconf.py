@@ -58,6 +58,7 @@ import struct
 import threading
 import time
 import urllib.parse
+import warnings
 
 # Modules the standard library would import on first use, in the middle of a run:
 import encodings.idna   # noqa: F401  (by socket, for host names)
@@ -5019,8 +5020,12 @@ def spawn(argv, env, null, log):
     failure = None
     for name in names:
         try:
-            return os.posix_spawn(name, argv, env, file_actions=actions, setsid=True, setsigmask=(),
-                                  setsigdef=SPAWN_DEFAULT_SIGNALS)
+            try:
+                return os.posix_spawn(name, argv, env, file_actions=actions, setsid=True, setsigmask=(),
+                                      setsigdef=SPAWN_DEFAULT_SIGNALS)
+            except NotImplementedError:  # a C library without POSIX_SPAWN_SETSID (glibc before 2.26)
+                return os.posix_spawn(name, argv, env, file_actions=actions, setpgroup=0, setsigmask=(),
+                                      setsigdef=SPAWN_DEFAULT_SIGNALS)  # a group of its own, to kill whole
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR) and failure is None:
                 failure = e
@@ -5036,18 +5041,30 @@ class Spawned(object):
         self.launcher, self.pid, self.returncode = launcher, pid, None
         self.exit_fd = launcher.sock.fileno()
 
+    def ended(self, timeout):
+        """Whether the status frame is waiting, within timeout seconds (None: for ever)."""
+        poller = select.poll()
+        poller.register(self.exit_fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else timeout * 1000))
+
     def poll(self):
-        if self.returncode is None and select.select([self.exit_fd], [], [], 0)[0]:
-            try:
-                self.returncode = self.launcher.receive()["status"]
-            except TransactionFailed:  # the process that waits for it is gone: so is the command's group
-                kill_group(self, signal.SIGKILL)
-                self.returncode = -signal.SIGKILL
-                raise
+        # Ctrl-C between the frame's header and its body, or between its read and returncode, would
+        # leave the socket out of step, and the wait for a status already read would never end.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            if self.returncode is None and self.ended(0):
+                try:
+                    self.returncode = self.launcher.receive()["status"]
+                except TransactionFailed:  # the process that waits for it is gone: so is the command's group
+                    kill_group(self, signal.SIGKILL)
+                    self.returncode = -signal.SIGKILL
+                    raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return self.returncode
 
     def wait(self, timeout=None):
-        if self.returncode is None and not select.select([self.exit_fd], [], [], timeout)[0]:
+        if self.returncode is None and not self.ended(timeout):
             raise subprocess.TimeoutExpired(self.pid, timeout)
         return self.poll()
 
@@ -5092,14 +5109,21 @@ class Launcher(object):
             self.close()
             self.fork(root, setup)
         try:
+            # STOP_SIGNALS are held by the caller (follow_command): a frame is never left half read
             send_frame(self.sock, {"command": argv, "directory": cwd, "environment": env}, [log])
             message = self.receive()
-        except OSError:
+        except BaseException:
             self.close()
             raise
         if "error" in message:
-            raise OSError(message["errno"], message["error"])
+            raise OSError(message["errno"], message["error"], argv[0])
         return Spawned(self, message["pid"])
+
+    @staticmethod
+    def spawns(setup):
+        """Whether start() asks the Launcher's process (posix_spawn) rather than Popen."""
+        chroot, pseudo, covers, umask = setup
+        return hasattr(os, "posix_spawn") and bool(chroot or pseudo or covers or umask != AGENT_UMASK)
 
     def popen(self, argv, cwd, env, log, preexec_fn=None):
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -5134,7 +5158,9 @@ class Launcher(object):
         """Make the process that starts the commands: it tells 'ready' once set up, or what failed."""
         chroot, pseudo, covers, umask = setup[0]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
+        with warnings.catch_warnings():  # 3.12+: a thread (the stall guard, a stuck share) is no hazard
+            warnings.simplefilter("ignore", DeprecationWarning)  # to a child that takes none of their locks
+            pid = os.fork()
         if pid == 0:  # the child: nothing of the agent's may run here, and nothing but os._exit ends it
             try:
                 gc.disable()  # an object of the agent's collected here would close a descriptor number reused
@@ -5159,16 +5185,28 @@ class Launcher(object):
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
-        for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
-            if int(name) not in (0, 1, 2, keep, null):  # the host lock and every file of the agent's
+        # The host lock and every file of the agent's, /proc or not (a miniroot may not have mounted it):
+        # a flock held here would make the next 'up' busy after a SIGKILLed agent.
+        if os.path.isdir("/proc/self/fd"):
+            others = [int(name) for name in os.listdir("/proc/self/fd")]
+        else:
+            others = range(3, os.sysconf("SC_OPEN_MAX"))  # as subprocess does without /proc
+        for fd in others:
+            if fd not in (0, 1, 2, keep, null):
                 try:
-                    os.close(int(name))
+                    os.close(fd)
                 except OSError:
                     pass
+        namespace = top = None
         try:
             os.umask(umask)
             if pseudo or covers:
                 enter_private_mounts(pseudo, covers)
+                # Each command gets a copy of this namespace (below): what one mounts or unmounts (a
+                # chroot script's 'umount /proc') never reaches the next, as when each had its own.
+                if os.path.exists("/proc/self/ns/mnt"):
+                    namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+                    top = os.open(root if chroot else "/", os.O_RDONLY | os.O_DIRECTORY)
             if chroot:
                 os.chroot(root)
             os.chdir("/")
@@ -5182,10 +5220,21 @@ class Launcher(object):
             if request is None:
                 return
             try:
+                if namespace is not None:
+                    libc_call("setns", namespace, CLONE_NEWNS)  # back to the run's, as set up (root and cwd reset)
+                    for mount in pseudo:  # a transaction removed a mount point and made it again (rmdir, mkdir)
+                        if os.path.isdir(mount[1]) and not os.path.ismount(mount[1]):
+                            libc_call("mount", *mount)
+                    os.fchdir(top)
+                    os.chroot(".")
+                    libc_call("unshare", CLONE_NEWNS)  # a copy for this command; it ends with its processes
                 os.chdir(request["directory"])
                 pid = spawn(request["command"], request["environment"], null, fds[0])
             except OSError as e:
                 send_frame(sock, {"error": e.strerror or str(e), "errno": e.errno or errno.EIO})
+                continue
+            except Exception as e:  # ValueError (argv[0] ''), NotImplementedError (setsid, glibc < 2.26)
+                send_frame(sock, {"error": "%s: %s" % (type(e).__name__, e), "errno": errno.EINVAL})
                 continue
             finally:
                 for fd in fds:
@@ -5210,17 +5259,25 @@ class Launcher(object):
 
 def follow_command(launcher, root, argv, cwd, env, log, setup, output, timeout):
     """Start argv (run_command) and follow it to its end; its exit status."""
+    # A stop between the request and the pid's frame, or before proc is bound here, would leave the
+    # command running after the run: held until the try below can kill its group.  (posix_spawn
+    # gives the command an empty mask; Popen's children would inherit this one: not held for them.)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if launcher.spawns(setup) else None
+    proc = None
     try:
-        proc = launcher.start(root, argv, cwd, env, log, setup)
-    except (OSError, ValueError, subprocess.SubprocessError) as e:
-        message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
-        write_all(log, log_line(message))
-        raise TransactionFailed(message)
-    except TransactionFailed as e:
-        write_all(log, log_line("isconf: %s" % e))
-        raise
-    started = time.monotonic()
-    try:
+        try:
+            proc = launcher.start(root, argv, cwd, env, log, setup)
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            message = "cannot start %s in %s (cwd %s): %s" % (argv[0], root, cwd, e)
+            write_all(log, log_line(message))
+            raise TransactionFailed(message)
+        except TransactionFailed as e:
+            write_all(log, log_line("isconf: %s" % e))
+            raise
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop pending lands in the try below
+        started = time.monotonic()
         status = None
         while status is None:
             status = wait_for_exit(proc, 0.1, REPORTER.waiting())
@@ -5238,14 +5295,15 @@ def follow_command(launcher, root, argv, cwd, env, log, setup, output, timeout):
         # during the wait must not leave it running (it comes once the group is gone).
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            if proc.returncode is None:
+            if proc is not None and proc.returncode is None:
                 kill_group(proc, signal.SIGTERM)
                 try:
                     proc.wait(5)
                 except subprocess.TimeoutExpired:
                     kill_group(proc, signal.SIGKILL)
                     proc.wait()
-            output.finish()
+            if proc is not None:
+                output.finish()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise
@@ -9899,6 +9957,9 @@ def main(argv=None):
     args = None
     try:
         os.umask(AGENT_UMASK)  # the modes of what isconf makes never depend on who started it
+        # Started with SIGCHLD ignored (some daemons' children are): children are reaped by the kernel and
+        # no exit status is ever seen (Popen said 0 for every command; the Launcher's wait fails).
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, stop_on_signal)
         only = named_verb(sys.argv[1:] if argv is None else argv)

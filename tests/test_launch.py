@@ -4,10 +4,11 @@ namespace, umask), starts each with posix_spawn; it is made again when what it s
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import ISCONF, error_line
+from conftest import ISCONF, error_line, pid_alive
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "posix_spawn"), reason="Python 3.6 and 3.7 start each command alone")
 
@@ -49,14 +50,28 @@ def test_a_runs_commands_are_started_by_one_process_the_agent_made_once(author, 
     assert mounts_under(target.root) == []
 
 
-def test_a_mount_one_command_makes_is_seen_by_the_next_and_ends_with_the_run(author, server, keys, target):
+def test_what_one_command_mounts_or_unmounts_never_reaches_the_next(author, server, keys, target):
+    # Each command gets a copy of the run's namespace: the same journal makes the same disk in one run or
+    # in several (a failure and its retry, a reboot entry, a re-exec).
     author.commit(["exec", "--no-run", "--", "/bin/sh", "-c",
-                   "%s mount -t tmpfs run-scratch /mnt && echo made > /mnt/f" % BUSYBOX])
-    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "cat /mnt/f > /tmp/seen"])
+                   "%s mount -t tmpfs run-scratch /mnt && echo in-the-tmpfs > /mnt/f && %s umount /proc"
+                   % (BUSYBOX, BUSYBOX)])
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c",
+                   "echo on-the-disk >> /mnt/f; test -r /proc/self/status && echo seen > /tmp/seen"])
     target.init(server.url, keys)
     target("up", expect="ok")
-    assert open(target.path("/tmp/seen")).read() == "made\n"
-    assert mounts_under(target.root) == [] and os.listdir(target.path("/mnt")) == []
+    assert open(target.path("/mnt/f")).read() == "on-the-disk\n"
+    assert open(target.path("/tmp/seen")).read() == "seen\n"
+    assert mounts_under(target.root) == []
+
+
+def test_a_proc_a_transaction_replaces_is_mounted_again_for_the_next(author, server, keys, target):
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "%s umount /proc && rmdir /proc && mkdir /proc" % BUSYBOX])
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "test -r /proc/self/status && echo seen > /tmp/seen"])
+    target.init(server.url, keys)
+    target("up", expect="ok")
+    assert open(target.path("/tmp/seen")).read() == "seen\n"
+    assert mounts_under(target.root) == []
 
 
 def test_a_root_that_gains_its_proc_mid_run_has_it_mounted_for_the_later_commands(author, server, keys, host,
@@ -96,3 +111,48 @@ def test_a_command_is_looked_up_in_its_path_and_one_the_root_lacks_fails_with_th
     target("skip", "2", "-m", "typo", expect="ok")
     proc = target("up", expect="failed")
     assert "cannot start /tmp" in error_line(proc) and "Permission denied" in error_line(proc), proc.err
+
+
+def agent(target, wrapper):
+    """isconf up started through wrapper (a command line that execs the rest)."""
+    return subprocess.Popen(wrapper + [sys.executable, "-I", ISCONF, "--root", target.root, "up"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"})
+
+
+def test_a_command_gets_its_log_and_null_only_no_signal_blocked_or_ignored_and_the_statuses_it_exits_with(
+        author, server, keys, target, tmp_path):
+    # The agent is started by a parent that left descriptor 9 open, SIGCHLD ignored, where /proc is not mounted
+    # (a miniroot that has not mounted it yet): none of that reaches the command, nor its exit status.
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c",
+                   "%s ls /proc/self/fd > /tmp/fds; %s grep -E '^Sig(Blk|Ign)' /proc/self/status > /tmp/signals; "
+                   "%s yes | %s head -1 > /tmp/yes" % ((BUSYBOX,) * 4)])
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "exit 3"])
+    target.init(server.url, keys)
+    leak = str(tmp_path / "leak")
+    proc = agent(target, ["unshare", "-m", "sh", "-c", 'umount -l /proc && exec 9>%s && exec "$@"' % leak, "sh",
+                          sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN);"
+                          " os.execv(sys.argv[1], sys.argv[1:])"])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and b"exited with status 3" in err, (out, err)
+    assert sorted(open(target.path("/tmp/fds")).read().split()) == ["0", "1", "2", "3"]  # 3: the ls's own
+    signals = dict(line.split() for line in open(target.path("/tmp/signals")))
+    assert int(signals["SigBlk:"], 16) == 0 and int(signals["SigIgn:"], 16) & ~0x180000000 == 0, signals
+    assert open(target.path("/tmp/yes")).read() == "y\n"
+
+
+def test_an_agent_killed_without_proc_leaves_nothing_holding_the_host_lock(author, server, keys, target, daemons):
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c",
+                   "test -e /tmp/once || { touch /tmp/once; echo $$ > /tmp/pid; exec sleep 20; }"])
+    target.init(server.url, keys)
+    proc = agent(target, ["unshare", "-m", "sh", "-c", 'umount -l /proc && exec "$@"', "sh"])
+    deadline = time.time() + 60
+    while not os.path.exists(target.path("/tmp/pid")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    command = int(open(target.path("/tmp/pid")).read())
+    daemons.append(command)
+    proc.kill()
+    proc.communicate()
+    target("up", expect="ok")  # not busy (6) while the command sleeps on
+    assert pid_alive(command)
