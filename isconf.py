@@ -3951,6 +3951,9 @@ class History(object):
         self.state, self.path = state, state.file("history")
         self.fd = None  # opened at the first record, then kept for the run (under the host lock)
         self.events = state.read_records("history", "history", self.far_enough() if recent else None)
+        # Where each entry's events are, and after each start the next one: kept up to date with events
+        # (index), so that what a transaction asks of the history costs what is about it, not its length.
+        self._of_entry, self._next_start, self._last_start, self._indexed = {}, {}, None, 0
         for event in self.events:
             if not (isinstance(event.get("event"), str) and isinstance(event.get("seq"), int)
                     and isinstance(event.get("id"), str)):
@@ -4010,6 +4013,19 @@ class History(object):
                 return event["seq"], event["id"]
         return None
 
+    def index(self):
+        """(entry (seq, id) -> the positions of its events in events, start position -> the next start's),
+        brought up to date with the events recorded since the last call."""
+        for n in range(self._indexed, len(self.events)):
+            event = self.events[n]
+            self._of_entry.setdefault((event["seq"], event["id"]), []).append(n)
+            if event["event"] == "started":
+                if self._last_start is not None:
+                    self._next_start[self._last_start] = n
+                self._last_start = n
+        self._indexed = len(self.events)
+        return self._of_entry, self._next_start
+
     def interruptions(self, entry, boot=None):
         """The attempts at this entry since it was last done or skipped that ended neither done nor failed.
 
@@ -4031,18 +4047,18 @@ class History(object):
         crash may have lost.  A next start of an earlier entry (a run begun again after a crash, from the
         first transaction not recorded done) leaves it never ended."""
         attempts = []  # [the start's boot id, how it ended: None (it did not), "failed", "applied", a signal's name]
-        following = False  # the last attempt has not yet seen the next start after it
-        for event in self.events:
-            if event["id"] != entry.id or event["seq"] != entry.seq:
-                if following and event["event"] == "started":
-                    following = False
-                    if event["seq"] > entry.seq and attempts[-1][1] is None:
-                        attempts[-1][1] = "applied"
-                continue
+        of_entry, next_start = self.index()
+        own = of_entry.get((entry.seq, entry.id), [])
+        for n, position in enumerate(own):
+            event = self.events[position]
             kind = event["event"]
-            following = kind == "started"
             if kind == "started":
                 attempts.append([event.get("boot_id"), None])
+                # The next start, if it comes before this entry's next event, is of another entry.
+                after = next_start.get(position)
+                if (after is not None and (n + 1 == len(own) or after < own[n + 1])
+                        and self.events[after]["seq"] > entry.seq):
+                    attempts[-1][1] = "applied"
             elif kind in ("done", "authored", "skipped", "retracted"):
                 attempts = []
             elif attempts and attempts[-1][1] is None:
