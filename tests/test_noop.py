@@ -2,6 +2,7 @@
 signature, compare, record, exit.  Counted by running the real agent under strace."""
 
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -116,3 +117,81 @@ def test_an_up_to_date_up_still_refuses_a_state_subdirectory_others_can_write(au
                                 "'chmod go-w %s'" % (path, path))
     os.chmod(path, 0o700)
     host("up", expect="ok")
+
+
+# --- a catch-up costs what is new: what a transaction asks of the history ---------------------------
+
+def attempts_by_scan(events, seq, entry_id, boot):
+    """History.interruptions as its docstring says it, by one scan of every event: the reference."""
+    attempts, following = [], False
+    for event in events:
+        if (event["seq"], event["id"]) != (seq, entry_id):
+            if following and event["event"] == "started":
+                following = False
+                if event["seq"] > seq and attempts[-1][1] is None:
+                    attempts[-1][1] = "applied"
+            continue
+        kind = event["event"]
+        following = kind == "started"
+        if kind == "started":
+            attempts.append([event.get("boot_id"), None])
+        elif kind in ("done", "authored", "skipped", "retracted"):
+            attempts = []
+        elif attempts and attempts[-1][1] is None:
+            if kind == "failed" and "interrupted" not in event:
+                attempts[-1][1] = "failed"
+            elif kind == "interrupted":
+                attempts[-1][1] = str(event.get("signal") or "a signal")
+    seen = {"attempts": 0, "rebooted": 0, "unknown": 0, "signals": []}
+    for (started, ended), after in zip(attempts, [a[0] for a in attempts[1:]] + [boot]):
+        rebooted = started != after if isinstance(started, str) and after else None
+        if ended in ("failed", "applied"):
+            continue
+        if ended is not None and not rebooted:
+            seen["signals"].append(ended)
+            continue
+        seen["attempts"] += 1
+        seen["rebooted"] += rebooted is True
+        seen["unknown"] += rebooted is None
+    return seen
+
+
+class Entry(object):
+    def __init__(self, seq, entry_id):
+        self.seq, self.id = seq, entry_id
+
+
+def test_a_transactions_interruptions_read_through_the_history_index_are_those_a_whole_scan_finds(
+        isconf, tmp_path, seed):
+    # The index is built as records are added (a run asks after each transaction): asked between appends,
+    # it answers as one scan of everything would.
+    rng = random.Random(seed)
+    kinds = ["started"] * 3 + ["done", "failed", "interrupted", "skipped", "retracted", "authored", "baseline"]
+    for trial in range(300):
+        directory = str(tmp_path / ("state-%d" % trial))
+        os.makedirs(directory)
+        state = isconf.StateDir(os.open(directory, os.O_RDONLY | os.O_DIRECTORY), directory)
+        history = isconf.History(state)
+        for _ in range(rng.randint(1, 5)):
+            records = []
+            for _ in range(rng.randint(0, 6)):
+                seq = rng.randint(1, 4)
+                record = {"event": rng.choice(kinds), "seq": seq, "id": "%d%s" % (seq, "b" if rng.random() < 0.2
+                                                                                   else "a")}
+                if record["event"] == "started" and rng.random() < 0.8:
+                    record["boot_id"] = rng.choice(["boot-1", "boot-2"])
+                if record["event"] == "failed" and rng.random() < 0.3:
+                    record["interrupted"] = 3
+                if record["event"] == "interrupted" and rng.random() < 0.7:
+                    record["signal"] = "SIGTERM"
+                records.append(record)
+            if records:
+                history.record_all(records)
+            for seq in range(1, 5):
+                for entry_id in ("%da" % seq, "%db" % seq):
+                    boot = rng.choice([None, "boot-1", "boot-2"])
+                    assert history.interruptions(Entry(seq, entry_id), boot) == attempts_by_scan(
+                        history.events, seq, entry_id, boot), history.events
+        if history.fd is not None:
+            os.close(history.fd)
+        state.close()
