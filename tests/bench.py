@@ -405,6 +405,7 @@ def bench_scale(tmp, keys, runs, small=100, large=10000):
     heading("Catch-up of %d and of %d `exec /bin/true` in a busybox chroot: what a transaction costs does not grow"
             " with the journal or the history:" % (small, large))
     times, noops, servers = {small: [], large: []}, {small: [], large: []}, {}
+    cpu, noop_cpu = {small: [], large: []}, {small: [], large: []}
     try:
         for count in (small, large):
             repo = Repo(os.path.join(tmp, "scale-repo-%d" % count), keys)
@@ -413,20 +414,27 @@ def bench_scale(tmp, keys, runs, small=100, large=10000):
         for run in range(runs):  # interleaved, so that a busy moment of the machine weighs on both alike
             for count in (small, large):
                 root = new_host(os.path.join(tmp, "scale-host-%d-%d" % (count, run)), servers[count].url, keys)
-                times[count].append(agent(root, "up")[0])
-                noops[count].append(agent(root, "up")[0])  # what any run costs, whatever it applies
+                seconds, _, _, used = agent(root, "up")
+                times[count].append(seconds)
+                cpu[count].append(used)
+                seconds, _, _, used = agent(root, "up")  # what any run costs, whatever it applies
+                noops[count].append(seconds)
+                noop_cpu[count].append(used)
                 shutil.rmtree(root)
     finally:
         for server in servers.values():
             server.stop()
-    per, above = {}, {}
+    per, above, above_cpu = {}, {}, {}
     for count in (small, large):
         per[count] = median(times[count]) / count * 1000
         above[count] = (median(times[count]) - median(noops[count])) / count * 1000
+        above_cpu[count] = (median(cpu[count]) - median(noop_cpu[count])) / count * 1000
         row("%d transactions: whole run" % count, median(times[count]), unit="s")
         row("  per transaction (whole run / %d)" % count, per[count], unit="ms")
         row("  per transaction above the no-op of the same host", above[count], unit="ms")
+        row("  CPU time (user + system, its commands' too) per transaction above", above_cpu[count], unit="ms")
     row("per transaction above the no-op, %d / %d (target < 1.10)" % (large, small), above[large] / above[small])
+    row("  CPU time, %d / %d (the disk's barriers left out)" % (large, small), above_cpu[large] / above_cpu[small])
     row("  whole run / count, %d / %d" % (large, small), per[large] / per[small])
 
 
