@@ -198,6 +198,7 @@ STATE_NAMES = ("state-format", "history", "journal", "head", "head.sig", "lock",
                "internal-error.log", "installed", "baseline",
                "disabled", "last-run",
                "boot-bin")  # what isconf keeps in it: one of them marks a state directory as ours
+STATE_DIRS = ("objects", "logs")  # its directories every host has: staged objects, transactions' logs
 
 # Exit codes: stable across versions.  EXIT_CODES is the one home of what each means: the --help of isconf and of
 # each verb list theirs from it, and README.md's Exit codes table lists the same codes.
@@ -583,15 +584,16 @@ def replace_at(dfd, name, make, locked=False, sync=True):
     return final
 
 
-def finish_new(fd, mode, owner=None, mtime_ns=None):
-    """Give a new file, its content whole, its owner, mode and mtime, and fsync it: a set-id mode
-    is given last, after chown (which clears it)."""
+def finish_new(fd, mode, owner=None, mtime_ns=None, sync=True):
+    """Give a new file, its content whole, its owner, mode and mtime, and fsync it (unless sync is
+    false): a set-id mode is given last, after chown (which clears it)."""
     if owner is not None:
         os.fchown(fd, *owner)
     os.fchmod(fd, mode)
     if mtime_ns is not None:
         os.utime(fd, ns=(mtime_ns, mtime_ns))
-    os.fsync(fd)
+    if sync:
+        os.fsync(fd)
 
 
 class DirectorySyncs(object):
@@ -621,25 +623,26 @@ class DirectorySyncs(object):
             os.close(self.open.popitem()[1])
 
 
-def write_new(dfd, name, fill, mode, owner=None, mtime_ns=None):
+def write_new(dfd, name, fill, mode, owner=None, mtime_ns=None, sync=True):
     """Create the new file name in dfd (never through a link, never over an existing one), let
     fill(fd) write its content, then finish it (finish_new).  It is 0600 until its content is whole."""
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
     try:
         fill(fd)
-        finish_new(fd, mode, owner, mtime_ns)
+        finish_new(fd, mode, owner, mtime_ns, sync)
     finally:
         os.close(fd)
 
 
-def atomic_write(path, data, mode=0o644, dir_fd=None, keep_owner=False):
+def atomic_write(path, data, mode=0o644, dir_fd=None, keep_owner=False, durable=True):
     """Replace path with data (replace_at).  With dir_fd, path's last name is replaced inside that
     directory, only over a regular file (see open_regular); with keep_owner, an existing file's
-    mode and owner carry over to the new one."""
+    mode and owner carry over to the new one.  Without durable, neither the file nor the directory
+    is fsynced: for a record whose loss at a power cut is harmless (the caller says why)."""
     if dir_fd is None:
         dfd = open_directory(os.path.dirname(os.path.abspath(path)))
         try:
-            return atomic_write(path, data, mode, dfd, keep_owner)
+            return atomic_write(path, data, mode, dfd, keep_owner, durable)
         finally:
             os.close(dfd)
     old = regular_stat(path, dir_fd)
@@ -647,7 +650,8 @@ def atomic_write(path, data, mode=0o644, dir_fd=None, keep_owner=False):
     if keep_owner and old is not None:
         owner, mode = (old.st_uid, old.st_gid), stat.S_IMODE(old.st_mode)
     replace_at(dir_fd, os.path.basename(path),
-               lambda tmp: write_new(dir_fd, tmp, lambda fd: write_all(fd, data), mode, owner))
+               lambda tmp: write_new(dir_fd, tmp, lambda fd: write_all(fd, data), mode, owner, sync=durable),
+               sync=durable)
 
 
 def durable_append(fd, data):
@@ -3694,6 +3698,19 @@ class StateDir(object):
         """Where name is, for messages."""
         return os.path.join(self.path, name)
 
+    def check_subdir(self, name):
+        """What subdir checks of a subdirectory, on its lstat, without opening it: nothing if it is missing."""
+        if name in self._subdirs:
+            return
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            raise misplaced(self.file(name), file_kind(st.st_mode), "directory")
+        if isinstance(self.fd, CheckedDir):
+            check_private(st, self.file(name))
+
     def subdir(self, name, create=False, mode=0o700):
         """A subdirectory, opened once and kept: never a link, never anything but a directory."""
         if name not in self._subdirs:
@@ -3727,8 +3744,8 @@ class StateDir(object):
     def read(self, name, limit=None):
         return read_file(self.file(name), limit, self.fd)
 
-    def write(self, name, data, mode=0o644, keep_owner=False):
-        atomic_write(self.file(name), data, mode, self.fd, keep_owner)
+    def write(self, name, data, mode=0o644, keep_owner=False, durable=True):
+        atomic_write(self.file(name), data, mode, self.fd, keep_owner, durable)
 
     def append_at(self, name, keep, data):
         append_at(self.file(name), keep, data, self.fd)
@@ -4110,6 +4127,9 @@ class History(object):
         self.state, self.path = state, state.file("history")
         self.fd = None  # opened at the first record, then kept for the run (under the host lock)
         self.events = state.read_records("history", "history", self.far_enough() if recent else None)
+        # Where each entry's events are, and after each start the next one: kept up to date with events
+        # (index), so that what a transaction asks of the history costs what is about it, not its length.
+        self._of_entry, self._next_start, self._last_start, self._indexed = {}, {}, None, 0
         for event in self.events:
             if not (isinstance(event.get("event"), str) and isinstance(event.get("seq"), int)
                     and isinstance(event.get("id"), str)):
@@ -4169,6 +4189,19 @@ class History(object):
                 return event["seq"], event["id"]
         return None
 
+    def index(self):
+        """(entry (seq, id) -> the positions of its events in events, start position -> the next start's),
+        brought up to date with the events recorded since the last call."""
+        for n in range(self._indexed, len(self.events)):
+            event = self.events[n]
+            self._of_entry.setdefault((event["seq"], event["id"]), []).append(n)
+            if event["event"] == "started":
+                if self._last_start is not None:
+                    self._next_start[self._last_start] = n
+                self._last_start = n
+        self._indexed = len(self.events)
+        return self._of_entry, self._next_start
+
     def interruptions(self, entry, boot=None):
         """The attempts at this entry since it was last done or skipped that ended neither done nor failed.
 
@@ -4190,18 +4223,18 @@ class History(object):
         crash may have lost.  A next start of an earlier entry (a run begun again after a crash, from the
         first transaction not recorded done) leaves it never ended."""
         attempts = []  # [the start's boot id, how it ended: None (it did not), "failed", "applied", a signal's name]
-        following = False  # the last attempt has not yet seen the next start after it
-        for event in self.events:
-            if event["id"] != entry.id or event["seq"] != entry.seq:
-                if following and event["event"] == "started":
-                    following = False
-                    if event["seq"] > entry.seq and attempts[-1][1] is None:
-                        attempts[-1][1] = "applied"
-                continue
+        of_entry, next_start = self.index()
+        own = of_entry.get((entry.seq, entry.id), [])
+        for n, position in enumerate(own):
+            event = self.events[position]
             kind = event["event"]
-            following = kind == "started"
             if kind == "started":
                 attempts.append([event.get("boot_id"), None])
+                # The next start, if it comes before this entry's next event, is of another entry.
+                after = next_start.get(position)
+                if (after is not None and (n + 1 == len(own) or after < own[n + 1])
+                        and self.events[after]["seq"] > entry.seq):
+                    attempts[-1][1] = "applied"
             elif kind in ("done", "authored", "skipped", "retracted"):
                 attempts = []
             elif attempts and attempts[-1][1] is None:
@@ -4304,7 +4337,7 @@ class Host(object):
         self.state_path = self.rootpath.resolve(STATE_PATH)
         self.signers_path = self.rootpath.resolve(SIGNERS_PATH)
         self._config = self._state = self._etc = self._config_dir = self._logs = self._links_to_state = None
-        self._staged = None
+        self._staged = self._format = None
 
     def path(self, *parts):
         """Where a state file is, for messages; files are opened through self.state."""
@@ -4464,18 +4497,38 @@ class Host(object):
                     self._links_to_state.add(where)
         return self._links_to_state
 
-    def make_state(self):
-        """Make the state directory and what lives in it (0700: logs hold what commands print)."""
+    def make_state(self, dirs=True):
+        """Make the state directory and what lives in it (0700: logs hold what commands print).  Without
+        dirs ('up', which holds the lock file open), objects/ and logs/ are only looked at, as subdir would
+        check them, not opened: make_dirs makes and opens them once a run stages or applies something."""
         if self._state is None:
             self.open_state(create=True)
         if stat.S_IMODE(os.fstat(self.state.fd).st_mode) != 0o700:
             os.fchmod(self.state.fd, 0o700)
-        for sub in ("objects", "logs"):
-            self.state.subdir(sub, create=True)
+        if not dirs:
+            for sub in STATE_DIRS:
+                self.state.check_subdir(sub)
+            return
+        self.make_dirs()
         os.close(self.state.open("lock", os.O_WRONLY | os.O_CREAT, 0o600))
 
+    def make_dirs(self):
+        """objects/ and logs/, made if missing, opened and checked (subdir)."""
+        for sub in STATE_DIRS:
+            self.state.subdir(sub, create=True)
+
     def state_format(self):
-        """The format of the state directory: 1 (isconf 0.1.0) when it has no state-format file."""
+        """The format of the state directory: 1 (isconf 0.1.0) when it has no state-format file.  Read
+        once (upgrade_state says the new one): an upgrade run twice finds nothing left to do."""
+        if self._format is None:
+            self._format = self.read_state_format()
+        return self._format
+
+    def write_state_format(self):
+        self.state.write("state-format", b"%d\n" % STATE_FORMAT)
+        self._format = STATE_FORMAT
+
+    def read_state_format(self):
         try:
             text = self.state.read("state-format", 64).decode("ascii", "replace").strip()
         except FileNotFoundError:
@@ -4641,8 +4694,25 @@ class Host(object):
         except (FileNotFoundError, Refused, UnicodeDecodeError):
             return None
 
-    def record_success(self):
-        self.state.write("last-success", (format_time(time.time()) + "\n").encode())
+    def record_success(self, durable=True):
+        """The time of this success.  An up-to-date run's is written without an fsync (durable false): a power
+        cut may lose it, leaving the time of an earlier success (or, on a file system that commits a rename
+        before the data it names, an empty file, read as none), which the next run writes again; what the
+        host applied is in its history, durable on its own."""
+        self.state.write("last-success", (format_time(time.time()) + "\n").encode(), durable=durable)
+
+    def objects_since_success(self):
+        """Whether objects/ changed after the last success was recorded.  A run that applies drops what no
+        pending transaction needs before it records its success, so objects/ is newer only after a run that
+        stopped past its last transaction (killed, a power cut) or one whose failed transaction was then
+        skipped: what they staged is dropped by the next run, an up-to-date one too.  By the mtimes of two
+        lstats, nothing opened (a clock set back may hide it until a run applies something)."""
+        try:
+            objects = os.stat("objects", dir_fd=self.state.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        success = self.state.stat("last-success")
+        return success is None or objects.st_mtime_ns > success.st_mtime_ns
 
     def record_verify(self, drift_paths, paths, quick):
         """What the last 'verify' found, for status and the metrics: replaced atomically, as last-run."""
@@ -4687,12 +4757,12 @@ def upgrade_state(host):
                 os.fchmod(fd, 0o600)
         finally:
             os.close(fd)
-    host.state.write("state-format", b"%d\n" % STATE_FORMAT)
+    host.write_state_format()
 
 
-def ensure_state(host):
+def ensure_state(host, dirs=True):
     """make_state, and bring a state written by an older isconf up to this format (under the host lock)."""
-    host.make_state()
+    host.make_state(dirs)
     if host.state_format() < STATE_FORMAT:
         upgrade_state(host)
 
@@ -5687,7 +5757,7 @@ class Run(object):
     def __init__(self, host, now=None):
         self.host, self.config = host, host.config
         self.now_override = now
-        local = host.local_head()
+        self.local_head = local = host.local_head()  # read once a run: the sync compares the mirror's with it
         self.clock_floor = parse_time(local.time) if local else 0
         self.history = host.history(recent=True)
         self.record = None  # the RunRecord of an 'up', counting what it applied and fetched
@@ -5711,6 +5781,7 @@ class RunRecord(object):
     def __init__(self):
         self.start, self.clock, self.before = time.time(), time.monotonic(), 0.0
         self.applied = self.fetched = 0
+        self.noop = False  # set by a run that found the host at the mirror's head
         carried = os.environ.pop(RUN_ENV, "")
         if carried and os.environ.get(REEXEC_ENV):
             try:
@@ -5734,15 +5805,19 @@ class RunRecord(object):
             return "interrupted"
         return self.RESULTS.get(code, "error")
 
-    def save(self, host, code, reason=None):
-        """Write last-run inside the state directory (as every state file: never through a link)."""
+    def save(self, host, code, reason=None, durable=True):
+        """Write last-run inside the state directory (as every state file: never through a link).  An
+        up-to-date run's record is not fsynced (durable false): a power cut may lose it, leaving an earlier
+        run's record (or, on a file system that commits a rename before the data it names, an empty file,
+        read as none) until the next run, at boot the boot's own; what the host applied is in its history."""
         end = time.time()
         if reason is not None and len(reason) > ERROR_MAX:
             reason = reason[:ERROR_MAX] + "..."
         record = {"time": format_time(self.start), "end": format_time(end), "exit_code": code,
                   "result": self.result(code), "duration": round(self.before + time.monotonic() - self.clock, 3),
                   "applied": self.applied, "fetched_bytes": self.fetched, "reason": reason, "pid": os.getpid()}
-        host.state.write("last-run", json.dumps(record, sort_keys=True).encode("utf-8") + b"\n", 0o644)
+        host.state.write("last-run", json.dumps(record, sort_keys=True).encode("utf-8") + b"\n", 0o644,
+                         durable=durable)
 
 
 def last_run(host):
@@ -5768,6 +5843,11 @@ class Plan(object):
         self.pending = [e for e in entries if e.seq > applied_seq]
         self.signature, self.keep, self.tail = signature, keep, tail
         self.baseline, self.history = baseline, history
+
+    @property
+    def noop(self):
+        """Nothing to apply and nothing new to record: the host was at the mirror's head already."""
+        return not self.pending and self.tail is None and self.baseline is None
 
     def commit(self, host):
         """Make the newly verified head and journal this host's local copy; tie a declared
@@ -5852,6 +5932,7 @@ class Sync(object):
         self.run, self.host, self.config, self.history = run, run.host, run.config, run.history
         self.now = run.now
         self.signers = None
+        self.staged_bytes = 0  # the sizes of the objects this run fetched and staged (the run's record)
         if self.config.insecure:
             warn("insecure mode: heads are not signature-checked; anyone on the network "
                  "can run commands as root here. Run 'isconf init --signers FILE' to fix.")
@@ -5946,7 +6027,7 @@ class Sync(object):
         branch = branch or self.config.branch
         applied_seq, applied_id = self.history.applied()
         baseline = None if applied_seq else host.declared_baseline()
-        local = host.local_head()
+        local = self.run.local_head
         local_entries = host.local_journal(local, parse_after=applied_seq)
         moving = local if local is not None and local.branch != branch else None
         if moving is not None:
@@ -6147,7 +6228,9 @@ class Sync(object):
         for entry in interpretable(pending):  # what comes after is for the agent that can read it
             for sha, size in entry.objects():
                 needed[sha] = size
-        self.stage(mirror, self.missing(needed))
+        if needed:  # a run with nothing to stage leaves objects/ alone
+            self.host.make_dirs()
+            self.stage(mirror, self.missing(needed))
 
     def missing(self, needed):
         """The (sha, size) of needed ({sha: size}) not staged intact (staged_intact), largest first: a big
@@ -6178,6 +6261,7 @@ class Sync(object):
         objects.fsync()
         for sha, _ in wanted:  # each hashed as it was fetched (fetch_object): as the rename left it
             self.host.staged.verify(sha, objects.stat(sha))
+        self.staged_bytes += sum(size for _, size in wanted)
 
     def stage_any(self, needed):
         """Stage needed objects ({sha: size}) no longer staged intact here (pruned once applied) from the
@@ -6445,7 +6529,9 @@ class Applier(object):
         self.boot, self._boot_bin = boot, None  # at boot, execs find a systemctl that does not wait (boot_bin)
         self.lock, self.argv = lock, argv
         self.interpreter, self.agent_files = interpreter_identity(), agent_files()
-        self.boot_id = boot_id()  # recorded in every 'started': a later run tells whether the machine rebooted
+        # Recorded in every 'started': a later run tells whether the machine rebooted.  Read before the first
+        # transaction (one kernel's id for the process's whole life): a run with nothing to apply never needs it.
+        self.boot_id = None
         self.batch = DoneBatch(self.history, self.host.root)
         self.launcher = Launcher()  # starts the run's commands (ended with the run, and before a re-exec)
         # Who applied each transaction, as this process started: kept in its done or failed record.
@@ -6470,12 +6556,14 @@ class Applier(object):
 
     def apply_in_order(self, plan, allow_reboot):
         host, history = self.host, self.history
+        retracted = retractions(plan.pending)
         if plan.pending:
             import_late()  # rule 6: everything, before the first transaction runs
-        retracted = retractions(plan.pending)
-        # Every install of the run to come: an object is moved into place only at the last (write_copy).
-        host.staged.count(sha for entry in interpretable(plan.pending) if (entry.seq, entry.id) not in retracted
-                          for sha, _ in entry.objects())
+            host.make_dirs()  # objects/ and logs/, checked (exit 7) before anything runs
+            self.boot_id = boot_id()
+            # Every install of the run to come: an object is moved into place only at the last (write_copy).
+            host.staged.count(sha for entry in interpretable(plan.pending) if (entry.seq, entry.id) not in retracted
+                              for sha, _ in entry.objects())
         for entry in plan.pending:
             retraction = retracted.get((entry.seq, entry.id))
             if retraction is not None:  # a position in the history, in order with the done records
@@ -6603,9 +6691,11 @@ class Applier(object):
 
     def finish(self, plan):
         self.batch.flush()  # before the applied position is read, and before a reboot entry's command
-        self.release_objects(plan)
+        if not plan.noop or self.host.objects_since_success():
+            self.host.make_dirs()
+            self.release_objects(plan)
         if self.history.applied()[0] >= plan.head.seq:  # not after a reboot entry with more behind it
-            self.host.record_success()
+            self.host.record_success(durable=not plan.noop)
 
     def reboot(self):
         """Run the configured reboot command on the machine running the agent (not chrooted).
@@ -7074,9 +7164,10 @@ def render_metrics(report):
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def write_metrics(host, path, report):
+def write_metrics(host, path, report, durable=True):
     """Replace the metrics file atomically (the collector never reads half of one), reached inside the
-    root as the host's other files are: never through a link at its name, only over a regular file."""
+    root as the host's other files are: never through a link at its name, only over a regular file.
+    Not durable after an up-to-date run, as its last-run record (RunRecord.save)."""
     where = host.rootpath.resolve(posixpath.dirname(path))
     try:
         directory = StateDir(host.rootpath.open_dir(posixpath.dirname(path)), where)
@@ -7084,21 +7175,15 @@ def write_metrics(host, path, report):
         raise StateError("metrics directory %s: %s; make it (node_exporter's --collector.textfile.directory) or "
                          "change the path with 'isconf init --force --metrics PATH'" % (where, e.strerror))
     try:
-        directory.write(posixpath.basename(path), render_metrics(report), 0o644)
+        directory.write(posixpath.basename(path), render_metrics(report), 0o644, durable=durable)
     finally:
         directory.close()
 
 
-def fetched_bytes(host, plan, staged):
+def fetched_bytes(plan, sync):
     """What a sync fetched: the head, and when it was new its signature and the journal's new bytes,
-    and the objects staged since (staged: the names in objects/ before it)."""
-    total = len(plan.head.data) + len(plan.signature or b"") + len(plan.tail or b"")
-    for entry in interpretable(plan.pending):
-        for sha, size in entry.objects():
-            if sha not in staged and host.objects.stat(sha) is not None:
-                staged.add(sha)
-                total += size
-    return total
+    and the objects it staged."""
+    return len(plan.head.data) + len(plan.signature or b"") + len(plan.tail or b"") + sync.staged_bytes
 
 
 class ObjectBytes(object):
@@ -7283,7 +7368,7 @@ def parse_now(text):
         raise UsageError(str(e))
 
 
-def refresh_metrics(host, reason=None):
+def refresh_metrics(host, reason=None, durable=True):
     """Write the metrics file, when the config names one, from the report status gives: after every
     run, and after each verb that changes what it shows (disable, enable, skip, verify), the host lock
     let go (else the report says 'running').  A failure is a warning (unless reason, a run's own error,
@@ -7295,7 +7380,7 @@ def refresh_metrics(host, reason=None):
                 report = status_report(host)
             except (IsconfError, OSError):  # damaged state: still this run's result, and what can be read
                 report = {"last_run": last_run(host)}
-            write_metrics(host, metrics, report)
+            write_metrics(host, metrics, report, durable)
     except (IsconfError, OSError) as e:
         if str(e) != reason:  # the run's own error says it already
             warn("metrics not written: %s" % e)
@@ -7311,14 +7396,15 @@ def finish_run(host, record, code, reason=None):
         if code == EXIT_OK:
             raise
         return  # no state of ours to record in (not initialised, or refused): the run's error says so
+    durable = not (record.noop and code == EXIT_OK)
     try:
-        record.save(host, code, reason)
+        record.save(host, code, reason, durable)
     except (IsconfError, OSError) as e:
         if code == EXIT_OK:
             raise
         warn("the result of this run was not recorded: %s" % e)
         return
-    refresh_metrics(host, reason)
+    refresh_metrics(host, reason, durable)
 
 
 def up(args, host, record):
@@ -7330,7 +7416,9 @@ def up(args, host, record):
         if record is not None:
             record.restart()  # the run's duration is its work, not the sleep
     with host.lock(args.wait) as lock:
-        ensure_state(host)
+        # objects/ and logs/ are made and opened once the run stages or applies something (make_dirs), or
+        # for a dry run, which reads staged objects: an up-to-date run only checks them.
+        ensure_state(host, dirs=args.dry_run)
         paused = host.disabled()
         if paused:
             raise Disabled("this host was disabled by %s; nothing applied until 'isconf enable'"
@@ -7339,15 +7427,15 @@ def up(args, host, record):
         run.record = record
         # The interpreter and agent files are known as this process started, before any wait.
         applier = Applier(run, mounts=not args.no_mounts, lock=lock, argv=args.argv, boot=args.boot)
-        staged = set(host.objects.listdir())
         sync = Sync(run)
         plan = sync.sync(stage=not args.dry_run, wait=boot_wait(args, run.config))
         if args.dry_run:
             return dry_run(run, plan, sync, args)
-        record.fetched += fetched_bytes(host, plan, staged)
+        record.fetched += fetched_bytes(plan, sync)
         plan.commit(host)
         if not plan.pending:
             say("branch %s is up to date at seq %d" % (plan.head.branch, plan.head.seq))
+            record.noop = plan.noop
         code = applier.apply(plan, allow_reboot=args.reboot)
         if code == EXIT_OK and plan.pending:
             say("applied through seq %d" % run.history.applied()[0])

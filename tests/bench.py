@@ -4,6 +4,8 @@ The machine may be shared and busy: compare the ratios, not the raw times.  Figu
 
   exec      a catch-up of 1,000 `exec /bin/true` in a busybox chroot, against a shell loop running
             the same command 1,000 times in the same chroot
+  scale     catch-ups of 100 and of 10,000 `exec /bin/true` side by side: the cost per transaction
+            (above a no-op of the same host) of each, and their ratio
   snap      a catch-up of 10,000 snaps of one small file each, against writing and fsyncing the
             same files from Python
   noop      an up-to-date `up` on journals of 10 and of 1,000,000 entries (wall time, requests,
@@ -398,6 +400,43 @@ def bench_exec(tmp, keys, runs, count=1000):
     row("catch-up, whole run", agent_t * 1000, loop_t * 1000, "ms")
     row("per transaction", agent_t / count * 1000, loop_t / count * 1000, "ms")
     row("per transaction above the loop (target < 1.5 ms)", (agent_t - loop_t) / count * 1000, unit="ms")
+
+
+def bench_scale(tmp, keys, runs, small=100, large=10000):
+    heading("Catch-up of %d and of %d `exec /bin/true` in a busybox chroot: what a transaction costs does not grow"
+            " with the journal or the history:" % (small, large))
+    times, noops, servers = {small: [], large: []}, {small: [], large: []}, {}
+    cpu, noop_cpu = {small: [], large: []}, {small: [], large: []}
+    try:
+        for count in (small, large):
+            repo = Repo(os.path.join(tmp, "scale-repo-%d" % count), keys)
+            repo.append(exec_lines(count))
+            servers[count] = Server(repo.path, os.path.join(tmp, "scale-%d.log" % count))
+        for run in range(runs):  # interleaved, so that a busy moment of the machine weighs on both alike
+            for count in (small, large):
+                root = new_host(os.path.join(tmp, "scale-host-%d-%d" % (count, run)), servers[count].url, keys)
+                seconds, _, _, used = agent(root, "up")
+                times[count].append(seconds)
+                cpu[count].append(used)
+                seconds, _, _, used = agent(root, "up")  # what any run costs, whatever it applies
+                noops[count].append(seconds)
+                noop_cpu[count].append(used)
+                shutil.rmtree(root)
+    finally:
+        for server in servers.values():
+            server.stop()
+    per, above, above_cpu = {}, {}, {}
+    for count in (small, large):
+        per[count] = median(times[count]) / count * 1000
+        above[count] = (median(times[count]) - median(noops[count])) / count * 1000
+        above_cpu[count] = (median(cpu[count]) - median(noop_cpu[count])) / count * 1000
+        row("%d transactions: whole run" % count, median(times[count]), unit="s")
+        row("  per transaction (whole run / %d)" % count, per[count], unit="ms")
+        row("  per transaction above the no-op of the same host", above[count], unit="ms")
+        row("  CPU time (user + system, its commands' too) per transaction above", above_cpu[count], unit="ms")
+    row("per transaction above the no-op, %d / %d (target < 1.10)" % (large, small), above[large] / above[small])
+    row("  CPU time, %d / %d (the disk's barriers left out)" % (large, small), above_cpu[large] / above_cpu[small])
+    row("  whole run / count, %d / %d" % (large, small), per[large] / per[small])
 
 
 def bench_snap(tmp, keys, runs, count=10000):
@@ -970,7 +1009,7 @@ def bench_peers(tmp, keys, runs, count=100):
     sys.stdout.flush()
 
 
-FIGURES = ("verify", "exec", "noop", "snap", "large", "sparse", "many", "peers")
+FIGURES = ("verify", "exec", "scale", "noop", "snap", "large", "sparse", "many", "peers")
 
 
 def main():
@@ -1000,6 +1039,7 @@ def main():
             if name in figures:
                 {"verify": lambda: bench_verify(tmp, args.runs),
                  "exec": lambda: bench_exec(tmp, keys, args.runs),
+                 "scale": lambda: bench_scale(tmp, keys, args.runs),
                  "noop": lambda: bench_noop(tmp, keys, args.runs),
                  "snap": lambda: bench_snap(tmp, keys, args.runs),
                  "large": lambda: bench_large(tmp, keys, args.runs),
