@@ -34,8 +34,8 @@ tools:
 test: tools $(VENV)/.ok
 	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
-# make bench's peers figure runs cf-agent and puppet apply when installed (apt-get install cfengine3 puppet-agent);
-# make test never needs them.
+# make bench's peers figure runs cf-agent, puppet apply and ansible-pull when installed
+# (apt-get install cfengine3 puppet-agent ansible git); make test never needs them.
 bench: tools $(VENV)/.ok
 	$(VENV)/bin/python tests/bench.py
 

@@ -20,9 +20,10 @@ The machine may be shared and busy: compare the ratios, not the raw times.  Figu
   verify    verifying a signed head (Ed25519, RSA) in process, against `ssh-keygen -Y verify`
 
   peers     the same work for each tool, side by side: 100 commands and 100 small files on a fresh
-            host, then a no-op, by isconf and by CFEngine (`cf-agent`) and Puppet (`puppet apply`) when
-            installed (`apt-get install cfengine3 puppet-agent`; a missing one is skipped), each run checked
-            for its work; ratios against isconf
+            host, then a no-op, by isconf and by CFEngine (`cf-agent`), Puppet (`puppet apply`) and
+            Ansible (`ansible-pull` of a local git repository) when installed (`apt-get install cfengine3
+            puppet-agent ansible git`; a missing one is skipped), each run checked for its work; ratios
+            against isconf
 
 Usage: tests/bench.py [--runs N] [FIGURE ...]   (all figures by default)
 
@@ -740,6 +741,7 @@ class Peer(object):
     then a no-op, each checked for what it did (a row timing a tool that failed would be a lie)."""
 
     label = binary = package = ""
+    tools = ()  # the programs it needs, when more than its binary
     markers = ()  # paths a tool leaves to know a command ran
 
     def __init__(self, directory, commands, files):
@@ -938,6 +940,72 @@ class Puppet(Peer):
         return len(self.commands) + len(self.files)
 
 
+class Ansible(Peer):
+    """ansible-pull of a playbook (local.yml) committed to a git repository of its own, checked out
+    by file:// URL into a directory of each fresh host, run with --only-if-changed as its users run
+    it from cron: each command a `command` task guarded by `creates` on a marker that a task of its
+    own touches once the command changed, each file a `copy` task with its content.  Its no-op is a
+    `git` fetch that finds the checkout up to date, after which ansible-pull does not run the
+    playbook at all: the cheapest no-op it has, not a run of the playbook finding nothing to do."""
+
+    binary, package = "ansible-pull", "ansible git"
+    tools = ("ansible-pull", "git")
+
+    def __init__(self, directory, commands, files):
+        Peer.__init__(self, directory, commands, files)
+        self.markers = ["/markers/%d" % n for n in range(1, len(commands) + 1)]
+        tasks = ['    - name: directories\n      file:\n        path: "{{ item }}"\n        state: directory\n'
+                 '      loop: [%s, %s]\n' % (json.dumps(self.root + "/etc/bench"), json.dumps(self.root + "/markers"))]
+        for n, (argv, marker) in enumerate(zip(commands, self.markers), 1):
+            tasks.append('    - name: %s\n      command: %s\n      args:\n        creates: %s\n      register: ran%d\n'
+                         '    - name: marker %d\n      file:\n        path: %s\n        state: touch\n'
+                         '      when: ran%d is changed\n'
+                         % (" ".join(argv), " ".join(argv), json.dumps(self.root + marker), n, n,
+                            json.dumps(self.root + marker), n))
+        for path, data in files:
+            tasks.append('    - name: %s\n      copy:\n        dest: %s\n        content: %s\n        mode: "0644"\n'
+                         % (path, json.dumps(self.root + path), json.dumps(data.decode())))
+        self.repo = os.path.join(directory, "repo")
+        os.makedirs(self.repo)
+        with open(os.path.join(self.repo, "local.yml"), "w") as f:
+            f.write("- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n" + "".join(tasks))
+        git = ["git", "-C", self.repo, "-c", "user.name=bench", "-c", "user.email=bench@example"]
+        for argv in (["init", "-q"], ["add", "local.yml"], ["commit", "-q", "-m", "bench"]):
+            subprocess.run(git + argv, env=dict(ENV, HOME=directory), check=True)
+        with open(shutil.which(self.binary)) as f:  # the interpreter Ansible is installed for
+            words = f.readline()[2:].split()
+        self.state = os.path.join(directory, "state")
+        self.env = dict(ENV, HOME=os.path.join(self.state, "home"), ANSIBLE_NOCOLOR="1",
+                        ANSIBLE_LOCAL_TEMP=os.path.join(self.state, "local-tmp"),
+                        ANSIBLE_REMOTE_TEMP=os.path.join(self.state, "remote-tmp"), ANSIBLE_RETRY_FILES_ENABLED="0",
+                        ANSIBLE_PYTHON_INTERPRETER=shutil.which(words[1]) if words[0].endswith("/env") else words[0])
+        os.makedirs(self.env["HOME"])  # even --version writes in it
+        version = subprocess.run([self.binary, "--version"], stdout=subprocess.PIPE, env=self.env).stdout.decode()
+        shutil.rmtree(self.state)
+        self.label = "%s (`-o`: no-op = git fetch only)" % version.splitlines()[0].replace(" [core", "").rstrip("]")
+        self.argv = [self.binary, "-U", "file://" + self.repo, "-d", os.path.join(self.state, "checkout"),
+                     "-i", "localhost,", "--only-if-changed"]
+
+    def fresh(self):
+        Peer.fresh(self)
+        os.makedirs(os.path.join(self.state, "home"))
+
+    def clean(self):
+        Peer.clean(self)
+        shutil.rmtree(self.state)
+
+    def run(self, first):
+        return run_tool("ansible-pull", self.argv, self.env)
+
+    def actions(self, text):
+        """Tasks that changed, from the PLAY RECAP (none when the playbook did not run)."""
+        return sum(int(n) for n in re.findall(r"^localhost\s*:\s*ok=\d+\s+changed=(\d+)", text, re.M))
+
+    def expected(self):
+        # every task changes: the directories (one task), each command and its marker, each file
+        return 1 + 2 * len(self.commands) + len(self.files)
+
+
 def tree_state(root, paths):
     """Per path under root: its content, inode, mtime and ctime; None when it is missing."""
     state = {}
@@ -983,11 +1051,12 @@ def bench_peers(tmp, keys, runs, count=100):
     base = os.path.join(tmp, "peers")
     peers = [IsconfPeer(os.path.join(base, "isconf"), commands, files, keys)]
     try:
-        for cls in (CFEngine, Puppet):
-            if shutil.which(cls.binary):
-                peers.append(cls(os.path.join(base, cls.package), commands, files))
+        for cls in (CFEngine, Puppet, Ansible):
+            missing = [tool for tool in cls.tools or (cls.binary,) if not shutil.which(tool)]
+            if not missing:
+                peers.append(cls(os.path.join(base, cls.package.split()[0]), commands, files))
             else:
-                print("  SKIPPED %s: %s is not installed (apt-get install %s)" % (cls.__name__, cls.binary,
+                print("  SKIPPED %s: %s is not installed (apt-get install %s)" % (cls.__name__, " ".join(missing),
                                                                                  cls.package))
         times = dict((peer, ([], [])) for peer in peers)
         for _ in range(runs):  # interleaved, so that a busy moment of the machine weighs on all alike
@@ -1016,8 +1085,9 @@ def main():
     parser = argparse.ArgumentParser(description="isconf.py figures, each beside a floor measured in the same run")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is shown (default 3)")
     parser.add_argument("figures", nargs="*", metavar="FIGURE",
-                        help="any of %s (default: all); peers compares with cf-agent and puppet apply when they are "
-                        "installed (apt-get install cfengine3 puppet-agent)" % ", ".join(FIGURES))
+                        help="any of %s (default: all); peers compares with cf-agent, puppet apply and ansible-pull "
+                        "when they are installed (apt-get install cfengine3 puppet-agent ansible git)"
+                        % ", ".join(FIGURES))
     args = parser.parse_args()
     unknown = set(args.figures) - set(FIGURES + ("tail",))
     if unknown:
