@@ -632,8 +632,8 @@ def bench_sparse(tmp, keys, runs):
     author = os.path.join(tmp, "sparse-author")
     subprocess.run([sys.executable, "-I", ISCONF, "init-repo", author], check=True, env=ENV,
                    stdout=subprocess.DEVNULL)
-    author_env = dict(ENV, ISCONF_AUTHOR="bench@example")
-    for args in (["lock", "-m", "sparse"], ["--root", src, "snap", "/srv/sparse"],
+    author_env = dict(ENV, ISCONF_AUTHOR="bench@example", ISCONF_SIGNERS=keys.signers)
+    for args in (["lock", "--new", "-m", "sparse"], ["--root", src, "snap", "/srv/sparse"],
                  ["ci", "--sign", keys.private]):
         subprocess.run([sys.executable, "-I", ISCONF, "--repo", author, "--branch", BRANCH] + args, check=True,
                        env=author_env, stdout=subprocess.DEVNULL)
