@@ -759,6 +759,20 @@ class Peer(object):
         pass
 
 
+class StatefulPeer(Peer):
+    """A peer keeping its state (and a HOME) in self.state, made with each fresh host, removed with it."""
+
+    state = ""
+
+    def fresh(self):
+        Peer.fresh(self)
+        os.makedirs(os.path.join(self.state, "home"))
+
+    def clean(self):
+        Peer.clean(self)
+        shutil.rmtree(self.state)
+
+
 def run_tool(name, argv, env, codes=(0,)):
     """(wall seconds, output) of one run of a tool, whose exit status must be one of codes."""
     with tempfile.TemporaryFile() as out:
@@ -891,7 +905,7 @@ class CFEngine(Peer):
         return len(self.commands) + len(self.files)
 
 
-class Puppet(Peer):
+class Puppet(StatefulPeer):
     """puppet apply of a manifest of its own, every directory it writes (--confdir, --vardir,
     --codedir, --logdir, --rundir, --publicdir) in the bench's directory: each command an exec with
     `creates` on a marker that a file resource requiring it creates, each file a content resource."""
@@ -919,14 +933,6 @@ class Puppet(Peer):
             self.argv += ["--" + name, os.path.join(self.state, name)]
         self.argv.append(self.manifest)
 
-    def fresh(self):
-        Peer.fresh(self)
-        os.makedirs(os.path.join(self.state, "home"))
-
-    def clean(self):
-        Peer.clean(self)
-        shutil.rmtree(self.state)
-
     def run(self, first):
         # --detailed-exitcodes: 2 when it changed something, 0 when nothing; 4 or 6 when something failed
         return run_tool("puppet apply", self.argv, dict(ENV, HOME=os.path.join(self.state, "home")),
@@ -940,7 +946,7 @@ class Puppet(Peer):
         return len(self.commands) + len(self.files)
 
 
-class Ansible(Peer):
+class Ansible(StatefulPeer):
     """ansible-pull of a playbook (local.yml) committed to a git repository of its own, checked out
     by file:// URL into a directory of each fresh host, run with --only-if-changed as its users run
     it from cron: each command a `command` task guarded by `creates` on a marker that a task of its
@@ -985,14 +991,6 @@ class Ansible(Peer):
         self.label = "%s (`-o`: no-op = git fetch only)" % version.splitlines()[0].replace(" [core", "").rstrip("]")
         self.argv = [self.binary, "-U", "file://" + self.repo, "-d", os.path.join(self.state, "checkout"),
                      "-i", "localhost,", "--only-if-changed"]
-
-    def fresh(self):
-        Peer.fresh(self)
-        os.makedirs(os.path.join(self.state, "home"))
-
-    def clean(self):
-        Peer.clean(self)
-        shutil.rmtree(self.state)
 
     def run(self, first):
         return run_tool("ansible-pull", self.argv, self.env)

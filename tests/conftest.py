@@ -623,6 +623,41 @@ def hung_mount():
         mount.release()
 
 
+def strace_calls(trace):
+    """(pid, text) of each system call in an strace -f log, one split by another process's call
+    (<unfinished ...>, then <... resumed>) joined again."""
+    unfinished = {}
+    with open(trace) as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        m = re.match(r"^(\d+) +(.*)$", line)
+        if not m:
+            continue
+        pid, text = m.groups()
+        if text.endswith("<unfinished ...>"):
+            unfinished[pid] = text[:-len("<unfinished ...>")]
+            continue
+        resumed = re.match(r"^<\.\.\. \w+ resumed>(.*)$", text)
+        if resumed:
+            text = unfinished.pop(pid, "") + resumed.group(1)
+        yield pid, text
+
+
+def mounts_under(root):
+    """Mount points under root in this (the miniroot's) mount namespace."""
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(root + "/")]
+
+
+@pytest.fixture
+def target(host, busybox_root):
+    """A busybox root with the directories the pseudo-filesystems are mounted on (and /mnt)."""
+    busybox_root(host.root)
+    for name in ("proc", "sys", "dev", "run", "mnt"):
+        os.makedirs(host.path("/" + name), exist_ok=True)
+    return host
+
+
 def pid_alive(pid):
     """Whether pid runs (a zombie waiting for its reaper counts as gone)."""
     try:

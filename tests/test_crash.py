@@ -23,7 +23,7 @@ import time
 import pytest
 
 from conftest import (AGENT, AUTHOR, ISCONF, KILLS, append_entry, build, error_line, extents, install_busybox, put,
-                      replace_file, undated)
+                      replace_file, strace_calls, undated)
 
 OLD, V1, V2 = b"old\n", b"version one\n", b"version two\n"
 BIG = 4 << 20  # large enough that a kill can land while it is being written
@@ -416,23 +416,11 @@ def audit(trace, root, history_from, reboot_marker=None):
     with open(history_path, "rb") as f:
         f.seek(history_from)
         appended = f.read()
-    unfinished, dirty, unsynced_history = {}, {}, False
+    dirty, unsynced_history = {}, False
     counts = collections.Counter()
     open_seqs, offset, main = set(), 0, None
-    with open(trace) as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        m = re.match(r"^(\d+) +(.*)$", line)
-        if not m:
-            continue
-        pid, text = m.groups()
+    for pid, text in strace_calls(trace):
         main = main or pid
-        if text.endswith("<unfinished ...>"):
-            unfinished[pid] = text[:-len("<unfinished ...>")]
-            continue
-        resumed = re.match(r"^<\.\.\. \w+ resumed>(.*)$", text)
-        if resumed:
-            text = unfinished.pop(pid, "") + resumed.group(1)
         call = re.match(r"^(\w+)\((.*)\)\s+=\s+(-?\d+)", text, re.S)
         if not call or call.group(3).startswith("-"):
             continue

@@ -8,24 +8,11 @@ import time
 
 import pytest
 
-from conftest import ISCONF, error_line, pid_alive
+from conftest import ISCONF, error_line, mounts_under, pid_alive
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "posix_spawn"), reason="Python 3.6 and 3.7 start each command alone")
 
 BUSYBOX = "/bin/busybox"
-
-
-def mounts_under(root):
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(root + "/")]
-
-
-@pytest.fixture
-def target(host, busybox_root):
-    busybox_root(host.root)
-    for name in ("proc", "sys", "dev", "run", "mnt"):
-        os.makedirs(host.path("/" + name), exist_ok=True)
-    return host
 
 
 def up(target):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ISCONF
+from conftest import ISCONF, mounts_under
 
 # Directories alone prove nothing (the image has them): /dev/pts must hold its ptmx, and /run and
 # /dev/pts must be mount points the exec sees in its own mountinfo.
@@ -20,20 +20,6 @@ SEES = ("test -r /proc/self/status && test -d /sys/kernel && test -c /dev/null &
 def mounted_inside(target):
     with open(target.path("/tmp/mounted")) as f:
         return sorted(set(f.read().split()))
-
-
-def mounts_under(root):
-    """Mount points under root in this (the miniroot's) mount namespace."""
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(root + "/")]
-
-
-@pytest.fixture
-def target(host, busybox_root):
-    busybox_root(host.root)
-    for name in ("proc", "sys", "dev", "run"):
-        os.makedirs(host.path("/" + name), exist_ok=True)
-    return host
 
 
 def test_an_exec_in_a_root_finds_the_pseudo_filesystems_and_leaves_no_mount(author, server, keys, target):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ISCONF, error_line
+from conftest import ISCONF, error_line, strace_calls
 
 STATE = "var/lib/isconf"
 TRACED = "openat,open,mkdir,mkdirat,connect,fsync,fdatasync,sync,syncfs,rename,renameat,renameat2"
@@ -29,27 +29,16 @@ def traced_up(host, trace):
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"is up to date" in proc.stdout, proc.stdout.decode()
-    calls, unfinished = {}, {}
-    with open(trace) as f:
-        for line in f:
-            m = re.match(r"^(\d+) +(.*)$", line.rstrip("\n"))
-            if not m:
-                continue
-            pid, text = m.groups()
-            if text.endswith("<unfinished ...>"):
-                unfinished[pid] = text[:-len("<unfinished ...>")]
-                continue
-            resumed = re.match(r"^<\.\.\. \w+ resumed>(.*)$", text)
-            if resumed:
-                text = unfinished.pop(pid, "") + resumed.group(1)
-            call = re.match(r"^(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<(.*)>)?", text)
-            if not call or (call.group(3).startswith("-") and call.group(1) != "connect"):  # non-blocking
-                continue
-            name, args, opened = call.group(1), call.group(2), call.group(4)
-            if name in ("open", "openat"):
-                calls.setdefault("open", []).append(opened or args)
-            else:
-                calls.setdefault(name, []).append(args)
+    calls = {}
+    for _, text in strace_calls(trace):
+        call = re.match(r"^(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<(.*)>)?", text)
+        if not call or (call.group(3).startswith("-") and call.group(1) != "connect"):  # non-blocking
+            continue
+        name, args, opened = call.group(1), call.group(2), call.group(4)
+        if name in ("open", "openat"):
+            calls.setdefault("open", []).append(opened or args)
+        else:
+            calls.setdefault(name, []).append(args)
     return calls
 
 
