@@ -1,14 +1,14 @@
 # isconf.py: make demo (try it), make test (the test suite), make bench (figures).
 PYTHON ?= python3
 VENV   ?= .venv
-PYTEST_REQ = pytest==8.3.4 prometheus_client==0.26.0
+PYTEST_REQ = pytest==8.3.4 pytest-xdist==3.8.0 prometheus_client==0.26.0
 
 .PHONY: demo test bench clean tools
 
 demo:
 	$(PYTHON) tests/demo.py
 
-$(VENV)/.ok:
+$(VENV)/.ok: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check $(PYTEST_REQ)
 	touch $@
@@ -32,7 +32,7 @@ tools:
 	fi
 
 test: tools $(VENV)/.ok
-	$(VENV)/bin/python -m pytest -q --durations=15 tests
+	$(VENV)/bin/python -m pytest -q --durations=15 -n auto --dist loadgroup tests
 
 # make bench's peers figure runs cf-agent, puppet apply and ansible-pull when installed
 # (apt-get install cfengine3 puppet-agent ansible git); make test never needs them.

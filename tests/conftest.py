@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import py_compile
 import re
 import select
 import shutil
@@ -64,6 +65,19 @@ def pytest_runtest_makereport(item, call):
                                 % (SEED, SEED, sys.executable, item.nodeid)))
 
 
+# `make test` runs the tests on as many processes as the machine has cores (pytest-xdist). The tests that boot
+# a guest share one image and one process, so two guests never compete; the longest start first.
+GUESTS = ("test_power_cut.py", "test_real_boot.py")
+LONGEST = GUESTS + ("test_crash.py", "test_fuzz.py", "test_fleet.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.fspath.basename in GUESTS:
+            item.add_marker(pytest.mark.xdist_group("guests"))
+    items.sort(key=lambda item: item.fspath.basename not in LONGEST)
+
+
 def interpreter_version(path):
     m = re.search(r"/versions/(\d+)\.(\d+)\.(\d+)/", path)
     return tuple(int(x) for x in m.groups()) if m else (0,)
@@ -88,12 +102,30 @@ AUTHOR_STATE = tempfile.mkdtemp(prefix="isconf-author-state-")
 atexit.register(shutil.rmtree, AUTHOR_STATE, True)
 
 
+# Most runs start the agent's code from its bytecode: the same file, imported from a checked-hash cache
+# that every start checks against the file's bytes, where `python3 isconf.py` compiles the whole file at
+# each start (100 ms, thousands of times a session). Whatever concerns how the agent is started (the units,
+# cron, a self-upgrade's re-exec, the other interpreters, the tests that start it with Popen) runs it as a
+# script, as a host does.
+py_compile.compile(ISCONF, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+FROM_BYTECODE = ("import importlib.util as u, sys; sys.argv[0] = %r; "
+                 "s = u.spec_from_file_location('isconf', sys.argv[0]); m = u.module_from_spec(s); "
+                 "sys.modules['isconf'] = m; s.loader.exec_module(m); sys.exit(m.main())" % ISCONF)
+
+
+def agent_command(python=None):
+    """The command line that starts the agent (before its arguments)."""
+    if python in (None, sys.executable):
+        return [sys.executable, "-I", "-c", FROM_BYTECODE]
+    return [python, "-I", ISCONF]
+
+
 def run_isconf(*args, python=None, env=None, expect=None, timeout=120, input=None):
     """Run isconf.py in isolated mode; check the exit code when `expect` names one."""
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ISCONF_AUTHOR": AUTHOR, "LC_ALL": "C.UTF-8",
             "XDG_STATE_HOME": AUTHOR_STATE}
     base.update(env or {})
-    proc = subprocess.run([python or sys.executable, "-I", ISCONF] + [str(a) for a in args],
+    proc = subprocess.run(agent_command(python) + [str(a) for a in args],
                           env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
                           input=input, stdin=None if input is not None else subprocess.DEVNULL)
     # Off a terminal every message line starts with its UTC time: out and err have it
