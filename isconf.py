@@ -4242,6 +4242,11 @@ class History(object):
                     attempts[-1][1] = "failed"
                 elif kind == "interrupted":
                     attempts[-1][1] = str(event.get("signal") or "a signal")
+        return self.tally(attempts, boot)
+
+    @staticmethod
+    def tally(attempts, boot):
+        """interruptions' answer from the attempts at one entry: [the start's boot id, how it ended]."""
         seen = {"attempts": 0, "rebooted": 0, "unknown": 0, "signals": []}
         for (started, ended), after in zip(attempts, [a[0] for a in attempts[1:]] + [boot]):
             rebooted = started != after if isinstance(started, str) and after else None

@@ -23,6 +23,7 @@ import json
 import os
 import py_compile
 import re
+import resource
 import select
 import shutil
 import signal
@@ -120,14 +121,17 @@ def agent_command(python=None):
     return [python, "-I", ISCONF]
 
 
-def run_isconf(*args, python=None, env=None, expect=None, timeout=120, input=None):
-    """Run isconf.py in isolated mode; check the exit code when `expect` names one."""
+def run_isconf(*args, python=None, env=None, expect=None, timeout=120, input=None, limits=None):
+    """Run isconf.py in isolated mode; check the exit code when `expect` names one.  limits: {resource.RLIMIT_*:
+    the soft and hard limit the agent starts with}, as a service manager may set them."""
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ISCONF_AUTHOR": AUTHOR, "LC_ALL": "C.UTF-8",
             "XDG_STATE_HOME": AUTHOR_STATE}
     base.update(env or {})
     proc = subprocess.run(agent_command(python) + [str(a) for a in args],
                           env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
-                          input=input, stdin=None if input is not None else subprocess.DEVNULL)
+                          input=input, stdin=None if input is not None else subprocess.DEVNULL,
+                          preexec_fn=(lambda: [resource.setrlimit(r, (n, n)) for r, n in limits.items()]) if limits
+                          else None)
     # Off a terminal every message line starts with its UTC time: out and err have it
     # removed, so a test reads the message; stdout and stderr keep the bytes as written.
     proc.out = undated(proc.stdout.decode("utf-8", "replace"))
@@ -253,6 +257,18 @@ def source_tree(tmp_path, path, content):
 MTIME = 1700000000123456789
 
 
+def hard_link_then_its_file_replaced(author, tmp_path):
+    """Two commits: /etc/a and its hard link /etc/a.link ("first"), then /etc/a alone as a new file ("second"):
+    the link stays the first inode."""
+    src = source_tree(tmp_path, "/etc/a", "first\n")
+    os.link(os.path.join(src, "etc/a"), os.path.join(src, "etc/a.link"))
+    author.commit(["--root", src, "snap", "/etc/a", "/etc/a.link"])
+    os.unlink(os.path.join(src, "etc/a"))
+    with open(os.path.join(src, "etc/a"), "w") as f:
+        f.write("second\n")
+    author.commit(["--root", src, "snap", "/etc/a"])
+
+
 def make_source(src, busybox_root):
     """A source tree holding one of every kind of thing a snap records."""
     busybox_root(src)
@@ -305,6 +321,20 @@ def append_unknown_entry(author, keys, **fields):
 @pytest.fixture
 def author(tmp_path, keys):
     return Author(str(tmp_path / "repo"), keys=keys)
+
+
+METRICS = "/var/lib/node_exporter/textfile_collector/isconf.prom"  # where a monitored host writes its metrics
+
+
+def metric(host, name, **labels):
+    """One sample's value in the host's metrics file, as the official Prometheus client parses it."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with open(host.path(METRICS)) as f:
+        for family in text_string_to_metric_families(f.read()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
+    raise AssertionError("no %s%s in the metrics" % (name, labels or ""))
 
 
 class Server(object):
@@ -403,6 +433,15 @@ class Host(object):
 @pytest.fixture
 def host(tmp_path):
     return Host(str(tmp_path / "host"))
+
+
+@pytest.fixture
+def monitored(author, server, keys, host, busybox_root):
+    """A host with a metrics file, following the test's repository over HTTP."""
+    busybox_root(host.root)
+    os.makedirs(host.path(os.path.dirname(METRICS)))
+    host.init(server.url, keys, "--metrics", METRICS, "--retries", "1", "--timeout", "5")
+    return host
 
 
 # The agent under test in test_upgrade and test_crash runs from this file inside the host root.

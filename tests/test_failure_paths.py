@@ -6,12 +6,10 @@ import json
 import os
 import resource
 import stat
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ISCONF, append_unknown_entry, error_line, undated
+from conftest import append_unknown_entry, error_line
 
 CONTENT = b"#!/bin/sh\necho set-uid\n"
 
@@ -78,14 +76,9 @@ def test_a_hard_link_onto_its_own_file_through_a_linked_directory_leaves_no_seco
     assert os.stat(host.path("/srv/a")).st_nlink == 1
 
 
-def run_with_few_descriptors(host, *args, limit=64):
+def run_with_few_descriptors(host, *args):
     """isconf with RLIMIT_NOFILE lowered, as under a service manager's limit."""
-    def lower():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-    proc = subprocess.run([sys.executable, "-I", ISCONF, "--root", host.root] + list(args), preexec_fn=lower,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
-    proc.out, proc.err = undated(proc.stdout.decode("utf-8", "replace")), undated(proc.stderr.decode("utf-8", "replace"))
-    return proc
+    return host(*args, limits={resource.RLIMIT_NOFILE: 64})
 
 
 DEEP = "/" + "d/" * 1100 + "file"

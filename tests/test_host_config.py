@@ -1,7 +1,6 @@
 """The host config: init --force keeps what it is not told, and a config that does not read is refused by line."""
 
 import json
-import os
 import subprocess
 
 import pytest

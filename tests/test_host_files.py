@@ -4,12 +4,10 @@ cleanup of what is not ours, values init cannot write, old modes, and the host l
 import fcntl
 import os
 import resource
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ISCONF, error_line, source_tree, undated
+from conftest import error_line, source_tree
 
 HUGE = 4 << 30    # a sparse file of 4 GiB costs nothing on disk ...
 MEMORY = 1 << 30  # ... and more than the agent is given here: read whole, it would end in MemoryError
@@ -17,12 +15,7 @@ MEMORY = 1 << 30  # ... and more than the agent is given here: read whole, it wo
 
 def run_limited(host, *args):
     """isconf with its address space limited, as on a small host: a file read whole cannot fit."""
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
-    proc = subprocess.run([sys.executable, "-I", ISCONF, "--root", host.root] + list(args), preexec_fn=limit,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
-    proc.out, proc.err = undated(proc.stdout.decode("utf-8", "replace")), undated(proc.stderr.decode("utf-8", "replace"))
-    return proc
+    return host(*args, limits={resource.RLIMIT_AS: MEMORY})
 
 
 def applied_host(author, keys, host, busybox_root):

@@ -1,7 +1,6 @@
 """Per-transaction logs stay bounded: the last few attempts, each under a size cap."""
 
 import glob
-import os
 import re
 
 

@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from conftest import ISCONF, mounts_under
 
 # Directories alone prove nothing (the image has them): /dev/pts must hold its ptmx, and /run and

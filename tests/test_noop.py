@@ -110,8 +110,9 @@ def test_an_up_to_date_up_still_refuses_a_state_subdirectory_others_can_write(au
 
 # --- a catch-up costs what is new: what a transaction asks of the history ---------------------------
 
-def attempts_by_scan(events, seq, entry_id, boot):
-    """History.interruptions as its docstring says it, by one scan of every event: the reference."""
+def attempts_by_scan(events, seq, entry_id):
+    """The attempts at one entry History.interruptions tallies, found as its docstring says by one scan of
+    every event: the reference."""
     attempts, following = [], False
     for event in events:
         if (event["seq"], event["id"]) != (seq, entry_id):
@@ -131,18 +132,7 @@ def attempts_by_scan(events, seq, entry_id, boot):
                 attempts[-1][1] = "failed"
             elif kind == "interrupted":
                 attempts[-1][1] = str(event.get("signal") or "a signal")
-    seen = {"attempts": 0, "rebooted": 0, "unknown": 0, "signals": []}
-    for (started, ended), after in zip(attempts, [a[0] for a in attempts[1:]] + [boot]):
-        rebooted = started != after if isinstance(started, str) and after else None
-        if ended in ("failed", "applied"):
-            continue
-        if ended is not None and not rebooted:
-            seen["signals"].append(ended)
-            continue
-        seen["attempts"] += 1
-        seen["rebooted"] += rebooted is True
-        seen["unknown"] += rebooted is None
-    return seen
+    return attempts
 
 
 class Entry(object):
@@ -179,8 +169,8 @@ def test_a_transactions_interruptions_read_through_the_history_index_are_those_a
             for seq in range(1, 5):
                 for entry_id in ("%da" % seq, "%db" % seq):
                     boot = rng.choice([None, "boot-1", "boot-2"])
-                    assert history.interruptions(Entry(seq, entry_id), boot) == attempts_by_scan(
-                        history.events, seq, entry_id, boot), history.events
+                    assert history.interruptions(Entry(seq, entry_id), boot) == isconf.History.tally(
+                        attempts_by_scan(history.events, seq, entry_id), boot), history.events
         if history.fd is not None:
             os.close(history.fd)
         state.close()

@@ -143,6 +143,7 @@ def test_a_large_download_shows_progress_on_a_terminal_only(author, host, keys, 
         assert proc.returncode == 0, terminal
         assert re.search(r"\risconf: fetching 1 object\(s\): \d+\.\d of 24\.0 MiB\x1b\[K", terminal), repr(terminal)
         assert terminal.endswith("\r\x1b[K"), repr(terminal)  # cleared before the next line
+        assert "fetching" not in out and "\x1b" not in out, out  # progress goes to the terminal alone
         # Off a terminal (a cron log), the same download shows no progress line.
         other = Host(str(tmp_path / "other"))
         other.init(mirror.url, keys)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ISCONF, EXIT, append_entry, error_line, run_isconf, source_tree, undated
+from conftest import ISCONF, append_entry, error_line, source_tree, undated
 
 OTHER = 1000  # a uid that is not root
 

@@ -9,28 +9,22 @@ import subprocess
 import sys
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import (AGENT, AUTHOR, PYTHONS, Host, build, error_line, extents, interpreter_version, make_source, put,
-                      source_tree, undated)
+from conftest import (AGENT, AUTHOR, PYTHONS, Host, build, error_line, extents, hard_link_then_its_file_replaced,
+                      interpreter_version, make_source, metric, put, source_tree, undated)
 
 SNAPPED = ("/etc/app", "/etc/app/app.conf", "/etc/app/app.conf.link", "/etc/app/current", "/etc/app/sparse.img")
-METRICS = "/var/lib/node_exporter/textfile_collector/isconf.prom"
 
 
 @pytest.fixture
-def replayed(author, keys, tmp_path, busybox_root, server):
+def replayed(author, tmp_path, busybox_root, monitored):
     """A host that replayed a snap of every kind of file from a mirror it keeps (pruned objects come from there),
     with a metrics file."""
     src = str(tmp_path / "src")
     make_source(src, busybox_root)
     author.commit(["--root", src, "snap"] + list(SNAPPED))
-    host = Host(str(tmp_path / "host"))
-    busybox_root(host.root)
-    os.makedirs(host.path(os.path.dirname(METRICS)))
-    host.init(server.url, keys, "--metrics", METRICS, "--retries", "1", "--timeout", "5")
-    host("up", expect="ok")
-    return host
+    monitored("up", expect="ok")
+    return monitored
 
 
 def look(host, paths=SNAPPED):
@@ -69,15 +63,6 @@ def drifted(host):
 def events(host, kind="repaired"):
     with open(host.state("history")) as f:
         return [e for e in map(json.loads, f) if e["event"] == kind]
-
-
-def metric(host, name="isconf_drift_paths"):
-    with open(host.path(METRICS)) as f:
-        for family in text_string_to_metric_families(f.read()):
-            for sample in family.samples:
-                if sample.name == name:
-                    return sample.value
-    raise AssertionError("no %s in the metrics" % name)
 
 
 def rewrite_content(host):
@@ -297,15 +282,15 @@ def test_a_repair_is_shown_by_log_and_status(replayed):
 
 def test_the_metrics_carry_the_drift_of_the_last_verify(replayed):
     host = replayed
-    assert metric(host) == 0  # never verified
+    assert metric(host, "isconf_drift_paths") == 0  # never verified
     change_owner(host)
     retarget_link(host)
     verify(host, code=8)
-    assert metric(host) == 3
+    assert metric(host, "isconf_drift_paths") == 3
     verify(host, "--repair", "/etc/app/current")
-    assert metric(host) == 2
+    assert metric(host, "isconf_drift_paths") == 2
     verify(host, "--repair")
-    assert metric(host) == 0
+    assert metric(host, "isconf_drift_paths") == 0
 
 
 def test_verify_ends_with_a_hint_at_repair(replayed):
@@ -372,13 +357,7 @@ def test_bad_repair_command_lines(replayed, args, wanted):
 def test_a_hard_link_whose_file_a_later_snap_replaced_is_put_back_as_its_own_file(author, keys, host, tmp_path,
                                                                                  busybox_root):
     # /etc/a.link is held to the first /etc/a it was linked to (a later snap gave /etc/a a new inode).
-    src = source_tree(tmp_path, "/etc/a", "first\n")
-    os.link(os.path.join(src, "etc/a"), os.path.join(src, "etc/a.link"))
-    author.commit(["--root", src, "snap", "/etc/a", "/etc/a.link"])
-    os.unlink(os.path.join(src, "etc/a"))
-    with open(os.path.join(src, "etc/a"), "w") as f:
-        f.write("second\n")
-    author.commit(["--root", src, "snap", "/etc/a"])
+    hard_link_then_its_file_replaced(author, tmp_path)
     busybox_root(host.root)
     host.init(author.repo, keys)
     host("up", expect="ok")

@@ -10,9 +10,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ISCONF, error_line
+from conftest import ISCONF, METRICS, error_line
 
-METRICS = "/var/lib/node_exporter/textfile_collector/isconf.prom"
 WAIT = "touch /tmp/started; while ! test -e /tmp/go; do sleep 0.1; done"
 
 
@@ -44,15 +43,6 @@ def status(host, code=0):
 def last_run(host):
     with open(host.state("last-run")) as f:
         return json.load(f)
-
-
-@pytest.fixture
-def monitored(author, server, keys, host, busybox_root):
-    """A host with a metrics file configured, following the test's repository."""
-    busybox_root(host.root)
-    os.makedirs(host.path(os.path.dirname(METRICS)))
-    host.init(server.url, keys, "--metrics", METRICS, "--retries", "1", "--timeout", "5")
-    return host
 
 
 def test_a_host_never_fetched_then_up_to_date_then_pending(author, monitored, keys):

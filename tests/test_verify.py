@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import Host, make_source, source_tree
+from conftest import Host, hard_link_then_its_file_replaced, make_source, source_tree
 
 SNAPPED = ("/etc/app", "/etc/app/app.conf", "/etc/app/app.conf.link", "/etc/app/current", "/etc/app/sparse.img")
 
@@ -152,13 +152,7 @@ def test_the_last_applied_snap_of_a_path_is_the_reference(author, keys, host, tm
 def test_a_hard_link_keeps_its_content_once_a_later_snap_replaced_its_file(author, keys, host, tmp_path,
                                                                           busybox_root):
     # A later snap of /etc/a installs a new inode there; /etc/a.link keeps the first content, as it should.
-    src = source_tree(tmp_path, "/etc/a", "first\n")
-    os.link(os.path.join(src, "etc/a"), os.path.join(src, "etc/a.link"))
-    author.commit(["--root", src, "snap", "/etc/a", "/etc/a.link"])
-    os.unlink(os.path.join(src, "etc/a"))
-    with open(os.path.join(src, "etc/a"), "w") as f:
-        f.write("second\n")
-    author.commit(["--root", src, "snap", "/etc/a"])
+    hard_link_then_its_file_replaced(author, tmp_path)
     busybox_root(host.root)
     replay(author, host, keys)
     assert open(host.path("/etc/a.link")).read() == "first\n"
