@@ -5433,11 +5433,16 @@ def run_command(root, argv, cwd, env, log, echo=True, timeout=None, mounts=True,
 # chroot would reach it, with the content read as the author's side stored it (FileType.drift_of).
 
 
+def applied_entries(rows):
+    """The entries of host_report's rows that reached this disk (applied, or in the image's baseline), in
+    journal order: skipped and pending entries never touched it."""
+    return (entry for entry, mark, _ in rows if mark in ("applied", "baseline"))
+
+
 def journaled_files(rows):
     """path -> (its record, the records of that snap by path), from the last snap applied here
-    that names each path, in journal order: skipped and pending entries never touched the disk.
-    rows are host_report's."""
-    return FileType.last_records(entry.installs() for entry, mark, _ in rows if mark in ("applied", "baseline"))
+    that names each path."""
+    return FileType.last_records(entry.installs() for entry in applied_entries(rows))
 
 
 def disk_drifts(rootpath, files, quick, paths=None):
@@ -6273,26 +6278,31 @@ class Sync(object):
         first mirror that serves them all, each verified by the hash and size the local journal gives;
         for 'verify --repair', which reads no head.  Nothing is staged unless all of them verified."""
         wanted = self.missing(needed)
-        refusals, failures = [], []
-        for mirror in (self.mirrors() if wanted else []):
-            try:
-                self.stage(mirror, wanted)
-                return
-            except Refused as e:
-                refusals.append(e)
-            except Unreachable as e:
-                failures.append((mirror, e))
-            finally:
-                mirror.close()
-        if not wanted:
-            return
-        for mirror, e in failures if refusals else failures[:-1]:
-            warn("mirror %s: %s" % (mirror, e))
-        for e in refusals[1:]:
-            warn(str(e))
-        raise refusals[0] if refusals else Unreachable(
-            "no mirror could be reached (%s); check the network and the URLs in %s"
-            % (failures[-1][1] if failures else "none configured", self.config.path))
+        if wanted:
+            self.from_any_mirror(lambda mirror: self.stage(mirror, wanted))
+
+    def from_any_mirror(self, attempt):
+        """attempt(mirror)'s answer from the first mirror, in the config's order, where it neither is refused
+        nor fails to reach it, for a fetch that reads no head ('verify --repair', the dry run's objects).  If
+        none: the first refusal (a mirror serving what the signed journal does not say), else unreachable.
+        Each mirror that failed is named in a warning, unless the error names it already (as sync does)."""
+        failed = []  # (mirror, its error)
+        try:
+            for mirror in self.mirrors():
+                try:
+                    return attempt(mirror)
+                except (Refused, Unreachable) as e:
+                    failed.append((mirror, e))
+                finally:
+                    mirror.close()
+            refusals = [e for _, e in failed if isinstance(e, Refused)]
+            error = refusals[0] if refusals else failed[-1][1] if failed else "none configured"
+            failed = [(mirror, e) for mirror, e in failed if e is not error]
+            raise error if refusals else Unreachable(
+                "no mirror could be reached (%s); check the network and the URLs in %s" % (error, self.config.path))
+        finally:
+            for mirror, e in failed:
+                warn(str(e) if str(mirror) in str(e) else "mirror %s: %s" % (mirror, e))
 
     def staged_intact(self, objects, sha, size):
         """Whether objects/SHA, staged by an earlier run, holds the object's bytes: its size, then its
@@ -7193,15 +7203,16 @@ def fetched_bytes(plan, sync):
 
 class ObjectBytes(object):
     """Objects' bytes for the dry run's diffs, in memory only (a dry run writes nothing): a staged copy whose
-    hash is right, else one fetched from the mirrors in turn, each checked against the signed journal."""
+    hash is right, else one fetched from the mirrors (Sync.from_any_mirror), checked against the signed
+    journal.  Only the last one is kept: the paths of one file's hard links ask for it in turn."""
 
     def __init__(self, host, sync):
-        self.objects, self.sync, self.got = host.objects, sync, {}
+        self.objects, self.sync, self.last = host.objects, sync, (None, None)
 
     def __call__(self, sha, size):
-        if sha not in self.got:
-            self.got[sha] = self.read(sha, size)
-        return self.got[sha]
+        if self.last[0] != sha:
+            self.last = (sha, self.read(sha, size))
+        return self.last[1]
 
     def read(self, sha, size):
         staged = self.objects.stat(sha)
@@ -7209,19 +7220,15 @@ class ObjectBytes(object):
             data = self.objects.read(sha, size)
             if sha256_hex(data) == sha:
                 return data
-        errors = []
-        for mirror in self.sync.mirrors():
-            try:
-                data = mirror.fetch("objects/" + sha, size).body
-                if len(data) == size and sha256_hex(data) == sha:
-                    return data
-                errors.append(Refused("object %s from %s does not match the signed journal; the mirror holds a "
-                                      "damaged or swapped file" % (sha[:16], mirror)))
-            except (Refused, Unreachable) as e:
-                errors.append(e)
-            finally:
-                mirror.close()
-        raise next((e for e in errors if isinstance(e, Refused)), errors[-1])
+        return self.sync.from_any_mirror(lambda mirror: self.fetch(mirror, sha, size))
+
+    @staticmethod
+    def fetch(mirror, sha, size):
+        data = mirror.fetch("objects/" + sha, size).body
+        if len(data) != size or sha256_hex(data) != sha:
+            raise Refused("object %s from %s does not match the signed journal; the mirror holds a damaged or "
+                          "swapped file" % (sha[:16], mirror))
+        return data
 
 
 def pending_changes(host, entry, fetch, written):
@@ -7480,10 +7487,9 @@ def recorded_up(args, host):
 def snapped_by(rows):
     """path -> the applied snap entry (of host_report's rows) whose record 'verify' holds the path to."""
     by = {}
-    for entry, mark, _ in rows:
-        if mark in ("applied", "baseline"):
-            for record in entry.installs():
-                by[record["path"]] = entry
+    for entry in applied_entries(rows):
+        for record in entry.installs():
+            by[record["path"]] = entry
     return by
 
 
@@ -7491,8 +7497,8 @@ def named_after(rows, path, after):
     """The first entry applied after seq after that names path beside what it installs (Kind.names: an
     exec whose arguments name it), or None: what it did, not the snap, may be the journal's last word on
     the path ('rm PATH', 'sed -i ... PATH'), which a repair from the snap would undo."""
-    for entry, mark, _ in rows:
-        if mark in ("applied", "baseline") and entry.seq > after and entry.names(path):
+    for entry in applied_entries(rows):
+        if entry.seq > after and entry.names(path):
             return entry
     return None
 

@@ -5,10 +5,11 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 
-from conftest import KILL_AGENT, error_line, replace_file
+from conftest import KILL_AGENT, Author, error_line, replace_file
 
 SECRET_OLD = b"db_password=old-Vq8xZ3\n"
 SECRET_NEW = b"db_password=new-Kp4wT9\n"
@@ -302,6 +303,22 @@ def test_the_json_carries_what_the_text_shows(author, site):
 
 def object_path(author, content):
     return os.path.join(author.repo, "objects", hashlib.sha256(content).hexdigest())
+
+
+def test_an_object_one_mirror_swapped_is_read_from_the_next_mirror(author, site, tmp_path):
+    # The dry run fails over as a run does: a refusal from the first mirror, the bytes from the second.
+    host, src = site
+    replace_file(src, "etc/motd", b"from the journal\n")
+    replace_file(host.root, "etc/motd", b"on this host\n")
+    snap(author, src, "/etc/motd")
+    swapped = str(tmp_path / "swapped")
+    shutil.copytree(author.repo, swapped)
+    with open(object_path(Author(swapped), b"from the journal\n"), "wb") as f:
+        f.write(b"swapped by a mirror\n"[:17])
+    host("init", "--force", swapped, author.repo, expect="ok")
+    proc = host("up", "--dry-run", "--diff", expect="pending")
+    assert "+from the journal" in proc.out and "swapped" not in proc.out, proc.out
+    assert "does not match the signed journal" in proc.err and swapped in proc.err, proc.err
 
 
 def test_the_diff_reads_a_staged_object_before_asking_a_mirror(author, site):
