@@ -6834,13 +6834,15 @@ class Applier(object):
 # ---------------------------------------------------------------------------
 
 
-def host_report(host, history=None):
+def host_report(host, history=None, recent=False):
     """What status and log show: the journal entries with their state on this host, from one
-    read of its history (history, or read here)."""
+    read of its history (history, or read here).  recent: only the entries from the applied one
+    on, as a run reads them (the local journal from its end): what pending, failed and waiting
+    entries are, at a cost that does not grow with the journal."""
     head = host.local_head()
-    entries = host.local_journal(head)
-    history = history or host.history()
+    history = history or host.history(recent)
     applied_seq, applied_id = history.applied()
+    entries = host.local_journal(head, applied_seq if recent else 0)
     baseline_seq = (history.baseline() or (0, None))[0]
     marks = {}  # by id: after a migrate, another branch's seq N is another transaction
     for event in history.events:
@@ -6940,13 +6942,15 @@ STATES = collections.OrderedDict([  # the state status reports: the first that h
 ])
 
 
-def status_report(host):
+def status_report(host, recent=False):
     """Where the host stands, from its local state only: the one report that status, status --json and
-    the metrics render.  Its fields are documented in README (Monitoring) under STATUS_SCHEMA."""
+    the metrics render.  Its fields are documented in README (Monitoring) under STATUS_SCHEMA.  recent:
+    for the metrics after every run, read as a run reads (host_report); the skipped, retracted and
+    repaired lists, which the metrics do not show, hold only what that read reaches."""
     config = host.config
     # One read of the history: an 'up' appending to it meanwhile cannot make one report mix two states.
-    history = host.history()
-    head, rows, applied_seq, applied_id = host_report(host, history)
+    history = host.history(recent)
+    head, rows, applied_seq, applied_id = host_report(host, history, recent)
     failed = [(e, ev) for e, mark, ev in rows if mark == "failed"]
     tied, declared = history.baseline(), host.declared_baseline()
     baseline = None
@@ -7389,7 +7393,7 @@ def refresh_metrics(host, reason=None, durable=True):
         metrics = host.config.metrics
         if metrics:
             try:
-                report = status_report(host)
+                report = status_report(host, recent=True)
             except (IsconfError, OSError):  # damaged state: still this run's result, and what can be read
                 report = {"last_run": last_run(host)}
             write_metrics(host, metrics, report, durable)

@@ -10,7 +10,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ISCONF, METRICS, error_line
+from conftest import ISCONF, METRICS, error_line, replace_file
 
 WAIT = "touch /tmp/started; while ! test -e /tmp/go; do sleep 0.1; done"
 
@@ -273,6 +273,29 @@ def test_a_run_on_damaged_state_still_leaves_its_exit_code_in_the_metrics(author
     host("up", expect="state")
     values, info = metrics(host)  # what can be read: the run's result, nothing the damaged state would say
     assert values["isconf_last_run_exit_code"] == 7 and "isconf_applied_seq" not in values and info is None
+
+
+def test_the_metrics_after_a_run_read_the_journal_and_history_as_the_run_does_from_their_end(author, monitored):
+    # A host polled for years holds a long journal and history: the metrics after each run read what the run
+    # read, not the whole of either (status does).  Damage far back in both shows it: status, which reads
+    # them all, finds it; the run and its metrics do not need them.
+    host = monitored
+    author.commit(*[["exec", "--no-run", "--", "/bin/true", str(n)] for n in range(1, 71)])  # more than a batch
+    host("up", expect="ok")
+    author.commit(["exec", "--no-run", "--", "/bin/false"])
+    with open(host.state("journal"), "rb") as f:
+        journal = f.read()
+    assert journal.count(b'"/bin/true","1"') == 1
+    replace_file(host.root, "var/lib/isconf/journal", journal.replace(b'"/bin/true","1"', b'"/bin/true","9"'), 0o600)
+    with open(host.state("history"), "rb") as f:
+        history = f.read()
+    replace_file(host.root, "var/lib/isconf/history", b"[damaged]\n" + history, 0o600)
+    host("status", expect="state")
+    proc = host("up", expect="failed")
+    assert "metrics not written" not in proc.err, proc.err
+    values, info = metrics(host)
+    assert values["isconf_applied_seq"] == 70 and values["isconf_failed_seq"] == 71, values
+    assert values["isconf_pending_transactions"] == 1 and values["state"] == ["failed"], values
 
 
 BUGGY = """
