@@ -6434,6 +6434,29 @@ def retractions(entries):
     return found
 
 
+def drop_left_copies(rootpath, entry):
+    """Remove what an attempt at entry's snap, killed before its renames, left beside its paths (replace_at's
+    temporary names, the same at every attempt, whole and with their final modes, set-id bits included).
+    The next attempt removes them first; an entry that will never run again (skipped, retracted) calls this."""
+    try:
+        records = entry.installs()
+    except NeedsNewer:
+        return  # never interpreted here, so never attempted
+    for record in records:
+        try:
+            dfd, name = rootpath.parent(record["path"])
+        except OSError:
+            continue  # its directory is missing, or not one: nothing of this snap was left in it
+        try:
+            left = temp_name(name, locked=True)
+            if not stat.S_ISDIR(os.stat(left, dir_fd=dfd, follow_symlinks=False).st_mode):
+                os.unlink(left, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(dfd)
+
+
 class Transaction(object):
     """What a kind's apply (Kind.apply) may use of the host while one entry applies, and nothing
     more: the root and the staged objects (objects, and staged: what this command verified of them),
@@ -6582,6 +6605,7 @@ class Applier(object):
         for entry in plan.pending:
             retraction = retracted.get((entry.seq, entry.id))
             if retraction is not None:  # a position in the history, in order with the done records
+                drop_left_copies(host.rootpath, entry)
                 self.batch.add("retracted", entry, by=retraction.id, by_seq=retraction.seq, why=retraction.message)
                 REPORTER.end("[%d/%d]" % (entry.seq, plan.head.seq), entry.summary(),
                              "retracted by %d" % retraction.seq, 0)
@@ -9545,17 +9569,18 @@ def cmd_skip(args):
     host = Host(args.root, args.config)
     with host.lock():
         head = host.local_head()
-        entries = host.local_journal(head)
-        history = host.history()
+        history = host.history(recent=True)  # as a run reads them: the cost of what is pending
         applied_seq = history.applied()[0]
-        if args.seq != applied_seq + 1 or args.seq > len(entries):
+        entry = {e.seq: e for e in host.local_journal(head, applied_seq)}.get(args.seq)
+        if args.seq != applied_seq + 1 or entry is None:
             raise UsageError("only the next transaction (seq %d) can be skipped, and only after it failed"
                              % (applied_seq + 1))
-        last = history.last(entries[args.seq - 1])  # by id: the same seq on another branch is not this entry
+        last = history.last(entry)  # by id: the same seq on another branch is not this entry
         if not last or last["event"] != "failed":
             raise UsageError("transaction %d has not failed here; only a failed transaction can be skipped"
                              % args.seq)
-        history.record("skipped", entries[args.seq - 1], why=args.message, who=author_name())
+        history.record("skipped", entry, why=args.message, who=author_name())
+        drop_left_copies(host.rootpath, entry)
     refresh_metrics(host)
     say("transaction %d marked skipped on this host: %s" % (args.seq, args.message))
 

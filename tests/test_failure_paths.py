@@ -59,6 +59,46 @@ def test_a_failed_rename_leaves_no_temporary_copy_and_no_set_uid_file(case, auth
     assert set_id_files(host.root) == []
 
 
+def killed_before_its_rename(author, host):
+    """What an attempt at snap 2 (crafted_snap: /usr/local/bin/tool), killed after its copy was whole and
+    before its rename, leaves: the copy under its temporary name, set-uid, and a start without an end."""
+    name = ".isconf-" + hashlib.sha256(b"tool").hexdigest()[:16]  # the same name at every attempt
+    os.makedirs(host.path("/usr/local/bin"), exist_ok=True)
+    with open(host.path("/usr/local/bin/" + name), "wb") as f:
+        f.write(CONTENT)
+    os.chmod(host.path("/usr/local/bin/" + name), 0o4755)
+    line = author.journal().splitlines()[1]
+    record = {"event": "started", "seq": 2, "id": hashlib.sha256(line).hexdigest(), "time": "2026-01-01T00:00:00Z"}
+    os.makedirs(host.state(), exist_ok=True)
+    with open(host.state("history"), "ab") as f:
+        f.write(json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    os.chmod(host.state("history"), 0o600)
+
+
+def test_a_copy_a_killed_snap_left_goes_when_the_entry_is_skipped(author, keys, host, busybox_root):
+    busybox_root(host.root)
+    crafted_snap(author, keys, [{"path": "/usr/local/bin/tool"}])
+    host.init(author.repo, keys, "--interrupted-max", "1")
+    killed_before_its_rename(author, host)
+    proc = host("up", expect="failed")  # halted at 2: started once without ending
+    assert "interrupted_max 1" in proc.err and set_id_files(host.root) != []
+    host("skip", "2", "-m", "not on this host", expect="ok")
+    assert temporaries(host.path("/usr/local/bin")) == [] and set_id_files(host.root) == []
+
+
+def test_a_copy_a_killed_snap_left_goes_when_the_entry_is_retracted(author, keys, host, busybox_root):
+    busybox_root(host.root)
+    crafted_snap(author, keys, [{"path": "/usr/local/bin/tool"}])
+    host.init(author.repo, keys, "--interrupted-max", "1")
+    killed_before_its_rename(author, host)
+    author("lock", "-m", "retire it")
+    author("retract", "2", "-m", "not wanted after all")
+    author.ci()
+    proc = host("up", expect="ok")
+    assert "retracted by 3" in proc.out, proc.out
+    assert temporaries(host.path("/usr/local/bin")) == [] and set_id_files(host.root) == []
+
+
 def test_a_hard_link_onto_its_own_file_through_a_linked_directory_leaves_no_second_link(author, keys, host,
                                                                                         busybox_root):
     # /alias is a link to /srv on the host: hard link /alias/a -> /srv/a renames a link of /srv/a onto

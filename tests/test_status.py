@@ -275,7 +275,7 @@ def test_a_run_on_damaged_state_still_leaves_its_exit_code_in_the_metrics(author
     assert values["isconf_last_run_exit_code"] == 7 and "isconf_applied_seq" not in values and info is None
 
 
-def test_the_metrics_after_a_run_read_the_journal_and_history_as_the_run_does_from_their_end(author, monitored):
+def test_the_metrics_and_skip_read_the_journal_and_history_as_a_run_does_from_their_ends(author, monitored):
     # A host polled for years holds a long journal and history: the metrics after each run read what the run
     # read, not the whole of either (status does).  Damage far back in both shows it: status, which reads
     # them all, finds it; the run and its metrics do not need them.
@@ -296,6 +296,9 @@ def test_the_metrics_after_a_run_read_the_journal_and_history_as_the_run_does_fr
     values, info = metrics(host)
     assert values["isconf_applied_seq"] == 70 and values["isconf_failed_seq"] == 71, values
     assert values["isconf_pending_transactions"] == 1 and values["state"] == ["failed"], values
+    host("skip", "71", "-m", "not on this host", expect="ok")  # skip reads as a run does too
+    values, info = metrics(host)
+    assert values["isconf_applied_seq"] == 71 and values["state"] == ["up-to-date"], values
 
 
 BUGGY = """
