@@ -3921,7 +3921,7 @@ def _urls(text, what):
     urls = text.split()
     for url in urls:
         try:
-            check_no_credentials(url)
+            Mirror(url)  # a mirror up could not use is a typo found when the config is read, with its line
         except UsageError as e:
             raise ValueError(str(e))
     return urls

@@ -153,6 +153,9 @@ TYPOS = [
     (BASE % "" + "2SITE = x\n", "line 8: variable '2SITE' must have a shell-style name"),
     (BASE % "" + "ISCONF_SEQ = 1\n", "line 8: variable 'ISCONF_SEQ' must have a shell-style name, not ISCONF_*"),
     ("just words", "line 5: not KEY = VALUE, a [section] nor a comment"),
+    (BASE.replace("http://127.0.0.1:1/", "http://127.0.0.1:1/\n    ftp://127.0.0.1/isconf/") % "",
+     "line 3: mirror 'ftp://127.0.0.1/isconf/' is not an http://, https:// or file:// URL or an absolute directory"),
+    (BASE.replace("http://127.0.0.1:1/", "srv/isconf") % "", "line 3: mirror 'srv/isconf' is not an http://"),
 ]
 
 
