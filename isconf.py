@@ -1977,6 +1977,10 @@ class Mirror(object):
         if parsed.scheme in ("http", "https") and parsed.hostname:
             self.directory = None
             self.base = url if url.endswith("/") else url + "/"
+        elif parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            # file://srv/isconf names host 'srv' and the directory /isconf: never read as either
+            raise UsageError("mirror %r names a host (%s): a file:// URL is a local directory, three slashes "
+                             "before its path (file:///srv/isconf)" % (redact_url(url), parsed.netloc))
         elif parsed.scheme == "file" and parsed.path.startswith("/"):
             self.directory = urllib.parse.unquote(parsed.path)
         elif parsed.scheme == "" and url.startswith("/"):
