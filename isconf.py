@@ -8857,6 +8857,19 @@ def serve(directory, bind, port):
 # ---------------------------------------------------------------------------
 
 
+# Verbs of the host's own, which follow the branch its config names: a --branch naming another is refused.
+HOST_BRANCH_VERBS = ("up", "status", "log", "verify", "skip", "disable", "enable", "install", "uninstall")
+
+
+def check_host_branch(args):
+    """--branch given to a verb of HOST_BRANCH_VERBS: the branch the host follows, or a usage error (an
+    admin's 'isconf --branch web-canary up' must not quietly apply web)."""
+    host = Host(args.root, args.config)
+    if os.path.exists(host.config_path) and host.config.branch != args.branch:
+        raise UsageError("this host follows branch %s, not %s: --branch is for init and author verbs; to follow "
+                         "%s, 'isconf migrate %s'" % (host.config.branch, args.branch, args.branch, args.branch))
+
+
 def author_branch(args):
     """--branch, else ISCONF_BRANCH, else the branch this host follows."""
     if args.branch or os.environ.get("ISCONF_BRANCH"):
@@ -10068,6 +10081,8 @@ def main(argv=None):
         if not getattr(args, "func", None):
             emit(parser.format_help())
             return EXIT_USAGE
+        if args.branch and args.verb in HOST_BRANCH_VERBS:
+            check_host_branch(args)
         if args.verb not in LIGHT_VERBS:
             import_late()
         code = args.func(args)

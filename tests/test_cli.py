@@ -207,13 +207,28 @@ def test_every_verbs_help_ends_with_an_example(isconf):
 @pytest.mark.parametrize("shape", ["--root R status --json", "--root=R status --json", "status --root R --json",
                                    "--debug --root R status --json", "-q --root R status --json",
                                    "--ro R status --json", "status --json --root R --no-mounts --debug -q",
-                                   "status --repo /nonexistent --branch other --root=R --json"])
+                                   "status --repo /nonexistent --branch web --root=R --json"])
 def test_global_options_before_or_after_the_verb_however_spelled(shape, server, keys, host):
     # Only the named verb's parser is built; an option argparse could read otherwise builds them all.
     host.init(server.url, keys)
     proc = run_isconf(*[host.root if a == "R" else a.replace("=R", "=" + host.root) for a in shape.split()],
                       expect="ok")
     assert '"applied_seq": 0' in proc.out
+
+
+@pytest.mark.parametrize("verb", [["up"], ["up", "--dry-run"], ["status"], ["log"], ["verify"], ["disable", "-m", "x"],
+                                  ["install"]])
+def test_a_host_verb_given_another_branch_is_refused_never_run_on_the_hosts_own(verb, author, server, keys, host,
+                                                                                 busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/ran"])
+    host.init(server.url, keys)
+    said = error_line(host("--branch", "web-canary", *verb, expect="usage"))
+    assert "this host follows branch web, not web-canary" in said and "'isconf migrate web-canary'" in said, said
+    assert not os.path.exists(host.path("/ran")) and not os.path.exists(host.state("disabled"))
+    assert not os.path.exists(host.state("last-run"))
+    host("--branch", "web", "up", expect="ok")  # its own branch, named: no error
+    assert os.path.exists(host.path("/ran"))
 
 
 GLOBAL_OPTION = re.compile(r"^\s+(-q, )?--(root|config|repo|no-mounts|quiet|debug|branch)\b", re.M)
