@@ -3633,8 +3633,9 @@ class Head(object):
 
     def check_expiry(self, now):
         if self.expires and parse_time(self.expires) < now:
-            raise Refused("head of branch %s expired at %s (it is %s): the mirror may be serving a frozen "
-                          "copy; check the mirror, or if this clock is wrong, pass --now"
+            raise Refused("head of branch %s expired at %s (it is %s): its authors renew it with 'isconf sign "
+                          "--expires DURATION' (or a mirror serves a stale copy: check it); if this clock is wrong, "
+                          "pass --now"
                           % (self.branch, self.expires, format_time(now)))
 
 

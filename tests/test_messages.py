@@ -389,6 +389,16 @@ def test_a_new_head_without_expiry_says_the_last_one_expires_or_expired(author, 
     assert "isconf: warning: the last head expired at %s; this one never expires" % head["expires"] in proc.err
 
 
+def test_an_expired_head_tells_the_host_that_its_authors_renew_it(author, keys, server, host):
+    # The common cause is a quiet branch nobody renewed, not a frozen mirror: the line names the renewal.
+    author("lock", "-m", "first")
+    author("exec", "--no-run", "--", "/bin/true")
+    author.ci("--expires", "1d")
+    host.init(server.url, keys)
+    line = error_line(host("up", "--now", "2099-01-01T00:00:00Z", expect="refused"))
+    assert "head of branch web expired at" in line and "its authors renew it with 'isconf sign --expires" in line, line
+
+
 def test_sign_without_a_key_does_not_offer_an_unsigned_it_lacks(author):
     author.commit(["exec", "--no-run", "--", "/bin/true"])
     line = error_line(author("sign", expect="usage"))
