@@ -7097,7 +7097,7 @@ def status_text(report, interrupted_max, advice=None):
                                                   "%d of %d journaled paths drifted: run 'isconf verify --repair'"
                                                   % (verified["drift_paths"], verified["paths"])
                                                   if verified["drift_paths"] else
-                                                  "no drift in %d journaled paths" % verified["paths"]))
+                                                  "no drift in %s" % plural(verified["paths"], "journaled path")))
     for item in report.get("repaired", []):
         lines.append("repaired:     %s by %s: %s from seq %d" % (item["time"], item["who"], repaired_text(item),
                                                                  item["seq"]))
@@ -7911,7 +7911,7 @@ def cmd_install(args):
         if host.state.stat("installed") is None or host.state.read("installed", RECORD_MAX) != data:
             host.state.write("installed", data, 0o600)
     say("installed %s (%s) in %s: %s" % (INSTALL_PATH, ", ".join(kinds), host.root,
-                                         "%d file(s) written" % changed if changed else "nothing changed"))
+                                         plural(changed, "file") + " written" if changed else "nothing changed"))
 
 
 def cmd_uninstall(args):
@@ -7942,7 +7942,7 @@ def cmd_uninstall(args):
             host.state.write("installed", canonical({"installed": kept}), 0o600)
         elif manifest:
             host.state.unlink("installed")
-    say("uninstalled from %s%s" % (host.root, " (%d changed file(s) kept)" % len(kept) if kept else ""))
+    say("uninstalled from %s%s" % (host.root, " (%s kept)" % plural(len(kept), "changed file") if kept else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -9476,9 +9476,9 @@ def verify_repair(args, host):
     for drift in remaining:
         show("drift: %s: %s" % (drift["path"], drift_text(drift["what"], drift["expected"], drift["found"])))
     left = len(set(d["path"] for d in repair.still))
-    show("isconf: %d repaired, %d not repaired; %s in %d journaled paths (applied up to seq %d)"
-         % (len(repair.repaired), len(repair.left), "%d drifted" % left if left else "no drift", len(repair.files),
-            repair.applied_seq))
+    show("isconf: %d repaired, %d not repaired; %s in %s (applied up to seq %d)"
+         % (len(repair.repaired), len(repair.left), "%d drifted" % left if left else "no drift",
+            plural(len(repair.files), "journaled path"), repair.applied_seq))
     return EXIT_DRIFT if repair.left or remaining else EXIT_OK
 
 
@@ -9504,8 +9504,8 @@ def cmd_verify(args):
     else:
         for drift in drifts:
             show("drift: %s: %s" % (drift["path"], drift_text(drift["what"], drift["expected"], drift["found"])))
-        show("isconf: %s in %d journaled paths (applied up to seq %d)"
-             % (plural(len(drifts), "drift") if drifts else "no drift", len(files),
+        show("isconf: %s in %s (applied up to seq %d)"
+             % (plural(len(drifts), "drift") if drifts else "no drift", plural(len(files), "journaled path"),
                 applied_seq))
         if drifts:
             show("isconf: 'isconf verify --repair [PATH...]' puts them back as the journal last made them")
