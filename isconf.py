@@ -4020,7 +4020,7 @@ class Config(object):
                 raise self.damaged(number, "unknown section [%s]; %s" % (name, nearest(name, self.SECTIONS,
                                                                                         "[%s]")))
         if not parser.has_section("isconf"):
-            raise StateError("config %s has no [isconf] section; rerun 'isconf init'" % path)
+            raise self.damaged(None, "no [isconf] section")
         section = parser["isconf"]
         self.texts = collections.OrderedDict()
         for name in section:
@@ -4036,7 +4036,7 @@ class Config(object):
             if given is not None:
                 self.texts[key.name] = given
         if not self.branch or not self.urls:
-            raise StateError("config %s needs a valid branch and at least one URL; rerun 'isconf init'" % path)
+            raise self.damaged(None, "no %s in [isconf]" % ("branch" if not self.branch else "mirror (urls)"))
         self.reboot_argv = parse_command(self.reboot_command)
         self.env = dict(parser["env"]) if parser.has_section("env") else {}
         for name, value in self.env.items():
@@ -4786,14 +4786,14 @@ def declare_baseline(host, seq):
     host.state.write("baseline", b"%d\n" % seq)
 
 
-def load_signers(path, read=None):
-    """The keys a host trusts; a missing, damaged or empty file is a local problem.
-    read, if given, returns the file's bytes (the host's own file, read confined)."""
+def load_signers(path, read=None, missing="run 'isconf init --force --signers FILE' (or --insecure)"):
+    """The keys a host trusts; a missing, damaged or empty file is a local problem, missing the advice
+    for a file that is not there.  read, if given, returns the file's bytes (the host's own file, read confined)."""
     try:
         text = (read() if read else read_file(path, SIGNERS_MAX)).decode("utf-8")
         signers = parse_allowed_signers(text, path)
     except FileNotFoundError:
-        raise StateError("no trusted keys at %s; run 'isconf init --signers FILE' (or --insecure)" % path)
+        raise StateError("no trusted keys at %s; %s" % (path, missing))
     except (OSError, UnicodeDecodeError) as e:
         raise StateError("cannot read trusted keys %s: %s" % (path, e))
     except Refused as e:
@@ -5940,7 +5940,7 @@ class Sync(object):
         self.staged_bytes = 0  # the sizes of the objects this run fetched and staged (the run's record)
         if self.config.insecure:
             warn("insecure mode: heads are not signature-checked; anyone on the network "
-                 "can run commands as root here. Run 'isconf init --signers FILE' to fix.")
+                 "can run commands as root here. Run 'isconf init --force --signers FILE' to fix.")
         else:
             self.signers = load_signers(self.host.signers_path, self.host.read_signers)
 

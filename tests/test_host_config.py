@@ -206,3 +206,27 @@ def test_init_force_keeps_a_variable_on_several_lines_and_a_byte_order_mark_is_n
     kept = config(host)
     assert (kept.env["MOTD"], kept.timeout) == ("first line\nsecond line", 20.0)
     host("status", expect="ok")   # what init --force wrote reads back
+
+
+def test_the_init_a_host_is_told_to_run_works_on_that_host(author, server, keys, host):
+    # A host that has a config is told 'init --force ...': a plain 'init' there refuses, config exists.
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host("init", server.url, "--branch", "web", "--insecure", expect="ok")
+    warning = [l for l in host("up", "--dry-run", expect="pending").err.splitlines() if "insecure mode" in l][0]
+    assert "Run 'isconf init --force --signers FILE' to fix." in warning, warning
+    host("init", "--force", "--signers", keys.signers, expect="ok")
+    os.unlink(host.path(SIGNERS))
+    line = error_line(host("up", expect="state"))
+    assert line.endswith("no trusted keys at %s; run 'isconf init --force --signers FILE' (or --insecure)"
+                         % host.path(SIGNERS)), line
+    host("init", "--force", "--signers", keys.signers, expect="ok")
+    for text, said in [("[isconf]\nbranch = web\n", "no mirror (urls) in [isconf]"),
+                       ("[isconf]\nurls = %s\n" % server.url, "no branch in [isconf]"),
+                       ("[env]\nA = 1\n", "no [isconf] section")]:
+        with open(host.path(CONF), "w") as f:
+            f.write(text)
+        line = error_line(host("status", expect="state"))
+        assert line == ("isconf: error: config %s: %s; fix the file, or write it anew with 'isconf init --force "
+                        "--reset'" % (host.path(CONF), said)), line
+    host("init", "--force", "--reset", server.url, "--branch", "web", "--signers", keys.signers, expect="ok")
+    host("up", "--dry-run", expect="pending")
