@@ -8915,7 +8915,7 @@ def author_signers(args, branch):
     path = getattr(args, "signers", None) or os.environ.get("ISCONF_SIGNERS")
     if path:
         try:
-            return load_signers(path)
+            return load_signers(path, missing="give the allowed_signers file of the branch's hosts")
         except StateError as e:
             raise UsageError("--signers: %s" % e)
     host = Host(args.root, args.config)

@@ -447,3 +447,14 @@ def test_an_unsigned_branch_takes_unsigned_check_ins_for_insecure_hosts(tmp_path
     unsigned.commit(["reboot"])
     unsigned("fork", "canary", "--unsigned")
     assert json.loads(open(unsigned.path("head")).read())["seq"] == 2
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_signers_file_that_is_not_there_asks_the_author_for_the_hosts_keys_not_for_init(how, author, keys, tmp_path):
+    # 'isconf init' is a host's verb: an author who mistyped --signers is told what file to give.
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    missing = str(tmp_path / "allowed_signrs")
+    args, env = (["--signers", missing], {}) if how == "option" else ([], {"ISCONF_SIGNERS": missing})
+    line = error_line(author("sign", "--sign", keys.private, *args, env=env, expect="usage"))
+    assert line == ("isconf: error: --signers: no trusted keys at %s; give the allowed_signers file of the "
+                    "branch's hosts" % missing), line
