@@ -9891,8 +9891,8 @@ def build_parser(only=None):
                    % EXIT_PENDING)
     p.add_argument("--json", action="store_true", help="with --dry-run, print the plan as JSON (default: text)")
     p.add_argument("--diff", action="store_true", help="with --dry-run, show what each snap would change on the "
-                   "disk: a diff of each text file (a file of mode 0600 or tighter only as changing), one line "
-                   "for each other change (default: off)")
+                   "disk: a diff of each text file (a file others may not read, as 0600 or 0640, on disk or in the "
+                   "snap, only as changing), one line for each other change (default: off)")
     now_option(p)
     p = verb("status", cmd_status, "show branch, applied position, pending work and any failure",
              "isconf status\nisconf status --json | jq .pending", codes=(EXIT_FAILED, EXIT_NEWER))
