@@ -9446,6 +9446,8 @@ def cmd_log(args):
         emit(json.dumps([entry.as_json(state=mark, run_by=run_by(event), repaired=repairs.get(entry.id, []))
                          for entry, mark, event in rows], indent=2, sort_keys=True) + "\n")
         return
+    if head is None:  # an empty report would read as an empty journal
+        say("no journal verified on %s yet: run 'isconf up'" % host.root)
     for entry, mark, event in rows:
         show("%-7s %4d %s %s %s" % (mark, entry.seq, entry.id[:12], entry.time, entry.author))
         show("             %s" % entry.summary())
