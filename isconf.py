@@ -7890,6 +7890,18 @@ def read_manifest(host):
     return records
 
 
+def stale_units(host, config):
+    """The units 'install' wrote here (as its record says) that config changes, a boot_wait or the
+    file-share mirrors they wait for: 'install' again rewrites them.  A damaged record: none said."""
+    try:
+        manifest = read_manifest(host)
+    except StateError:
+        return []
+    items = install_items(("systemd", "timer", "sysv", "cron"), int(config.boot_wait), b"", mirror_mounts(config))
+    return [item.path for item in items if item.data is not None and item.path != INSTALL_PATH
+            and item.path in manifest and manifest[item.path] != manifest_record(item)]
+
+
 def cmd_install(args):
     host = Host(args.root, args.config)
     host.check_agent_file()
@@ -9397,8 +9409,12 @@ def cmd_init(args):
                 warn(change)
             host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
         host.write_config(config)
+        stale = stale_units(host, Config(host.config_path, config)) if exists else []
     urls = values["urls"].split()
     say("%s follows branch %s from %s" % (host.root, values["branch"], ", ".join(redact_url(u) for u in urls)))
+    if stale:  # the boot unit's TimeoutStartSec would cut a longer boot_wait short, a new share go unmounted
+        warn("%s still hold the boot_wait and mirrors of the config before: run 'isconf install' again"
+             % ", ".join(os.path.join(host.root, path[1:]) for path in stale))
 
 
 def cmd_up(args):

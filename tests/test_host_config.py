@@ -230,3 +230,22 @@ def test_the_init_a_host_is_told_to_run_works_on_that_host(author, server, keys,
                         "--reset'" % (host.path(CONF), said)), line
     host("init", "--force", "--reset", server.url, "--branch", "web", "--signers", keys.signers, expect="ok")
     host("up", "--dry-run", expect="pending")
+
+
+def test_init_force_changing_what_the_units_hold_says_to_install_again(systemd_root, tmp_path):
+    # The boot unit's TimeoutStartSec is boot_wait + 3600 s, its RequiresMountsFor= the file-share mirrors:
+    # a changed config left them as they were, the boot run killed before its longer wait ended.
+    host = systemd_root
+    host("init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
+    host("install", expect="ok")
+    assert "warning" not in host("init", "--force", "--retries", "5", expect="ok").err
+    units = [host.path("/etc/systemd/system/isconf.service"), host.path("/etc/systemd/system/isconf-update.service")]
+    for change in (["--boot-wait", "7200"], [str(tmp_path / "share")]):
+        warnings = [l for l in host("init", "--force", *change, expect="ok").err.splitlines() if "warning" in l]
+        assert warnings == ["isconf: warning: %s still hold the boot_wait and mirrors of the config before: run "
+                            "'isconf install' again" % ", ".join(units)], warnings
+        host("install", expect="ok")
+        assert "warning" not in host("init", "--force", *change, expect="ok").err
+    with open(units[0]) as f:
+        unit = f.read()
+    assert "TimeoutStartSec=10800\n" in unit and "RequiresMountsFor=%s\n" % (tmp_path / "share") in unit, unit
