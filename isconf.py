@@ -8964,9 +8964,11 @@ def require_at_head(args, repo, branch):
                    % (applied, head.seq if head else 0))
 
 
-def record_authored(args, branch, entries):
+def record_authored(args, repo, branch, entries):
     """On the reference host, record as applied (event 'authored') the new entries that took effect on it
-    at author time: its next 'up' runs none of them again, and its history stays a prefix of the journal."""
+    at author time: its next 'up' runs none of them again, and its history stays a prefix of the journal.
+    Its verified copy of the journal then takes them in, fetched from the repository as from a mirror and
+    checked with its own keys: verify, repair, log and status must not judge the disk by the journal before."""
     host = reference_host(args, branch)
     if host is None or host.config.branch != branch:
         return
@@ -8982,6 +8984,13 @@ def record_authored(args, branch, entries):
             return
         for entry in entries:
             history.record("authored", entry)
+        mirror = Mirror(repo.path)
+        try:
+            Sync(Run(host))._sync_from(mirror, False, branch).commit(host)
+        except (Refused, Unreachable) as e:
+            warn("this host's copy of the journal stays at its last 'up' (%s): its next 'up' fetches the rest" % e)
+        finally:
+            mirror.close()
     say("recorded as applied on this host: seq %d to %d" % (entries[0].seq, entries[-1].seq))
 
 
@@ -9184,7 +9193,7 @@ def cmd_ci(args):
         return
     say("branch %s now at seq %d (%d new), head %s%s" % (
         branch, head.seq, len(entries), head.id[:16], "" if key else " (UNSIGNED)"))
-    record_authored(args, branch, in_effect)
+    record_authored(args, repo, branch, in_effect)
 
 
 def cmd_fork(args):

@@ -414,6 +414,31 @@ def test_the_reference_host_records_what_it_ran_at_author_time_and_never_runs_it
     assert host.status()["state"] == "up-to-date" and host.status()["applied_seq"] == 3
 
 
+def test_the_reference_host_judges_its_disk_by_what_it_just_checked_in(author, keys, server, host, busybox_root):
+    # Before its next 'up' its copy of the journal ended before the new snap: verify called the new file
+    # drift, and 'verify --repair' put the old one back, leaving the reference host unlike its fleet.
+    busybox_root(host.root)
+    author.commit(["--root", source_tree(host.root + ".src", "/etc/motd", "old\n"), "snap", "/etc/motd"])
+    host.init(server.url, keys)
+    host("up", expect="ok")
+    author("--root", host.root, "lock", "-m", "new motd")
+    with open(host.path("/etc/motd"), "w") as f:
+        f.write("new motd\n")
+    author("--root", host.root, "snap", "/etc/motd")
+    author("--root", host.root, "exec", "--no-run", "--", "/bin/touch", "/etc/later")
+    out = author("--root", host.root, "ci", "--sign", keys.private).out
+    assert "recorded as applied on this host: seq 2 to 2" in out, out
+    assert "isconf: no drift in 1 journaled path (applied up to seq 2)" in host("verify", expect="ok").out
+    assert host("verify", "--repair", expect="ok").out.startswith("isconf: 0 repaired")
+    assert open(host.path("/etc/motd")).read() == "new motd\n"
+    log = host("log", expect="ok").out
+    assert log.startswith("pending    3 ") and "\napplied    2 " in log, log
+    report = host.status()
+    assert (report["applied_seq"], report["head_seq"], report["pending"]) == (2, 3, 1), report
+    host("up", expect="ok")
+    assert os.path.exists(host.path("/etc/later")) and host.status()["state"] == "up-to-date"
+
+
 def test_a_host_behind_the_head_cannot_lock(author, keys, server, host, busybox_root):
     busybox_root(host.root)
     host.init(server.url, keys)
