@@ -8199,6 +8199,9 @@ class Repository(object):
 
     @staticmethod
     def create(path):
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise UsageError("%s is not a directory: give the directory to make the repository in (made if missing)"
+                             % path)
         makedirs(path)
         if os.path.lexists(os.path.join(path, REPO_MARKER)):
             raise StateError("%s is already an isconf repository" % path)
