@@ -925,6 +925,14 @@ def read_file(path, limit=None, dir_fd=None):
     return data
 
 
+def denied_advice(error):
+    """What to do about an OSError a user other than root gets on root's files (an admin who forgot
+    sudo): '; run isconf as root ...', else ''."""
+    if error.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0:
+        return "; run isconf as root: a host's config and state are root's"
+    return ""
+
+
 def makedirs(path, mode=0o755):
     try:
         os.makedirs(path, mode)
@@ -4419,7 +4427,7 @@ class Host(object):
             except FileNotFoundError:
                 raise StateError("no config at %s; run 'isconf init URL --branch NAME' first" % self.config_path)
             except OSError as e:
-                raise StateError("cannot read config %s: %s" % (self.config_path, e.strerror))
+                raise StateError("cannot read config %s: %s%s" % (self.config_path, e.strerror, denied_advice(e)))
             self._config = Config(self.config_path, data)
         return self._config
 
@@ -10128,7 +10136,8 @@ def main(argv=None):
         # The last net for a system call no step above expected to fail (a full disk, a
         # read-only root): still one line, and the local-state exit code.
         where = " (%s)" % e.filename if e.filename else ""
-        REPORTER.error("%s%s; check the disk and permissions, then run again" % (e.strerror or e, where), EXIT_STATE)
+        REPORTER.error("%s%s%s" % (e.strerror or e, where, denied_advice(e) or
+                                   "; check the disk and permissions, then run again"), EXIT_STATE)
         return EXIT_STATE
     except KeyboardInterrupt as e:
         # Every record is written whole or not at all: an interrupted transaction runs again next time.

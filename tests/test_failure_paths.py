@@ -247,3 +247,22 @@ def test_a_damaged_local_file_is_a_state_error_never_a_crash(damage_template, tm
         assert os.path.basename(path) in error_line(proc)
     else:
         assert proc.returncode in {0, 7, OTHER_CODES.get((path, verb), 0)}, proc.err
+
+
+@pytest.mark.parametrize("verb", [["up"], ["status"], ["skip", "1", "-m", "x"]])
+def test_a_host_verb_run_without_root_says_to_run_it_as_root(verb, server, keys, host, tmp_path):
+    # An admin who forgot sudo got 'Permission denied (isconf); check the disk and permissions'.
+    host.init(server.url, keys)
+    for parent in (tmp_path, tmp_path.parent, tmp_path.parent.parent):  # pytest makes them 0700
+        os.chmod(str(parent), 0o755)
+    agent = str(tmp_path / "isconf.py")
+    with open(ISCONF, "rb") as f, open(agent, "wb") as out:
+        out.write(f.read())
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I", agent,
+                           "--root", host.root] + verb, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    proc.err = undated(proc.stderr.decode("utf-8", "replace"))
+    assert proc.returncode == 7, proc.err
+    assert error_line(proc).endswith("Permission denied; run isconf as root: a host's config and state are root's") \
+        or error_line(proc).endswith("Permission denied (isconf); run isconf as root: a host's config and state are "
+                                     "root's"), proc.err
