@@ -9021,6 +9021,9 @@ def cmd_init_repo(args):
 def cmd_lock(args):
     required_message(args.message, "lock")
     repo, branch = author_context(args, lock=True)
+    if args.new and repo.exists(branch):  # a name taken by mistake would put this work on another role's hosts
+        raise UsageError("branch %s already exists: 'isconf lock -m WHY' changes it; a new branch needs a name not "
+                         "taken (the branches are %s)" % (branch, ", ".join(repo.branch_names())))
     require_at_head(args, repo, branch)
     repo.lock(branch, args.message, author_signers(args, branch))
     say("locked branch %s%s: %s" % (branch, "" if repo.exists(branch) else " (new)", args.message))
@@ -9997,8 +10000,8 @@ def build_parser(only=None):
              "isconf --branch web-canary lock --new -m 'a canary ring for web'", codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="what you are about to change "
                    "(required)")
-    p.add_argument("--new", action="store_true", help="start a branch that does not exist yet (default: refuse "
-                   "a branch never published, naming those that were)")
+    p.add_argument("--new", action="store_true", help="start a branch that does not exist yet, refusing one that "
+                   "does (default: refuse a branch never published, naming those that were)")
     signers_option(p, "to finish a publication a crash interrupted")
     p = author_verb("exec", cmd_exec, "run a command now (inside --root) and stage it if it exits 0",
              "isconf exec -m 'web server' -- apt-get install -y nginx", codes=(EXIT_FAILED, EXIT_BUSY))

@@ -160,6 +160,17 @@ def test_a_branch_that_does_not_exist_is_refused_naming_those_that_do(author):
     assert os.path.exists(os.path.join(author.repo, "branches", "wbe", "head"))
 
 
+def test_lock_new_of_a_branch_that_exists_is_refused_and_takes_no_lock(author):
+    # 'lock --new' says "a branch of my own": a name already taken would put the work on that branch's hosts.
+    author.commit(["reboot"])
+    line = error_line(author("lock", "--new", "-m", "my new role", expect="usage"))
+    assert line == ("isconf: error: branch web already exists: 'isconf lock -m WHY' changes it; a new branch needs a "
+                    "name not taken (the branches are web)"), line
+    assert not os.path.exists(author.path("..", "..", "authoring", "web", "lock"))
+    author("--branch", "web2", "lock", "--new", "-m", "a new one")
+    author("--branch", "web2", "lock", "--new", "-m", "taken again, still unpublished")
+
+
 def test_branches_lists_seq_signer_and_lock(author, keys):
     author.commit(["reboot"], ["reboot"])
     author("lock", "-m", "the next change")
