@@ -9436,7 +9436,8 @@ def cmd_init(args):
     urls = values["urls"].split()
     say("%s follows branch %s from %s" % (host.root, values["branch"], ", ".join(redact_url(u) for u in urls)))
     if stale:  # the boot unit's TimeoutStartSec would cut a longer boot_wait short, a new share go unmounted
-        warn("%s still hold the boot_wait and mirrors of the config before: run 'isconf install' again"
+        warn("%s differ from what 'isconf install' writes for this config (boot_wait, file-share mirrors): run "
+             "'isconf install' again"
              % ", ".join(os.path.join(host.root, path[1:]) for path in stale))
 
 

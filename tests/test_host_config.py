@@ -242,8 +242,8 @@ def test_init_force_changing_what_the_units_hold_says_to_install_again(systemd_r
     units = [host.path("/etc/systemd/system/isconf.service"), host.path("/etc/systemd/system/isconf-update.service")]
     for change in (["--boot-wait", "7200"], [str(tmp_path / "share")]):
         warnings = [l for l in host("init", "--force", *change, expect="ok").err.splitlines() if "warning" in l]
-        assert warnings == ["isconf: warning: %s still hold the boot_wait and mirrors of the config before: run "
-                            "'isconf install' again" % ", ".join(units)], warnings
+        assert warnings == ["isconf: warning: %s differ from what 'isconf install' writes for this config "
+                            "(boot_wait, file-share mirrors): run 'isconf install' again" % ", ".join(units)], warnings
         host("install", expect="ok")
         assert "warning" not in host("init", "--force", *change, expect="ok").err
     with open(units[0]) as f:
