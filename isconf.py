@@ -4340,6 +4340,8 @@ class Host(object):
     (var/lib/isconf) and the config directory (etc/isconf, or --config's)."""
 
     def __init__(self, root="/", config_path=None):
+        if not root:  # 'isconf --root "$TARGET" up' with TARGET unset: never the current directory
+            raise UsageError("--root (or ISCONF_ROOT) is empty: give the host's root directory, / for this machine")
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):
             raise StateError("root %s is not a directory; mount the target disk there, or create it" % self.root)

@@ -231,6 +231,20 @@ def test_a_host_verb_given_another_branch_is_refused_never_run_on_the_hosts_own(
     assert os.path.exists(host.path("/ran"))
 
 
+@pytest.mark.parametrize("how", ["option", "environment"])
+@pytest.mark.parametrize("verb", [["init", "http://127.0.0.1:1/", "--branch", "web", "--insecure"], ["status"],
+                                  ["up"], ["install"]])
+def test_an_empty_root_is_refused_never_taken_for_the_current_directory(how, verb, tmp_path):
+    # 'isconf --root "$TARGET" init ...' with TARGET unset made a host of whatever directory the shell was in.
+    args = ["--root", ""] if how == "option" else []
+    env = {"PATH": os.environ["PATH"], "ISCONF_ROOT": ""} if how == "environment" else {"PATH": os.environ["PATH"]}
+    proc = subprocess.run([sys.executable, "-I", ISCONF] + args + verb, cwd=str(tmp_path), env=env,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.returncode == 2, proc.stderr
+    assert b"--root (or ISCONF_ROOT) is empty: give the host's root directory, / for this machine" in proc.stderr
+    assert os.listdir(str(tmp_path)) == []
+
+
 GLOBAL_OPTION = re.compile(r"^\s+(-q, )?--(root|config|repo|no-mounts|quiet|debug|branch)\b", re.M)
 HELP_EXIT_CODE = re.compile(r"^ *([0-9]+|128\+N) ([a-z-]+): (.+)$")
 
