@@ -3980,8 +3980,8 @@ CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
               "the agent; a Ctrl-C or SIGTERM without a reboot does not count), instead of starting it again at "
               "every boot (default %d)" % DEFAULT_INTERRUPTED_MAX),
     ConfigKey("metrics", _metrics, None, "PATH",
-              "after every 'up', write a Prometheus text file at PATH inside the root, for node_exporter's "
-              "textfile collector (a .prom file; default: none)"),
+              "after every 'up' and each disable, enable, skip and verify, write a Prometheus text file at PATH "
+              "inside the root, for node_exporter's textfile collector (a .prom file; default: none)"),
 ])
 
 

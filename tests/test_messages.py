@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from conftest import EXIT, ISCONF, KILL_AGENT, Author, error_line, undated
+from conftest import EXIT, ISCONF, KILL_AGENT, Author, error_line, run_isconf, undated
 
 METRICS = "/var/lib/node_exporter/textfile_collector/isconf.prom"
 
@@ -209,6 +209,11 @@ def test_disable_enable_and_skip_rewrite_the_metrics(author, monitored, busybox_
     host("skip", "1", "-m", "not on this host", expect="ok")
     assert metric(host, "isconf_failed_seq") == 0 and metric(host, "isconf_applied_seq") == 1
     assert metric(host, 'isconf_state{state="pending"}') == 1
+
+
+def test_init_help_of_metrics_names_every_verb_that_writes_them():
+    text = " ".join(run_isconf("init", "--help", expect="ok").out.split())
+    assert "--metrics PATH after every 'up' and each disable, enable, skip and verify, write a Prometheus" in text, text
 
 
 def test_a_second_disable_refuses_without_force_and_with_it_keeps_both_reasons(monitored):
