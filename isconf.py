@@ -9691,8 +9691,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, as every other error is."""
 
+    verb = None  # the verb of the command line, for an option argparse finds only at the end (unrecognized)
+
     def error(self, message):
-        raise UsageError("%s (see '%s --help')" % (message, self.prog))
+        prog = self.prog
+        if message.startswith("unrecognized arguments") and self.verb:
+            prog = "%s %s" % (prog, self.verb)  # the verb's options, not isconf's, are what was mistyped
+        raise UsageError("%s (see '%s --help')" % (message, prog))
 
     def _print_message(self, message, file=None):
         # --help and --version: through the one owner of output, like everything else.
@@ -9833,6 +9838,7 @@ def build_parser(only=None):
     parser = Parser(prog="isconf", description=HELP, formatter_class=HelpFormatter,
                     parents=[global_options(suppress=False)],
                     epilog=exit_codes_help([code for code, _, _ in EXIT_CODES]))
+    parser.verb = only
     parser.add_argument("--version", action="version", version="isconf " + __version__)
     parser.add_argument("--self-test", action="store_true", help="check this file can run here (it loads, "
                         "imports every module it uses, verifies a built-in signature, reads --root's state) and "

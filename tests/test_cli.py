@@ -36,7 +36,7 @@ def test_every_verb_has_help(verb):
 
 @pytest.mark.parametrize("args,code,fragment", [
     (["frobnicate"], "usage", "invalid choice"),
-    (["up", "--bogus"], "usage", "unrecognized arguments"),
+    (["up", "--bogus"], "usage", "unrecognized arguments: --bogus (see 'isconf up --help')"),
     (["skip", "notanumber", "-m", "x"], "usage", "invalid int value"),
     (["skip", "1"], "usage", "-m"),
     (["skip", "1", "-m", ""], "usage", "needs a reason"),
@@ -51,7 +51,8 @@ def test_every_verb_has_help(verb):
     (["up", "--now", "yesterday"], "usage", "not a UTC time"),
     (["ci", "--unsigned", "--expires", "soon"], "usage", "duration"),
     (["ci"], "usage", "needs a signing key"),
-    (["sign", "--unsigned"], "usage", "unrecognized arguments"),
+    (["sign", "--unsigned"], "usage", "unrecognized arguments: --unsigned (see 'isconf sign --help')"),
+    (["--bogus", "status"], "usage", "unrecognized arguments: --bogus (see 'isconf --help')"),
 ])
 def test_bad_input_gets_one_line_and_its_exit_code(args, code, fragment, tmp_path):
     # A host root exists with a config, so only the argument itself can be wrong.
