@@ -925,6 +925,14 @@ def read_file(path, limit=None, dir_fd=None):
     return data
 
 
+def denied_advice(error):
+    """What to do about an OSError a user other than root gets on root's files (an admin who forgot
+    sudo): '; run isconf as root ...', else ''."""
+    if error.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0:
+        return "; run isconf as root: a host's config and state are root's"
+    return ""
+
+
 def makedirs(path, mode=0o755):
     try:
         os.makedirs(path, mode)
@@ -1977,6 +1985,10 @@ class Mirror(object):
         if parsed.scheme in ("http", "https") and parsed.hostname:
             self.directory = None
             self.base = url if url.endswith("/") else url + "/"
+        elif parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            # file://srv/isconf names host 'srv' and the directory /isconf: never read as either
+            raise UsageError("mirror %r names a host (%s): a file:// URL is a local directory, three slashes "
+                             "before its path (file:///srv/isconf)" % (redact_url(url), parsed.netloc))
         elif parsed.scheme == "file" and parsed.path.startswith("/"):
             self.directory = urllib.parse.unquote(parsed.path)
         elif parsed.scheme == "" and url.startswith("/"):
@@ -3629,8 +3641,9 @@ class Head(object):
 
     def check_expiry(self, now):
         if self.expires and parse_time(self.expires) < now:
-            raise Refused("head of branch %s expired at %s (it is %s): the mirror may be serving a frozen "
-                          "copy; check the mirror, or if this clock is wrong, pass --now"
+            raise Refused("head of branch %s expired at %s (it is %s): its authors renew it with 'isconf sign "
+                          "--expires DURATION' (or a mirror serves a stale copy: check it); if this clock is wrong, "
+                          "pass --now"
                           % (self.branch, self.expires, format_time(now)))
 
 
@@ -3921,7 +3934,7 @@ def _urls(text, what):
     urls = text.split()
     for url in urls:
         try:
-            check_no_credentials(url)
+            Mirror(url)  # a mirror up could not use is a typo found when the config is read, with its line
         except UsageError as e:
             raise ValueError(str(e))
     return urls
@@ -3967,8 +3980,8 @@ CONFIG_KEYS = collections.OrderedDict((key.name, key) for key in [
               "the agent; a Ctrl-C or SIGTERM without a reboot does not count), instead of starting it again at "
               "every boot (default %d)" % DEFAULT_INTERRUPTED_MAX),
     ConfigKey("metrics", _metrics, None, "PATH",
-              "after every 'up', write a Prometheus text file at PATH inside the root, for node_exporter's "
-              "textfile collector (a .prom file; default: none)"),
+              "after every 'up' and each disable, enable, skip and verify, write a Prometheus text file at PATH "
+              "inside the root, for node_exporter's textfile collector (a .prom file; default: none)"),
 ])
 
 
@@ -4015,7 +4028,7 @@ class Config(object):
                 raise self.damaged(number, "unknown section [%s]; %s" % (name, nearest(name, self.SECTIONS,
                                                                                         "[%s]")))
         if not parser.has_section("isconf"):
-            raise StateError("config %s has no [isconf] section; rerun 'isconf init'" % path)
+            raise self.damaged(None, "no [isconf] section")
         section = parser["isconf"]
         self.texts = collections.OrderedDict()
         for name in section:
@@ -4031,7 +4044,7 @@ class Config(object):
             if given is not None:
                 self.texts[key.name] = given
         if not self.branch or not self.urls:
-            raise StateError("config %s needs a valid branch and at least one URL; rerun 'isconf init'" % path)
+            raise self.damaged(None, "no %s in [isconf]" % ("branch" if not self.branch else "mirror (urls)"))
         self.reboot_argv = parse_command(self.reboot_command)
         self.env = dict(parser["env"]) if parser.has_section("env") else {}
         for name, value in self.env.items():
@@ -4332,6 +4345,8 @@ class Host(object):
     (var/lib/isconf) and the config directory (etc/isconf, or --config's)."""
 
     def __init__(self, root="/", config_path=None):
+        if not root:  # 'isconf --root "$TARGET" up' with TARGET unset: never the current directory
+            raise UsageError("--root (or ISCONF_ROOT) is empty: give the host's root directory, / for this machine")
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):
             raise StateError("root %s is not a directory; mount the target disk there, or create it" % self.root)
@@ -4419,7 +4434,7 @@ class Host(object):
             except FileNotFoundError:
                 raise StateError("no config at %s; run 'isconf init URL --branch NAME' first" % self.config_path)
             except OSError as e:
-                raise StateError("cannot read config %s: %s" % (self.config_path, e.strerror))
+                raise StateError("cannot read config %s: %s%s" % (self.config_path, e.strerror, denied_advice(e)))
             self._config = Config(self.config_path, data)
         return self._config
 
@@ -4786,14 +4801,14 @@ def declare_baseline(host, seq):
     host.state.write("baseline", b"%d\n" % seq)
 
 
-def load_signers(path, read=None):
-    """The keys a host trusts; a missing, damaged or empty file is a local problem.
-    read, if given, returns the file's bytes (the host's own file, read confined)."""
+def load_signers(path, read=None, missing="run 'isconf init --force --signers FILE' (or --insecure)"):
+    """The keys a host trusts; a missing, damaged or empty file is a local problem, missing the advice
+    for a file that is not there.  read, if given, returns the file's bytes (the host's own file, read confined)."""
     try:
         text = (read() if read else read_file(path, SIGNERS_MAX)).decode("utf-8")
         signers = parse_allowed_signers(text, path)
     except FileNotFoundError:
-        raise StateError("no trusted keys at %s; run 'isconf init --signers FILE' (or --insecure)" % path)
+        raise StateError("no trusted keys at %s; %s" % (path, missing))
     except (OSError, UnicodeDecodeError) as e:
         raise StateError("cannot read trusted keys %s: %s" % (path, e))
     except Refused as e:
@@ -5945,7 +5960,7 @@ class Sync(object):
         self.staged_bytes = 0  # the sizes of the objects this run fetched and staged (the run's record)
         if self.config.insecure:
             warn("insecure mode: heads are not signature-checked; anyone on the network "
-                 "can run commands as root here. Run 'isconf init --signers FILE' to fix.")
+                 "can run commands as root here. Run 'isconf init --force --signers FILE' to fix.")
         else:
             self.signers = load_signers(self.host.signers_path, self.host.read_signers)
 
@@ -7135,7 +7150,7 @@ def status_text(report, interrupted_max, advice=None):
                                                   "%d of %d journaled paths drifted: run 'isconf verify --repair'"
                                                   % (verified["drift_paths"], verified["paths"])
                                                   if verified["drift_paths"] else
-                                                  "no drift in %d journaled paths" % verified["paths"]))
+                                                  "no drift in %s" % plural(verified["paths"], "journaled path")))
     for item in report.get("repaired", []):
         lines.append("repaired:     %s by %s: %s from seq %d" % (item["time"], item["who"], repaired_text(item),
                                                                  item["seq"]))
@@ -7924,6 +7939,18 @@ def read_manifest(host):
     return records
 
 
+def stale_units(host, config):
+    """The units 'install' wrote here (as its record says) that config changes, a boot_wait or the
+    file-share mirrors they wait for: 'install' again rewrites them.  A damaged record: none said."""
+    try:
+        manifest = read_manifest(host)
+    except StateError:
+        return []
+    items = install_items(("systemd", "timer", "sysv", "cron"), int(config.boot_wait), b"", mirror_mounts(config))
+    return [item.path for item in items if item.data is not None and item.path != INSTALL_PATH
+            and item.path in manifest and manifest[item.path] != manifest_record(item)]
+
+
 def cmd_install(args):
     host = Host(args.root, args.config)
     host.check_agent_file()
@@ -7945,7 +7972,7 @@ def cmd_install(args):
         if host.state.stat("installed") is None or host.state.read("installed", RECORD_MAX) != data:
             host.state.write("installed", data, 0o600)
     say("installed %s (%s) in %s: %s" % (INSTALL_PATH, ", ".join(kinds), host.root,
-                                         "%d file(s) written" % changed if changed else "nothing changed"))
+                                         plural(changed, "file") + " written" if changed else "nothing changed"))
 
 
 def cmd_uninstall(args):
@@ -7976,7 +8003,7 @@ def cmd_uninstall(args):
             host.state.write("installed", canonical({"installed": kept}), 0o600)
         elif manifest:
             host.state.unlink("installed")
-    say("uninstalled from %s%s" % (host.root, " (%d changed file(s) kept)" % len(kept) if kept else ""))
+    say("uninstalled from %s%s" % (host.root, " (%s kept)" % plural(len(kept), "changed file") if kept else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -8221,6 +8248,9 @@ class Repository(object):
 
     @staticmethod
     def create(path):
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise UsageError("%s is not a directory: give the directory to make the repository in (made if missing)"
+                             % path)
         makedirs(path)
         if os.path.lexists(os.path.join(path, REPO_MARKER)):
             raise StateError("%s is already an isconf repository" % path)
@@ -8892,6 +8922,19 @@ def serve(directory, bind, port):
 # ---------------------------------------------------------------------------
 
 
+# Verbs of the host's own, which follow the branch its config names: a --branch naming another is refused.
+HOST_BRANCH_VERBS = ("up", "status", "log", "verify", "skip", "disable", "enable", "install", "uninstall")
+
+
+def check_host_branch(args):
+    """--branch given to a verb of HOST_BRANCH_VERBS: the branch the host follows, or a usage error (an
+    admin's 'isconf --branch web-canary up' must not quietly apply web)."""
+    host = Host(args.root, args.config)
+    if os.path.exists(host.config_path) and host.config.branch != args.branch:
+        raise UsageError("this host follows branch %s, not %s: --branch is for init and author verbs; to follow "
+                         "%s, 'isconf migrate %s'" % (host.config.branch, args.branch, args.branch, args.branch))
+
+
 def author_branch(args):
     """--branch, else ISCONF_BRANCH, else the branch this host follows."""
     if args.branch or os.environ.get("ISCONF_BRANCH"):
@@ -8936,7 +8979,7 @@ def author_signers(args, branch):
     path = getattr(args, "signers", None) or os.environ.get("ISCONF_SIGNERS")
     if path:
         try:
-            return load_signers(path)
+            return load_signers(path, missing="give the allowed_signers file of the branch's hosts")
         except StateError as e:
             raise UsageError("--signers: %s" % e)
     host = Host(args.root, args.config)
@@ -8973,9 +9016,11 @@ def require_at_head(args, repo, branch):
                    % (applied, head.seq if head else 0))
 
 
-def record_authored(args, branch, entries):
+def record_authored(args, repo, branch, entries):
     """On the reference host, record as applied (event 'authored') the new entries that took effect on it
-    at author time: its next 'up' runs none of them again, and its history stays a prefix of the journal."""
+    at author time: its next 'up' runs none of them again, and its history stays a prefix of the journal.
+    Its verified copy of the journal then takes them in, fetched from the repository as from a mirror and
+    checked with its own keys: verify, repair, log and status must not judge the disk by the journal before."""
     host = reference_host(args, branch)
     if host is None or host.config.branch != branch:
         return
@@ -8991,6 +9036,13 @@ def record_authored(args, branch, entries):
             return
         for entry in entries:
             history.record("authored", entry)
+        mirror = Mirror(repo.path)
+        try:
+            Sync(Run(host))._sync_from(mirror, False, branch).commit(host)
+        except (Refused, Unreachable) as e:
+            warn("this host's copy of the journal stays at its last 'up' (%s): its next 'up' fetches the rest" % e)
+        finally:
+            mirror.close()
     say("recorded as applied on this host: seq %d to %d" % (entries[0].seq, entries[-1].seq))
 
 
@@ -9010,6 +9062,9 @@ def cmd_init_repo(args):
 def cmd_lock(args):
     required_message(args.message, "lock")
     repo, branch = author_context(args, lock=True)
+    if args.new and repo.exists(branch):  # a name taken by mistake would put this work on another role's hosts
+        raise UsageError("branch %s already exists: 'isconf lock -m WHY' changes it; a new branch needs a name not "
+                         "taken (the branches are %s)" % (branch, ", ".join(repo.branch_names())))
     require_at_head(args, repo, branch)
     repo.lock(branch, args.message, author_signers(args, branch))
     say("locked branch %s%s: %s" % (branch, "" if repo.exists(branch) else " (new)", args.message))
@@ -9193,7 +9248,7 @@ def cmd_ci(args):
         return
     say("branch %s now at seq %d (%d new), head %s%s" % (
         branch, head.seq, len(entries), head.id[:16], "" if key else " (UNSIGNED)"))
-    record_authored(args, branch, in_effect)
+    record_authored(args, repo, branch, in_effect)
 
 
 def cmd_fork(args):
@@ -9418,8 +9473,13 @@ def cmd_init(args):
                 warn(change)
             host.etc(create=True).write(posixpath.basename(SIGNERS_PATH), text, 0o644)
         host.write_config(config)
+        stale = stale_units(host, Config(host.config_path, config)) if exists else []
     urls = values["urls"].split()
     say("%s follows branch %s from %s" % (host.root, values["branch"], ", ".join(redact_url(u) for u in urls)))
+    if stale:  # the boot unit's TimeoutStartSec would cut a longer boot_wait short, a new share go unmounted
+        warn("%s differ from what 'isconf install' writes for this config (boot_wait, file-share mirrors): run "
+             "'isconf install' again"
+             % ", ".join(os.path.join(host.root, path[1:]) for path in stale))
 
 
 def cmd_up(args):
@@ -9467,6 +9527,8 @@ def cmd_log(args):
         emit(json.dumps([entry.as_json(state=mark, run_by=run_by(event), repaired=repairs.get(entry.id, []))
                          for entry, mark, event in rows], indent=2, sort_keys=True) + "\n")
         return
+    if head is None:  # an empty report would read as an empty journal
+        say("no journal verified on %s yet: run 'isconf up'" % host.root)
     for entry, mark, event in rows:
         show("%-7s %4d %s %s %s" % (mark, entry.seq, entry.id[:12], entry.time, entry.author))
         show("             %s" % entry.summary())
@@ -9497,9 +9559,9 @@ def verify_repair(args, host):
     for drift in remaining:
         show("drift: %s: %s" % (drift["path"], drift_text(drift["what"], drift["expected"], drift["found"])))
     left = len(set(d["path"] for d in repair.still))
-    show("isconf: %d repaired, %d not repaired; %s in %d journaled paths (applied up to seq %d)"
-         % (len(repair.repaired), len(repair.left), "%d drifted" % left if left else "no drift", len(repair.files),
-            repair.applied_seq))
+    show("isconf: %d repaired, %d not repaired; %s in %s (applied up to seq %d)"
+         % (len(repair.repaired), len(repair.left), "%d drifted" % left if left else "no drift",
+            plural(len(repair.files), "journaled path"), repair.applied_seq))
     return EXIT_DRIFT if repair.left or remaining else EXIT_OK
 
 
@@ -9525,8 +9587,8 @@ def cmd_verify(args):
     else:
         for drift in drifts:
             show("drift: %s: %s" % (drift["path"], drift_text(drift["what"], drift["expected"], drift["found"])))
-        show("isconf: %s in %d journaled paths (applied up to seq %d)"
-             % (plural(len(drifts), "drift") if drifts else "no drift", len(files),
+        show("isconf: %s in %s (applied up to seq %d)"
+             % (plural(len(drifts), "drift") if drifts else "no drift", plural(len(files), "journaled path"),
                 applied_seq))
         if drifts:
             show("isconf: 'isconf verify --repair [PATH...]' puts them back as the journal last made them")
@@ -9669,8 +9731,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, as every other error is."""
 
+    verb = None  # the verb of the command line, for an option argparse finds only at the end (unrecognized)
+
     def error(self, message):
-        raise UsageError("%s (see '%s --help')" % (message, self.prog))
+        prog = self.prog
+        if message.startswith("unrecognized arguments") and self.verb:
+            prog = "%s %s" % (prog, self.verb)  # the verb's options, not isconf's, are what was mistyped
+        raise UsageError("%s (see '%s --help')" % (message, prog))
 
     def _print_message(self, message, file=None):
         # --help and --version: through the one owner of output, like everything else.
@@ -9811,6 +9878,7 @@ def build_parser(only=None):
     parser = Parser(prog="isconf", description=HELP, formatter_class=HelpFormatter,
                     parents=[global_options(suppress=False)],
                     epilog=exit_codes_help([code for code, _, _ in EXIT_CODES]))
+    parser.verb = only
     parser.add_argument("--version", action="version", version="isconf " + __version__)
     parser.add_argument("--self-test", action="store_true", help="check this file can run here (it loads, "
                         "imports every module it uses, verifies a built-in signature, reads --root's state) and "
@@ -9913,8 +9981,8 @@ def build_parser(only=None):
                    % EXIT_PENDING)
     p.add_argument("--json", action="store_true", help="with --dry-run, print the plan as JSON (default: text)")
     p.add_argument("--diff", action="store_true", help="with --dry-run, show what each snap would change on the "
-                   "disk: a diff of each text file (a file of mode 0600 or tighter only as changing), one line "
-                   "for each other change (default: off)")
+                   "disk: a diff of each text file (a file others may not read, as 0600 or 0640, on disk or in the "
+                   "snap, only as changing), one line for each other change (default: off)")
     now_option(p)
     p = verb("status", cmd_status, "show branch, applied position, pending work and any failure",
              "isconf status\nisconf status --json | jq .pending", codes=(EXIT_FAILED, EXIT_NEWER))
@@ -9981,8 +10049,8 @@ def build_parser(only=None):
              "isconf --branch web-canary lock --new -m 'a canary ring for web'", codes=(EXIT_REFUSED, EXIT_BUSY))
     p.add_argument("-m", dest="message", required=True, metavar="WHY", help="what you are about to change "
                    "(required)")
-    p.add_argument("--new", action="store_true", help="start a branch that does not exist yet (default: refuse "
-                   "a branch never published, naming those that were)")
+    p.add_argument("--new", action="store_true", help="start a branch that does not exist yet, refusing one that "
+                   "does (default: refuse a branch never published, naming those that were)")
     signers_option(p, "to finish a publication a crash interrupted")
     p = author_verb("exec", cmd_exec, "run a command now (inside --root) and stage it if it exits 0",
              "isconf exec -m 'web server' -- apt-get install -y nginx", codes=(EXIT_FAILED, EXIT_BUSY))
@@ -10104,6 +10172,8 @@ def main(argv=None):
         if not getattr(args, "func", None):
             emit(parser.format_help())
             return EXIT_USAGE
+        if args.branch and args.verb in HOST_BRANCH_VERBS:
+            check_host_branch(args)
         if args.verb not in LIGHT_VERBS:
             import_late()
         code = args.func(args)
@@ -10118,7 +10188,8 @@ def main(argv=None):
         # The last net for a system call no step above expected to fail (a full disk, a
         # read-only root): still one line, and the local-state exit code.
         where = " (%s)" % e.filename if e.filename else ""
-        REPORTER.error("%s%s; check the disk and permissions, then run again" % (e.strerror or e, where), EXIT_STATE)
+        REPORTER.error("%s%s%s" % (e.strerror or e, where, denied_advice(e) or
+                                   "; check the disk and permissions, then run again"), EXIT_STATE)
         return EXIT_STATE
     except KeyboardInterrupt as e:
         # Every record is written whole or not at all: an interrupted transaction runs again next time.

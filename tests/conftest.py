@@ -142,6 +142,19 @@ def run_isconf(*args, python=None, env=None, expect=None, timeout=120, input=Non
     return proc
 
 
+def agent_for_nobody(tmp_path):
+    """A copy of the agent that uid 65534 can run, in tmp_path, every directory pytest made on the way (0700)
+    opened to all: the checkout may sit where only root can read (mktemp -d)."""
+    for directory in [tmp_path] + list(tmp_path.parents):
+        if str(directory) in (tempfile.gettempdir(), "/"):
+            break
+        os.chmod(str(directory), 0o755)
+    agent = str(tmp_path / "isconf.py")
+    shutil.copy(ISCONF, agent)
+    os.chmod(agent, 0o755)
+    return agent
+
+
 def error_line(proc):
     """The one 'isconf: error:' line of a failed run (and check there is exactly one)."""
     lines = [l for l in proc.err.splitlines() if l.startswith("isconf: error:")]

@@ -164,5 +164,14 @@ def test_fork_copies_the_journal_under_a_new_signed_head(author, keys):
     assert "already exists" in error_line(author("fork", "canary", "--sign", keys.private, expect="usage"))
 
 
+def test_init_repo_of_a_file_says_it_is_not_a_directory(author, tmp_path):
+    path = tmp_path / "repo.tar"
+    path.write_bytes(b"x")
+    line = error_line(author("init-repo", str(path), expect="usage"))
+    assert line == ("isconf: error: %s is not a directory: give the directory to make the repository in (made if "
+                    "missing)" % path), line
+    assert path.read_bytes() == b"x"
+
+
 def test_init_repo_refuses_an_existing_repository(author):
     assert "already an isconf repository" in error_line(author("init-repo", author.repo, expect="state"))

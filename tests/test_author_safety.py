@@ -3,17 +3,15 @@
 import http.client
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 
 import pytest
 
-from conftest import AUTHOR_STATE, ISCONF, Author, Server, error_line, run_isconf, source_tree
+from conftest import AUTHOR_STATE, ISCONF, Author, Server, agent_for_nobody, error_line, run_isconf, source_tree
 
 
 def test_ci_without_a_key_is_refused_and_publishes_nothing(author):
@@ -231,13 +229,7 @@ def test_an_author_who_cannot_read_the_host_config_runs_exec_without_its_env(aut
     root = tmp_path / "root"
     root.mkdir()
     run_isconf("--root", str(root), "init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
-    for directory in [tmp_path] + list(tmp_path.parents):  # pytest makes its own 0700
-        if str(directory) in (tempfile.gettempdir(), "/"):
-            break
-        os.chmod(str(directory), 0o755)
-    agent = str(tmp_path / "isconf.py")   # the checkout may sit in a directory only root can read (mktemp -d)
-    shutil.copy(ISCONF, agent)
-    os.chmod(agent, 0o755)
+    agent = agent_for_nobody(tmp_path)
     os.chmod(author.repo, 0o777)
     for top, dirs, files in os.walk(author.repo):
         for name in dirs + files:

@@ -160,6 +160,17 @@ def test_a_branch_that_does_not_exist_is_refused_naming_those_that_do(author):
     assert os.path.exists(os.path.join(author.repo, "branches", "wbe", "head"))
 
 
+def test_lock_new_of_a_branch_that_exists_is_refused_and_takes_no_lock(author):
+    # 'lock --new' says "a branch of my own": a name already taken would put the work on that branch's hosts.
+    author.commit(["reboot"])
+    line = error_line(author("lock", "--new", "-m", "my new role", expect="usage"))
+    assert line == ("isconf: error: branch web already exists: 'isconf lock -m WHY' changes it; a new branch needs a "
+                    "name not taken (the branches are web)"), line
+    assert not os.path.exists(author.path("..", "..", "authoring", "web", "lock"))
+    author("--branch", "web2", "lock", "--new", "-m", "a new one")
+    author("--branch", "web2", "lock", "--new", "-m", "taken again, still unpublished")
+
+
 def test_branches_lists_seq_signer_and_lock(author, keys):
     author.commit(["reboot"], ["reboot"])
     author("lock", "-m", "the next change")
@@ -414,6 +425,31 @@ def test_the_reference_host_records_what_it_ran_at_author_time_and_never_runs_it
     assert host.status()["state"] == "up-to-date" and host.status()["applied_seq"] == 3
 
 
+def test_the_reference_host_judges_its_disk_by_what_it_just_checked_in(author, keys, server, host, busybox_root):
+    # Before its next 'up' its copy of the journal ended before the new snap: verify called the new file
+    # drift, and 'verify --repair' put the old one back, leaving the reference host unlike its fleet.
+    busybox_root(host.root)
+    author.commit(["--root", source_tree(host.root + ".src", "/etc/motd", "old\n"), "snap", "/etc/motd"])
+    host.init(server.url, keys)
+    host("up", expect="ok")
+    author("--root", host.root, "lock", "-m", "new motd")
+    with open(host.path("/etc/motd"), "w") as f:
+        f.write("new motd\n")
+    author("--root", host.root, "snap", "/etc/motd")
+    author("--root", host.root, "exec", "--no-run", "--", "/bin/touch", "/etc/later")
+    out = author("--root", host.root, "ci", "--sign", keys.private).out
+    assert "recorded as applied on this host: seq 2 to 2" in out, out
+    assert "isconf: no drift in 1 journaled path (applied up to seq 2)" in host("verify", expect="ok").out
+    assert host("verify", "--repair", expect="ok").out.startswith("isconf: 0 repaired")
+    assert open(host.path("/etc/motd")).read() == "new motd\n"
+    log = host("log", expect="ok").out
+    assert log.startswith("pending    3 ") and "\napplied    2 " in log, log
+    report = host.status()
+    assert (report["applied_seq"], report["head_seq"], report["pending"]) == (2, 3, 1), report
+    host("up", expect="ok")
+    assert os.path.exists(host.path("/etc/later")) and host.status()["state"] == "up-to-date"
+
+
 def test_a_host_behind_the_head_cannot_lock(author, keys, server, host, busybox_root):
     busybox_root(host.root)
     host.init(server.url, keys)
@@ -447,3 +483,14 @@ def test_an_unsigned_branch_takes_unsigned_check_ins_for_insecure_hosts(tmp_path
     unsigned.commit(["reboot"])
     unsigned("fork", "canary", "--unsigned")
     assert json.loads(open(unsigned.path("head")).read())["seq"] == 2
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_signers_file_that_is_not_there_asks_the_author_for_the_hosts_keys_not_for_init(how, author, keys, tmp_path):
+    # 'isconf init' is a host's verb: an author who mistyped --signers is told what file to give.
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    missing = str(tmp_path / "allowed_signrs")
+    args, env = (["--signers", missing], {}) if how == "option" else ([], {"ISCONF_SIGNERS": missing})
+    line = error_line(author("sign", "--sign", keys.private, *args, env=env, expect="usage"))
+    assert line == ("isconf: error: --signers: no trusted keys at %s; give the allowed_signers file of the "
+                    "branch's hosts" % missing), line

@@ -36,7 +36,7 @@ def test_every_verb_has_help(verb):
 
 @pytest.mark.parametrize("args,code,fragment", [
     (["frobnicate"], "usage", "invalid choice"),
-    (["up", "--bogus"], "usage", "unrecognized arguments"),
+    (["up", "--bogus"], "usage", "unrecognized arguments: --bogus (see 'isconf up --help')"),
     (["skip", "notanumber", "-m", "x"], "usage", "invalid int value"),
     (["skip", "1"], "usage", "-m"),
     (["skip", "1", "-m", ""], "usage", "needs a reason"),
@@ -51,7 +51,8 @@ def test_every_verb_has_help(verb):
     (["up", "--now", "yesterday"], "usage", "not a UTC time"),
     (["ci", "--unsigned", "--expires", "soon"], "usage", "duration"),
     (["ci"], "usage", "needs a signing key"),
-    (["sign", "--unsigned"], "usage", "unrecognized arguments"),
+    (["sign", "--unsigned"], "usage", "unrecognized arguments: --unsigned (see 'isconf sign --help')"),
+    (["--bogus", "status"], "usage", "unrecognized arguments: --bogus (see 'isconf --help')"),
 ])
 def test_bad_input_gets_one_line_and_its_exit_code(args, code, fragment, tmp_path):
     # A host root exists with a config, so only the argument itself can be wrong.
@@ -207,13 +208,42 @@ def test_every_verbs_help_ends_with_an_example(isconf):
 @pytest.mark.parametrize("shape", ["--root R status --json", "--root=R status --json", "status --root R --json",
                                    "--debug --root R status --json", "-q --root R status --json",
                                    "--ro R status --json", "status --json --root R --no-mounts --debug -q",
-                                   "status --repo /nonexistent --branch other --root=R --json"])
+                                   "status --repo /nonexistent --branch web --root=R --json"])
 def test_global_options_before_or_after_the_verb_however_spelled(shape, server, keys, host):
     # Only the named verb's parser is built; an option argparse could read otherwise builds them all.
     host.init(server.url, keys)
     proc = run_isconf(*[host.root if a == "R" else a.replace("=R", "=" + host.root) for a in shape.split()],
                       expect="ok")
     assert '"applied_seq": 0' in proc.out
+
+
+@pytest.mark.parametrize("verb", [["up"], ["up", "--dry-run"], ["status"], ["log"], ["verify"], ["disable", "-m", "x"],
+                                  ["install"]])
+def test_a_host_verb_given_another_branch_is_refused_never_run_on_the_hosts_own(verb, author, server, keys, host,
+                                                                                 busybox_root):
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/touch", "/ran"])
+    host.init(server.url, keys)
+    said = error_line(host("--branch", "web-canary", *verb, expect="usage"))
+    assert "this host follows branch web, not web-canary" in said and "'isconf migrate web-canary'" in said, said
+    assert not os.path.exists(host.path("/ran")) and not os.path.exists(host.state("disabled"))
+    assert not os.path.exists(host.state("last-run"))
+    host("--branch", "web", "up", expect="ok")  # its own branch, named: no error
+    assert os.path.exists(host.path("/ran"))
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+@pytest.mark.parametrize("verb", [["init", "http://127.0.0.1:1/", "--branch", "web", "--insecure"], ["status"],
+                                  ["up"], ["install"]])
+def test_an_empty_root_is_refused_never_taken_for_the_current_directory(how, verb, tmp_path):
+    # 'isconf --root "$TARGET" init ...' with TARGET unset made a host of whatever directory the shell was in.
+    args = ["--root", ""] if how == "option" else []
+    env = {"PATH": os.environ["PATH"], "ISCONF_ROOT": ""} if how == "environment" else {"PATH": os.environ["PATH"]}
+    proc = subprocess.run([sys.executable, "-I", ISCONF] + args + verb, cwd=str(tmp_path), env=env,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.returncode == 2, proc.stderr
+    assert b"--root (or ISCONF_ROOT) is empty: give the host's root directory, / for this machine" in proc.stderr
+    assert os.listdir(str(tmp_path)) == []
 
 
 GLOBAL_OPTION = re.compile(r"^\s+(-q, )?--(root|config|repo|no-mounts|quiet|debug|branch)\b", re.M)

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import KILL_AGENT, Author, error_line, replace_file
+from conftest import KILL_AGENT, Author, error_line, replace_file, run_isconf
 
 SECRET_OLD = b"db_password=old-Vq8xZ3\n"
 SECRET_NEW = b"db_password=new-Kp4wT9\n"
@@ -342,3 +342,10 @@ def test_a_fetched_object_that_does_not_match_the_journal_is_refused_and_not_sho
         f.write(b"swapped by a mirror\n"[:17])  # the same size, other bytes
     proc = host("up", "--dry-run", "--diff", expect="refused")
     assert "does not match the signed journal" in error_line(proc) and "swapped" not in proc.out
+
+
+def test_the_help_of_diff_says_every_mode_it_keeps_out(isconf):
+    # A group-readable key (0640) is kept out as a 0600 one is: the help must not promise less.
+    text = " ".join(run_isconf("up", "--help", expect="ok").out.split())
+    assert "a file others may not read, as 0600 or 0640, on disk or in the snap, only as changing" in text, text
+    assert isconf.private_mode(0o640) and isconf.private_mode(0o600) and not isconf.private_mode(0o644)

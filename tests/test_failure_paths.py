@@ -6,10 +6,12 @@ import json
 import os
 import resource
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from conftest import append_unknown_entry, error_line
+from conftest import agent_for_nobody, append_unknown_entry, error_line, undated
 
 CONTENT = b"#!/bin/sh\necho set-uid\n"
 
@@ -280,3 +282,18 @@ def test_a_damaged_local_file_is_a_state_error_never_a_crash(damage_template, tm
         assert os.path.basename(path) in error_line(proc)
     else:
         assert proc.returncode in {0, 7, OTHER_CODES.get((path, verb), 0)}, proc.err
+
+
+@pytest.mark.parametrize("verb", [["up"], ["status"], ["skip", "1", "-m", "x"]])
+def test_a_host_verb_run_without_root_says_to_run_it_as_root(verb, server, keys, host, tmp_path):
+    # An admin who forgot sudo got 'Permission denied (isconf); check the disk and permissions'.
+    host.init(server.url, keys)
+    agent = agent_for_nobody(tmp_path)
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I", agent,
+                           "--root", host.root] + verb, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    proc.err = undated(proc.stderr.decode("utf-8", "replace"))
+    assert proc.returncode == 7, proc.err
+    assert error_line(proc).endswith("Permission denied; run isconf as root: a host's config and state are root's") \
+        or error_line(proc).endswith("Permission denied (isconf); run isconf as root: a host's config and state are "
+                                     "root's"), proc.err

@@ -1,6 +1,7 @@
 """The host config: init --force keeps what it is not told, and a config that does not read is refused by line."""
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -152,6 +153,9 @@ TYPOS = [
     (BASE % "" + "2SITE = x\n", "line 8: variable '2SITE' must have a shell-style name"),
     (BASE % "" + "ISCONF_SEQ = 1\n", "line 8: variable 'ISCONF_SEQ' must have a shell-style name, not ISCONF_*"),
     ("just words", "line 5: not KEY = VALUE, a [section] nor a comment"),
+    (BASE.replace("http://127.0.0.1:1/", "http://127.0.0.1:1/\n    ftp://127.0.0.1/isconf/") % "",
+     "line 3: mirror 'ftp://127.0.0.1/isconf/' is not an http://, https:// or file:// URL or an absolute directory"),
+    (BASE.replace("http://127.0.0.1:1/", "srv/isconf") % "", "line 3: mirror 'srv/isconf' is not an http://"),
 ]
 
 
@@ -202,3 +206,46 @@ def test_init_force_keeps_a_variable_on_several_lines_and_a_byte_order_mark_is_n
     kept = config(host)
     assert (kept.env["MOTD"], kept.timeout) == ("first line\nsecond line", 20.0)
     host("status", expect="ok")   # what init --force wrote reads back
+
+
+def test_the_init_a_host_is_told_to_run_works_on_that_host(author, server, keys, host):
+    # A host that has a config is told 'init --force ...': a plain 'init' there refuses, config exists.
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host("init", server.url, "--branch", "web", "--insecure", expect="ok")
+    warning = [l for l in host("up", "--dry-run", expect="pending").err.splitlines() if "insecure mode" in l][0]
+    assert "Run 'isconf init --force --signers FILE' to fix." in warning, warning
+    host("init", "--force", "--signers", keys.signers, expect="ok")
+    os.unlink(host.path(SIGNERS))
+    line = error_line(host("up", expect="state"))
+    assert line.endswith("no trusted keys at %s; run 'isconf init --force --signers FILE' (or --insecure)"
+                         % host.path(SIGNERS)), line
+    host("init", "--force", "--signers", keys.signers, expect="ok")
+    for text, said in [("[isconf]\nbranch = web\n", "no mirror (urls) in [isconf]"),
+                       ("[isconf]\nurls = %s\n" % server.url, "no branch in [isconf]"),
+                       ("[env]\nA = 1\n", "no [isconf] section")]:
+        with open(host.path(CONF), "w") as f:
+            f.write(text)
+        line = error_line(host("status", expect="state"))
+        assert line == ("isconf: error: config %s: %s; fix the file, or write it anew with 'isconf init --force "
+                        "--reset'" % (host.path(CONF), said)), line
+    host("init", "--force", "--reset", server.url, "--branch", "web", "--signers", keys.signers, expect="ok")
+    host("up", "--dry-run", expect="pending")
+
+
+def test_init_force_changing_what_the_units_hold_says_to_install_again(systemd_root, tmp_path):
+    # The boot unit's TimeoutStartSec is boot_wait + 3600 s, its RequiresMountsFor= the file-share mirrors:
+    # a changed config left them as they were, the boot run killed before its longer wait ended.
+    host = systemd_root
+    host("init", "http://127.0.0.1:1/", "--branch", "web", "--insecure", expect="ok")
+    host("install", expect="ok")
+    assert "warning" not in host("init", "--force", "--retries", "5", expect="ok").err
+    units = [host.path("/etc/systemd/system/isconf.service"), host.path("/etc/systemd/system/isconf-update.service")]
+    for change in (["--boot-wait", "7200"], [str(tmp_path / "share")]):
+        warnings = [l for l in host("init", "--force", *change, expect="ok").err.splitlines() if "warning" in l]
+        assert warnings == ["isconf: warning: %s differ from what 'isconf install' writes for this config "
+                            "(boot_wait, file-share mirrors): run 'isconf install' again" % ", ".join(units)], warnings
+        host("install", expect="ok")
+        assert "warning" not in host("init", "--force", *change, expect="ok").err
+    with open(units[0]) as f:
+        unit = f.read()
+    assert "TimeoutStartSec=10800\n" in unit and "RequiresMountsFor=%s\n" % (tmp_path / "share") in unit, unit

@@ -20,7 +20,8 @@ import urllib.request
 
 import pytest
 
-from conftest import EXIT, ISCONF, KILL_AGENT, METRICS, Author, error_line, metric, undated
+from conftest import EXIT, ISCONF, KILL_AGENT, METRICS, Author, error_line, metric, run_isconf, undated
+
 
 # --- item 5: the advice at a reboot entry depends on the root -----------------------------------
 
@@ -188,6 +189,11 @@ def test_disable_enable_and_skip_rewrite_the_metrics(author, monitored, busybox_
     host("skip", "1", "-m", "not on this host", expect="ok")
     assert metric(host, "isconf_failed_seq") == 0 and metric(host, "isconf_applied_seq") == 1
     assert metric(host, "isconf_state", state="pending") == 1
+
+
+def test_init_help_of_metrics_names_every_verb_that_writes_them():
+    text = " ".join(run_isconf("init", "--help", expect="ok").out.split())
+    assert "--metrics PATH after every 'up' and each disable, enable, skip and verify, write a Prometheus" in text, text
 
 
 def test_a_second_disable_refuses_without_force_and_with_it_keeps_both_reasons(monitored):
@@ -366,6 +372,16 @@ def test_a_new_head_without_expiry_says_the_last_one_expires_or_expired(author, 
     time.sleep(2)  # past it: not a timing assertion, only a head that has expired
     proc = author("sign", "--sign", keys.private)
     assert "isconf: warning: the last head expired at %s; this one never expires" % head["expires"] in proc.err
+
+
+def test_an_expired_head_tells_the_host_that_its_authors_renew_it(author, keys, server, host):
+    # The common cause is a quiet branch nobody renewed, not a frozen mirror: the line names the renewal.
+    author("lock", "-m", "first")
+    author("exec", "--no-run", "--", "/bin/true")
+    author.ci("--expires", "1d")
+    host.init(server.url, keys)
+    line = error_line(host("up", "--now", "2099-01-01T00:00:00Z", expect="refused"))
+    assert "head of branch web expired at" in line and "its authors renew it with 'isconf sign --expires" in line, line
 
 
 def test_sign_without_a_key_does_not_offer_an_unsigned_it_lacks(author):

@@ -321,3 +321,10 @@ def test_a_bug_in_up_is_recorded_as_an_internal_error(author, monitored):
     assert (record["result"], record["exit_code"]) == ("internal-error", 70)
     assert "ZeroDivisionError: a bug in the agent" in record["reason"]
     assert metrics(host)[0]["isconf_last_run_exit_code"] == 70
+
+
+def test_log_of_a_host_that_never_fetched_says_so_not_an_empty_journal(server, keys, host):
+    host.init(server.url, keys)
+    proc = host("log", expect="ok")
+    assert proc.out == "isconf: no journal verified on %s yet: run 'isconf up'\n" % host.root, proc.out
+    assert host("log", "--json", expect="ok").out == "[]\n"

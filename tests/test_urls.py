@@ -38,6 +38,21 @@ def test_a_mirror_url_with_a_user_or_password_is_refused_at_init_without_showing
     assert not os.path.exists(host.path("/etc/isconf/isconf.conf"))
 
 
+@pytest.mark.parametrize("url", ["file://srv/isconf", "file://mirror.example/srv/isconf"])
+def test_a_file_url_naming_a_host_is_refused_never_read_as_another_directory(host, url):
+    # file://srv/isconf is host 'srv' and the directory /isconf: an admin meant /srv/isconf
+    said = error_line(host("init", url, "--branch", "web", "--insecure", expect="usage"))
+    assert "a file:// URL is a local directory, three slashes before its path" in said, said
+    assert not os.path.exists(host.path("/etc/isconf/isconf.conf"))
+    host("init", "file:///srv/isconf", "--branch", "web", "--insecure", expect="ok")
+    with open(host.path("/etc/isconf/isconf.conf")) as f:
+        text = f.read()
+    with open(host.path("/etc/isconf/isconf.conf"), "w") as f:
+        f.write(text.replace("file:///srv/isconf", url))
+    said = error_line(host("status", expect="state"))
+    assert "line 4: mirror %r names a host" % url in said, said
+
+
 def test_a_config_edited_to_hold_a_password_is_refused_and_the_password_never_shown(host):
     host.init("http://127.0.0.1:1/", None, "--metrics", "/var/lib/node/isconf.prom")
     config = host.path("/etc/isconf/isconf.conf")

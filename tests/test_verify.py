@@ -47,6 +47,22 @@ def test_an_untouched_replayed_root_has_no_drift(replayed):
     verify(replayed, "--quick", code=0)
 
 
+def test_one_journaled_path_and_one_file_installed_are_said_in_the_singular(author, keys, host, tmp_path):
+    src = source_tree(tmp_path, "/etc/motd", "hello\n")
+    host.init(author.repo, keys)
+    assert host("install", "--cron", expect="ok").out.endswith("(cron) in %s: 2 files written\n" % host.root)
+    os.unlink(host.path("/etc/cron.d/isconf"))
+    assert host("install", "--cron", expect="ok").out.endswith("(cron) in %s: 1 file written\n" % host.root)
+    author.commit(["--root", src, "snap", "/etc/motd"])
+    host("up", expect="ok")
+    assert "isconf: no drift in 1 journaled path (applied up to seq 1)" in verify(host, code=0).out
+    assert "no drift in 1 journaled path\n" in host("status", expect="ok").out
+    os.chmod(host.path("/etc/motd"), 0o600)
+    assert "isconf: 1 drift in 1 journaled path (applied" in verify(host).out
+    out = host("verify", "--repair", expect="ok").out
+    assert "isconf: 1 repaired, 0 not repaired; no drift in 1 journaled path (applied" in out, out
+
+
 def test_a_changed_byte_a_changed_mode_and_a_removed_file_are_named(replayed):
     conf = replayed.path("/etc/app/app.conf")
     st = os.stat(conf)
