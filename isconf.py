@@ -1448,7 +1448,7 @@ class RootPath(object):
         os.close(fd)
         return child
 
-    def _walk(self, path, create=False, private=False):
+    def _walk(self, path, create=False, private=False, way=None):
         """Walk path's components as directories inside the root.
 
         Returns (descriptor of the last directory reached, the real names leading to
@@ -1460,9 +1460,12 @@ class RootPath(object):
         deep must not need 1,100 under a limit of 1,024): a parent is closed once its
         child is open.  '..' opens the parent again, and only if it is the very directory
         (device and inode) the walk came down through: one moved meanwhile is not followed.
+        A list given as way is left holding the (device, inode) of each directory from the root
+        down to the one returned.
         """
         fd, names = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), []
-        way = [self._identity(fd)]  # (device, inode) of each directory from the root down to fd
+        way = [] if way is None else way
+        way[:] = [self._identity(fd)]  # (device, inode) of each directory from the root down to fd
         todo = [p for p in path.split("/") if p]
         hops = 0
         try:
@@ -1501,7 +1504,8 @@ class RootPath(object):
                         fd = top
                         if self._identity(fd) != way[0]:  # the root checked at the start, not another
                             raise OSError(errno.ESTALE, "the root was moved while a path was walked", path)
-                        names, way = [], way[:1]
+                        names = []
+                        del way[1:]
                     todo = [p for p in target.split("/") if p] + todo
                     continue
                 if not stat.S_ISDIR(st.st_mode):
@@ -1525,6 +1529,13 @@ class RootPath(object):
             os.close(fd)
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return CheckedDir(fd) if private else fd
+
+    def way(self, path):
+        """(device, inode) of each directory from the root down to the last of path that exists, as a
+        walk reaches them: a bind mount is the very directory it mounts."""
+        way = []
+        os.close(self._walk(path, way=way)[0])
+        return way
 
     def parent(self, path, create=False):
         """(directory fd, final name) for path; the final name itself is not followed."""
@@ -4467,9 +4478,27 @@ class Host(object):
         state = self.state_path.rstrip("/")
         try:
             where = self.place(path)
+            if where == state or where.startswith(state + "/") or where in self.links_to_state():
+                return True
+            return self.mounts_state(path)
         except OSError:  # a loop, or a file where a directory belongs: installing it fails on its own
             return False
-        return where == state or where.startswith(state + "/") or where in self.links_to_state()
+
+    def mounts_state(self, path):
+        """Whether path, or a directory on the way to it, is the state directory under another name: a bind
+        mount of it, or of a directory above it (attack: a snap of /mnt/state/history where /mnt/state is
+        the state directory bind-mounted; no comparison of names sees it, its device and inode do)."""
+        try:
+            st = os.fstat(self._state.fd) if self._state is not None else os.stat(self.state_path)
+        except FileNotFoundError:
+            return False
+        if (st.st_dev, st.st_ino) in self.rootpath.way(posixpath.dirname(path)):
+            return True
+        try:
+            found = self.rootpath.lstat(path)
+        except FileNotFoundError:
+            return False
+        return (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino)
 
     def place(self, path):
         """Where a path inside the root is, as seen from outside it: the links of the directories on the
@@ -6140,7 +6169,7 @@ class Sync(object):
                 if self.host.writes_state(record["path"]):
                     raise Refused("journal from %s: entry %d snaps %s, which leads into this host's state "
                                   "directory %s, and no journal entry may write the agent's own state; remove "
-                                  "the link on the way, or retract the entry" % (mirror, entry.seq, record["path"],
+                                  "the link or mount on the way, or retract the entry" % (mirror, entry.seq, record["path"],
                                                                                  self.host.state_path))
 
     def tie_baseline(self, mirror, entries, baseline):

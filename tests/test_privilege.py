@@ -257,6 +257,42 @@ def test_a_signed_snap_into_the_state_directory_is_refused_before_anything_appli
         assert f.read() == "ran\n"
 
 
+@pytest.mark.parametrize("bound,path,kind", [
+    ("/var/lib/isconf", "/mnt/state/history", "file"),
+    ("/var/lib/isconf", "/mnt/state/logs/x", "file"),
+    ("/var/lib/isconf", "/mnt/state", "dir"),
+    ("/var", "/mnt/state/lib/isconf/last-run", "file"),
+])
+def test_a_signed_snap_into_the_state_directory_through_a_bind_mount_is_refused(author, keys, host, busybox_root,
+                                                                               tmp_path, bound, path, kind):
+    # Attack: the state directory (or /var) bind-mounted at /mnt/state on the host: no name leads into the state,
+    # the directory's device and inode do.  The snap replaced the history and transaction 1 ran again.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
+    record = snap_record(author, tmp_path)
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    os.makedirs(host.path("/mnt/state"))
+    subprocess.run(["mount", "--bind", host.path(bound), host.path("/mnt/state")], check=True)
+    try:
+        if kind == "dir":
+            record = {"uid": 0, "gid": 0, "user": "root", "group": "root", "mode": 0o777}
+        append_signed(author, keys, kind="snap", files=[dict(record, path=path, type=kind)], message="write it")
+
+        def snapshot():  # but for the record of the run, which the refused run writes (seen twice here)
+            return {p: seen for p, seen in host.snapshot().items() if not p.endswith("/last-run")}
+        before = snapshot()
+        proc = host("up", expect="refused")
+        assert "entry 3 snaps %s, which leads into this host's state directory" % path in error_line(proc)
+        assert snapshot() == before
+        host("status", expect="ok")
+    finally:
+        subprocess.run(["umount", host.path("/mnt/state")], check=True)
+    with open(host.path("/tmp/count")) as f:
+        assert f.read() == "ran\n"
+    assert stat.S_IMODE(os.stat(host.state()).st_mode) == 0o700
+
+
 @pytest.mark.parametrize("path", ["/var/lib/isconf", "/var/lib/isconf/history", "/var/lib/isconf/logs/x"])
 def test_a_snap_record_naming_the_state_directory_is_refused_wherever_it_is_checked(isconf, path):
     record = {"path": path, "type": "dir", "uid": 0, "gid": 0, "user": "root", "group": "root", "mode": 0o755}
