@@ -5857,8 +5857,10 @@ def last_run(host):
     except (FileNotFoundError, ValueError):
         return None
     if not (isinstance(record, dict) and isinstance(record.get("exit_code"), int) and TIME_RE.match(
-            str(record.get("end"))) and isinstance(record.get("duration"), (int, float))):
-        return None
+            str(record.get("end"))) and isinstance(record.get("duration"), (int, float))
+            and all(isinstance(record.get(key, 0), int) for key in ("applied", "fetched_bytes"))
+            and all(isinstance(record.get(key), (str, type(None))) for key in ("reason", "result"))):
+        return None  # every field status and the metrics show, of the type they show it as
     return record
 
 

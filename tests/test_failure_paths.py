@@ -247,3 +247,23 @@ def test_a_damaged_local_file_is_a_state_error_never_a_crash(damage_template, tm
         assert os.path.basename(path) in error_line(proc)
     else:
         assert proc.returncode in {0, 7, OTHER_CODES.get((path, verb), 0)}, proc.err
+
+
+@pytest.mark.parametrize("field,value", [("applied", "3"), ("fetched_bytes", None), ("reason", 5),
+                                         ("result", ["ok"])])
+def test_a_last_run_record_with_a_field_of_the_wrong_type_reads_as_none(damage_template, tmp_path, field, value):
+    # status printed the last run's numbers with %d and its reason by concatenation: exit 70 on a damaged record.
+    import shutil
+    from conftest import Host
+    template, _ = damage_template
+    host = Host(str(tmp_path / "host"))
+    shutil.rmtree(host.root)
+    shutil.copytree(template.root, host.root, symlinks=True)
+    with open(host.state("last-run")) as f:
+        record = json.load(f)
+    record[field] = value
+    with open(host.state("last-run"), "w") as f:
+        json.dump(record, f)
+    proc = host("status", expect="ok")
+    assert "last run:" not in proc.out and "applied:      seq 2" in proc.out
+    assert json.loads(host("status", "--json", expect="ok").out)["last_run"] is None
