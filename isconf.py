@@ -118,6 +118,7 @@ SIGNERS_MAX = 1024 * 1024       # an allowed_signers file of a few thousand keys
 VERIFY_MAX = 64 * 1024 * 1024   # what verify-sig reads whole to check; a head is ~200 bytes
 RECORD_MAX = 1024 * 1024        # one history record is under 1 KiB; a longer line is damage, not data
 CONFIG_MAX = 1024 * 1024        # a host config of a few hundred variables; larger is not a config
+CONFIG_BLANKS = 64              # blanks in a row a config line may hold before its '=': more is no KEY = VALUE
 LOG_MAX = 1024 * 1024           # bytes a transaction's log keeps over all its attempts: retries cannot fill /var
 LOG_ATTEMPTS = 3                # attempts a transaction's log keeps, the last ones: enough to compare a few failures
 ATTEMPT_MAX = LOG_MAX // LOG_ATTEMPTS  # bytes one attempt's part of the log keeps, its first and its last output
@@ -4007,6 +4008,7 @@ class Config(object):
         parser.optionxform = str  # variable names keep their case
         try:
             text = data.decode("utf-8-sig")   # a byte-order mark an editor added is no error
+            self.check_blanks(text)
             parser.read_string(text, path)
         except UnicodeDecodeError as e:
             raise StateError("cannot read config %s: %s" % (path, e))
@@ -4050,6 +4052,17 @@ class Config(object):
                 check_variable(name, value)
             except ValueError as e:
                 raise self.damaged(lines.get(("env", name)), str(e))
+
+    BLANKS_RE = re.compile(r"\s{%d}" % (CONFIG_BLANKS + 1))
+
+    def check_blanks(self, text):
+        """Refuse a line holding a long run of blanks before its first '=' or ':', before configparser reads
+        it: its pattern for KEY = VALUE takes time quadratic in such a run (a damaged config line of a
+        megabyte of spaces held every verb, 'up --boot' among them, for hours on Python 3.6)."""
+        for number, line in enumerate(text.split("\n"), 1):
+            if self.BLANKS_RE.search(re.split(r"[=:]", line.strip(), maxsplit=1)[0]):
+                raise self.damaged(number, "more than %d blanks in a row before its '=': not KEY = VALUE"
+                                   % CONFIG_BLANKS)
 
     def damaged(self, number, what):
         """The error for the line of the config that does not read."""
