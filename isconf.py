@@ -1468,7 +1468,7 @@ class RootPath(object):
         way = [] if way is None else way
         way[:] = [self._identity(fd)]  # (device, inode) of each directory from the root down to fd
         todo = [p for p in path.split("/") if p]
-        hops = 0
+        hops, made = 0, False
         try:
             if private:
                 check_private(os.fstat(fd), self.root)
@@ -1477,6 +1477,8 @@ class RootPath(object):
                 if name == ".":
                     continue
                 if name == "..":
+                    if made:  # as the kernel: '..' below a directory that did not exist does not exist
+                        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
                     if names:
                         fd = self._step(fd, "..")
                         if self._identity(fd) != way[-2]:
@@ -1492,6 +1494,7 @@ class RootPath(object):
                         found, fd = fd, None
                         return found, names, [name] + todo
                     os.mkdir(name, 0o755, dir_fd=fd)
+                    made = True
                     os.fsync(fd)  # a done transaction must not lose its directory to a power cut
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
@@ -3383,6 +3386,10 @@ class SnapKind(Kind):
         directories = DirectorySyncs()  # each file is durable before its rename; its directory once at the end
         try:
             for record in fields["files"]:
+                if transaction.writes_state(record["path"]):  # through a link this snap made just now
+                    raise TransactionFailed("%s leads into this host's state directory through a link this snap "
+                                            "installed, and no journal entry may write the agent's own state; "
+                                            "the snap stopped there" % record["path"])
                 try:
                     FileType.install_record(site, record, directories)
                 except (OSError, OverflowError) as e:

@@ -354,6 +354,31 @@ def test_a_snap_through_a_link_an_earlier_transaction_made_fails_and_leaves_the_
     assert host.status()["failed"]["seq"] == 3
 
 
+@pytest.mark.parametrize("target", ["/var/lib/isconf", "../var/lib/isconf", "missing/../var/lib/isconf"])
+def test_a_snap_through_a_link_the_same_snap_installs_leaves_the_state_alone(author, keys, host, busybox_root,
+                                                                             tmp_path, target):
+    # Attack: one signed snap holding a link /x to the state directory, then a file /x/history: every check of
+    # the entry ran before its link existed, and the history was replaced.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
+    record = snap_record(author, tmp_path)
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    link = {"path": "/x", "type": "symlink", "uid": 0, "gid": 0, "user": "root", "group": "root", "target": target,
+            "mtime_ns": 0}
+    append_signed(author, keys, kind="snap", files=[link, dict(record, path="/x/history")], message="through it")
+    with open(host.state("history"), "rb") as f:
+        history = f.read()
+    proc = host("up", expect="failed")
+    assert "transaction 3 failed: " in error_line(proc)
+    with open(host.state("history"), "rb") as f:
+        assert f.read().startswith(history)  # only appended to: the snap's start and its failure
+    assert host.status()["failed"]["seq"] == 3
+    host("up", expect="refused")  # the link is there now: refused as any way into the state
+    with open(host.path("/tmp/count")) as f:
+        assert f.read() == "ran\n"
+
+
 @pytest.mark.parametrize("path,args", [
     ("/var/lib/isconf/history", []),
     ("/var/lib/isconf", []),
