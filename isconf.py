@@ -7363,7 +7363,9 @@ def dry_run(run, plan, sync, args):
         item["action"] = "apply"
         last = history.last(entry)
         if last is not None and last["event"] == "failed":
-            item["failed_last_run"] = {"time": last["time"], "error": last.get("error"), "status": last.get("status")}
+            status = last.get("status")  # a damaged record's of another type is not shown as one
+            item["failed_last_run"] = {"time": last["time"], "error": last.get("error"),
+                                       "status": status if isinstance(status, int) else None}
         if args.diff and entry.installs():
             item["changes"] = pending_changes(host, entry, fetch, written)
         if entry.ends_run():
