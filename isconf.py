@@ -2880,6 +2880,10 @@ class FileType(object):
     def install(self, site, dfd, name, record):
         raise NotImplementedError
 
+    def leads_to(self, record):
+        """Where a link record leads, its target as written; None for any other type."""
+        return None
+
     # A host: verify.
 
     @staticmethod
@@ -3207,6 +3211,9 @@ class SymbolicLink(FileType):
     def capture(self, rootpath, path, st, links, owners, store):
         return dict(owners.record(st), path=path, type=self.name, target=rootpath.readlink(path),
                     mtime_ns=st.st_mtime_ns)
+
+    def leads_to(self, record):
+        return record["target"]
 
     def install(self, site, dfd, name, record):
         uid, gid = site.owners.ids(record)
@@ -6187,12 +6194,32 @@ class Sync(object):
         for entry in known:
             if (entry.seq, entry.id) in retired:
                 continue
+            links = {}  # path -> target of the links this entry installs before the record looked at
             for record in entry.installs():
-                if self.host.writes_state(record["path"]):
+                if self.host.writes_state(record["path"]) or self.through_links(record["path"], links):
                     raise Refused("journal from %s: entry %d snaps %s, which leads into this host's state "
                                   "directory %s, and no journal entry may write the agent's own state; remove "
-                                  "the link or mount on the way, or retract the entry" % (mirror, entry.seq, record["path"],
-                                                                                 self.host.state_path))
+                                  "the link or mount on the way, or retract the entry"
+                                  % (mirror, entry.seq, record["path"], self.host.state_path))
+                links.pop(record["path"], None)
+                target = FILE_TYPES[record["type"]].leads_to(record)
+                if target is not None:
+                    links[record["path"]] = target
+
+    def through_links(self, path, links):
+        """Whether path leads into the state directory through links (path -> target) its own snap installs
+        before it, which are not on the disk yet: the first of them on the way is followed by name, the
+        rest of path after its target ('..' taken by name too), as often as a link leads to another."""
+        for _ in range(SYMLINK_HOPS if links else 0):
+            parts = path.split("/")
+            above = next((way for way in ("/".join(parts[:n]) for n in range(2, len(parts))) if way in links), None)
+            if above is None:
+                return False
+            path = "/" + posixpath.normpath(posixpath.join(posixpath.dirname(above), links[above],
+                                                           path[len(above) + 1:])).lstrip("/")
+            if self.host.writes_state(path):
+                return True
+        return False  # a loop of links: installing through it fails on its own
 
     def tie_baseline(self, mirror, entries, baseline):
         """The verified entry a declared baseline names (None without one): a journal that does not
