@@ -118,6 +118,7 @@ SIGNERS_MAX = 1024 * 1024       # an allowed_signers file of a few thousand keys
 VERIFY_MAX = 64 * 1024 * 1024   # what verify-sig reads whole to check; a head is ~200 bytes
 RECORD_MAX = 1024 * 1024        # one history record is under 1 KiB; a longer line is damage, not data
 CONFIG_MAX = 1024 * 1024        # a host config of a few hundred variables; larger is not a config
+CONFIG_BLANKS = 64              # blanks in a row a config line may hold before its '=': more is no KEY = VALUE
 LOG_MAX = 1024 * 1024           # bytes a transaction's log keeps over all its attempts: retries cannot fill /var
 LOG_ATTEMPTS = 3                # attempts a transaction's log keeps, the last ones: enough to compare a few failures
 ATTEMPT_MAX = LOG_MAX // LOG_ATTEMPTS  # bytes one attempt's part of the log keeps, its first and its last output
@@ -1456,7 +1457,7 @@ class RootPath(object):
         os.close(fd)
         return child
 
-    def _walk(self, path, create=False, private=False):
+    def _walk(self, path, create=False, private=False, way=None):
         """Walk path's components as directories inside the root.
 
         Returns (descriptor of the last directory reached, the real names leading to
@@ -1468,11 +1469,14 @@ class RootPath(object):
         deep must not need 1,100 under a limit of 1,024): a parent is closed once its
         child is open.  '..' opens the parent again, and only if it is the very directory
         (device and inode) the walk came down through: one moved meanwhile is not followed.
+        A list given as way is left holding the (device, inode) of each directory from the root
+        down to the one returned.
         """
         fd, names = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), []
-        way = [self._identity(fd)]  # (device, inode) of each directory from the root down to fd
+        way = [] if way is None else way
+        way[:] = [self._identity(fd)]  # (device, inode) of each directory from the root down to fd
         todo = [p for p in path.split("/") if p]
-        hops = 0
+        hops, made = 0, False
         try:
             if private:
                 check_private(os.fstat(fd), self.root)
@@ -1481,6 +1485,8 @@ class RootPath(object):
                 if name == ".":
                     continue
                 if name == "..":
+                    if made:  # as the kernel: '..' below a directory that did not exist does not exist
+                        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
                     if names:
                         fd = self._step(fd, "..")
                         if self._identity(fd) != way[-2]:
@@ -1496,6 +1502,7 @@ class RootPath(object):
                         found, fd = fd, None
                         return found, names, [name] + todo
                     os.mkdir(name, 0o755, dir_fd=fd)
+                    made = True
                     os.fsync(fd)  # a done transaction must not lose its directory to a power cut
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
@@ -1509,7 +1516,8 @@ class RootPath(object):
                         fd = top
                         if self._identity(fd) != way[0]:  # the root checked at the start, not another
                             raise OSError(errno.ESTALE, "the root was moved while a path was walked", path)
-                        names, way = [], way[:1]
+                        names = []
+                        del way[1:]
                     todo = [p for p in target.split("/") if p] + todo
                     continue
                 if not stat.S_ISDIR(st.st_mode):
@@ -1533,6 +1541,13 @@ class RootPath(object):
             os.close(fd)
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return CheckedDir(fd) if private else fd
+
+    def way(self, path):
+        """(device, inode) of each directory from the root down to the last of path that exists, as a
+        walk reaches them: a bind mount is the very directory it mounts."""
+        way = []
+        os.close(self._walk(path, way=way)[0])
+        return way
 
     def parent(self, path, create=False):
         """(directory fd, final name) for path; the final name itself is not followed."""
@@ -2877,6 +2892,10 @@ class FileType(object):
     def install(self, site, dfd, name, record):
         raise NotImplementedError
 
+    def leads_to(self, record):
+        """Where a link record leads, its target as written; None for any other type."""
+        return None
+
     # A host: verify.
 
     @staticmethod
@@ -3205,6 +3224,9 @@ class SymbolicLink(FileType):
         return dict(owners.record(st), path=path, type=self.name, target=rootpath.readlink(path),
                     mtime_ns=st.st_mtime_ns)
 
+    def leads_to(self, record):
+        return record["target"]
+
     def install(self, site, dfd, name, record):
         uid, gid = site.owners.ids(record)
 
@@ -3383,6 +3405,10 @@ class SnapKind(Kind):
         directories = DirectorySyncs()  # each file is durable before its rename; its directory once at the end
         try:
             for record in fields["files"]:
+                if transaction.writes_state(record["path"]):  # through a link this snap made just now
+                    raise TransactionFailed("%s leads into this host's state directory through a link this snap "
+                                            "installed, and no journal entry may write the agent's own state; "
+                                            "the snap stopped there" % record["path"])
                 try:
                     FileType.install_record(site, record, directories)
                 except (OSError, OverflowError) as e:
@@ -4009,6 +4035,7 @@ class Config(object):
         parser.optionxform = str  # variable names keep their case
         try:
             text = data.decode("utf-8-sig")   # a byte-order mark an editor added is no error
+            self.check_blanks(text)
             parser.read_string(text, path)
         except UnicodeDecodeError as e:
             raise StateError("cannot read config %s: %s" % (path, e))
@@ -4052,6 +4079,17 @@ class Config(object):
                 check_variable(name, value)
             except ValueError as e:
                 raise self.damaged(lines.get(("env", name)), str(e))
+
+    BLANKS_RE = re.compile(r"\s{%d}" % (CONFIG_BLANKS + 1))
+
+    def check_blanks(self, text):
+        """Refuse a line holding a long run of blanks before its first '=' or ':', before configparser reads
+        it: its pattern for KEY = VALUE takes time quadratic in such a run (a damaged config line of a
+        megabyte of spaces held every verb, 'up --boot' among them, for hours on Python 3.6)."""
+        for number, line in enumerate(text.split("\n"), 1):
+            if self.BLANKS_RE.search(re.split(r"[=:]", line.strip(), maxsplit=1)[0]):
+                raise self.damaged(number, "more than %d blanks in a row before its '=': not KEY = VALUE"
+                                   % CONFIG_BLANKS)
 
     def damaged(self, number, what):
         """The error for the line of the config that does not read."""
@@ -4487,9 +4525,27 @@ class Host(object):
         state = self.state_path.rstrip("/")
         try:
             where = self.place(path)
+            if where == state or where.startswith(state + "/") or where in self.links_to_state():
+                return True
+            return self.mounts_state(path)
         except OSError:  # a loop, or a file where a directory belongs: installing it fails on its own
             return False
-        return where == state or where.startswith(state + "/") or where in self.links_to_state()
+
+    def mounts_state(self, path):
+        """Whether path, or a directory on the way to it, is the state directory under another name: a bind
+        mount of it, or of a directory above it (attack: a snap of /mnt/state/history where /mnt/state is
+        the state directory bind-mounted; no comparison of names sees it, its device and inode do)."""
+        try:
+            st = os.fstat(self._state.fd) if self._state is not None else os.stat(self.state_path)
+        except FileNotFoundError:
+            return False
+        if (st.st_dev, st.st_ino) in self.rootpath.way(posixpath.dirname(path)):
+            return True
+        try:
+            found = self.rootpath.lstat(path)
+        except FileNotFoundError:
+            return False
+        return (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino)
 
     def place(self, path):
         """Where a path inside the root is, as seen from outside it: the links of the directories on the
@@ -5853,8 +5909,10 @@ def last_run(host):
     except (FileNotFoundError, ValueError):
         return None
     if not (isinstance(record, dict) and isinstance(record.get("exit_code"), int) and TIME_RE.match(
-            str(record.get("end"))) and isinstance(record.get("duration"), (int, float))):
-        return None
+            str(record.get("end"))) and isinstance(record.get("duration"), (int, float))
+            and all(isinstance(record.get(key, 0), int) for key in ("applied", "fetched_bytes"))
+            and all(isinstance(record.get(key), (str, type(None))) for key in ("reason", "result"))):
+        return None  # every field status and the metrics show, of the type they show it as
     return record
 
 
@@ -6161,12 +6219,32 @@ class Sync(object):
         for entry in known:
             if (entry.seq, entry.id) in retired:
                 continue
+            links = {}  # path -> target of the links this entry installs before the record looked at
             for record in entry.installs():
-                if self.host.writes_state(record["path"]):
+                if self.host.writes_state(record["path"]) or self.through_links(record["path"], links):
                     raise Refused("journal from %s: entry %d snaps %s, which leads into this host's state "
                                   "directory %s, and no journal entry may write the agent's own state; remove "
-                                  "the link on the way, or retract the entry" % (mirror, entry.seq, record["path"],
-                                                                                 self.host.state_path))
+                                  "the link or mount on the way, or retract the entry"
+                                  % (mirror, entry.seq, record["path"], self.host.state_path))
+                links.pop(record["path"], None)
+                target = FILE_TYPES[record["type"]].leads_to(record)
+                if target is not None:
+                    links[record["path"]] = target
+
+    def through_links(self, path, links):
+        """Whether path leads into the state directory through links (path -> target) its own snap installs
+        before it, which are not on the disk yet: the first of them on the way is followed by name, the
+        rest of path after its target ('..' taken by name too), as often as a link leads to another."""
+        for _ in range(SYMLINK_HOPS if links else 0):
+            parts = path.split("/")
+            above = next((way for way in ("/".join(parts[:n]) for n in range(2, len(parts))) if way in links), None)
+            if above is None:
+                return False
+            path = "/" + posixpath.normpath(posixpath.join(posixpath.dirname(above), links[above],
+                                                           path[len(above) + 1:])).lstrip("/")
+            if self.host.writes_state(path):
+                return True
+        return False  # a loop of links: installing through it fails on its own
 
     def tie_baseline(self, mirror, entries, baseline):
         """The verified entry a declared baseline names (None without one): a journal that does not
@@ -7367,7 +7445,9 @@ def dry_run(run, plan, sync, args):
         item["action"] = "apply"
         last = history.last(entry)
         if last is not None and last["event"] == "failed":
-            item["failed_last_run"] = {"time": last["time"], "error": last.get("error"), "status": last.get("status")}
+            status = last.get("status")  # a damaged record's of another type is not shown as one
+            item["failed_last_run"] = {"time": last["time"], "error": last.get("error"),
+                                       "status": status if isinstance(status, int) else None}
         if args.diff and entry.installs():
             item["changes"] = pending_changes(host, entry, fetch, written)
         if entry.ends_run():

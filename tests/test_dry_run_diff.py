@@ -250,6 +250,22 @@ def test_a_transaction_that_failed_last_run_is_marked(author, site):
     assert failed["status"] == 3 and "exited with status 3" in failed["error"] and failed["time"]
 
 
+@pytest.mark.parametrize("status", ["3", [3], None])
+def test_a_failed_record_whose_status_is_not_a_number_is_marked_by_its_error(author, site, status):
+    # A damaged history record: its status printed with %d was an internal error (exit 70).
+    host, _ = site
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "exit 3"])
+    host("up", expect="failed")
+    with open(host.state("history")) as f:
+        records = [json.loads(line) for line in f]
+    records[-1]["status"] = status
+    with open(host.state("history"), "w") as f:
+        f.writelines(json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n" for record in records)
+    text, plan = dry(host)
+    assert "would apply 1 exec /bin/sh -c 'exit 3' (failed last run: " in text, text
+    assert plan["transactions"][0]["failed_last_run"]["status"] is None
+
+
 def test_a_transaction_up_would_halt_stops_the_listing(author, site):
     host, _ = site
     # the command kills the agent: a start that never ends, counted toward interrupted_max (1 here)

@@ -5,13 +5,14 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import stat
 import subprocess
 import sys
 
 import pytest
 
-from conftest import agent_for_nobody, append_unknown_entry, error_line, undated
+from conftest import Host, agent_for_nobody, append_unknown_entry, error_line, undated
 
 CONTENT = b"#!/bin/sh\necho set-uid\n"
 
@@ -218,7 +219,7 @@ DAMAGES = ["garbage", "truncated", "a list where an object is due", "a string wh
 def damage_template(tmp_path_factory, keys):
     """A host that installed its units, applied a snap and an exec, recorded a run, then was disabled
     (the disabled record is put back only where it is the file damaged)."""
-    from conftest import Author, Host, install_busybox, source_tree
+    from conftest import Author, install_busybox, source_tree
     top = tmp_path_factory.mktemp("damage")
     author = Author(str(top / "repo"), keys=keys)
     src = source_tree(top, "/etc/motd", "hello\n")
@@ -297,3 +298,21 @@ def test_a_host_verb_run_without_root_says_to_run_it_as_root(verb, server, keys,
     assert error_line(proc).endswith("Permission denied; run isconf as root: a host's config and state are root's") \
         or error_line(proc).endswith("Permission denied (isconf); run isconf as root: a host's config and state are "
                                      "root's"), proc.err
+
+
+@pytest.mark.parametrize("field,value", [("applied", "3"), ("fetched_bytes", None), ("reason", 5),
+                                         ("result", ["ok"])])
+def test_a_last_run_record_with_a_field_of_the_wrong_type_reads_as_none(damage_template, tmp_path, field, value):
+    # status printed the last run's numbers with %d and its reason by concatenation: exit 70 on a damaged record.
+    template, _ = damage_template
+    host = Host(str(tmp_path / "host"))
+    shutil.rmtree(host.root)
+    shutil.copytree(template.root, host.root, symlinks=True)
+    with open(host.state("last-run")) as f:
+        record = json.load(f)
+    record[field] = value
+    with open(host.state("last-run"), "w") as f:
+        json.dump(record, f)
+    proc = host("status", expect="ok")
+    assert "last run:" not in proc.out and "applied:      seq 2" in proc.out
+    assert json.loads(host("status", "--json", expect="ok").out)["last_run"] is None

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import Keys, error_line, import_isconf
+from conftest import PYTHONS, Keys, error_line, import_isconf
 
 CONF = "/etc/isconf/isconf.conf"
 SIGNERS = "/etc/isconf/allowed_signers"
@@ -172,6 +172,20 @@ def test_a_config_typo_is_exit_7_naming_its_line_and_the_nearest_valid_key(insec
         f.write(text if text.startswith("[isconf]") else BASE % text)
     line = error_line(insecure_host(verb, expect="state"))
     assert ("config %s %s" % (insecure_host.path(CONF), said)) in line, line
+
+
+@pytest.mark.parametrize("blank", [" ", "\t", "\u3000"])
+def test_a_config_line_of_a_long_run_of_blanks_is_refused_before_it_is_parsed(insecure_host, blank):
+    # configparser's KEY = VALUE pattern takes time quadratic in such a run: on Python 3.6 a line of a third of a
+    # megabyte of spaces held every verb for hours.
+    with open(insecure_host.path(CONF), "a") as f:
+        f.write("SITE" + blank * 300000 + "x = 1\n")
+    proc = insecure_host("status", python=PYTHONS[0], expect="state", timeout=60)
+    assert ("config %s line 9: more than 64 blanks in a row before its '=': not KEY = VALUE"
+            % insecure_host.path(CONF)) in error_line(proc)
+    with open(insecure_host.path(CONF), "w") as f:
+        f.write(BASE % "" + "RACK" + " " * 64 + "= aligned" + " " * 64 + "and spaced\n")
+    assert config(insecure_host).env == {"SITE": "fra1", "RACK": "aligned" + " " * 64 + "and spaced"}
 
 
 def test_a_valid_config_written_by_hand_is_taken_whole(insecure_host):

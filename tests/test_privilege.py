@@ -257,6 +257,42 @@ def test_a_signed_snap_into_the_state_directory_is_refused_before_anything_appli
         assert f.read() == "ran\n"
 
 
+@pytest.mark.parametrize("bound,path,kind", [
+    ("/var/lib/isconf", "/mnt/state/history", "file"),
+    ("/var/lib/isconf", "/mnt/state/logs/x", "file"),
+    ("/var/lib/isconf", "/mnt/state", "dir"),
+    ("/var", "/mnt/state/lib/isconf/last-run", "file"),
+])
+def test_a_signed_snap_into_the_state_directory_through_a_bind_mount_is_refused(author, keys, host, busybox_root,
+                                                                               tmp_path, bound, path, kind):
+    # Attack: the state directory (or /var) bind-mounted at /mnt/state on the host: no name leads into the state,
+    # the directory's device and inode do.  The snap replaced the history and transaction 1 ran again.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
+    record = snap_record(author, tmp_path)
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    os.makedirs(host.path("/mnt/state"))
+    subprocess.run(["mount", "--bind", host.path(bound), host.path("/mnt/state")], check=True)
+    try:
+        if kind == "dir":
+            record = {"uid": 0, "gid": 0, "user": "root", "group": "root", "mode": 0o777}
+        append_signed(author, keys, kind="snap", files=[dict(record, path=path, type=kind)], message="write it")
+
+        def snapshot():  # but for the record of the run, which the refused run writes (seen twice here)
+            return {p: seen for p, seen in host.snapshot().items() if not p.endswith("/last-run")}
+        before = snapshot()
+        proc = host("up", expect="refused")
+        assert "entry 3 snaps %s, which leads into this host's state directory" % path in error_line(proc)
+        assert snapshot() == before
+        host("status", expect="ok")
+    finally:
+        subprocess.run(["umount", host.path("/mnt/state")], check=True)
+    with open(host.path("/tmp/count")) as f:
+        assert f.read() == "ran\n"
+    assert stat.S_IMODE(os.stat(host.state()).st_mode) == 0o700
+
+
 @pytest.mark.parametrize("path", ["/var/lib/isconf", "/var/lib/isconf/history", "/var/lib/isconf/logs/x"])
 def test_a_snap_record_naming_the_state_directory_is_refused_wherever_it_is_checked(isconf, path):
     record = {"path": path, "type": "dir", "uid": 0, "gid": 0, "user": "root", "group": "root", "mode": 0o755}
@@ -294,8 +330,14 @@ def test_a_snap_replacing_a_link_on_the_way_to_the_state_is_refused(author, keys
     assert snapshot() == before
 
 
+@pytest.mark.parametrize("target,said", [
+    ("/var/lib/isconf", "/srv/state/history leads into this host's state directory"),
+    # '..' below a directory that does not exist does not exist, for the kernel and for the walk that installs
+    ("missing/../var/lib/isconf", "cannot install /srv/state/history: No such file or directory"),
+])
 def test_a_snap_through_a_link_an_earlier_transaction_made_fails_and_leaves_the_state_alone(author, keys, host,
-                                                                                          busybox_root, tmp_path):
+                                                                                          busybox_root, tmp_path,
+                                                                                          target, said):
     # Verification sees no link yet; the first snap makes it; the second must not write through it.
     busybox_root(host.root)
     author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
@@ -303,19 +345,67 @@ def test_a_snap_through_a_link_an_earlier_transaction_made_fails_and_leaves_the_
     host("up", expect="ok")
     links = os.path.join(str(tmp_path), "links")
     os.makedirs(os.path.join(links, "srv"))
-    os.symlink("/var/lib/isconf", os.path.join(links, "srv/state"))
+    os.symlink(target, os.path.join(links, "srv/state"))
     author.commit(["--root", links, "snap", "/srv/state"])
     author.commit(["--root", source_tree(tmp_path, "/srv/state/history", "forgotten\n"), "snap",
                    "/srv/state/history"])
     with open(host.state("history"), "rb") as f:
         history = f.read()
     proc = host("up", expect="failed")
-    assert "/srv/state/history leads into this host's state directory" in error_line(proc)
+    assert said in error_line(proc)
     with open(host.state("history"), "rb") as f:
         assert f.read().startswith(history)  # only appended to: the snap's start and its failure
     with open(host.path("/tmp/count")) as f:
         assert f.read() == "ran\n"
     assert host.status()["failed"]["seq"] == 3
+
+
+@pytest.mark.parametrize("target", ["/var/lib/isconf", "../var/lib/isconf", "missing/../var/lib/isconf"])
+def test_a_snap_through_a_link_the_same_snap_installs_leaves_the_state_alone(author, keys, host, busybox_root,
+                                                                             tmp_path, target):
+    # Attack: one signed snap holding a link /x to the state directory, then a file /x/history: every check of
+    # the entry ran before its link existed, and the history was replaced.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
+    record = snap_record(author, tmp_path)
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    link = {"path": "/x", "type": "symlink", "uid": 0, "gid": 0, "user": "root", "group": "root", "target": target,
+            "mtime_ns": 0}
+    append_signed(author, keys, kind="snap", files=[link, dict(record, path="/x/history")], message="through it")
+    before = host.snapshot()
+    proc = host("up", expect="refused")
+    assert "entry 3 snaps /x/history, which leads into this host's state directory" in error_line(proc)
+    assert host.snapshot() == before  # nothing applied: not even the link
+    with open(host.path("/tmp/count")) as f:
+        assert f.read() == "ran\n"
+
+
+def test_a_link_a_snap_installed_before_a_path_through_it_fails_that_snap_and_leaves_the_state_alone(
+        author, keys, host, busybox_root, tmp_path):
+    # What a journal check cannot see from names (here a link to a '..' after a link on the disk, which the kernel
+    # takes from where that link leads) its transaction checks just before each record is installed, on the disk
+    # as the records before it left it.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
+    record = snap_record(author, tmp_path)
+    host.init(author.repo, keys)
+    host("up", expect="ok")
+    os.makedirs(host.path("/srv"))
+    os.symlink("/var/lib/isconf/logs", host.path("/srv/a"))   # by name /srv/a/.. is /srv; the kernel's is the state
+    link = {"path": "/y", "type": "symlink", "uid": 0, "gid": 0, "user": "root", "group": "root",
+            "target": "/srv/a/..", "mtime_ns": 0}
+    append_signed(author, keys, kind="snap", files=[link, dict(record, path="/y/history")],
+                  message="a link, then through it")
+    with open(host.state("history"), "rb") as f:
+        history = f.read()
+    proc = host("up", expect="failed")
+    assert "/y/history leads into this host's state directory through a link" in error_line(proc)
+    with open(host.state("history"), "rb") as f:
+        assert f.read().startswith(history)  # only appended to: the snap's start and its failure
+    assert host.status()["failed"]["seq"] == 3
+    with open(host.path("/tmp/count")) as f:
+        assert f.read() == "ran\n"
 
 
 @pytest.mark.parametrize("path,args", [
