@@ -143,13 +143,17 @@ def run_isconf(*args, python=None, env=None, expect=None, timeout=120, input=Non
 
 
 def agent_for_nobody(tmp_path):
-    """A copy of the agent that uid 65534 can run, in tmp_path, every directory pytest made on the way (0700)
-    opened to all: the checkout may sit where only root can read (mktemp -d)."""
+    """A copy of the agent that uid 65534 can run (the checkout may sit where only root can read: mktemp -d),
+    kept apart from pytest's directories, which another pytest session starting meanwhile makes 0700 again;
+    those on the way to tmp_path are opened to all, for what the test gives nobody there."""
     for directory in [tmp_path] + list(tmp_path.parents):
         if str(directory) in (tempfile.gettempdir(), "/"):
             break
         os.chmod(str(directory), 0o755)
-    agent = str(tmp_path / "isconf.py")
+    directory = tempfile.mkdtemp(prefix="isconf-nobody-")
+    atexit.register(shutil.rmtree, directory, True)
+    os.chmod(directory, 0o755)
+    agent = os.path.join(directory, "isconf.py")
     shutil.copy(ISCONF, agent)
     os.chmod(agent, 0o755)
     return agent
