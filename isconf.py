@@ -8124,31 +8124,40 @@ def author_state_dir():
 
 class Session(object):
     """The secret of one author's lock of one branch, kept in the author's state directory (never in the
-    repository): every staged line carries a MAC under it, so what someone else adds to the staged
-    file, or changes or reorders in it, is refused at ci.  A new lock makes a new secret."""
+    repository): every staged line carries a MAC under it, chained to the line before it and to the staged
+    file's generation, so what someone else adds to the staged file, changes, reorders, or puts back from an
+    older copy of it (a line unstaged, or cut off and staged after) is refused at ci.  A new lock makes a new
+    secret; each 'unstage' a new generation."""
 
     def __init__(self, repo, branch):
         digest = sha256_hex(("%s\0%s" % (repo.path, branch)).encode("utf-8", "surrogateescape"))[:32]
         self.name, self.branch = "lock-%s" % digest, branch
 
     def create(self):
+        self.store((binascii.hexlify(os.urandom(32)), 0))
+
+    def store(self, key):
         state = author_state_dir()
         try:
-            state.write(self.name, binascii.hexlify(os.urandom(32)) + b"\n", 0o600)
+            state.write(self.name, b"%s %d\n" % key, 0o600)
         finally:
             state.close()
 
-    def secret(self):
+    def key(self):
+        """(the secret, the staged file's generation)."""
         state = author_state_dir()
         try:
-            text = state.read(self.name, 256).strip()
+            words = state.read(self.name, 256).split()
         except FileNotFoundError:
             raise Busy("branch %s is locked in your name, but not from here: this machine holds no secret of that "
                        "lock (in %s); stage from where you took it, or 'isconf unlock' and lock again"
                        % (self.branch, state.path))
         finally:
             state.close()
-        return text
+        if not 1 <= len(words) <= 2 or not words[-1].isdigit():
+            raise StateError("the secret of your lock of branch %s (%s) is damaged; 'isconf unlock' and lock again"
+                             % (self.branch, os.path.join(state.path, self.name)))
+        return words[0], int(words[1]) if len(words) == 2 else 0
 
     def forget(self):
         state = author_state_dir()
@@ -8158,13 +8167,28 @@ class Session(object):
         finally:
             state.close()
 
-    def mac(self, secret, number, fields):
-        """The MAC of staged line number (from 1), fields as canonical JSON: a line moved is a line changed."""
-        return hmac.new(secret, b"%d\n" % number + canonical(fields), hashlib.sha256).hexdigest()
+    def mac(self, key, number, previous, fields):
+        """The MAC of staged line number (from 1) after the line whose MAC is previous, fields as canonical
+        JSON: a line moved, or put back after others, is a line changed."""
+        return hmac.new(key[0], b"%d %d %s\n" % (key[1], number, previous.encode("ascii")) + canonical(fields),
+                        hashlib.sha256).hexdigest()
 
+    def lines(self, key, staged, number=1, previous=""):
+        """The staged file's lines for the fields in staged, numbered from number, chained on from previous."""
+        lines = []
+        for number, fields in enumerate(staged, number):
+            previous = self.mac(key, number, previous, fields)
+            lines.append(canonical(dict(fields, mac=previous)) + b"\n")
+        return b"".join(lines)
 
-def staged_line(session, secret, number, fields):
-    return canonical(dict(fields, mac=session.mac(secret, number, fields))) + b"\n"
+    def first_forged(self, key, records, macs):
+        """The number of the first record whose MAC is not the one its place in the chain gives, or None."""
+        previous = ""
+        for number, (record, mac) in enumerate(zip(records, macs), 1):
+            if not isinstance(mac, str) or not hmac.compare_digest(mac, self.mac(key, number, previous, record)):
+                return number
+            previous = mac
+        return None
 
 
 class Repository(object):
@@ -8382,20 +8406,27 @@ class Repository(object):
 
     def staged(self, branch):
         """The staged entries' fields, in order, each line's MAC checked under this lock's secret:
-        Refused (exit 4) for a line someone else wrote, changed or moved."""
+        Refused (exit 4) for a line someone else wrote, changed, moved or put back."""
+        return self.staged_chain(branch)[0]
+
+    def staged_chain(self, branch):
+        """(the staged entries' fields, the session's key, the last line's MAC): staged, and what the next
+        line chains on."""
         records = self.work_dir(branch).read_records("staged", "staged work")
         session = Session(self, branch)
-        secret = session.secret() if records else None
-        work = self.work_dir(branch)
-        found = []
-        for number, record in enumerate(records, 1):
-            mac = record.pop("mac", None)
-            if not isinstance(mac, str) or not hmac.compare_digest(mac, session.mac(secret, number, record)):
+        key = session.key() if records else None
+        macs = [record.pop("mac", None) for record in records]
+        number = session.first_forged(key, records, macs) if records else None
+        if number is not None:
+            newer = (key[0], key[1] + 1)
+            if session.first_forged(newer, records, macs) is not None:
                 raise Refused("staged line %d of branch %s (%s) was not staged under this lock: someone wrote to "
                               "the repository's work area; nothing written. 'isconf unlock' discards the staged "
-                              "work; find out who can write %s" % (number, branch, work.file("staged"), self.path))
-            found.append(record)
-        return found
+                              "work; find out who can write %s"
+                              % (number, branch, self.work_dir(branch).file("staged"), self.path))
+            session.store(newer)   # an unstage wrote the file, then stopped before its generation was kept
+            key = newer
+        return records, key, macs[-1] if macs else ""
 
     def stage(self, branch, fields, took_effect=None):
         """Stage an entry, checked now as ci will check it, so a bad one fails at once.  took_effect: the
@@ -8405,12 +8436,11 @@ class Repository(object):
         fields = dict(fields, applied=took_effect) if took_effect else fields
         with self.branch_mutex(branch):
             session = Session(self, branch)
-            secret = session.secret()
-            number = len(self.staged(branch)) + 1
+            staged, key, previous = self.staged_chain(branch)
             work = self.work_dir(branch)
             fd = work.open_records("staged")
             try:
-                durable_append(fd, staged_line(session, secret, number, fields))
+                durable_append(fd, session.lines(key or session.key(), [fields], len(staged) + 1, previous))
             finally:
                 os.close(fd)
         return entry
@@ -8419,18 +8449,21 @@ class Repository(object):
         """Drop staged entry number (from 1); the others keep their order."""
         self.require_lock(branch)
         with self.branch_mutex(branch):
-            staged = self.staged(branch)
+            staged, key, _ = self.staged_chain(branch)
             if not 1 <= number <= len(staged):
                 raise UsageError("nothing is staged as number %d on branch %s (%s); see 'isconf staged'"
                                  % (number, branch, "%d staged" % len(staged) if staged else "nothing staged"))
-            self.rewrite_staged(branch, staged[:number - 1] + staged[number:])
+            self.rewrite_staged(branch, staged[:number - 1] + staged[number:], key)
             return self.check_staged(staged[number - 1], "entry")
 
-    def rewrite_staged(self, branch, staged):
+    def rewrite_staged(self, branch, staged, key):
+        """Write the staged file anew, in the generation after key's (then kept): no line of an older copy of the
+        file verifies any more.  A crash between the two leaves a file the next reader finds in the next
+        generation, and keeps."""
         session = Session(self, branch)
-        secret = session.secret()
-        data = b"".join(staged_line(session, secret, n, fields) for n, fields in enumerate(staged, 1))
-        self.work_dir(branch).write("staged", data)
+        newer = (key[0], key[1] + 1)
+        self.work_dir(branch).write("staged", session.lines(newer, staged))
+        session.store(newer)
 
     @staticmethod
     def check_staged(fields, what):

@@ -90,6 +90,32 @@ def test_staged_lines_swapped_are_refused(author):
     assert "not staged under this lock" in error_line(author.ci(expect="refused"))
 
 
+@pytest.mark.parametrize("replay", ["unstaged", "truncated"])
+def test_staged_lines_put_back_from_an_older_staged_file_are_refused(replay, author):
+    # unstaged: a line the author unstaged, put back over the one staged since; truncated: the staged file cut
+    # short, the author stages on, and a line cut off is put back after it, out of the author's order.
+    author.commit(["reboot"])
+    author("lock", "-m", "x")
+    for word in ("one", "two", "three"):
+        author("exec", "--no-run", "--", "/bin/echo", word)
+    with open(staged_path(author), "rb") as f:
+        saved = f.read().splitlines(True)
+    if replay == "unstaged":
+        author("unstage", "3")
+    else:
+        with open(staged_path(author), "wb") as f:
+            f.write(b"".join(saved[:1]))
+    author("exec", "--no-run", "--", "/bin/echo", "four")
+    with open(staged_path(author), "rb") as f:
+        now = f.read().splitlines(True)
+    with open(staged_path(author), "wb") as f:
+        f.write(b"".join(saved if replay == "unstaged" else now + saved[2:]))
+    before = published(author)
+    line = error_line(author.ci(expect="refused"))
+    assert "not staged under this lock" in line, line
+    assert published(author) == before
+
+
 def test_a_staged_object_with_the_right_size_and_wrong_bytes_is_refused(author, tmp_path):
     author.commit(["reboot"])
     src = source_tree(tmp_path, "/etc/motd", "the real banner\n")
