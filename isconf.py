@@ -2789,7 +2789,7 @@ class FileType(object):
     @staticmethod
     def check_record(record, seen, what):
         """Refused, saying what is wrong, unless record is a well-formed record of a known type;
-        seen maps the paths of the snap's records so far to their types."""
+        seen maps the paths of the snap's records so far to their records."""
         ftype = FileType.of(record, what)
         check_fields(record, dict(ftype.fields, path=str, type=str), what, optional=ftype.optional)
         path = validate_path(record["path"], what + ": path")
@@ -2802,18 +2802,29 @@ class FileType(object):
         if in_state(path):
             raise Refused("%s: %s is in %s, the agent's own state, which no journal entry may write"
                           % (what, path, STATE_PATH))
-        if "mode" in ftype.fields and guards_trust(path):
-            # as a host resolves it (Owners): the name root, or uid 0 under no name (a source without passwd)
-            by_root = record["user"] == "root" or (record["uid"] == 0 and record["user"] == "0")
-            if record["mode"] & 0o022 or not by_root:
-                raise Refused("%s: %s would be %s, but the agent refuses to run while it is not root's alone; "
-                              "snap it again owned by root and writable by no one else"
-                              % (what, path, "owned by %s, not root" % record.get("user", record.get("uid"))
-                                 if not by_root else "writable by group or others (mode %04o)" % record["mode"]))
+        if path in (CONFIG_PATH, SIGNERS_PATH) and ftype.ifmt != stat.S_IFREG:
+            raise Refused("%s: %s would be a %s, but hosts read it only as a regular file, and would refuse to run; "
+                          "snap the file itself" % (what, path, ftype.label))
+        if "mode" in ftype.fields:
+            FileType.check_trusted(record, path, what)
         ftype.check(record, seen, what)
         if path in seen:
             raise Refused("%s: %s appears twice" % (what, path))
-        seen[path] = ftype.name
+        seen[path] = record
+
+    @staticmethod
+    def check_trusted(held, path, what):
+        """Refused if path guards the agent's trust (guards_trust) and would have held's owner and mode (its
+        own record's, or for a hard link its file's) other than root's alone."""
+        if not guards_trust(path):
+            return
+        # as a host resolves it (Owners): the name root, or uid 0 under no name (a source without passwd)
+        by_root = held["user"] == "root" or (held["uid"] == 0 and held["user"] == "0")
+        if held["mode"] & 0o022 or not by_root:
+            raise Refused("%s: %s would be %s, but the agent refuses to run while it is not root's alone; "
+                          "snap it again owned by root and writable by no one else"
+                          % (what, path, "owned by %s, not root" % held.get("user", held.get("uid"))
+                             if not by_root else "writable by group or others (mode %04o)" % held["mode"]))
 
     def check(self, record, seen, what):
         """What this type adds to the checks every record gets."""
@@ -2821,6 +2832,10 @@ class FileType(object):
     def objects(self, record):
         """(sha256, stored size) of the objects this record needs."""
         return []
+
+    def content_object(self, record, by_path):
+        """The object holding the bytes a host reads at record's path, or None (by_path: its snap's records)."""
+        return None
 
     # The author's side.
 
@@ -2992,6 +3007,9 @@ class RegularFile(FileType):
         stored = sum(length for _, length in record["extents"]) if "extents" in record else record["size"]
         return [(record["object"], stored)]
 
+    def content_object(self, record, by_path):
+        return record["object"]
+
     def captures(self, st, links):
         return stat.S_ISREG(st.st_mode) and not (st.st_nlink > 1 and (st.st_dev, st.st_ino) in links)
 
@@ -3121,9 +3139,15 @@ class HardLink(FileType):
 
     def check(self, record, seen, what):
         validate_path(record["target"], what + ": hard link target")
-        if seen.get(record["target"]) != RegularFile.name:
+        target = seen.get(record["target"])
+        if target is None or target["type"] != RegularFile.name:
             raise Refused("%s: hard link %s names %s, which is not a file earlier in the same snap"
                           % (what, record["path"], record["target"]))
+        FileType.check_trusted(target, record["path"], what)
+
+    def content_object(self, record, by_path):
+        target = by_path[record["target"]]
+        return FILE_TYPES[target["type"]].content_object(target, by_path)
 
     def captures(self, st, links):
         return stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in links
@@ -8528,12 +8552,15 @@ class Repository(object):
         return new, new_entries, in_effect
 
     def check_host_files(self, entry):
-        """A new entry's trusted keys or host config, parsed again from its object with the agent's own parser
-        (as at snap time: a file every host would refuse never ships); the keys it ships, or None."""
+        """A new entry's trusted keys or host config, parsed again from its object (a hard link's: its file's)
+        with the agent's own parser (as at snap time: a file every host would refuse never ships); the keys it
+        ships, or None."""
         shipped = None
-        for sha, _ in entry.objects():
-            path = entry.object_path(sha)
-            if path not in (SIGNERS_PATH, CONFIG_PATH):
+        records = dict((record["path"], record) for record in entry.installs())
+        for path in (SIGNERS_PATH, CONFIG_PATH):
+            record = records.get(path)
+            sha = FILE_TYPES[record["type"]].content_object(record, records) if record is not None else None
+            if sha is None:
                 continue
             data = self.objects().read(sha, max(SIGNERS_MAX, CONFIG_MAX))
             try:
@@ -9068,7 +9095,7 @@ def check_host_file(rootpath, record):
     a file every host would refuse never ships (UsageError: the line and what is wrong)."""
     checks = {SIGNERS_PATH: lambda data: load_signers(SIGNERS_PATH, lambda: data),
               CONFIG_PATH: lambda data: Config(CONFIG_PATH, data)}
-    check = checks.get(record.get("path")) if record.get("type") == RegularFile.name else None
+    check = checks.get(record.get("path")) if record.get("type") in (RegularFile.name, HardLink.name) else None
     if check is not None:
         try:
             check(rootpath.read_file(record["path"], max(SIGNERS_MAX, CONFIG_MAX)))

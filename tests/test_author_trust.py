@@ -174,6 +174,30 @@ def test_a_trust_or_config_file_hosts_would_refuse_never_ships(path, text, fragm
     assert "nothing staged" in error_line(author.ci(expect="usage"))
 
 
+@pytest.mark.parametrize("path,link,text,mode,fragment", [
+    ("/etc/isconf/allowed_signers", "hard", "admin@example ssh-ed25519 AAAAnot-base64\n", 0o644, "allowed_signers:1"),
+    ("/etc/isconf/allowed_signers", "hard", "", 0o666, "writable by group or others"),
+    ("/etc/isconf/isconf.conf", "symbolic", "[isconf]\nbranch = web\n", 0o644, "only as a regular file"),
+    ("/etc/isconf/allowed_signers", "symbolic", "", 0o644, "only as a regular file"),
+])
+def test_a_trust_or_config_file_snapped_as_a_link_hosts_would_refuse_never_ships(path, link, text, mode, fragment,
+                                                                                  author, keys, tmp_path):
+    # its bytes and mode are another path's: a hard link to a file hosts would refuse, or a symbolic link, which
+    # hosts never follow to their trusted keys or config
+    author.commit(["reboot"])
+    src = source_tree(tmp_path, "/tmp/other", text or open(keys.signers).read())
+    os.chmod(os.path.join(src, "tmp/other"), mode)
+    os.makedirs(os.path.join(src, "etc/isconf"))
+    if link == "hard":
+        os.link(os.path.join(src, "tmp/other"), os.path.join(src, path[1:]))
+    else:
+        os.symlink("/tmp/other", os.path.join(src, path[1:]))
+    author("lock", "-m", "trust")
+    line = error_line(author("--root", src, "snap", "/tmp/other", path, expect="usage"))
+    assert path in line and fragment in line, line
+    assert "nothing staged" in error_line(author.ci(expect="usage"))
+
+
 def test_a_branch_that_does_not_exist_is_refused_naming_those_that_do(author):
     author.commit(["reboot"])
     for args in (["lock", "-m", "x"], ["exec", "--no-run", "--", "/bin/true"], ["reboot"], ["ci", "--unsigned"]):
