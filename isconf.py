@@ -1392,15 +1392,23 @@ def warn(message):
 # ---------------------------------------------------------------------------
 
 
+def utf8(text):
+    """Whether text from the command line or the environment is UTF-8: bytes that are not arrive as lone
+    surrogates, which no journal line, lock or record can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_path(path, what="path"):
     """A journaled path: absolute, normalised, no '..', no NUL (attack: traversal)."""
     if (not isinstance(path, str) or not path.startswith("/") or "\0" in path
             or posixpath.normpath(path) != path or path.startswith("//")
             or ".." in path.split("/")):
         raise Refused("%s %r is not an absolute, normalised path without '..'" % (what, path))
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
+    if not utf8(path):
         raise Refused("%s %r is not valid UTF-8; the journal holds UTF-8 paths only" % (what, path))
     return path
 
@@ -8073,8 +8081,9 @@ def author_name():
     """Who is authoring: ISCONF_AUTHOR, else the human behind sudo, at this host."""
     who = os.environ.get("ISCONF_AUTHOR")
     if who:
-        if CONTROL_RE.search(who) or len(who) > 256:
-            raise UsageError("ISCONF_AUTHOR must be printable text of at most 256 characters, like alice@admin1")
+        if CONTROL_RE.search(who) or len(who) > 256 or not utf8(who):
+            raise UsageError("ISCONF_AUTHOR must be printable text of at most 256 characters, valid UTF-8, like "
+                             "alice@admin1")
         return who
     try:
         user = os.environ.get("SUDO_USER") or getpass.getuser()
@@ -9034,6 +9043,9 @@ def required_message(text, what):
     """A -m that was given must say something: it is what whoever looks next reads."""
     if text is not None and not text.strip():
         raise UsageError("%s: -m WHY is empty; say why, for whoever reads the journal next" % what)
+    if text is not None and not utf8(text):
+        raise UsageError("%s: -m WHY is not valid UTF-8 (%s); the journal holds UTF-8 text only: say it in UTF-8"
+                         % (what, ascii(text)[1:-1]))
     return text
 
 

@@ -256,6 +256,24 @@ def test_a_blank_message_is_refused(args, author):
     assert "-m WHY is empty" in error_line(author(*args, expect="usage"))
 
 
+BAD_UTF8 = "caf\udce9"  # the byte 0xe9 alone, as a Latin-1 terminal passes 'cafe' with an accent
+
+
+@pytest.mark.parametrize("args,env", [
+    (["lock", "-m", BAD_UTF8], {}), (["exec", "-m", BAD_UTF8, "--no-run", "--", "/bin/true"], {}),
+    (["reboot", "-m", BAD_UTF8], {}), (["retract", "1", "-m", BAD_UTF8], {}),
+    (["ci", "--unsigned", "-m", BAD_UTF8], {}), (["lock", "-m", "x"], {"ISCONF_AUTHOR": BAD_UTF8})])
+def test_a_message_or_author_that_is_not_utf8_is_a_usage_error_and_keeps_the_staged_work(args, env, author):
+    author.commit(["reboot"])
+    if args[0] != "lock":
+        author("lock", "-m", "x")
+        author("exec", "--no-run", "--", "/bin/echo", "kept")
+    line = error_line(author(*args, env=env, expect="usage"))
+    assert "valid UTF-8" in line, line
+    if args[0] != "lock":
+        assert "exec /bin/echo kept" in author("staged").out
+
+
 def test_an_unsigned_head_is_signed_only_by_adopting_its_entries(author, keys):
     author("lock", "-m", "x")
     author("exec", "--no-run", "--", "/bin/echo", "unsigned")
