@@ -8880,7 +8880,8 @@ class StaticHandler(object):
         self.end_headers()
 
     def log_request(self, code="-", size="-"):
-        wanted = self.headers.get("Range") if self.headers else None
+        headers = getattr(self, "headers", None)   # none yet when the request line itself is refused
+        wanted = headers.get("Range") if headers else None
         self.log_message('"%s" %s%s', self.requestline, code, " range=" + wanted if wanted else "")
 
     def log_message(self, fmt, *args):
