@@ -8163,8 +8163,7 @@ class Session(object):
     secret; each 'unstage' a new generation."""
 
     def __init__(self, repo, branch):
-        digest = sha256_hex(("%s\0%s" % (repo.path, branch)).encode("utf-8", "surrogateescape"))[:32]
-        self.name, self.branch = "lock-%s" % digest, branch
+        self.name, self.branch = repo.author_file("lock", branch), branch
 
     def create(self):
         self.store((binascii.hexlify(os.urandom(32)), 0))
@@ -8316,7 +8315,19 @@ class Repository(object):
         return data
 
     def verified(self, branch, signers, adopt=None, unsigned=False):
-        """(head, entries, journal bytes) of a branch, verified exactly as a host verifies it: the head,
+        """(head, entries, journal bytes) of a branch, verified as a host verifies it (verified_head), and
+        like a host, never older than the last signed head this author verified or published of it: an old
+        head put back (rollback) or another entry at its seq (fork) is Refused, for a head written on it
+        would fork the journal its hosts applied.  A signed head that verified is remembered."""
+        head, entries, data, signed = self.verified_head(branch, signers, adopt, unsigned)
+        self.check_seen(branch, head)
+        if signed:
+            self.remember(branch, head)
+        return head, entries, data
+
+    def verified_head(self, branch, signers, adopt=None, unsigned=False):
+        """(head, entries, journal bytes, whether its signature verified) of a branch, verified exactly as a
+        host verifies it: the head,
         its signature over the head's bytes by a key of signers, the journal's length and hash chain up to
         the entry the head names.  (None, [], b"") for a branch never published.  An unsigned head
         (published with --unsigned) is taken as an --insecure host takes it (chain only) for a publication
@@ -8324,7 +8335,7 @@ class Repository(object):
         its entries (sign --adopt); else Refused (exit 4) saying what failed and the last entry that verified."""
         head = self.head(branch)
         if head is None:
-            return None, [], b""
+            return None, [], b"", False
         if head.branch != branch:
             raise Refused("the head of branch %s names branch %s; the repository was tampered with"
                           % (branch, head.branch))
@@ -8348,12 +8359,12 @@ class Repository(object):
             signature = None
         if signature is None:
             if unsigned:
-                return head, entries, data
+                return head, entries, data, False
             if adopt is None or adopt != head.seq:
                 raise Refused("the head of branch %s (seq %d) is unsigned: nobody vouches for its entries. Read "
                               "them ('isconf log' on a host, or the journal), then 'isconf sign --adopt %d' signs "
                               "exactly those" % (branch, head.seq, head.seq))
-            return head, entries, data
+            return head, entries, data, False
         if signers is None:
             raise UsageError("to check branch %s as its hosts do, isconf needs the keys they trust: give "
                              "--signers FILE (or set ISCONF_SIGNERS), or author on a host of the branch" % branch)
@@ -8362,7 +8373,50 @@ class Repository(object):
         except Refused as e:
             raise Refused("the head of branch %s (seq %d) does not verify with the keys its hosts trust: %s; "
                           "nothing of it is vouched for: nothing written" % (branch, head.seq, e))
-        return head, entries, data
+        return head, entries, data, True
+
+    # What this author last saw of a branch: its own state, as a host keeps the last head it verified.
+
+    def author_file(self, what, branch):
+        """The name, in the author's state directory, of what is kept there about branch of this repository."""
+        return "%s-%s" % (what, sha256_hex(("%s\0%s" % (self.path, branch)).encode("utf-8", "surrogateescape"))[:32])
+
+    def seen_head(self, branch):
+        state = author_state_dir()
+        try:
+            return Head.parse(state.read(self.author_file("head", branch), HEAD_MAX), "the head last seen")
+        except FileNotFoundError:
+            return None
+        except Refused:
+            raise StateError("%s is damaged; remove it (what you last saw of branch %s is forgotten)"
+                             % (state.file(self.author_file("head", branch)), branch))
+        finally:
+            state.close()
+
+    def remember(self, branch, head):
+        state = author_state_dir()
+        try:
+            state.write(self.author_file("head", branch), head.data, 0o600)
+        finally:
+            state.close()
+
+    def check_seen(self, branch, head):
+        """Refused if head (None: no head at all) is older than, or forks from, the last signed head of the
+        branch this author verified or published."""
+        seen = self.seen_head(branch)
+        if seen is None:
+            return
+        forked = head is not None and head.seq == seen.seq and head.id != seen.id
+        if head is not None and head.seq >= seen.seq and not forked:
+            return
+        state = author_state_dir()
+        state.close()
+        now = "missing" if head is None else "at seq %d" % head.seq
+        raise Refused("the head of branch %s is %s, %s the signed seq %d you last saw there (%s): someone put an "
+                      "old head back, or rewrote the journal; nothing written. Put the newest head and journal back "
+                      "(and find out who can write %s), or, if the branch was rewritten on purpose, remove %s"
+                      % (branch, now, "naming another entry than" if forked else "older than", seen.seq,
+                         "fork" if forked else "rollback", self.path, state.file(self.author_file("head", branch))))
 
     # The author lock: who holds the branch, why and since when.
 
@@ -8680,6 +8734,7 @@ class Repository(object):
             if head.branch != branch or (entries[-1].id if entries else ZERO_ID) != head.id:
                 raise Refused("the interrupted publication of branch %s (%s) names a head its journal does not "
                               "end at; nothing written: remove the record" % (branch, work.file("publishing")))
+            self.check_seen(branch, head)
             if signature is not None:
                 if signers is None:
                     raise UsageError("a publication of branch %s was interrupted; to finish it, isconf checks its "
@@ -8697,6 +8752,8 @@ class Repository(object):
             with contextlib.suppress(FileNotFoundError):
                 directory.unlink("head.sig")
         directory.write("head", data)
+        if signature is not None:
+            self.remember(branch, Head.parse(data, "the head published"))
         if pending.get("checkin"):
             self.release(branch)
         work.unlink("publishing")

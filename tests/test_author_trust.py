@@ -50,6 +50,24 @@ def test_a_forged_entry_is_never_signed_by_a_writing_verb(verb, author, keys, se
     assert not os.path.exists(host.path("/forged"))
 
 
+@pytest.mark.parametrize("verb", ["ci", "sign"])
+def test_an_old_signed_head_put_back_is_never_built_on(verb, author, keys):
+    # the old head and its signature are valid: a ci on it would sign a fork of what hosts applied since
+    author.commit(["exec", "--no-run", "--", "/bin/echo", "one"])
+    old = published(author)
+    author.commit(["exec", "--no-run", "--", "/bin/echo", "two"])
+    author("lock", "-m", "three")
+    author("exec", "--no-run", "--", "/bin/echo", "three")
+    for name in ("head", "head.sig"):
+        with open(author.path(name), "wb") as f:
+            f.write(old[name])
+    journal = author.journal()
+    line = error_line(author(*{"ci": ["ci", "--sign", keys.private], "sign": ["sign", "--sign", keys.private]}[verb],
+                             expect="refused"))
+    assert "older than" in line and "rollback" in line and "nothing written" in line, line
+    assert published(author) == dict(old, journal=journal)
+
+
 def test_a_rewritten_entry_names_the_last_entry_that_verified(author, keys):
     author.commit(["exec", "--no-run", "--", "/bin/true"])
     author.commit(["exec", "--no-run", "--", "/bin/false"])
