@@ -8306,12 +8306,13 @@ class Repository(object):
             return b""
         try:
             with os.fdopen(self.branch_dir(branch).open("journal"), "rb") as f:
-                data = f.read(head.length)
+                size = os.fstat(f.fileno()).st_size   # one shorter than the head says is refused unread
+                data = f.read(head.length) if size >= head.length else b""
         except FileNotFoundError:
-            data = b""
+            size, data = 0, b""
         if len(data) != head.length:
             raise Refused("the journal of branch %s is %d bytes, shorter than the %d its head says; the repository "
-                          "is damaged" % (branch, len(data), head.length))
+                          "is damaged" % (branch, len(data) if data else size, head.length))
         return data
 
     def verified(self, branch, signers, adopt=None, unsigned=False):
@@ -8327,8 +8328,8 @@ class Repository(object):
 
     def verified_head(self, branch, signers, adopt=None, unsigned=False):
         """(head, entries, journal bytes, whether its signature verified) of a branch, verified exactly as a
-        host verifies it: the head,
-        its signature over the head's bytes by a key of signers, the journal's length and hash chain up to
+        host verifies it, in its order: the head, its signature over the head's bytes by a key of signers
+        (before the journal is read), the journal's length and hash chain up to
         the entry the head names.  (None, [], b"") for a branch never published.  An unsigned head
         (published with --unsigned) is taken as an --insecure host takes it (chain only) for a publication
         that is unsigned too (unsigned), and is signed only through adopt, the seq up to which a human read
@@ -8339,6 +8340,19 @@ class Repository(object):
         if head.branch != branch:
             raise Refused("the head of branch %s names branch %s; the repository was tampered with"
                           % (branch, head.branch))
+        try:
+            signature = self.branch_dir(branch).read("head.sig", SIGNATURE_MAX)
+        except FileNotFoundError:
+            signature = None
+        if signature is not None:  # first, as a host does: only a signed head's length bounds the journal read
+            if signers is None:
+                raise UsageError("to check branch %s as its hosts do, isconf needs the keys they trust: give "
+                                 "--signers FILE (or set ISCONF_SIGNERS), or author on a host of the branch" % branch)
+            try:
+                verify_signature(head.data, signature, signers, now=parse_time(head.time))
+            except Refused as e:
+                raise Refused("the head of branch %s (seq %d) does not verify with the keys its hosts trust: %s; "
+                              "nothing of it is vouched for: nothing written" % (branch, head.seq, e))
         data = self.journal_bytes(branch, head)
         entries, verified_seq = [], 0
         try:
@@ -8353,10 +8367,6 @@ class Repository(object):
             raise Refused("the journal of branch %s does not end at the entry its head names (seq %d): entry %d "
                           "was altered, or entries added without a new head; the last entry that verified is seq "
                           "%d: nothing written" % (branch, head.seq, last, max(0, last - 1)))
-        try:
-            signature = self.branch_dir(branch).read("head.sig", SIGNATURE_MAX)
-        except FileNotFoundError:
-            signature = None
         if signature is None:
             if unsigned:
                 return head, entries, data, False
@@ -8365,14 +8375,6 @@ class Repository(object):
                               "them ('isconf log' on a host, or the journal), then 'isconf sign --adopt %d' signs "
                               "exactly those" % (branch, head.seq, head.seq))
             return head, entries, data, False
-        if signers is None:
-            raise UsageError("to check branch %s as its hosts do, isconf needs the keys they trust: give "
-                             "--signers FILE (or set ISCONF_SIGNERS), or author on a host of the branch" % branch)
-        try:
-            verify_signature(head.data, signature, signers, now=parse_time(head.time))
-        except Refused as e:
-            raise Refused("the head of branch %s (seq %d) does not verify with the keys its hosts trust: %s; "
-                          "nothing of it is vouched for: nothing written" % (branch, head.seq, e))
         return head, entries, data, True
 
     # What this author last saw of a branch: its own state, as a host keeps the last head it verified.
@@ -8729,13 +8731,7 @@ class Repository(object):
         data, signature = pending["head"].encode("utf-8"), pending["sig"]
         if not trusted:
             head = Head.parse(data, "the head of an interrupted publication of branch %s" % branch)
-            journal = self.journal_bytes(branch, head)
-            entries = verify_chain(journal, 0, ZERO_ID, "journal of branch %s" % branch)
-            if head.branch != branch or (entries[-1].id if entries else ZERO_ID) != head.id:
-                raise Refused("the interrupted publication of branch %s (%s) names a head its journal does not "
-                              "end at; nothing written: remove the record" % (branch, work.file("publishing")))
-            self.check_seen(branch, head)
-            if signature is not None:
+            if signature is not None:  # first: only a signed head's length bounds the journal read
                 if signers is None:
                     raise UsageError("a publication of branch %s was interrupted; to finish it, isconf checks its "
                                      "head as the branch's hosts do: give --signers FILE (or set ISCONF_SIGNERS)"
@@ -8745,6 +8741,12 @@ class Repository(object):
                 except Refused as e:
                     raise Refused("the interrupted publication of branch %s (%s) does not verify: %s; nothing "
                                   "written: remove the record" % (branch, work.file("publishing"), e))
+            journal = self.journal_bytes(branch, head)
+            entries = verify_chain(journal, 0, ZERO_ID, "journal of branch %s" % branch)
+            if head.branch != branch or (entries[-1].id if entries else ZERO_ID) != head.id:
+                raise Refused("the interrupted publication of branch %s (%s) names a head its journal does not "
+                              "end at; nothing written: remove the record" % (branch, work.file("publishing")))
+            self.check_seen(branch, head)
         directory = self.branch_dir(branch, create=True)
         if signature is not None:
             directory.write("head.sig", signature.encode("ascii"))

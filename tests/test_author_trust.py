@@ -6,6 +6,7 @@ following links or blocking on FIFOs."""
 import hashlib
 import json
 import os
+import resource
 import subprocess
 
 import pytest
@@ -66,6 +67,23 @@ def test_an_old_signed_head_put_back_is_never_built_on(verb, author, keys):
                              expect="refused"))
     assert "older than" in line and "rollback" in line and "nothing written" in line, line
     assert published(author) == dict(old, journal=journal)
+
+
+@pytest.mark.parametrize("verb", ["sign", "ci"])
+def test_a_head_claiming_a_huge_journal_is_refused_before_the_journal_is_read(verb, author, keys):
+    # the head's length is only trusted once its signature verified: a planted 4 GiB one is never read
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    if verb == "ci":
+        author("lock", "-m", "x")
+        author("exec", "--no-run", "--", "/bin/true")
+    head = json.loads(open(author.path("head")).read())
+    with open(author.path("head"), "w") as f:
+        f.write(json.dumps(dict(head, length=4 << 30), sort_keys=True, separators=(",", ":")) + "\n")
+    with open(author.path("journal"), "r+b") as f:
+        f.truncate(4 << 30)  # sparse: no disk used
+    args = ["sign", "--sign", keys.private] if verb == "sign" else ["ci", "--sign", keys.private]
+    line = error_line(author(*args, limits={resource.RLIMIT_AS: 1 << 30}, expect="refused"))
+    assert "does not verify" in line and "nothing written" in line, line
 
 
 def test_a_rewritten_entry_names_the_last_entry_that_verified(author, keys):
