@@ -9073,6 +9073,10 @@ def require_at_head(args, repo, branch):
                          % (host.root, host.config.branch, branch))
     head = repo.head(branch)
     applied = host.history(recent=True).applied()[0] if os.path.isdir(host.state_path) else 0
+    if applied > (head.seq if head else 0):
+        raise Refused("this host applied seq %d, but the head of branch %s in %s is at seq %d: the repository lost "
+                      "what its hosts ran (an old head put back, or entries removed); restore the newest head and "
+                      "journal, then lock" % (applied, branch, repo.path, head.seq if head else 0))
     if applied != (head.seq if head else 0):
         raise Busy("this host is at seq %d, the branch at %d: run 'isconf up' first, then lock"
                    % (applied, head.seq if head else 0))

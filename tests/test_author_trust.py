@@ -528,6 +528,22 @@ def test_a_host_behind_the_head_cannot_lock(author, keys, server, host, busybox_
     author("--root", host.root, "lock", "-m", "x")
 
 
+def test_a_host_ahead_of_the_repository_cannot_lock_and_is_not_sent_to_up(author, keys, server, host, busybox_root):
+    # the repository's head put back to an older one: 'isconf up' would only be refused as a rollback
+    busybox_root(host.root)
+    host.init(server.url, keys)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    old = published(author)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host("up", expect="ok")
+    for name in ("head", "head.sig"):
+        with open(author.path(name), "wb") as f:
+            f.write(old[name])
+    line = error_line(author("--root", host.root, "lock", "-m", "x", expect="refused"))
+    assert "this host applied seq 2, but the head of branch web" in line and "at seq 1" in line, line
+    assert "isconf up" not in line and not os.path.exists(os.path.join(author.repo, "authoring", "web", "lock"))
+
+
 def test_a_root_following_another_branch_cannot_author_this_one(author, keys, server, host):
     author.commit(["exec", "--no-run", "--", "/bin/true"])
     host("init", server.url, "--branch", "db", "--signers", keys.signers, expect="ok")
