@@ -8447,6 +8447,14 @@ class Repository(object):
                 work = self.work_dir(branch)
                 with contextlib.suppress(FileNotFoundError):
                     work.unlink("staged")  # left by a lock that was broken: never this lock's work
+            else:
+                # Said, not silently adopted: a lock someone broke and then put back, with its staged work,
+                # looks just like this author's own (attack: a stale staged file replayed after 'unlock --force').
+                count = len(self.work_dir(branch).read_records("staged", "staged work"))
+                if count:
+                    warn("you already held the lock of branch %s (since %s): its %d staged entr%s stay staged for "
+                         "the next ci; 'isconf staged' lists them, 'isconf unlock' discards them"
+                         % (branch, holder.get("time"), count, "y" if count == 1 else "ies"))
             self.work_dir(branch).write("lock", canonical({"who": me, "why": why,
                                                            "time": format_time(time.time())}) + b"\n")
 

@@ -152,6 +152,22 @@ def test_staged_lines_put_back_from_an_older_staged_file_are_refused(replay, aut
     assert published(author) == before
 
 
+def test_a_lock_broken_and_put_back_with_its_staged_work_is_not_adopted_in_silence(author, tmp_path):
+    # bob breaks alice's lock from his machine (her secret stays on hers); someone puts the lock and its staged
+    # work back: alice's next lock says what it keeps, instead of her ci signing it unawares
+    author.commit(["reboot"])
+    author("lock", "-m", "first try")
+    author("exec", "--no-run", "--", "/bin/touch", "/abandoned")
+    work = os.path.join(author.repo, "authoring", "web")
+    saved = {name: open(os.path.join(work, name), "rb").read() for name in ("lock", "staged")}
+    author("unlock", "--force", env={"ISCONF_AUTHOR": "bob@example", "XDG_STATE_HOME": str(tmp_path / "bob")})
+    for name, data in saved.items():
+        with open(os.path.join(work, name), "wb") as f:
+            f.write(data)
+    err = author("lock", "-m", "a new change").err
+    assert "you already held the lock of branch web" in err and "1 staged entry stay staged" in err, err
+
+
 def test_a_staged_object_with_the_right_size_and_wrong_bytes_is_refused(author, tmp_path):
     author.commit(["reboot"])
     src = source_tree(tmp_path, "/etc/motd", "the real banner\n")
