@@ -117,6 +117,7 @@ OWNERS_MAX = 16 * 1024 * 1024   # a target's passwd or group file; larger is not
 SIGNERS_MAX = 1024 * 1024       # an allowed_signers file of a few thousand keys
 VERIFY_MAX = 64 * 1024 * 1024   # what verify-sig reads whole to check; a head is ~200 bytes
 RECORD_MAX = 1024 * 1024        # one history record is under 1 KiB; a longer line is damage, not data
+STAGED_MAX = 64 * 1024 * 1024   # one staged entry: a snap of some 250,000 paths (its MAC checked once parsed)
 CONFIG_MAX = 1024 * 1024        # a host config of a few hundred variables; larger is not a config
 LOG_MAX = 1024 * 1024           # bytes a transaction's log keeps over all its attempts: retries cannot fill /var
 LOG_ATTEMPTS = 3                # attempts a transaction's log keeps, the last ones: enough to compare a few failures
@@ -839,20 +840,20 @@ def append_record(path, fields, dir_fd=None):
         os.close(fd)
 
 
-def _too_long(path, what, offset):
+def _too_long(path, what, offset, limit=RECORD_MAX):
     return StateError("%s %s is damaged at byte %d: a line longer than %d bytes, which isconf never writes; the "
                       "file was overwritten or the disk is failing: move it away and find out what happened"
-                      % (what, path, offset, RECORD_MAX))
+                      % (what, path, offset, limit))
 
 
-def _lines_forward(f, path, what):
+def _lines_forward(f, path, what, limit=RECORD_MAX):
     """(offset, line) of each complete line, first to last; what follows the last newline is a torn append."""
     offset = 0
     while True:
-        line = f.readline(RECORD_MAX + 1)
+        line = f.readline(limit + 1)
         if not line.endswith(b"\n"):
-            if len(line) > RECORD_MAX:
-                raise _too_long(path, what, offset)
+            if len(line) > limit:
+                raise _too_long(path, what, offset, limit)
             return
         yield offset, line[:-1]
         offset += len(line)
@@ -894,7 +895,7 @@ def _record(line, path, what, offset):
     return record
 
 
-def read_records(path, what, until=None, dir_fd=None):
+def read_records(path, what, until=None, dir_fd=None, limit=RECORD_MAX):
     """The JSON objects of a file written by append_record; a torn last line is ignored.
 
     Read a chunk at a time and a line at most RECORD_MAX long (attack: a sparse history of
@@ -905,7 +906,7 @@ def read_records(path, what, until=None, dir_fd=None):
         with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if until is None:
-                return [_record(line, path, what, offset) for offset, line in _lines_forward(f, path, what)]
+                return [_record(line, path, what, offset) for offset, line in _lines_forward(f, path, what, limit)]
             records = []
             for offset, line in _lines_backward(f.fileno(), size, path, what):
                 records.append(_record(line, path, what, offset))
@@ -3788,8 +3789,8 @@ class StateDir(object):
     def open_records(self, name):
         return open_records(self.file(name), self.fd)
 
-    def read_records(self, name, what, until=None):
-        return read_records(self.file(name), what, until, self.fd)
+    def read_records(self, name, what, until=None, limit=RECORD_MAX):
+        return read_records(self.file(name), what, until, self.fd, limit)
 
     def lock(self, name, what, **kw):
         return FileLock(self.file(name), what, self.fd, **kw)
@@ -8450,7 +8451,7 @@ class Repository(object):
             else:
                 # Said, not silently adopted: a lock someone broke and then put back, with its staged work,
                 # looks just like this author's own (attack: a stale staged file replayed after 'unlock --force').
-                count = len(self.work_dir(branch).read_records("staged", "staged work"))
+                count = len(self.work_dir(branch).read_records("staged", "staged work", limit=STAGED_MAX))
                 if count:
                     warn("you already held the lock of branch %s (since %s): its %d staged entr%s stay staged for "
                          "the next ci; 'isconf staged' lists them, 'isconf unlock' discards them"
@@ -8478,7 +8479,7 @@ class Repository(object):
             raise UsageError("branch %s is not locked" % branch)
         work = self.work_dir(branch)
         try:
-            count = "%d" % len(work.read_records("staged", "staged work"))
+            count = "%d" % len(work.read_records("staged", "staged work", limit=STAGED_MAX))
         except StateError:
             count = "all (damaged)"
         if holder.get("who") != author_name():
@@ -8509,7 +8510,7 @@ class Repository(object):
     def staged_chain(self, branch):
         """(the staged entries' fields, the session's key, the last line's MAC): staged, and what the next
         line chains on."""
-        records = self.work_dir(branch).read_records("staged", "staged work")
+        records = self.work_dir(branch).read_records("staged", "staged work", limit=STAGED_MAX)
         session = Session(self, branch)
         key = session.key() if records else None
         macs = [record.pop("mac", None) for record in records]
@@ -8535,9 +8536,14 @@ class Repository(object):
             session = Session(self, branch)
             staged, key, previous = self.staged_chain(branch)
             work = self.work_dir(branch)
+            line = session.lines(key or session.key(), [fields], len(staged) + 1, previous)
+            if len(line) > STAGED_MAX:
+                raise UsageError("%s is %d MiB staged, over the %d MiB one entry holds: stage it in parts (snap "
+                                 "fewer paths at once, or use --exclude)" % (entry.summary()[:60] + "...",
+                                                                             len(line) >> 20, STAGED_MAX >> 20))
             fd = work.open_records("staged")
             try:
-                durable_append(fd, session.lines(key or session.key(), [fields], len(staged) + 1, previous))
+                durable_append(fd, line)
             finally:
                 os.close(fd)
         return entry

@@ -503,6 +503,21 @@ def test_a_directory_snapped_without_r_warns_that_its_contents_are_not_recorded(
     assert "records it alone" in err and "snap -r /etc/web" in err, err
 
 
+def test_snap_r_of_a_tree_of_6000_files_is_staged_and_checked_in(author, tmp_path):
+    # its staged line is over 1 MiB, the bound of a history record: staged work has its own
+    author.commit(["reboot"])
+    doc = str(tmp_path / "src" / "usr" / "share" / "doc")
+    os.makedirs(doc)
+    for n in range(6000):
+        with open(os.path.join(doc, "file-%05d.txt" % n), "w") as f:
+            f.write("%d\n" % n)
+    author("lock", "-m", "docs")
+    author("--root", str(tmp_path / "src"), "snap", "-r", "/usr")
+    assert "1 staged" in author("staged").out
+    author.ci()
+    assert len(json.loads(author.journal().splitlines()[-1])["files"]) == 6003
+
+
 def test_snap_r_refuses_a_fifo_in_the_tree_and_stages_nothing(author, tmp_path):
     src = tmp_path / "src"
     (src / "run/app").mkdir(parents=True)
