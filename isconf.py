@@ -9210,14 +9210,26 @@ def snap_paths(rootpath, path, recursive, exclude):
     def excluded(inside):
         return any(fnmatch.fnmatchcase(inside, p) or fnmatch.fnmatchcase(posixpath.basename(inside), p)
                    for p in exclude)
-    for directory, dirs, files in os.walk(top, onerror=None, followlinks=False):
-        rel = os.path.relpath(directory, top)
-        base = path if rel == "." else posixpath.join(path, rel.replace(os.sep, "/"))
-        dirs[:] = sorted(d for d in dirs if not excluded(posixpath.join(base, d)))
-        for name in sorted(dirs + files):
+    # A stack of the directories still to list, not os.walk, which recurses once per level: a tree 1,100
+    # directories deep ended in a RecursionError.  Each directory's names, sorted, then its subdirectories
+    # (never a link to one) in that order, each whole before the next.
+    stack = [(top, path)]
+    while stack:
+        directory, base = stack.pop()
+        try:
+            with os.scandir(directory) as listing:
+                names = sorted((entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing)
+        except OSError as e:
+            raise UsageError("cannot snap %s: %s" % (base, e.strerror or e))
+        subdirs = []
+        for name, is_dir in names:
             inside = posixpath.join(base, name)
-            if not excluded(inside):
-                yield inside
+            if excluded(inside):
+                continue
+            yield inside
+            if is_dir:
+                subdirs.append((os.path.join(directory, name), inside))
+        stack.extend(reversed(subdirs))
 
 
 def cmd_snap(args):

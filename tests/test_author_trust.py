@@ -518,6 +518,34 @@ def test_snap_r_of_a_tree_of_6000_files_is_staged_and_checked_in(author, tmp_pat
     assert len(json.loads(author.journal().splitlines()[-1])["files"]) == 6003
 
 
+def test_snap_r_records_a_tree_1100_directories_deep(author, tmp_path):
+    author.commit(["reboot"])
+    src = str(tmp_path / "src")
+    os.makedirs(os.path.join(src, "d"))
+    top = os.open(os.path.join(src, "d"), os.O_RDONLY)
+    fd = os.dup(top)
+    for _ in range(1100):  # a directory at a time: os.makedirs and shutil.rmtree recurse once per level
+        os.mkdir("a", dir_fd=fd)
+        fd, parent = os.open("a", os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+        f.write("at the bottom\n")
+    os.close(fd)
+    try:
+        author("lock", "-m", "deep")
+        author("--root", src, "snap", "-r", "/d", "--exclude", "nothing")
+        author.ci()
+        last = json.loads(author.journal().splitlines()[-1])
+        assert [r["path"] for r in last["files"]][-2:] == ["/d" + "/a" * 1100, "/d" + "/a" * 1100 + "/f"]
+    finally:
+        for depth in range(1100, -1, -1):  # removed from the bottom up, as it was made
+            where = os.open("/".join(["."] + ["a"] * depth), os.O_RDONLY, dir_fd=top)
+            for name in os.listdir(where):
+                (os.rmdir if name == "a" else os.unlink)(name, dir_fd=where)
+            os.close(where)
+        os.close(top)
+
+
 def test_snap_r_refuses_a_fifo_in_the_tree_and_stages_nothing(author, tmp_path):
     src = tmp_path / "src"
     (src / "run/app").mkdir(parents=True)
