@@ -117,6 +117,7 @@ OWNERS_MAX = 16 * 1024 * 1024   # a target's passwd or group file; larger is not
 SIGNERS_MAX = 1024 * 1024       # an allowed_signers file of a few thousand keys
 VERIFY_MAX = 64 * 1024 * 1024   # what verify-sig reads whole to check; a head is ~200 bytes
 RECORD_MAX = 1024 * 1024        # one history record is under 1 KiB; a longer line is damage, not data
+STAGED_MAX = 64 * 1024 * 1024   # one staged entry: a snap of some 250,000 paths (its MAC checked once parsed)
 CONFIG_MAX = 1024 * 1024        # a host config of a few hundred variables; larger is not a config
 CONFIG_BLANKS = 64              # blanks in a row a config line may hold before its '=': more is no KEY = VALUE
 LOG_MAX = 1024 * 1024           # bytes a transaction's log keeps over all its attempts: retries cannot fill /var
@@ -840,20 +841,20 @@ def append_record(path, fields, dir_fd=None):
         os.close(fd)
 
 
-def _too_long(path, what, offset):
+def _too_long(path, what, offset, limit=RECORD_MAX):
     return StateError("%s %s is damaged at byte %d: a line longer than %d bytes, which isconf never writes; the "
                       "file was overwritten or the disk is failing: move it away and find out what happened"
-                      % (what, path, offset, RECORD_MAX))
+                      % (what, path, offset, limit))
 
 
-def _lines_forward(f, path, what):
+def _lines_forward(f, path, what, limit=RECORD_MAX):
     """(offset, line) of each complete line, first to last; what follows the last newline is a torn append."""
     offset = 0
     while True:
-        line = f.readline(RECORD_MAX + 1)
+        line = f.readline(limit + 1)
         if not line.endswith(b"\n"):
-            if len(line) > RECORD_MAX:
-                raise _too_long(path, what, offset)
+            if len(line) > limit:
+                raise _too_long(path, what, offset, limit)
             return
         yield offset, line[:-1]
         offset += len(line)
@@ -895,7 +896,7 @@ def _record(line, path, what, offset):
     return record
 
 
-def read_records(path, what, until=None, dir_fd=None):
+def read_records(path, what, until=None, dir_fd=None, limit=RECORD_MAX):
     """The JSON objects of a file written by append_record; a torn last line is ignored.
 
     Read a chunk at a time and a line at most RECORD_MAX long (attack: a sparse history of
@@ -906,7 +907,7 @@ def read_records(path, what, until=None, dir_fd=None):
         with os.fdopen(open_regular(path, os.O_RDONLY, 0, dir_fd), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if until is None:
-                return [_record(line, path, what, offset) for offset, line in _lines_forward(f, path, what)]
+                return [_record(line, path, what, offset) for offset, line in _lines_forward(f, path, what, limit)]
             records = []
             for offset, line in _lines_backward(f.fileno(), size, path, what):
                 records.append(_record(line, path, what, offset))
@@ -1401,15 +1402,23 @@ def warn(message):
 # ---------------------------------------------------------------------------
 
 
+def utf8(text):
+    """Whether text from the command line or the environment is UTF-8: bytes that are not arrive as lone
+    surrogates, which no journal line, lock or record can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_path(path, what="path"):
     """A journaled path: absolute, normalised, no '..', no NUL (attack: traversal)."""
     if (not isinstance(path, str) or not path.startswith("/") or "\0" in path
             or posixpath.normpath(path) != path or path.startswith("//")
             or ".." in path.split("/")):
         raise Refused("%s %r is not an absolute, normalised path without '..'" % (what, path))
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
+    if not utf8(path):
         raise Refused("%s %r is not valid UTF-8; the journal holds UTF-8 paths only" % (what, path))
     return path
 
@@ -2816,7 +2825,7 @@ class FileType(object):
     @staticmethod
     def check_record(record, seen, what):
         """Refused, saying what is wrong, unless record is a well-formed record of a known type;
-        seen maps the paths of the snap's records so far to their types."""
+        seen maps the paths of the snap's records so far to their records."""
         ftype = FileType.of(record, what)
         check_fields(record, dict(ftype.fields, path=str, type=str), what, optional=ftype.optional)
         path = validate_path(record["path"], what + ": path")
@@ -2829,18 +2838,29 @@ class FileType(object):
         if in_state(path):
             raise Refused("%s: %s is in %s, the agent's own state, which no journal entry may write"
                           % (what, path, STATE_PATH))
-        if "mode" in ftype.fields and guards_trust(path):
-            # as a host resolves it (Owners): the name root, or uid 0 under no name (a source without passwd)
-            by_root = record["user"] == "root" or (record["uid"] == 0 and record["user"] == "0")
-            if record["mode"] & 0o022 or not by_root:
-                raise Refused("%s: %s would be %s, but the agent refuses to run while it is not root's alone; "
-                              "snap it again owned by root and writable by no one else"
-                              % (what, path, "owned by %s, not root" % record.get("user", record.get("uid"))
-                                 if not by_root else "writable by group or others (mode %04o)" % record["mode"]))
+        if path in (CONFIG_PATH, SIGNERS_PATH) and ftype.ifmt != stat.S_IFREG:
+            raise Refused("%s: %s would be a %s, but hosts read it only as a regular file, and would refuse to run; "
+                          "snap the file itself" % (what, path, ftype.label))
+        if "mode" in ftype.fields:
+            FileType.check_trusted(record, path, what)
         ftype.check(record, seen, what)
         if path in seen:
             raise Refused("%s: %s appears twice" % (what, path))
-        seen[path] = ftype.name
+        seen[path] = record
+
+    @staticmethod
+    def check_trusted(held, path, what):
+        """Refused if path guards the agent's trust (guards_trust) and would have held's owner and mode (its
+        own record's, or for a hard link its file's) other than root's alone."""
+        if not guards_trust(path):
+            return
+        # as a host resolves it (Owners): the name root, or uid 0 under no name (a source without passwd)
+        by_root = held["user"] == "root" or (held["uid"] == 0 and held["user"] == "0")
+        if held["mode"] & 0o022 or not by_root:
+            raise Refused("%s: %s would be %s, but the agent refuses to run while it is not root's alone; "
+                          "snap it again owned by root and writable by no one else"
+                          % (what, path, "owned by %s, not root" % held.get("user", held.get("uid"))
+                             if not by_root else "writable by group or others (mode %04o)" % held["mode"]))
 
     def check(self, record, seen, what):
         """What this type adds to the checks every record gets."""
@@ -2848,6 +2868,10 @@ class FileType(object):
     def objects(self, record):
         """(sha256, stored size) of the objects this record needs."""
         return []
+
+    def content_object(self, record, by_path):
+        """The object holding the bytes a host reads at record's path, or None (by_path: its snap's records)."""
+        return None
 
     # The author's side.
 
@@ -3023,6 +3047,9 @@ class RegularFile(FileType):
         stored = sum(length for _, length in record["extents"]) if "extents" in record else record["size"]
         return [(record["object"], stored)]
 
+    def content_object(self, record, by_path):
+        return record["object"]
+
     def captures(self, st, links):
         return stat.S_ISREG(st.st_mode) and not (st.st_nlink > 1 and (st.st_dev, st.st_ino) in links)
 
@@ -3152,9 +3179,15 @@ class HardLink(FileType):
 
     def check(self, record, seen, what):
         validate_path(record["target"], what + ": hard link target")
-        if seen.get(record["target"]) != RegularFile.name:
+        target = seen.get(record["target"])
+        if target is None or target["type"] != RegularFile.name:
             raise Refused("%s: hard link %s names %s, which is not a file earlier in the same snap"
                           % (what, record["path"], record["target"]))
+        FileType.check_trusted(target, record["path"], what)
+
+    def content_object(self, record, by_path):
+        target = by_path[record["target"]]
+        return FILE_TYPES[target["type"]].content_object(target, by_path)
 
     def captures(self, st, links):
         return stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in links
@@ -3795,8 +3828,8 @@ class StateDir(object):
     def open_records(self, name):
         return open_records(self.file(name), self.fd)
 
-    def read_records(self, name, what, until=None):
-        return read_records(self.file(name), what, until, self.fd)
+    def read_records(self, name, what, until=None, limit=RECORD_MAX):
+        return read_records(self.file(name), what, until, self.fd, limit)
 
     def lock(self, name, what, **kw):
         return FileLock(self.file(name), what, self.fd, **kw)
@@ -8180,8 +8213,9 @@ def author_name():
     """Who is authoring: ISCONF_AUTHOR, else the human behind sudo, at this host."""
     who = os.environ.get("ISCONF_AUTHOR")
     if who:
-        if CONTROL_RE.search(who) or len(who) > 256:
-            raise UsageError("ISCONF_AUTHOR must be printable text of at most 256 characters, like alice@admin1")
+        if CONTROL_RE.search(who) or len(who) > 256 or not utf8(who):
+            raise UsageError("ISCONF_AUTHOR must be printable text of at most 256 characters, valid UTF-8, like "
+                             "alice@admin1")
         return who
     try:
         user = os.environ.get("SUDO_USER") or getpass.getuser()
@@ -8255,31 +8289,39 @@ def author_state_dir():
 
 class Session(object):
     """The secret of one author's lock of one branch, kept in the author's state directory (never in the
-    repository): every staged line carries a MAC under it, so what someone else adds to the staged
-    file, or changes or reorders in it, is refused at ci.  A new lock makes a new secret."""
+    repository): every staged line carries a MAC under it, chained to the line before it and to the staged
+    file's generation, so what someone else adds to the staged file, changes, reorders, or puts back from an
+    older copy of it (a line unstaged, or cut off and staged after) is refused at ci.  A new lock makes a new
+    secret; each 'unstage' a new generation."""
 
     def __init__(self, repo, branch):
-        digest = sha256_hex(("%s\0%s" % (repo.path, branch)).encode("utf-8", "surrogateescape"))[:32]
-        self.name, self.branch = "lock-%s" % digest, branch
+        self.name, self.branch = repo.author_file("lock", branch), branch
 
     def create(self):
+        self.store((binascii.hexlify(os.urandom(32)), 0))
+
+    def store(self, key):
         state = author_state_dir()
         try:
-            state.write(self.name, binascii.hexlify(os.urandom(32)) + b"\n", 0o600)
+            state.write(self.name, b"%s %d\n" % key, 0o600)
         finally:
             state.close()
 
-    def secret(self):
+    def key(self):
+        """(the secret, the staged file's generation)."""
         state = author_state_dir()
         try:
-            text = state.read(self.name, 256).strip()
+            words = state.read(self.name, 256).split()
         except FileNotFoundError:
             raise Busy("branch %s is locked in your name, but not from here: this machine holds no secret of that "
                        "lock (in %s); stage from where you took it, or 'isconf unlock' and lock again"
                        % (self.branch, state.path))
         finally:
             state.close()
-        return text
+        if not 1 <= len(words) <= 2 or not words[-1].isdigit():
+            raise StateError("the secret of your lock of branch %s (%s) is damaged; 'isconf unlock' and lock again"
+                             % (self.branch, os.path.join(state.path, self.name)))
+        return words[0], int(words[1]) if len(words) == 2 else 0
 
     def forget(self):
         state = author_state_dir()
@@ -8289,13 +8331,28 @@ class Session(object):
         finally:
             state.close()
 
-    def mac(self, secret, number, fields):
-        """The MAC of staged line number (from 1), fields as canonical JSON: a line moved is a line changed."""
-        return hmac.new(secret, b"%d\n" % number + canonical(fields), hashlib.sha256).hexdigest()
+    def mac(self, key, number, previous, fields):
+        """The MAC of staged line number (from 1) after the line whose MAC is previous, fields as canonical
+        JSON: a line moved, or put back after others, is a line changed."""
+        return hmac.new(key[0], b"%d %d %s\n" % (key[1], number, previous.encode("ascii")) + canonical(fields),
+                        hashlib.sha256).hexdigest()
 
+    def lines(self, key, staged, number=1, previous=""):
+        """The staged file's lines for the fields in staged, numbered from number, chained on from previous."""
+        lines = []
+        for number, fields in enumerate(staged, number):
+            previous = self.mac(key, number, previous, fields)
+            lines.append(canonical(dict(fields, mac=previous)) + b"\n")
+        return b"".join(lines)
 
-def staged_line(session, secret, number, fields):
-    return canonical(dict(fields, mac=session.mac(secret, number, fields))) + b"\n"
+    def first_forged(self, key, records, macs):
+        """The number of the first record whose MAC is not the one its place in the chain gives, or None."""
+        previous = ""
+        for number, (record, mac) in enumerate(zip(records, macs), 1):
+            if not isinstance(mac, str) or not hmac.compare_digest(mac, self.mac(key, number, previous, record)):
+                return number
+            previous = mac
+        return None
 
 
 class Repository(object):
@@ -8384,27 +8441,53 @@ class Repository(object):
             return b""
         try:
             with os.fdopen(self.branch_dir(branch).open("journal"), "rb") as f:
-                data = f.read(head.length)
+                size = os.fstat(f.fileno()).st_size   # one shorter than the head says is refused unread
+                data = f.read(head.length) if size >= head.length else b""
         except FileNotFoundError:
-            data = b""
+            size, data = 0, b""
         if len(data) != head.length:
             raise Refused("the journal of branch %s is %d bytes, shorter than the %d its head says; the repository "
-                          "is damaged" % (branch, len(data), head.length))
+                          "is damaged" % (branch, len(data) if data else size, head.length))
         return data
 
     def verified(self, branch, signers, adopt=None, unsigned=False):
-        """(head, entries, journal bytes) of a branch, verified exactly as a host verifies it: the head,
-        its signature over the head's bytes by a key of signers, the journal's length and hash chain up to
+        """(head, entries, journal bytes) of a branch, verified as a host verifies it (verified_head), and
+        like a host, never older than the last signed head this author verified or published of it: an old
+        head put back (rollback) or another entry at its seq (fork) is Refused, for a head written on it
+        would fork the journal its hosts applied.  A signed head that verified is remembered."""
+        head, entries, data, signed = self.verified_head(branch, signers, adopt, unsigned)
+        self.check_seen(branch, head)
+        if signed:
+            self.remember(branch, head)
+        return head, entries, data
+
+    def verified_head(self, branch, signers, adopt=None, unsigned=False):
+        """(head, entries, journal bytes, whether its signature verified) of a branch, verified exactly as a
+        host verifies it, in its order: the head, its signature over the head's bytes by a key of signers
+        (before the journal is read), the journal's length and hash chain up to
         the entry the head names.  (None, [], b"") for a branch never published.  An unsigned head
         (published with --unsigned) is taken as an --insecure host takes it (chain only) for a publication
         that is unsigned too (unsigned), and is signed only through adopt, the seq up to which a human read
         its entries (sign --adopt); else Refused (exit 4) saying what failed and the last entry that verified."""
         head = self.head(branch)
         if head is None:
-            return None, [], b""
+            return None, [], b"", False
         if head.branch != branch:
             raise Refused("the head of branch %s names branch %s; the repository was tampered with"
                           % (branch, head.branch))
+        try:
+            signature = self.branch_dir(branch).read("head.sig", SIGNATURE_MAX)
+        except FileNotFoundError:
+            signature = None
+        if signature is not None:  # first, as a host does: only a signed head's length bounds the journal read
+            if signers is None:
+                raise UsageError("to check branch %s as its hosts do, isconf needs the keys they trust: give "
+                                 "--signers FILE (or set ISCONF_SIGNERS), or author on a host of the branch" % branch)
+            try:
+                verify_signature(head.data, signature, signers, now=parse_time(head.time))
+            except Refused as e:
+                raise Refused("the head of branch %s (seq %d) does not verify with the keys its hosts trust: %s; "
+                              "nothing of it is vouched for: nothing written" % (branch, head.seq, e))
         data = self.journal_bytes(branch, head)
         entries, verified_seq = [], 0
         try:
@@ -8419,27 +8502,58 @@ class Repository(object):
             raise Refused("the journal of branch %s does not end at the entry its head names (seq %d): entry %d "
                           "was altered, or entries added without a new head; the last entry that verified is seq "
                           "%d: nothing written" % (branch, head.seq, last, max(0, last - 1)))
-        try:
-            signature = self.branch_dir(branch).read("head.sig", SIGNATURE_MAX)
-        except FileNotFoundError:
-            signature = None
         if signature is None:
             if unsigned:
-                return head, entries, data
+                return head, entries, data, False
             if adopt is None or adopt != head.seq:
                 raise Refused("the head of branch %s (seq %d) is unsigned: nobody vouches for its entries. Read "
                               "them ('isconf log' on a host, or the journal), then 'isconf sign --adopt %d' signs "
                               "exactly those" % (branch, head.seq, head.seq))
-            return head, entries, data
-        if signers is None:
-            raise UsageError("to check branch %s as its hosts do, isconf needs the keys they trust: give "
-                             "--signers FILE (or set ISCONF_SIGNERS), or author on a host of the branch" % branch)
+            return head, entries, data, False
+        return head, entries, data, True
+
+    # What this author last saw of a branch: its own state, as a host keeps the last head it verified.
+
+    def author_file(self, what, branch):
+        """The name, in the author's state directory, of what is kept there about branch of this repository."""
+        return "%s-%s" % (what, sha256_hex(("%s\0%s" % (self.path, branch)).encode("utf-8", "surrogateescape"))[:32])
+
+    def seen_head(self, branch):
+        state = author_state_dir()
         try:
-            verify_signature(head.data, signature, signers, now=parse_time(head.time))
-        except Refused as e:
-            raise Refused("the head of branch %s (seq %d) does not verify with the keys its hosts trust: %s; "
-                          "nothing of it is vouched for: nothing written" % (branch, head.seq, e))
-        return head, entries, data
+            return Head.parse(state.read(self.author_file("head", branch), HEAD_MAX), "the head last seen")
+        except FileNotFoundError:
+            return None
+        except Refused:
+            raise StateError("%s is damaged; remove it (what you last saw of branch %s is forgotten)"
+                             % (state.file(self.author_file("head", branch)), branch))
+        finally:
+            state.close()
+
+    def remember(self, branch, head):
+        state = author_state_dir()
+        try:
+            state.write(self.author_file("head", branch), head.data, 0o600)
+        finally:
+            state.close()
+
+    def check_seen(self, branch, head):
+        """Refused if head (None: no head at all) is older than, or forks from, the last signed head of the
+        branch this author verified or published."""
+        seen = self.seen_head(branch)
+        if seen is None:
+            return
+        forked = head is not None and head.seq == seen.seq and head.id != seen.id
+        if head is not None and head.seq >= seen.seq and not forked:
+            return
+        state = author_state_dir()
+        state.close()
+        now = "missing" if head is None else "at seq %d" % head.seq
+        raise Refused("the head of branch %s is %s, %s the signed seq %d you last saw there (%s): someone put an "
+                      "old head back, or rewrote the journal; nothing written. Put the newest head and journal back "
+                      "(and find out who can write %s), or, if the branch was rewritten on purpose, remove %s"
+                      % (branch, now, "naming another entry than" if forked else "older than", seen.seq,
+                         "fork" if forked else "rollback", self.path, state.file(self.author_file("head", branch))))
 
     # The author lock: who holds the branch, why and since when.
 
@@ -8468,6 +8582,14 @@ class Repository(object):
                 work = self.work_dir(branch)
                 with contextlib.suppress(FileNotFoundError):
                     work.unlink("staged")  # left by a lock that was broken: never this lock's work
+            else:
+                # Said, not silently adopted: a lock someone broke and then put back, with its staged work,
+                # looks just like this author's own (attack: a stale staged file replayed after 'unlock --force').
+                count = len(self.work_dir(branch).read_records("staged", "staged work", limit=STAGED_MAX))
+                if count:
+                    warn("you already held the lock of branch %s (since %s): its %d staged entr%s stay staged for "
+                         "the next ci; 'isconf staged' lists them, 'isconf unlock' discards them"
+                         % (branch, holder.get("time"), count, "y" if count == 1 else "ies"))
             self.work_dir(branch).write("lock", canonical({"who": me, "why": why,
                                                            "time": format_time(time.time())}) + b"\n")
 
@@ -8491,7 +8613,7 @@ class Repository(object):
             raise UsageError("branch %s is not locked" % branch)
         work = self.work_dir(branch)
         try:
-            count = "%d" % len(work.read_records("staged", "staged work"))
+            count = "%d" % len(work.read_records("staged", "staged work", limit=STAGED_MAX))
         except StateError:
             count = "all (damaged)"
         if holder.get("who") != author_name():
@@ -8516,20 +8638,27 @@ class Repository(object):
 
     def staged(self, branch):
         """The staged entries' fields, in order, each line's MAC checked under this lock's secret:
-        Refused (exit 4) for a line someone else wrote, changed or moved."""
-        records = self.work_dir(branch).read_records("staged", "staged work")
+        Refused (exit 4) for a line someone else wrote, changed, moved or put back."""
+        return self.staged_chain(branch)[0]
+
+    def staged_chain(self, branch):
+        """(the staged entries' fields, the session's key, the last line's MAC): staged, and what the next
+        line chains on."""
+        records = self.work_dir(branch).read_records("staged", "staged work", limit=STAGED_MAX)
         session = Session(self, branch)
-        secret = session.secret() if records else None
-        work = self.work_dir(branch)
-        found = []
-        for number, record in enumerate(records, 1):
-            mac = record.pop("mac", None)
-            if not isinstance(mac, str) or not hmac.compare_digest(mac, session.mac(secret, number, record)):
+        key = session.key() if records else None
+        macs = [record.pop("mac", None) for record in records]
+        number = session.first_forged(key, records, macs) if records else None
+        if number is not None:
+            newer = (key[0], key[1] + 1)
+            if session.first_forged(newer, records, macs) is not None:
                 raise Refused("staged line %d of branch %s (%s) was not staged under this lock: someone wrote to "
                               "the repository's work area; nothing written. 'isconf unlock' discards the staged "
-                              "work; find out who can write %s" % (number, branch, work.file("staged"), self.path))
-            found.append(record)
-        return found
+                              "work; find out who can write %s"
+                              % (number, branch, self.work_dir(branch).file("staged"), self.path))
+            session.store(newer)   # an unstage wrote the file, then stopped before its generation was kept
+            key = newer
+        return records, key, macs[-1] if macs else ""
 
     def stage(self, branch, fields, took_effect=None):
         """Stage an entry, checked now as ci will check it, so a bad one fails at once.  took_effect: the
@@ -8539,12 +8668,16 @@ class Repository(object):
         fields = dict(fields, applied=took_effect) if took_effect else fields
         with self.branch_mutex(branch):
             session = Session(self, branch)
-            secret = session.secret()
-            number = len(self.staged(branch)) + 1
+            staged, key, previous = self.staged_chain(branch)
             work = self.work_dir(branch)
+            line = session.lines(key or session.key(), [fields], len(staged) + 1, previous)
+            if len(line) > STAGED_MAX:
+                raise UsageError("%s is %d MiB staged, over the %d MiB one entry holds: stage it in parts (snap "
+                                 "fewer paths at once, or use --exclude)" % (entry.summary()[:60] + "...",
+                                                                             len(line) >> 20, STAGED_MAX >> 20))
             fd = work.open_records("staged")
             try:
-                durable_append(fd, staged_line(session, secret, number, fields))
+                durable_append(fd, line)
             finally:
                 os.close(fd)
         return entry
@@ -8553,18 +8686,21 @@ class Repository(object):
         """Drop staged entry number (from 1); the others keep their order."""
         self.require_lock(branch)
         with self.branch_mutex(branch):
-            staged = self.staged(branch)
+            staged, key, _ = self.staged_chain(branch)
             if not 1 <= number <= len(staged):
                 raise UsageError("nothing is staged as number %d on branch %s (%s); see 'isconf staged'"
                                  % (number, branch, "%d staged" % len(staged) if staged else "nothing staged"))
-            self.rewrite_staged(branch, staged[:number - 1] + staged[number:])
+            self.rewrite_staged(branch, staged[:number - 1] + staged[number:], key)
             return self.check_staged(staged[number - 1], "entry")
 
-    def rewrite_staged(self, branch, staged):
+    def rewrite_staged(self, branch, staged, key):
+        """Write the staged file anew, in the generation after key's (then kept): no line of an older copy of the
+        file verifies any more.  A crash between the two leaves a file the next reader finds in the next
+        generation, and keeps."""
         session = Session(self, branch)
-        secret = session.secret()
-        data = b"".join(staged_line(session, secret, n, fields) for n, fields in enumerate(staged, 1))
-        self.work_dir(branch).write("staged", data)
+        newer = (key[0], key[1] + 1)
+        self.work_dir(branch).write("staged", session.lines(newer, staged))
+        session.store(newer)
 
     @staticmethod
     def check_staged(fields, what):
@@ -8629,12 +8765,15 @@ class Repository(object):
         return new, new_entries, in_effect
 
     def check_host_files(self, entry):
-        """A new entry's trusted keys or host config, parsed again from its object with the agent's own parser
-        (as at snap time: a file every host would refuse never ships); the keys it ships, or None."""
+        """A new entry's trusted keys or host config, parsed again from its object (a hard link's: its file's)
+        with the agent's own parser (as at snap time: a file every host would refuse never ships); the keys it
+        ships, or None."""
         shipped = None
-        for sha, _ in entry.objects():
-            path = entry.object_path(sha)
-            if path not in (SIGNERS_PATH, CONFIG_PATH):
+        records = dict((record["path"], record) for record in entry.installs())
+        for path in (SIGNERS_PATH, CONFIG_PATH):
+            record = records.get(path)
+            sha = FILE_TYPES[record["type"]].content_object(record, records) if record is not None else None
+            if sha is None:
                 continue
             data = self.objects().read(sha, max(SIGNERS_MAX, CONFIG_MAX))
             try:
@@ -8740,12 +8879,7 @@ class Repository(object):
         data, signature = pending["head"].encode("utf-8"), pending["sig"]
         if not trusted:
             head = Head.parse(data, "the head of an interrupted publication of branch %s" % branch)
-            journal = self.journal_bytes(branch, head)
-            entries = verify_chain(journal, 0, ZERO_ID, "journal of branch %s" % branch)
-            if head.branch != branch or (entries[-1].id if entries else ZERO_ID) != head.id:
-                raise Refused("the interrupted publication of branch %s (%s) names a head its journal does not "
-                              "end at; nothing written: remove the record" % (branch, work.file("publishing")))
-            if signature is not None:
+            if signature is not None:  # first: only a signed head's length bounds the journal read
                 if signers is None:
                     raise UsageError("a publication of branch %s was interrupted; to finish it, isconf checks its "
                                      "head as the branch's hosts do: give --signers FILE (or set ISCONF_SIGNERS)"
@@ -8755,6 +8889,12 @@ class Repository(object):
                 except Refused as e:
                     raise Refused("the interrupted publication of branch %s (%s) does not verify: %s; nothing "
                                   "written: remove the record" % (branch, work.file("publishing"), e))
+            journal = self.journal_bytes(branch, head)
+            entries = verify_chain(journal, 0, ZERO_ID, "journal of branch %s" % branch)
+            if head.branch != branch or (entries[-1].id if entries else ZERO_ID) != head.id:
+                raise Refused("the interrupted publication of branch %s (%s) names a head its journal does not "
+                              "end at; nothing written: remove the record" % (branch, work.file("publishing")))
+            self.check_seen(branch, head)
         directory = self.branch_dir(branch, create=True)
         if signature is not None:
             directory.write("head.sig", signature.encode("ascii"))
@@ -8762,6 +8902,8 @@ class Repository(object):
             with contextlib.suppress(FileNotFoundError):
                 directory.unlink("head.sig")
         directory.write("head", data)
+        if signature is not None:
+            self.remember(branch, Head.parse(data, "the head published"))
         if pending.get("checkin"):
             self.release(branch)
         work.unlink("publishing")
@@ -8945,7 +9087,8 @@ class StaticHandler(object):
         self.end_headers()
 
     def log_request(self, code="-", size="-"):
-        wanted = self.headers.get("Range") if self.headers else None
+        headers = getattr(self, "headers", None)   # none yet when the request line itself is refused
+        wanted = headers.get("Range") if headers else None
         self.log_message('"%s" %s%s', self.requestline, code, " range=" + wanted if wanted else "")
 
     def log_message(self, fmt, *args):
@@ -9091,6 +9234,10 @@ def require_at_head(args, repo, branch):
                          % (host.root, host.config.branch, branch))
     head = repo.head(branch)
     applied = host.history(recent=True).applied()[0] if os.path.isdir(host.state_path) else 0
+    if applied > (head.seq if head else 0):
+        raise Refused("this host applied seq %d, but the head of branch %s in %s is at seq %d: the repository lost "
+                      "what its hosts ran (an old head put back, or entries removed); restore the newest head and "
+                      "journal, then lock" % (applied, branch, repo.path, head.seq if head else 0))
     if applied != (head.seq if head else 0):
         raise Busy("this host is at seq %d, the branch at %d: run 'isconf up' first, then lock"
                    % (applied, head.seq if head else 0))
@@ -9130,6 +9277,9 @@ def required_message(text, what):
     """A -m that was given must say something: it is what whoever looks next reads."""
     if text is not None and not text.strip():
         raise UsageError("%s: -m WHY is empty; say why, for whoever reads the journal next" % what)
+    if text is not None and not utf8(text):
+        raise UsageError("%s: -m WHY is not valid UTF-8 (%s); the journal holds UTF-8 text only: say it in UTF-8"
+                         % (what, ascii(text)[1:-1]))
     return text
 
 
@@ -9194,7 +9344,7 @@ def check_host_file(rootpath, record):
     a file every host would refuse never ships (UsageError: the line and what is wrong)."""
     checks = {SIGNERS_PATH: lambda data: load_signers(SIGNERS_PATH, lambda: data),
               CONFIG_PATH: lambda data: Config(CONFIG_PATH, data)}
-    check = checks.get(record.get("path")) if record.get("type") == RegularFile.name else None
+    check = checks.get(record.get("path")) if record.get("type") in (RegularFile.name, HardLink.name) else None
     if check is not None:
         try:
             check(rootpath.read_file(record["path"], max(SIGNERS_MAX, CONFIG_MAX)))
@@ -9219,14 +9369,26 @@ def snap_paths(rootpath, path, recursive, exclude):
     def excluded(inside):
         return any(fnmatch.fnmatchcase(inside, p) or fnmatch.fnmatchcase(posixpath.basename(inside), p)
                    for p in exclude)
-    for directory, dirs, files in os.walk(top, onerror=None, followlinks=False):
-        rel = os.path.relpath(directory, top)
-        base = path if rel == "." else posixpath.join(path, rel.replace(os.sep, "/"))
-        dirs[:] = sorted(d for d in dirs if not excluded(posixpath.join(base, d)))
-        for name in sorted(dirs + files):
+    # A stack of the directories still to list, not os.walk, which recurses once per level: a tree 1,100
+    # directories deep ended in a RecursionError.  Each directory's names, sorted, then its subdirectories
+    # (never a link to one) in that order, each whole before the next.
+    stack = [(top, path)]
+    while stack:
+        directory, base = stack.pop()
+        try:
+            with os.scandir(directory) as listing:
+                names = sorted((entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing)
+        except OSError as e:
+            raise UsageError("cannot snap %s: %s" % (base, e.strerror or e))
+        subdirs = []
+        for name, is_dir in names:
             inside = posixpath.join(base, name)
-            if not excluded(inside):
-                yield inside
+            if excluded(inside):
+                continue
+            yield inside
+            if is_dir:
+                subdirs.append((os.path.join(directory, name), inside))
+        stack.extend(reversed(subdirs))
 
 
 def cmd_snap(args):

@@ -247,6 +247,15 @@ class Author(object):
         with open(os.path.join(self.repo, "branches", self.branch, "journal"), "rb") as f:
             return f.read()
 
+    def forget_seen_head(self):
+        """What an author does after rewriting the branch on purpose: forget the last signed head seen of it
+        (else every verb writing a head refuses the rewritten branch as a rollback or a fork)."""
+        digest = hashlib.sha256(("%s\0%s" % (os.path.abspath(self.repo), self.branch)).encode()).hexdigest()[:32]
+        try:
+            os.unlink(os.path.join(AUTHOR_STATE, "isconf", "head-" + digest))
+        except FileNotFoundError:
+            pass
+
     def path(self, *parts):
         return os.path.join(self.repo, "branches", self.branch, *parts)
 

@@ -6,6 +6,7 @@ following links or blocking on FIFOs."""
 import hashlib
 import json
 import os
+import resource
 import subprocess
 
 import pytest
@@ -50,6 +51,41 @@ def test_a_forged_entry_is_never_signed_by_a_writing_verb(verb, author, keys, se
     assert not os.path.exists(host.path("/forged"))
 
 
+@pytest.mark.parametrize("verb", ["ci", "sign"])
+def test_an_old_signed_head_put_back_is_never_built_on(verb, author, keys):
+    # the old head and its signature are valid: a ci on it would sign a fork of what hosts applied since
+    author.commit(["exec", "--no-run", "--", "/bin/echo", "one"])
+    old = published(author)
+    author.commit(["exec", "--no-run", "--", "/bin/echo", "two"])
+    author("lock", "-m", "three")
+    author("exec", "--no-run", "--", "/bin/echo", "three")
+    for name in ("head", "head.sig"):
+        with open(author.path(name), "wb") as f:
+            f.write(old[name])
+    journal = author.journal()
+    line = error_line(author(*{"ci": ["ci", "--sign", keys.private], "sign": ["sign", "--sign", keys.private]}[verb],
+                             expect="refused"))
+    assert "older than" in line and "rollback" in line and "nothing written" in line, line
+    assert published(author) == dict(old, journal=journal)
+
+
+@pytest.mark.parametrize("verb", ["sign", "ci"])
+def test_a_head_claiming_a_huge_journal_is_refused_before_the_journal_is_read(verb, author, keys):
+    # the head's length is only trusted once its signature verified: a planted 4 GiB one is never read
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    if verb == "ci":
+        author("lock", "-m", "x")
+        author("exec", "--no-run", "--", "/bin/true")
+    head = json.loads(open(author.path("head")).read())
+    with open(author.path("head"), "w") as f:
+        f.write(json.dumps(dict(head, length=4 << 30), sort_keys=True, separators=(",", ":")) + "\n")
+    with open(author.path("journal"), "r+b") as f:
+        f.truncate(4 << 30)  # sparse: no disk used
+    args = ["sign", "--sign", keys.private] if verb == "sign" else ["ci", "--sign", keys.private]
+    line = error_line(author(*args, limits={resource.RLIMIT_AS: 1 << 30}, expect="refused"))
+    assert "does not verify" in line and "nothing written" in line, line
+
+
 def test_a_rewritten_entry_names_the_last_entry_that_verified(author, keys):
     author.commit(["exec", "--no-run", "--", "/bin/true"])
     author.commit(["exec", "--no-run", "--", "/bin/false"])
@@ -88,6 +124,48 @@ def test_staged_lines_swapped_are_refused(author):
     with open(staged_path(author), "wb") as f:
         f.write(two + b"\n" + one + b"\n")
     assert "not staged under this lock" in error_line(author.ci(expect="refused"))
+
+
+@pytest.mark.parametrize("replay", ["unstaged", "truncated"])
+def test_staged_lines_put_back_from_an_older_staged_file_are_refused(replay, author):
+    # unstaged: a line the author unstaged, put back over the one staged since; truncated: the staged file cut
+    # short, the author stages on, and a line cut off is put back after it, out of the author's order.
+    author.commit(["reboot"])
+    author("lock", "-m", "x")
+    for word in ("one", "two", "three"):
+        author("exec", "--no-run", "--", "/bin/echo", word)
+    with open(staged_path(author), "rb") as f:
+        saved = f.read().splitlines(True)
+    if replay == "unstaged":
+        author("unstage", "3")
+    else:
+        with open(staged_path(author), "wb") as f:
+            f.write(b"".join(saved[:1]))
+    author("exec", "--no-run", "--", "/bin/echo", "four")
+    with open(staged_path(author), "rb") as f:
+        now = f.read().splitlines(True)
+    with open(staged_path(author), "wb") as f:
+        f.write(b"".join(saved if replay == "unstaged" else now + saved[2:]))
+    before = published(author)
+    line = error_line(author.ci(expect="refused"))
+    assert "not staged under this lock" in line, line
+    assert published(author) == before
+
+
+def test_a_lock_broken_and_put_back_with_its_staged_work_is_not_adopted_in_silence(author, tmp_path):
+    # bob breaks alice's lock from his machine (her secret stays on hers); someone puts the lock and its staged
+    # work back: alice's next lock says what it keeps, instead of her ci signing it unawares
+    author.commit(["reboot"])
+    author("lock", "-m", "first try")
+    author("exec", "--no-run", "--", "/bin/touch", "/abandoned")
+    work = os.path.join(author.repo, "authoring", "web")
+    saved = {name: open(os.path.join(work, name), "rb").read() for name in ("lock", "staged")}
+    author("unlock", "--force", env={"ISCONF_AUTHOR": "bob@example", "XDG_STATE_HOME": str(tmp_path / "bob")})
+    for name, data in saved.items():
+        with open(os.path.join(work, name), "wb") as f:
+            f.write(data)
+    err = author("lock", "-m", "a new change").err
+    assert "you already held the lock of branch web" in err and "1 staged entry stay staged" in err, err
 
 
 def test_a_staged_object_with_the_right_size_and_wrong_bytes_is_refused(author, tmp_path):
@@ -145,6 +223,30 @@ def test_a_trust_or_config_file_hosts_would_refuse_never_ships(path, text, fragm
     author("lock", "-m", "trust")
     line = error_line(author("--root", src, "snap", path, expect="usage"))
     assert "would be refused by every host" in line and fragment in line, line
+    assert "nothing staged" in error_line(author.ci(expect="usage"))
+
+
+@pytest.mark.parametrize("path,link,text,mode,fragment", [
+    ("/etc/isconf/allowed_signers", "hard", "admin@example ssh-ed25519 AAAAnot-base64\n", 0o644, "allowed_signers:1"),
+    ("/etc/isconf/allowed_signers", "hard", "", 0o666, "writable by group or others"),
+    ("/etc/isconf/isconf.conf", "symbolic", "[isconf]\nbranch = web\n", 0o644, "only as a regular file"),
+    ("/etc/isconf/allowed_signers", "symbolic", "", 0o644, "only as a regular file"),
+])
+def test_a_trust_or_config_file_snapped_as_a_link_hosts_would_refuse_never_ships(path, link, text, mode, fragment,
+                                                                                  author, keys, tmp_path):
+    # its bytes and mode are another path's: a hard link to a file hosts would refuse, or a symbolic link, which
+    # hosts never follow to their trusted keys or config
+    author.commit(["reboot"])
+    src = source_tree(tmp_path, "/tmp/other", text or open(keys.signers).read())
+    os.chmod(os.path.join(src, "tmp/other"), mode)
+    os.makedirs(os.path.join(src, "etc/isconf"))
+    if link == "hard":
+        os.link(os.path.join(src, "tmp/other"), os.path.join(src, path[1:]))
+    else:
+        os.symlink("/tmp/other", os.path.join(src, path[1:]))
+    author("lock", "-m", "trust")
+    line = error_line(author("--root", src, "snap", "/tmp/other", path, expect="usage"))
+    assert path in line and fragment in line, line
     assert "nothing staged" in error_line(author.ci(expect="usage"))
 
 
@@ -215,6 +317,24 @@ def test_a_blank_message_is_refused(args, author):
     if args[0] != "lock":
         author("lock", "-m", "x")
     assert "-m WHY is empty" in error_line(author(*args, expect="usage"))
+
+
+BAD_UTF8 = "caf\udce9"  # the byte 0xe9 alone, as a Latin-1 terminal passes 'cafe' with an accent
+
+
+@pytest.mark.parametrize("args,env", [
+    (["lock", "-m", BAD_UTF8], {}), (["exec", "-m", BAD_UTF8, "--no-run", "--", "/bin/true"], {}),
+    (["reboot", "-m", BAD_UTF8], {}), (["retract", "1", "-m", BAD_UTF8], {}),
+    (["ci", "--unsigned", "-m", BAD_UTF8], {}), (["lock", "-m", "x"], {"ISCONF_AUTHOR": BAD_UTF8})])
+def test_a_message_or_author_that_is_not_utf8_is_a_usage_error_and_keeps_the_staged_work(args, env, author):
+    author.commit(["reboot"])
+    if args[0] != "lock":
+        author("lock", "-m", "x")
+        author("exec", "--no-run", "--", "/bin/echo", "kept")
+    line = error_line(author(*args, env=env, expect="usage"))
+    assert "valid UTF-8" in line, line
+    if args[0] != "lock":
+        assert "exec /bin/echo kept" in author("staged").out
 
 
 def test_an_unsigned_head_is_signed_only_by_adopting_its_entries(author, keys):
@@ -394,6 +514,49 @@ def test_a_directory_snapped_without_r_warns_that_its_contents_are_not_recorded(
     assert "records it alone" in err and "snap -r /etc/web" in err, err
 
 
+def test_snap_r_of_a_tree_of_6000_files_is_staged_and_checked_in(author, tmp_path):
+    # its staged line is over 1 MiB, the bound of a history record: staged work has its own
+    author.commit(["reboot"])
+    doc = str(tmp_path / "src" / "usr" / "share" / "doc")
+    os.makedirs(doc)
+    for n in range(6000):
+        with open(os.path.join(doc, "file-%05d.txt" % n), "w") as f:
+            f.write("%d\n" % n)
+    author("lock", "-m", "docs")
+    author("--root", str(tmp_path / "src"), "snap", "-r", "/usr")
+    assert "1 staged" in author("staged").out
+    author.ci()
+    assert len(json.loads(author.journal().splitlines()[-1])["files"]) == 6003
+
+
+def test_snap_r_records_a_tree_1100_directories_deep(author, tmp_path):
+    author.commit(["reboot"])
+    src = str(tmp_path / "src")
+    os.makedirs(os.path.join(src, "d"))
+    top = os.open(os.path.join(src, "d"), os.O_RDONLY)
+    fd = os.dup(top)
+    for _ in range(1100):  # a directory at a time: os.makedirs and shutil.rmtree recurse once per level
+        os.mkdir("a", dir_fd=fd)
+        fd, parent = os.open("a", os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+        f.write("at the bottom\n")
+    os.close(fd)
+    try:
+        author("lock", "-m", "deep")
+        author("--root", src, "snap", "-r", "/d", "--exclude", "nothing")
+        author.ci()
+        last = json.loads(author.journal().splitlines()[-1])
+        assert [r["path"] for r in last["files"]][-2:] == ["/d" + "/a" * 1100, "/d" + "/a" * 1100 + "/f"]
+    finally:
+        for depth in range(1100, -1, -1):  # removed from the bottom up, as it was made
+            where = os.open("/".join(["."] + ["a"] * depth), os.O_RDONLY, dir_fd=top)
+            for name in os.listdir(where):
+                (os.rmdir if name == "a" else os.unlink)(name, dir_fd=where)
+            os.close(where)
+        os.close(top)
+
+
 def test_snap_r_refuses_a_fifo_in_the_tree_and_stages_nothing(author, tmp_path):
     src = tmp_path / "src"
     (src / "run/app").mkdir(parents=True)
@@ -458,6 +621,22 @@ def test_a_host_behind_the_head_cannot_lock(author, keys, server, host, busybox_
     assert "this host is at seq 0, the branch at 1: run 'isconf up' first" in line, line
     host("up", expect="ok")
     author("--root", host.root, "lock", "-m", "x")
+
+
+def test_a_host_ahead_of_the_repository_cannot_lock_and_is_not_sent_to_up(author, keys, server, host, busybox_root):
+    # the repository's head put back to an older one: 'isconf up' would only be refused as a rollback
+    busybox_root(host.root)
+    host.init(server.url, keys)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    old = published(author)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host("up", expect="ok")
+    for name in ("head", "head.sig"):
+        with open(author.path(name), "wb") as f:
+            f.write(old[name])
+    line = error_line(author("--root", host.root, "lock", "-m", "x", expect="refused"))
+    assert "this host applied seq 2, but the head of branch web" in line and "at seq 1" in line, line
+    assert "isconf up" not in line and not os.path.exists(os.path.join(author.repo, "authoring", "web", "lock"))
 
 
 def test_a_root_following_another_branch_cannot_author_this_one(author, keys, server, host):

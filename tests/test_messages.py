@@ -331,6 +331,7 @@ def test_a_branch_rewritten_past_the_host_says_the_journals_diverge(author, serv
     host("up", expect="ok")
     # The branch put back at seq 1 and carried on otherwise: a fork where the host's copy was.
     shutil.rmtree(author.path())
+    author.forget_seen_head()
     shutil.copytree(kept, author.path())
     author.commit(["exec", "--no-run", "--", "/bin/echo", "another second entry, longer than the first"],
                   ["exec", "--no-run", "--", "/bin/true"])

@@ -272,6 +272,7 @@ def test_a_rewritten_journal_is_refused_even_when_the_local_copy_is_lost(author,
     host.init(server.url, keys)
     host("up", expect="ok")
     shutil.rmtree(author.path())
+    author.forget_seen_head()
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/b"], ["exec", "--no-run", "--", "/bin/true"])
     for name in ("journal", "head", "head.sig"):
         os.unlink(host.state(name))

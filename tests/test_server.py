@@ -70,6 +70,21 @@ def test_no_listing_and_no_escape(site, path):
     assert status == 404 and b"outside" not in body
 
 
+@pytest.mark.parametrize("raw,status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET /file HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
+], ids=["bad request line", "long path", "too many headers"])
+def test_a_malformed_request_gets_its_error_status_and_one_log_line(site, raw, status):
+    url = urllib.parse.urlsplit(site.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+        s.sendall(raw)
+        answer = s.recv(300)
+    assert b"%d" % status in answer.split(b"\n")[0] + answer.split(b"<title>")[-1], answer  # an HTTP/0.9 one: its body
+    assert request(site, "/file")[0] == 200   # the server carries on
+    assert "Traceback" not in site.log_text(), site.log_text()
+
+
 def test_head_has_headers_and_no_body(site):
     status, headers, body = request(site, "/file", method="HEAD")
     assert (status, headers["Content-Length"], body) == (200, "10", b"")
