@@ -8854,18 +8854,20 @@ class Repository(object):
         next author command on the branch finishes the job.  For a ci, the record also
         says the staged work and the lock are spent: once it exists, a retried ci cannot
         append the same entries twice."""
-        self.work_dir(branch).write("publishing", canonical({
-            "head": head.data.decode("utf-8"), "checkin": checkin,
-            "sig": signature.decode("ascii") if signature else None}) + b"\n")
-        self.finish_publication(branch, None, trusted=True)
+        record = {"head": head.data.decode("utf-8"), "checkin": checkin,
+                  "sig": signature.decode("ascii") if signature else None}
+        self.work_dir(branch).write("publishing", canonical(record) + b"\n")
+        self.finish_publication(branch, None, written=record)
 
-    def finish_publication(self, branch, signers, trusted=False):
-        """Publish the head a record in authoring/ names: after publish_head (trusted), or after a crash,
-        only once the head verifies over the journal with the keys the branch's hosts trust: the record
-        lies in the repository, where anyone who can write it could have put a head of their own."""
-        work = self.work_dir(branch)
+    def finish_publication(self, branch, signers, written=None):
+        """Publish the head a record in authoring/ names: the one publish_head just wrote (written, used as
+        it is, never read back: the file could be swapped in between), or after a crash the one found
+        there, only once the head verifies over the journal with the keys the branch's hosts trust: the
+        record lies in the repository, where anyone who can write it could have put a head of their own."""
+        work, trusted, pending = self.work_dir(branch), written is not None, written
         try:
-            pending = parse_json(work.read("publishing", HEAD_MAX + SIGNATURE_MAX))
+            if not trusted:
+                pending = parse_json(work.read("publishing", HEAD_MAX + SIGNATURE_MAX))
         except FileNotFoundError:
             return
         except ValueError:
