@@ -9032,19 +9032,37 @@ class StaticHandler(object):
         if "\0" in path or not path.startswith("/") or ".." in path.split("/"):
             return None
         full = os.path.realpath(os.path.join(self.directory, path.lstrip("/")))
+        return full if self.servable(full) and os.path.isfile(full) else None
+
+    def servable(self, full):
+        """Whether a real path (no link in it) is one to serve: inside the directory, not the authors' work
+        area (their locks and staged work) nor the marker, which are not for hosts."""
         top = os.path.realpath(self.directory)
-        if not full.startswith(top + os.sep) or not os.path.isfile(full):
-            return None
-        if full[len(top) + 1:].split(os.sep)[0] in ("authoring", REPO_MARKER):
-            return None  # the authors' locks and staged work, and the marker: not for hosts
-        return full
+        return full.startswith(top + os.sep) and full[len(top) + 1:].split(os.sep)[0] not in ("authoring",
+                                                                                          REPO_MARKER)
+
+    def opened(self, path):
+        """path opened for reading, judged again as the file it is: a name swapped for a link, a FIFO or a
+        device after resolve judged it must not lead out of the directory, nor hold up this thread."""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            try:
+                where = os.readlink("/proc/self/fd/%d" % fd)
+            except OSError:
+                where = path  # without /proc: as resolve judged it
+            if not (stat.S_ISREG(os.fstat(fd).st_mode) and self.servable(where)):
+                raise OSError(errno.ENOENT, "not a file to serve", path)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def serve(self, body):
         path = self.resolve()
         if path is None:
             return self.send_status(404, "Not Found")
         try:
-            f = open(path, "rb")
+            f = self.opened(path)
         except OSError:
             return self.send_status(404, "Not Found")
         with f:

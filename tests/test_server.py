@@ -85,6 +85,37 @@ def test_a_malformed_request_gets_its_error_status_and_one_log_line(site, raw, s
     assert "Traceback" not in site.log_text(), site.log_text()
 
 
+@pytest.mark.parametrize("swapped", ["a link out of the directory", "a directory on the way now a link", "a FIFO",
+                                     "the authors' work area through a link"])
+def test_a_name_swapped_after_it_was_judged_is_judged_again_as_the_file_opened(isconf, tmp_path, swapped):
+    # serve judges the request's path, then opens it: whatever the name became in between (anyone who can
+    # write the directory may swap it), the opened file is judged again, and a FIFO never holds the thread.
+    top, outside = tmp_path / "repo", tmp_path / "outside"
+    for directory in (top / "branches" / "web", top / "authoring" / "web", outside):
+        directory.mkdir(parents=True)
+    (outside / "secret").write_text("not the repository's\n")
+    (top / "authoring" / "web" / "staged").write_text("staged work\n")
+    (top / "branches" / "web" / "head").write_text("a head\n")
+    name = top / "branches" / "web" / "head"
+    handler = type("Handler", (isconf.StaticHandler,), {"directory": str(top)})()
+    assert handler.opened(str(name)).read() == b"a head\n"  # as it was judged
+    name.unlink()
+    if swapped == "a link out of the directory":
+        name.symlink_to(outside / "secret")
+    elif swapped == "a directory on the way now a link":
+        (top / "branches" / "web").rename(top / "old")
+        (top / "branches" / "web").symlink_to(outside)
+        name = top / "branches" / "web" / "secret"
+    elif swapped == "a FIFO":
+        os.mkfifo(str(name))
+    else:
+        (top / "branches" / "web").rmdir()
+        (top / "branches" / "web").symlink_to(top / "authoring" / "web")
+        name = top / "branches" / "web" / "staged"
+    with pytest.raises(OSError):
+        handler.opened(str(name))
+
+
 def test_head_has_headers_and_no_body(site):
     status, headers, body = request(site, "/file", method="HEAD")
     assert (status, headers["Content-Length"], body) == (200, "10", b"")
