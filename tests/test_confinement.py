@@ -107,6 +107,9 @@ PLANTED_DURING_A_RUN = dict(
        (STATE + "objects/{object}.part", [0, 0, 0]),
        ("/etc/isconf/isconf.conf", [0, 7, 7]), ("/etc/isconf/allowed_signers", [0, 7, 0])])
 assert sorted(PLANTED_DURING_A_RUN) == sorted(FILES + DIRS)
+# A link a snap would put where the host reads its config or trusted keys is refused with the journal (hosts read
+# them only as regular files): nothing applied, runs refused, status unharmed.
+SNAPPED_LINK_REFUSED = ("/etc/isconf/isconf.conf", "/etc/isconf/allowed_signers")
 
 
 class Outside(object):
@@ -214,7 +217,7 @@ def test_state_planted_by_a_signed_transaction_is_refused_and_nothing_outside_ch
     host("init", journal.top, "--branch", "web", "--signers", keys.signers, expect="ok")
     codes = [settled(host(*args, timeout=RUN_TIMEOUT)) for args in (["up"], ["up"], ["status"])]
     outside.untouched()
-    assert codes == PLANTED_DURING_A_RUN[path]
+    assert codes == ([4, 4, 0] if planting[0] == "snap" and path in SNAPPED_LINK_REFUSED else PLANTED_DURING_A_RUN[path])
     if path.endswith(".part"):  # a staging name is used only while a run fetches: this run stays correct
         assert os.path.exists(host.path("/tmp/after"))
 
