@@ -291,14 +291,15 @@ def stopped_by(stop, code, err):
     """Whether a run ended as the signal stop ends one: a signal the agent catches with 128 + the signal;
     while the interpreter starts (a re-exec's too), before the handlers are in place, by the signal itself;
     a SIGINT before any of the script runs, with exit 1 and the interpreter's own KeyboardInterrupt: while
-    it compiles the script (that one line), or while it imports its site module ('Fatal Python error:
-    init_import_site', a traceback through the import machinery only, never through the agent's file)."""
+    it compiles the script (that one line), or in a step of its own start ('Fatal Python error: init_...':
+    init_import_site, init_sys_streams; a traceback through the import machinery only, never through the
+    agent's file)."""
     if code == -stop or (stop != signal.SIGKILL and code == 128 + stop):
         return True
     if stop != signal.SIGINT or code != 1 or not err.rstrip().endswith("KeyboardInterrupt"):
         return False
     return err.strip() == "KeyboardInterrupt" or (
-        err.startswith("Fatal Python error: init_import_site") and os.path.basename(AGENT) not in err)
+        re.match(r"Fatal Python error: init_\w+: ", err) is not None and os.path.basename(AGENT) not in err)
 
 
 def test_random_kills_over_every_kind_end_as_an_uninterrupted_run(every_kind, tmp_path, seed):
