@@ -9286,7 +9286,7 @@ def record_authored(args, repo, branch, entries):
         mirror = Mirror(repo.path)
         try:
             Sync(Run(host))._sync_from(mirror, False, branch).commit(host)
-        except (Refused, Unreachable) as e:
+        except (IsconfError, OSError) as e:  # the branch is published: what fails here is this host's copy alone
             warn("this host's copy of the journal stays at its last 'up' (%s): its next 'up' fetches the rest" % e)
         finally:
             mirror.close()

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import Author, Keys, append_entry, canary_ahead, error_line, source_tree
+from conftest import Author, Keys, append_entry, canary_ahead, error_line, replace_file, source_tree
 
 
 def published(author):
@@ -611,6 +611,22 @@ def test_the_reference_host_judges_its_disk_by_what_it_just_checked_in(author, k
     assert (report["applied_seq"], report["head_seq"], report["pending"]) == (2, 3, 1), report
     host("up", expect="ok")
     assert os.path.exists(host.path("/etc/later")) and host.status()["state"] == "up-to-date"
+
+
+def test_a_reference_host_whose_journal_copy_fails_to_take_a_check_in_warns_and_the_ci_stands(author, keys, server,
+                                                                                              host, busybox_root):
+    # The branch is published before the host's own copy takes the new entries in: a failure there (damaged
+    # local state) is this host's alone, a warning, never the check-in's exit code.
+    busybox_root(host.root)
+    author.commit(["exec", "--no-run", "--", "/bin/true"])
+    host.init(server.url, keys)
+    host("up", expect="ok")
+    author("--root", host.root, "lock", "-m", "x")
+    author("--root", host.root, "exec", "--", "/bin/touch", "/made")
+    replace_file(host.root, "var/lib/isconf/head", b"not a head\n", 0o600)
+    proc = author("--root", host.root, "ci", "--sign", keys.private)
+    assert "this host's copy of the journal stays at its last 'up'" in proc.err, proc.err
+    assert "recorded as applied on this host: seq 2 to 2" in proc.out and b'"seq":2' in author.journal()
 
 
 def test_a_host_behind_the_head_cannot_lock(author, keys, server, host, busybox_root):
