@@ -3436,9 +3436,10 @@ class SnapKind(Kind):
                 break
         site = Site(transaction.rootpath, Owners(transaction.rootpath), transaction.staged)
         directories = DirectorySyncs()  # each file is durable before its rename; its directory once at the end
+        linked = False  # once this snap installed a link, the paths after it are judged again on the disk
         try:
             for record in fields["files"]:
-                if transaction.writes_state(record["path"]):  # through a link this snap made just now
+                if linked and transaction.writes_state(record["path"]):  # through a link this snap made just now
                     raise TransactionFailed("%s leads into this host's state directory through a link this snap "
                                             "installed, and no journal entry may write the agent's own state; "
                                             "the snap stopped there" % record["path"])
@@ -3447,6 +3448,7 @@ class SnapKind(Kind):
                 except (OSError, OverflowError) as e:
                     raise TransactionFailed("cannot install %s: %s" % (record["path"], getattr(e, "strerror", None)
                                                                        or e))
+                linked = linked or FILE_TYPES[record["type"]].leads_to(record) is not None
             try:
                 directories.sync()
             except OSError as e:
