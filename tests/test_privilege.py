@@ -14,13 +14,20 @@ from conftest import ISCONF, append_entry, error_line, source_tree, undated
 OTHER = 1000  # a uid that is not root
 
 
-def applied_host(author, keys, host, busybox_root):
-    """A host that applied one exec (which appends a line to /tmp/count each time it runs), with a second
-    exec pending that would make /tmp/pending."""
+def counting_host(author, keys, host, busybox_root, tmp_path=None):
+    """A host that applied one exec (which appends a line to /tmp/count each time it runs); with tmp_path,
+    then a published snap of /etc/motd, whose file record this returns."""
     busybox_root(host.root)
     author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
+    record = snap_record(author, tmp_path) if tmp_path else None
     host.init(author.repo, keys)
     host("up", expect="ok")
+    return record
+
+
+def applied_host(author, keys, host, busybox_root):
+    """counting_host, with a second exec pending that would make /tmp/pending."""
+    counting_host(author, keys, host, busybox_root)
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/pending"])
 
 
@@ -237,11 +244,7 @@ def snap_record(author, tmp_path):
 def test_a_signed_snap_into_the_state_directory_is_refused_before_anything_applies(author, keys, host, busybox_root,
                                                                                     tmp_path, path, link):
     # Attack: a snap of the history made the agent forget what it applied: transaction 1 ran again.
-    busybox_root(host.root)
-    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
-    record = snap_record(author, tmp_path)
-    host.init(author.repo, keys)
-    host("up", expect="ok")
+    record = counting_host(author, keys, host, busybox_root, tmp_path)
     if link:  # made on the host, not by the journal
         os.makedirs(host.path("/srv"), exist_ok=True)
         os.symlink(link[1], host.path(link[0]))
@@ -267,11 +270,7 @@ def test_a_signed_snap_into_the_state_directory_through_a_bind_mount_is_refused(
                                                                                tmp_path, bound, path, kind):
     # Attack: the state directory (or /var) bind-mounted at /mnt/state on the host: no name leads into the state,
     # the directory's device and inode do.  The snap replaced the history and transaction 1 ran again.
-    busybox_root(host.root)
-    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
-    record = snap_record(author, tmp_path)
-    host.init(author.repo, keys)
-    host("up", expect="ok")
+    record = counting_host(author, keys, host, busybox_root, tmp_path)
     os.makedirs(host.path("/mnt/state"))
     subprocess.run(["mount", "--bind", host.path(bound), host.path("/mnt/state")], check=True)
     try:
@@ -339,10 +338,7 @@ def test_a_snap_through_a_link_an_earlier_transaction_made_fails_and_leaves_the_
                                                                                           busybox_root, tmp_path,
                                                                                           target, said):
     # Verification sees no link yet; the first snap makes it; the second must not write through it.
-    busybox_root(host.root)
-    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
-    host.init(author.repo, keys)
-    host("up", expect="ok")
+    counting_host(author, keys, host, busybox_root)
     links = os.path.join(str(tmp_path), "links")
     os.makedirs(os.path.join(links, "srv"))
     os.symlink(target, os.path.join(links, "srv/state"))
@@ -365,11 +361,7 @@ def test_a_snap_through_a_link_the_same_snap_installs_leaves_the_state_alone(aut
                                                                              tmp_path, target):
     # Attack: one signed snap holding a link /x to the state directory, then a file /x/history: every check of
     # the entry ran before its link existed, and the history was replaced.
-    busybox_root(host.root)
-    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
-    record = snap_record(author, tmp_path)
-    host.init(author.repo, keys)
-    host("up", expect="ok")
+    record = counting_host(author, keys, host, busybox_root, tmp_path)
     link = {"path": "/x", "type": "symlink", "uid": 0, "gid": 0, "user": "root", "group": "root", "target": target,
             "mtime_ns": 0}
     append_signed(author, keys, kind="snap", files=[link, dict(record, path="/x/history")], message="through it")
@@ -386,11 +378,7 @@ def test_a_link_a_snap_installed_before_a_path_through_it_fails_that_snap_and_le
     # What a journal check cannot see from names (here a link to a '..' after a link on the disk, which the kernel
     # takes from where that link leads) its transaction checks just before each record is installed, on the disk
     # as the records before it left it.
-    busybox_root(host.root)
-    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
-    record = snap_record(author, tmp_path)
-    host.init(author.repo, keys)
-    host("up", expect="ok")
+    record = counting_host(author, keys, host, busybox_root, tmp_path)
     os.makedirs(host.path("/srv"))
     os.symlink("/var/lib/isconf/logs", host.path("/srv/a"))   # by name /srv/a/.. is /srv; the kernel's is the state
     link = {"path": "/y", "type": "symlink", "uid": 0, "gid": 0, "user": "root", "group": "root",
@@ -463,11 +451,7 @@ def test_a_snap_leaving_the_hosts_own_files_open_to_others_is_refused(isconf, pa
 
 def test_a_signed_snap_opening_the_trusted_keys_to_others_is_refused_before_anything_applies(author, keys, host,
                                                                                             busybox_root, tmp_path):
-    busybox_root(host.root)
-    author.commit(["exec", "--no-run", "--", "/bin/sh", "-c", "echo ran >> /tmp/count"])
-    record = snap_record(author, tmp_path)
-    host.init(author.repo, keys)
-    host("up", expect="ok")
+    record = counting_host(author, keys, host, busybox_root, tmp_path)
     author.commit(["exec", "--no-run", "--", "/bin/touch", "/tmp/pending"])
     append_signed(author, keys, kind="snap", message="open the keys",
                   files=[dict(record, path="/etc/isconf/allowed_signers", mode=0o666)])
